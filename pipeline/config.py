@@ -1,0 +1,62 @@
+"""The pipeline config: one section per stage, validated on load with messages that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sparse_attention.config import SparsifyConfig
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+STAGES = ("sparsify",)
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that cannot be used; the message says which field and why."""
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sparsify: SparsifyConfig = SparsifyConfig()
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, source: str) -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping of stage sections, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None) -> PipelineConfig:
+    """Load a YAML config file or a named preset (exactly one)."""
+    if (path is None) == (preset is None):
+        raise ConfigError("give exactly one of --config FILE or --preset NAME")
+    if preset is not None:
+        if preset not in available_presets():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        path = PRESET_DIR / f"{preset}.yaml"
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return parse_config(raw, str(path))

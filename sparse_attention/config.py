@@ -1,0 +1,80 @@
+"""The sparsify stage's config: validated on load, saved beside the stage's outputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sparse_attention.constraint import ControllerConfig
+from sparse_attention.data import DataConfig
+from sparse_attention.models import TinyModelConfig
+
+
+class ModelSpec(BaseModel):
+    """Which model to load: see sparse_attention.models.load_model for the accepted names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "smollm2-135m"
+    tiny: TinyModelConfig | None = None
+
+    @model_validator(mode="after")
+    def _tiny_only_for_tiny(self) -> ModelSpec:
+        if self.tiny is not None and self.name != "tiny":
+            raise ValueError(f"model.tiny is only used with model.name 'tiny', not {self.name!r}")
+        return self
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    offset_init: float | Literal["auto"] = Field(
+        "auto", description="initial b; 'auto' picks the smallest candidate within calibration_tolerance of dense"
+    )
+    offset_candidates: list[float] = [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0]
+    calibration_tolerance: float = Field(0.01, gt=0, description="nats the untrained gated model may lose")
+    learn_offset: bool = Field(True, description="train b (one per layer and head) with offset_lr")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trainable: Literal["all", "attention", "qk"] = "attention"
+    steps: int = Field(300, gt=0, description="optimiser steps")
+    batch_size: int = Field(4, gt=0)
+    grad_accumulation: int = Field(1, gt=0)
+    lr: float = Field(3e-5, gt=0)
+    offset_lr: float = Field(0.05, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    gate_noise: bool = Field(True, description="logistic noise on training gates; off for determinism checks")
+    checkpoint_every: int = Field(25, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    heldout_blocks: int = Field(64, gt=0, description="held-out blocks at the training context length")
+    long_context_length: int = Field(512, ge=2)
+    long_blocks: int = Field(8, ge=0, description="held-out blocks at long_context_length (0 skips)")
+    batch_size: int = Field(8, gt=0)
+    pattern_prompt: str = "When Mary and John went to the store, John gave a drink to"
+
+
+class SparsifyConfig(BaseModel):
+    """Everything the sparsify stage needs; `model_dump()` is saved as sparsify_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec = ModelSpec()
+    data: DataConfig = DataConfig()
+    gate: GateConfig = GateConfig()
+    train: TrainConfig = TrainConfig()
+    controller: ControllerConfig = ControllerConfig()
+    eval: EvalConfig = EvalConfig()
+    regulariser_weighting: Literal["mean_over_layers_and_heads"] = "mean_over_layers_and_heads"

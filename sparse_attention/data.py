@@ -1,0 +1,437 @@
+"""Text data for every stage: fixed-length token blocks with a held-out split, from one place.
+
+Sources (``DataConfig.source``):
+
+- ``"python-docs"`` (default): the reStructuredText sources of the Python 3.11 documentation from
+  Debian's ``python3.11-doc`` package (``/usr/share/doc/python3.11/html/_sources``, 497 files,
+  ~12 MB: tutorial, HOWTOs, library reference, FAQ). Why: it is real human-written English prose
+  (with the code examples that belong to it), installable offline from a package registry
+  (``make corpus``), and fixed by the package version, so runs are reproducible without internet.
+  The most markup-heavy noise is stripped cheaply and deterministically (``clean_rst``); code
+  examples are kept.
+- a local text file or folder: every file whose name ends with one of ``file_suffixes``, read
+  recursively in sorted path order; each file is one document.
+- ``"hf:<dataset id>"`` or ``"hf:<dataset id>:<config>"``: a Hugging Face dataset, streamed (needs
+  the optional ``datasets`` package and internet); for users with internet a real web corpus is
+  one config line away.
+
+Each document is tokenized without special tokens; documents are assigned to train or held-out by
+a stable hash of their id (relative path, or record index for ``hf:``), so adding files does not
+reshuffle the split. Each split's documents are joined with the end-of-text token between them and
+cut into blocks of ``context_length - 1`` tokens, each prefixed with the start token. Token ids
+are cached as ``.npy`` under ``$SPARSE_ATTN_CACHE/tokens`` (default
+``~/.cache/sparse-attention-interp/tokens``), keyed by the source's identity, the tokenizer and
+``CLEANING_VERSION``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pydantic
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+CLEANING_VERSION = "rst-clean-v1"  # bump when clean_rst or the stream layout changes: invalidates caches
+DEFAULT_CACHE_DIR = "~/.cache/sparse-attention-interp"
+_TOKENIZE_BATCH_DOCS = 32
+
+
+class DataConfig(pydantic.BaseModel, extra="forbid"):
+    """Where text comes from and how it is cut into blocks; saved beside each stage's outputs."""
+
+    source: str = "python-docs"  # "python-docs", a file or folder path, or "hf:<id>[:<config>]"
+    context_length: int = 128  # tokens per block, including the leading start token
+    heldout_fraction: float = 0.05  # fraction of documents held out, chosen by a hash of the doc id
+    max_train_tokens: int | None = None  # cap on the train stream (None = all)
+    max_heldout_tokens: int | None = 200_000  # cap on the held-out stream (None = all)
+    file_suffixes: list[str] = [".txt", ".rst", ".md"]
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    seed: int = 0  # salts the document-split hash
+
+    @pydantic.field_validator("context_length")
+    @classmethod
+    def _context_length_at_least_two(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"context_length must be >= 2 (start token + 1 text token), got {value}")
+        return value
+
+    @pydantic.field_validator("heldout_fraction")
+    @classmethod
+    def _fraction_open_unit_interval(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"heldout_fraction must be strictly between 0 and 1, got {value}")
+        return value
+
+    @pydantic.field_validator("max_train_tokens", "max_heldout_tokens")
+    @classmethod
+    def _cap_positive(cls, value: int | None, info: pydantic.ValidationInfo) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"{info.field_name} must be positive or None (no cap), got {value}")
+        return value
+
+    @pydantic.field_validator("file_suffixes")
+    @classmethod
+    def _suffixes_nonempty(cls, value: list[str]) -> list[str]:
+        if not value or any(not s for s in value):
+            raise ValueError(f"file_suffixes must be a non-empty list of non-empty suffixes, got {value}")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _hf_source_needs_caps(self) -> DataConfig:
+        if self.source.startswith("hf:"):
+            parse_hf_source(self.source)
+            if self.max_train_tokens is None or self.max_heldout_tokens is None:
+                raise ValueError(
+                    "max_train_tokens and max_heldout_tokens must both be set for an hf: source "
+                    "(it is streamed and may be unbounded)"
+                )
+        return self
+
+
+@dataclass
+class TokenBlocks:
+    """Train and held-out blocks; column 0 of every block is ``start_token_id``."""
+
+    train: torch.Tensor  # [n_train_blocks, context_length] int64
+    heldout: torch.Tensor  # [n_heldout_blocks, context_length] int64
+    start_token_id: int
+
+
+@dataclass
+class _Source:
+    """A source's identity (for the cache key) and a way to read its documents as (doc_id, text)."""
+
+    identity: dict[str, Any]
+    documents: Callable[[], Iterator[tuple[str, str]]]
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None]:
+    """Split ``"hf:<id>[:<config>]"`` into (dataset id, config or None)."""
+    dataset_id, _, config = source.removeprefix("hf:").partition(":")
+    if not dataset_id or (_ and not config):
+        raise ValueError(f"source {source!r} must look like 'hf:<dataset id>' or 'hf:<dataset id>:<config>'")
+    return dataset_id, config or None
+
+
+_ADORNMENT = re.compile(r"""^([=\-~*^"'`#+:_])\1{2,}\s*$""")  # unindented section over/underlines
+_LABEL = re.compile(r"^\.\. _[^:]+:\s*$")  # ".. _tut-if:" link targets
+_INDEX = re.compile(r"^\s*\.\. index::")
+_ROLE = re.compile(r":(?:[A-Za-z][\w-]*:)+`([^`]+)`")  # :keyword:`!if`, :ref:`title <label>`
+
+
+def _role_text(match: re.Match[str]) -> str:
+    """The text Sphinx would show for a role: its title, else its target without ! and ~ markers."""
+    text = match.group(1)
+    titled = re.fullmatch(r"(.+?)\s*<[^<>]+>", text, re.DOTALL)
+    if titled:
+        return titled.group(1)
+    text = text.lstrip("!")
+    return text[1:].rsplit(".", 1)[-1] if text.startswith("~") else text
+
+
+def clean_rst(text: str) -> str:
+    """Strip cheap reST noise: section adornments, link labels, index directives, role markup, blank runs.
+
+    Code examples and ordinary paragraphs are left alone.
+    """
+    kept: list[str] = []
+    in_index = False
+    for line in text.splitlines():
+        line = line.rstrip()
+        if in_index and line[:1].isspace():
+            continue
+        in_index = bool(_INDEX.match(line))
+        if in_index or _ADORNMENT.match(line) or _LABEL.match(line):
+            continue
+        if not line and (not kept or not kept[-1]):
+            continue
+        kept.append(_ROLE.sub(_role_text, line))
+    return "\n".join(kept).strip("\n") + "\n"
+
+
+def _files_source(root: Path, suffixes: Iterable[str], clean: Callable[[str], str] | None) -> _Source:
+    """All files under ``root`` (or ``root`` itself) ending with a suffix, in sorted relative-path order."""
+    if root.is_file():
+        files, base = [root], root.parent
+    elif root.is_dir():
+        suffixes = tuple(suffixes)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        base = root
+        if not files:
+            raise ValueError(f"data.source folder {root} holds no files ending with {list(suffixes)}")
+    else:
+        raise FileNotFoundError(
+            f"data.source {str(root)!r} is not a file or folder; use 'python-docs', 'hf:<dataset id>', "
+            "or a path to your own text"
+        )
+    manifest = [(p.relative_to(base).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+    def documents() -> Iterator[tuple[str, str]]:
+        for path, (doc_id, _, _) in zip(files, manifest):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not UTF-8 text ({err}); remove it or convert it") from err
+            yield doc_id, clean(text) if clean else text
+
+    return _Source({"root": str(root.resolve()), "files": manifest}, documents)
+
+
+def _python_docs_source() -> _Source:
+    """The Python 3.11 docs' reST sources (Debian python3.11-doc), cleaned with ``clean_rst``."""
+    if not PYTHON_DOCS_DIR.is_dir():
+        raise FileNotFoundError(
+            f"the default corpus {PYTHON_DOCS_DIR} is missing: run `make corpus` or "
+            "`apt-get install python3.11-doc`, or set data.source to your own text"
+        )
+    return _files_source(PYTHON_DOCS_DIR, [".rst.txt"], clean_rst)
+
+
+def _hf_source(config: DataConfig) -> _Source:
+    """A streamed Hugging Face dataset; a record's id is its index in the stream."""
+    dataset_id, hf_config = parse_hf_source(config.source)
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"data.source {config.source!r} needs the optional `datasets` package: "
+            "pip install datasets (or `pip install -e .[hub]`)"
+        ) from err
+
+    def documents() -> Iterator[tuple[str, str]]:
+        stream = datasets.load_dataset(dataset_id, hf_config, split=config.hf_split, streaming=True)
+        for index, record in enumerate(stream):
+            if config.hf_text_field not in record:
+                raise KeyError(
+                    f"data.hf_text_field {config.hf_text_field!r} is not a field of {dataset_id}; "
+                    f"fields are {sorted(record)}"
+                )
+            yield str(index), record[config.hf_text_field]
+
+    identity = {
+        "hf": dataset_id,
+        "config": hf_config,
+        "split": config.hf_split,
+        "field": config.hf_text_field,
+    }
+    return _Source(identity, documents)
+
+
+def _open_source(config: DataConfig) -> _Source:
+    """The source named by ``config.source``."""
+    if config.source == "python-docs":
+        return _python_docs_source()
+    if config.source.startswith("hf:"):
+        return _hf_source(config)
+    return _files_source(Path(config.source).expanduser(), config.file_suffixes, None)
+
+
+def is_heldout(doc_id: str, heldout_fraction: float, seed: int) -> bool:
+    """Whether a document is held out: a stable hash of (seed, doc_id), independent of position."""
+    digest = hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """(start id, separator id): bos and eos; either stands in for the other when it is None."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a bos nor an eos token")
+    return (eos if bos is None else bos), (bos if eos is None else eos)
+
+
+def _tokenize_streams(
+    source: _Source, tokenizer: PreTrainedTokenizerBase, config: DataConfig, separator: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents into the train and held-out streams until both caps are met."""
+    caps = (config.max_train_tokens, config.max_heldout_tokens)
+    streams: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    counts = [0, 0]
+
+    def full(split: int) -> bool:
+        return caps[split] is not None and counts[split] >= caps[split]
+
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)
+        for (doc_id, _), ids in zip(batch, encoded["input_ids"]):
+            split = int(is_heldout(doc_id, config.heldout_fraction, config.seed))
+            if full(split) or not ids:  # empty documents add nothing, not even a separator
+                continue
+            if streams[split]:
+                streams[split].append(np.array([separator], dtype=np.uint32))
+                counts[split] += 1
+            streams[split].append(np.asarray(ids, dtype=np.uint32))
+            counts[split] += len(ids)
+        batch.clear()
+
+    for doc_id, text in source.documents():
+        batch.append((doc_id, text))
+        if len(batch) == _TOKENIZE_BATCH_DOCS:
+            flush()
+            if full(0) and full(1):
+                break
+    flush()
+    train, heldout = (
+        np.concatenate(parts or [np.zeros(0, np.uint32)])[:cap] for parts, cap in zip(streams, caps)
+    )
+    return train, heldout
+
+
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Name, vocab size and (for fast tokenizers) a hash of the full tokenizer definition."""
+    identity = {"name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer)}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        identity["definition_sha256"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return identity
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SPARSE_ATTN_CACHE", DEFAULT_CACHE_DIR)).expanduser() / "tokens"
+
+
+def _read_cache(npy: Path, meta_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (train, heldout) streams, or None if absent; a damaged cache is reported and ignored."""
+    if not (npy.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        ids = np.load(npy, allow_pickle=False)
+        n_train, n_heldout = int(meta["n_train"]), int(meta["n_heldout"])
+        if ids.ndim != 1 or ids.dtype != np.uint32 or ids.size != n_train + n_heldout:
+            raise ValueError(f"array {ids.dtype}{list(ids.shape)} does not hold {n_train}+{n_heldout} ids")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        warnings.warn(f"token cache {npy} is damaged ({err}); rebuilding it", stacklevel=3)
+        return None
+    return ids[:n_train], ids[n_train:]
+
+
+def _write_cache(npy: Path, meta_path: Path, train: np.ndarray, heldout: np.ndarray, meta: dict) -> None:
+    """Write ids then metadata, each to a temporary file moved into place, so readers never see half."""
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_name(f"{npy.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate([train, heldout]))
+    os.replace(tmp, npy)
+    tmp = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**meta, "n_train": len(train), "n_heldout": len(heldout)}, indent=1))
+    os.replace(tmp, meta_path)
+
+
+def _cut_blocks(stream: np.ndarray, context_length: int, start_token_id: int, split: str) -> torch.Tensor:
+    """[n_blocks, context_length] int64: chunks of context_length-1 tokens after a start token."""
+    body = context_length - 1
+    if len(stream) < body:
+        raise ValueError(
+            f"the {split} split has {len(stream)} tokens but one block of context_length {context_length} "
+            f"needs {body}; add text, raise the token caps, or change data.heldout_fraction"
+        )
+    n_blocks = len(stream) // body
+    tokens = torch.from_numpy(stream[: n_blocks * body].astype(np.int64)).view(n_blocks, body)
+    return torch.cat([torch.full((n_blocks, 1), start_token_id, dtype=torch.int64), tokens], dim=1)
+
+
+def load_token_blocks(
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase, context_length: int | None = None
+) -> TokenBlocks:
+    """Train and held-out blocks for ``config``; ``context_length`` overrides the config's if given.
+
+    The start token is the tokenizer's bos (eos if it has no bos); documents are separated by eos
+    (bos if it has no eos). Token ids are cached; a damaged cache is rebuilt with a warning.
+    """
+    context_length = config.context_length if context_length is None else context_length
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2, got {context_length}")
+    start_token_id, separator = special_token_ids(tokenizer)
+    source = _open_source(config)
+    meta = {
+        "source": config.source,
+        "identity": source.identity,
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "cleaning_version": CLEANING_VERSION,
+        "separator": separator,
+        "split": [config.heldout_fraction, config.seed, config.max_train_tokens, config.max_heldout_tokens],
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    npy, meta_path = _cache_dir() / f"{key}.npy", _cache_dir() / f"{key}.json"
+    cached = _read_cache(npy, meta_path)
+    if cached is None:
+        started = time.perf_counter()
+        train, heldout = _tokenize_streams(source, tokenizer, config, separator)
+        logger.info(
+            "tokenized %s: %d train + %d held-out tokens in %.1fs",
+            config.source,
+            len(train),
+            len(heldout),
+            time.perf_counter() - started,
+        )
+        _write_cache(npy, meta_path, train, heldout, meta)
+    else:
+        train, heldout = cached
+    return TokenBlocks(
+        train=_cut_blocks(train, context_length, start_token_id, "train"),
+        heldout=_cut_blocks(heldout, context_length, start_token_id, "held-out"),
+        start_token_id=start_token_id,
+    )
+
+
+def _check_batching(blocks: torch.Tensor, batch_size: int) -> None:
+    if blocks.ndim != 2 or len(blocks) == 0:
+        raise ValueError(
+            f"blocks must be a non-empty [n_blocks, context_length] tensor, got {list(blocks.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def batch_iterator(
+    blocks: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0
+) -> Iterator[torch.Tensor]:
+    """Endless [batch_size, context_length] batches, reshuffled each epoch by a generator seeded by (seed, epoch).
+
+    Each epoch yields ``len(blocks) // batch_size`` full batches (leftover blocks wait for a later
+    shuffle). Batch ``start_batch`` onwards equals a fresh iterator's, computed without producing
+    the skipped batches, so training resumes exactly after a kill.
+    """
+    _check_batching(blocks, batch_size)
+    if batch_size > len(blocks):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(blocks)} available blocks")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    per_epoch = len(blocks) // batch_size
+    epoch, offset = divmod(start_batch, per_epoch)
+    while True:
+        epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(epoch_seed))
+        for index in range(offset, per_epoch):
+            yield blocks[order[index * batch_size : (index + 1) * batch_size]]
+        epoch, offset = epoch + 1, 0
+
+
+def iterate_blocks(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """One ordered pass over ``blocks`` in batches (for evaluation); the last partial batch is kept."""
+    _check_batching(blocks, batch_size)
+    for begin in range(0, len(blocks), batch_size):
+        yield blocks[begin : begin + batch_size]

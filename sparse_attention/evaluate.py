@@ -1,0 +1,195 @@
+"""Held-out evaluation of a gated model: CE (original, control, sparse), open-edge fractions
+overall / per layer / per head, open keys per query, and the plots a person looks at first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparse_attention.data import iterate_blocks
+from sparse_attention.gated_attention import GatedModel
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, nats.  logits [b, pos, vocab]; tokens [b, pos]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+@torch.no_grad()
+def mean_ce(logits_fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch_size: int) -> float:
+    """Token-weighted held-out CE of `logits_fn(tokens) -> logits` over all blocks."""
+    total, count = 0.0, 0
+    for tokens in iterate_blocks(blocks, batch_size):
+        n = tokens[:, 1:].numel()
+        total += next_token_ce(logits_fn(tokens), tokens).item() * n
+        count += n
+    return total / count
+
+
+@dataclass
+class EdgeStats:
+    context_length: int
+    open_edges: np.ndarray  # [layer, head] int
+    causal_pairs: np.ndarray  # [layer, head] int
+    open_keys_histogram: np.ndarray  # [context_length + 1] queries with n open keys, over layers and heads
+
+    @property
+    def fraction_per_head(self) -> np.ndarray:  # [layer, head]
+        return self.open_edges / np.maximum(self.causal_pairs, 1)
+
+    @property
+    def fraction_per_layer(self) -> np.ndarray:  # [layer]
+        return self.open_edges.sum(1) / np.maximum(self.causal_pairs.sum(1), 1)
+
+    @property
+    def edge_fraction(self) -> float:
+        return float(self.open_edges.sum() / max(1, self.causal_pairs.sum()))
+
+    def open_keys_summary(self) -> dict:
+        counts = self.open_keys_histogram
+        n = np.arange(len(counts))
+        total = counts.sum()
+        cdf = np.cumsum(counts) / max(1, total)
+        return {
+            "mean": float((n * counts).sum() / max(1, total)),
+            "median": int(np.searchsorted(cdf, 0.5)),
+            "p90": int(np.searchsorted(cdf, 0.9)),
+            "p99": int(np.searchsorted(cdf, 0.99)),
+            "max": int(n[counts > 0].max()) if total else 0,
+            "fraction_queries_with_no_open_key": float(counts[0] / max(1, total)),
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "context_length": self.context_length,
+            "edge_fraction": self.edge_fraction,
+            "edge_fraction_per_layer": self.fraction_per_layer.tolist(),
+            "edge_fraction_per_head": self.fraction_per_head.tolist(),
+            "open_keys_per_query": self.open_keys_summary(),
+        }
+
+
+@torch.no_grad()
+def edge_statistics(gated: GatedModel, blocks: torch.Tensor, batch_size: int) -> EdgeStats:
+    """Count hard-open gates over held-out blocks (eval mode), with the open-keys-per-query histogram."""
+    gated.eval().set_mode("eval")
+    context = blocks.shape[1]
+    open_edges = np.zeros((gated.n_layers, gated.n_heads), dtype=np.int64)
+    pairs = np.zeros_like(open_edges)
+    histogram = np.zeros(context + 1, dtype=np.int64)
+    for tokens in iterate_blocks(blocks, batch_size):
+        record = gated(tokens, record_masks=True).record
+        o, p = record.edge_counts()
+        open_edges += o.numpy()
+        pairs += p.numpy()
+        for mask in record.gate_masks:  # [b, h, q, k]
+            histogram += np.bincount(mask.sum(-1).flatten().numpy(), minlength=context + 1)
+        record.gate_masks.clear()
+    return EdgeStats(context, open_edges, pairs, histogram)
+
+
+@torch.no_grad()
+def calibrate_offset(
+    gated: GatedModel, dense_ce: float, blocks: torch.Tensor, batch_size: int, candidates: list[float], tolerance: float
+) -> tuple[float, list[dict]]:
+    """Smallest offset b whose untrained gated model is within `tolerance` nats of dense CE.
+
+    Small b keeps gradients alive (sigmoid is flat far from 0), large b keeps the start exact.
+    """
+    trials = []
+    for offset in sorted(candidates):
+        gated.offsets.fill_(offset)
+        ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, blocks, batch_size)
+        trials.append({"offset": offset, "ce": ce, "excess": ce - dense_ce})
+        if ce - dense_ce <= tolerance:
+            return offset, trials
+    raise ValueError(
+        f"no gate.offset_candidates gets within {tolerance} nats of dense CE {dense_ce:.4f} "
+        f"(tried {[round(t['excess'], 4) for t in trials]}); add larger candidates"
+    )
+
+
+def plot_edge_fractions(stats: list[EdgeStats], path) -> None:
+    """Heatmaps of the open-edge fraction per layer and head, one panel per context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.5 * len(stats), 6), squeeze=False)
+    for ax, s in zip(axes[0], stats):
+        image = ax.imshow(s.fraction_per_head, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, s.fraction_per_head.max()))
+        ax.set_title(f"open edges at {s.context_length} tokens: {100 * s.edge_fraction:.2f}%")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, label="open fraction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_heads_shown: int = 4) -> None:
+    """Dense (softmax) vs sparse (gated) attention for one prompt, on the heads with most open edges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = torch.cat([torch.tensor([[start]]), ids], dim=1)
+    labels = [tokenizer.decode([t]) for t in ids[0]]
+    gated.set_mode("dense")
+    dense = _attention_weights(gated, ids)
+    gated.set_mode("eval")
+    sparse = _attention_weights(gated, ids)
+    open_per_head = [(int((w > 0).sum()), layer, head) for layer, w in enumerate(sparse) for head in range(w.shape[0])]
+    chosen = sorted(open_per_head, reverse=True)[:n_heads_shown]
+    fig, axes = plt.subplots(2, len(chosen), figsize=(3.6 * len(chosen), 7.5), squeeze=False)
+    for col, (_, layer, head) in enumerate(chosen):
+        for row, (name, weights) in enumerate((("dense", dense), ("sparse", sparse))):
+            ax = axes[row][col]
+            ax.imshow(weights[layer][head], cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(f"{name} L{layer} H{head}", fontsize=9)
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _attention_weights(gated: GatedModel, ids: torch.Tensor) -> list[np.ndarray]:
+    """Per layer [head, q, k] attention weights actually applied to values (gated unless dense mode)."""
+    attentions = gated(ids, output_attentions=True).attentions
+    return [a[0].float().numpy() for a in attentions]
+
+
+def plot_training_curves(history: list[dict], path) -> None:
+    """CE excess over the reference, open-edge fraction and the multiplier against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [row["tokens"] for row in history]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    axes[0].plot(tokens, [row["ce_excess"] for row in history], lw=0.8, label="CE - reference (batch)")
+    axes[0].plot(tokens, [row["smoothed_violation"] for row in history], lw=1.2, label="smoothed violation")
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_ylabel("nats")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(tokens, [row["open_fraction"] for row in history], lw=1)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("open-edge fraction (train gates)")
+    axes[2].plot(tokens, [row["multiplier"] for row in history], lw=1)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("multiplier lambda")
+    axes[2].set_xlabel("training tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,227 @@
+"""Gated sparse attention for any HF causal LM that dispatches through transformers' AttentionInterface.
+
+`GatedModel` wraps a loaded model, owns the gate offsets b (one per layer and head) and switches
+the model's attention to the registered function "sparse_gated". During its forward a context
+tells that function the gate mode and collects, per layer, the expected open fraction (for the
+loss), the open-edge counts, and optionally the hard gate masks (for attribution).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparse_attention.gate import (
+    count_open_edges,
+    expected_open_fraction,
+    gate_logits,
+    hard_gate,
+    logistic_noise,
+    masked_softmax,
+    straight_through_gate,
+)
+
+ATTENTION_NAME = "sparse_gated"
+GateMode = Literal["train", "eval", "dense"]
+GATE_FILE = "gate.safetensors"
+GATE_META_FILE = "gate.json"
+
+
+class GateError(ValueError):
+    """A gated checkpoint or gate setting that cannot be used."""
+
+
+@dataclass
+class GateRecord:
+    """What one forward pass of a GatedModel observed, layer by layer."""
+
+    expected_open: list[torch.Tensor] = field(default_factory=list)  # per layer [head], differentiable
+    open_edges: list[torch.Tensor] = field(default_factory=list)  # per layer [head], hard gates open
+    allowed_pairs: list[torch.Tensor] = field(default_factory=list)  # per layer [head], causal unpadded pairs
+    gate_masks: list[torch.Tensor] = field(default_factory=list)  # per layer bool [batch, head, q, k]
+
+    def regulariser(self) -> torch.Tensor:
+        """Expected open fraction, heads and layers weighted equally (our choice, see PAPER.md)."""
+        return torch.stack(self.expected_open).mean()
+
+    def edge_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(open gates [layer, head], causal pairs [layer, head])."""
+        return torch.stack(self.open_edges), torch.stack(self.allowed_pairs)
+
+
+@dataclass
+class _GateContext:
+    offsets: list[torch.Tensor]  # per layer [head]
+    mode: GateMode
+    noise: bool
+    query_valid: torch.Tensor | None  # [batch, q] bool, False at padded queries
+    record_masks: bool
+    record: GateRecord
+
+
+_ACTIVE_GATE: contextvars.ContextVar[_GateContext | None] = contextvars.ContextVar("active_gate", default=None)
+
+
+def _expand_kv_heads(states: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[b, kv_heads, k, d] -> [b, n_heads, k, d] for grouped-query attention."""
+    groups = n_heads // states.shape[1]
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+def _allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
+    """Bool [b|1, 1, q, k]: True where the query may attend the key (causal and not padding)."""
+    if attention_mask is None:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask == 0  # additive float mask: 0 = attend, large negative = masked
+
+
+def gated_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kv_h, k, d]
+    value: torch.Tensor,  # [b, kv_h, k, d]
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionInterface function: softmax over causal keys, times the gate, not renormalised."""
+    ctx = _ACTIVE_GATE.get()
+    if ctx is None:
+        raise GateError(
+            f"attention '{ATTENTION_NAME}' was called outside GatedModel.forward; wrap the model in "
+            "sparse_attention.gated_attention.GatedModel and call that"
+        )
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise GateError(f"{type(module).__name__} has no layer_idx; cannot pick its gate offset")
+    n_heads = query.shape[1]
+    key = _expand_kv_heads(key, n_heads)
+    value = _expand_kv_heads(value, n_heads)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [b, h, q, k]
+    allowed = _allowed_pairs(attention_mask, scores.shape[2], scores.shape[3], scores.device)
+    if ctx.query_valid is not None:
+        allowed = allowed & ctx.query_valid[:, None, -scores.shape[2]:, None]
+    probs = masked_softmax(scores, allowed)  # [b, h, q, k]
+
+    if ctx.mode == "dense":
+        weights = probs
+        gate = allowed.expand_as(scores).to(scores.dtype)
+    else:
+        logits = gate_logits(scores, ctx.offsets[layer].to(scores.dtype))
+        if ctx.mode == "train":
+            noise = logistic_noise(logits.shape, like=logits) if ctx.noise else torch.zeros_like(logits)
+            gate = straight_through_gate(logits, noise)
+            ctx.record.expected_open.append(expected_open_fraction(logits, allowed))
+        else:
+            gate = hard_gate(logits)
+        weights = probs * gate
+    open_edges, pairs = count_open_edges(gate.detach() * allowed, allowed)
+    ctx.record.open_edges.append(open_edges)
+    ctx.record.allowed_pairs.append(pairs)
+    if ctx.record_masks:
+        ctx.record.gate_masks.append((gate.detach() > 0) & allowed)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [b, q, h, d]
+    return output, weights
+
+
+def register_gated_attention() -> None:
+    """Register the attention function and its boolean mask under ATTENTION_NAME (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, gated_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, functools.partial(sdpa_mask, allow_is_causal_skip=False))
+
+
+@dataclass
+class GatedOutput:
+    logits: torch.Tensor  # [batch, pos, vocab]
+    record: GateRecord
+    attentions: tuple[torch.Tensor, ...] | None = None  # per layer [batch, head, q, k] gated weights
+
+
+class GatedModel(nn.Module):
+    """A causal LM whose attention heads are gated; owns the offsets b [layer, head]."""
+
+    def __init__(self, model: PreTrainedModel, offset_init: float, *, learn_offset: bool = True):
+        super().__init__()
+        register_gated_attention()
+        self.model = model
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        cfg = model.config
+        self.n_layers, self.n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        offsets = torch.full((self.n_layers, self.n_heads), float(offset_init))
+        self.offsets = nn.Parameter(offsets, requires_grad=learn_offset)  # [layer, head]
+        self.mode: GateMode = "eval"
+        self.noise = True
+
+    def set_mode(self, mode: GateMode, *, noise: bool = True) -> GatedModel:
+        """'train': sampled gates + straight-through; 'eval': hard gates; 'dense': no gates at all."""
+        if mode not in ("train", "eval", "dense"):
+            raise GateError(f"gate mode must be 'train', 'eval' or 'dense', not {mode!r}")
+        self.mode, self.noise = mode, noise
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [batch, pos]
+        attention_mask: torch.Tensor | None = None,  # [batch, pos] 1 = token, 0 = padding
+        *,
+        record_masks: bool = False,
+        output_attentions: bool = False,
+    ) -> GatedOutput:
+        query_valid = None if attention_mask is None else attention_mask.bool()
+        offsets = list(self.offsets.unbind(0))
+        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord())
+        token = _ACTIVE_GATE.set(ctx)
+        try:
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_attentions=output_attentions
+            )
+        finally:
+            _ACTIVE_GATE.reset(token)
+        return GatedOutput(logits=out.logits, record=ctx.record, attentions=out.attentions if output_attentions else None)
+
+    def save(self, directory: str | Path, tokenizer=None, metadata: dict | None = None) -> None:
+        """Write the HF model (safetensors), the tokenizer, the offsets and gate metadata into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        save_file({"offsets": self.offsets.detach().float().contiguous()}, str(directory / GATE_FILE))
+        meta = {"attention": ATTENTION_NAME, "n_layers": self.n_layers, "n_heads": self.n_heads, **(metadata or {})}
+        (directory / GATE_META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a checkpoint written by GatedModel.save: returns (GatedModel in eval mode, tokenizer)."""
+    from sparse_attention.models import load_model
+
+    directory = Path(directory)
+    gate_path = directory / GATE_FILE
+    if not directory.is_dir():
+        raise GateError(f"gated checkpoint {directory} does not exist; run the sparsify stage first")
+    if not gate_path.is_file():
+        raise GateError(f"{directory} has no {GATE_FILE}: not a gated checkpoint written by GatedModel.save")
+    try:
+        offsets = load_file(str(gate_path))["offsets"]
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise GateError(f"{gate_path} is unreadable ({exc}); the checkpoint is corrupted, rerun the stage") from exc
+    model, tokenizer = load_model(str(directory), dtype=dtype)
+    gated = GatedModel(model, offset_init=0.0)
+    if offsets.shape != gated.offsets.shape:
+        raise GateError(f"{gate_path} holds offsets {tuple(offsets.shape)}, model needs {tuple(gated.offsets.shape)}")
+    with torch.no_grad():
+        gated.offsets.copy_(offsets)
+    return gated.eval().set_mode("eval"), tokenizer

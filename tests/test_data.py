@@ -1,0 +1,332 @@
+"""Token blocks: shapes, document-level split, cache, deterministic resumable batching, clear errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from sparse_attention import data
+from sparse_attention.data import (
+    DataConfig,
+    batch_iterator,
+    clean_rst,
+    is_heldout,
+    iterate_blocks,
+    load_token_blocks,
+    parse_hf_source,
+)
+
+
+def byte_tokenizer(bos: str | None = "<bos>", eos: str | None = "<eos>") -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (byte-level BPE with no merges), plus bos/eos/pad specials."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = {name: tok for name, tok in [("bos_token", bos), ("eos_token", eos)] if tok}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", **specials)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return byte_tokenizer()
+
+
+def doc_text(i: int) -> str:
+    return f"doc{i:03d} " * (5 + i % 7) + "end.\n"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """40 documents in nested folders with unique markers, plus a file with an ignored suffix."""
+    root = tmp_path / "corpus"
+    for i in range(40):
+        path = root / f"part{i % 3}" / f"doc{i:03d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(doc_text(i))
+    (root / "ignored.py").write_text("print('doc999 must never appear')\n")
+    return root
+
+
+def doc_id(i: int) -> str:
+    return f"part{i % 3}/doc{i:03d}.txt"
+
+
+def body_text(blocks: torch.Tensor, tokenizer: PreTrainedTokenizerFast) -> str:
+    return tokenizer.decode(blocks[:, 1:].flatten().tolist())
+
+
+def test_blocks_have_shape_start_token_and_exact_stream(corpus: Path, tokenizer) -> None:
+    config = DataConfig(source=str(corpus), context_length=16, heldout_fraction=0.25)
+    blocks = load_token_blocks(config, tokenizer)
+    assert blocks.start_token_id == tokenizer.bos_token_id
+    for split, want_heldout in [(blocks.train, False), (blocks.heldout, True)]:
+        assert split.dtype == torch.int64 and split.shape[1] == 16
+        assert (split[:, 0] == tokenizer.bos_token_id).all()
+        docs = sorted(
+            (doc_id(i), doc_text(i)) for i in range(40) if is_heldout(doc_id(i), 0.25, 0) == want_heldout
+        )
+        stream: list[int] = []
+        for _, text in docs:
+            stream += ([tokenizer.eos_token_id] if stream else []) + tokenizer.encode(
+                text, add_special_tokens=False
+            )
+        assert len(split) == len(stream) // 15
+        assert split[:, 1:].flatten().tolist() == stream[: len(split) * 15]
+
+
+def test_heldout_documents_only_in_heldout_stream(corpus: Path, tokenizer) -> None:
+    blocks = load_token_blocks(
+        DataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25), tokenizer
+    )
+    train_text, heldout_text = body_text(blocks.train, tokenizer), body_text(blocks.heldout, tokenizer)
+    heldout_ids = [i for i in range(40) if is_heldout(doc_id(i), 0.25, 0)]
+    assert 0 < len(heldout_ids) < 40
+    for i in range(40):  # each marker repeats, so even a document cut by the dropped tail shows it
+        marker = f"doc{i:03d}"
+        assert (marker in heldout_text) == (i in heldout_ids)
+        assert (marker in train_text) == (i not in heldout_ids)
+    assert "doc999" not in train_text + heldout_text
+
+
+def test_adding_a_file_does_not_reshuffle_the_split(corpus: Path, tokenizer) -> None:
+    """A new train document leaves the held-out blocks bit-identical, and vice versa."""
+    config = DataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
+    before = load_token_blocks(config, tokenizer)
+    names = [f"new{i}.txt" for i in range(100)]
+    new_train = next(n for n in names if not is_heldout(f"part0/{n}", 0.25, 0))
+    (corpus / "part0" / new_train).write_text("a brand new document\n" * 3)
+    after_train = load_token_blocks(config, tokenizer)
+    assert torch.equal(after_train.heldout, before.heldout) and len(after_train.train) > len(before.train)
+    new_heldout = next(n for n in names if is_heldout(f"part0/{n}", 0.25, 0))
+    (corpus / "part0" / new_heldout).write_text("another new document\n" * 3)
+    after_heldout = load_token_blocks(config, tokenizer)
+    assert torch.equal(after_heldout.train, after_train.train)
+    assert len(after_heldout.heldout) > len(after_train.heldout)
+
+
+def test_two_loads_are_identical(corpus: Path, tokenizer, cache_dir: Path, monkeypatch) -> None:
+    config = DataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
+    first = load_token_blocks(config, tokenizer)
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(cache_dir.parent / "other_cache"))
+    second = load_token_blocks(config, tokenizer)
+    assert torch.equal(first.train, second.train) and torch.equal(first.heldout, second.heldout)
+
+
+def test_cache_hit_and_damaged_cache_rebuilt(corpus: Path, tokenizer, cache_dir: Path, monkeypatch) -> None:
+    config = DataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
+    fresh = load_token_blocks(config, tokenizer)
+    (npy,) = (cache_dir / "tokens").glob("*.npy")
+    real_tokenize = data._tokenize_streams
+
+    def must_not_tokenize(*args, **kwargs):
+        raise AssertionError("cache was not used")
+
+    monkeypatch.setattr(data, "_tokenize_streams", must_not_tokenize)
+    hit = load_token_blocks(config, tokenizer)
+    assert torch.equal(hit.train, fresh.train) and torch.equal(hit.heldout, fresh.heldout)
+
+    monkeypatch.setattr(data, "_tokenize_streams", real_tokenize)
+    for damage in (
+        lambda: npy.write_bytes(npy.read_bytes()[:-7]),
+        lambda: np.save(npy, np.zeros(5, np.uint32)),
+    ):
+        damage()
+        with pytest.warns(UserWarning, match="damaged"):
+            rebuilt = load_token_blocks(config, tokenizer)
+        assert torch.equal(rebuilt.train, fresh.train) and torch.equal(rebuilt.heldout, fresh.heldout)
+
+
+def test_cache_follows_file_changes(corpus: Path, tokenizer) -> None:
+    config = DataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
+    load_token_blocks(config, tokenizer)
+    train_doc = next(i for i in range(40) if not is_heldout(doc_id(i), 0.25, 0))
+    (corpus / doc_id(train_doc)).write_text("zzzz " * 40)
+    assert "zzzz" in body_text(load_token_blocks(config, tokenizer).train, tokenizer)
+
+
+def test_caps_limit_the_streams(corpus: Path, tokenizer) -> None:
+    config = DataConfig(
+        source=str(corpus),
+        context_length=8,
+        heldout_fraction=0.25,
+        max_train_tokens=50,
+        max_heldout_tokens=30,
+    )
+    blocks = load_token_blocks(config, tokenizer, context_length=11)
+    assert blocks.train.shape == (5, 11) and blocks.heldout.shape == (3, 11)
+
+
+def test_batch_iterator_resumes_exactly_across_epochs() -> None:
+    blocks = torch.arange(10 * 4).view(10, 4)  # 3 batches of 3 per epoch, one block left over
+    fresh = [b for b, _ in zip(batch_iterator(blocks, 3, seed=7), range(12))]
+    for epoch in range(4):
+        seen = torch.cat(fresh[epoch * 3 : epoch * 3 + 3])[:, 0].tolist()
+        assert len(set(seen)) == 9  # no block twice within an epoch
+    assert not torch.equal(torch.cat(fresh[0:3]), torch.cat(fresh[3:6]))  # reshuffled per epoch
+    for k in (1, 2, 3, 4, 8):
+        resumed = [b for b, _ in zip(batch_iterator(blocks, 3, seed=7, start_batch=k), range(12 - k))]
+        assert all(torch.equal(a, b) for a, b in zip(resumed, fresh[k:], strict=True))
+    other_seed = next(batch_iterator(blocks, 3, seed=8))
+    assert not torch.equal(other_seed, fresh[0])
+
+
+def test_batch_iterator_skips_without_materialising(monkeypatch) -> None:
+    calls = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(1) or real_randperm(*a, **k))
+    started = time.perf_counter()
+    next(batch_iterator(torch.zeros(10, 4), 3, seed=0, start_batch=10**12))
+    assert len(calls) == 1 and time.perf_counter() - started < 1.0
+
+
+def test_iterate_blocks_covers_every_block_once() -> None:
+    blocks = torch.arange(11 * 3).view(11, 3)
+    batches = list(iterate_blocks(blocks, 4))
+    assert [len(b) for b in batches] == [4, 4, 3]
+    assert torch.equal(torch.cat(batches), blocks)
+
+
+def test_batching_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="batch_size 5 exceeds the 4"):
+        next(batch_iterator(torch.zeros(4, 3), 5, seed=0))
+    with pytest.raises(ValueError, match="start_batch"):
+        next(batch_iterator(torch.zeros(4, 3), 2, seed=0, start_batch=-1))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iterate_blocks(torch.zeros(4, 3), 0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("context_length", 1),
+        ("heldout_fraction", 0.0),
+        ("heldout_fraction", 1.0),
+        ("max_train_tokens", 0),
+        ("max_heldout_tokens", -5),
+        ("file_suffixes", []),
+        ("not_a_field", 1),
+    ],
+)
+def test_bad_config_values_name_the_field(field: str, value) -> None:
+    with pytest.raises(pydantic.ValidationError, match=field):
+        DataConfig(**{field: value})
+
+
+def test_missing_and_empty_folders_give_clear_errors(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(FileNotFoundError, match="not a file or folder"):
+        load_token_blocks(DataConfig(source=str(tmp_path / "nowhere")), tokenizer)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "code.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match=r"no files ending with \['.txt', '.rst', '.md'\]"):
+        load_token_blocks(DataConfig(source=str(tmp_path / "empty")), tokenizer)
+
+
+def test_too_few_tokens_says_how_many(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "one.txt").write_text("short")
+    with pytest.raises(
+        ValueError, match="train split has 5 tokens but one block of context_length 128 needs 127"
+    ):
+        load_token_blocks(DataConfig(source=str(tmp_path / "one.txt"), heldout_fraction=0.01), tokenizer)
+
+
+def test_special_token_fallbacks(corpus: Path) -> None:
+    config = DataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
+    eos_only = byte_tokenizer(bos=None)
+    assert load_token_blocks(config, eos_only).start_token_id == eos_only.eos_token_id
+    with pytest.raises(ValueError, match="neither a bos nor an eos"):
+        load_token_blocks(config, byte_tokenizer(bos=None, eos=None))
+
+
+def test_hf_source_parsing_and_missing_package(tokenizer, monkeypatch) -> None:
+    assert parse_hf_source("hf:HuggingFaceFW/fineweb-edu:sample-10BT") == (
+        "HuggingFaceFW/fineweb-edu",
+        "sample-10BT",
+    )
+    assert parse_hf_source("hf:wikitext") == ("wikitext", None)
+    for bad in ("hf:", "hf:x:"):
+        with pytest.raises(pydantic.ValidationError, match="source"):
+            DataConfig(source=bad, max_train_tokens=10)
+    with pytest.raises(pydantic.ValidationError, match="max_train_tokens"):
+        DataConfig(source="hf:wikitext")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        load_token_blocks(DataConfig(source="hf:wikitext", max_train_tokens=100), tokenizer)
+
+
+def test_hf_source_streams_until_caps(tokenizer, monkeypatch) -> None:
+    """The hf: path with a stand-in `datasets` module: arguments passed through, reading stops at the caps."""
+    calls: list[tuple] = []
+    read: list[int] = []
+
+    def load_dataset(dataset_id, config, split, streaming):
+        calls.append((dataset_id, config, split, streaming))
+        for i in range(10_000):
+            read.append(i)
+            yield {"body": f"record {i} " * 5}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    config = DataConfig(
+        source="hf:org/set:cfg",
+        hf_split="validation",
+        hf_text_field="body",
+        context_length=9,
+        heldout_fraction=0.2,
+        max_train_tokens=400,
+        max_heldout_tokens=80,
+    )
+    blocks = load_token_blocks(config, tokenizer)
+    assert calls == [("org/set", "cfg", "validation", True)]
+    assert blocks.train.shape == (50, 9) and blocks.heldout.shape == (10, 9)
+    assert len(read) < 100
+    with pytest.raises(KeyError, match="'text' is not a field"):
+        load_token_blocks(config.model_copy(update={"hf_text_field": "text", "seed": 1}), tokenizer)
+
+
+def test_clean_rst_strips_markup_and_keeps_code() -> None:
+    source = (
+        ".. _tut-if:\n\n\n"
+        "*******\nTitle\n*******\n\n"
+        ":keyword:`!if` Statements\n=========================\n\n"
+        ".. index::\n   statement: for\n\n"
+        "See :ref:`the tutorial <tut-for>` and :func:`~os.path.join`   \n"
+        "and :c:func:`PyObject_New`. Example::\n\n"
+        "   >>> x = 1\n   ...\n   '''doc'''\n"
+    )
+    assert clean_rst(source) == (
+        "Title\n\nif Statements\n\n"
+        "See the tutorial and join\nand PyObject_New. Example::\n\n"
+        "   >>> x = 1\n   ...\n   '''doc'''\n"
+    )
+
+
+def test_missing_python_docs_names_the_package(tokenizer, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(data, "PYTHON_DOCS_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
+        load_token_blocks(DataConfig(), tokenizer)
+
+
+@pytest.mark.skipif(not data.PYTHON_DOCS_DIR.is_dir(), reason="python3.11-doc is not installed")
+def test_python_docs_source_loads_quickly_with_a_cap(tokenizer) -> None:
+    config = DataConfig(max_train_tokens=20_000, max_heldout_tokens=5_000)
+    started = time.perf_counter()
+    blocks = load_token_blocks(config, tokenizer)
+    assert time.perf_counter() - started < 10.0
+    assert blocks.train.shape == (20_000 // 127, 128) and blocks.heldout.shape == (5_000 // 127, 128)
+    text = body_text(blocks.train[:50], tokenizer)
+    assert "=====" not in text and ":keyword:`" not in text
