@@ -44,8 +44,24 @@ def parse_config(raw: dict, source: str) -> PipelineConfig:
         raise ConfigError(_format_validation_error(source, error)) from None
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None) -> PipelineConfig:
-    """Load a YAML config file or a named preset (exactly one)."""
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a raw config mapping."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} must look like section.field=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Load a YAML config file or a named preset (exactly one), then apply `key=value` overrides."""
     if (path is None) == (preset is None):
         raise ConfigError("give exactly one of --config FILE or --preset NAME")
     if preset is not None:
@@ -59,4 +75,6 @@ def load_config(path: str | Path | None = None, preset: str | None = None) -> Pi
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
     return parse_config(raw, str(path))

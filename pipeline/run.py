@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--force", action="append", default=[], help="recompute this stage even if done")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set sparsify.train.steps=50")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.preset)
+        config = load_config(args.config, args.preset, args.overrides)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = [s for s in stages + args.force if s not in STAGES]
         if unknown:

@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trainable: Literal["all", "attention", "qk"] = "attention"
+    constraint: Literal["kl", "ce_excess"] = Field(
+        "kl", description="what must stay below controller.tolerance: KL to the original, or CE - original CE"
+    )
     steps: int = Field(300, gt=0, description="optimiser steps")
     batch_size: int = Field(4, gt=0)
     grad_accumulation: int = Field(1, gt=0)

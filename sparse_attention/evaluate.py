@@ -19,6 +19,13 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
+def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || model) of the next-token distributions, nats.  Both [b, pos, vocab]."""
+    ref = F.log_softmax(reference_logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    mine = F.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    return F.kl_div(mine, ref, log_target=True, reduction="batchmean")
+
+
 @torch.no_grad()
 def mean_ce(logits_fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch_size: int) -> float:
     """Token-weighted held-out CE of `logits_fn(tokens) -> logits` over all blocks."""
@@ -179,6 +186,7 @@ def plot_training_curves(history: list[dict], path) -> None:
     tokens = [row["tokens"] for row in history]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     axes[0].plot(tokens, [row["ce_excess"] for row in history], lw=0.8, label="CE - reference (batch)")
+    axes[0].plot(tokens, [row["constraint_value"] for row in history], lw=0.8, label="constraint value (batch)")
     axes[0].plot(tokens, [row["smoothed_violation"] for row in history], lw=1.2, label="smoothed violation")
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_ylabel("nats")

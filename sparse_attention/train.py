@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
 from sparse_attention.data import batch_iterator
-from sparse_attention.evaluate import next_token_ce
+from sparse_attention.evaluate import next_token_ce, next_token_kl
 from sparse_attention.gated_attention import GatedModel
 
 TRAINABLE_PATTERNS = {
@@ -97,6 +97,10 @@ def post_train(
 ) -> TrainResult:
     """Run (or resume) post-training in place on `gated`; `reference` is the frozen original model.
 
+    The constraint is either KL(reference || gated) per token (default: the fine-tuning gain on our
+    corpus cannot be spent on sparsity, so the sparse model stays a faithful copy of the original)
+    or the batch CE difference to the reference.
+
     `on_step(row)` is called after every step (and after its checkpoint), e.g. to report progress.
     """
     if train.threads:
@@ -135,33 +139,40 @@ def post_train(
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         optimizer.zero_grad(set_to_none=True)
-        totals = {"ce": 0.0, "reference_ce": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0}
+        totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0}
         for _ in range(train.grad_accumulation):
             tokens = next(batches)
             with torch.no_grad():
-                reference_ce = next_token_ce(reference(input_ids=tokens).logits, tokens)
+                reference_logits = reference(input_ids=tokens).logits
+                reference_ce = next_token_ce(reference_logits, tokens)
             out = gated(tokens)
             ce = next_token_ce(out.logits, tokens)
+            if train.constraint == "kl":
+                excess_term = next_token_kl(reference_logits, out.logits)
+            else:
+                excess_term = ce - reference_ce
             regulariser = out.record.regulariser()
-            loss = controller.loss(regulariser, ce - reference_ce) / train.grad_accumulation
+            loss = controller.loss(regulariser, excess_term) / train.grad_accumulation
             loss.backward()
             open_edges, pairs = out.record.edge_counts()
             totals["ce"] += ce.item() / train.grad_accumulation
             totals["reference_ce"] += reference_ce.item() / train.grad_accumulation
             totals["regulariser"] += regulariser.item() / train.grad_accumulation
+            totals["excess"] += excess_term.item() / train.grad_accumulation
             totals["open"] += int(open_edges.sum())
             totals["pairs"] += int(pairs.sum())
             tokens_seen += tokens.numel()
         torch.nn.utils.clip_grad_norm_([p for _, p in weights], train.grad_clip)
         optimizer.step()
-        excess = totals["ce"] - totals["reference_ce"]
+        excess = totals["excess"]
         lam = controller.update(excess)
         row = {
             "step": step + 1,
             "tokens": tokens_seen,
             "ce": totals["ce"],
             "reference_ce": totals["reference_ce"],
-            "ce_excess": excess,
+            "ce_excess": totals["ce"] - totals["reference_ce"],
+            "constraint_value": excess,
             "smoothed_violation": controller.smoothed,
             "multiplier": lam,
             "regulariser": totals["regulariser"],
@@ -172,7 +183,7 @@ def post_train(
         history.append(row)
         bar.update(1)
         if (step + 1) % train.log_every == 0:
-            bar.set_postfix(ce=f"{row['ce']:.3f}", excess=f"{excess:+.3f}", open=f"{row['open_fraction']:.3f}",
+            bar.set_postfix(ce=f"{row['ce']:.3f}", **{train.constraint: f"{excess:+.4f}"}, open=f"{row['open_fraction']:.3f}",
                             lam=f"{lam:.3g}", b=f"{row['mean_offset']:.2f}")
         if ckpt_path is not None and ((step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps):
             _save_checkpoint(ckpt_path, {

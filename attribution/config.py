@@ -1,0 +1,68 @@
+"""Settings of attribution: graph construction, pruning, attention attribution, and the stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GraphConfig(BaseModel):
+    """How one attribution graph is computed and pruned (circuit-tracer's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_n_logits: int = Field(10, gt=0, description="at most this many logit targets")
+    desired_logit_prob: float = Field(0.95, gt=0, le=1, description="logit targets until this cumulative prob")
+    max_feature_nodes: int | None = Field(
+        None, gt=0, description="cap on feature nodes, picked by estimated logit influence; None = all active"
+    )
+    batch_size: int = Field(
+        16, gt=0, description="as circuit-tracer's: with max_feature_nodes, update_interval * batch_size "
+        "features are visited between influence refreshes (rows do not depend on it)",
+    )
+    update_interval: int = Field(4, gt=0, description="batches between influence refreshes")
+    min_block_rows: int = Field(32, gt=0, description="target rows swept together at least (merging positions)")
+    max_block_rows: int = Field(512, gt=0, description="target rows swept together at most (memory)")
+    node_threshold: float = Field(0.8, ge=0, le=1, description="pruning: share of node influence kept")
+    edge_threshold: float = Field(0.98, ge=0, le=1, description="pruning: share of edge influence kept")
+
+
+class AttentionAttributionConfig(BaseModel):
+    """Head loadings of kept edges and QK attribution of the attention edges that carry them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    layer_min_share: float = Field(
+        0.05, ge=0, le=1, description="a layer carries an edge if its attention part is at least this "
+        "share of |edge| (otherwise its skip part is nearly the whole edge)",
+    )
+    head_min_share: float = Field(
+        0.05, ge=0, le=1, description="QK-attribute the (layer, head, query, key) of a head part at least "
+        "this share of |edge|",
+    )
+    qk_top_pairs: int = Field(20, ge=0, description="top (query component, key component) pairs stored")
+    qk_top_marginals: int = Field(10, ge=0, description="top components per side stored with their marginals")
+    max_attention_edges: int = Field(2000, gt=0, description="QK-attribute at most this many attention edges")
+
+
+DEFAULT_PROMPTS = (
+    'The opposite of "large" is "',
+    "When Mary and John went to the store, John gave a drink to",
+    "The war lasted from the year 1732 to the year 17",
+)
+
+
+class AttributionStageConfig(BaseModel):
+    """Everything the attribution stage needs besides its inputs; saved beside its outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    graph: GraphConfig = GraphConfig()
+    attention: AttentionAttributionConfig = AttentionAttributionConfig()
+    store_edges: Literal["pruned", "all"] = Field(
+        "pruned", description="store the edges kept by pruning, or every nonzero edge"
+    )
+    prompts: list[str] = Field(list(DEFAULT_PROMPTS), min_length=1, description="prompts the pipeline attributes")
+    threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")

@@ -1,0 +1,160 @@
+"""The attribution graph of one prompt, in circuit-tracer's node order with rows = targets.
+
+Nodes: selected features (in (layer, pos, feature) order), error nodes (layer-major: n_sel + l * P + p),
+token embeddings (P), logit targets. adjacency[t, s] is the exact direct effect of source s on target
+t in the local replacement model: a feature's pre-activation readout, or a demeaned logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attribution.config import GraphConfig
+from attribution.nodes import LocalReplacementModel
+from attribution.propagate import (
+    DecoderWrites,
+    attribution_rows,
+    decoder_writes,
+    feature_targets,
+    logit_targets,
+    n_source_columns,
+)
+from attribution.prune import partial_influences
+
+NODE_KINDS = ("feature", "error", "token", "logit")
+
+
+@dataclass
+class AttributionGraph:
+    """Adjacency plus what it needs to be read: node identities, activations, logit targets."""
+
+    prompt: str
+    tokens: torch.Tensor  # [P] long
+    n_layers: int
+    active_features: torch.Tensor  # [n_active, 3] long (layer, pos, feature)
+    activations: torch.Tensor  # [n_active]
+    selected: torch.Tensor  # [n_sel] long, indices into active_features, ascending
+    logit_tokens: torch.Tensor  # [n_logits] long
+    logit_probs: torch.Tensor  # [n_logits]
+    adjacency: torch.Tensor  # [N, N] rows = targets, columns = sources
+    node_constant: torch.Tensor  # [N] part of a target's value due to no node (b_enc, b_dec, BOS MLP)
+    node_value: torch.Tensor  # [N] feature pre-activation / demeaned logit; 0 for errors and tokens
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_selected(self) -> int:
+        return len(self.selected)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.adjacency.shape[0]
+
+    @property
+    def error_start(self) -> int:
+        return self.n_selected
+
+    @property
+    def token_start(self) -> int:
+        return self.n_selected + self.n_layers * self.n_pos
+
+    @property
+    def logit_start(self) -> int:
+        return self.token_start + self.n_pos
+
+    def node_table(self) -> dict[str, torch.Tensor]:
+        """Per node: kind (index into NODE_KINDS), layer, pos, feature (feature id / token id / -1)."""
+        n_sel, n_layers, n_pos, n_logits = self.n_selected, self.n_layers, self.n_pos, len(self.logit_tokens)
+        feats = self.active_features[self.selected]
+        error_layer, error_pos = torch.arange(n_layers).repeat_interleave(n_pos), torch.arange(n_pos).repeat(n_layers)
+        kind = torch.cat([torch.full((n_sel,), 0), torch.full((n_layers * n_pos,), 1),
+                          torch.full((n_pos,), 2), torch.full((n_logits,), 3)])
+        layer = torch.cat([feats[:, 0], error_layer, torch.full((n_pos,), -1), torch.full((n_logits,), n_layers + 1)])
+        pos = torch.cat([feats[:, 1], error_pos, torch.arange(n_pos), torch.full((n_logits,), n_pos - 1)])
+        feature = torch.cat([feats[:, 2], torch.full((n_layers * n_pos,), -1), self.tokens, self.logit_tokens])
+        return {"kind": kind, "layer": layer, "pos": pos, "feature": feature}
+
+    def node_ids(self) -> list[str]:
+        """`{layer}_{feature}_{pos}`, errors `{layer}_-1_{pos}`, tokens `E_{token}_{pos}`, logits
+        `{n_layers + 1}_{token}_{pos}` (circuit-tracer's frontend ids)."""
+        table = {key: value.tolist() for key, value in self.node_table().items()}
+        return [node_id(*row) for row in zip(table["kind"], table["layer"], table["feature"], table["pos"])]
+
+
+def node_id(kind: int, layer: int, feature: int, pos: int) -> str:
+    if NODE_KINDS[kind] == "token":
+        return f"E_{feature}_{pos}"
+    return f"{layer}_{feature}_{pos}"
+
+
+def attribute(lrm: LocalReplacementModel, config: GraphConfig, prompt: str = "") -> AttributionGraph:
+    """The attribution graph of the prompt frozen in `lrm`."""
+    dec = decoder_writes(lrm)
+    blocks = {"min_block_rows": config.min_block_rows, "max_block_rows": config.max_block_rows}
+    logit_rows, logit_constant = attribution_rows(lrm, logit_targets(lrm), dec, **blocks)
+    n_active = lrm.n_active
+    if config.max_feature_nodes is None or config.max_feature_nodes >= n_active:
+        selected = torch.arange(n_active)
+        feature_rows, feature_constant = attribution_rows(lrm, feature_targets(lrm, selected), dec, **blocks)
+    else:
+        selected, feature_rows, feature_constant = _visit_by_influence(lrm, logit_rows, dec, config)
+    return _assemble(lrm, prompt, selected, feature_rows, feature_constant, logit_rows, logit_constant)
+
+
+def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, dec: DecoderWrites,
+                        config: GraphConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """circuit-tracer's feature selection: visit features in order of estimated logit influence,
+    refreshed after every update_interval * batch_size features. -> (selected, rows, constants), sorted."""
+    n_active, n_columns, n_logits = lrm.n_active, n_source_columns(lrm), len(logit_rows)
+    budget = config.max_feature_nodes
+    edge_rows = torch.zeros(budget + n_logits, n_columns + n_logits)
+    row_to_node = torch.zeros(budget + n_logits, dtype=torch.long)
+    edge_rows[:n_logits, :n_columns] = logit_rows
+    row_to_node[:n_logits] = torch.arange(n_logits) + n_columns
+    constants = torch.zeros(budget + n_logits)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    filled = n_logits
+    while filled - n_logits < budget:
+        scores = partial_influences(edge_rows[:filled], lrm.logit_probs, row_to_node[:filled])
+        rank = torch.argsort(scores[:n_active], descending=True)
+        queue = min(config.update_interval * config.batch_size, budget - (filled - n_logits))
+        pending = rank[~visited[rank]][:queue]
+        rows, constant = attribution_rows(lrm, feature_targets(lrm, pending), dec,
+                                          min_block_rows=config.min_block_rows, max_block_rows=config.max_block_rows)
+        edge_rows[filled:filled + len(pending), :n_columns] = rows
+        constants[filled:filled + len(pending)] = constant
+        row_to_node[filled:filled + len(pending)] = pending
+        visited[pending] = True
+        filled += len(pending)
+    order = torch.argsort(row_to_node[n_logits:])
+    return (row_to_node[n_logits:][order], edge_rows[n_logits:, :n_columns][order],
+            constants[n_logits:][order])
+
+
+def _assemble(lrm: LocalReplacementModel, prompt: str, selected: torch.Tensor, feature_rows: torch.Tensor,
+              feature_constant: torch.Tensor, logit_rows: torch.Tensor, logit_constant: torch.Tensor
+              ) -> AttributionGraph:
+    """Keep the selected features' columns and lay rows and columns out in node order."""
+    n_active, n_sel, n_logits = lrm.n_active, len(selected), len(logit_rows)
+    columns = torch.cat([selected, torch.arange(n_active, n_source_columns(lrm))])
+    n_nodes = len(columns) + n_logits
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    adjacency[:n_sel, :len(columns)] = feature_rows[:, columns]
+    adjacency[n_nodes - n_logits:, :len(columns)] = logit_rows[:, columns]
+    layer, feat = lrm.features[selected, 0], lrm.features[selected, 2]
+    node_constant = torch.zeros(n_nodes)
+    node_constant[:n_sel] = feature_constant + lrm.clt.b_enc[layer, feat]
+    node_constant[n_nodes - n_logits:] = logit_constant
+    node_value = torch.zeros(n_nodes)
+    node_value[:n_sel] = lrm.feature_pre_activations(selected)
+    node_value[n_nodes - n_logits:] = lrm.demeaned_logits()
+    return AttributionGraph(
+        prompt=prompt, tokens=lrm.prompt.tokens.clone(), n_layers=lrm.n_layers,
+        active_features=lrm.features.clone(), activations=lrm.activations.clone(), selected=selected.clone(),
+        logit_tokens=lrm.logit_tokens.clone(), logit_probs=lrm.logit_probs.clone(), adjacency=adjacency,
+        node_constant=node_constant, node_value=node_value,
+    )

@@ -1,0 +1,181 @@
+"""The nodes of an attribution graph for one prompt, and the vectors they write and read.
+
+`build_replacement` combines the frozen prompt with a CLT: active features (JumpReLU, position 0
+excluded), error nodes (true MLP output - reconstruction, zero at position 0), token embeddings,
+constants (decoder biases; the whole MLP output at position 0) and logit targets (circuit-tracer's
+rule: top tokens until 95% probability, at most 10; demeaned unembedding rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attribution.replacement import AttributionError, FrozenPrompt, ModelWeights
+
+
+@dataclass(frozen=True)
+class TranscoderWeights:
+    """A cross-layer transcoder in real units, float32 (see transcoders/clt.py)."""
+
+    W_enc: torch.Tensor  # [L, F, d]
+    b_enc: torch.Tensor  # [L, F]
+    threshold: torch.Tensor  # [L, F]
+    W_dec: tuple[torch.Tensor, ...]  # per source layer l: [F, L - l, d]; [f, k] writes to MLP-out of l + k
+    b_dec: torch.Tensor  # [L, d]
+
+    @property
+    def n_layers(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.W_enc.shape[1]
+
+
+def transcoder_weights(clt, model: ModelWeights | None = None) -> TranscoderWeights:
+    """Read a CrossLayerTranscoder (or anything with its tensors) into checked float32 TranscoderWeights."""
+    try:
+        weights = TranscoderWeights(
+            W_enc=clt.W_enc.detach().float(),
+            b_enc=clt.b_enc.detach().float(),
+            threshold=clt.threshold.detach().float(),
+            W_dec=tuple(w.detach().float() for w in clt.W_dec),
+            b_dec=clt.b_dec.detach().float(),
+        )
+    except AttributeError as err:
+        raise AttributionError(f"{type(clt).__name__} is not a cross-layer transcoder ({err})") from None
+    n_layers, n_features, d_model = weights.W_enc.shape
+    expected = {
+        "b_enc": (n_layers, n_features), "threshold": (n_layers, n_features), "b_dec": (n_layers, d_model),
+    }
+    for name, shape in expected.items():
+        if tuple(getattr(weights, name).shape) != shape:
+            raise AttributionError(f"CLT {name} has shape {tuple(getattr(weights, name).shape)}, expected {shape}")
+    for layer, w in enumerate(weights.W_dec):
+        if tuple(w.shape) != (n_features, n_layers - layer, d_model):
+            raise AttributionError(
+                f"CLT W_dec[{layer}] has shape {tuple(w.shape)}, expected {(n_features, n_layers - layer, d_model)}"
+            )
+    if len(weights.W_dec) != n_layers:
+        raise AttributionError(f"CLT has {len(weights.W_dec)} decoders for {n_layers} layers")
+    if model is not None and (n_layers, d_model) != (model.n_layers, model.d_model):
+        raise AttributionError(
+            f"CLT has {n_layers} layers of width {d_model} but the model has {model.n_layers} of {model.d_model}"
+        )
+    return weights
+
+
+@dataclass(frozen=True)
+class LocalReplacementModel:
+    """The linear model of one prompt plus its nodes.  Feature order is (layer, pos, feature) ascending."""
+
+    model: ModelWeights
+    clt: TranscoderWeights
+    prompt: FrozenPrompt
+    features: torch.Tensor  # [n_active, 3] long (layer, pos, feature)
+    activations: torch.Tensor  # [n_active]
+    errors: torch.Tensor  # [L, P, d] error-node write vectors, zero at position 0
+    constants: torch.Tensor  # [L, P, d] MLP-out parts that are no node: b_dec, and mlp_out at position 0
+    logit_tokens: torch.Tensor  # [n_logits] long
+    logit_probs: torch.Tensor  # [n_logits]
+    logit_vectors: torch.Tensor  # [n_logits, d] demeaned unembedding rows
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.prompt.tokens)
+
+    @property
+    def n_active(self) -> int:
+        return len(self.features)
+
+    def feature_writes(self, index: torch.Tensor, layer: int) -> torch.Tensor:
+        """a_s * W_dec[l_s][f_s, layer - l_s] for active features `index` (all with l_s <= layer).  -> [n, d]"""
+        src_layer, feat = self.features[index, 0], self.features[index, 2]
+        out = torch.empty(len(index), self.model.d_model)
+        for source_layer in src_layer.unique().tolist():
+            mask = src_layer == source_layer
+            out[mask] = self.clt.W_dec[source_layer][feat[mask], layer - source_layer]
+        return out * self.activations[index, None]
+
+    def feature_readouts(self, index: torch.Tensor) -> torch.Tensor:
+        """Encoder rows with the frozen MLP-norm scale and gain folded in, read from resid_mid.  -> [n, d]"""
+        layer, pos, feat = self.features[index].unbind(1)
+        scale = self.prompt.mlp_inv_rms[layer, pos]
+        return self.clt.W_enc[layer, feat] * self.model.mlp_norm[layer] * scale[:, None]
+
+    def logit_readouts(self) -> torch.Tensor:
+        """Demeaned unembedding rows through the frozen final norm, read from the final residual.  [n_logits, d]"""
+        return self.logit_vectors * self.model.final_norm * self.prompt.final_inv_rms[-1]
+
+    def feature_pre_activations(self, index: torch.Tensor) -> torch.Tensor:
+        """The true pre-activations W_enc . mlp_in + b_enc of active features `index`.  -> [n]"""
+        layer, pos, feat = self.features[index].unbind(1)
+        mlp_in = self.prompt.mlp_in[layer, pos]
+        return (self.clt.W_enc[layer, feat] * mlp_in).sum(-1) + self.clt.b_enc[layer, feat]
+
+    def demeaned_logits(self) -> torch.Tensor:
+        """logit[t] - mean over the vocabulary, for each logit target.  [n_logits]"""
+        logits = self.prompt.logits
+        return logits[self.logit_tokens] - logits.mean()
+
+
+def jumprelu_activations(mlp_in: torch.Tensor, clt: TranscoderWeights) -> torch.Tensor:
+    """pre * (pre > threshold), the CLT's JumpReLU.  mlp_in [L, P, d] -> [L, P, F]"""
+    pre = torch.einsum("lpd,lfd->lpf", mlp_in, clt.W_enc) + clt.b_enc[:, None]
+    return pre * (pre > clt.threshold[:, None])
+
+
+def reconstruction(features: torch.Tensor, activations: torch.Tensor, clt: TranscoderWeights,
+                   n_pos: int) -> torch.Tensor:
+    """CLT output incl. b_dec from active features.  features [n, 3], activations [n] -> [L, P, d]"""
+    n_layers = clt.b_dec.shape[0]
+    out = clt.b_dec[:, None].repeat(1, n_pos, 1)
+    for source_layer in range(n_layers):
+        mask = features[:, 0] == source_layer
+        if mask.any():
+            pos, feat = features[mask, 1], features[mask, 2]
+            writes = clt.W_dec[source_layer][feat] * activations[mask, None, None]  # [n, L - l, d]
+            _add_writes(out, source_layer, pos, writes)
+    return out
+
+
+def _add_writes(out: torch.Tensor, source_layer: int, pos: torch.Tensor, writes: torch.Tensor) -> None:
+    """out[source_layer + k, pos[i]] += writes[i, k]."""
+    for k in range(writes.shape[1]):
+        out[source_layer + k].index_add_(0, pos, writes[:, k])
+
+
+def select_logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """circuit-tracer's salient logits: top tokens until cumulative probability >= desired_prob, at most
+    max_n_logits.  logits [vocab] -> (token ids [n], probabilities [n])"""
+    probs = torch.softmax(logits, dim=-1)
+    top_p, top_idx = torch.topk(probs, min(max_n_logits, len(probs)))
+    cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), desired_prob)) + 1
+    return top_idx[:cutoff], top_p[:cutoff]
+
+
+def build_replacement(model: ModelWeights, clt: TranscoderWeights, prompt: FrozenPrompt,
+                      max_n_logits: int = 10, desired_logit_prob: float = 0.95) -> LocalReplacementModel:
+    """Nodes and constants of the local replacement model of `prompt`."""
+    acts = jumprelu_activations(prompt.mlp_in, clt)  # [L, P, F]
+    acts[:, 0] = 0  # BOS-position features are no nodes: their writes stay inside the constant
+    features = acts.nonzero()  # [n, 3] in (layer, pos, feature) order
+    activations = acts[features.unbind(1)]
+    recon = reconstruction(features, activations, clt, len(prompt.tokens))
+    errors = prompt.mlp_out - recon
+    errors[:, 0] = 0
+    constants = clt.b_dec[:, None].repeat(1, len(prompt.tokens), 1)
+    constants[:, 0] = prompt.mlp_out[:, 0]
+    tokens, probs = select_logit_targets(prompt.logits, max_n_logits, desired_logit_prob)
+    vectors = model.unembed[tokens] - model.unembed.mean(0)
+    return LocalReplacementModel(
+        model=model, clt=clt, prompt=prompt, features=features, activations=activations, errors=errors,
+        constants=constants, logit_tokens=tokens, logit_probs=probs, logit_vectors=vectors,
+    )

@@ -1,0 +1,223 @@
+"""Attribution graphs on tiny dense and gated Llamas: exact perturbation and completeness checks.
+
+The perturbation check runs the HF model itself with its attention patterns, norm scales and MLP
+outputs patched to the frozen values (no code shared with attribution.propagate), removes one source
+node, and checks every target moves by minus its edge weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from attribution.config import GraphConfig
+from attribution.graph import attribute
+from attribution.nodes import build_replacement, transcoder_weights
+from attribution.replacement import (
+    AttributionError,
+    PromptTooLongError,
+    extract_weights,
+    freeze_prompt,
+    hf_model_of,
+    tokenize_prompt,
+)
+from sparse_attention.gated_attention import GatedModel
+from sparse_attention.models import TinyModelConfig, tiny_model
+
+TINY = TinyModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=1)
+PROMPT = "The cat sat on"
+N_FEATURES = 16
+
+
+class RandomCLT(nn.Module):
+    """A random cross-layer transcoder with the tensors of transcoders.clt.CrossLayerTranscoder."""
+
+    def __init__(self, n_layers: int, d_model: int, n_features: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = nn.Parameter(torch.randn(n_layers, n_features, d_model, generator=g) / d_model**0.5)
+        self.b_enc = nn.Parameter(torch.randn(n_layers, n_features, generator=g) * 0.1)
+        self.threshold = nn.Parameter(torch.full((n_layers, n_features), 0.4))
+        self.W_dec = nn.ParameterList(
+            nn.Parameter(torch.randn(n_features, n_layers - layer, d_model, generator=g) / n_features**0.5)
+            for layer in range(n_layers)
+        )
+        self.b_dec = nn.Parameter(torch.randn(n_layers, d_model, generator=g) * 0.1)
+
+
+def make_model(kind: str, config: TinyModelConfig = TINY):
+    """'hf': the plain HF model; 'dense': a GatedModel with gates off; 'gated': hard gates, about half shut."""
+    model, tokenizer = tiny_model(config)
+    if kind == "hf":
+        return model, tokenizer
+    gated = GatedModel(model, offset_init=0.0).eval()
+    with torch.no_grad():
+        gated.offsets.copy_(torch.linspace(-0.3, 0.3, gated.offsets.numel()).view_as(gated.offsets))
+    return gated.set_mode("dense" if kind == "dense" else "eval"), tokenizer
+
+
+def replacement(kind: str, prompt: str = PROMPT, clt_seed: int = 0):
+    model, tokenizer = make_model(kind)
+    weights = extract_weights(model)
+    clt = RandomCLT(TINY.n_layers, TINY.d_model, N_FEATURES, seed=clt_seed)
+    frozen = freeze_prompt(model, tokenize_prompt(tokenizer, prompt))
+    return model, build_replacement(weights, transcoder_weights(clt, weights), frozen)
+
+
+@contextlib.contextmanager
+def patched_forwards(patches: list[tuple[nn.Module, object]]):
+    """Replace `module.forward` for each (module, function) pair for the duration of the block."""
+    try:
+        for module, forward in patches:
+            module.forward = forward
+        yield
+    finally:
+        for module, _ in patches:
+            del module.forward
+
+
+def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor):
+    """The HF model with frozen patterns, norm scales and MLP outputs.  -> (mlp_in [L, P, d], logits [V])"""
+    hf, frozen = hf_model_of(model), lrm.prompt
+    seen = {}
+    patches = []
+    embed = hf.model.embed_tokens
+    patches.append((embed, lambda ids: nn.functional.embedding(ids, embed.weight) + embed_delta))
+    for index, layer in enumerate(hf.model.layers):
+        attn = layer.self_attn
+
+        def attention(hidden_states, *args, attn=attn, index=index, **kwargs):
+            n_pos = hidden_states.shape[1]
+            values = attn.v_proj(hidden_states).view(1, n_pos, -1, attn.head_dim).transpose(1, 2)
+            values = values.repeat_interleave(attn.num_key_value_groups, dim=1)  # [1, H, P, dh]
+            mixed = (frozen.patterns[index][None] @ values).transpose(1, 2).reshape(1, n_pos, -1)
+            return attn.o_proj(mixed), None
+
+        def norm_in(x, layer=layer, index=index):
+            return layer.input_layernorm.weight * (x * frozen.attn_inv_rms[index][None, :, None])
+
+        def norm_mid(x, layer=layer, index=index):
+            seen[index] = layer.post_attention_layernorm.weight * (x * frozen.mlp_inv_rms[index][None, :, None])
+            return seen[index]
+
+        patches += [(attn, attention), (layer.input_layernorm, norm_in), (layer.post_attention_layernorm, norm_mid),
+                    (layer.mlp, lambda x, index=index: mlp_out[index][None])]
+    final = hf.model.norm
+    patches.append((final, lambda x: final.weight * (x * frozen.final_inv_rms[None, :, None])))
+    with patched_forwards(patches), torch.no_grad():
+        logits = hf(input_ids=lrm.prompt.tokens[None], use_cache=False).logits[0, -1]
+    return torch.stack([seen[i][0] for i in range(len(seen))]), logits
+
+
+def target_values(lrm, graph, mlp_in: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Feature pre-activations and demeaned logits of the graph's targets (0 for errors and tokens)."""
+    values = torch.zeros(graph.n_nodes)
+    layer, pos, feat = graph.active_features[graph.selected].unbind(1)
+    values[:graph.n_selected] = (lrm.clt.W_enc[layer, feat] * mlp_in[layer, pos]).sum(-1) + lrm.clt.b_enc[layer, feat]
+    values[graph.logit_start:] = logits[graph.logit_tokens] - logits.mean()
+    return values
+
+
+def source_removal(lrm, graph, node: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mlp_out, embed_delta) with source `node` removed from the frozen forward."""
+    mlp_out, delta = lrm.prompt.mlp_out.clone(), torch.zeros(graph.n_pos, lrm.model.d_model)
+    if node < graph.n_selected:
+        layer, pos, feat = graph.active_features[graph.selected[node]].tolist()
+        activation = graph.activations[graph.selected[node]]
+        mlp_out[layer:, pos] -= activation * lrm.clt.W_dec[layer][feat]
+    elif node < graph.token_start:
+        layer, pos = divmod(node - graph.error_start, graph.n_pos)
+        mlp_out[layer, pos] -= lrm.errors[layer, pos]
+    else:
+        pos = node - graph.token_start
+        delta[pos] = -lrm.model.embed[graph.tokens[pos]]
+    return mlp_out, delta
+
+
+def closeness_scale(graph) -> torch.Tensor:
+    """Per target: |value| + sum |incoming edges| + |constant|, the scale of float32 rounding in a row."""
+    return graph.node_value.abs() + graph.adjacency.abs().sum(1) + graph.node_constant.abs()
+
+
+@pytest.mark.parametrize("kind", ["hf", "dense", "gated"])
+def test_perturbing_a_source_moves_targets_by_edge_weight(kind):
+    model, lrm = replacement(kind)
+    graph = attribute(lrm, GraphConfig())
+    assert graph.n_selected > 20 and len(graph.logit_tokens) >= 1
+    zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
+    base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero_delta))
+    scale = closeness_scale(graph)
+    torch.testing.assert_close(base, graph.node_value, rtol=0, atol=1e-6 * float(scale.max()))
+    is_target = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    is_target[:graph.n_selected] = is_target[graph.logit_start:] = True
+    for source in range(graph.logit_start):
+        moved = target_values(lrm, graph, *frozen_forward(model, lrm, *source_removal(lrm, graph, source))) - base
+        error = (moved + graph.adjacency[:, source])[is_target].abs()
+        assert (error <= 1e-5 * scale[is_target]).all(), f"source {source}: max error {error.max():.3g}"
+
+
+def test_gated_model_has_shut_gates_and_sparser_graph():
+    _, dense = replacement("dense")
+    _, gated = replacement("gated")
+    assert (dense.prompt.patterns > 0).sum() > (gated.prompt.patterns > 0).sum() > 0
+    dense_graph, gated_graph = attribute(dense, GraphConfig()), attribute(gated, GraphConfig())
+    # an edge between different positions needs an open attention path
+    assert (gated_graph.adjacency != 0).sum() < (dense_graph.adjacency != 0).sum()
+
+
+@pytest.mark.parametrize("kind", ["dense", "gated"])
+def test_incoming_edges_plus_constants_equal_target_value(kind):
+    _, lrm = replacement(kind, prompt="Hello there, general Kenobi")
+    graph = attribute(lrm, GraphConfig(min_block_rows=1, max_block_rows=7))  # many small blocks
+    total = graph.adjacency.sum(1) + graph.node_constant
+    rows = torch.cat([torch.arange(graph.n_selected), torch.arange(graph.logit_start, graph.n_nodes)])
+    error = (total - graph.node_value)[rows].abs()
+    assert (error <= 1e-5 * closeness_scale(graph)[rows]).all()
+    # values are the real model's: pre-activations of active features are their activations
+    torch.testing.assert_close(graph.node_value[:graph.n_selected], graph.activations, rtol=1e-5, atol=1e-6)
+
+
+def test_block_layout_does_not_change_rows():
+    _, lrm = replacement("gated")
+    one = attribute(lrm, GraphConfig(min_block_rows=10_000, max_block_rows=10_000))
+    many = attribute(lrm, GraphConfig(min_block_rows=1, max_block_rows=3))
+    atol = 1e-6 * float(one.adjacency.abs().max())
+    torch.testing.assert_close(one.adjacency, many.adjacency, rtol=1e-5, atol=atol)
+
+
+def test_max_feature_nodes_keeps_rows_of_selected_features():
+    _, lrm = replacement("dense")
+    full = attribute(lrm, GraphConfig())
+    capped = attribute(lrm, GraphConfig(max_feature_nodes=12, batch_size=2, update_interval=2))
+    assert capped.n_selected == 12
+    rows = torch.cat([capped.selected, torch.arange(full.logit_start, full.n_nodes)])
+    columns = torch.cat([capped.selected, torch.arange(full.error_start, full.logit_start)])
+    expected = full.adjacency[rows][:, columns]
+    got = torch.cat([capped.adjacency[:12], capped.adjacency[capped.logit_start:]])[:, :capped.logit_start]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_prompt_longer_than_context_is_refused():
+    model, tokenizer = tiny_model(TINY.model_copy(update={"max_position_embeddings": 8}))
+    with pytest.raises(PromptTooLongError, match="context of 8"):
+        freeze_prompt(model, tokenize_prompt(tokenizer, "a prompt far longer than eight bytes"))
+
+
+def test_bad_inputs_are_refused():
+    model, tokenizer = make_model("gated")
+    with pytest.raises(AttributionError, match="non-empty"):
+        tokenize_prompt(tokenizer, "")
+    with pytest.raises(AttributionError, match="'train' mode"):
+        freeze_prompt(model.set_mode("train"), [256, 65])
+    weights = extract_weights(make_model("hf")[0])
+    with pytest.raises(AttributionError, match="model has 3 of 32"):
+        transcoder_weights(RandomCLT(2, 32, 4), weights)
+
+
+def test_tokens_start_with_bos_like_circuit_tracer():
+    _, tokenizer = tiny_model(TINY)
+    assert tokenize_prompt(tokenizer, "ab") == [tokenizer.bos_token_id, 97, 98]
+    assert tokenize_prompt(tokenizer, "<|bos|>ab") == [tokenizer.bos_token_id, 97, 98]

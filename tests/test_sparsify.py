@@ -1,0 +1,163 @@
+"""The gated model on a tiny Llama, save/load, resume after a kill, and the sparsify stage end to end."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config, parse_config
+from sparse_attention import stage
+from sparse_attention.config import SparsifyConfig
+from sparse_attention.constraint import ControllerConfig
+from sparse_attention.config import TrainConfig
+from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, load_gated_model
+from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
+from sparse_attention.train import CheckpointError, post_train
+
+TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=3)
+
+
+@pytest.fixture
+def model_and_tokens():
+    model, _ = tiny_model(TINY)
+    tokens = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+def test_all_gates_open_equals_original(model_and_tokens):
+    model, tokens = model_and_tokens
+    padding = torch.ones_like(tokens)
+    padding[1, :4] = 0  # left padding in one row
+    reference = copy.deepcopy(model)
+    expected = reference(input_ids=tokens).logits
+    expected_padded = reference(input_ids=tokens, attention_mask=padding).logits
+    gated = GatedModel(model, offset_init=1e4).eval()
+    torch.testing.assert_close(gated(tokens).logits, expected, rtol=0, atol=1e-5)
+    got = gated(tokens, attention_mask=padding).logits
+    torch.testing.assert_close(got[padding.bool()], expected_padded[padding.bool()], rtol=0, atol=1e-5)
+
+
+def test_all_gates_closed_removes_attention(model_and_tokens):
+    model, tokens = model_and_tokens
+    without_attention = copy.deepcopy(model)
+    for layer in without_attention.model.layers:
+        layer.self_attn.o_proj.weight.data.zero_()
+    gated = GatedModel(model, offset_init=-1e4).eval()
+    out = gated(tokens, record_masks=True)
+    torch.testing.assert_close(out.logits, without_attention(input_ids=tokens).logits, rtol=0, atol=1e-6)
+    open_edges, pairs = out.record.edge_counts()
+    assert open_edges.sum() == 0 and pairs.sum() == 2 * 4 * 3 * (12 * 13 // 2)
+
+
+def test_train_mode_records_differentiable_regulariser(model_and_tokens):
+    model, tokens = model_and_tokens
+    gated = GatedModel(model, offset_init=0.0).set_mode("train")
+    record = gated(tokens).record
+    assert len(record.expected_open) == TINY.n_layers
+    record.regulariser().backward()
+    assert gated.offsets.grad is not None and (gated.offsets.grad > 0).all()  # raising b opens gates
+
+
+def test_save_load_round_trip_is_exact(tmp_path, model_and_tokens):
+    model, tokens = model_and_tokens
+    _, tokenizer = tiny_model(TINY)
+    gated = GatedModel(model, offset_init=0.0)
+    with torch.no_grad():
+        gated.offsets.copy_(torch.randn(gated.offsets.shape, generator=torch.Generator().manual_seed(1)))
+    gated.eval().set_mode("eval")
+    gated.save(tmp_path / "ckpt", tokenizer)
+    loaded, _ = load_gated_model(tmp_path / "ckpt")
+    assert torch.equal(loaded(tokens).logits, gated(tokens).logits)
+    assert torch.equal(loaded.offsets, gated.offsets)
+
+
+def test_load_errors(tmp_path, model_and_tokens):
+    with pytest.raises(GateError, match="does not exist"):
+        load_gated_model(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(GateError, match="not a gated checkpoint"):
+        load_gated_model(tmp_path / "plain")
+    model, _ = model_and_tokens
+    GatedModel(model, 1.0).save(tmp_path / "broken")
+    (tmp_path / "broken" / GATE_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(GateError, match="corrupted"):
+        load_gated_model(tmp_path / "broken")
+    with pytest.raises(ModelLoadError):
+        load_model("no-such-model")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"sparsify\.train\.steps"):
+        parse_config({"sparsify": {"train": {"steps": 0}}}, "test")
+    with pytest.raises(ConfigError, match=r"sparsify\.train\.bogus"):
+        parse_config({"sparsify": {"train": {"bogus": 1}}}, "test")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sparsify: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path=tmp_path / "missing.yaml")
+
+
+def _train_run(checkpoint_dir, steps=6, kill_at=None):
+    torch.manual_seed(0)
+    model, _ = tiny_model(TINY)
+    reference = copy.deepcopy(model)
+    gated = GatedModel(model, offset_init=1.0)
+    blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=1, checkpoint_every=2)
+
+    def maybe_kill(row):
+        if row["step"] == kill_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    result = post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=True,
+                        checkpoint_dir=checkpoint_dir, config_fingerprint="fp", progress=False, on_step=maybe_kill)
+    return gated, result
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    straight, straight_result = _train_run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _train_run(tmp_path / "b", kill_at=5)  # last checkpoint is at step 4; step 5 is lost
+    resumed, resumed_result = _train_run(tmp_path / "b")
+    assert torch.equal(resumed.offsets, straight.offsets)
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in straight_result.history]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed_result.history] == drop_time
+
+
+def test_foreign_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    _train_run(tmp_path / "c", steps=2)
+    torch.save({"fingerprint": "other"}, tmp_path / "c" / "train_state.pt")
+    with pytest.raises(CheckpointError, match="different training config"):
+        _train_run(tmp_path / "c", steps=2)
+    (tmp_path / "c" / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        _train_run(tmp_path / "c", steps=2)
+
+
+def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
+    config = load_config(preset="tiny").sparsify
+    metrics = stage.run(config, tmp_path / "sparsify", progress=False)
+    on_disk = json.loads((tmp_path / "sparsify" / "metrics.json").read_text())
+    for key in ("dense_ce", "sparse_ce", "control_ce", "edge_fraction", "context_length"):
+        assert key in on_disk
+    assert on_disk["context_length"] == config.data.context_length
+    assert metrics["edge_fraction"] < 0.5  # started with every gate open
+    assert metrics["untrained_gated_ce"] - metrics["dense_ce"] <= config.gate.calibration_tolerance
+    assert metrics["sparse_ce"] - metrics["dense_ce"] <= 2 * config.controller.tolerance
+    for png in ("edge_fractions.png", "attention_patterns.png", "training_curves.png"):
+        assert (tmp_path / "sparsify" / png).stat().st_size > 1000
+    loaded, _ = load_gated_model(tmp_path / "sparsify" / stage.MODEL_DIR)
+    assert isinstance(SparsifyConfig.model_validate(loaded_config(tmp_path)), SparsifyConfig)
+
+
+def loaded_config(tmp_path):
+    import yaml
+
+    return yaml.safe_load((tmp_path / "sparsify" / stage.CONFIG_FILE).read_text())
