@@ -80,19 +80,19 @@ def decoder_writes(lrm: LocalReplacementModel) -> DecoderWrites:
     return DecoderWrites(writes, columns)
 
 
-def attention_vjp(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, W_V: torch.Tensor,
-                  gain: torch.Tensor, key_inv_rms: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+def attention_vjp(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, W_V_gain: torch.Tensor,
+                  key_inv_rms: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """Gradient of a frozen-pattern attention layer's input, given the gradient at its output.
 
-    grad [B, Q, d] at queries; pattern [H, Q, K]; W_O [d, H*dh]; W_V [Kv*dh, d]; gain [d];
-    key_inv_rms [K] -> [B, K, d] at keys (through the frozen input norm).
+    grad [B, Q, d] at queries; pattern [H, Q, K]; W_O [d, H*dh]; W_V_gain [Kv*dh, d] (v_proj weight
+    times the input norm's gain); key_inv_rms [K] -> [B, K, d] at keys (through the frozen norm).
     """
     batch, n_query, _ = grad.shape
     n_heads, _, n_key = pattern.shape
     z = (grad @ W_O).view(batch, n_query, n_heads, -1)  # [B, Q, H, dh]
     y = torch.einsum("hqk,bqhe->bkhe", pattern, z)  # [B, K, H, dh]
-    y = y.reshape(batch, n_key, n_kv_heads, n_heads // n_kv_heads, -1).sum(3).flatten(2)  # [B, K, Kv*dh]
-    return (y @ W_V) * (gain * key_inv_rms[:, None])
+    y = y.reshape(batch, n_key, n_kv_heads, n_heads // n_kv_heads, -1).sum(3)  # [B, K, Kv, dh]
+    return (y * key_inv_rms[:, None, None]).flatten(2) @ W_V_gain
 
 
 def reachable_keys(pattern: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -102,12 +102,21 @@ def reachable_keys(pattern: torch.Tensor, queries: torch.Tensor) -> torch.Tensor
     return torch.unique(torch.cat([queries, keys]))
 
 
+def as_index(positions: torch.Tensor) -> slice | torch.Tensor:
+    """A slice when the sorted positions are a contiguous range (indexing then makes no copy)."""
+    if len(positions) and int(positions[-1] - positions[0]) + 1 == len(positions):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
 def sweep(lrm: LocalReplacementModel, targets: TargetSet, dec: DecoderWrites
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Direct effects of every source on a block of targets, in one downward sweep.
 
     Returns (rows [T, n_columns], constant [T]): rows[t, c] is the edge from source column c to
     target t; constant[t] the effect of all non-node constants (decoder biases, BOS-position MLP).
+    The gradient [B, S, d] lives on the `support` positions it can be nonzero on; rows are sorted by
+    layer, descending, so the rows already injected are a prefix.
     """
     n_layers, n_pos, n_active = lrm.n_layers, lrm.n_pos, lrm.n_active
     weights, frozen = lrm.model, lrm.prompt
@@ -115,49 +124,50 @@ def sweep(lrm: LocalReplacementModel, targets: TargetSet, dec: DecoderWrites
     order = torch.argsort(targets.layer, descending=True, stable=True)
     layer, pos, readout = targets.layer[order], targets.pos[order], targets.readout[order]
     n_rows = len(order)
-    rows = torch.zeros(n_rows, n_columns + 1)  # last column absorbs padding
+    out = torch.zeros(n_columns + 1, n_rows)  # source-major; the last row absorbs padding
     constant = torch.zeros(n_rows)
-    support = torch.unique(pos)  # positions the gradient lives on, sorted
-    grad = torch.zeros(n_rows, len(support), weights.d_model)  # rows past n_alive are not used yet
+    support = torch.unique(pos)
+    grad = torch.zeros(n_rows, len(support), weights.d_model)  # [B, S, d]
     n_alive = 0
 
     def inject(level: int) -> int:
         new = int((layer == level).sum())
-        at = torch.searchsorted(support, pos[n_alive:n_alive + new])
-        grad[torch.arange(n_alive, n_alive + new), at] += readout[n_alive:n_alive + new]
+        rows = torch.arange(n_alive, n_alive + new)
+        grad[rows, torch.searchsorted(support, pos[rows])] += readout[rows]
         return n_alive + new
 
     n_alive = inject(n_layers)
     for k in reversed(range(n_layers)):
-        g = grad[:n_alive]  # d readout / d resid_post[k] on `support`
-        if n_alive:
-            slots = dec.writes[k][support]  # [S, m, d]
+        at = as_index(support)
+        if n_alive:  # dot d readout / d resid_post[k] with every write into MLP-out k
+            g = grad[:n_alive].transpose(0, 1)  # [S, n, d]
+            slots = dec.writes[k][at]  # [S, m, d]
             if slots.shape[1]:
-                values = torch.bmm(g.transpose(0, 1), slots.transpose(1, 2))  # [S, B, m]
-                cols = dec.columns[k][support].flatten()
-                rows[:n_alive].index_add_(1, cols, values.permute(1, 0, 2).flatten(1))
-            rows[:n_alive].index_add_(1, n_active + k * n_pos + support,
-                                      torch.einsum("bsd,sd->bs", g, lrm.errors[k, support]))
-            constant[:n_alive] += torch.einsum("bsd,sd->b", g, lrm.constants[k, support])
+                values = torch.bmm(slots, g.transpose(1, 2))  # [S, m, n]
+                out[:, :n_alive].index_add_(0, dec.columns[k][at].flatten(), values.flatten(0, 1))
+            per_pos = torch.stack([lrm.errors[k, at], lrm.constants[k, at]], -1)  # [S, d, 2]
+            errors_and_constants = torch.bmm(g, per_pos)  # [S, n, 2]
+            out[:, :n_alive].index_add_(0, n_active + k * n_pos + support, errors_and_constants[..., 0])
+            constant[:n_alive] += errors_and_constants[..., 1].sum(0)
         n_alive = inject(k)
         if not n_alive:
             continue
         keys = reachable_keys(frozen.patterns[k], support)
-        pattern = frozen.patterns[k][:, support][:, :, keys]  # [H, S, K]
         through_attention = attention_vjp(
-            grad[:n_alive], pattern, weights.W_O[k], weights.W_V[k], weights.attn_norm[k],
-            frozen.attn_inv_rms[k, keys], weights.n_kv_heads,
-        )
-        widened = torch.zeros(n_rows, len(keys), weights.d_model)
-        widened[:, torch.searchsorted(keys, support)] = grad
-        widened[:n_alive] += through_attention
-        grad, support = widened, keys
+            grad[:n_alive], frozen.patterns[k][:, at][:, :, as_index(keys)], weights.W_O[k],
+            weights.W_V[k] * weights.attn_norm[k], frozen.attn_inv_rms[k, keys], weights.n_kv_heads,
+        )  # [n, K, d]
+        if len(keys) != len(support):
+            widened = torch.zeros(n_rows, len(keys), weights.d_model)
+            widened[:, torch.searchsorted(keys, support)] = grad
+            grad, support = widened, keys
+        grad[:n_alive] += through_attention
     embeddings = weights.embed[frozen.tokens[support]]  # [S, d]
-    rows[:n_alive].index_add_(1, n_active + n_layers * n_pos + support,
-                              torch.einsum("bsd,sd->bs", grad[:n_alive], embeddings))
+    tokens = torch.bmm(grad[:n_alive].transpose(0, 1), embeddings.unsqueeze(-1)).squeeze(-1)  # [S, n]
+    out[:, :n_alive].index_add_(0, n_active + n_layers * n_pos + support, tokens)
     unsorted = torch.empty_like(order)
     unsorted[order] = torch.arange(n_rows)
-    return rows[unsorted, :n_columns], constant[unsorted]
+    return out[:n_columns, unsorted].T, constant[unsorted]
 
 
 def position_blocks(pos: torch.Tensor, min_rows: int, max_rows: int) -> list[torch.Tensor]:

@@ -5,22 +5,50 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sparse_attention.config import SparsifyConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-STAGES = ("sparsify",)
 
 
 class ConfigError(ValueError):
     """A config file, preset or override that cannot be used; the message says which field and why."""
 
 
+class StageResources(BaseModel):
+    """What one stage asks Ray for; num_cpus is also the stage's torch thread count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+
+class ResourcesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default: StageResources = StageResources()
+    stages: dict[str, StageResources] = {}
+
+    def for_stage(self, group: str) -> StageResources:
+        return self.stages.get(group, self.default)
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="cluster address; None starts embedded Ray (RAY_ADDRESS wins)")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for embedded Ray; None = all")
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sparsify: SparsifyConfig = SparsifyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    ray: RayConfig = RayConfig()
 
 
 def available_presets() -> list[str]:

@@ -1,7 +1,8 @@
 """Run the pipeline: `python pipeline/run.py --preset tiny --stages sparsify --output DIR`.
 
-For now each stage is called directly in this process; a stage whose metrics already exist is
-skipped unless named in --force.
+Stages run as Ray tasks: embedded Ray by default, a cluster when RAY_ADDRESS is set (as under
+`ray job submit --working-dir . -- python pipeline/run.py ...`), or in-process with --executor local.
+A stage whose output exists for the same config is skipped; --force STAGE recomputes it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import STAGES, ConfigError, load_config
+from pipeline.artifacts import ArtifactError
+from pipeline.config import ConfigError, load_config
+from pipeline.stages import GROUPS, STAGES
 
 log = logging.getLogger("pipeline")
 
@@ -25,11 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config file")
     source.add_argument("--preset", help="named preset in pipeline/presets/")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--stages", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
+    parser.add_argument("--output", required=True, help="output directory or pyarrow filesystem URI")
     parser.add_argument("--force", action="append", default=[], help="recompute this stage even if done")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set sparsify.train.steps=50")
+    parser.add_argument("--executor", choices=("ray", "local"), default="ray",
+                        help="ray (embedded or RAY_ADDRESS) or local (in-process, no Ray)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -37,41 +42,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    started = time.perf_counter()
     try:
         config = load_config(args.config, args.preset, args.overrides)
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = [s for s in stages + args.force if s not in STAGES]
+        groups = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in groups + args.force if s not in GROUPS]
         if unknown:
-            raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-        output = Path(args.output)
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-            probe = output / ".write_probe"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"output {output} is not writable: {exc}") from None
-    except ConfigError as error:
+            raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(GROUPS)}")
+        from pipeline.orchestrate import run_pipeline
+
+        results = run_pipeline(config, groups, args.output, force=args.force, executor=args.executor,
+                               progress=not args.quiet)
+    except (ConfigError, ArtifactError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    summary = {}
-    if "sparsify" in stages:
-        from sparse_attention import stage as sparsify
-
-        stage_dir = output / "sparsify"
-        if (stage_dir / sparsify.METRICS_FILE).exists() and "sparsify" not in args.force:
-            log.info("sparsify: done already, skipping (%s)", stage_dir)
-        else:
-            log.info("sparsify: start")
-            started = time.perf_counter()
-            metrics = sparsify.run(config.sparsify, stage_dir, progress=not args.quiet)
-            log.info("sparsify: end in %.1f s: dense CE %.4f, sparse CE %.4f, control CE %.4f, open edges %.2f%%",
-                     time.perf_counter() - started, metrics["dense_ce"], metrics["sparse_ce"],
-                     metrics["control_ce"], 100 * metrics["edge_fraction"])
-        summary["sparsify"] = stage_dir
-    for name, where in summary.items():
-        print(f"{name}: {where}")
+    print(f"\npipeline finished in {time.perf_counter() - started:.1f} s; outputs:")
+    for name, result in results.items():
+        state = "skipped (done before)" if result.get("skipped") else f"{result['seconds']:.1f} s"
+        print(f"  {name:<20} {args.output.rstrip('/')}/{STAGES[name].directory}  [{state}]")
     return 0
 
 

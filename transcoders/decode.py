@@ -42,7 +42,9 @@ def _active_entries(acts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.
 
 def _coo(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """A coalesced COO matrix; (rows, cols) must already be sorted row-major and unique."""
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), values, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -51,7 +53,7 @@ def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, s
     crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SPARSE_CSR_WARNING)
-        return torch.sparse_csr_tensor(crow, cols, values, shape)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -1,0 +1,126 @@
+"""Turn one computed graph (plus pruning and attention attribution) into the store's Arrow tables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import torch
+
+from attribution.graph import NODE_KINDS, AttributionGraph
+from attribution.prune import PruneResult, graph_scores
+from attribution.schema import TABLES
+
+
+@dataclass
+class GraphRecord:
+    """Everything stored for one graph: its id, variant and one Arrow table per store table."""
+
+    graph_id: str
+    variant: str
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+
+
+def make_graph_id(variant: str, model: str, clt: str, prompt: str, settings: str) -> str:
+    """Deterministic id: the same prompt, model, CLT and settings always get the same graph_id."""
+    key = json.dumps([variant, model, clt, prompt, settings])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def empty_table(name: str) -> pa.Table:
+    return TABLES[name].empty_table()
+
+
+def _table(name: str, columns: dict) -> pa.Table:
+    schema = TABLES[name]
+    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def nodes_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult) -> pa.Table:
+    table = graph.node_table()
+    kind = table["kind"]
+    n_nodes = graph.n_nodes
+    is_feature, is_logit = kind == 0, kind == 3
+    activation = torch.zeros(n_nodes)
+    activation[:graph.n_selected] = graph.activations[graph.selected]
+    token_prob = torch.zeros(n_nodes)
+    token_prob[graph.logit_start:] = graph.logit_probs
+    has_value = is_feature | is_logit
+
+    def masked(values: torch.Tensor, mask: torch.Tensor) -> list:
+        return [v if m else None for v, m in zip(values.tolist(), mask.tolist())]
+
+    return _table("nodes", {
+        "graph_id": [graph_id] * n_nodes,
+        "node_index": range(n_nodes),
+        "node_id": graph.node_ids(),
+        "kind": [NODE_KINDS[k] for k in kind.tolist()],
+        "layer": table["layer"].tolist(),
+        "pos": table["pos"].tolist(),
+        "feature": table["feature"].tolist(),
+        "activation": masked(activation, is_feature),
+        "value": masked(graph.node_value, has_value),
+        "constant": masked(graph.node_constant, has_value),
+        "token_prob": masked(token_prob, is_logit),
+        "influence": pruned.node_influence.tolist(),
+        "cumulative_influence": pruned.cumulative_influence.tolist(),
+        "kept": pruned.node_mask.tolist(),
+    })
+
+
+def edges_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult, which: str) -> pa.Table:
+    """Nonzero edges (all, or only those kept by pruning), sorted by |weight| descending."""
+    adjacency = graph.adjacency
+    mask = adjacency != 0
+    if which == "pruned":
+        mask &= pruned.edge_mask
+    target, source = mask.nonzero().unbind(1)
+    weight = adjacency[target, source]
+    order = torch.argsort(weight.abs(), descending=True, stable=True)
+    target, source, weight = target[order], source[order], weight[order]
+    return _table("edges", {
+        "graph_id": [graph_id] * len(weight),
+        "target": target.numpy().astype("int32"),
+        "source": source.numpy().astype("int32"),
+        "weight": weight.numpy(),
+        "kept": pruned.edge_mask[target, source].numpy(),
+    })
+
+
+def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: PruneResult, *,
+                 token_strings: list[str], model: str, clt: str, settings: str, edges_stored: str,
+                 seconds: float) -> pa.Table:
+    """The one-row commit record of a graph, with its unpruned and pruned scores."""
+    replacement, completeness = graph_scores(graph.adjacency, graph.logit_probs, graph.n_selected,
+                                             graph.n_layers, graph.n_pos)
+    kept = graph.adjacency * pruned.edge_mask * pruned.node_mask[:, None] * pruned.node_mask[None, :]
+    pruned_replacement, pruned_completeness = graph_scores(kept, graph.logit_probs, graph.n_selected,
+                                                           graph.n_layers, graph.n_pos)
+    return _table("graphs", {
+        "graph_id": [graph_id], "variant": [variant], "prompt": [graph.prompt],
+        "tokens": [graph.tokens.tolist()], "token_strings": [token_strings],
+        "model": [model], "clt": [clt], "settings": [settings],
+        "n_layers": [graph.n_layers], "n_pos": [graph.n_pos],
+        "n_active_features": [len(graph.active_features)], "n_selected_features": [graph.n_selected],
+        "n_logits": [len(graph.logit_tokens)], "n_nodes": [graph.n_nodes],
+        "n_edges": [int((graph.adjacency != 0).sum())],
+        "n_nodes_kept": [int(pruned.node_mask.sum())],
+        "n_edges_kept": [int((pruned.edge_mask & (graph.adjacency != 0)).sum())],
+        "edges_stored": [edges_stored],
+        "logit_tokens": [graph.logit_tokens.tolist()], "logit_probs": [graph.logit_probs.tolist()],
+        "replacement_score": [replacement], "completeness_score": [completeness],
+        "pruned_replacement_score": [pruned_replacement], "pruned_completeness_score": [pruned_completeness],
+        "seconds": [seconds], "created": [datetime.now(timezone.utc)],
+    })
+
+
+def from_frame(name: str, graph_id: str, frame) -> pa.Table:
+    """A pandas DataFrame (without graph_id) as the store table `name`."""
+    if frame is None or len(frame) == 0:
+        return empty_table(name)
+    columns = {c: frame[c].tolist() for c in frame.columns}
+    columns["graph_id"] = [graph_id] * len(frame)
+    return _table(name, columns)

@@ -1,0 +1,132 @@
+"""The Parquet schema of the attribution store: five tables keyed by graph_id, one place.
+
+Layout under the store root, one file per graph and table, grouped by model variant:
+
+    {table}/variant={variant}/{graph_id}.parquet     table in TABLES
+
+- graphs: one row per graph (prompt, tokens, model, CLT, settings, sizes, scores). It is the commit
+  record: written last, removed first, so a graph is visible exactly when its row file exists.
+- nodes: one row per node in circuit-tracer's order (node_index); node ids `{layer}_{feature}_{pos}`,
+  errors `{layer}_-1_{pos}`, tokens `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`.
+- edges: (target, source) node indices and weight (rows = targets), sorted by |weight| descending so
+  the top-k edges are the first rows of the first row group.
+- head_loadings: per kept edge and carrying layer, one row per head with a nonzero part (head >= 0,
+  with the query/key positions that carry most of it) and one residual row (head -1); the rows of one
+  (edge, layer) sum to the edge weight.
+- qk_pairs: per attention edge (layer, head, query_pos, key_pos), the gate logit split into
+  (query component, key component) pairs: kinds `pair` + `pair_rest` + `offset` sum to the logit, and so
+  do `query_marginal` + `query_marginal_rest` + `offset`, and `key_marginal` + `key_marginal_rest` + `offset`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SCHEMA_KEY = b"sparse_attention_interp.attribution"  # Parquet metadata key: "{table}:{version}"
+
+GRAPHS = pa.schema([
+    ("graph_id", pa.string()),
+    ("variant", pa.string()),
+    ("prompt", pa.string()),
+    ("tokens", pa.list_(pa.int32())),
+    ("token_strings", pa.list_(pa.string())),
+    ("model", pa.string()),
+    ("clt", pa.string()),
+    ("settings", pa.string()),  # JSON of the attribution config
+    ("n_layers", pa.int32()),
+    ("n_pos", pa.int32()),
+    ("n_active_features", pa.int32()),
+    ("n_selected_features", pa.int32()),
+    ("n_logits", pa.int32()),
+    ("n_nodes", pa.int32()),
+    ("n_edges", pa.int64()),  # nonzero edges before pruning
+    ("n_nodes_kept", pa.int32()),
+    ("n_edges_kept", pa.int64()),
+    ("edges_stored", pa.string()),  # "pruned" or "all"
+    ("logit_tokens", pa.list_(pa.int32())),
+    ("logit_probs", pa.list_(pa.float32())),
+    ("replacement_score", pa.float64()),
+    ("completeness_score", pa.float64()),
+    ("pruned_replacement_score", pa.float64()),
+    ("pruned_completeness_score", pa.float64()),
+    ("seconds", pa.float64()),
+    ("created", pa.timestamp("ms", tz="UTC")),
+])
+
+NODES = pa.schema([
+    ("graph_id", pa.string()),
+    ("node_index", pa.int32()),
+    ("node_id", pa.string()),
+    ("kind", pa.string()),  # feature | error | token | logit
+    ("layer", pa.int32()),  # -1 for tokens, n_layers + 1 for logits
+    ("pos", pa.int32()),
+    ("feature", pa.int32()),  # feature id; token id for tokens and logits; -1 for errors
+    ("activation", pa.float32()),  # features only
+    ("value", pa.float32()),  # pre-activation (features), demeaned logit (logits)
+    ("constant", pa.float32()),  # the part of value due to no node (b_enc, b_dec, BOS-position MLP)
+    ("token_prob", pa.float32()),  # logits only
+    ("influence", pa.float32()),
+    ("cumulative_influence", pa.float32()),
+    ("kept", pa.bool_()),
+])
+
+EDGES = pa.schema([
+    ("graph_id", pa.string()),
+    ("target", pa.int32()),
+    ("source", pa.int32()),
+    ("weight", pa.float32()),
+    ("kept", pa.bool_()),
+])
+
+HEAD_LOADINGS = pa.schema([
+    ("graph_id", pa.string()),
+    ("target", pa.int32()),
+    ("source", pa.int32()),
+    ("layer", pa.int32()),
+    ("head", pa.int32()),  # -1: the part that skips this layer's attention
+    ("weight", pa.float32()),
+    ("query_pos", pa.int32()),  # the (query, key) pair carrying most of the head's part; -1 for head -1
+    ("key_pos", pa.int32()),
+    ("pair_share", pa.float32()),  # that pair's share of the head's part
+])
+
+QK_PAIRS = pa.schema([
+    ("graph_id", pa.string()),
+    ("layer", pa.int32()),
+    ("head", pa.int32()),
+    ("query_pos", pa.int32()),
+    ("key_pos", pa.int32()),
+    ("kind", pa.string()),  # pair | pair_rest | offset | query_marginal(_rest) | key_marginal(_rest)
+    ("query_component", pa.string()),  # component id, "*" for all / the rest
+    ("key_component", pa.string()),
+    ("value", pa.float32()),
+    ("gate_logit", pa.float32()),
+])
+
+TABLES: dict[str, pa.Schema] = {
+    "graphs": GRAPHS,
+    "nodes": NODES,
+    "edges": EDGES,
+    "head_loadings": HEAD_LOADINGS,
+    "qk_pairs": QK_PAIRS,
+}
+WRITE_ORDER = ("nodes", "edges", "head_loadings", "qk_pairs", "graphs")  # graphs last: the commit
+
+
+def tagged(table_name: str) -> pa.Schema:
+    """The table's schema with the metadata that marks a file as ours."""
+    return TABLES[table_name].with_metadata({SCHEMA_KEY: f"{table_name}:{SCHEMA_VERSION}".encode()})
+
+
+def check_schema(table_name: str, schema: pa.Schema, where: str) -> str | None:
+    """None if `schema` (read from `where`) is our `table_name` at this version, else what is wrong."""
+    tag = (schema.metadata or {}).get(SCHEMA_KEY)
+    if tag is None:
+        return f"{where} is not an attribution-store file (no {SCHEMA_KEY.decode()} metadata)"
+    if tag.decode() != f"{table_name}:{SCHEMA_VERSION}":
+        return f"{where} holds {tag.decode()!r}, expected {table_name}:{SCHEMA_VERSION}"
+    expected = TABLES[table_name]
+    if not schema.remove_metadata().equals(expected):
+        return f"{where} has columns {schema.names}, expected {expected.names}"
+    return None

@@ -1,0 +1,270 @@
+"""The attribution store: write graphs atomically, read them back as pandas DataFrames.
+
+Layout and tables: see attribution/schema.py. A store lives on a local path or any pyarrow
+filesystem URI (file://, s3://, gs://, hdfs://...). Each file is written under a temporary name and
+moved into place; the one-row `graphs` file is written last and removed first, so a reader sees a
+graph whole or not at all.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from attribution.records import GraphRecord
+from attribution.replacement import AttributionError
+from attribution.schema import TABLES, WRITE_ORDER, check_schema, tagged
+
+_VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_GRAPH_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+ROW_GROUP_ROWS = 65536
+
+
+class StoreError(AttributionError):
+    """A store, file or graph that cannot be read or written; the message says which and why."""
+
+
+class GraphNotFoundError(StoreError, KeyError):
+    """No committed graph with this id in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass
+class StoredGraph:
+    """One graph read back from the store."""
+
+    info: pd.Series  # the graphs row
+    nodes: pd.DataFrame
+    edges: pd.DataFrame
+    head_loadings: pd.DataFrame
+    qk_pairs: pd.DataFrame
+
+
+def check_variant(variant: str) -> str:
+    if not isinstance(variant, str) or not _VARIANT.match(variant):
+        raise StoreError(f"variant {variant!r} must be letters, digits, '_', '.', '-' (it names a directory)")
+    return variant
+
+
+class GraphStore:
+    """A directory of attribution graphs on a pyarrow filesystem."""
+
+    def __init__(self, uri: str | Path, filesystem: pafs.FileSystem | None = None):
+        if filesystem is not None:
+            self.fs, self.root = filesystem, str(uri).rstrip("/")
+        elif isinstance(uri, Path) or "://" not in str(uri):
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        else:
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(str(uri))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+                raise StoreError(f"cannot open store {uri}: {err}") from None
+            self.root = self.root.rstrip("/")
+        self._variant_of: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"GraphStore({self.fs.type_name}:{self.root})"
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, table: str, variant: str, graph_id: str) -> str:
+        return f"{self.root}/{table}/variant={variant}/{graph_id}.parquet"
+
+    def variants(self) -> list[str]:
+        """Variants that have at least one committed graph."""
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/graphs", allow_not_found=True))
+        return sorted(i.base_name.split("=", 1)[1] for i in infos
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith("variant="))
+
+    def variant_of(self, graph_id: str) -> str:
+        """The variant of a committed graph, or GraphNotFoundError."""
+        if not isinstance(graph_id, str) or not _GRAPH_ID.match(graph_id):
+            raise GraphNotFoundError(f"{graph_id!r} is not a graph id")
+        cached = self._variant_of.get(graph_id)
+        if cached is not None and self._exists(self.path("graphs", cached, graph_id)):
+            return cached
+        for variant in self.variants():
+            if self._exists(self.path("graphs", variant, graph_id)):
+                self._variant_of[graph_id] = variant
+                return variant
+        raise GraphNotFoundError(f"graph {graph_id} is not in the store at {self.root}; list_graphs() shows what is")
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, record: GraphRecord) -> None:
+        """Write (or replace) one graph; readers see the old graph, no graph, or the new one whole."""
+        variant = check_variant(record.variant)
+        if not _GRAPH_ID.match(record.graph_id):
+            raise StoreError(f"graph id {record.graph_id!r} must be letters, digits, '_' or '-'")
+        missing = set(TABLES) - set(record.tables)
+        if missing:
+            raise StoreError(f"graph {record.graph_id} lacks tables {sorted(missing)}")
+        self.delete(record.graph_id, missing_ok=True)  # uncommit first: no reader mixes old and new files
+        for name in WRITE_ORDER:
+            self._write_file(name, record.tables[name], self.path(name, variant, record.graph_id))
+        self._variant_of[record.graph_id] = variant
+
+    def _write_file(self, name: str, table: pa.Table, path: str) -> None:
+        table = table.cast(tagged(name))
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.fs.open_output_stream(tmp) as sink:
+                pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            self.fs.move(tmp, path)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (FileNotFoundError, OSError):
+                pass
+            raise
+
+    def delete(self, graph_id: str, missing_ok: bool = False) -> None:
+        """Remove a graph: its commit record first, then its data files."""
+        try:
+            variant = self.variant_of(graph_id)
+        except GraphNotFoundError:
+            if missing_ok:
+                return
+            raise
+        for name in reversed(WRITE_ORDER):
+            try:
+                self.fs.delete_file(self.path(name, variant, graph_id))
+            except FileNotFoundError:
+                pass
+        self._variant_of.pop(graph_id, None)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _open(self, name: str, path: str) -> pq.ParquetFile:
+        """Open one of our Parquet files, checking it is the table it should be."""
+        try:
+            parquet = pq.ParquetFile(self.fs.open_input_file(path))
+        except FileNotFoundError:
+            raise StoreError(f"{path} is missing: the store is incomplete; rewrite the graph") from None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StoreError(f"{path} is corrupted or not a Parquet file ({err}); delete it and rewrite the graph"
+                             ) from None
+        problem = check_schema(name, parquet.schema_arrow, path)
+        if problem:
+            raise StoreError(problem)
+        return parquet
+
+    def read_table(self, name: str, graph_id: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """One table of one graph as a DataFrame."""
+        if name not in TABLES:
+            raise StoreError(f"unknown table {name!r}; tables are {list(TABLES)}")
+        parquet = self._open(name, self.path(name, self.variant_of(graph_id), graph_id))
+        try:
+            return parquet.read(columns=columns).to_pandas()
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StoreError(f"graph {graph_id}: table {name} is corrupted ({err})") from None
+
+    def list_graphs(self, variant: str | None = None) -> pd.DataFrame:
+        """One row per committed graph (the graphs table), optionally of one variant."""
+        variants = [check_variant(variant)] if variant is not None else self.variants()
+        frames = []
+        for v in variants:
+            selector = pafs.FileSelector(f"{self.root}/graphs/variant={v}", allow_not_found=True)
+            for info in sorted(self.fs.get_file_info(selector), key=lambda i: i.path):
+                if info.base_name.endswith(".parquet"):
+                    frames.append(self._open("graphs", info.path).read())
+        if not frames:
+            return TABLES["graphs"].empty_table().to_pandas()
+        return pa.concat_tables(frames).to_pandas()
+
+    def graph_info(self, graph_id: str) -> pd.Series:
+        return self.read_table("graphs", graph_id).iloc[0]
+
+    def load_graph(self, graph_id: str) -> StoredGraph:
+        """Every table of one graph."""
+        return StoredGraph(
+            info=self.graph_info(graph_id),
+            nodes=self.read_table("nodes", graph_id),
+            edges=self.read_table("edges", graph_id),
+            head_loadings=self.read_table("head_loadings", graph_id),
+            qk_pairs=self.read_table("qk_pairs", graph_id),
+        )
+
+    def _node_ids(self, graph_id: str) -> pd.Series:
+        nodes = self.read_table("nodes", graph_id, columns=["node_index", "node_id"])
+        return pd.Series(nodes["node_id"].to_numpy(), index=nodes["node_index"].to_numpy())
+
+    def _with_node_ids(self, graph_id: str, edges: pd.DataFrame) -> pd.DataFrame:
+        ids = self._node_ids(graph_id)
+        edges = edges.copy()
+        edges.insert(1, "target_id", ids.reindex(edges["target"]).to_numpy())
+        edges.insert(2, "source_id", ids.reindex(edges["source"]).to_numpy())
+        return edges
+
+    def top_edges(self, graph_id: str, k: int = 100, kept_only: bool = True) -> pd.DataFrame:
+        """The k edges of largest |weight| (kept by pruning, unless kept_only=False), with node ids.
+        Reads only the first rows of the edges file (it is sorted by |weight|)."""
+        parquet = self._open("edges", self.path("edges", self.variant_of(graph_id), graph_id))
+        batches, found = [], 0
+        for batch in parquet.iter_batches(batch_size=max(k, 1024)):
+            if kept_only:
+                batch = batch.filter(batch.column("kept"))
+            batches.append(batch)
+            found += batch.num_rows
+            if found >= k:
+                break
+        table = pa.Table.from_batches(batches, schema=parquet.schema_arrow) if batches else None
+        edges = table.slice(0, k).to_pandas() if table is not None else TABLES["edges"].empty_table().to_pandas()
+        return self._with_node_ids(graph_id, edges)
+
+    def _node_index(self, graph_id: str, node: str | int) -> int:
+        if isinstance(node, int):
+            return node
+        ids = self._node_ids(graph_id)
+        matches = ids.index[ids.to_numpy() == node]
+        if not len(matches):
+            raise StoreError(f"graph {graph_id} has no node {node!r}")
+        return int(matches[0])
+
+    def edges_into(self, graph_id: str, node: str | int) -> pd.DataFrame:
+        """Stored edges whose target is `node` (a node id or index), by |weight|."""
+        index = self._node_index(graph_id, node)
+        edges = self.read_table("edges", graph_id)
+        return self._with_node_ids(graph_id, edges[edges["target"] == index].reset_index(drop=True))
+
+    def edges_out_of(self, graph_id: str, node: str | int) -> pd.DataFrame:
+        """Stored edges whose source is `node` (a node id or index), by |weight|."""
+        index = self._node_index(graph_id, node)
+        edges = self.read_table("edges", graph_id)
+        return self._with_node_ids(graph_id, edges[edges["source"] == index].reset_index(drop=True))
+
+    def heads_for_edge(self, graph_id: str, target: str | int, source: str | int) -> pd.DataFrame:
+        """Head loadings of one edge: per carrying layer, the heads' parts and the residual part (-1)."""
+        target, source = self._node_index(graph_id, target), self._node_index(graph_id, source)
+        loadings = self.read_table("head_loadings", graph_id)
+        rows = loadings[(loadings["target"] == target) & (loadings["source"] == source)]
+        return rows.sort_values(["layer", "head"]).reset_index(drop=True)
+
+    def qk_pairs(self, graph_id: str, layer: int, head: int, query_pos: int, key_pos: int) -> pd.DataFrame:
+        """The QK attribution of one attention edge (layer, head, query, key)."""
+        pairs = self.read_table("qk_pairs", graph_id)
+        rows = pairs[(pairs["layer"] == layer) & (pairs["head"] == head) & (pairs["query_pos"] == query_pos)
+                     & (pairs["key_pos"] == key_pos)]
+        return rows.reset_index(drop=True)
+
+    def qk_pairs_for_edge(self, graph_id: str, target: str | int, source: str | int) -> pd.DataFrame:
+        """The QK attributions behind a graph edge: of each attention edge its head loadings point at."""
+        heads = self.heads_for_edge(graph_id, target, source)
+        heads = heads[heads["head"] >= 0][["layer", "head", "query_pos", "key_pos"]].drop_duplicates()
+        pairs = self.read_table("qk_pairs", graph_id)
+        return pairs.merge(heads, on=["layer", "head", "query_pos", "key_pos"]).reset_index(drop=True)
+
+
+def open_store(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> GraphStore:
+    """Open (or create on first write) the store at a local path or pyarrow filesystem URI."""
+    return GraphStore(uri, filesystem)

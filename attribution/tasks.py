@@ -1,0 +1,528 @@
+"""Clean/corrupted prompt sets for circuit discovery: IOI, Greater-Than, Docstring, antonyms, induction.
+
+Every prompt is a minimal pair: the corrupted text has the same number of tokens as the clean one,
+and the metric is the logit difference mean(logits[correct]) - mean(logits[incorrect]) at the last
+position (higher = the clean behaviour). Prompts are drawn from word lists by a seeded generator,
+then checked with the tokenizer that will run them (single-token answers, equal lengths); pairs that
+fail are dropped and drawn again. `python -m attribution.tasks --write` writes the SmolLM2 sets to
+data/prompts/{task}.jsonl; `--performance N` measures the dense model on N prompts per task.
+
+Token conventions (SmolLM2's tokenizer; our code prefixes bos to every sequence): names and words
+after a space carry the leading space (" Mary"); SmolLM2 splits numbers into single digits, so
+Greater-Than predicts the tens digit of the end year (see `greater_than_candidate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROMPT_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+TASKS = ("ioi", "greater_than", "docstring", "antonyms", "induction")
+DEFAULT_N_PROMPTS = 300
+DEFAULT_SEED = 0
+
+
+class TaskError(ValueError):
+    """A task name, prompt file or prompt set that cannot be used; the message says what to do."""
+
+
+class TaskPrompt(BaseModel):
+    """One clean/corrupted minimal pair and the answers of its logit-difference metric."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    template: int = Field(ge=0, description="index of the template the prompt came from")
+    clean: str = Field(min_length=1)
+    corrupted: str = Field(min_length=1)
+    correct: tuple[str, ...] = Field(min_length=1, description="answers the clean prompt should predict")
+    incorrect: tuple[str, ...] = Field(min_length=1, description="contrast answers (what corruption favours)")
+
+    @field_validator("incorrect")
+    @classmethod
+    def _answers_differ(cls, incorrect: tuple[str, ...], info) -> tuple[str, ...]:
+        shared = set(incorrect) & set(info.data.get("correct", ()))
+        if shared:
+            raise ValueError(f"answers {sorted(shared)} are both correct and incorrect")
+        return incorrect
+
+
+# --------------------------------------------------------------------------------------------------
+# Word lists (filtered per tokenizer to single tokens before use)
+
+NAMES = (
+    "Mary John Alice Bob Tom James Robert Michael William David Richard Joseph Thomas Charles Daniel "
+    "Matthew Anthony Mark Paul Steven Andrew Kevin Brian George Edward Ronald Timothy Jason Jeffrey Ryan "
+    "Jacob Gary Eric Jonathan Stephen Larry Justin Scott Brandon Frank Benjamin Gregory Samuel Raymond "
+    "Patrick Alexander Jack Dennis Jerry Tyler Aaron Henry Adam Peter Nathan Zachary Kyle Walter Harold "
+    "Jeremy Ethan Carl Keith Roger Gerald Christian Terry Sean Arthur Austin Noah Lawrence Jesse Joe "
+    "Bryan Billy Jordan Albert Dylan Bruce Willie Gabriel Alan Juan Logan Wayne Ralph Roy Eugene Randy "
+    "Vincent Russell Louis Philip Bobby Johnny Bradley Patricia Jennifer Linda Elizabeth Barbara Susan "
+    "Jessica Sarah Karen Nancy Lisa Betty Margaret Sandra Ashley Kimberly Emily Donna Michelle Dorothy "
+    "Carol Amanda Melissa Deborah Stephanie Rebecca Sharon Laura Cynthia Kathleen Amy Shirley Angela "
+    "Helen Anna Brenda Pamela Nicole Emma Samantha Katherine Christine Debra Rachel Catherine Carolyn "
+    "Janet Ruth Maria Heather Diane Virginia Julie Joyce Victoria Olivia Kelly Christina Lauren Joan "
+    "Evelyn Judith Megan Cheryl Andrea Hannah Martha Jacqueline Frances Gloria Ann Teresa Kathryn Sara "
+    "Janice Jean Alice Madison Doris Abigail Julia Judy Grace Denise Amber Marilyn Beverly Danielle "
+    "Theresa Sophia Marie Diana Brittany Natalie Isabella Charlotte Rose Alexis Kayla Lucy Max Sam Ben"
+).split()
+IOI_PLACES = ("store garden restaurant school hospital office house station park library market beach "
+              "church museum airport bank hotel cafe").split()
+IOI_OBJECTS = ("ring kiss bone basketball computer necklace drink snack book letter gift pen ball cake "
+               "flower key hat phone bag ticket").split()
+# Wang et al. (2022) IOI templates; {A} = indirect object (answer), {B} = subject (repeated).
+IOI_TEMPLATES = (
+    "Then, {X} and {Y} went to the {place}. {S} gave a {object} to",
+    "Then, {X} and {Y} had a lot of fun at the {place}. {S} gave a {object} to",
+    "Then, {X} and {Y} were working at the {place}. {S} decided to give a {object} to",
+    "Then, {X} and {Y} were thinking about going to the {place}. {S} wanted to give a {object} to",
+    "Then, {X} and {Y} had a long argument, and afterwards {S} said to",
+    "After {X} and {Y} went to the {place}, {S} gave a {object} to",
+    "When {X} and {Y} got a {object} at the {place}, {S} decided to give it to",
+    "When {X} and {Y} got a {object} at the {place}, {S} decided to give the {object} to",
+    "While {X} and {Y} were working at the {place}, {S} gave a {object} to",
+    "While {X} and {Y} were commuting to the {place}, {S} gave a {object} to",
+    "After the lunch, {X} and {Y} went to the {place}. {S} gave a {object} to",
+    "Afterwards, {X} and {Y} went to the {place}. {S} gave a {object} to",
+    "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
+    "The {place} {X} and {Y} went to had a {object}. {S} gave it to",
+    "Friends {X} and {Y} found a {object} at the {place}. {S} gave it to",
+)
+
+# Hanna et al. (2023) Greater-Than nouns (a subset).
+GT_NOUNS = (
+    "war expedition project campaign siege voyage journey reign dynasty treaty trial study program "
+    "investigation construction negotiation occupation rebellion revolution drought famine plague "
+    "epidemic crisis conflict dispute partnership marriage friendship alliance tour pilgrimage strike "
+    "boycott blockade embargo rivalry friendship contract apprenticeship exile imprisonment captivity "
+    "experiment excavation survey mission operation festival exhibition"
+).split()
+GT_TEMPLATES = (
+    "The {noun} lasted from the year {century}{start} to the year {century}",
+    "The {noun} started in the year {century}{start} and ended in the year {century}",
+    "The {noun} went on from {century}{start} until {century}",
+)
+
+DOC_WORDS = (
+    "load size files last data name path value index count key item user text mode line state node "
+    "config source target result output input start end step limit offset width height color image "
+    "title label message error token query table field column row record cache buffer stream block "
+    "parent child group order level score weight rate speed time date price amount total number "
+    "model layer unit port host address timeout option flag filter pattern format prefix suffix "
+    "version status type kind code id info content context event handler callback func args request "
+    "response client server session account email password location position direction angle radius"
+).split()
+DOC_DESCRIPTIONS = (
+    "oil column piece crime population unit dark bank trade sound river fire world house money story "
+    "hand party water place week case point city night family head room friend power country school "
+    "answer field form game line light market music paper price report space table war wind wood word "
+    "board box cell class club group horse king lake land law letter list mind moon mountain news"
+).split()
+DOC_TEMPLATE = (
+    'def {func}(self, {a0}, {a1}, {a2}, {a3}):\n    """{d0} {d1} {d2}\n\n'
+    "    :param {a0}: {d3} {d4}\n    :param {a1}: {d5} {d6}\n    :param"
+)
+
+# Every word is in one pair only, so each cue has one answer.
+ANTONYMS = (
+    ("large", "small"), ("hot", "cold"), ("up", "down"), ("good", "bad"), ("fast", "slow"),
+    ("high", "low"), ("old", "new"), ("long", "short"), ("open", "closed"), ("happy", "sad"),
+    ("rich", "poor"), ("light", "dark"), ("hard", "soft"), ("strong", "weak"), ("early", "late"),
+    ("full", "empty"), ("clean", "dirty"), ("wet", "dry"), ("true", "false"), ("love", "hate"),
+    ("win", "lose"), ("inside", "outside"), ("top", "bottom"), ("left", "right"), ("day", "night"),
+    ("black", "white"), ("thick", "thin"), ("wide", "narrow"),
+    ("deep", "shallow"), ("loud", "quiet"), ("easy", "difficult"), ("cheap", "expensive"),
+    ("safe", "dangerous"), ("first", "last"), ("before", "after"), ("above", "below"), ("push", "pull"),
+    ("give", "take"), ("buy", "sell"), ("start", "end"), ("north", "south"),
+    ("east", "west"), ("positive", "negative"), ("friend", "enemy"), ("war", "peace"), ("male", "female"),
+    ("alive", "dead"), ("always", "never"), ("more", "less"), ("maximum", "minimum"), ("increase", "decrease"),
+    ("accept", "reject"), ("arrive", "leave"), ("remember", "forget"), ("success", "failure"),
+    ("question", "answer"), ("beautiful", "ugly"), ("brave", "afraid"), ("kind", "cruel"),
+    ("smart", "stupid"), ("big", "little"), ("near", "far"), ("in", "out"),
+    ("on", "off"), ("yes", "no"), ("all", "none"), ("public", "private"), ("major", "minor"),
+    ("internal", "external"), ("input", "output"), ("import", "export"), ("sweet", "sour"),
+    ("warm", "cool"), ("sharp", "dull"), ("real", "fake"), ("same", "different"),
+    ("future", "past"), ("present", "absent"), ("winter", "summer"), ("ancient", "modern"),
+    ("simple", "complex"), ("common", "rare"), ("include", "exclude"), ("entrance", "exit"),
+)
+ANTONYM_TEMPLATES = ('The opposite of "{word}" is "',)
+
+INDUCTION_WORDS = tuple(sorted(set(DOC_WORDS + DOC_DESCRIPTIONS + IOI_PLACES + IOI_OBJECTS + GT_NOUNS)))
+INDUCTION_LENGTH = 10  # tokens in the first copy
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer checks
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (bos is prefixed by whoever runs the model)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def single_token_words(words: Sequence[str], tokenizer, prefix: str = " ") -> list[str]:
+    """The words (in order, without duplicates) that `prefix + word` encodes to exactly one token."""
+    seen: dict[str, None] = {}
+    for word in words:
+        if word not in seen and len(token_ids(tokenizer, prefix + word)) == 1:
+            seen[word] = None
+    return list(seen)
+
+
+def invalid_reason(prompt: TaskPrompt, tokenizer) -> str | None:
+    """Why `prompt` cannot be used with `tokenizer` (None when it can): answers must be single tokens,
+    correct and incorrect tokens disjoint, and clean and corrupted texts the same number of tokens."""
+    answers = {}
+    for answer in prompt.correct + prompt.incorrect:
+        ids = token_ids(tokenizer, answer)
+        if len(ids) != 1:
+            return f"answer {answer!r} is {len(ids)} tokens, not 1"
+        answers[answer] = ids[0]
+    if {answers[a] for a in prompt.correct} & {answers[a] for a in prompt.incorrect}:
+        return "a correct and an incorrect answer are the same token"
+    n_clean, n_corrupted = len(token_ids(tokenizer, prompt.clean)), len(token_ids(tokenizer, prompt.corrupted))
+    if n_clean != n_corrupted:
+        return f"clean is {n_clean} tokens but corrupted is {n_corrupted}"
+    if prompt.clean == prompt.corrupted:
+        return "clean and corrupted texts are identical"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidate generators: one random minimal pair from an rng and tokenizer-filtered word lists
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The word lists a generator draws from, already filtered to single tokens where that matters."""
+
+    names: list[str]
+    doc_words: list[str]
+    antonyms: list[tuple[str, str]]
+    induction_words: list[str]
+
+
+def vocab_for(tokenizer) -> Vocab:
+    """Filter every word list for `tokenizer`: names/words with a leading space, antonyms without."""
+    plain = set(single_token_words([w for pair in ANTONYMS for w in pair], tokenizer, prefix=""))
+    return Vocab(
+        names=single_token_words(NAMES, tokenizer),
+        doc_words=single_token_words(DOC_WORDS, tokenizer),
+        antonyms=[pair for pair in ANTONYMS if pair[0] in plain and pair[1] in plain],
+        induction_words=single_token_words(INDUCTION_WORDS, tokenizer),
+    )
+
+
+def ioi_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+    """IOI (Wang et al.): "When A and B went to the store, B gave a drink to" -> " A" over " B".
+
+    Both name orders (ABBA, BABA). Corrupted: the same sentence with three unrelated names (the "ABC"
+    distribution), where neither answer is in context.
+    """
+    template_index = rng.randrange(len(IOI_TEMPLATES))
+    a, b, c, d, e = rng.sample(vocab.names, 5)
+    place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
+    first, second = (a, b) if rng.random() < 0.5 else (b, a)
+    template = IOI_TEMPLATES[template_index]
+    clean = template.format(X=first, Y=second, S=b, place=place, object=obj)
+    corrupted = template.format(X=c, Y=d, S=e, place=place, object=obj)
+    return TaskPrompt(task="ioi", template=template_index, clean=clean, corrupted=corrupted,
+                      correct=(" " + a,), incorrect=(" " + b,))
+
+
+def greater_than_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+    """Greater-Than (Hanna et al.): "The war lasted from the year 1732 to the year 17" -> a later year.
+
+    SmolLM2 writes years digit by digit, so the next token is the tens digit d of the end year. With
+    start year CC t u, d > t means a later year and d < t an earlier one; d = t is ambiguous and is in
+    neither set (t is drawn from 1..8 so both sets are non-empty). Corrupted: start year CC 0 u, the
+    analogue of the paper's "01", after which no end decade is earlier.
+    """
+    template_index = rng.randrange(len(GT_TEMPLATES))
+    noun, century = rng.choice(GT_NOUNS), str(rng.randint(11, 17))
+    tens, units = rng.randint(1, 8), rng.randint(0, 9)
+    template = GT_TEMPLATES[template_index]
+    clean = template.format(noun=noun, century=century, start=f"{tens}{units}")
+    corrupted = template.format(noun=noun, century=century, start=f"0{units}")
+    return TaskPrompt(task="greater_than", template=template_index, clean=clean, corrupted=corrupted,
+                      correct=tuple(str(d) for d in range(tens + 1, 10)),
+                      incorrect=tuple(str(d) for d in range(tens)))
+
+
+def docstring_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+    """Docstring (Heimersheim & Janiak): after two documented parameters, ":param" -> the third argument.
+
+    Contrast: the def's other arguments (the two already documented and the fourth). Corrupted: the
+    def's arguments replaced by four other names, the docstring unchanged, so the next parameter is
+    no longer readable from the def.
+    """
+    args = rng.sample(vocab.doc_words, 8)
+    clean_args, corrupt_args = args[:4], args[4:]
+    func = rng.choice(vocab.doc_words)
+    words = {f"d{i}": rng.choice(DOC_DESCRIPTIONS) for i in range(7)}
+    doc_args = {f"a{i}": arg for i, arg in enumerate(clean_args)}
+    clean = DOC_TEMPLATE.format(func=func, **doc_args, **words)
+    corrupt_def = dict(zip(doc_args, corrupt_args))
+    corrupted = _with_def_args(DOC_TEMPLATE, func, corrupt_def, doc_args, words)
+    return TaskPrompt(task="docstring", template=0, clean=clean, corrupted=corrupted,
+                      correct=(" " + clean_args[2],),
+                      incorrect=tuple(" " + a for a in (clean_args[0], clean_args[1], clean_args[3])))
+
+
+def _with_def_args(template: str, func: str, def_args: dict, doc_args: dict, words: dict) -> str:
+    """The docstring template with `def_args` in the signature and `doc_args` in the :param lines."""
+    signature, body = template.split("\n", 1)
+    return signature.format(func=func, **def_args) + "\n" + body.format(**doc_args, **words)
+
+
+def antonyms_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+    """Antonyms: 'The opposite of "large" is "' -> "small". Corrupted: another word, whose antonym is
+    the contrast answer. Either word of a pair can be the cue."""
+    template_index = rng.randrange(len(ANTONYM_TEMPLATES))
+    (cue, answer), (other_cue, other_answer) = (
+        pair if rng.random() < 0.5 else pair[::-1] for pair in rng.sample(vocab.antonyms, 2)
+    )
+    template = ANTONYM_TEMPLATES[template_index]
+    return TaskPrompt(task="antonyms", template=template_index, clean=template.format(word=cue),
+                      corrupted=template.format(word=other_cue), correct=(answer,), incorrect=(other_answer,))
+
+
+def induction_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+    """Induction: random words w_1..w_n then w_1..w_k -> w_{k+1}. Corrupted: w_{k+1} in the first copy
+    replaced by another word z, which becomes the contrast answer (same second copy, same length)."""
+    words = rng.sample(vocab.induction_words, INDUCTION_LENGTH + 1)
+    sequence, replacement = words[:INDUCTION_LENGTH], words[INDUCTION_LENGTH]
+    k = rng.randint(2, INDUCTION_LENGTH - 2)  # the second copy has k words, the answer is word k+1
+    corrupt_sequence = [*sequence[:k], replacement, *sequence[k + 1:]]
+    repeat = "".join(" " + w for w in sequence[:k])
+    return TaskPrompt(task="induction", template=0, clean="".join(" " + w for w in sequence) + repeat,
+                      corrupted="".join(" " + w for w in corrupt_sequence) + repeat,
+                      correct=(" " + sequence[k],), incorrect=(" " + replacement,))
+
+
+GENERATORS: dict[str, Callable[[random.Random, Vocab], TaskPrompt]] = {
+    "ioi": ioi_candidate,
+    "greater_than": greater_than_candidate,
+    "docstring": docstring_candidate,
+    "antonyms": antonyms_candidate,
+    "induction": induction_candidate,
+}
+MIN_WORDS = {"ioi": ("names", 5), "docstring": ("doc_words", 8), "antonyms": ("antonyms", 2),
+             "induction": ("induction_words", INDUCTION_LENGTH + 1)}
+
+
+def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = DEFAULT_SEED) -> list[TaskPrompt]:
+    """`n` distinct valid prompts of task `name` for `tokenizer`; the same (name, n, seed, tokenizer)
+    always gives the same list. Invalid candidates are dropped and drawn again."""
+    generator = _generator(name)
+    vocab = vocab_for(tokenizer)
+    if name in MIN_WORDS:
+        field_name, needed = MIN_WORDS[name]
+        available = len(getattr(vocab, field_name))
+        if available < needed:
+            raise TaskError(
+                f"task {name!r} needs at least {needed} single-token {field_name} for this tokenizer, "
+                f"found {available}; use a tokenizer with word-level tokens (e.g. SmolLM2's)"
+            )
+    rng = random.Random(f"{name}:{seed}")
+    prompts, seen = [], set()
+    for _ in range(50 * n):
+        prompt = generator(rng, vocab)
+        if prompt.clean in seen or invalid_reason(prompt, tokenizer) is not None:
+            continue
+        seen.add(prompt.clean)
+        prompts.append(prompt)
+        if len(prompts) == n:
+            return prompts
+    raise TaskError(f"task {name!r}: only {len(prompts)} of {n} valid distinct prompts after {50 * n} draws; "
+                    "ask for fewer or extend the word lists")
+
+
+def _generator(name: str) -> Callable[[random.Random, Vocab], TaskPrompt]:
+    if name not in GENERATORS:
+        raise TaskError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}")
+    return GENERATORS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def task_path(name: str, directory: Path = PROMPT_DIR) -> Path:
+    _generator(name)
+    return Path(directory) / f"{name}.jsonl"
+
+
+def write_task(prompts: Sequence[TaskPrompt], path: Path) -> None:
+    """One JSON object per line, in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(prompt.model_dump_json() + "\n" for prompt in prompts))
+
+
+def load_task(name: str, directory: Path = PROMPT_DIR) -> list[TaskPrompt]:
+    """The committed prompt set of task `name` (written by `python -m attribution.tasks --write`)."""
+    path = task_path(name, directory)
+    if not path.is_file():
+        raise TaskError(f"no prompt file {path}; run `python -m attribution.tasks --write` to create it")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            prompt = TaskPrompt.model_validate_json(line)
+        except ValidationError as err:
+            raise TaskError(f"{path}:{number} is not a valid prompt ({err.errors()[0]['msg']}); "
+                            "regenerate it with `python -m attribution.tasks --write`") from None
+        if prompt.task != name:
+            raise TaskError(f"{path}:{number} holds a {prompt.task!r} prompt, expected {name!r}")
+        prompts.append(prompt)
+    if not prompts:
+        raise TaskError(f"{path} holds no prompts; regenerate it with `python -m attribution.tasks --write`")
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches and the metric
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts of one token length, encoded with bos prefixed; the metric's answers as weights."""
+
+    clean: torch.Tensor  # [batch, pos] long
+    corrupted: torch.Tensor  # [batch, pos] long
+    answer_ids: torch.Tensor  # [batch, n_answers] long, zero-padded
+    answer_weights: torch.Tensor  # [batch, n_answers]: +1/|correct|, -1/|incorrect|, 0 for padding
+    indices: tuple[int, ...]  # positions of these prompts in the list given to encode_prompts
+
+
+def encode_prompts(prompts: Sequence[TaskPrompt], tokenizer, batch_size: int = 32) -> list[PromptBatch]:
+    """Group prompts by token length (no padding needed) into batches of at most `batch_size`.
+
+    Raises TaskError naming the first prompt that is invalid for `tokenizer`.
+    """
+    if batch_size < 1:
+        raise TaskError(f"batch_size must be positive, got {batch_size}")
+    if tokenizer.bos_token_id is None:
+        raise TaskError("the tokenizer has no bos token; our models expect bos prefixed to every sequence")
+    by_length: dict[int, list[int]] = {}
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        reason = invalid_reason(prompt, tokenizer)
+        if reason is not None:
+            raise TaskError(f"prompt {index} ({prompt.clean!r}) is invalid for this tokenizer: {reason}")
+        clean = [tokenizer.bos_token_id, *token_ids(tokenizer, prompt.clean)]
+        corrupted = [tokenizer.bos_token_id, *token_ids(tokenizer, prompt.corrupted)]
+        answers = [token_ids(tokenizer, a)[0] for a in prompt.correct + prompt.incorrect]
+        weights = [1 / len(prompt.correct)] * len(prompt.correct) + [-1 / len(prompt.incorrect)] * len(
+            prompt.incorrect
+        )
+        encoded.append((clean, corrupted, answers, weights))
+        by_length.setdefault(len(clean), []).append(index)
+    batches = []
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            width = max(len(encoded[i][2]) for i in chunk)
+            batches.append(PromptBatch(
+                clean=torch.tensor([encoded[i][0] for i in chunk]),
+                corrupted=torch.tensor([encoded[i][1] for i in chunk]),
+                answer_ids=torch.tensor([_pad(encoded[i][2], width, 0) for i in chunk]),
+                answer_weights=torch.tensor([_pad(encoded[i][3], width, 0.0) for i in chunk]),
+                indices=tuple(chunk),
+            ))
+    return batches
+
+
+def _pad(values: list, width: int, fill) -> list:
+    return values + [fill] * (width - len(values))
+
+
+def logit_diff(last_logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+    """mean correct logit - mean incorrect logit per prompt.  last_logits [batch, vocab] -> [batch]."""
+    answer_logits = last_logits.gather(-1, batch.answer_ids)  # [batch, n_answers]
+    return (answer_logits * batch.answer_weights.to(last_logits.dtype)).sum(-1)
+
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [batch, pos] -> logits [batch, pos, vocab]
+
+
+def logits_fn(model: torch.nn.Module) -> LogitsFn:
+    """ids -> logits for a GatedModel (in its current mode) or a plain HF causal LM."""
+    from sparse_attention.gated_attention import GatedModel
+
+    if isinstance(model, GatedModel):
+        return lambda ids: model(ids).logits
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def task_performance(model_fn: LogitsFn, tokenizer, prompts: Sequence[TaskPrompt], batch_size: int = 32) -> dict:
+    """Accuracy (logit diff > 0) and mean logit diff on the clean and the corrupted texts."""
+    if not prompts:
+        raise TaskError("task_performance needs at least one prompt")
+    diffs = {"clean": torch.zeros(len(prompts)), "corrupted": torch.zeros(len(prompts))}
+    for batch in encode_prompts(prompts, tokenizer, batch_size):
+        for kind in diffs:
+            logits = model_fn(getattr(batch, kind))[:, -1].float()
+            diffs[kind][list(batch.indices)] = logit_diff(logits, batch)
+    result: dict = {"n_prompts": len(prompts)}
+    for kind, values in diffs.items():
+        result[kind] = {"accuracy": (values > 0).float().mean().item(),
+                        "mean_logit_diff": values.mean().item(), "std_logit_diff": values.std().item()}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _iter_tasks(names: Sequence[str] | None) -> Iterator[str]:
+    for name in names or TASKS:
+        _generator(name)
+        yield name
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write", action="store_true", help="generate the prompt sets into data/prompts/")
+    parser.add_argument("--performance", type=int, metavar="N", default=0,
+                        help="measure the dense model on the first N prompts per task")
+    parser.add_argument("--tasks", nargs="*", help=f"subset of {', '.join(TASKS)}")
+    parser.add_argument("--n", type=int, default=DEFAULT_N_PROMPTS, help="prompts per task")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=PROMPT_DIR)
+    args = parser.parse_args(argv)
+    if not (args.write or args.performance):
+        parser.error("nothing to do: give --write and/or --performance N")
+
+    from sparse_attention.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.write:
+        for name in _iter_tasks(args.tasks):
+            prompts = generate_task(name, tokenizer, args.n, args.seed)
+            write_task(prompts, task_path(name, args.out))
+            print(f"{name}: {len(prompts)} prompts -> {task_path(name, args.out)}")
+    if args.performance:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        path = args.out / "task_performance.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        for name in _iter_tasks(args.tasks):
+            prompts = load_task(name, args.out)[: args.performance]
+            results[name] = task_performance(logits_fn(model), tokenizer, prompts)
+            print(name, json.dumps(results[name]))
+        results["_meta"] = {"model": args.model, "bos_prefixed": True,
+                            "metric": "mean correct logit - mean incorrect logit at the last position"}
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Run the requested stages as a Ray DAG (embedded Ray, or a cluster via RAY_ADDRESS / `ray job submit`),
+or in-process with `executor="local"`. Outputs go through the artifact store; finished stages are skipped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from pipeline.artifacts import ArtifactStore, artifact_key
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.stages import STAGES, Stage, stages_for
+
+log = logging.getLogger("pipeline")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def stage_keys(config: PipelineConfig) -> dict[str, str]:
+    """Every stage's artifact key, derived from the config chain alone (no stage needs to run first)."""
+    keys: dict[str, str] = {}
+    for stage in STAGES.values():  # STAGES is in dependency order
+        section = getattr(config, stage.section).model_dump(mode="json")
+        keys[stage.name] = artifact_key(stage.name, section, {name: keys[name] for name in stage.inputs})
+    return keys
+
+
+def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str, str], force: bool,
+                  progress: bool, *_dependencies) -> dict:
+    """Compute one stage unless its output exists; returns its manifest summary. Runs in a Ray task or inline."""
+    stage = STAGES[stage_name]
+    config = PipelineConfig.model_validate(config_json)
+    threads = config.resources.for_stage(stage.group).num_cpus
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))  # reused Ray workers keep their first thread count otherwise
+    store = ArtifactStore(root)
+    if store.is_done(stage.directory, keys[stage.name], force=force):
+        log.info("%s: done already (%s), skipped", stage.name, store.uri(stage.directory))
+        return {"stage": stage.name, "skipped": True, **(store.manifest(stage.directory) or {})}
+    inputs = {name: store.work_dir(STAGES[name].directory) for name in stage.inputs}
+    for name, path in inputs.items():
+        if store.manifest(STAGES[name].directory) is None:
+            raise ConfigError(f"stage {stage.name} needs {name}, which has no finished output in {root}")
+    log.info("%s: start", stage.name)
+    started = time.perf_counter()
+    summary = stage.run(config, store.work_dir(stage.directory), inputs, progress)
+    seconds = time.perf_counter() - started
+    store.commit(stage.directory, keys[stage.name], {"stage": stage.name, "seconds": seconds, "summary": summary})
+    log.info("%s: end in %.1f s", stage.name, seconds)
+    return {"stage": stage.name, "skipped": False, "seconds": seconds, "summary": summary}
+
+
+def _check_inputs_available(stages: list[Stage], store: ArtifactStore, keys: dict[str, str]) -> None:
+    requested = {stage.name for stage in stages}
+    for stage in stages:
+        for name in stage.inputs:
+            if name not in requested and not store.is_done(STAGES[name].directory, keys[name]):
+                raise ConfigError(
+                    f"stage {stage.name} needs {name}, which is neither requested (--stages) nor finished "
+                    f"in {store.root}; add {STAGES[name].group} to --stages"
+                )
+
+
+def run_pipeline(config: PipelineConfig, groups: list[str], output: str, *, force: list[str] = (),
+                 executor: str = "ray", progress: bool = True) -> dict[str, dict]:
+    """Run the stages of `groups` in dependency order; returns each stage's summary."""
+    store = ArtifactStore(output)
+    store.check_writable()
+    keys = stage_keys(config)
+    stages = stages_for(groups)
+    _check_inputs_available(stages, store, keys)
+    config_json = config.model_dump(mode="json")
+    results: dict[str, dict] = {}
+    if executor == "local":
+        for stage in stages:
+            results[stage.name] = execute_stage(stage.name, config_json, output, keys, stage.group in force, progress)
+        return results
+
+    import ray
+
+    _init_ray(config)
+    refs = {}
+    remote = ray.remote(execute_stage)
+    for stage in stages:
+        res = config.resources.for_stage(stage.group)
+        deps = [refs[name] for name in stage.inputs if name in refs]
+        refs[stage.name] = remote.options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            memory=int(res.memory_gb * 2**30) if res.memory_gb else None,
+            name=f"stage:{stage.name}", max_retries=0,
+        ).remote(stage.name, config_json, output, keys, stage.group in force, progress, *deps)
+    pending = {ref: name for name, ref in refs.items()}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        results[name] = ray.get(done[0])  # raises the stage's own error, with its message
+    return results
+
+
+def _init_ray(config: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or config.ray.address
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}} if not address else None
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices workers by default; stages are the work
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=True, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None

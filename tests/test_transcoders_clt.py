@@ -1,0 +1,257 @@
+"""Exact checks of the CLT math: JumpReLU gradients, sparse vs dense decode, folding, the circuit-tracer
+file layout (round trip, corrupted and partial files), and the memory estimate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from transcoders.clt import CLTConfig, CLTFormatError, CrossLayerTranscoder, load_clt, load_clt_metadata, save_clt
+from transcoders.jumprelu import jumprelu
+from transcoders.memory import CLTMemoryError, check_training_fits
+from transcoders.train import clt_loss
+
+torch.set_num_threads(1)
+
+
+def make_clt(n_layers=3, d_model=8, n_features=16, seed=0, scaled=True) -> CrossLayerTranscoder:
+    """A random CLT with non-trivial biases, thresholds and (optionally) normalisation scales."""
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        clt.b_enc.copy_(torch.randn(n_layers, n_features, generator=g) * 0.1)
+        clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g))
+        clt.threshold.copy_(torch.rand(n_layers, n_features, generator=g) * 0.2)
+        if scaled:
+            clt.input_scale.copy_(torch.rand(n_layers, generator=g) + 0.5)
+            clt.output_scale.copy_(torch.rand(n_layers, generator=g) + 0.5)
+    return clt
+
+
+def inputs(clt: CrossLayerTranscoder, *lead: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(*lead, clt.n_layers, clt.d_model, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+# --- JumpReLU ------------------------------------------------------------------------------------------
+
+
+def test_jumprelu_forward_is_strict_and_gradients_match_definitions():
+    pre = torch.tensor([[-1.0, 0.0, 0.3, 0.5, 0.7, 1.2, 2.0]], requires_grad=True)
+    threshold = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], requires_grad=True)
+    bandwidth = 0.8
+    out = jumprelu(pre, threshold, bandwidth)
+    assert torch.equal(out, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.7, 1.2, 2.0]]))  # pre == threshold stays off
+    grad = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    out.backward(grad)
+    assert pre.grad.tolist() == [[0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0]]
+    # d/dthreshold = -(threshold / bandwidth) * 1[|pre - threshold| < bandwidth / 2] * grad
+    inside = (pre.detach() - 0.5).abs() < bandwidth / 2  # pre in (0.1, 0.9): 0.3, 0.5, 0.7
+    expected = -(0.5 / bandwidth) * inside.float() * grad
+    assert inside.sum() == 3
+    torch.testing.assert_close(threshold.grad, expected[0], rtol=0, atol=1e-7)
+
+
+def test_jumprelu_threshold_gradient_sums_over_batch_dims():
+    torch.manual_seed(0)
+    pre = torch.randn(5, 3, 4, requires_grad=True)
+    threshold = (torch.rand(3, 4) * 0.5).requires_grad_(True)
+    grad = torch.randn(5, 3, 4)
+    jumprelu(pre, threshold, 1.0).backward(grad)
+    window = ((pre.detach() - threshold.detach()).abs() < 0.5).float()
+    expected = (-threshold.detach() * window * grad).sum(0)
+    torch.testing.assert_close(threshold.grad, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pre.grad, grad * (pre.detach() > threshold.detach()), rtol=0, atol=0)
+
+
+# --- decode --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+def test_sparse_decode_equals_dense_decode_outputs_and_gradients(lead):
+    clt = make_clt()
+    acts = clt.encode(inputs(clt, *lead)).detach()
+    active = acts != 0
+    assert 0 < active.float().mean() < 0.9  # some features on, some off: the comparison is informative
+    grads = {}
+    for name, decode in (("sparse", clt.decode), ("dense", clt.decode_dense)):
+        clt.zero_grad(set_to_none=True)
+        a = acts.clone().requires_grad_(True)
+        out = decode(a)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float32)).view_as(out))
+        grads[name] = (out.detach(), a.grad, [w.grad.clone() for w in clt.W_dec], clt.b_dec.grad.clone())
+    (out_s, ga_s, gw_s, gb_s), (out_d, ga_d, gw_d, gb_d) = grads["sparse"], grads["dense"]
+    assert out_s.shape == (*lead, clt.n_layers, clt.d_model)
+    torch.testing.assert_close(out_s, out_d, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gb_s, gb_d, rtol=0, atol=1e-5)
+    for s, d in zip(gw_s, gw_d):
+        torch.testing.assert_close(s, d, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ga_s[active], ga_d[active], rtol=0, atol=1e-5)
+    assert torch.all(ga_s[~active] == 0)  # by design: only active entries get a gradient
+    assert ga_d[~active].abs().max() > 0  # ...which the dense reference does not share
+
+
+def test_decode_with_no_active_feature_is_the_bias():
+    clt = make_clt()
+    out = clt.decode(torch.zeros(4, clt.n_layers, clt.n_features))
+    torch.testing.assert_close(out, (clt.b_dec * clt.output_scale[:, None]).expand(4, -1, -1), rtol=0, atol=0)
+
+
+def test_decode_matches_an_explicit_sum_over_source_layers():
+    clt = make_clt(scaled=False)
+    acts = clt.encode(inputs(clt, 3)).detach()
+    out = clt.decode(acts)
+    for target in range(clt.n_layers):
+        expected = clt.b_dec[target] + sum(acts[:, s] @ clt.W_dec[s][:, target - s] for s in range(target + 1))
+        torch.testing.assert_close(out[:, target], expected, rtol=0, atol=1e-5)
+        layer_acts = [clt.encode_layer(s, inputs(clt, 3)[:, s]) for s in range(target + 1)]
+        torch.testing.assert_close(clt.decode_layer(target, layer_acts), expected, rtol=0, atol=1e-5)
+
+
+def test_training_loss_and_gradients_agree_between_sparse_and_dense_decode():
+    clt = make_clt()
+    x, y = inputs(clt, 9), inputs(clt, 9, seed=5)
+    grads, losses = {}, {}
+    for decode in ("sparse", "dense"):
+        clt.zero_grad(set_to_none=True)
+        terms = clt_loss(clt, x, y, sparsity_coefficient=0.1, sparsity_c=4.0, preact_coefficient=1e-3, decode=decode)
+        terms.total.backward()
+        losses[decode] = terms.total.item()
+        grads[decode] = {n: p.grad.clone() for n, p in clt.named_parameters() if n != "threshold"}
+    assert losses["sparse"] == pytest.approx(losses["dense"], abs=1e-5)
+    for name, grad in grads["sparse"].items():
+        torch.testing.assert_close(grad, grads["dense"][name], rtol=0, atol=1e-5, msg=name)
+
+
+# --- normalisation and the file layout ------------------------------------------------------------------
+
+
+def test_fold_normalisation_keeps_outputs_and_resets_scales():
+    clt = make_clt()
+    x = inputs(clt, 6)
+    before_acts, before = clt.encode(x).detach(), clt(x).detach()
+    clt.fold_normalisation()
+    assert torch.all(clt.input_scale == 1) and torch.all(clt.output_scale == 1)
+    torch.testing.assert_close(clt.encode(x), before_acts, rtol=0, atol=1e-5)
+    torch.testing.assert_close(clt(x), before, rtol=0, atol=1e-5)
+
+
+def test_export_import_round_trip_in_circuit_tracer_layout(tmp_path: Path):
+    clt = make_clt()
+    x = inputs(clt, 6)
+    save_clt(clt, tmp_path, extra={"note": "hi"}, model_name="tiny")
+    L, F, D = clt.n_layers, clt.n_features, clt.d_model
+    for i in range(L):
+        enc, dec = load_file(tmp_path / f"W_enc_{i}.safetensors"), load_file(tmp_path / f"W_dec_{i}.safetensors")
+        assert {k: tuple(v.shape) for k, v in enc.items()} == {
+            f"W_enc_{i}": (F, D), f"b_enc_{i}": (F,), f"b_dec_{i}": (D,), f"threshold_{i}": (F,)}
+        assert {k: tuple(v.shape) for k, v in dec.items()} == {f"W_dec_{i}": (F, L - i, D)}
+    ct_config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert ct_config == {"model_kind": "cross_layer_transcoder", "feature_input_hook": "mlp.hook_in",
+                         "feature_output_hook": "hook_mlp_out", "model_name": "tiny"}
+    loaded = load_clt(tmp_path)
+    assert torch.all(loaded.input_scale == 1) and torch.all(loaded.output_scale == 1)
+    folded = make_clt().fold_normalisation()
+    for name, param in folded.named_parameters():
+        assert torch.equal(param, dict(loaded.named_parameters())[name]), name  # bit-identical to an in-place fold
+    torch.testing.assert_close(loaded(x), clt(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(loaded.encode(x), clt.encode(x), rtol=0, atol=1e-5)
+    assert load_clt_metadata(tmp_path) == {"note": "hi"}
+    assert clt.input_scale.ne(1).any()  # saving did not fold the caller's CLT
+
+
+def test_save_removes_layer_files_of_a_deeper_previous_clt(tmp_path: Path):
+    save_clt(make_clt(n_layers=3), tmp_path)
+    save_clt(make_clt(n_layers=2), tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("W_*")) == [
+        "W_dec_0.safetensors", "W_dec_1.safetensors", "W_enc_0.safetensors", "W_enc_1.safetensors"]
+    assert load_clt(tmp_path).n_layers == 2
+
+
+def test_foreign_relu_clt_without_our_metadata_loads(tmp_path: Path):
+    """A CLT written by someone else: no clt.json, no thresholds (circuit-tracer then uses ReLU)."""
+    clt = make_clt(scaled=False)
+    for i in range(clt.n_layers):
+        tensors = clt.folded_layer(i)
+        dec = {f"W_dec_{i}": tensors.pop(f"W_dec_{i}")}
+        tensors.pop(f"threshold_{i}")
+        save_file(tensors, str(tmp_path / f"W_enc_{i}.safetensors"))
+        save_file(dec, str(tmp_path / f"W_dec_{i}.safetensors"))
+    loaded = load_clt(tmp_path)
+    x = inputs(clt, 4)
+    pre = clt.pre_activations(x)
+    torch.testing.assert_close(loaded.encode(x), torch.relu(pre), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["missing_dec", "missing_enc_last", "truncated", "garbled_meta", "nan",
+                                    "wrong_shape", "no_dir", "empty_dir"])
+def test_corrupted_or_partial_clt_gives_a_clear_error(tmp_path: Path, damage: str):
+    directory = tmp_path / "clt"
+    save_clt(make_clt(), directory)
+    expected = {"missing_dec": "partial CLT: missing ['W_dec_1", "missing_enc_last": "partial CLT: missing ['W_enc_2",
+                "truncated": "W_dec_2.safetensors", "garbled_meta": "clt.json is corrupted",
+                "nan": "NaN", "wrong_shape": "W_dec_1 has shape", "no_dir": "does not exist",
+                "empty_dir": "holds no W_enc_"}[damage]
+    if damage == "missing_dec":
+        (directory / "W_dec_1.safetensors").unlink()
+    elif damage == "missing_enc_last":
+        (directory / "W_enc_2.safetensors").unlink()
+    elif damage == "truncated":
+        path = directory / "W_dec_2.safetensors"
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "garbled_meta":
+        (directory / "clt.json").write_text("{not json")
+    elif damage == "nan":
+        tensors = load_file(directory / "W_enc_1.safetensors")
+        tensors["b_enc_1"][3] = float("nan")
+        save_file(tensors, str(directory / "W_enc_1.safetensors"))
+    elif damage == "wrong_shape":
+        (directory / "clt.json").unlink()
+        save_file({"W_dec_1": torch.zeros(16, 1, 8)}, str(directory / "W_dec_1.safetensors"))
+    elif damage == "no_dir":
+        directory = tmp_path / "nowhere"
+    elif damage == "empty_dir":
+        directory = tmp_path / "empty"
+        directory.mkdir()
+    with pytest.raises(CLTFormatError, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        load_clt(directory)
+
+
+def test_truncated_file_without_metadata_is_still_caught(tmp_path: Path):
+    save_clt(make_clt(), tmp_path)
+    (tmp_path / "clt.json").unlink()
+    path = tmp_path / "W_enc_1.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CLTFormatError, match="W_enc_1.safetensors is unreadable"):
+        load_clt(tmp_path)
+
+
+def test_metadata_records_sizes_and_config(tmp_path: Path):
+    save_clt(make_clt(), tmp_path)
+    meta = json.loads((tmp_path / "clt.json").read_text())
+    assert meta["clt_config"]["n_features"] == 16 and len(meta["files"]) == 6
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+
+def test_parameter_count_matches_the_module():
+    clt = make_clt(n_layers=4, d_model=6, n_features=5)
+    assert clt.config.n_parameters == sum(p.numel() for p in clt.parameters())
+    smollm2 = CLTConfig(n_layers=30, d_model=576, n_features=1)
+    assert 280_000 < smollm2.n_parameters - 576 * 30 < 290_000  # ~285k weights per feature, as the issue says
+
+
+def test_memory_check_refuses_a_clt_that_does_not_fit():
+    config = CLTConfig(n_layers=30, d_model=576, n_features=16384)
+    with pytest.raises(CLTMemoryError, match=r"n_features=16384 .* needs about .* About n_features=\d+ fits"):
+        check_training_fits(config, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
+                            budget_bytes=24 * 1024**3)
+    small = config.model_copy(update={"n_features": 256})
+    parts = check_training_fits(small, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
+                                budget_bytes=24 * 1024**3)
+    assert parts["AdamW moments"] == 2 * parts["CLT weights"]

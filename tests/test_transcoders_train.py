@@ -1,0 +1,153 @@
+"""CLT training: recovery of a planted sparse dictionary, exact resume after a kill, checkpoint errors,
+and the shuffle buffer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_attention.train import CheckpointError
+from transcoders.clt import CLTConfig, CrossLayerTranscoder
+from transcoders.config import CLTTrainConfig
+from transcoders.harvest import ShuffleBuffer
+from transcoders.train import CHECKPOINT_NAME, sparsity_weight, train_clt
+
+torch.set_num_threads(1)
+
+L, D, K, P = 3, 24, 16, 3 / 16  # layers, d_model, planted features per layer, firing probability
+_g = torch.Generator().manual_seed(0)
+ENCODERS = torch.nn.functional.normalize(torch.randn(L, K, D, generator=_g), dim=-1)  # x_l = a_l @ ENCODERS[l]
+# decoders [K, L - s, D]: own layer at scale 1, later layers at 0.3
+DECODERS = [torch.randn(K, L - s, D, generator=_g) * torch.tensor([1.0] + [0.3] * (L - s - 1))[:, None]
+            for s in range(L)]
+
+
+def planted_batch(index: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch `index` of the planted data: sparse features a [n, L, K] -> MLP inputs x and outputs y [n, L, D]."""
+    gen = torch.Generator().manual_seed(1000 + index)
+    a = (torch.rand(n, L, K, generator=gen) < P) * (1 + torch.rand(n, L, K, generator=gen))
+    x = torch.einsum("nlk,lkd->nld", a, ENCODERS)
+    y = torch.zeros(n, L, D)
+    for s in range(L):
+        y[:, s:] += torch.einsum("nk,ktd->ntd", a[:, s], DECODERS[s])
+    return x, y, a
+
+
+class PlantedSource:
+    """A BatchSource whose batch k depends only on k, so a resumed run sees exactly the same data."""
+
+    def __init__(self, state: dict | None):
+        self.next_batch = (state or {}).get("batch", 0)
+
+    def state(self) -> dict:
+        return {"batch": self.next_batch}
+
+    def __iter__(self):
+        while True:
+            x, y, _ = planted_batch(self.next_batch)
+            self.next_batch += 1
+            yield x, y
+
+
+def train_config(**overrides) -> CLTTrainConfig:
+    values = dict(steps=800, batch_tokens=256, lr=3e-3, warmup_steps=10, sparsity_coefficient=0.03, grad_clip=None)
+    return CLTTrainConfig(**{**values, **overrides})
+
+
+def new_clt(n_features: int = 32) -> CrossLayerTranscoder:
+    return CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=n_features), seed=0)
+
+
+def test_training_recovers_a_planted_dictionary():
+    clt = new_clt()
+    result = train_clt(clt, PlantedSource, train_config(), progress=False)
+    x, y, a = planted_batch(10**6, n=2048)  # held out: never served in training
+    with torch.no_grad():
+        acts = clt.encode(x)
+        recon = clt(x)
+    fvu = (recon - y).pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2))  # [L]
+    l0, planted_l0 = (acts > 0).float().sum(-1).mean(0), (a > 0).float().sum(-1).mean(0)
+    assert torch.all(fvu < 0.1), fvu  # an untrained CLT explains nothing: fvu ~ 1
+    assert torch.all((l0 > 0.7 * planted_l0) & (l0 < 1.5 * planted_l0)), (l0, planted_l0)
+    matched = []
+    for layer in range(L):  # each planted feature's own-layer decoder is found as a learned direction
+        learned = torch.nn.functional.normalize(clt.W_dec[layer][:, 0].detach(), dim=-1)
+        true = torch.nn.functional.normalize(DECODERS[layer][:, 0], dim=-1)
+        matched.append(((true @ learned.T).max(1).values > 0.9).float().mean())
+    assert torch.stack(matched).mean() > 0.7, matched
+    assert result.history[0]["nmse"] > 0.9 and result.history[-1]["lambda_s"] == pytest.approx(0.03)
+
+
+def test_sparsity_weight_ramps_linearly_then_holds():
+    config = train_config(steps=100, sparsity_coefficient=2.0, sparsity_ramp_fraction=0.5)
+    assert [sparsity_weight(s, config) for s in (0, 25, 50, 99)] == [0.0, 1.0, 2.0, 2.0]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path):
+    config = train_config(steps=12, checkpoint_every=4)
+    reference = new_clt(8)
+    train_clt(reference, PlantedSource, config, progress=False)
+
+    def kill_at_step_7(row):
+        if row["step"] == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
+                  on_step=kill_at_step_7)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 4
+    steps_run = []
+    resumed = new_clt(8)
+    result = train_clt(resumed, PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
+                       on_step=lambda row: steps_run.append(row["step"]))
+    assert steps_run == list(range(5, 13))
+    assert [row["step"] for row in result.history] == list(range(1, 13))
+    for name, param in reference.state_dict().items():  # bit-identical to the run that was never killed
+        assert torch.equal(param, resumed.state_dict()[name]), name
+
+
+def test_unusable_checkpoints_give_clear_errors(tmp_path: Path):
+    config = train_config(steps=2, warmup_steps=1, checkpoint_every=1)
+    train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="a", progress=False)
+    with pytest.raises(CheckpointError, match="different CLT config or model; delete it"):
+        train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="b", progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a partial write
+    with pytest.raises(CheckpointError, match="is unreadable .* delete it to restart"):
+        train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="a", progress=False)
+
+
+def numbered_chunks(start: int, size: int = 10):
+    """Chunk k holds tokens k*size .. k*size+size-1; each token's value is its number (L=1, D=1)."""
+    k = start
+    while True:
+        ids = torch.arange(k * size, (k + 1) * size, dtype=torch.float32).view(-1, 1, 1)
+        yield ids, -ids
+        k += 1
+
+
+def test_shuffle_buffer_serves_half_then_refills_half():
+    buffer = ShuffleBuffer(numbered_chunks, capacity=40, batch_tokens=5, seed=0)
+    batches = iter(buffer)
+    first_round = torch.cat([next(batches)[0].flatten() for _ in range(4)])  # half the buffer = 4 batches
+    assert buffer.chunks_read == 4  # filled with chunks 0-3
+    assert len(set(first_round.tolist())) == 20 and first_round.max() < 40  # distinct tokens, from the fill
+    x, y = next(batches)
+    assert buffer.chunks_read == 6  # refilled half (20 tokens = 2 chunks)
+    assert torch.equal(y, -x)  # inputs and outputs stay paired
+    assert not torch.equal(first_round[:20].sort().values, torch.arange(20.0))  # shuffled across chunks
+
+
+def test_shuffle_buffer_reuse_and_restart_state():
+    buffer = ShuffleBuffer(numbered_chunks, capacity=40, batch_tokens=5, reuse=3, seed=0)
+    batches = iter(buffer)
+    served = torch.cat([next(batches)[0].flatten() for _ in range(12)])  # one round = 3 * half
+    assert buffer.chunks_read == 4 and served.max() < 40
+    restarted = ShuffleBuffer(numbered_chunks, capacity=40, batch_tokens=5, start_chunk=buffer.state()["chunks_read"])
+    assert next(iter(restarted))[0].min() >= 40  # starts at the first unread chunk

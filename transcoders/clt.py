@@ -1,0 +1,301 @@
+"""The cross-layer transcoder (CLT): per source layer an encoder, and a decoder into every later layer.
+
+Features of layer l read the MLP input of layer l (after the pre-MLP RMSNorm, gain included) and
+write into the MLP outputs of layers l..L-1; the reconstruction of MLP output t sums the decoders of
+all source layers s <= t, plus b_dec[t]. The activation is JumpReLU with a per-feature threshold
+stored directly in fp32: `act = pre * (pre > threshold)`, as circuit-tracer computes it.
+
+Training works in normalised units: each layer's input and output are divided by a scalar
+(`input_scale`, `output_scale`, buffers that default to 1). The module always takes and returns
+real (un-normalised) activations; `fold_normalisation()` moves the scales into the weights, after
+which the parameters are in real units and the scales are 1. `save_clt` writes folded weights in
+circuit-tracer's layout (see PAPER.md) and `load_clt` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from transcoders.decode import decode_dense, sparse_decode
+from transcoders.jumprelu import jumprelu
+
+FORMAT_VERSION = 1
+META_FILE = "clt.json"  # ours: config, file sizes, training metadata; never matches circuit-tracer's W_enc_* glob
+CT_CONFIG_FILE = "config.yaml"  # circuit-tracer's
+FEATURE_INPUT_HOOK = "mlp.hook_in"  # after post_attention_layernorm, gain included: what harvest.py records
+FEATURE_OUTPUT_HOOK = "hook_mlp_out"
+
+
+class CLTFormatError(ValueError):
+    """A CLT directory that is missing, partial, corrupted or inconsistent; the message says which file."""
+
+
+class CLTConfig(BaseModel):
+    """Shape and activation of a CLT; `n_features` is per layer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_layers: PositiveInt
+    d_model: PositiveInt
+    n_features: PositiveInt
+    threshold_init: float = Field(0.03, ge=0, description="initial JumpReLU threshold of every feature")
+    bandwidth: float = Field(1.0, gt=0, description="width of the rectangle kernel in the threshold gradient")
+
+    @property
+    def n_parameters(self) -> int:
+        """Encoders, biases, thresholds and decoders: about (n_layers + L(L+1)/2) * F * d_model."""
+        L, F, D = self.n_layers, self.n_features, self.d_model
+        return L * F * D + 2 * L * F + F * D * L * (L + 1) // 2 + L * D
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT with JumpReLU features; see the module docstring for units and shapes."""
+
+    def __init__(self, config: CLTConfig, *, seed: int = 0, init: bool = True):
+        super().__init__()
+        self.config = config
+        L, F, D = config.n_layers, config.n_features, config.d_model
+        self.W_enc = nn.Parameter(torch.empty(L, F, D))  # [layer, feature, d_model], row = encoder
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.threshold = nn.Parameter(torch.full((L, F), float(config.threshold_init)))
+        self.W_dec = nn.ParameterList(nn.Parameter(torch.empty(F, L - s, D)) for s in range(L))
+        self.b_dec = nn.Parameter(torch.zeros(L, D))
+        self.register_buffer("input_scale", torch.ones(L))  # [layer] real = normalised * scale
+        self.register_buffer("output_scale", torch.ones(L))
+        if init:
+            self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Uniform init (our choice): encoders in +-1/sqrt(F), decoders in +-1/sqrt(L * D), biases 0."""
+        generator = torch.Generator().manual_seed(seed)
+        L, F, D = self.config.n_layers, self.config.n_features, self.config.d_model
+        enc_bound, dec_bound = 1 / math.sqrt(F), 1 / math.sqrt(L * D)
+        self.W_enc.uniform_(-enc_bound, enc_bound, generator=generator)
+        for weight in self.W_dec:
+            weight.uniform_(-dec_bound, dec_bound, generator=generator)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.threshold.fill_(self.config.threshold_init)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    @property
+    def n_features(self) -> int:
+        return self.config.n_features
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    def pre_activations(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] real MLP inputs -> [..., L, F] pre-activations (stored layer-major underneath)."""
+        lead, (L, D) = mlp_in.shape[:-2], mlp_in.shape[-2:]
+        x = (mlp_in / self.input_scale[:, None]).reshape(-1, L, D).transpose(0, 1)  # [L, N, D]
+        pre = torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc.transpose(1, 2))  # [L, N, F]
+        return pre.transpose(0, 1).reshape(*lead, L, self.n_features)
+
+    def encode(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] -> JumpReLU activations [..., L, F]."""
+        return jumprelu(self.pre_activations(mlp_in), self.threshold, self.config.bandwidth)
+
+    def _decode_with(self, decoder, acts: torch.Tensor) -> torch.Tensor:
+        lead, (L, F) = acts.shape[:-2], acts.shape[-2:]
+        out = decoder(acts.reshape(-1, L, F), list(self.W_dec)) + self.b_dec  # [N, L, D] normalised
+        return (out * self.output_scale[:, None]).reshape(*lead, L, self.d_model)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """[..., L, F] activations -> [..., L, D] reconstructed MLP outputs (with b_dec), sparse path."""
+        return self._decode_with(sparse_decode, acts)
+
+    def decode_dense(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reference for `decode`: the same map with plain dense matmuls."""
+        return self._decode_with(decode_dense, acts)
+
+    def forward(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] MLP inputs -> [..., L, D] reconstructed MLP outputs."""
+        return self.decode(self.encode(mlp_in))
+
+    def encode_layer(self, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
+        """One layer's features from its MLP input: [..., D] -> [..., F]."""
+        pre = (mlp_in / self.input_scale[layer]) @ self.W_enc[layer].T + self.b_enc[layer]
+        return jumprelu(pre, self.threshold[layer], self.config.bandwidth)
+
+    def decode_layer(self, layer: int, acts: list[torch.Tensor]) -> torch.Tensor:
+        """Reconstruct MLP output `layer` from `acts[s]` [..., F] of source layers s = 0..layer -> [..., D]."""
+        if len(acts) != layer + 1:
+            raise ValueError(f"decode_layer({layer}) needs activations of {layer + 1} source layers, got {len(acts)}")
+        out = self.b_dec[layer]
+        for source, source_acts in enumerate(acts):
+            out = out + source_acts @ self.W_dec[source][:, layer - source]
+        return out * self.output_scale[layer]
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[L, F]: each feature's decoder norm over all the layers it writes to (in training units)."""
+        return torch.stack([weight.pow(2).sum((1, 2)).sqrt() for weight in self.W_dec])
+
+    @torch.no_grad()
+    def fold_normalisation(self) -> CrossLayerTranscoder:
+        """Move input/output scales into the weights (outputs unchanged); afterwards the scales are 1."""
+        self.W_enc.div_(self.input_scale[:, None, None])
+        for source, weight in enumerate(self.W_dec):
+            weight.mul_(self.output_scale[source:, None])
+        self.b_dec.mul_(self.output_scale[:, None])
+        self.input_scale.fill_(1.0)
+        self.output_scale.fill_(1.0)
+        return self
+
+    @torch.no_grad()
+    def folded_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s tensors in real units, named as circuit-tracer names them (no copy of the whole CLT)."""
+        s_in, s_out = self.input_scale, self.output_scale
+        return {
+            f"W_enc_{layer}": (self.W_enc[layer] / s_in[layer]).float().contiguous(),
+            f"b_enc_{layer}": self.b_enc[layer].float().contiguous(),
+            f"b_dec_{layer}": (self.b_dec[layer] * s_out[layer]).float().contiguous(),
+            f"threshold_{layer}": self.threshold[layer].float().contiguous(),
+            f"W_dec_{layer}": (self.W_dec[layer] * s_out[layer:, None]).float().contiguous(),
+        }
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _layer_files(directory: Path, prefix: str) -> dict[int, Path]:
+    pattern = re.compile(rf"^{prefix}_(\d+)\.safetensors$")
+    return {int(m.group(1)): p for p in directory.iterdir() if (m := pattern.match(p.name))}
+
+
+def save_clt(clt: CrossLayerTranscoder, directory: str | Path, extra: dict | None = None,
+             *, model_name: str | None = None) -> None:
+    """Write `clt` in circuit-tracer's layout (folded into real units; `clt` itself is not changed).
+
+    Files: W_enc_{i}.safetensors (W_enc_i [F, D], b_enc_i [F], b_dec_i [D], threshold_i [F]),
+    W_dec_{i}.safetensors (W_dec_i [F, L - i, D]), config.yaml, and our clt.json (config, file sizes,
+    `extra`), written last: a directory without a matching clt.json is an unfinished save.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)
+    for prefix in ("W_enc", "W_dec"):  # a previous, deeper CLT must not leave files circuit-tracer would count
+        for index, path in _layer_files(directory, prefix).items():
+            if index >= clt.n_layers:
+                path.unlink()
+    sizes = {}
+    for layer in range(clt.n_layers):
+        tensors = clt.folded_layer(layer)
+        dec = {f"W_dec_{layer}": tensors.pop(f"W_dec_{layer}")}
+        for name, payload in ((f"W_enc_{layer}.safetensors", tensors), (f"W_dec_{layer}.safetensors", dec)):
+            _write_atomic(directory / name, lambda tmp, payload=payload: save_file(payload, str(tmp)))
+            sizes[name] = (directory / name).stat().st_size
+    ct_config = {"model_kind": "cross_layer_transcoder", "feature_input_hook": FEATURE_INPUT_HOOK,
+                 "feature_output_hook": FEATURE_OUTPUT_HOOK}
+    if model_name is not None:
+        ct_config["model_name"] = model_name
+    _write_atomic(directory / CT_CONFIG_FILE, lambda tmp: tmp.write_text(yaml.safe_dump(ct_config, sort_keys=False)))
+    meta = {"format_version": FORMAT_VERSION, "clt_config": clt.config.model_dump(), "files": sizes,
+            "extra": extra or {}}
+    _write_atomic(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+
+
+def _read_meta(directory: Path) -> dict | None:
+    path = directory / META_FILE
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        CLTConfig.model_validate(meta["clt_config"])
+        if meta["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
+        return meta
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CLTFormatError(f"{path} is corrupted ({exc}); re-export the CLT") from exc
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for truncated or garbled files
+        raise CLTFormatError(f"{path} is unreadable ({exc}); the CLT is corrupted, re-export it") from exc
+
+
+def _expect(path: Path, tensors: dict, name: str, shape: tuple[int, ...], optional: bool = False) -> torch.Tensor | None:
+    if name not in tensors:
+        if optional:
+            return None
+        raise CLTFormatError(f"{path} has no tensor {name!r} (found {sorted(tensors)}); not a CLT layer file")
+    tensor = tensors[name]
+    if tuple(tensor.shape) != shape:
+        raise CLTFormatError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not torch.isfinite(tensor).all():
+        raise CLTFormatError(f"{path}: {name} holds NaN or inf values; the CLT is corrupted")
+    return tensor.float()
+
+
+def load_clt(directory: str | Path) -> CrossLayerTranscoder:
+    """Read a CLT in circuit-tracer's layout (ours or anyone's) into an eval-mode CrossLayerTranscoder.
+
+    A layer file without threshold_i (circuit-tracer's ReLU CLTs) gets threshold 0, which is ReLU.
+    Missing, truncated, mis-shaped or non-finite files raise CLTFormatError naming the file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CLTFormatError(f"CLT directory {directory} does not exist; train or export a CLT there first")
+    meta = _read_meta(directory)
+    enc_files, dec_files = _layer_files(directory, "W_enc"), _layer_files(directory, "W_dec")
+    if not enc_files:
+        raise CLTFormatError(f"{directory} holds no W_enc_*.safetensors: not a CLT directory")
+    n_layers = meta["clt_config"]["n_layers"] if meta else max(enc_files) + 1
+    expected = [f"{p}_{i}.safetensors" for i in range(n_layers) for p in ("W_enc", "W_dec")]
+    present = {p.name for p in [*enc_files.values(), *dec_files.values()]}
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise CLTFormatError(f"{directory} is a partial CLT: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if meta:
+        for name, size in meta["files"].items():
+            actual = (directory / name).stat().st_size
+            if actual != size:
+                raise CLTFormatError(f"{directory / name} has {actual} bytes, {META_FILE} recorded {size}: corrupted")
+    first = _read_tensors(enc_files[0])
+    if "W_enc_0" not in first or first["W_enc_0"].ndim != 2:
+        raise CLTFormatError(f"{enc_files[0]} has no 2-d tensor 'W_enc_0'; not a CLT layer file")
+    n_features, d_model = first["W_enc_0"].shape
+    options = {k: meta["clt_config"][k] for k in ("threshold_init", "bandwidth")} if meta else {}
+    if meta and (meta["clt_config"]["n_features"], meta["clt_config"]["d_model"]) != (n_features, d_model):
+        raise CLTFormatError(f"{enc_files[0]}: W_enc_0 is {n_features}x{d_model}, {META_FILE} says otherwise")
+    config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, **options)
+    clt = CrossLayerTranscoder(config, init=False)
+    with torch.no_grad():
+        for layer in range(n_layers):
+            path = enc_files[layer]
+            enc = first if layer == 0 else _read_tensors(path)
+            clt.W_enc[layer].copy_(_expect(path, enc, f"W_enc_{layer}", (n_features, d_model)))
+            clt.b_enc[layer].copy_(_expect(path, enc, f"b_enc_{layer}", (n_features,)))
+            clt.b_dec[layer].copy_(_expect(path, enc, f"b_dec_{layer}", (d_model,)))
+            threshold = _expect(path, enc, f"threshold_{layer}", (n_features,), optional=True)
+            clt.threshold[layer].copy_(threshold if threshold is not None else torch.zeros(n_features))
+            path = dec_files[layer]
+            dec = _read_tensors(path)
+            clt.W_dec[layer].copy_(_expect(path, dec, f"W_dec_{layer}", (n_features, n_layers - layer, d_model)))
+    return clt.eval()
+
+
+def load_clt_metadata(directory: str | Path) -> dict:
+    """The `extra` dict save_clt recorded (training metadata), or {} for a CLT exported elsewhere."""
+    meta = _read_meta(Path(directory))
+    return meta["extra"] if meta else {}

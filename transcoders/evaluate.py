@@ -1,0 +1,153 @@
+"""Held-out evaluation of a CLT: nMSE (fraction of variance unexplained) and L0 per layer, dead features,
+and the LM's cross-entropy when the CLT replaces every MLP; plus the plots a person looks at first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from typing_extensions import Self
+
+from sparse_attention.data import iterate_blocks
+from sparse_attention.evaluate import mean_ce
+from transcoders.clt import CrossLayerTranscoder
+from transcoders.harvest import harvest_batch, lm_logits, mlp_modules
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported only when a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor, batch_size: int) -> dict:
+    """nMSE = sum |y - y_hat|^2 / sum |y - mean y|^2 per layer (true MLP inputs in, position 0 excluded),
+    L0 per layer, and the features that never fire on these tokens (dead)."""
+    L, F = clt.n_layers, clt.n_features
+    sse, sum_sq, count = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64), 0
+    sum_y = torch.zeros(L, clt.d_model, dtype=torch.float64)
+    active_total = torch.zeros(L, dtype=torch.float64)
+    fired = torch.zeros(L, F, dtype=torch.bool)
+    for tokens in iterate_blocks(blocks, batch_size):
+        mlp_in, mlp_out = harvest_batch(model, tokens)  # [n, L, D]
+        acts = clt.encode(mlp_in)  # [n, L, F]
+        recon = clt.decode(acts)
+        sse += (recon - mlp_out).double().pow(2).sum(dim=(0, 2))
+        sum_sq += mlp_out.double().pow(2).sum(dim=(0, 2))
+        sum_y += mlp_out.double().sum(0)
+        count += len(mlp_out)
+        active = acts > 0
+        active_total += active.sum(dim=(0, 2)).double()
+        fired |= active.any(0)
+    variance = sum_sq - sum_y.pow(2).sum(-1) / count  # [L] total squared deviation from the mean
+    dead = ~fired
+    return {
+        "nmse_per_layer": (sse / variance).tolist(),
+        "nmse": float((sse / variance).mean()),
+        "l0_per_layer": (active_total / count).tolist(),
+        "l0": float((active_total / count).mean()),
+        "dead_fraction": float(dead.float().mean()),
+        "dead_fraction_per_layer": dead.float().mean(1).tolist(),
+        "eval_tokens": count,
+    }
+
+
+class MLPReplacement:
+    """Context manager: every MLP's output at positions >= 1 is replaced, in the same forward.
+
+    mode "clt": layer l's output becomes the CLT reconstruction sum_{s <= l} W_dec[s][:, l - s] a_s + b_dec[l],
+    where a_s = encode_layer(s, x_s) and x_s is the MLP input of layer s *in this replaced forward*
+    (so errors compound through the layers, as in a replacement model). mode "zero": outputs set to 0.
+    Position 0 keeps its true MLP output in both modes: the CLT never saw it (it is the attention sink).
+    """
+
+    def __init__(self, model: nn.Module, clt: CrossLayerTranscoder | None, mode: str):
+        if mode not in ("clt", "zero") or (mode == "clt" and clt is None):
+            raise ValueError(f"MLPReplacement mode must be 'zero' or 'clt' (with a CLT), got {mode!r}")
+        self.modules, self.clt, self.mode = mlp_modules(model), clt, mode
+        self.acts: list[torch.Tensor] = []  # per source layer [batch, pos, F], reset every forward
+        self._handles = []
+
+    def _hook(self, layer: int):
+        def replace(module, args, output):
+            if layer == 0:
+                self.acts = []
+            new = output.clone()
+            if self.mode == "zero":
+                new[:, 1:] = 0
+            else:
+                self.acts.append(self.clt.encode_layer(layer, args[0]))
+                new[:, 1:] = self.clt.decode_layer(layer, self.acts)[:, 1:].to(output.dtype)
+            return new
+        return replace
+
+    def __enter__(self) -> Self:
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.acts = [], []
+
+
+def ce_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor, batch_size: int) -> dict:
+    """Held-out next-token CE: clean, with the CLT replacing every MLP, and with every MLP zero-ablated;
+    `ce_recovered` = (zero - replaced) / (zero - clean), 1 when the CLT is perfect."""
+    def logits(tokens):
+        return lm_logits(model, tokens)
+
+    clean = mean_ce(logits, blocks, batch_size)
+    with MLPReplacement(model, clt, "clt"):
+        replaced = mean_ce(logits, blocks, batch_size)
+    with MLPReplacement(model, None, "zero"):
+        zero = mean_ce(logits, blocks, batch_size)
+    gap = zero - clean
+    return {
+        "ce_clean": clean,
+        "ce_replaced": replaced,
+        "ce_zero_ablated": zero,
+        "ce_recovered": (zero - replaced) / gap if gap != 0 else float("nan"),
+    }
+
+
+def plot_per_layer(metrics: dict, title: str, path: Path) -> None:
+    """One figure, three panels over layers: nMSE, L0, dead fraction."""
+    plt = _pyplot()
+    layers = range(len(metrics["nmse_per_layer"]))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("nmse_per_layer", "nMSE (FVU)"), ("l0_per_layer", "L0 (active features / token)"),
+              ("dead_fraction_per_layer", "dead fraction")]
+    for ax, (key, label) in zip(axes, panels):
+        ax.bar(layers, metrics[key], color="tab:blue")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{title}: CE clean {metrics['ce_clean']:.3f}, CLT-replaced {metrics['ce_replaced']:.3f}, "
+                 f"MLPs zeroed {metrics['ce_zero_ablated']:.3f} (recovered {metrics['ce_recovered']:.1%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(history: list[dict], title: str, path: Path) -> None:
+    """Training curves: batch nMSE, L0 per layer and dead fraction against tokens."""
+    plt = _pyplot()
+    tokens = [row["tokens"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, label in zip(axes, ("nmse", "l0", "dead_fraction"), ("batch nMSE", "mean L0", "dead fraction")):
+        ax.plot(tokens, [row[key] for row in history])
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

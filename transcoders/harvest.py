@@ -1,0 +1,145 @@
+"""Activation harvesting: MLP inputs and outputs of every layer, from a plain HF causal LM or a GatedModel.
+
+Forward hooks on `layers[l].mlp` record its input (the output of post_attention_layernorm, gain
+included: TransformerLens' `blocks.{l}.mlp.hook_in`) and its output (`hook_mlp_out`). Position 0 (the
+start token, an attention sink with outsized MLP outputs) is dropped. The forward stops after the
+last MLP, so no logits are computed. `ShuffleBuffer` mixes tokens across blocks before training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from typing_extensions import Self
+
+from sparse_attention.data import batch_iterator
+from sparse_attention.gated_attention import GatedModel
+
+Chunk = tuple[torch.Tensor, torch.Tensor]  # (mlp_in [n, L, D], mlp_out [n, L, D])
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: everything after it is not needed for harvesting."""
+
+
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """The MLP module of every decoder layer, for a GatedModel or a HF causal LM (`model.model.layers`)."""
+    lm = model.model if isinstance(model, GatedModel) else model
+    try:
+        layers = lm.model.layers
+    except AttributeError:
+        raise TypeError(
+            f"{type(lm).__name__} has no .model.layers; CLT harvesting supports Llama-style HF causal LMs"
+        ) from None
+    return [layer.mlp for layer in layers]
+
+
+def lm_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] -> logits [batch, pos, vocab], for a GatedModel (in its current gate mode) or a HF LM."""
+    if isinstance(model, GatedModel):
+        return model(tokens).logits
+    return model(input_ids=tokens).logits
+
+
+def model_shape(model: nn.Module) -> tuple[int, int]:
+    """(n_layers, d_model) of the LM behind `model`."""
+    config = (model.model if isinstance(model, GatedModel) else model).config
+    return config.num_hidden_layers, config.hidden_size
+
+
+class MLPRecorder:
+    """Context manager: while open, every forward records each layer's MLP input and output (detached)."""
+
+    def __init__(self, model: nn.Module, *, stop_after_last: bool = False):
+        self.modules = mlp_modules(model)
+        self.stop_after_last = stop_after_last
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)  # per layer [batch, pos, D]
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
+        self._handles = []
+
+    def _hook(self, layer: int):
+        def record(module, args, output):
+            self.inputs[layer], self.outputs[layer] = args[0].detach(), output.detach()
+            if self.stop_after_last and layer == len(self.modules) - 1:
+                raise _StopForward
+        return record
+
+    def __enter__(self) -> Self:
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def harvest_batch(model: nn.Module, tokens: torch.Tensor) -> Chunk:
+    """[batch, pos] tokens -> (mlp_in, mlp_out), each [batch * (pos - 1), L, D] float32, position 0 dropped."""
+    with MLPRecorder(model, stop_after_last=True) as recorder:
+        try:
+            lm_logits(model, tokens)
+        except _StopForward:
+            pass
+    if any(x is None for x in recorder.inputs):
+        raise RuntimeError("an MLP hook did not fire during the forward; is every layer's mlp called?")
+    mlp_in = torch.stack(recorder.inputs, dim=2)[:, 1:]  # [batch, pos - 1, L, D]
+    mlp_out = torch.stack(recorder.outputs, dim=2)[:, 1:]
+    return mlp_in.flatten(0, 1).float(), mlp_out.flatten(0, 1).float()
+
+
+def harvest_stream(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0
+                   ) -> Iterator[Chunk]:
+    """Endless chunks of activations from shuffled token blocks; chunk k comes from batch k of batch_iterator."""
+    for tokens in batch_iterator(blocks, batch_size, seed, start_batch):
+        yield harvest_batch(model, tokens)
+
+
+class ShuffleBuffer:
+    """Serves random batches from `capacity` buffered tokens: each round serves half the buffer (times
+    `reuse`), then refills a random half from `chunks`. Tokens from many blocks mix in every batch.
+
+    `state()` says how many chunks were read; a new buffer opened with `start_chunk` = that number
+    refills from the next unread chunk (tokens buffered at a kill are skipped, not repeated).
+    """
+
+    def __init__(self, open_chunks, capacity: int, batch_tokens: int, *, reuse: int = 1, seed: int = 0,
+                 start_chunk: int = 0):
+        if capacity < 2 * batch_tokens:
+            raise ValueError(f"buffer capacity {capacity} must be at least twice batch_tokens {batch_tokens}")
+        self.open_chunks = open_chunks  # start_chunk -> iterator of Chunk
+        self.capacity, self.batch_tokens, self.reuse = capacity, batch_tokens, reuse
+        self.chunks_read = start_chunk
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + start_chunk)
+
+    def state(self) -> dict:
+        return {"chunks_read": self.chunks_read}
+
+    def _take(self, chunks: Iterator[Chunk], pending: list[Chunk], n: int) -> Chunk:
+        """The next n tokens of the stream (keeping any remainder of the last chunk in `pending`)."""
+        have = sum(len(x) for x, _ in pending)
+        while have < n:
+            x, y = next(chunks)
+            self.chunks_read += 1
+            pending.append((x, y))
+            have += len(x)
+        mlp_in, mlp_out = torch.cat([x for x, _ in pending]), torch.cat([y for _, y in pending])
+        pending[:] = [(mlp_in[n:], mlp_out[n:])] if have > n else []
+        return mlp_in[:n], mlp_out[:n]
+
+    def __iter__(self) -> Iterator[Chunk]:
+        chunks, pending = self.open_chunks(self.chunks_read), []
+        store_in, store_out = self._take(chunks, pending, self.capacity)
+        store_in, store_out = store_in.clone(), store_out.clone()  # [capacity, L, D]
+        half = self.capacity // 2
+        per_round = max(1, self.reuse * half // self.batch_tokens)
+        while True:
+            draws = -(-per_round * self.batch_tokens // self.capacity)
+            order = torch.cat([torch.randperm(self.capacity, generator=self.generator) for _ in range(draws)])
+            for index in order[: per_round * self.batch_tokens].split(self.batch_tokens):
+                yield store_in[index], store_out[index]
+            slots = torch.randperm(self.capacity, generator=self.generator)[:half]
+            store_in[slots], store_out[slots] = self._take(chunks, pending, half)

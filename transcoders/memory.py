@@ -1,0 +1,63 @@
+"""Will a CLT training run fit in memory? An estimate, and a clear error before anything is allocated."""
+
+from __future__ import annotations
+
+import os
+
+from transcoders.clt import CLTConfig
+
+GB = 1024**3
+BATCH_TENSORS = 8  # [batch, L, F] float32 tensors alive at once: pre, acts, masks, tanh terms, their gradients
+
+
+class CLTMemoryError(MemoryError):
+    """The configured CLT run would not fit; the message gives the breakdown and the largest F that fits."""
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory size."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def training_memory(config: CLTConfig, *, batch_tokens: int, buffer_tokens: int, model_bytes: int) -> dict[str, int]:
+    """Bytes per component of a training run (float32 everywhere; AdamW keeps two moments per weight)."""
+    L, F, D = config.n_layers, config.n_features, config.d_model
+    weights = config.n_parameters * 4
+    return {
+        "CLT weights": weights,
+        "gradients": weights,
+        "AdamW moments": 2 * weights,
+        "gradient temporaries": 2 * F * L * D * 4,  # the largest decoder's gradient, twice
+        "shuffle buffer": buffer_tokens * 2 * L * D * 4,
+        "batch activations": BATCH_TENSORS * batch_tokens * L * F * 4,
+        "language model": model_bytes,
+    }
+
+
+def check_training_fits(config: CLTConfig, *, batch_tokens: int, buffer_tokens: int, model_bytes: int,
+                        budget_bytes: int | None = None) -> dict[str, int]:
+    """Raise CLTMemoryError if the estimate exceeds `budget_bytes` (default: memory available now)."""
+    budget = available_bytes() if budget_bytes is None else budget_bytes
+    parts = training_memory(config, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, model_bytes=model_bytes)
+    total = sum(parts.values())
+    if total <= budget:
+        return parts
+    one = training_memory(config.model_copy(update={"n_features": 1}), batch_tokens=batch_tokens,
+                          buffer_tokens=buffer_tokens, model_bytes=model_bytes)
+    fixed = parts["shuffle buffer"] + parts["language model"]
+    per_feature = sum(one.values()) - fixed
+    largest = max(0, (budget - fixed) // per_feature)
+    breakdown = ", ".join(f"{name} {size / GB:.2f}" for name, size in parts.items())
+    raise CLTMemoryError(
+        f"a CLT with n_features={config.n_features} per layer ({config.n_parameters / 1e6:.0f}M weights over "
+        f"{config.n_layers} layers) needs about {total / GB:.1f} GB to train ({breakdown} GB) but the budget is "
+        f"{budget / GB:.1f} GB (memory_budget_gb, or the memory available now). About n_features={largest} fits; "
+        "lower clt.n_features (or harvest.buffer_tokens / train.batch_tokens)"
+    )

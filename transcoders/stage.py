@@ -1,0 +1,138 @@
+"""The CLT stage as one plain function: harvest -> train (resumable) -> export -> evaluate -> metrics.json.
+
+The pipeline calls `run` once per model: with a `ModelSpec` for the dense original, and with the
+sparsify stage's `model/` directory (a gated checkpoint) for the sparse one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from sparse_attention.config import ModelSpec
+from sparse_attention.data import load_token_blocks
+from sparse_attention.gated_attention import GATE_FILE, load_gated_model
+from sparse_attention.models import SMOLLM2_NAME, load_model
+from sparse_attention.stage import write_json_atomic
+from transcoders.cache import build_cache, cache_chunks
+from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
+from transcoders.config import CLTStageConfig
+from transcoders.evaluate import ce_metrics, plot_per_layer, plot_training, reconstruction_metrics
+from transcoders.harvest import ShuffleBuffer, harvest_stream, model_shape
+from transcoders.memory import GB, check_training_fits
+from transcoders.train import train_clt
+
+__all__ = ["CLTStageConfig", "ModelSource", "run"]
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "clt_config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+ModelSource = ModelSpec | str | Path  # a spec (dense original) or a gated checkpoint directory (sparsify's model/)
+HF_NAMES = {SMOLLM2_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def load_source(model: ModelSource) -> tuple[nn.Module, object, dict]:
+    """(eval-mode LM with frozen weights, tokenizer, identity) for a ModelSpec or a gated checkpoint directory.
+
+    The identity names the weights (for a gated checkpoint: its path and a hash of its gate offsets),
+    so a training checkpoint is never resumed against a different model.
+    """
+    if isinstance(model, ModelSpec):
+        lm, tokenizer = load_model(model.name, tiny=model.tiny)
+        identity = {"kind": "dense", **model.model_dump(mode="json")}
+        identity["model_name"] = HF_NAMES.get(model.name, model.name)
+    else:
+        directory = Path(model).resolve()
+        lm, tokenizer = load_gated_model(directory)
+        files = sorted(directory.glob("*.safetensors"))
+        identity = {"kind": "gated", "checkpoint": str(directory), "model_name": str(directory),
+                    "gate_sha256": hashlib.sha256((directory / GATE_FILE).read_bytes()).hexdigest(),
+                    "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    lm.requires_grad_(False)
+    return lm.eval(), tokenizer, identity
+
+
+def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
+    """Hash of everything that changes the trained CLT (not evaluation, threads or logging)."""
+    payload = {"config": config.model_dump(mode="json", exclude={"eval": True, "memory_budget_gb": True,
+                                                                 "train": {"threads", "log_every"}}),
+               "model": identity}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, progress: bool = True) -> dict:
+    """Train a CLT on `model`'s MLPs; writes the CLT (circuit-tracer layout), metrics.json, config, plots."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    started = time.perf_counter()
+
+    lm, tokenizer, identity = load_source(model)
+    blocks = load_token_blocks(config.data, tokenizer)
+    n_layers, d_model = model_shape(lm)
+    clt_config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=config.clt.n_features,
+                           threshold_init=config.clt.threshold_init, bandwidth=config.clt.bandwidth)
+    model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * GB)
+    memory = check_training_fits(clt_config, batch_tokens=config.train.batch_tokens,
+                                 buffer_tokens=config.harvest.buffer_tokens, model_bytes=model_bytes,
+                                 budget_bytes=budget)
+    clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed)
+
+    harvest = config.harvest
+    if config.cache.enabled:
+        cache_dir = config.cache.directory or output_dir / "activations"
+        build_cache(lm, blocks.train, cache_dir, identity={"model": identity, "data": config.data.model_dump(
+            mode="json"), "batch_size": harvest.batch_size, "seed": harvest.seed}, batch_size=harvest.batch_size,
+            seed=harvest.seed, max_tokens=config.cache.max_tokens, shard_tokens=config.cache.shard_tokens,
+            progress=progress)
+
+        def chunks(start: int):
+            return cache_chunks(cache_dir, (n_layers, d_model), start)
+    else:
+        def chunks(start: int):
+            return harvest_stream(lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start)
+
+    def open_source(state: dict | None) -> ShuffleBuffer:
+        return ShuffleBuffer(chunks, harvest.buffer_tokens, config.train.batch_tokens, reuse=harvest.reuse,
+                             seed=harvest.seed, start_chunk=(state or {}).get("chunks_read", 0))
+
+    result = train_clt(clt, open_source, config.train, checkpoint_dir=output_dir / CHECKPOINT_DIR,
+                       fingerprint=training_fingerprint(config, identity), progress=progress)
+    save_clt(clt, output_dir, model_name=identity["model_name"],
+             extra={"model": identity, "stage_config": config.model_dump(mode="json"),
+                    "train_steps": result.steps, "train_tokens": result.tokens_seen})
+    exported = load_clt(output_dir)  # evaluate what was written: the export is checked on every run
+
+    heldout = blocks.heldout[: config.eval.heldout_blocks]
+    recon = reconstruction_metrics(lm, exported, heldout, config.eval.batch_size)
+    ce = ce_metrics(lm, exported, heldout, config.eval.batch_size)
+    metrics = {
+        "model": identity,
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_features": clt_config.n_features,
+        "clt_parameters": clt_config.n_parameters,
+        **recon,
+        **ce,
+        "train_dead_fraction": result.dead_fraction,
+        "train_steps": result.steps,
+        "train_tokens_seen": result.tokens_seen,
+        "train_wall_seconds": result.wall_seconds,
+        "memory_estimate_gb": {name: size / GB for name, size in memory.items()},
+        "stage_wall_seconds": time.perf_counter() - started,
+        "history": result.history,
+    }
+    title = f"CLT {identity['kind']} ({n_layers} layers x {clt_config.n_features} features)"
+    plot_per_layer(metrics, title, output_dir / "per_layer.png")
+    plot_training(result.history, title, output_dir / "training_curves.png")
+    write_json_atomic(output_dir / METRICS_FILE, metrics)
+    return metrics

@@ -1,0 +1,218 @@
+"""CLT training: the loss, per-layer normalisation, and a resumable AdamW loop with a progress bar.
+
+Loss (training units: each layer's input and output divided by its scale, see clt.py):
+  sum_l mean_tokens |y_hat_l - y_l|^2 / D                              reconstruction, summed over layers
+  + lambda_s(t) * mean_tokens sum_{l,f} tanh(c * |W_dec,f| * a_f)       |W_dec,f| over all of f's decoders
+  + lambda_p * mean_tokens sum_{l,f} relu(-pre_f)                      pushes silent features back up
+lambda_s ramps linearly from 0 to its final value over `sparsity_ramp_fraction` of training.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from sparse_attention.train import CheckpointError, lr_factor
+from transcoders.clt import CrossLayerTranscoder
+from transcoders.config import CLTTrainConfig
+from transcoders.jumprelu import jumprelu
+
+CHECKPOINT_NAME = "clt_train_state.pt"
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor  # scalar, differentiable
+    mse_per_layer: torch.Tensor  # [L] mean squared error per element, training units
+    sparsity: torch.Tensor  # scalar, before lambda_s
+    preact: torch.Tensor  # scalar, before lambda_p
+    fvu_per_layer: torch.Tensor  # [L] fraction of variance unexplained on this batch
+    l0_per_layer: torch.Tensor  # [L] mean active features per token
+    fired: torch.Tensor  # [L, F] bool: active on some token of the batch
+
+
+def clt_loss(
+    clt: CrossLayerTranscoder,
+    mlp_in: torch.Tensor,  # [N, L, D] real units
+    mlp_out: torch.Tensor,  # [N, L, D]
+    *,
+    sparsity_coefficient: float,
+    sparsity_c: float,
+    preact_coefficient: float,
+    decode: str = "sparse",
+) -> LossTerms:
+    """The training loss on one batch; `decode="dense"` uses the reference decoder (same value)."""
+    pre = clt.pre_activations(mlp_in)  # [N, L, F]
+    acts = jumprelu(pre, clt.threshold, clt.config.bandwidth)
+    recon = clt.decode(acts) if decode == "sparse" else clt.decode_dense(acts)  # [N, L, D]
+    scale = clt.output_scale[:, None]
+    err = (recon - mlp_out) / scale  # [N, L, D]
+    mse_per_layer = err.pow(2).mean(dim=(0, 2))
+    sparsity = torch.tanh(sparsity_c * clt.decoder_norms() * acts).sum(dim=(1, 2)).mean()
+    preact = torch.relu(-pre).sum(dim=(1, 2)).mean()
+    total = mse_per_layer.sum() + sparsity_coefficient * sparsity + preact_coefficient * preact
+    with torch.no_grad():
+        target = mlp_out / scale
+        variance = (target - target.mean(0)).pow(2).mean(dim=(0, 2))
+        active = acts > 0
+        fvu = mse_per_layer.detach() / variance.clamp_min(1e-12)
+    return LossTerms(total, mse_per_layer.detach(), sparsity.detach(), preact.detach(), fvu,
+                     active.sum(-1).float().mean(0), active.any(0))
+
+
+@torch.no_grad()
+def set_normalisation(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Per layer scale so that a normalised vector has mean square 1 per element; b_dec starts at the mean output."""
+    mlp_in = torch.cat([x for x, _ in batches])  # [N, L, D]
+    mlp_out = torch.cat([y for _, y in batches])
+    clt.input_scale.copy_(mlp_in.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
+    clt.output_scale.copy_(mlp_out.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
+    clt.b_dec.copy_(mlp_out.mean(0) / clt.output_scale[:, None])
+
+
+def sparsity_weight(step: int, config: CLTTrainConfig) -> float:
+    """lambda_s at `step`: linear ramp from 0 over the first `sparsity_ramp_fraction` of training."""
+    ramp = max(1.0, config.sparsity_ramp_fraction * config.steps)
+    return config.sparsity_coefficient * min(1.0, step / ramp)
+
+
+class BatchSource(Protocol):
+    """Endless (mlp_in [B, L, D], mlp_out [B, L, D]) batches, with a state to restart from after a kill."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state(self) -> dict: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one row per step
+    steps: int
+    tokens_seen: int
+    wall_seconds: float
+    dead_fraction: float  # features silent for dead_window_tokens at the end of training
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The saved training state, None if there is none; CheckpointError if it is unusable."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a CLT training state")
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is unreadable ({exc}); delete it to restart CLT training from scratch"
+        ) from exc
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path} was written by a different CLT config or model; delete it (or use another output) to restart"
+        )
+    return state
+
+
+def train_clt(
+    clt: CrossLayerTranscoder,
+    open_source: Callable[[dict | None], BatchSource],
+    config: CLTTrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) `clt` in place. `open_source(state)` restarts the data where `state` left off
+    (None: from the beginning). `on_step(row)` runs after each step and its checkpoint."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    optimizer = torch.optim.AdamW(clt.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    state = None
+    if ckpt_path is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = load_checkpoint(ckpt_path, fingerprint)
+    silent_tokens = torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64)  # tokens since last fired
+    history: list[dict] = []
+    start_step = tokens_seen = 0
+    if state is not None:
+        clt.load_state_dict(state["clt"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        silent_tokens = state["silent_tokens"]
+        history, start_step, tokens_seen = state["history"], state["step"], state["tokens_seen"]
+        source = open_source(state["source"])
+        batches = iter(source)
+    else:
+        torch.manual_seed(config.seed)
+        source = open_source(None)
+        batches = iter(source)
+        set_normalisation(clt, [next(batches) for _ in range(config.normalisation_batches)])
+
+    clt.train()
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start_step, desc="clt", disable=not progress, dynamic_ncols=True)
+    for step in range(start_step, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps)
+        lambda_s = sparsity_weight(step, config)
+        mlp_in, mlp_out = next(batches)
+        terms = clt_loss(clt, mlp_in, mlp_out, sparsity_coefficient=lambda_s, sparsity_c=config.sparsity_c,
+                         preact_coefficient=config.preact_coefficient, decode=config.decode)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            clt.threshold.clamp_(min=0.0)  # a negative threshold would let negative pre-activations through
+        tokens_seen += len(mlp_in)
+        silent_tokens = torch.where(terms.fired, 0, silent_tokens + len(mlp_in))
+        row = {
+            "step": step + 1,
+            "tokens": tokens_seen,
+            "loss": terms.total.item(),
+            "mse": terms.mse_per_layer.sum().item(),
+            "nmse": terms.fvu_per_layer.mean().item(),
+            "l0": terms.l0_per_layer.mean().item(),
+            "sparsity": terms.sparsity.item(),
+            "preact": terms.preact.item(),
+            "lambda_s": lambda_s,
+            "dead_fraction": (silent_tokens >= config.dead_window_tokens).float().mean().item(),
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        bar.update(1)
+        if (step + 1) % config.log_every == 0:
+            bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+        if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            _save_checkpoint(ckpt_path, {
+                "fingerprint": fingerprint,
+                "clt": clt.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "silent_tokens": silent_tokens,
+                "history": history,
+                "step": step + 1,
+                "tokens_seen": tokens_seen,
+                "source": source.state(),
+            })
+        if on_step is not None:
+            on_step(row)
+    bar.close()
+    clt.eval()
+    dead = (silent_tokens >= config.dead_window_tokens).float().mean().item()
+    return TrainResult(history, config.steps, tokens_seen, time.perf_counter() - started, dead)
