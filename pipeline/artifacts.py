@@ -40,7 +40,7 @@ class ArtifactStore:
         try:
             self.fs, self.base = pafs.FileSystem.from_uri(root) if "://" in root else (
                 pafs.LocalFileSystem(), str(Path(root).resolve()))
-        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError / ValueError by scheme
+        except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError, ArrowIOError an OSError
             raise ArtifactError(f"cannot open output {root!r}: {exc}") from None
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -51,7 +51,7 @@ class ArtifactStore:
             with self.fs.open_output_stream(probe) as stream:
                 stream.write(b"")
             self.fs.delete_file(probe)
-        except Exception as exc:
+        except (OSError, ValueError) as exc:
             raise ArtifactError(f"output {self.root} is not writable: {exc}") from None
 
     def uri(self, stage_dir: str) -> str:
@@ -74,7 +74,7 @@ class ArtifactStore:
         try:
             with self.fs.open_input_stream(path) as stream:
                 return json.loads(stream.read())
-        except Exception as exc:
+        except (OSError, ValueError) as exc:
             raise ArtifactError(f"{path} is unreadable ({exc}); delete it or use --force to recompute") from None
 
     def is_done(self, stage_dir: str, key: str, *, force: bool = False) -> bool:

@@ -40,7 +40,7 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
         log.info("%s: done already (%s), skipped", stage.name, store.uri(stage.directory))
         return {"stage": stage.name, "skipped": True, **(store.manifest(stage.directory) or {})}
     inputs = {name: store.work_dir(STAGES[name].directory) for name in stage.inputs}
-    for name, path in inputs.items():
+    for name in inputs:
         if store.manifest(STAGES[name].directory) is None:
             raise ConfigError(f"stage {stage.name} needs {name}, which has no finished output in {root}")
     log.info("%s: start", stage.name)
@@ -108,6 +108,7 @@ def _init_ray(config: PipelineConfig) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}} if not address else None
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices workers by default; stages are the work
@@ -115,3 +116,20 @@ def _init_ray(config: PipelineConfig) -> None:
                      log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an address nobody listens at (ray.init would retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not host:port (or ray://host:port)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc})") from None

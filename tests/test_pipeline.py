@@ -1,0 +1,128 @@
+"""The pipeline: presets end to end (embedded Ray and in-process), the artifact store, kill and resume,
+clear errors, and `ray job submit` against a local head."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import MANIFEST, ArtifactError
+from pipeline.config import load_config
+from pipeline.orchestrate import run_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, str(REPO / "pipeline" / "run.py")]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def metrics_without_timings(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    metrics.pop("history")
+    for key in [k for k in metrics if "seconds" in k]:
+        metrics.pop(key)
+    return metrics
+
+
+def test_tiny_preset_with_embedded_ray(tmp_path):
+    config = load_config(preset="tiny")
+    results = run_pipeline(config, ["sparsify"], str(tmp_path), progress=False)
+    assert results["sparsify"]["skipped"] is False
+    manifest = json.loads((tmp_path / "sparsify" / MANIFEST).read_text())
+    assert manifest["summary"]["edge_fraction"] < 0.5
+    assert (tmp_path / "sparsify" / "model" / "gate.safetensors").exists()
+
+
+def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):
+    config = load_config(preset="tiny")
+    run_pipeline(config, ["sparsify"], str(tmp_path), executor="local", progress=False)
+    metrics = tmp_path / "sparsify" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    again = run_pipeline(config, ["sparsify"], str(tmp_path), executor="local", progress=False)
+    assert again["sparsify"]["skipped"] is True and metrics.stat().st_mtime_ns == stamp
+    changed = load_config(preset="tiny", overrides=["sparsify.train.steps=5"])
+    with pytest.raises(ArtifactError, match="different config"):
+        run_pipeline(changed, ["sparsify"], str(tmp_path), executor="local", progress=False)
+    assert metrics.stat().st_mtime_ns == stamp  # nothing computed was lost
+    forced = run_pipeline(changed, ["sparsify"], str(tmp_path), force=["sparsify"], executor="local", progress=False)
+    assert forced["sparsify"]["skipped"] is False
+    assert json.loads(metrics.read_text())["train_steps"] == 5
+
+
+def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path):
+    args = ["--preset", "tiny", "--executor", "local", "--quiet", "--set", "sparsify.train.steps=400",
+            "--set", "sparsify.train.checkpoint_every=20"]
+    straight = subprocess.run(RUN + args + ["--output", str(tmp_path / "a")], env=ENV, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    killed = subprocess.Popen(RUN + args + ["--output", str(tmp_path / "b")], env=ENV, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "b" / "sparsify" / "checkpoints" / "train_state.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists(), "the run never reached its first checkpoint"
+    assert not (tmp_path / "b" / "sparsify" / MANIFEST).exists()  # a killed stage never reads as done
+    resumed = subprocess.run(RUN + args + ["--output", str(tmp_path / "b")], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics_without_timings(tmp_path / "b" / "sparsify" / "metrics.json") == metrics_without_timings(
+        tmp_path / "a" / "sparsify" / "metrics.json")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "nope"], "unknown preset"),
+        (["--preset", "tiny", "--stages", "bogus"], "unknown stage"),
+        (["--preset", "tiny", "--set", "sparsify.train.steps=-1"], "sparsify.train.steps"),
+        (["--preset", "tiny", "--set", "sparsify.model.name=not-a-model", "--executor", "local"], "not-a-model"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(tmp_path, args, message):
+    result = subprocess.run(RUN + args + ["--output", str(tmp_path / "out")], env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(RUN + ["--preset", "tiny", "--output", str(blocker / "out")], env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_unreachable_ray_address_is_a_clear_error(tmp_path):
+    env = {**ENV, "RAY_ADDRESS": "127.0.0.1:1"}
+    result = subprocess.run(RUN + ["--preset", "tiny", "--output", str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "cannot connect to Ray" in result.stderr
+
+
+def test_ray_job_submit_on_a_local_head(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = "6391"
+    env = {**ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+                            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr
+        output = tmp_path / "job"
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
+             "--", "python", "pipeline/run.py", "--preset", "tiny", "--quiet", "--output", str(output)],
+            env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "pipeline finished" in submit.stdout
+        assert json.loads((output / "sparsify" / MANIFEST).read_text())["stage"] == "sparsify"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
