@@ -21,9 +21,11 @@ class StageResources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0, description="per worker")
+    num_gpus: float = Field(0, ge=0, description="per worker")
     memory_gb: float | None = Field(None, gt=0)
+    num_workers: int = Field(1, ge=1, description="data-parallel training workers (Ray Train, DDP); 1 = plain task")
+    use_gpu: bool = Field(False, description="data-parallel workers take one GPU each")
 
 
 class ResourcesConfig(BaseModel):

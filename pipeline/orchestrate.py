@@ -86,8 +86,9 @@ def run_pipeline(config: PipelineConfig, groups: list[str], output: str, *, forc
     for stage in stages:
         res = config.resources.for_stage(stage.group)
         deps = [refs[name] for name in stage.inputs if name in refs]
+        coordinator = res.num_workers > 1  # its Ray Train workers hold the resources, not the stage task
         refs[stage.name] = remote.options(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            num_cpus=0.01 if coordinator else res.num_cpus, num_gpus=0 if coordinator else res.num_gpus,
             memory=int(res.memory_gb * 2**30) if res.memory_gb else None,
             name=f"stage:{stage.name}", max_retries=0,
         ).remote(stage.name, config_json, output, keys, stage.group in force, progress, *deps)

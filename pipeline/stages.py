@@ -23,10 +23,47 @@ class Stage:
     run: Callable[[PipelineConfig, Path, dict[str, Path], bool], dict]
 
 
+def _sparsify_worker(loop_config: dict) -> None:
+    """Ray Train worker: every rank trains on its shard; rank 0 saves and evaluates."""
+    import torch
+
+    from sparse_attention import stage as sparsify
+    from sparse_attention.config import SparsifyConfig
+
+    torch.set_num_threads(loop_config["threads"])
+    sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), loop_config["work_dir"],
+                 progress=loop_config["progress"])
+
+
+def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name: str) -> None:
+    """Run `worker(loop_config)` on `resources.num_workers` Ray Train workers with torch DDP (gloo or nccl)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    per_worker = {"CPU": resources.num_cpus, **({"GPU": max(1, resources.num_gpus)} if resources.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker,
+        train_loop_config={**loop_config, "threads": max(1, int(resources.num_cpus))},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(storage_path=str(storage.resolve()), name=name),
+    )
+    trainer.fit()
+
+
 def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+    import json
+
     from sparse_attention import stage as sparsify
 
-    metrics = sparsify.run(config.sparsify, work_dir, progress=progress)
+    resources = config.resources.for_stage("sparsify")
+    if resources.num_workers > 1:
+        loop_config = {"config": config.sparsify.model_dump(mode="json"), "work_dir": str(work_dir),
+                       "progress": progress}
+        run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / "ray_train", "sparsify")
+        metrics = json.loads((work_dir / sparsify.METRICS_FILE).read_text())
+    else:
+        metrics = sparsify.run(config.sparsify, work_dir, progress=progress)
     return {
         "dense_ce": metrics["dense_ce"],
         "sparse_ce": metrics["sparse_ce"],

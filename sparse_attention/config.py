@@ -57,6 +57,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class EvalConfig(BaseModel):

@@ -27,10 +27,13 @@ def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def mean_ce(logits_fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch_size: int) -> float:
-    """Token-weighted held-out CE of `logits_fn(tokens) -> logits` over all blocks."""
+def mean_ce(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, batch_size: int, device="cpu"
+) -> float:
+    """Token-weighted held-out CE of `logits_fn(tokens) -> logits` over all blocks (moved to `device`)."""
     total, count = 0.0, 0
     for tokens in iterate_blocks(blocks, batch_size):
+        tokens = tokens.to(device)
         n = tokens[:, 1:].numel()
         total += next_token_ce(logits_fn(tokens), tokens).item() * n
         count += n
@@ -89,12 +92,12 @@ def edge_statistics(gated: GatedModel, blocks: torch.Tensor, batch_size: int) ->
     pairs = np.zeros_like(open_edges)
     histogram = np.zeros(context + 1, dtype=np.int64)
     for tokens in iterate_blocks(blocks, batch_size):
-        record = gated(tokens, record_masks=True).record
+        record = gated(tokens.to(gated.offsets.device), record_masks=True).record
         o, p = record.edge_counts()
-        open_edges += o.numpy()
-        pairs += p.numpy()
+        open_edges += o.cpu().numpy()
+        pairs += p.cpu().numpy()
         for mask in record.gate_masks:  # [b, h, q, k]
-            histogram += np.bincount(mask.sum(-1).flatten().numpy(), minlength=context + 1)
+            histogram += np.bincount(mask.sum(-1).flatten().cpu().numpy(), minlength=context + 1)
         record.gate_masks.clear()
     return EdgeStats(context, open_edges, pairs, histogram)
 
@@ -110,7 +113,7 @@ def calibrate_offset(
     trials = []
     for offset in sorted(candidates):
         gated.offsets.fill_(offset)
-        ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, blocks, batch_size)
+        ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, blocks, batch_size, gated.offsets.device)
         trials.append({"offset": offset, "ce": ce, "excess": ce - dense_ce})
         if ce - dense_ce <= tolerance:
             return offset, trials
@@ -149,8 +152,8 @@ def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_h
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = torch.cat([torch.tensor([[start]]), ids], dim=1)
-    labels = [tokenizer.decode([t]) for t in ids[0]]
+    ids = torch.cat([torch.tensor([[start]]), ids], dim=1).to(gated.offsets.device)
+    labels = [tokenizer.decode([t]) for t in ids[0].tolist()]
     gated.set_mode("dense")
     dense = _attention_weights(gated, ids)
     gated.set_mode("eval")
@@ -173,7 +176,7 @@ def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_h
 def _attention_weights(gated: GatedModel, ids: torch.Tensor) -> list[np.ndarray]:
     """Per layer [head, q, k] attention weights actually applied to values (gated unless dense mode)."""
     attentions = gated(ids, output_attentions=True).attentions
-    return [a[0].float().numpy() for a in attentions]
+    return [a[0].float().cpu().numpy() for a in attentions]
 
 
 def plot_training_curves(history: list[dict], path) -> None:

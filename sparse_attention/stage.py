@@ -25,7 +25,7 @@ from sparse_attention.evaluate import (
 )
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import load_model
-from sparse_attention.train import post_train
+from sparse_attention.train import is_main_rank, post_train
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -34,7 +34,7 @@ CONFIG_FILE = "sparsify_config.yaml"
 
 def training_fingerprint(config: SparsifyConfig) -> str:
     """Hash of everything that changes the trained weights (not evaluation or thread settings)."""
-    payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every"}})
+    payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -44,26 +44,36 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def resolve_device(choice: str) -> torch.device:
+    """'auto' takes the GPU when there is one; 'cuda' without a GPU is an error, not a silent CPU run."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True) -> dict:
     """Post-train `config.model` into gated sparse attention; writes model/, metrics.json, plots."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if is_main_rank():
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     started = time.perf_counter()
 
+    device = resolve_device(config.train.device)
     model, tokenizer = load_model(config.model.name, tiny=config.model.tiny)
+    model.to(device)
     reference = copy.deepcopy(model).eval()
     for param in reference.parameters():
         param.requires_grad_(False)
     blocks = load_token_blocks(config.data, tokenizer)
     heldout = blocks.heldout[: config.eval.heldout_blocks]
     eval_bs = config.eval.batch_size
-    dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, heldout, eval_bs)
+    dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, heldout, eval_bs, device)
 
-    gated = GatedModel(model, offset_init=0.0, learn_offset=config.gate.learn_offset)
+    gated = GatedModel(model, offset_init=0.0, learn_offset=config.gate.learn_offset).to(device)
     if config.gate.offset_init == "auto":
         offset, trials = calibrate_offset(
             gated, dense_ce, heldout, eval_bs, config.gate.offset_candidates, config.gate.calibration_tolerance
@@ -72,7 +82,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         offset, trials = float(config.gate.offset_init), []
         with torch.no_grad():
             gated.offsets.fill_(offset)
-    untrained_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs)
+    untrained_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs, device)
 
     result = post_train(
         gated, reference, blocks.train, config.train, config.controller,
@@ -81,6 +91,8 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         config_fingerprint=training_fingerprint(config),
         progress=progress,
     )
+    if not is_main_rank():  # data-parallel workers: rank 0 saves and evaluates
+        return {}
     model_dir = output_dir / MODEL_DIR
     tmp_dir = output_dir / (MODEL_DIR + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -88,15 +100,16 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp_dir, model_dir)
 
-    sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs)
-    control_ce = mean_ce(lambda t: gated.set_mode("dense")(t).logits, heldout, eval_bs)
+    sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs, device)
+    control_ce = mean_ce(lambda t: gated.set_mode("dense")(t).logits, heldout, eval_bs, device)
     stats = [edge_statistics(gated, heldout, eval_bs)]
     if config.eval.long_blocks:
         long_blocks = load_token_blocks(config.data, tokenizer, context_length=config.eval.long_context_length)
         long_heldout = long_blocks.heldout[: config.eval.long_blocks]
         stats.append(edge_statistics(gated, long_heldout, max(1, eval_bs // 4)))
-        long_dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, long_heldout, max(1, eval_bs // 4))
-        long_sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, long_heldout, max(1, eval_bs // 4))
+        long_bs = max(1, eval_bs // 4)
+        long_dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, long_heldout, long_bs, device)
+        long_sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, long_heldout, long_bs, device)
     plot_edge_fractions(stats, output_dir / "edge_fractions.png")
     plot_attention_patterns(gated, tokenizer, config.eval.pattern_prompt, output_dir / "attention_patterns.png")
     plot_training_curves(result.history, output_dir / "training_curves.png")

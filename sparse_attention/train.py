@@ -32,6 +32,47 @@ class CheckpointError(RuntimeError):
     """A training checkpoint that exists but cannot be resumed from."""
 
 
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_main_rank() -> bool:
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def shard_for_rank(tokens: torch.Tensor) -> torch.Tensor:
+    """This worker's equal slice of the global batch (data parallel); the whole batch otherwise."""
+    if not is_distributed():
+        return tokens
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if tokens.shape[0] % world:
+        raise ValueError(f"train.batch_size {tokens.shape[0]} is not divisible by {world} data-parallel workers")
+    per = tokens.shape[0] // world
+    return tokens[rank * per : (rank + 1) * per]
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce mean of gradients: with equal shards this is exactly the global-batch gradient."""
+    world = torch.distributed.get_world_size()
+    for param in params:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad)
+            param.grad /= world
+
+
+def average_scalars(totals: dict) -> dict:
+    """Mean of float statistics and sum of counts over workers, so every rank's controller agrees."""
+    keys = sorted(totals)
+    values = torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    world = torch.distributed.get_world_size()
+    return {k: (int(v) if isinstance(totals[k], int) else v / world) for k, v in zip(keys, values.tolist())}
+
+
 def select_trainable(gated: GatedModel, which: str, learn_offset: bool) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze everything, then unfreeze the weights matching `which`; returns the trainable weights."""
     pattern = re.compile(TRAINABLE_PATTERNS[which])
@@ -133,7 +174,8 @@ def post_train(
     gated.train().set_mode("train", noise=train.gate_noise)
     batches = batch_iterator(train_blocks, train.batch_size, train.seed, start_batch=start_step * train.grad_accumulation)
     started = time.perf_counter()
-    bar = tqdm(total=train.steps, initial=start_step, desc="sparsify", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=train.steps, initial=start_step, desc="sparsify", disable=not (progress and is_main_rank()),
+               dynamic_ncols=True)
     for step in range(start_step, train.steps):
         factor = lr_factor(step, train.warmup_steps, train.steps)
         for group, base in zip(optimizer.param_groups, base_lrs):
@@ -141,7 +183,7 @@ def post_train(
         optimizer.zero_grad(set_to_none=True)
         totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0}
         for _ in range(train.grad_accumulation):
-            tokens = next(batches)
+            tokens = shard_for_rank(next(batches)).to(gated.offsets.device)
             with torch.no_grad():
                 reference_logits = reference(input_ids=tokens).logits
                 reference_ce = next_token_ce(reference_logits, tokens)
@@ -161,7 +203,10 @@ def post_train(
             totals["excess"] += excess_term.item() / train.grad_accumulation
             totals["open"] += int(open_edges.sum())
             totals["pairs"] += int(pairs.sum())
-            tokens_seen += tokens.numel()
+            tokens_seen += tokens.numel() * world_size()
+        if is_distributed():
+            average_gradients([p for _, p in weights] + [gated.offsets])
+            totals = average_scalars(totals)
         torch.nn.utils.clip_grad_norm_([p for _, p in weights], train.grad_clip)
         optimizer.step()
         excess = totals["excess"]
@@ -185,7 +230,8 @@ def post_train(
         if (step + 1) % train.log_every == 0:
             bar.set_postfix(ce=f"{row['ce']:.3f}", **{train.constraint: f"{excess:+.4f}"}, open=f"{row['open_fraction']:.3f}",
                             lam=f"{lam:.3g}", b=f"{row['mean_offset']:.2f}")
-        if ckpt_path is not None and ((step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps):
+        is_last = step + 1 == train.steps
+        if ckpt_path is not None and is_main_rank() and ((step + 1) % train.checkpoint_every == 0 or is_last):
             _save_checkpoint(ckpt_path, {
                 "fingerprint": config_fingerprint,
                 "weights": {name: p.detach().clone() for name, p in weights},

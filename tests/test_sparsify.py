@@ -8,9 +8,8 @@ import torch
 
 from pipeline.config import ConfigError, load_config, parse_config
 from sparse_attention import stage
-from sparse_attention.config import SparsifyConfig
+from sparse_attention.config import SparsifyConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig
-from sparse_attention.config import TrainConfig
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, load_gated_model
 from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
 from sparse_attention.train import CheckpointError, post_train
@@ -154,6 +153,7 @@ def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
     for png in ("edge_fractions.png", "attention_patterns.png", "training_curves.png"):
         assert (tmp_path / "sparsify" / png).stat().st_size > 1000
     loaded, _ = load_gated_model(tmp_path / "sparsify" / stage.MODEL_DIR)
+    assert loaded.mode == "eval" and loaded.offsets.shape == (config.model.tiny.n_layers, config.model.tiny.n_heads)
     assert isinstance(SparsifyConfig.model_validate(loaded_config(tmp_path)), SparsifyConfig)
 
 
