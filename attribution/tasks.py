@@ -58,7 +58,13 @@ class TaskPrompt(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Word lists (filtered per tokenizer to single tokens before use)
 
-NAMES = (
+
+def _words(text: str) -> tuple[str, ...]:
+    """Whitespace-separated words, duplicates dropped, order kept."""
+    return tuple(dict.fromkeys(text.split()))
+
+
+NAMES = _words(
     "Mary John Alice Bob Tom James Robert Michael William David Richard Joseph Thomas Charles Daniel "
     "Matthew Anthony Mark Paul Steven Andrew Kevin Brian George Edward Ronald Timothy Jason Jeffrey Ryan "
     "Jacob Gary Eric Jonathan Stephen Larry Justin Scott Brandon Frank Benjamin Gregory Samuel Raymond "
@@ -73,12 +79,17 @@ NAMES = (
     "Evelyn Judith Megan Cheryl Andrea Hannah Martha Jacqueline Frances Gloria Ann Teresa Kathryn Sara "
     "Janice Jean Alice Madison Doris Abigail Julia Judy Grace Denise Amber Marilyn Beverly Danielle "
     "Theresa Sophia Marie Diana Brittany Natalie Isabella Charlotte Rose Alexis Kayla Lucy Max Sam Ben"
-).split()
-IOI_PLACES = ("store garden restaurant school hospital office house station park library market beach "
-              "church museum airport bank hotel cafe").split()
-IOI_OBJECTS = ("ring kiss bone basketball computer necklace drink snack book letter gift pen ball cake "
-               "flower key hat phone bag ticket").split()
-# Wang et al. (2022) IOI templates; {A} = indirect object (answer), {B} = subject (repeated).
+)
+IOI_PLACES = _words(
+    "store garden restaurant school hospital office house station park library market beach church museum "
+    "airport bank hotel cafe"
+)
+IOI_OBJECTS = _words(
+    "ring kiss bone basketball computer necklace drink snack book letter gift pen ball cake flower key hat "
+    "phone bag ticket"
+)
+# Wang et al. (2022) IOI templates: {X} and {Y} are the two names (either order), {S} the subject, who
+# repeats; the answer is the other name, the indirect object.
 IOI_TEMPLATES = (
     "Then, {X} and {Y} went to the {place}. {S} gave a {object} to",
     "Then, {X} and {Y} had a lot of fun at the {place}. {S} gave a {object} to",
@@ -98,20 +109,20 @@ IOI_TEMPLATES = (
 )
 
 # Hanna et al. (2023) Greater-Than nouns (a subset).
-GT_NOUNS = (
+GT_NOUNS = _words(
     "war expedition project campaign siege voyage journey reign dynasty treaty trial study program "
     "investigation construction negotiation occupation rebellion revolution drought famine plague "
     "epidemic crisis conflict dispute partnership marriage friendship alliance tour pilgrimage strike "
-    "boycott blockade embargo rivalry friendship contract apprenticeship exile imprisonment captivity "
+    "boycott blockade embargo rivalry contract apprenticeship exile imprisonment captivity "
     "experiment excavation survey mission operation festival exhibition"
-).split()
+)
 GT_TEMPLATES = (
     "The {noun} lasted from the year {century}{start} to the year {century}",
     "The {noun} started in the year {century}{start} and ended in the year {century}",
     "The {noun} went on from {century}{start} until {century}",
 )
 
-DOC_WORDS = (
+DOC_WORDS = _words(
     "load size files last data name path value index count key item user text mode line state node "
     "config source target result output input start end step limit offset width height color image "
     "title label message error token query table field column row record cache buffer stream block "
@@ -119,13 +130,13 @@ DOC_WORDS = (
     "model layer unit port host address timeout option flag filter pattern format prefix suffix "
     "version status type kind code id info content context event handler callback func args request "
     "response client server session account email password location position direction angle radius"
-).split()
-DOC_DESCRIPTIONS = (
+)
+DOC_DESCRIPTIONS = _words(
     "oil column piece crime population unit dark bank trade sound river fire world house money story "
     "hand party water place week case point city night family head room friend power country school "
     "answer field form game line light market music paper price report space table war wind wood word "
     "board box cell class club group horse king lake land law letter list mind moon mountain news"
-).split()
+)
 DOC_TEMPLATE = (
     'def {func}(self, {a0}, {a1}, {a2}, {a3}):\n    """{d0} {d1} {d2}\n\n'
     "    :param {a0}: {d3} {d4}\n    :param {a1}: {d5} {d6}\n    :param"
@@ -153,7 +164,11 @@ ANTONYMS = (
     ("future", "past"), ("present", "absent"), ("winter", "summer"), ("ancient", "modern"),
     ("simple", "complex"), ("common", "rare"), ("include", "exclude"), ("entrance", "exit"),
 )
-ANTONYM_TEMPLATES = ('The opposite of "{word}" is "',)
+ANTONYM_TEMPLATES = (
+    'The opposite of "{word}" is "',  # the paper's prompt
+    'The antonym of "{word}" is "',
+    'The opposite of the word "{word}" is the word "',
+)
 
 INDUCTION_WORDS = tuple(sorted(set(DOC_WORDS + DOC_DESCRIPTIONS + IOI_PLACES + IOI_OBJECTS + GT_NOUNS)))
 INDUCTION_LENGTH = 10  # tokens in the first copy
@@ -244,7 +259,7 @@ def greater_than_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     SmolLM2 writes years digit by digit, so the next token is the tens digit d of the end year. With
     start year CC t u, d > t means a later year and d < t an earlier one; d = t is ambiguous and is in
     neither set (t is drawn from 1..8 so both sets are non-empty). Corrupted: start year CC 0 u, the
-    analogue of the paper's "01", after which no end decade is earlier.
+    analogue of Hanna et al.'s "01", after which no end decade is earlier.
     """
     template_index = rng.randrange(len(GT_TEMPLATES))
     noun, century = rng.choice(GT_NOUNS), str(rng.randint(11, 17))
@@ -269,9 +284,8 @@ def docstring_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     func = rng.choice(vocab.doc_words)
     words = {f"d{i}": rng.choice(DOC_DESCRIPTIONS) for i in range(7)}
     doc_args = {f"a{i}": arg for i, arg in enumerate(clean_args)}
-    clean = DOC_TEMPLATE.format(func=func, **doc_args, **words)
-    corrupt_def = dict(zip(doc_args, corrupt_args))
-    corrupted = _with_def_args(DOC_TEMPLATE, func, corrupt_def, doc_args, words)
+    clean = _with_def_args(DOC_TEMPLATE, func, doc_args, doc_args, words)
+    corrupted = _with_def_args(DOC_TEMPLATE, func, dict(zip(doc_args, corrupt_args)), doc_args, words)
     return TaskPrompt(task="docstring", template=0, clean=clean, corrupted=corrupted,
                       correct=(" " + clean_args[2],),
                       incorrect=tuple(" " + a for a in (clean_args[0], clean_args[1], clean_args[3])))
@@ -307,6 +321,17 @@ def induction_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
                       corrupted="".join(" " + w for w in corrupt_sequence) + repeat,
                       correct=(" " + sequence[k],), incorrect=(" " + replacement,))
 
+
+TASK_NOTES = {
+    "ioi": "Wang et al. templates, ABBA and BABA; corrupted = three unrelated names (ABC), so ~50% "
+           "corrupted accuracy is chance",
+    "greater_than": "SmolLM2 splits digits: the answer is the end year's tens digit; correct = digits "
+                    "above the start year's tens digit, incorrect = below (equal is ambiguous, left out)",
+    "docstring": "contrast = the def's other three arguments; corrupted = other def arguments, same docstring",
+    "antonyms": "three templates (the paper's first); corrupted = another cue word, contrast = its antonym",
+    "induction": "10 random single-token words, then a prefix of them; corrupted = the answer's first "
+                 "occurrence replaced, contrast = the replacement",
+}
 
 GENERATORS: dict[str, Callable[[random.Random, Vocab], TaskPrompt]] = {
     "ioi": ioi_candidate,
@@ -469,9 +494,9 @@ def task_performance(model_fn: LogitsFn, tokenizer, prompts: Sequence[TaskPrompt
         raise TaskError("task_performance needs at least one prompt")
     diffs = {"clean": torch.zeros(len(prompts)), "corrupted": torch.zeros(len(prompts))}
     for batch in encode_prompts(prompts, tokenizer, batch_size):
-        for kind in diffs:
+        for kind, values in diffs.items():
             logits = model_fn(getattr(batch, kind))[:, -1].float()
-            diffs[kind][list(batch.indices)] = logit_diff(logits, batch)
+            values[list(batch.indices)] = logit_diff(logits, batch)
     result: dict = {"n_prompts": len(prompts)}
     for kind, values in diffs.items():
         result[kind] = {"accuracy": (values > 0).float().mean().item(),
@@ -499,12 +524,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=PROMPT_DIR)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is far faster than 2 on a shared, oversubscribed CPU)")
     args = parser.parse_args(argv)
     if not (args.write or args.performance):
         parser.error("nothing to do: give --write and/or --performance N")
 
     from sparse_attention.models import load_model
 
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     if args.write:
         for name in _iter_tasks(args.tasks):
@@ -512,15 +540,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_task(prompts, task_path(name, args.out))
             print(f"{name}: {len(prompts)} prompts -> {task_path(name, args.out)}")
     if args.performance:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         path = args.out / "task_performance.json"
         results = json.loads(path.read_text()) if path.is_file() else {}
         for name in _iter_tasks(args.tasks):
             prompts = load_task(name, args.out)[: args.performance]
             results[name] = task_performance(logits_fn(model), tokenizer, prompts)
             print(name, json.dumps(results[name]))
-        results["_meta"] = {"model": args.model, "bos_prefixed": True,
-                            "metric": "mean correct logit - mean incorrect logit at the last position"}
+        results["_meta"] = {"model": args.model, "bos_prefixed": True, "seed": args.seed,
+                            "metric": "mean correct logit - mean incorrect logit at the last position; "
+                                      "accuracy = share of prompts with metric > 0",
+                            "notes": TASK_NOTES}
         path.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -99,15 +99,17 @@ class ArtifactStore:
         for checkpoint in local.glob("**/checkpoints"):
             shutil.rmtree(checkpoint, ignore_errors=True)
 
-    def commit(self, stage_dir: str, key: str, summary: dict) -> None:
-        """Upload the work directory (remote stores) and write the manifest last."""
+    def commit(self, stage_dir: str, key: str, summary: dict, manifest_dir: str | None = None) -> None:
+        """Upload the work directory (remote stores) and write the manifest last (into `manifest_dir`)."""
         local = self.work_dir(stage_dir)
         if not self.is_local:
             self.fs.create_dir(self.uri(stage_dir), recursive=True)
             pafs.copy_files(str(local), self.uri(stage_dir), source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
         payload = json.dumps({"key": key, "finished_at": time.time(), **summary}, indent=2, default=str).encode()
-        final = f"{self.uri(stage_dir)}/{MANIFEST}"
+        manifest_dir = manifest_dir or stage_dir
+        self.fs.create_dir(self.uri(manifest_dir), recursive=True)
+        final = f"{self.uri(manifest_dir)}/{MANIFEST}"
         if self.is_local:
             tmp = Path(final + ".tmp")
             tmp.write_bytes(payload)

@@ -7,7 +7,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from attribution.config import AttributionStageConfig
 from sparse_attention.config import SparsifyConfig
+from transcoders.config import CLTStageConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -49,6 +51,8 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sparsify: SparsifyConfig = SparsifyConfig()
+    clt: CLTStageConfig = CLTStageConfig()
+    attribution: AttributionStageConfig = AttributionStageConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
 

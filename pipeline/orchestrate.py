@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactStore, artifact_key
+from pipeline.artifacts import ArtifactError, ArtifactStore, artifact_key
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.stages import STAGES, Stage, stages_for
 
@@ -16,12 +16,16 @@ log = logging.getLogger("pipeline")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+class StageError(RuntimeError):
+    """A stage that raised or was killed; the message names the stage and the cause."""
+
+
 def stage_keys(config: PipelineConfig) -> dict[str, str]:
     """Every stage's artifact key, derived from the config chain alone (no stage needs to run first)."""
     keys: dict[str, str] = {}
     for stage in STAGES.values():  # STAGES is in dependency order
-        section = getattr(config, stage.section).model_dump(mode="json")
-        keys[stage.name] = artifact_key(stage.name, section, {name: keys[name] for name in stage.inputs})
+        keys[stage.name] = artifact_key(stage.name, stage.key_payload(config),
+                                        {name: keys[name] for name in stage.inputs})
     return keys
 
 
@@ -36,18 +40,19 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
 
         torch.set_num_threads(int(threads))  # reused Ray workers keep their first thread count otherwise
     store = ArtifactStore(root)
-    if store.is_done(stage.directory, keys[stage.name], force=force):
+    if store.is_done(stage.manifest_dir, keys[stage.name], force=force):
         log.info("%s: done already (%s), skipped", stage.name, store.uri(stage.directory))
-        return {"stage": stage.name, "skipped": True, **(store.manifest(stage.directory) or {})}
+        return {"stage": stage.name, "skipped": True, **(store.manifest(stage.manifest_dir) or {})}
     inputs = {name: store.work_dir(STAGES[name].directory) for name in stage.inputs}
     for name in inputs:
-        if store.manifest(STAGES[name].directory) is None:
+        if store.manifest(STAGES[name].manifest_dir) is None:
             raise ConfigError(f"stage {stage.name} needs {name}, which has no finished output in {root}")
     log.info("%s: start", stage.name)
     started = time.perf_counter()
     summary = stage.run(config, store.work_dir(stage.directory), inputs, progress)
     seconds = time.perf_counter() - started
-    store.commit(stage.directory, keys[stage.name], {"stage": stage.name, "seconds": seconds, "summary": summary})
+    store.commit(stage.directory, keys[stage.name], {"stage": stage.name, "seconds": seconds, "summary": summary},
+                 manifest_dir=stage.manifest_dir)
     log.info("%s: end in %.1f s", stage.name, seconds)
     return {"stage": stage.name, "skipped": False, "seconds": seconds, "summary": summary}
 
@@ -56,7 +61,7 @@ def _check_inputs_available(stages: list[Stage], store: ArtifactStore, keys: dic
     requested = {stage.name for stage in stages}
     for stage in stages:
         for name in stage.inputs:
-            if name not in requested and not store.is_done(STAGES[name].directory, keys[name]):
+            if name not in requested and not store.is_done(STAGES[name].manifest_dir, keys[name]):
                 raise ConfigError(
                     f"stage {stage.name} needs {name}, which is neither requested (--stages) nor finished "
                     f"in {store.root}; add {STAGES[name].group} to --stages"
@@ -96,7 +101,17 @@ def run_pipeline(config: PipelineConfig, groups: list[str], output: str, *, forc
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         name = pending.pop(done[0])
-        results[name] = ray.get(done[0])  # raises the stage's own error, with its message
+        try:
+            results[name] = ray.get(done[0])
+        except ray.exceptions.RayTaskError as error:  # the stage's own exception, re-raised as itself
+            cause = error.as_instanceof_cause()
+            if isinstance(cause, (ConfigError, ArtifactError)):
+                raise cause from None
+            raise StageError(f"stage {name} failed: {type(error.cause).__name__}: {error.cause}") from error
+        except ray.exceptions.RayError as error:  # killed worker, out of memory, lost node
+            first_line = str(error).strip().splitlines()[0]
+            raise StageError(f"stage {name} did not finish: {type(error).__name__}: {first_line}; rerun the "
+                             "same command to resume from its last checkpoint") from error
     return results
 
 

@@ -49,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in groups + args.force if s not in GROUPS]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(GROUPS)}")
-        from pipeline.orchestrate import run_pipeline
+        from pipeline.orchestrate import StageError, run_pipeline
 
         results = run_pipeline(config, groups, args.output, force=args.force, executor=args.executor,
                                progress=not args.quiet)
     except (ConfigError, ArtifactError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StageError as error:
+        log.debug("stage failure", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s; outputs:")
     for name, result in results.items():
         state = "skipped (done before)" if result.get("skipped") else f"{result['seconds']:.1f} s"

@@ -18,9 +18,23 @@ class Stage:
     name: str  # unique id, e.g. "clt_sparse"
     group: str  # what --stages names, e.g. "clt"
     directory: str  # relative output directory, e.g. "clt/sparse"
-    section: str  # the config section that (with the inputs) keys this stage's output
+    sections: tuple[str, ...]  # dotted config paths that (with the inputs) key this stage's output
     inputs: tuple[str, ...]
     run: Callable[[PipelineConfig, Path, dict[str, Path], bool], dict]
+    manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
+
+    @property
+    def manifest_dir(self) -> str:
+        return self.manifest_directory or self.directory
+
+    def key_payload(self, config: PipelineConfig) -> dict:
+        payload = {}
+        for dotted in self.sections:
+            value = config
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            payload[dotted] = value.model_dump(mode="json")
+        return payload
 
 
 def _sparsify_worker(loop_config: dict) -> None:
@@ -73,10 +87,42 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
     }
 
 
+def _run_clt(variant: str):
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+        from transcoders import stage as clt
+
+        source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
+        metrics = clt.run(config.clt, source, work_dir, progress=progress)
+        keys = ("nmse_per_layer", "l0_per_layer", "dead_fraction", "ce_clean", "ce_replaced", "ce_zero_ablated",
+                "ce_recovered_fraction")
+        return {key: metrics[key] for key in keys if key in metrics}
+
+    return run
+
+
+def _run_attribution(variant: str):
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+        from attribution import stage as attribution
+
+        source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
+        summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], config.attribution.prompts,
+                                  work_dir, variant, progress=progress)
+        return {"graphs": len(summary["graphs"]), "failures": summary["failures"],
+                "skipped": len(summary["skipped"]), "store": summary["store"]}
+
+    return run
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
-    for stage in [
-        Stage("sparsify", "sparsify", "sparsify", "sparsify", (), _run_sparsify),
+    for stage in [  # in dependency order
+        Stage("sparsify", "sparsify", "sparsify", ("sparsify",), (), _run_sparsify),
+        Stage("clt_dense", "clt", "clt/dense", ("clt", "sparsify.model"), (), _run_clt("dense")),
+        Stage("clt_sparse", "clt", "clt/sparse", ("clt",), ("sparsify",), _run_clt("sparse")),
+        Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
+              _run_attribution("dense"), manifest_directory="graphs/_stages/dense"),
+        Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
+              _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse"),
     ]
 }
 GROUPS = tuple(dict.fromkeys(stage.group for stage in STAGES.values()))

@@ -144,7 +144,7 @@ def plot_edge_fractions(stats: list[EdgeStats], path) -> None:
 
 @torch.no_grad()
 def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_heads_shown: int = 4) -> None:
-    """Dense (softmax) vs sparse (gated) attention for one prompt, on the heads with most open edges."""
+    """Dense (softmax) vs sparse (gated) attention for one prompt, on the heads the gates changed most."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,8 +158,9 @@ def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_h
     dense = _attention_weights(gated, ids)
     gated.set_mode("eval")
     sparse = _attention_weights(gated, ids)
-    open_per_head = [(int((w > 0).sum()), layer, head) for layer, w in enumerate(sparse) for head in range(w.shape[0])]
-    chosen = sorted(open_per_head, reverse=True)[:n_heads_shown]
+    removed_mass = [(float(np.abs(d - s).sum()), layer, head)
+                    for layer, (d, s) in enumerate(zip(dense, sparse)) for head in range(d.shape[0])]
+    chosen = sorted(removed_mass, reverse=True)[:n_heads_shown]  # heads the gates changed most
     fig, axes = plt.subplots(2, len(chosen), figsize=(3.6 * len(chosen), 7.5), squeeze=False)
     for col, (_, layer, head) in enumerate(chosen):
         for row, (name, weights) in enumerate((("dense", dense), ("sparse", sparse))):

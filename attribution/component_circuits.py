@@ -1,0 +1,653 @@
+"""Component-level circuits: attention heads and MLPs as nodes, the residual paths between them as edges.
+
+Nodes write into the residual stream: the token embedding, every head (its slice of o_proj), every
+MLP. Edges run from a writer u to a later reader v: a head's input (split into its q, k and v inputs
+by default, `split_qkv`), an MLP's input, or the logits (the final norm's input). A reader's input is
+the sum of the writes before it, so an edge is one term of that sum.
+
+Ranking is attribution patching (EAP, Syed et al. / Hanna et al.): score(u, v) = (corrupted - clean
+write of u) . d metric / d (input of v), on the clean run, summed over positions, averaged over prompts;
+a head's node score is the sum over its out-edges (= its write difference . d metric / d write).
+Heads and edges are kept in order of |score|; edge counts include the embed -> x and x -> logits edges.
+Verification is activation patching in the usual "corrupted into clean" direction: run the clean
+prompt; a removed edge u -> v feeds v u's write from the corrupted run instead of u's write in this
+run; a removed head has its output replaced by its corrupted output. Explained effect =
+(m(kept) - m(none kept)) / (m(all kept) - m(none kept)), m = mean logit difference over the prompts;
+with no edge kept the logits read the corrupted residual, so m(none) is the corrupted run's metric.
+For the heads curve MLPs are always kept and computed freshly; m(none) is "every head patched".
+
+Gates (GatedModel in "eval" mode) are part of the model: patching recomputes every downstream gate
+from the patched inputs. The hard gate 1[s + b > 0] has zero gradient, so EAP's linearisation holds
+the gates at their clean-run values; activation patching is what sees gates flip.
+
+Each reader must get its own input, and grouped-query heads share k/v projections, so the model is
+copied with k_proj / v_proj expanded to one KV head per query head (an exactly equivalent model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from attribution.tasks import PromptBatch, TaskPrompt, encode_prompts, logit_diff, logits_fn
+from sparse_attention.gated_attention import GatedModel
+
+
+class CircuitError(ValueError):
+    """A model, prompt set or setting that component circuits cannot use."""
+
+
+class ComponentCircuitConfig(BaseModel):
+    """How component circuits are ranked, verified and summarised; saved beside the results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split_qkv: bool = Field(True, description="edges into a head end at its q, k or v input (else one input)")
+    target: float = Field(0.9, gt=0, le=1, description="explained effect whose head / edge count is reported")
+    batch_size: int = Field(16, gt=0, description="prompts per forward pass")
+    curve_points: int = Field(20, ge=2, description="counts on each curve (geometric grid, plus 0 and all)")
+    refine: bool = Field(True, description="bisect between grid points for the count reaching `target`")
+    top_stored: int = Field(100, ge=0, description="top-ranked heads / edges stored by name with their scores")
+
+
+# --------------------------------------------------------------------------------------------------
+# Node and edge layout
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """Row (writer) and column (reader) indices.
+
+    Rows, in computation order: embed, then per layer its heads and its MLP: [U = 1 + L (H + 1)].
+    Columns: per layer its head inputs (head-major, then q/k/v) and its MLP input, then the logits.
+    """
+
+    n_layers: int
+    n_heads: int
+    split_qkv: bool
+
+    @property
+    def n_inputs(self) -> int:
+        return 3 if self.split_qkv else 1
+
+    @property
+    def n_rows(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + 1)
+
+    @property
+    def n_cols(self) -> int:
+        return self.n_layers * (self.n_heads * self.n_inputs + 1) + 1
+
+    def head_row(self, layer: int, head: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + head
+
+    def mlp_row(self, layer: int) -> int:
+        return self.head_row(layer, self.n_heads)
+
+    def head_cols(self, layer: int) -> slice:
+        start = layer * (self.n_heads * self.n_inputs + 1)
+        return slice(start, start + self.n_heads * self.n_inputs)
+
+    def mlp_col(self, layer: int) -> int:
+        return self.head_cols(layer).stop
+
+    @property
+    def logits_col(self) -> int:
+        return self.n_cols - 1
+
+    def rows_read(self) -> torch.Tensor:
+        """[V] how many rows (a prefix) each column reads: heads read earlier layers, an MLP its own heads too."""
+        reads = torch.full((self.n_cols,), self.n_rows)
+        for layer in range(self.n_layers):
+            reads[self.head_cols(layer)] = self.head_row(layer, 0)
+            reads[self.mlp_col(layer)] = self.mlp_row(layer)
+        return reads
+
+    def allowed(self) -> torch.Tensor:
+        """[U, V] bool: the edges that exist (writer before reader)."""
+        return torch.arange(self.n_rows)[:, None] < self.rows_read()[None, :]
+
+    def row_names(self) -> list[str]:
+        names = ["embed"]
+        for layer in range(self.n_layers):
+            names += [f"blocks.{layer}.head.{h}" for h in range(self.n_heads)] + [f"blocks.{layer}.mlp"]
+        return names
+
+    def col_names(self) -> list[str]:
+        kinds = ("q", "k", "v") if self.split_qkv else ("in",)
+        names = []
+        for layer in range(self.n_layers):
+            names += [f"blocks.{layer}.head.{h}.{kind}" for h in range(self.n_heads) for kind in kinds]
+            names.append(f"blocks.{layer}.mlp")
+        return [*names, "logits"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure tensor functions
+
+
+def head_writes(z: torch.Tensor, o_weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Each head's write into the residual.  z [b, p, H * dh] (o_proj input), o_weight [d, H * dh] -> [b, p, H, d]."""
+    b, p, _ = z.shape
+    z = z.view(b, p, n_heads, -1)
+    return torch.einsum("bphe,dhe->bphd", z, o_weight.view(o_weight.shape[0], n_heads, -1))
+
+
+def per_head_projection(
+    resid: torch.Tensor, delta: torch.Tensor, norm: nn.Module, weight: torch.Tensor
+) -> torch.Tensor:
+    """q/k/v projection where head h reads its own input: W_h norm(resid + delta_h).
+
+    resid [b, p, d] (pre-norm residual), delta [b, p, H, d], weight [H * dh, d]  ->  [b, p, H * dh].
+    """
+    n_heads = delta.shape[2]
+    normed = norm.forward(resid[:, :, None, :] + delta)  # [b, p, H, d]; .forward skips the norm's hooks
+    out = torch.einsum("bphd,hed->bphe", normed, weight.view(n_heads, -1, weight.shape[-1]))
+    return out.flatten(2)
+
+
+def patch_heads(z: torch.Tensor, z_corrupted: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Heads not kept take their corrupted output.  z, z_corrupted [b, p, H * dh]; keep bool [H]."""
+    head_dim = z.shape[-1] // keep.shape[0]
+    return torch.where(keep.repeat_interleave(head_dim), z, z_corrupted)
+
+
+def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
+
+    prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
+    writers' differences; kept [U', C] bool, kept edges into the C readers  ->  [b, p, C, d].
+    """
+    rows = kept.any(dim=1).nonzero().squeeze(1)
+    if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
+        rows = slice(None)
+    kept_part = torch.einsum("kbpd,kc->bpcd", diffs[rows], kept[rows].to(diffs.dtype))
+    return prefix_diff[:, :, None, :] - kept_part
+
+
+def explained_effect(metric: float, full: float, empty: float) -> float:
+    """(metric - empty) / (full - empty): 1 = the whole model's effect, 0 = everything patched."""
+    return (metric - empty) / (full - empty)
+
+
+def count_grid(total: int, points: int) -> list[int]:
+    """0, a geometric grid 1..total of about `points` counts, and total (sorted, unique)."""
+    grid = {0, total}
+    if total >= 1:
+        grid |= {round(math.exp(i * math.log(total) / max(points - 1, 1))) for i in range(points)}
+    return sorted(grid)
+
+
+def count_to_reach(
+    evaluate: Callable[[int], float], grid: Sequence[int], target: float, refine: bool = True
+) -> tuple[int | None, dict[int, float]]:
+    """Smallest count whose effect reaches `target`: the first grid count that does, then (with
+    `refine`) bisection between it and the grid count before, assuming the curve is monotone there.
+    Returns (count or None if no grid count reaches it, every evaluated {count: effect})."""
+    effects = {count: evaluate(count) for count in grid}
+    reached = [count for count in grid if effects[count] >= target]
+    if not reached:
+        return None, effects
+    hi = reached[0]
+    lower = [count for count in grid if count < hi]
+    lo = lower[-1] if lower else hi
+    while refine and hi - lo > 1:
+        mid = (lo + hi) // 2
+        effects[mid] = evaluate(mid)
+        lo, hi = (lo, mid) if effects[mid] >= target else (mid, hi)
+    return hi, dict(sorted(effects.items()))
+
+
+def count_staying_above(effects: dict[int, float], target: float) -> int | None:
+    """Smallest evaluated count from which every larger evaluated count reaches `target` (the curves are
+    not monotone: keeping more components can lower the metric; this is the robust reading)."""
+    count = None
+    for k in sorted(effects, reverse=True):
+        if effects[k] < target:
+            break
+        count = k
+    return count
+
+
+def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k allowed entries with the largest |score| (ties: lower flat index first)."""
+    flat = scores.abs().flatten().masked_fill(~allowed.flatten(), -1.0)
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    mask = torch.zeros(flat.shape, dtype=torch.bool)
+    mask[order] = True
+    return mask.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries
+
+
+# --------------------------------------------------------------------------------------------------
+# The model copy and its hooks
+
+
+def multi_head_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` (GatedModel or HF Llama) whose k_proj / v_proj have one KV head per query
+    head (weights repeated per group), so every head can read its own input. Same function exactly."""
+    copied = copy.deepcopy(model).requires_grad_(False)
+    hf = copied.model if isinstance(copied, GatedModel) else copied
+    cfg = hf.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    for layer in hf.model.layers:
+        attn = layer.self_attn
+        if any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise CircuitError("attention projections with biases are not supported; use a Llama-style model")
+        for name in ("k_proj", "v_proj"):
+            old = getattr(attn, name)
+            weight = old.weight.view(n_kv, -1, old.in_features).repeat_interleave(n_heads // n_kv, dim=0)
+            new = nn.Linear(old.in_features, weight.shape[0] * weight.shape[1], bias=False)
+            new.weight = nn.Parameter(weight.flatten(0, 1).clone(), requires_grad=False)
+            setattr(attn, name, new)
+        attn.num_key_value_groups = 1
+    cfg.num_key_value_heads = n_heads
+    return copied
+
+
+@dataclass
+class Recording:
+    """One run's writes: rows of the layout [U, b, p, d] and each layer's o_proj input [L, b, p, H * dh]."""
+
+    writes: torch.Tensor
+    z: torch.Tensor
+
+
+@dataclass
+class ComponentHooks:
+    """Forward hooks on the HF modules for one forward pass: record writes, and optionally patch.
+
+    Exactly one of: nothing (record), `keep_heads`/`keep_mlps` (node patching from `corrupted`),
+    `keep_edges` (edge patching from `corrupted`), `track_grads` (zero input perturbations whose
+    gradients are d metric / d reader input).
+    """
+
+    layout: ComponentLayout
+    corrupted: Recording | None = None
+    keep_heads: torch.Tensor | None = None  # [L, H] bool
+    keep_mlps: torch.Tensor | None = None  # [L] bool
+    keep_edges: torch.Tensor | None = None  # [U, V] bool
+    track_grads: bool = False
+    writes: torch.Tensor | None = None  # [U, b, p, d], filled during the forward
+    z: list[torch.Tensor] = field(default_factory=list)  # per layer [b, p, H * dh]
+    perturbations: dict[int, torch.Tensor] = field(default_factory=dict)  # first column -> [b, p, C, d]
+    _diffs: torch.Tensor | None = None  # [U, b, p, d] corrupted - actual (edge patching)
+    _prefix_diff: torch.Tensor | None = None  # [b, p, d] sum of _diffs over rows written so far
+    _resid: torch.Tensor | None = None  # [b, p, d] current layer's pre-norm input
+    _head_delta: torch.Tensor | None = None  # [b, p, H, n_inputs, d]
+
+    def __post_init__(self):
+        patches = (self.keep_heads is not None or self.keep_mlps is not None) + (self.keep_edges is not None)
+        if patches + self.track_grads > 1:
+            raise CircuitError("ComponentHooks does one of node patching, edge patching or gradient tracking")
+        if patches and self.corrupted is None:
+            raise CircuitError("patching needs the corrupted run's Recording")
+
+    @contextlib.contextmanager
+    def attached(self, hf: nn.Module) -> Iterator[ComponentHooks]:
+        """Register the hooks on `hf` (a HF Llama causal LM) for the duration of the block."""
+        handles = [hf.get_input_embeddings().register_forward_hook(self._on_embed)]
+        for index, layer in enumerate(hf.model.layers):
+            attn = layer.self_attn
+            handles += [
+                layer.input_layernorm.register_forward_pre_hook(self._layer_hook(self._on_resid_pre, index)),
+                layer.post_attention_layernorm.register_forward_pre_hook(self._layer_hook(self._on_mlp_in, index)),
+                layer.mlp.register_forward_hook(self._layer_hook(self._on_mlp_out, index)),
+                attn.o_proj.register_forward_pre_hook(self._layer_hook(self._on_o_proj, index)),
+            ]
+            for kind, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                hook = self._layer_hook(self._on_projection, index, kind, layer.input_layernorm)
+                handles.append(getattr(attn, name).register_forward_hook(hook))
+        handles.append(hf.model.norm.register_forward_pre_hook(self._on_logits_in))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @staticmethod
+    def _layer_hook(method, *bound):
+        return lambda module, *args: method(module, *bound, *args)
+
+    # -- writers
+
+    def _record(self, rows: slice | int, write: torch.Tensor) -> None:
+        """Store a write ([b, p, d] or [b, p, k, d]) and, when edge patching, its corrupted - actual."""
+        write = write.detach()
+        block = write.movedim(2, 0) if write.dim() == 4 else write
+        self.writes[rows] = block
+        if self.keep_edges is not None:
+            diff = self.corrupted.writes[rows] - block
+            self._diffs[rows] = diff
+            self._prefix_diff = self._prefix_diff + (diff.sum(0) if diff.dim() == 4 else diff)
+
+    def _on_embed(self, module, args, output):
+        b, p, d = output.shape
+        self.writes = output.new_zeros(self.layout.n_rows, b, p, d)
+        if self.corrupted is not None and self.corrupted.writes.shape[1:] != output.shape:
+            raise CircuitError(
+                f"the corrupted recording has writes {tuple(self.corrupted.writes.shape[1:])} but this run "
+                f"{tuple(output.shape)}: clean and corrupted batches must have the same shape"
+            )
+        if self.keep_edges is not None:
+            self._diffs = torch.zeros_like(self.writes)
+            self._prefix_diff = output.new_zeros(b, p, d)
+        self._record(0, output)
+
+    def _on_o_proj(self, module, layer, args):
+        (z,) = args
+        if self.keep_heads is not None:
+            z = patch_heads(z, self.corrupted.z[layer], self.keep_heads[layer])
+        self.z.append(z.detach())
+        rows = slice(self.layout.head_row(layer, 0), self.layout.mlp_row(layer))
+        self._record(rows, head_writes(z, module.weight, self.layout.n_heads))
+        return (z,)
+
+    def _on_mlp_out(self, module, layer, args, output):
+        if self.keep_mlps is not None and not self.keep_mlps[layer]:
+            output = self.corrupted.writes[self.layout.mlp_row(layer)].to(output.dtype)
+        self._record(self.layout.mlp_row(layer), output)
+        return output
+
+    # -- readers
+
+    def _reader_delta(self, cols: slice, shape_like: torch.Tensor) -> torch.Tensor | None:
+        """The perturbation added to the inputs of columns `cols`: [b, p, C, d], or None."""
+        n_cols = cols.stop - cols.start
+        if self.keep_edges is not None:
+            n_rows = int(self.layout.rows_read()[cols.start])
+            return removed_input(self._prefix_diff, self._diffs[:n_rows], self.keep_edges[:n_rows, cols])
+        if self.track_grads:
+            b, p, d = shape_like.shape
+            delta = shape_like.new_zeros(b, p, n_cols, d, requires_grad=True)
+            self.perturbations[cols.start] = delta
+            return delta
+        return None
+
+    def _on_resid_pre(self, module, layer, args):
+        (self._resid,) = args
+        delta = self._reader_delta(self.layout.head_cols(layer), self._resid)
+        if delta is not None:
+            delta = delta.unflatten(2, (self.layout.n_heads, self.layout.n_inputs))
+        self._head_delta = delta
+
+    def _on_projection(self, module, layer, kind, norm, args, output):
+        if self._head_delta is None:
+            return output
+        delta = self._head_delta[:, :, :, kind if self.layout.split_qkv else 0]
+        return per_head_projection(self._resid, delta, norm, module.weight).to(output.dtype)
+
+    def _on_mlp_in(self, module, layer, args):
+        col = self.layout.mlp_col(layer)
+        delta = self._reader_delta(slice(col, col + 1), args[0])
+        return None if delta is None else (args[0] + delta[:, :, 0],)
+
+    def _on_logits_in(self, module, args):
+        col = self.layout.logits_col
+        delta = self._reader_delta(slice(col, col + 1), args[0])
+        return None if delta is None else (args[0] + delta[:, :, 0],)
+
+    def input_grads(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """After backward: (first column, d metric / d input [C, b, p, d]) per reader group."""
+        for start, delta in self.perturbations.items():
+            if delta.grad is None:
+                raise CircuitError("no gradient reached a reader input; call backward on the metric first")
+            yield start, delta.grad.movedim(2, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class PreparedModel:
+    """A frozen multi-head copy of the model, its HF module, layout and ids -> logits function."""
+
+    module: nn.Module
+    hf: nn.Module
+    layout: ComponentLayout
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+
+def prepare(model: nn.Module, split_qkv: bool = True) -> PreparedModel:
+    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits."""
+    if isinstance(model, GatedModel) and model.mode == "train":
+        raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
+    module = multi_head_copy(model).eval()
+    hf = module.model if isinstance(module, GatedModel) else module
+    layout = ComponentLayout(hf.config.num_hidden_layers, hf.config.num_attention_heads, split_qkv)
+    return PreparedModel(module, hf, layout, logits_fn(module))
+
+
+def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
+    with hooks.attached(prepared.hf):
+        return prepared.forward(ids)[:, -1].float()  # [b, vocab]
+
+
+@torch.no_grad()
+def record(prepared: PreparedModel, ids: torch.Tensor) -> tuple[Recording, torch.Tensor]:
+    """Run `ids` unpatched: (its Recording, last-position logits [b, vocab])."""
+    hooks = ComponentHooks(prepared.layout)
+    logits = _last_logits(prepared, hooks, ids)
+    return Recording(hooks.writes, torch.stack(hooks.z)), logits
+
+
+@torch.no_grad()
+def patched_metric(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording, **keep) -> torch.Tensor:
+    """Per-prompt logit diff [b] of the clean batch with everything not in `keep` (keep_heads and/or
+    keep_mlps, or keep_edges) patched from the corrupted recording."""
+    hooks = ComponentHooks(prepared.layout, corrupted=corrupted, **keep)
+    return logit_diff(_last_logits(prepared, hooks, batch.clean), batch)
+
+
+def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording) -> torch.Tensor:
+    """EAP scores summed over the batch's prompts: [U, V], zero where no edge exists."""
+    hooks = ComponentHooks(prepared.layout, track_grads=True)
+    with torch.enable_grad():
+        logit_diff(_last_logits(prepared, hooks, batch.clean), batch).sum().backward()
+    diffs = corrupted.writes - hooks.writes  # [U, b, p, d]
+    scores = torch.zeros(prepared.layout.n_rows, prepared.layout.n_cols)
+    for start, grads in hooks.input_grads():  # grads [C, b, p, d]
+        scores[:, start:start + grads.shape[0]] = torch.einsum("ubpd,cbpd->uc", diffs, grads)
+    return scores * prepared.layout.allowed()
+
+
+@dataclass
+class Curve:
+    """Explained effect against the number of components kept, and the count reaching the target."""
+
+    total: int
+    counts: list[int]
+    effects: list[float]
+    count_at_target: int | None  # first crossing (see count_to_reach)
+    count_stays_above: int | None  # smallest evaluated count from which every evaluated count reaches it
+    metric_full: float
+    metric_empty: float
+    top: list[tuple[str, float]]  # best-ranked components with their EAP scores
+
+
+@dataclass
+class CircuitResult:
+    """Component circuit of one model on one task: EAP ranking checked by activation patching."""
+
+    task: str
+    n_prompts: int
+    metric_clean: float
+    metric_corrupted: float
+    heads: Curve
+    edges: Curve
+    config: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class PromptSet:
+    """Encoded batches with their corrupted recordings, evaluated together as one mean metric."""
+
+    def __init__(self, prepared: PreparedModel, batches: list[PromptBatch]):
+        self.prepared, self.batches = prepared, batches
+        self.recordings, corrupted_metrics = [], []
+        for batch in batches:
+            recording, logits = record(prepared, batch.corrupted)
+            self.recordings.append(recording)
+            corrupted_metrics.append(logit_diff(logits, batch))
+        self.n_prompts = sum(len(b.indices) for b in batches)
+        self.metric_corrupted = torch.cat(corrupted_metrics).mean().item()
+
+    def mean_metric(self, **keep) -> float:
+        """Mean logit diff over the prompts with `keep` (see patched_metric); no keep = the clean run."""
+        total = sum(patched_metric(self.prepared, b, r, **keep).sum() for b, r in zip(self.batches, self.recordings))
+        return float(total) / self.n_prompts
+
+    def edge_scores(self) -> torch.Tensor:
+        """Mean EAP score per edge over the prompts: [U, V]."""
+        total = sum(edge_attribution(self.prepared, b, r) for b, r in zip(self.batches, self.recordings))
+        return total / self.n_prompts
+
+
+def head_scores(edge_scores: torch.Tensor, layout: ComponentLayout) -> torch.Tensor:
+    """Node EAP score of every head, the sum of its out-edges' scores.  [U, V] -> [L, H]."""
+    rows = [layout.head_row(layer, 0) + h for layer in range(layout.n_layers) for h in range(layout.n_heads)]
+    return edge_scores[rows].sum(1).view(layout.n_layers, layout.n_heads)
+
+
+def _check_effect(kind: str, full: float, empty: float) -> None:
+    if abs(full - empty) < 1e-6:
+        raise CircuitError(f"patching every {kind} leaves the metric at {full:.4g}: the corruption does not "
+                           "change this model's answer on these prompts, so no effect can be explained")
+
+
+def head_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
+               config: ComponentCircuitConfig) -> Curve:
+    """Explained effect with the top-k heads by |node EAP| kept (others patched), MLPs always kept."""
+    layout = prompt_set.prepared.layout
+    scores = head_scores(edge_scores, layout)  # [L, H]
+    all_heads = torch.ones(scores.shape, dtype=torch.bool)
+    empty = prompt_set.mean_metric(keep_heads=~all_heads)
+    _check_effect("head", metric_clean, empty)
+
+    def effect(k: int) -> float:
+        keep = top_k_mask(scores, all_heads, k)
+        return explained_effect(prompt_set.mean_metric(keep_heads=keep), metric_clean, empty)
+
+    count, effects = count_to_reach(effect, count_grid(scores.numel(), config.curve_points), config.target,
+                                    config.refine)
+    names = [f"blocks.{layer}.head.{h}" for layer in range(layout.n_layers) for h in range(layout.n_heads)]
+    top = _ranked(scores.flatten(), config.top_stored, names.__getitem__)
+    return Curve(scores.numel(), list(effects), list(effects.values()), count,
+                 count_staying_above(effects, config.target), metric_clean, empty, top)
+
+
+def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
+               config: ComponentCircuitConfig) -> Curve:
+    """Explained effect with the top-k edges by |EAP| kept (all others patched)."""
+    layout = prompt_set.prepared.layout
+    allowed = layout.allowed()
+    empty = prompt_set.mean_metric(keep_edges=torch.zeros_like(allowed))
+    _check_effect("edge", metric_clean, empty)
+
+    def effect(k: int) -> float:
+        keep = top_k_mask(edge_scores, allowed, k)
+        return explained_effect(prompt_set.mean_metric(keep_edges=keep), metric_clean, empty)
+
+    total = int(allowed.sum())
+    count, effects = count_to_reach(effect, count_grid(total, config.curve_points), config.target, config.refine)
+    rows, cols = layout.row_names(), layout.col_names()
+    top = _ranked(edge_scores.masked_fill(~allowed, 0).flatten(), min(config.top_stored, total),
+                  lambda i: f"{rows[i // layout.n_cols]} -> {cols[i % layout.n_cols]}")
+    return Curve(total, list(effects), list(effects.values()), count, count_staying_above(effects, config.target),
+                 metric_clean, empty, top)
+
+
+def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]) -> CircuitResult:
+    """Rank heads and edges by EAP on `prompts`, then trace explained effect against the number kept."""
+    if not prompts:
+        raise CircuitError("component circuits need at least one prompt")
+    prepared = prepare(model, config.split_qkv)
+    prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
+    scores = prompt_set.edge_scores()  # [U, V]
+    metric_clean = prompt_set.mean_metric()
+    return CircuitResult(
+        task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
+        metric_corrupted=prompt_set.metric_corrupted, heads=head_curve(prompt_set, scores, metric_clean, config),
+        edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
+    )
+
+
+def _ranked(scores: torch.Tensor, k: int, name: Callable[[int], str]) -> list[tuple[str, float]]:
+    """The k entries with the largest |score|, named, with their signed scores."""
+    order = torch.sort(scores.abs(), descending=True, stable=True).indices[:k]
+    return [(name(i), scores[i].item()) for i in order.tolist()]
+
+
+def compare(dense: CircuitResult, sparse: CircuitResult) -> dict:
+    """Dense / sparse ratio of the heads and edges needed to reach the target explained effect, for the
+    first crossing and for the count from which the curve stays above the target."""
+    def ratio(a: int | None, b: int | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    summary: dict = {"task": dense.task, "target": dense.config["target"]}
+    for kind in ("heads", "edges"):
+        d, s = getattr(dense, kind), getattr(sparse, kind)
+        summary[kind] = {
+            "dense": d.count_at_target, "sparse": s.count_at_target, "ratio": ratio(d.count_at_target, s.count_at_target),
+            "dense_stays_above": d.count_stays_above, "sparse_stays_above": s.count_stays_above,
+            "ratio_stays_above": ratio(d.count_stays_above, s.count_stays_above),
+        }
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point: dense SmolLM2 vs a sparse checkpoint on one task
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from attribution.tasks import TASKS, load_task
+    from sparse_attention.gated_attention import load_gated_model
+    from sparse_attention.models import load_model
+
+    parser = argparse.ArgumentParser(description="dense vs sparse component circuits, per task")
+    parser.add_argument("--tasks", nargs="+", default=["ioi"], choices=TASKS)
+    parser.add_argument("--n", type=int, default=20, help="prompts per task (the first n of its file)")
+    parser.add_argument("--dense", default="smollm2-135m", help="model name for load_model")
+    parser.add_argument("--sparse", type=Path, help="gated checkpoint directory (load_gated_model), eval mode")
+    parser.add_argument("--joint-qkv", action="store_true", help="one input per head instead of q/k/v")
+    parser.add_argument("--points", type=int, default=20, help="counts on each curve")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file: results, ratios, config")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    config = ComponentCircuitConfig(split_qkv=not args.joint_qkv, curve_points=args.points)
+    models = {"dense": load_model(args.dense)}
+    if args.sparse is not None:
+        sparse, tokenizer = load_gated_model(args.sparse)
+        models["sparse"] = (sparse.set_mode("eval"), tokenizer)
+    out: dict = {"models": {"dense": args.dense, "sparse": str(args.sparse) if args.sparse else None},
+                 "config": config.model_dump(), "tasks": {}}
+    for task in args.tasks:
+        prompts = load_task(task)[: args.n]
+        results = {name: run(config, model, tokenizer, prompts) for name, (model, tokenizer) in models.items()}
+        out["tasks"][task] = {name: result.to_json() for name, result in results.items()}
+        if "sparse" in results:
+            out["tasks"][task]["comparison"] = compare(results["dense"], results["sparse"])
+        for name, result in results.items():
+            print(f"{task} {name}: metric clean {result.metric_clean:.3f} corrupted {result.metric_corrupted:.3f}; "
+                  f"heads to {config.target}: {result.heads.count_at_target}/{result.heads.total}, "
+                  f"edges: {result.edges.count_at_target}/{result.edges.total}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")  # after every task, so a long run keeps results
+
+
+if __name__ == "__main__":
+    main()

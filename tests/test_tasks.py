@@ -1,0 +1,202 @@
+"""Prompt sets: deterministic per seed, valid minimal pairs for the tokenizer, exact metric plumbing.
+
+Most checks use a small byte-level BPE trained in-process on the generators' word lists (digits split
+one by one, like SmolLM2's), with part of the names left out so that filtering has work to do. The
+committed SmolLM2 sets are checked against the real tokenizer in a slow test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from attribution import tasks
+from attribution.tasks import (
+    TASKS,
+    TaskError,
+    TaskPrompt,
+    encode_prompts,
+    generate_task,
+    invalid_reason,
+    load_task,
+    logit_diff,
+    task_performance,
+    token_ids,
+    write_task,
+)
+from sparse_attention.models import byte_tokenizer
+
+LEFT_OUT_NAMES = tasks.NAMES[::3]  # never in the training text: multi-token for the trained tokenizer
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    words = [w for w in tasks.NAMES if w not in LEFT_OUT_NAMES] + list(tasks.INDUCTION_WORDS + tasks.DOC_WORDS)
+    lines = [" " + " ".join(words)] * 3
+    lines += ['"' + '" "'.join(w for pair in tasks.ANTONYMS for w in pair) + '"'] * 3
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|bos|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_generation_is_deterministic_per_seed(word_tokenizer, name):
+    first = generate_task(name, word_tokenizer, 30, seed=3)
+    assert first == generate_task(name, word_tokenizer, 30, seed=3)
+    assert first != generate_task(name, word_tokenizer, 30, seed=4)
+
+
+def _check_meaning(prompt: TaskPrompt) -> None:
+    """The answers mean what the task says, read back from the texts."""
+    if prompt.task == "ioi":
+        io, s = prompt.correct[0].strip(), prompt.incorrect[0].strip()
+        assert re.findall(rf"\b{io}\b", prompt.clean) == [io] and len(re.findall(rf"\b{s}\b", prompt.clean)) == 2
+        assert not re.search(rf"\b({io}|{s})\b", prompt.corrupted)
+    elif prompt.task == "greater_than":
+        tens = int(re.search(r"\d\d(\d)\d\D", prompt.clean).group(1))
+        assert re.search(r"\d\d0\d\D", prompt.corrupted)
+        assert prompt.correct == tuple(str(d) for d in range(tens + 1, 10))
+        assert prompt.incorrect == tuple(str(d) for d in range(tens))
+    elif prompt.task == "docstring":
+        clean_args = re.search(r"\(self, (.*)\):", prompt.clean).group(1).split(", ")
+        corrupt_args = re.search(r"\(self, (.*)\):", prompt.corrupted).group(1).split(", ")
+        assert prompt.correct == (" " + clean_args[2],)
+        assert set(prompt.incorrect) == {" " + a for a in clean_args if a != clean_args[2]}
+        assert re.findall(r":param (\w+):", prompt.clean) == clean_args[:2] and not set(clean_args) & set(corrupt_args)
+    elif prompt.task == "antonyms":
+        cue = re.search(r'"(\w+)"', prompt.clean).group(1)
+        other = re.search(r'"(\w+)"', prompt.corrupted).group(1)
+        pairs = {*tasks.ANTONYMS, *(pair[::-1] for pair in tasks.ANTONYMS)}
+        assert (cue, prompt.correct[0]) in pairs and (other, prompt.incorrect[0]) in pairs
+    elif prompt.task == "induction":
+        clean, corrupted = prompt.clean.split(), prompt.corrupted.split()
+        n = tasks.INDUCTION_LENGTH
+        k = len(clean) - n
+        assert clean[n:] == clean[:k] and clean[k] == prompt.correct[0].strip()
+        assert [i for i in range(len(clean)) if clean[i] != corrupted[i]] == [k]
+        assert corrupted[k] == prompt.incorrect[0].strip() and corrupted[k] not in clean
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_pairs_are_valid_minimal_pairs(word_tokenizer, name):
+    prompts = generate_task(name, word_tokenizer, 60, seed=0)
+    assert len({p.clean for p in prompts}) == 60
+    for prompt in prompts:
+        assert prompt.task == name and invalid_reason(prompt, word_tokenizer) is None
+        assert len(token_ids(word_tokenizer, prompt.clean)) == len(token_ids(word_tokenizer, prompt.corrupted))
+        answers = [token_ids(word_tokenizer, a) for a in prompt.correct + prompt.incorrect]
+        assert all(len(ids) == 1 for ids in answers) and len({ids[0] for ids in answers}) == len(answers)
+        assert prompt.clean != prompt.corrupted
+        _check_meaning(prompt)
+
+
+def test_multi_token_words_are_filtered_out(word_tokenizer):
+    vocab = tasks.vocab_for(word_tokenizer)
+    dropped = set(tasks.NAMES) - set(vocab.names)
+    assert dropped and dropped <= set(LEFT_OUT_NAMES)  # the filter has work to do, and only drops those
+    for prompt in generate_task("ioi", word_tokenizer, 60, seed=1):
+        used = set(re.findall(r"\b[A-Z][a-z]+\b", prompt.clean + " " + prompt.corrupted))
+        assert not used & dropped
+
+
+def test_byte_tokenizer_greater_than_works_and_ioi_says_why_not():
+    tokenizer = byte_tokenizer()
+    prompts = generate_task("greater_than", tokenizer, 20, seed=0)  # digits are single bytes
+    assert all(invalid_reason(p, tokenizer) is None for p in prompts)
+    with pytest.raises(TaskError, match="single-token names"):
+        generate_task("ioi", tokenizer, 5)
+    with pytest.raises(TaskError, match="unknown task"):
+        generate_task("sorting", tokenizer, 5)
+
+
+def test_invalid_reason_catches_bad_pairs(word_tokenizer):
+    a, b, c, d = [name for name in tasks.NAMES if name not in LEFT_OUT_NAMES][:4]
+    good = TaskPrompt(task="ioi", template=0, clean=f"Then, {a} and {b} went", corrupted=f"Then, {c} and {d} went",
+                      correct=(" " + a,), incorrect=(" " + b,))
+    assert invalid_reason(good, word_tokenizer) is None
+    longer = good.model_copy(update={"corrupted": f"Then, {c} and {d} and {a} went"})
+    assert "tokens" in invalid_reason(longer, word_tokenizer)
+    multi = good.model_copy(update={"correct": (f" {a} {c}",)})
+    assert "is 2 tokens" in invalid_reason(multi, word_tokenizer)
+    same = good.model_copy(update={"corrupted": good.clean})
+    assert "identical" in invalid_reason(same, word_tokenizer)
+    with pytest.raises(ValidationError, match="both correct and incorrect"):
+        TaskPrompt(task="ioi", template=0, clean="a", corrupted="b", correct=(" Mary",), incorrect=(" Mary",))
+
+
+def test_write_and_load_round_trip(tmp_path, word_tokenizer):
+    prompts = generate_task("antonyms", word_tokenizer, 10, seed=0)
+    write_task(prompts, tasks.task_path("antonyms", tmp_path))
+    assert load_task("antonyms", tmp_path) == prompts
+    with pytest.raises(TaskError, match="--write"):
+        load_task("ioi", tmp_path)
+    path = tasks.task_path("antonyms", tmp_path)
+    path.write_text(path.read_text() + '{"task": "antonyms"}\n')
+    with pytest.raises(TaskError, match=r"antonyms.jsonl:11 is not a valid prompt"):
+        load_task("antonyms", tmp_path)
+    path.write_text(prompts[0].model_copy(update={"task": "ioi"}).model_dump_json() + "\n")
+    with pytest.raises(TaskError, match="holds a 'ioi' prompt"):
+        load_task("antonyms", tmp_path)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_committed_prompt_sets_load(name):
+    prompts = load_task(name)
+    assert len(prompts) >= 300 and len({p.clean for p in prompts}) == len(prompts)
+
+
+def test_logit_diff_is_mean_correct_minus_mean_incorrect(word_tokenizer):
+    prompts = generate_task("greater_than", word_tokenizer, 6, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    batches = encode_prompts(prompts, word_tokenizer, batch_size=4)
+    assert sorted(i for batch in batches for i in batch.indices) == list(range(6))
+    for batch in batches:
+        logits = torch.randn(len(batch.indices), len(word_tokenizer), generator=generator)
+        for row, index in enumerate(batch.indices):
+            prompt = prompts[index]
+            assert batch.clean[row, 1:].tolist() == token_ids(word_tokenizer, prompt.clean)
+            correct = [token_ids(word_tokenizer, a)[0] for a in prompt.correct]
+            incorrect = [token_ids(word_tokenizer, a)[0] for a in prompt.incorrect]
+            expected = logits[row, correct].mean() - logits[row, incorrect].mean()
+            torch.testing.assert_close(logit_diff(logits, batch)[row], expected, rtol=0, atol=1e-6)
+        assert batch.clean[:, 0].eq(word_tokenizer.bos_token_id).all()
+
+
+def test_task_performance_matches_a_bag_of_tokens_model(word_tokenizer):
+    """A fake LM whose last-position logit for token t counts t in the input: on IOI the subject (twice)
+    beats the indirect object (once), so the clean logit diff is exactly -1 and the corrupted one 0."""
+    vocab_size = len(word_tokenizer)
+
+    def bag_of_tokens(ids: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(ids.shape[0], vocab_size).scatter_add_(1, ids, torch.ones(ids.shape))
+        return counts[:, None, :].expand(-1, ids.shape[1], -1)
+
+    prompts = generate_task("ioi", word_tokenizer, 40, seed=2)
+    result = task_performance(bag_of_tokens, word_tokenizer, prompts, batch_size=7)
+    assert result["n_prompts"] == 40
+    assert result["clean"] == {"accuracy": 0.0, "mean_logit_diff": -1.0, "std_logit_diff": 0.0}
+    assert result["corrupted"]["mean_logit_diff"] == 0.0
+    json.dumps(result)
+
+
+@pytest.mark.slow
+def test_committed_sets_are_valid_and_reproducible_with_smollm2_tokenizer():
+    from sparse_attention.models import load_model
+
+    _, tokenizer = load_model("smollm2-135m")
+    for name in TASKS:
+        committed = load_task(name)
+        assert all(invalid_reason(p, tokenizer) is None for p in committed)
+        assert generate_task(name, tokenizer, len(committed), seed=tasks.DEFAULT_SEED) == committed
