@@ -29,12 +29,27 @@ def metrics_without_timings(path: Path) -> dict:
 
 
 def test_tiny_preset_with_embedded_ray(tmp_path):
+    """Every stage of the tiny preset through embedded Ray, each output checked."""
     config = load_config(preset="tiny")
-    results = run_pipeline(config, ["sparsify"], str(tmp_path), progress=False)
-    assert results["sparsify"]["skipped"] is False
+    results = run_pipeline(config, ["sparsify", "clt", "attribution"], str(tmp_path), progress=False)
+    assert all(result["skipped"] is False for result in results.values())
     manifest = json.loads((tmp_path / "sparsify" / MANIFEST).read_text())
     assert manifest["summary"]["edge_fraction"] < 0.5
     assert (tmp_path / "sparsify" / "model" / "gate.safetensors").exists()
+    for variant in ("dense", "sparse"):
+        metrics = json.loads((tmp_path / "clt" / variant / "metrics.json").read_text())
+        for key in ("nmse_per_layer", "l0_per_layer", "dead_fraction", "ce_clean", "ce_replaced", "ce_zero_ablated"):
+            assert key in metrics, (variant, key)
+        assert len(metrics["nmse_per_layer"]) == config.sparsify.model.tiny.n_layers
+        assert (tmp_path / "clt" / variant / "W_enc_0.safetensors").exists()
+        summary = json.loads((tmp_path / "graphs" / "_stages" / variant / MANIFEST).read_text())["summary"]
+        assert summary["graphs"] == len(config.attribution.prompts) and summary["failures"] == []
+    from attribution.store import open_store
+
+    store = open_store(tmp_path / "graphs")
+    graphs = store.list_graphs()
+    assert sorted(graphs["variant"].unique()) == ["dense", "sparse"]
+    assert len(graphs) == 2 * len(config.attribution.prompts)
 
 
 def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):
