@@ -23,7 +23,8 @@ class GraphConfig(BaseModel):
     )
     update_interval: int = Field(4, gt=0, description="batches between influence refreshes")
     min_block_rows: int = Field(32, gt=0, description="target rows swept together at least (merging positions)")
-    max_block_rows: int = Field(512, gt=0, description="target rows swept together at most (memory)")
+    max_block_rows: int = Field(512, gt=0, description="target rows of one position block at most")
+    max_grad_mib: int = Field(1024, gt=0, description="memory for the gradients of the blocks swept together")
     node_threshold: float = Field(0.8, ge=0, le=1, description="pruning: share of node influence kept")
     edge_threshold: float = Field(0.98, ge=0, le=1, description="pruning: share of edge influence kept")
 

@@ -13,14 +13,7 @@ import torch
 
 from attribution.config import GraphConfig
 from attribution.nodes import LocalReplacementModel
-from attribution.propagate import (
-    DecoderWrites,
-    attribution_rows,
-    decoder_writes,
-    feature_targets,
-    logit_targets,
-    n_source_columns,
-)
+from attribution.propagate import attribution_rows, feature_targets, logit_targets, n_source_columns
 from attribution.prune import partial_influences
 
 NODE_KINDS = ("feature", "error", "token", "logit")
@@ -93,20 +86,23 @@ def node_id(kind: int, layer: int, feature: int, pos: int) -> str:
 
 def attribute(lrm: LocalReplacementModel, config: GraphConfig, prompt: str = "") -> AttributionGraph:
     """The attribution graph of the prompt frozen in `lrm`."""
-    dec = decoder_writes(lrm)
-    blocks = {"min_block_rows": config.min_block_rows, "max_block_rows": config.max_block_rows}
-    logit_rows, logit_constant = attribution_rows(lrm, logit_targets(lrm), dec, **blocks)
+    logit_rows, logit_constant = attribution_rows(lrm, logit_targets(lrm), **_sweep_options(config))
     n_active = lrm.n_active
     if config.max_feature_nodes is None or config.max_feature_nodes >= n_active:
         selected = torch.arange(n_active)
-        feature_rows, feature_constant = attribution_rows(lrm, feature_targets(lrm, selected), dec, **blocks)
+        feature_rows, feature_constant = attribution_rows(lrm, feature_targets(lrm, selected),
+                                                          **_sweep_options(config))
     else:
-        selected, feature_rows, feature_constant = _visit_by_influence(lrm, logit_rows, dec, config)
+        selected, feature_rows, feature_constant = _visit_by_influence(lrm, logit_rows, config)
     return _assemble(lrm, prompt, selected, feature_rows, feature_constant, logit_rows, logit_constant)
 
 
-def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, dec: DecoderWrites,
-                        config: GraphConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sweep_options(config: GraphConfig) -> dict:
+    return {"min_block_rows": config.min_block_rows, "max_block_rows": config.max_block_rows,
+            "max_grad_bytes": config.max_grad_mib * 2**20}
+
+
+def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, config: GraphConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """circuit-tracer's feature selection: visit features in order of estimated logit influence,
     refreshed after every update_interval * batch_size features. -> (selected, rows, constants), sorted."""
     n_active, n_columns, n_logits = lrm.n_active, n_source_columns(lrm), len(logit_rows)
@@ -117,14 +113,15 @@ def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, de
     row_to_node[:n_logits] = torch.arange(n_logits) + n_columns
     constants = torch.zeros(budget + n_logits)
     visited = torch.zeros(n_active, dtype=torch.bool)
+    writes_cache: dict = {}
     filled = n_logits
     while filled - n_logits < budget:
         scores = partial_influences(edge_rows[:filled], lrm.logit_probs, row_to_node[:filled])
         rank = torch.argsort(scores[:n_active], descending=True)
         queue = min(config.update_interval * config.batch_size, budget - (filled - n_logits))
         pending = rank[~visited[rank]][:queue]
-        rows, constant = attribution_rows(lrm, feature_targets(lrm, pending), dec,
-                                          min_block_rows=config.min_block_rows, max_block_rows=config.max_block_rows)
+        rows, constant = attribution_rows(lrm, feature_targets(lrm, pending), writes_cache=writes_cache,
+                                          **_sweep_options(config))
         edge_rows[filled:filled + len(pending), :n_columns] = rows
         constants[filled:filled + len(pending)] = constant
         row_to_node[filled:filled + len(pending)] = pending

@@ -35,17 +35,21 @@ class TranscoderWeights:
 
 
 def transcoder_weights(clt, model: ModelWeights | None = None) -> TranscoderWeights:
-    """Read a CrossLayerTranscoder (or anything with its tensors) into checked float32 TranscoderWeights."""
+    """Read a CrossLayerTranscoder (or anything with its tensors) into checked float32 TranscoderWeights
+    in real units: training-time input/output scales, if the CLT still has them, are folded in."""
     try:
-        weights = TranscoderWeights(
-            W_enc=clt.W_enc.detach().float(),
-            b_enc=clt.b_enc.detach().float(),
-            threshold=clt.threshold.detach().float(),
-            W_dec=tuple(w.detach().float() for w in clt.W_dec),
-            b_dec=clt.b_dec.detach().float(),
-        )
+        W_enc, b_enc, threshold = clt.W_enc.detach().float(), clt.b_enc.detach().float(), clt.threshold.detach().float()
+        W_dec, b_dec = [w.detach().float() for w in clt.W_dec], clt.b_dec.detach().float()
     except AttributeError as err:
         raise AttributionError(f"{type(clt).__name__} is not a cross-layer transcoder ({err})") from None
+    input_scale, output_scale = getattr(clt, "input_scale", None), getattr(clt, "output_scale", None)
+    if input_scale is not None and not bool((input_scale == 1).all()):
+        W_enc = W_enc / input_scale.detach().float()[:, None, None]
+    if output_scale is not None and not bool((output_scale == 1).all()):
+        output_scale = output_scale.detach().float()
+        W_dec = [w * output_scale[source:, None] for source, w in enumerate(W_dec)]
+        b_dec = b_dec * output_scale[:, None]
+    weights = TranscoderWeights(W_enc=W_enc, b_enc=b_enc, threshold=threshold, W_dec=tuple(W_dec), b_dec=b_dec)
     n_layers, n_features, d_model = weights.W_enc.shape
     expected = {
         "b_enc": (n_layers, n_features), "threshold": (n_layers, n_features), "b_dec": (n_layers, d_model),

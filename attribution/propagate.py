@@ -8,6 +8,7 @@ block of targets is swept down once: its gradient lives only on the layers below
 join the sweep at their own layer) and on the positions that can reach the targets' positions
 through open attention weights (all earlier positions for dense attention, few for the sparse model).
 At each layer the gradient at resid_post is dotted with every write into that layer's MLP output.
+All blocks in flight step down the layers together, so each layer's decoder writes are gathered once.
 """
 
 from __future__ import annotations
@@ -51,33 +52,22 @@ def n_source_columns(lrm: LocalReplacementModel) -> int:
 
 
 @dataclass(frozen=True)
-class DecoderWrites:
-    """Per layer k, the writes into MLP-out k of all active features with source layer <= k, padded by
-    position so one batched matmul per layer dots them with a gradient over positions."""
+class LayerWrites:
+    """The writes into MLP-out of one layer by all active features with source layer <= it, sorted by
+    position: those at position p are rows offsets[p]:offsets[p + 1]."""
 
-    writes: list[torch.Tensor]  # per layer [P, slots, d]
-    columns: list[torch.Tensor]  # per layer [P, slots] long: source column, or n_columns for padding
+    writes: torch.Tensor  # [n, d]
+    columns: torch.Tensor  # [n] long, source column (= active feature index)
+    offsets: list[int]  # [P + 1]
 
 
-def decoder_writes(lrm: LocalReplacementModel) -> DecoderWrites:
-    n_pos, d_model, pad_column = lrm.n_pos, lrm.model.d_model, n_source_columns(lrm)
-    writes, columns = [], []
-    for layer in range(lrm.n_layers):
-        index = (lrm.features[:, 0] <= layer).nonzero().flatten()
-        pos = lrm.features[index, 1]
-        order = torch.argsort(pos, stable=True)
-        index, pos = index[order], pos[order]
-        counts = torch.bincount(pos, minlength=n_pos)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(index)) - starts[pos]
-        slots = int(counts.max()) if len(index) else 0
-        layer_writes = torch.zeros(n_pos, slots, d_model)
-        layer_columns = torch.full((n_pos, slots), pad_column)
-        layer_writes[pos, slot] = lrm.feature_writes(index, layer)
-        layer_columns[pos, slot] = index
-        writes.append(layer_writes)
-        columns.append(layer_columns)
-    return DecoderWrites(writes, columns)
+def layer_writes(lrm: LocalReplacementModel, layer: int) -> LayerWrites:
+    """The writes into MLP-out `layer` of every active feature that reaches it, grouped by position."""
+    index = (lrm.features[:, 0] <= layer).nonzero().flatten()
+    index = index[torch.argsort(lrm.features[index, 1], stable=True)]
+    counts = torch.bincount(lrm.features[index, 1], minlength=lrm.n_pos)
+    offsets = [0, *torch.cumsum(counts, 0).tolist()]
+    return LayerWrites(lrm.feature_writes(index, layer), index, offsets)
 
 
 def attention_vjp(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, W_V_gain: torch.Tensor,
@@ -86,20 +76,50 @@ def attention_vjp(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, 
 
     grad [B, Q, d] at queries; pattern [H, Q, K]; W_O [d, H*dh]; W_V_gain [Kv*dh, d] (v_proj weight
     times the input norm's gain); key_inv_rms [K] -> [B, K, d] at keys (through the frozen norm).
+    When most (head, query) rows of the pattern are empty (sparse attention), only the open heads
+    and queries are multiplied through W_O.
     """
+    open_rows = (pattern != 0).any(-1)  # [H, Q]
+    if open_rows.float().mean() > SPARSE_HEAD_DENSITY:
+        y = _value_grad_dense(grad, pattern, W_O, n_kv_heads)
+    else:
+        y = _value_grad_by_head(grad, pattern, W_O, n_kv_heads, open_rows)
+    return (y * key_inv_rms[:, None, None]).flatten(2) @ W_V_gain
+
+
+SPARSE_HEAD_DENSITY = 0.5  # above this share of open (head, query) rows, one dense matmul is faster
+
+
+def _value_grad_dense(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, n_kv_heads: int
+                      ) -> torch.Tensor:
+    """d readout / d values.  grad [B, Q, d], pattern [H, Q, K] -> [B, K, Kv, dh]"""
     batch, n_query, _ = grad.shape
     n_heads, _, n_key = pattern.shape
     z = (grad @ W_O).view(batch, n_query, n_heads, -1)  # [B, Q, H, dh]
     y = torch.einsum("hqk,bqhe->bkhe", pattern, z)  # [B, K, H, dh]
-    y = y.reshape(batch, n_key, n_kv_heads, n_heads // n_kv_heads, -1).sum(3)  # [B, K, Kv, dh]
-    return (y * key_inv_rms[:, None, None]).flatten(2) @ W_V_gain
+    return y.reshape(batch, n_key, n_kv_heads, n_heads // n_kv_heads, -1).sum(3)
 
 
-def reachable_keys(pattern: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Positions with a nonzero attention weight from any of `queries` in any head, plus the queries.
-    pattern [H, P, P]; queries [Q] sorted -> sorted positions."""
-    keys = (pattern[:, queries] != 0).any(0).any(0).nonzero().flatten()
-    return torch.unique(torch.cat([queries, keys]))
+def _value_grad_by_head(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, n_kv_heads: int,
+                        open_rows: torch.Tensor) -> torch.Tensor:
+    """As _value_grad_dense, one head at a time over its open queries and keys only."""
+    batch = grad.shape[0]
+    n_heads, _, n_key = pattern.shape
+    head_dim = W_O.shape[1] // n_heads
+    group = n_heads // n_kv_heads
+    y = grad.new_zeros(batch, n_key, n_kv_heads, head_dim)
+    for head in open_rows.any(1).nonzero().flatten().tolist():
+        queries = open_rows[head].nonzero().flatten()
+        keys = (pattern[head, queries] != 0).any(0).nonzero().flatten()
+        z = grad[:, queries] @ W_O[:, head * head_dim:(head + 1) * head_dim]  # [B, q, dh]
+        mixed = torch.einsum("qk,bqe->bke", pattern[head][queries][:, keys], z)  # [B, k, dh]
+        y[:, keys, head // group] += mixed
+    return y
+
+
+def attended_keys(pattern: torch.Tensor, queries: torch.Tensor | slice) -> torch.Tensor:
+    """Sorted positions with a nonzero attention weight from any of `queries` in any head.  pattern [H, P, P]"""
+    return (pattern[:, queries] != 0).any(0).any(0).nonzero().flatten()
 
 
 def as_index(positions: torch.Tensor) -> slice | torch.Tensor:
@@ -109,65 +129,105 @@ def as_index(positions: torch.Tensor) -> slice | torch.Tensor:
     return positions
 
 
-def sweep(lrm: LocalReplacementModel, targets: TargetSet, dec: DecoderWrites
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direct effects of every source on a block of targets, in one downward sweep.
+class BlockSweep:
+    """The downward sweep of one block of targets: its gradient d readout / d residual, [B, P', d],
+    read and written only on `support` (the positions it can be nonzero on). Rows are sorted by
+    layer, descending, so the rows already injected are a prefix of length n_alive."""
 
-    Returns (rows [T, n_columns], constant [T]): rows[t, c] is the edge from source column c to
-    target t; constant[t] the effect of all non-node constants (decoder biases, BOS-position MLP).
-    The gradient [B, S, d] lives on the `support` positions it can be nonzero on; rows are sorted by
-    layer, descending, so the rows already injected are a prefix.
-    """
-    n_layers, n_pos, n_active = lrm.n_layers, lrm.n_pos, lrm.n_active
-    weights, frozen = lrm.model, lrm.prompt
-    n_columns = n_source_columns(lrm)
-    order = torch.argsort(targets.layer, descending=True, stable=True)
-    layer, pos, readout = targets.layer[order], targets.pos[order], targets.readout[order]
-    n_rows = len(order)
-    out = torch.zeros(n_columns + 1, n_rows)  # source-major; the last row absorbs padding
-    constant = torch.zeros(n_rows)
-    support = torch.unique(pos)
-    grad = torch.zeros(n_rows, len(support), weights.d_model)  # [B, S, d]
-    n_alive = 0
+    def __init__(self, lrm: LocalReplacementModel, targets: TargetSet):
+        self.lrm = lrm
+        self.order = torch.argsort(targets.layer, descending=True, stable=True)
+        self.layer, self.pos = targets.layer[self.order], targets.pos[self.order]
+        self.readout = targets.readout[self.order]
+        self.out = torch.zeros(n_source_columns(lrm), len(self.order))  # source-major
+        self.constant = torch.zeros(len(self.order))
+        self.support = torch.unique(self.pos)
+        self.grad = torch.zeros(len(self.order), int(self.support[-1]) + 1, lrm.model.d_model)
+        self.n_alive = 0
 
-    def inject(level: int) -> int:
-        new = int((layer == level).sum())
-        rows = torch.arange(n_alive, n_alive + new)
-        grad[rows, torch.searchsorted(support, pos[rows])] += readout[rows]
-        return n_alive + new
+    def inject(self, level: int) -> None:
+        """Add the readouts of targets that read the residual at `level` (n_layers: the final one)."""
+        new = torch.arange(self.n_alive, self.n_alive + int((self.layer == level).sum()))
+        self.grad[new, self.pos[new]] += self.readout[new]
+        self.n_alive += len(new)
 
-    n_alive = inject(n_layers)
-    for k in reversed(range(n_layers)):
+    def read_writes(self, k: int, writes: LayerWrites) -> None:
+        """Dot the gradient at resid_post[k] with every write into MLP-out k: features, errors, constants."""
+        if not self.n_alive:
+            return
+        lrm, n, support = self.lrm, self.n_alive, self.support
         at = as_index(support)
-        if n_alive:  # dot d readout / d resid_post[k] with every write into MLP-out k
-            g = grad[:n_alive].transpose(0, 1)  # [S, n, d]
-            slots = dec.writes[k][at]  # [S, m, d]
-            if slots.shape[1]:
-                values = torch.bmm(slots, g.transpose(1, 2))  # [S, m, n]
-                out[:, :n_alive].index_add_(0, dec.columns[k][at].flatten(), values.flatten(0, 1))
-            per_pos = torch.stack([lrm.errors[k, at], lrm.constants[k, at]], -1)  # [S, d, 2]
-            errors_and_constants = torch.bmm(g, per_pos)  # [S, n, 2]
-            out[:, :n_alive].index_add_(0, n_active + k * n_pos + support, errors_and_constants[..., 0])
-            constant[:n_alive] += errors_and_constants[..., 1].sum(0)
-        n_alive = inject(k)
-        if not n_alive:
-            continue
-        keys = reachable_keys(frozen.patterns[k], support)
-        through_attention = attention_vjp(
-            grad[:n_alive], frozen.patterns[k][:, at][:, :, as_index(keys)], weights.W_O[k],
+        out = self.out[:, :n]
+        for p in support.tolist():
+            start, end = writes.offsets[p], writes.offsets[p + 1]
+            if end > start:
+                out.index_add_(0, writes.columns[start:end], writes.writes[start:end] @ self.grad[:n, p].T)
+        g = self.grad[:n, at].transpose(0, 1)  # [S, n, d]
+        per_pos = torch.stack([lrm.errors[k, at], lrm.constants[k, at]], -1)  # [S, d, 2]
+        errors_and_constants = torch.bmm(g, per_pos)  # [S, n, 2]
+        out.index_add_(0, lrm.n_active + k * lrm.n_pos + support, errors_and_constants[..., 0])
+        self.constant[:n] += errors_and_constants[..., 1].sum(0)
+
+    def through_attention(self, k: int) -> None:
+        """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention)."""
+        if not self.n_alive:
+            return
+        weights, frozen, n = self.lrm.model, self.lrm.prompt, self.n_alive
+        at = as_index(self.support)
+        keys = attended_keys(frozen.patterns[k], at)
+        if not len(keys):
+            return
+        key_at = as_index(keys)
+        through = attention_vjp(
+            self.grad[:n, at], frozen.patterns[k][:, at][:, :, key_at], weights.W_O[k],
             weights.W_V[k] * weights.attn_norm[k], frozen.attn_inv_rms[k, keys], weights.n_kv_heads,
         )  # [n, K, d]
-        if len(keys) != len(support):
-            widened = torch.zeros(n_rows, len(keys), weights.d_model)
-            widened[:, torch.searchsorted(keys, support)] = grad
-            grad, support = widened, keys
-        grad[:n_alive] += through_attention
-    embeddings = weights.embed[frozen.tokens[support]]  # [S, d]
-    tokens = torch.bmm(grad[:n_alive].transpose(0, 1), embeddings.unsqueeze(-1)).squeeze(-1)  # [S, n]
-    out[:, :n_alive].index_add_(0, n_active + n_layers * n_pos + support, tokens)
-    unsorted = torch.empty_like(order)
-    unsorted[order] = torch.arange(n_rows)
-    return out[:n_columns, unsorted].T, constant[unsorted]
+        if isinstance(key_at, slice):
+            self.grad[:n, key_at] += through
+        else:
+            self.grad[:n].index_add_(1, keys, through)
+        self.support = torch.unique(torch.cat([self.support, keys]))
+
+    def read_tokens(self) -> None:
+        """Dot the gradient at the embeddings with the token embeddings."""
+        lrm, n, support = self.lrm, self.n_alive, self.support
+        embeddings = lrm.model.embed[lrm.prompt.tokens[support]]  # [S, d]
+        tokens = torch.bmm(self.grad[:n, as_index(support)].transpose(0, 1), embeddings.unsqueeze(-1))
+        self.out[:, :n].index_add_(0, lrm.n_active + lrm.n_layers * lrm.n_pos + support, tokens.squeeze(-1))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [T, n_columns], constant [T]) in the order the targets were given."""
+        unsorted = torch.empty_like(self.order)
+        unsorted[self.order] = torch.arange(len(self.order))
+        return self.out[:, unsorted].T, self.constant[unsorted]
+
+
+def sweep(lrm: LocalReplacementModel, blocks: list[TargetSet], writes_cache: dict | None = None
+          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Direct effects of every source on each block of targets, all blocks stepping down together.
+
+    Per block: (rows [T, n_columns], constant [T]); rows[t, c] is the edge from source column c into
+    target t, constant[t] the effect of everything that is no node (b_dec, the BOS-position MLP).
+    `writes_cache` (a dict) keeps each layer's LayerWrites for later calls on the same prompt.
+    """
+    states = [BlockSweep(lrm, block) for block in blocks]
+    for state in states:
+        state.inject(lrm.n_layers)
+    for k in reversed(range(lrm.n_layers)):
+        writes = None
+        if any(state.n_alive for state in states):
+            if writes_cache is None:
+                writes = layer_writes(lrm, k)
+            else:
+                writes = writes_cache.get(k) or writes_cache.setdefault(k, layer_writes(lrm, k))
+        for state in states:
+            if writes is not None:
+                state.read_writes(k, writes)
+            state.inject(k)
+            state.through_attention(k)
+    for state in states:
+        state.read_tokens()
+    return [state.result() for state in states]
 
 
 def position_blocks(pos: torch.Tensor, min_rows: int, max_rows: int) -> list[torch.Tensor]:
@@ -186,17 +246,25 @@ def position_blocks(pos: torch.Tensor, min_rows: int, max_rows: int) -> list[tor
     return [chunk for block in blocks for chunk in block.split(max_rows)]
 
 
-def attribution_rows(lrm: LocalReplacementModel, targets: TargetSet, dec: DecoderWrites | None = None,
-                     *, min_block_rows: int = 32, max_block_rows: int = 512
+def attribution_rows(lrm: LocalReplacementModel, targets: TargetSet, *, min_block_rows: int = 32,
+                     max_block_rows: int = 512, max_grad_bytes: int = 2**30, writes_cache: dict | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the adjacency matrix for `targets` (all source columns), and their constant parts.
 
+    Blocks are swept together as long as their gradients fit in `max_grad_bytes`; pass the same
+    `writes_cache` dict to repeated calls on one prompt to gather decoder writes once.
     -> (rows [T, n_active + (L + 1) * P], constant [T])
     """
-    dec = dec if dec is not None else decoder_writes(lrm)
     rows = torch.zeros(len(targets), n_source_columns(lrm))
     constant = torch.zeros(len(targets))
-    if len(targets):
-        for block in position_blocks(targets.pos, min_block_rows, max_block_rows):
-            rows[block], constant[block] = sweep(lrm, targets.subset(block), dec)
+    blocks = position_blocks(targets.pos, min_block_rows, max_block_rows) if len(targets) else []
+    row_bytes = lrm.n_pos * lrm.model.d_model * 4
+    group: list[torch.Tensor] = []
+    for i, block in enumerate(blocks):
+        group.append(block)
+        if i + 1 == len(blocks) or sum(map(len, group)) + len(blocks[i + 1]) > max_grad_bytes // row_bytes:
+            swept = sweep(lrm, [targets.subset(b) for b in group], writes_cache)
+            for index, (block_rows, block_constant) in zip(group, swept):
+                rows[index], constant[index] = block_rows, block_constant
+            group = []
     return rows, constant

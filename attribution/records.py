@@ -72,21 +72,22 @@ def nodes_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult) -> 
 
 
 def edges_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult, which: str) -> pa.Table:
-    """Nonzero edges (all, or only those kept by pruning), sorted by |weight| descending."""
+    """Nonzero edges (all, or only those kept by pruning): kept edges first, each part sorted by |weight|
+    descending, so the top kept edges are the first rows."""
     adjacency = graph.adjacency
     mask = adjacency != 0
     if which == "pruned":
         mask &= pruned.edge_mask
     target, source = mask.nonzero().unbind(1)
-    weight = adjacency[target, source]
+    weight, kept = adjacency[target, source], pruned.edge_mask[target, source]
     order = torch.argsort(weight.abs(), descending=True, stable=True)
-    target, source, weight = target[order], source[order], weight[order]
+    order = order[torch.argsort(~kept[order], stable=True)]  # kept first, |weight| order kept within
     return _table("edges", {
         "graph_id": [graph_id] * len(weight),
-        "target": target.numpy().astype("int32"),
-        "source": source.numpy().astype("int32"),
-        "weight": weight.numpy(),
-        "kept": pruned.edge_mask[target, source].numpy(),
+        "target": target[order].numpy().astype("int32"),
+        "source": source[order].numpy().astype("int32"),
+        "weight": weight[order].numpy(),
+        "kept": kept[order].numpy(),
     })
 
 

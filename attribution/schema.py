@@ -8,8 +8,8 @@ Layout under the store root, one file per graph and table, grouped by model vari
   record: written last, removed first, so a graph is visible exactly when its row file exists.
 - nodes: one row per node in circuit-tracer's order (node_index); node ids `{layer}_{feature}_{pos}`,
   errors `{layer}_-1_{pos}`, tokens `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`.
-- edges: (target, source) node indices and weight (rows = targets), sorted by |weight| descending so
-  the top-k edges are the first rows of the first row group.
+- edges: (target, source) node indices and weight (rows = targets); the edges kept by pruning come
+  first, each part sorted by |weight| descending, so the top-k kept edges are the first rows.
 - head_loadings: per kept edge and carrying layer, one row per head with a nonzero part (head >= 0,
   with the query/key positions that carry most of it) and one residual row (head -1); the rows of one
   (edge, layer) sum to the edge weight.

@@ -8,6 +8,7 @@ graph whole or not at all.
 
 from __future__ import annotations
 
+import numbers
 import re
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from attribution.schema import TABLES, WRITE_ORDER, check_schema, tagged
 
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _GRAPH_ID = re.compile(r"^[A-Za-z0-9_-]+$")
-ROW_GROUP_ROWS = 65536
+ROW_GROUP_ROWS = 32768
 
 
 class StoreError(AttributionError):
@@ -207,24 +208,28 @@ class GraphStore:
         return edges
 
     def top_edges(self, graph_id: str, k: int = 100, kept_only: bool = True) -> pd.DataFrame:
-        """The k edges of largest |weight| (kept by pruning, unless kept_only=False), with node ids.
-        Reads only the first rows of the edges file (it is sorted by |weight|)."""
+        """The k edges of largest |weight| (among those kept by pruning, unless kept_only=False), with
+        node ids. Kept edges are stored first, by |weight|: this reads only the first rows."""
         parquet = self._open("edges", self.path("edges", self.variant_of(graph_id), graph_id))
-        batches, found = [], 0
-        for batch in parquet.iter_batches(batch_size=max(k, 1024)):
-            if kept_only:
-                batch = batch.filter(batch.column("kept"))
-            batches.append(batch)
-            found += batch.num_rows
-            if found >= k:
-                break
-        table = pa.Table.from_batches(batches, schema=parquet.schema_arrow) if batches else None
-        edges = table.slice(0, k).to_pandas() if table is not None else TABLES["edges"].empty_table().to_pandas()
+        if kept_only:
+            batches, found = [], 0
+            for batch in parquet.iter_batches(batch_size=max(k, 1024)):
+                kept = batch.column("kept")
+                batches.append(batch.filter(kept))
+                found += batches[-1].num_rows
+                if found >= k or not kept[-1].as_py():  # enough, or the kept edges have ended
+                    break
+            table = pa.Table.from_batches(batches, schema=parquet.schema_arrow).slice(0, k)
+            edges = table.to_pandas()
+        else:
+            edges = parquet.read().to_pandas()
+            edges = edges.loc[edges["weight"].abs().sort_values(ascending=False, kind="stable").index[:k]]
+            edges = edges.reset_index(drop=True)
         return self._with_node_ids(graph_id, edges)
 
     def _node_index(self, graph_id: str, node: str | int) -> int:
-        if isinstance(node, int):
-            return node
+        if isinstance(node, numbers.Integral):
+            return int(node)
         ids = self._node_ids(graph_id)
         matches = ids.index[ids.to_numpy() == node]
         if not len(matches):

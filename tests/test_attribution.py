@@ -26,26 +26,29 @@ from attribution.replacement import (
 )
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import TinyModelConfig, tiny_model
+from transcoders.clt import CLTConfig, CrossLayerTranscoder
 
 TINY = TinyModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=1)
 PROMPT = "The cat sat on"
 N_FEATURES = 16
 
 
-class RandomCLT(nn.Module):
-    """A random cross-layer transcoder with the tensors of transcoders.clt.CrossLayerTranscoder."""
-
-    def __init__(self, n_layers: int, d_model: int, n_features: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = nn.Parameter(torch.randn(n_layers, n_features, d_model, generator=g) / d_model**0.5)
-        self.b_enc = nn.Parameter(torch.randn(n_layers, n_features, generator=g) * 0.1)
-        self.threshold = nn.Parameter(torch.full((n_layers, n_features), 0.4))
-        self.W_dec = nn.ParameterList(
-            nn.Parameter(torch.randn(n_features, n_layers - layer, d_model, generator=g) / n_features**0.5)
-            for layer in range(n_layers)
-        )
-        self.b_dec = nn.Parameter(torch.randn(n_layers, d_model, generator=g) * 0.1)
+def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0) -> CrossLayerTranscoder:
+    """A CLT with weights scaled so that a fair share of features fire on the tiny model, and with
+    training-time normalisation scales left unfolded (attribution must fold them)."""
+    g = torch.Generator().manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features), init=False)
+    with torch.no_grad():
+        clt.input_scale.copy_(torch.linspace(0.5, 2.0, n_layers))
+        clt.output_scale.copy_(torch.linspace(1.5, 0.5, n_layers))
+        clt.W_enc.copy_(torch.randn(n_layers, n_features, d_model, generator=g) / d_model**0.5
+                        * clt.input_scale[:, None, None])
+        clt.b_enc.copy_(torch.randn(n_layers, n_features, generator=g) * 0.1)
+        clt.threshold.fill_(0.4)
+        for weight in clt.W_dec:
+            weight.copy_(torch.randn(weight.shape, generator=g) / n_features**0.5)
+        clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g) * 0.1)
+    return clt.eval()
 
 
 def make_model(kind: str, config: TinyModelConfig = TINY):
@@ -62,7 +65,7 @@ def make_model(kind: str, config: TinyModelConfig = TINY):
 def replacement(kind: str, prompt: str = PROMPT, clt_seed: int = 0):
     model, tokenizer = make_model(kind)
     weights = extract_weights(model)
-    clt = RandomCLT(TINY.n_layers, TINY.d_model, N_FEATURES, seed=clt_seed)
+    clt = random_clt(TINY.n_layers, TINY.d_model, N_FEATURES, seed=clt_seed)
     frozen = freeze_prompt(model, tokenize_prompt(tokenizer, prompt))
     return model, build_replacement(weights, transcoder_weights(clt, weights), frozen)
 
@@ -79,9 +82,11 @@ def patched_forwards(patches: list[tuple[nn.Module, object]]):
             del module.forward
 
 
-def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor):
-    """The HF model with frozen patterns, norm scales and MLP outputs.  -> (mlp_in [L, P, d], logits [V])"""
+def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor, patterns: torch.Tensor | None = None):
+    """The HF model with frozen patterns (default: the prompt's), norm scales and MLP outputs.
+    -> (mlp_in [L, P, d], logits [V])"""
     hf, frozen = hf_model_of(model), lrm.prompt
+    patterns = frozen.patterns if patterns is None else patterns
     seen = {}
     patches = []
     embed = hf.model.embed_tokens
@@ -93,7 +98,7 @@ def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor)
             n_pos = hidden_states.shape[1]
             values = attn.v_proj(hidden_states).view(1, n_pos, -1, attn.head_dim).transpose(1, 2)
             values = values.repeat_interleave(attn.num_key_value_groups, dim=1)  # [1, H, P, dh]
-            mixed = (frozen.patterns[index][None] @ values).transpose(1, 2).reshape(1, n_pos, -1)
+            mixed = (patterns[index][None] @ values).transpose(1, 2).reshape(1, n_pos, -1)
             return attn.o_proj(mixed), None
 
         def norm_in(x, layer=layer, index=index):
@@ -214,10 +219,22 @@ def test_bad_inputs_are_refused():
         freeze_prompt(model.set_mode("train"), [256, 65])
     weights = extract_weights(make_model("hf")[0])
     with pytest.raises(AttributionError, match="model has 3 of 32"):
-        transcoder_weights(RandomCLT(2, 32, 4), weights)
+        transcoder_weights(random_clt(2, 32, 4), weights)
 
 
 def test_tokens_start_with_bos_like_circuit_tracer():
     _, tokenizer = tiny_model(TINY)
     assert tokenize_prompt(tokenizer, "ab") == [tokenizer.bos_token_id, 97, 98]
     assert tokenize_prompt(tokenizer, "<|bos|>ab") == [tokenizer.bos_token_id, 97, 98]
+
+
+def test_clt_scales_are_folded_like_the_clt_itself():
+    _, lrm = replacement("dense")
+    clt = random_clt(TINY.n_layers, TINY.d_model, N_FEATURES, seed=0)
+    with torch.no_grad():
+        expected = clt.encode(lrm.prompt.mlp_in.transpose(0, 1)).transpose(0, 1)  # [L, P, F]
+        expected[:, 0] = 0
+        decoded = clt.decode(expected.transpose(0, 1)).transpose(0, 1)  # [L, P, d]
+    torch.testing.assert_close(lrm.activations, expected[lrm.features.unbind(1)])
+    assert int((expected != 0).sum()) == lrm.n_active
+    torch.testing.assert_close(lrm.prompt.mlp_out[:, 1:] - lrm.errors[:, 1:], decoded[:, 1:], rtol=1e-5, atol=1e-5)

@@ -13,7 +13,14 @@ import torch
 from attribution.config import GraphConfig
 from attribution.graph import attribute
 from attribution.prune import prune
-from attribution.records import GraphRecord, edges_table, empty_table, graphs_table, make_graph_id, nodes_table
+from attribution.records import (
+    GraphRecord,
+    edges_table,
+    empty_table,
+    graphs_table,
+    make_graph_id,
+    nodes_table,
+)
 from attribution.store import GraphNotFoundError, GraphStore, StoreError, open_store
 from tests.test_attribution import replacement
 
@@ -47,10 +54,16 @@ def test_round_trip_is_exact(tmp_path):
     assert loaded.info["prompt"] == graph.prompt and list(loaded.info["tokens"]) == graph.tokens.tolist()
     assert loaded.info["completeness_score"] == info["completeness_score"]
     adjacency = torch.zeros_like(graph.adjacency)
-    adjacency[loaded.edges["target"].to_numpy(), loaded.edges["source"].to_numpy()] = torch.tensor(
+    adjacency[torch.tensor(loaded.edges["target"].to_numpy()), torch.tensor(loaded.edges["source"].to_numpy())] = torch.tensor(
         loaded.edges["weight"].to_numpy())
     assert torch.equal(adjacency, graph.adjacency)  # every nonzero edge, bit for bit
     assert loaded.edges["kept"].sum() == int((pruned.edge_mask & (graph.adjacency != 0)).sum())
+    kept = loaded.edges[loaded.edges["kept"]]
+    by_size = kept.loc[kept["weight"].abs().sort_values(ascending=False, kind="stable").index]
+    assert store.top_edges(record.graph_id, k=25)["weight"].tolist() == by_size["weight"][:25].tolist()
+    everything = loaded.edges["weight"].abs().sort_values(ascending=False, kind="stable")
+    top = store.top_edges(record.graph_id, k=25, kept_only=False)
+    assert top["weight"].abs().tolist() == everything[:25].tolist()
 
 
 def test_pruned_store_keeps_only_kept_edges_and_top_edges_are_sorted(tmp_path):

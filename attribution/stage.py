@@ -1,0 +1,156 @@
+"""The attribution stage as one plain function: graphs for a list of prompts, into the Parquet store.
+
+Per prompt: freeze the model on it, build the local replacement model with the CLT, compute the
+graph, prune it, split its kept edges over heads, QK-attribute the attention edges that carry them,
+and write everything to the store under one graph_id. A prompt that cannot be attributed (too long,
+empty) is recorded in the summary and skipped; a graph already in the store is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from attribution.config import AttributionStageConfig
+from attribution.graph import AttributionGraph, attribute
+from attribution.heads import head_loadings
+from attribution.nodes import TranscoderWeights, build_replacement, transcoder_weights
+from attribution.prune import PruneResult, prune
+from attribution.qk import qk_attribution
+from attribution.records import (
+    GraphRecord,
+    edges_table,
+    from_frame,
+    graphs_table,
+    make_graph_id,
+    nodes_table,
+)
+from attribution.replacement import (
+    AttributionError,
+    ModelWeights,
+    extract_weights,
+    freeze_prompt,
+    tokenize_prompt,
+)
+from attribution.store import GraphStore, check_variant, open_store
+from transcoders.clt import META_FILE, load_clt
+from transcoders.stage import ModelSource, load_source
+
+__all__ = ["AttributionStageConfig", "ModelSource", "run", "Attributor"]
+
+CONFIG_FILE = "attribution_config.yaml"
+
+
+@dataclass
+class Attributor:
+    """A loaded model and CLT, ready to turn prompts into graph records."""
+
+    model: nn.Module
+    tokenizer: object
+    weights: ModelWeights
+    clt: TranscoderWeights
+    model_id: str
+    clt_id: str
+    variant: str
+
+    @classmethod
+    def load(cls, model_source: ModelSource, clt_dir: str | Path, variant: str) -> Attributor:
+        model, tokenizer, identity = load_source(model_source)
+        weights = extract_weights(model)
+        clt_dir = Path(clt_dir).resolve()
+        clt = transcoder_weights(load_clt(clt_dir), weights)
+        meta = clt_dir / META_FILE
+        clt_id = json.dumps({"dir": str(clt_dir), "meta": hashlib.sha256(meta.read_bytes()).hexdigest()
+                             if meta.exists() else None})
+        return cls(model, tokenizer, weights, clt, json.dumps(identity, sort_keys=True), clt_id,
+                   check_variant(variant))
+
+    def graph_id(self, prompt: str, config: AttributionStageConfig) -> str:
+        return make_graph_id(self.variant, self.model_id, self.clt_id, prompt, settings_json(config))
+
+    def record(self, prompt: str, config: AttributionStageConfig) -> GraphRecord:
+        """Compute and package the graph of one prompt (raises AttributionError for a bad prompt)."""
+        started = time.perf_counter()
+        tokens = tokenize_prompt(self.tokenizer, prompt)
+        frozen = freeze_prompt(self.model, tokens)
+        lrm = build_replacement(self.weights, self.clt, frozen, config.graph.max_n_logits,
+                                config.graph.desired_logit_prob)
+        graph = attribute(lrm, config.graph, prompt=prompt)
+        pruned = prune(graph.adjacency, graph.logit_probs, graph.n_selected, graph.n_pos,
+                       config.graph.node_threshold, config.graph.edge_threshold)
+        loadings = qk = None
+        if config.attention.enabled:
+            targets, sources = kept_edges(graph, pruned)
+            loadings = head_loadings(lrm, graph, targets, sources, config.attention)
+            qk = qk_attribution(lrm, loadings, config.attention)
+        graph_id = self.graph_id(prompt, config)
+        token_strings = [self.tokenizer.decode([t]) for t in tokens]
+        return GraphRecord(graph_id, self.variant, {
+            "graphs": graphs_table(graph_id, self.variant, graph, pruned, token_strings=token_strings,
+                                   model=self.model_id, clt=self.clt_id, settings=settings_json(config),
+                                   edges_stored=config.store_edges, seconds=time.perf_counter() - started),
+            "nodes": nodes_table(graph_id, graph, pruned),
+            "edges": edges_table(graph_id, graph, pruned, config.store_edges),
+            "head_loadings": from_frame("head_loadings", graph_id, loadings),
+            "qk_pairs": from_frame("qk_pairs", graph_id, qk),
+        })
+
+
+def settings_json(config: AttributionStageConfig) -> str:
+    """The settings that change a graph (not the prompt list or threads), as canonical JSON."""
+    return json.dumps(config.model_dump(mode="json", exclude={"prompts", "threads"}), sort_keys=True)
+
+
+def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, sources) of the nonzero edges pruning keeps."""
+    target, source = (pruned.edge_mask & (graph.adjacency != 0)).nonzero().unbind(1)
+    return target, source
+
+
+def _write_config(store: GraphStore, config: AttributionStageConfig, variant: str) -> None:
+    store.fs.create_dir(store.root, recursive=True)
+    with store.fs.open_output_stream(f"{store.root}/{variant}_{CONFIG_FILE}") as out:
+        out.write(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+
+
+def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str | Path, prompts: list[str],
+        output_store: str | Path | GraphStore, variant: str, *, progress: bool = True, force: bool = False) -> dict:
+    """Attribute `prompts` on one model variant ("dense", "sparse", ...) into the store at `output_store`.
+
+    Returns a summary: per graph its id, size and scores; per failed prompt the error; the ids skipped
+    because the store already held them (unless `force`).
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    store = output_store if isinstance(output_store, GraphStore) else open_store(output_store)
+    attributor = Attributor.load(model_source, clt_dir, variant)
+    _write_config(store, config, attributor.variant)
+    summary = {"variant": attributor.variant, "store": str(store.root), "graphs": [], "failures": [], "skipped": []}
+    for prompt in tqdm(prompts, desc=f"attribution {variant}", disable=not progress):
+        try:
+            graph_id = attributor.graph_id(prompt, config)
+            if not force and store.fs.get_file_info(store.path("graphs", attributor.variant, graph_id)).type \
+                    == pafs.FileType.File:
+                summary["skipped"].append(graph_id)
+                continue
+            record = attributor.record(prompt, config)
+        except AttributionError as error:
+            summary["failures"].append({"prompt": prompt, "error": str(error)})
+            continue
+        store.write(record)
+        info = record.tables["graphs"].to_pylist()[0]
+        summary["graphs"].append({key: info[key] for key in (
+            "graph_id", "prompt", "n_pos", "n_active_features", "n_nodes", "n_nodes_kept", "n_edges_kept",
+            "replacement_score", "completeness_score", "seconds")})
+    summary["seconds"] = time.perf_counter() - started
+    return summary

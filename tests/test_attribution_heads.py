@@ -1,0 +1,82 @@
+"""Head loadings: per-head parts checked by ablating heads (and single attention edges) in the
+HF model's frozen forward pass; parts plus the skip part sum to the edge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution.config import AttentionAttributionConfig, GraphConfig
+from attribution.graph import attribute
+from attribution.heads import OTHER_HEADS, SKIP_HEAD, head_loadings
+from tests.test_attribution import closeness_scale, frozen_forward, replacement, source_removal, target_values
+
+
+def edge_in_forward(model, lrm, graph, target: int, source: int, patterns: torch.Tensor) -> float:
+    """The edge measured by removing the source in a frozen forward with the given patterns."""
+    zero = torch.zeros(graph.n_pos, lrm.model.d_model)
+    base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero, patterns))
+    moved = target_values(lrm, graph, *frozen_forward(model, lrm, *source_removal(lrm, graph, source), patterns))
+    return float(base[target] - moved[target])
+
+
+def strongest_edges(graph, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest edges between different positions (they must cross attention)."""
+    table = graph.node_table()
+    adjacency = graph.adjacency.clone()
+    adjacency[table["pos"][:, None] == table["pos"][None, :]] = 0
+    flat = adjacency.abs().flatten().topk(n).indices
+    return flat // graph.n_nodes, flat % graph.n_nodes
+
+
+@pytest.mark.parametrize("kind", ["dense", "gated"])
+def test_head_parts_match_head_ablation(kind):
+    model, lrm = replacement(kind)
+    graph = attribute(lrm, GraphConfig())
+    targets, sources = strongest_edges(graph, 6)
+    all_parts = AttentionAttributionConfig(layer_min_share=0.0, head_min_share=0.0)
+    loadings = head_loadings(lrm, graph, targets, sources, all_parts)
+    assert not (loadings["head"] == OTHER_HEADS).any()
+    scale = closeness_scale(graph)
+    for (target, source, layer), rows in loadings.groupby(["target", "source", "layer"]):
+        weight = float(graph.adjacency[target, source])
+        tolerance = 1e-5 * float(scale[target])
+        assert abs(rows["weight"].sum() - weight) <= tolerance  # heads + skip = edge
+        for head, part in zip(rows["head"], rows["weight"]):
+            patterns = lrm.prompt.patterns.clone()
+            if head == SKIP_HEAD:
+                patterns[layer] = 0
+                assert abs(edge_in_forward(model, lrm, graph, target, source, patterns) - part) <= tolerance
+            else:
+                patterns[layer, head] = 0
+                ablated = edge_in_forward(model, lrm, graph, target, source, patterns)
+                assert abs((weight - ablated) - part) <= tolerance
+
+
+def test_main_pair_matches_single_attention_edge_ablation():
+    model, lrm = replacement("gated")
+    graph = attribute(lrm, GraphConfig())
+    targets, sources = strongest_edges(graph, 4)
+    loadings = head_loadings(lrm, graph, targets, sources, AttentionAttributionConfig(head_min_share=0.2))
+    heads = loadings[loadings["head"] >= 0]
+    assert len(heads) > 0
+    scale = closeness_scale(graph)
+    for row in heads.itertuples():
+        assert lrm.prompt.patterns[row.layer, row.head, row.query_pos, row.key_pos] != 0  # an open gate
+        patterns = lrm.prompt.patterns.clone()
+        patterns[row.layer, row.head, row.query_pos, row.key_pos] = 0
+        weight = float(graph.adjacency[row.target, row.source])
+        ablated = edge_in_forward(model, lrm, graph, row.target, row.source, patterns)
+        assert abs((weight - ablated) - row.weight * row.pair_share) <= 1e-5 * float(scale[row.target])
+
+
+def test_thresholds_fold_small_heads_into_one_row():
+    _, lrm = replacement("dense")
+    graph = attribute(lrm, GraphConfig())
+    targets, sources = strongest_edges(graph, 6)
+    loadings = head_loadings(lrm, graph, targets, sources, AttentionAttributionConfig(head_min_share=0.3))
+    for (target, source, _), rows in loadings.groupby(["target", "source", "layer"]):
+        assert abs(rows["weight"].sum() - float(graph.adjacency[target, source])) <= 1e-5 * float(
+            closeness_scale(graph)[target])
+        big = rows[rows["head"] >= 0]
+        assert (big["weight"].abs() >= 0.3 * abs(float(graph.adjacency[target, source])) - 1e-6).all()
