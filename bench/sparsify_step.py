@@ -19,14 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from sparse_attention.constraint import ControllerConfig, LagrangeController  # noqa: E402
-from sparse_attention.data import DataConfig, load_token_blocks  # noqa: E402
-from sparse_attention.evaluate import next_token_ce, next_token_kl  # noqa: E402
-from sparse_attention.gated_attention import GatedModel  # noqa: E402
-from sparse_attention.models import load_model  # noqa: E402
-from sparse_attention.train import select_trainable  # noqa: E402
+from sparse_attention.constraint import ControllerConfig, LagrangeController
+from sparse_attention.data import DataConfig, load_token_blocks
+from sparse_attention.evaluate import next_token_ce, next_token_kl
+from sparse_attention.gated_attention import GatedModel
+from sparse_attention.models import load_model
+from sparse_attention.train import select_trainable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

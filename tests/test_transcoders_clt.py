@@ -11,7 +11,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from transcoders.clt import CLTConfig, CLTFormatError, CrossLayerTranscoder, load_clt, load_clt_metadata, save_clt
+from transcoders.clt import (
+    CLTConfig,
+    CLTFormatError,
+    CrossLayerTranscoder,
+    load_clt,
+    load_clt_metadata,
+    save_clt,
+)
 from transcoders.jumprelu import jumprelu
 from transcoders.memory import CLTMemoryError, check_training_fits
 from transcoders.train import clt_loss

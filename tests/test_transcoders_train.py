@@ -12,7 +12,7 @@ from sparse_attention.train import CheckpointError
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.harvest import ShuffleBuffer
-from transcoders.train import CHECKPOINT_NAME, sparsity_weight, train_clt
+from transcoders.train import CHECKPOINT_NAME, initialise_from_data, sparsity_weight, train_clt
 
 torch.set_num_threads(1)
 
@@ -52,7 +52,8 @@ class PlantedSource:
 
 
 def train_config(**overrides) -> CLTTrainConfig:
-    values = dict(steps=800, batch_tokens=256, lr=3e-3, warmup_steps=10, sparsity_coefficient=0.03, grad_clip=None)
+    values = dict(steps=800, batch_tokens=256, lr=3e-3, warmup_steps=10, sparsity_coefficient=0.06, grad_clip=None,
+                  init_firing_fraction=0.1)
     return CLTTrainConfig(**{**values, **overrides})
 
 
@@ -76,8 +77,21 @@ def test_training_recovers_a_planted_dictionary():
         learned = torch.nn.functional.normalize(clt.W_dec[layer][:, 0].detach(), dim=-1)
         true = torch.nn.functional.normalize(DECODERS[layer][:, 0], dim=-1)
         matched.append(((true @ learned.T).max(1).values > 0.9).float().mean())
-    assert torch.stack(matched).mean() > 0.7, matched
-    assert result.history[0]["nmse"] > 0.9 and result.history[-1]["lambda_s"] == pytest.approx(0.03)
+    assert torch.stack(matched).mean() > 0.6, matched  # random directions in 24-d: max cosine ~0.5
+    assert result.history[0]["nmse"] > 0.9 and result.history[-1]["lambda_s"] == pytest.approx(0.06)
+
+
+def test_data_dependent_init_sets_scales_output_mean_and_firing_fraction():
+    clt = new_clt(32)
+    g = torch.Generator().manual_seed(0)  # continuous data: no ties at the quantile
+    batches = [(torch.randn(256, L, D, generator=g) * 3 + 1, torch.randn(256, L, D, generator=g) - 2) for _ in range(4)]
+    initialise_from_data(clt, batches, 0.25)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    torch.testing.assert_close((x / clt.input_scale[:, None]).pow(2).mean((0, 2)), torch.ones(L))
+    torch.testing.assert_close((y / clt.output_scale[:, None]).pow(2).mean((0, 2)), torch.ones(L))
+    torch.testing.assert_close(clt.b_dec * clt.output_scale[:, None], y.mean(0), rtol=0, atol=1e-5)
+    fired = (clt.encode(x) > 0).float().mean(0)  # [L, F]
+    assert (fired - 0.25).abs().max() <= 1.5 / len(x)
 
 
 def test_sparsity_weight_ramps_linearly_then_holds():

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from transcoders.decode import decode_dense, sparse_decode
+from transcoders.decode import decode_dense, decoder_norms, sparse_decode, sparse_decode_with_norms
 from transcoders.jumprelu import jumprelu
 
 FORMAT_VERSION = 1
@@ -124,6 +124,13 @@ class CrossLayerTranscoder(nn.Module):
         """Reference for `decode`: the same map with plain dense matmuls."""
         return self._decode_with(decode_dense, acts)
 
+    def decode_with_norms(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`decode(acts)`, `decoder_norms()`) from one sparse Function, as the training loss wants them."""
+        lead, (L, F) = acts.shape[:-2], acts.shape[-2:]
+        out, norms = sparse_decode_with_norms(acts.reshape(-1, L, F), list(self.W_dec))
+        out = (out + self.b_dec) * self.output_scale[:, None]
+        return out.reshape(*lead, L, self.d_model), norms
+
     def forward(self, mlp_in: torch.Tensor) -> torch.Tensor:
         """[..., L, D] MLP inputs -> [..., L, D] reconstructed MLP outputs."""
         return self.decode(self.encode(mlp_in))
@@ -144,7 +151,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """[L, F]: each feature's decoder norm over all the layers it writes to (in training units)."""
-        return torch.stack([weight.pow(2).sum((1, 2)).sqrt() for weight in self.W_dec])
+        return decoder_norms(list(self.W_dec))
 
     @torch.no_grad()
     def fold_normalisation(self) -> CrossLayerTranscoder:

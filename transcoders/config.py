@@ -29,6 +29,10 @@ class HarvestConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="token blocks per LM forward")
     buffer_tokens: int = Field(16384, ge=2, description="shuffle buffer size; each round serves half, refills half")
     reuse: int = Field(1, ge=1, description="times each harvested token is served, on average (LM forwards are costly)")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="LM precision while harvesting; bfloat16 is ~3x faster on CPUs with bf16 units. "
+        "Evaluation always runs the LM in float32"
+    )
     seed: int = 0
 
 
@@ -59,6 +63,9 @@ class CLTTrainConfig(BaseModel):
     sparsity_ramp_fraction: float = Field(0.8, gt=0, le=1, description="lambda_s ramps linearly from 0 over this part")
     preact_coefficient: float = Field(3e-6, ge=0, description="weight of sum_f relu(-pre_f): revives dead features")
     normalisation_batches: int = Field(4, gt=0, description="batches used to estimate the per-layer scales")
+    init_firing_fraction: float | None = Field(
+        0.05, gt=0, lt=1, description="b_enc starts so each feature fires on this fraction of tokens (None: b_enc=0)"
+    )
     dead_window_tokens: int = Field(100_000, gt=0, description="a feature silent this long in training counts as dead")
     decode: Literal["sparse", "dense"] = Field("sparse", description="dense is the slow reference")
     checkpoint_every: int = Field(100, gt=0)

@@ -14,6 +14,7 @@ gets its reconstruction gradient from active positions only. `decode_dense` is t
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -31,13 +32,26 @@ def decode_dense(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
     return out.view(n_tokens, n_layers, d_model)
 
 
-def _active_entries(acts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Per source layer: token ids, feature ids and values of the non-zero activations, sorted by (token, feature)."""
-    layer_major = acts.transpose(0, 1)  # [L, N, F]
-    layer, token, feature = layer_major.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
-    values = layer_major[layer, token, feature]
-    counts = torch.bincount(layer, minlength=acts.shape[1]).tolist()
-    return list(token.split(counts)), list(feature.split(counts)), list(values.split(counts))
+@dataclass
+class _Entries:
+    """The non-zero activations of one source layer, sorted by (token, feature)."""
+
+    token: torch.Tensor  # [K] int64
+    feature: torch.Tensor  # [K] int64
+    value: torch.Tensor  # [K]
+    position: torch.Tensor  # [K] index into the flattened layer-major [L, N, F] activations
+
+
+def _active_entries(acts: torch.Tensor) -> list[_Entries]:
+    """Per source layer, the non-zero entries of acts [N, L, F] (one nonzero over the whole tensor)."""
+    n_tokens, n_layers, n_features = acts.shape
+    flat = acts.transpose(0, 1).reshape(-1)  # [L * N * F], a view when acts is layer-major underneath
+    position = flat.nonzero().squeeze(1)  # sorted by (layer, token, feature)
+    value = flat[position]
+    layer, within = position.div(n_tokens * n_features, rounding_mode="floor"), position % (n_tokens * n_features)
+    token, feature = within.div(n_features, rounding_mode="floor"), within % n_features
+    counts = torch.bincount(layer, minlength=n_layers).tolist()
+    return [_Entries(*parts) for parts in zip(*(t.split(counts) for t in (token, feature, value, position)))]
 
 
 def _coo(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -47,8 +61,8 @@ def _coo(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tu
     )
 
 
-def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A CSR matrix with the same row-major-sorted entries (for sampled_addmm, which wants CSR)."""
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The same row-major-sorted entries as CSR (sampled_addmm wants CSR)."""
     crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
     crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
     with warnings.catch_warnings():
@@ -57,49 +71,63 @@ def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, s
 
 
 class _SparseDecode(torch.autograd.Function):
-    """out = decode_dense(acts, W_dec) computed from the non-zero entries of acts only."""
+    """(decode_dense(acts, W_dec), decoder norms [L, F]) computed from the non-zero entries of acts only.
+
+    The norms come out of the same Function so that each decoder's gradient (from the reconstruction
+    and from whatever uses the norms, e.g. the sparsity penalty) is built in one buffer, in place:
+    at SmolLM2 sizes a decoder is gigabytes, and every extra full-size temporary costs a memory pass.
+    """
 
     @staticmethod
-    def forward(ctx, acts: torch.Tensor, *W_dec: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, acts: torch.Tensor, with_norms: bool, *W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_tokens, n_layers, n_features = acts.shape
         d_model = W_dec[0].shape[-1]
-        tokens, features, values = _active_entries(acts)
+        entries = _active_entries(acts)
         out = acts.new_zeros(n_tokens, n_layers * d_model)  # [N, L * D]
-        for source, weight in enumerate(W_dec):
-            if len(values[source]):
-                active = _coo(tokens[source], features[source], values[source], (n_tokens, n_features))
-                out[:, source * d_model:] += torch.sparse.mm(active, weight.reshape(n_features, -1))
-        ctx.save_for_backward(*W_dec)
-        ctx.entries = (tokens, features, values)
-        ctx.shape = acts.shape
-        return out.view(n_tokens, n_layers, d_model)
+        for source, (weight, active) in enumerate(zip(W_dec, entries)):
+            if len(active.value):
+                matrix = _coo(active.token, active.feature, active.value, (n_tokens, n_features))
+                out[:, source * d_model:].addmm_(matrix, weight.reshape(n_features, -1))  # in place
+        norms = decoder_norms(W_dec) if with_norms else acts.new_zeros(n_layers, n_features)  # [L, F]
+        ctx.save_for_backward(norms, *W_dec)
+        ctx.entries, ctx.shape = entries, acts.shape
+        ctx.set_materialize_grads(False)
+        return out.view(n_tokens, n_layers, d_model), norms
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        W_dec = ctx.saved_tensors
-        tokens, features, values = ctx.entries
+    def backward(ctx, grad_out: torch.Tensor | None, grad_norms: torch.Tensor | None):
+        norms, *W_dec = ctx.saved_tensors
         n_tokens, n_layers, n_features = ctx.shape
         d_model = W_dec[0].shape[-1]
-        grad_rows = grad_out.reshape(n_tokens, n_layers * d_model)  # [N, L * D]
-        want_acts, want_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1:]
-        grad_acts = grad_out.new_zeros(n_layers, n_tokens, n_features) if want_acts else None  # [L, N, F]
+        want_acts = ctx.needs_input_grad[0] and grad_out is not None
+        grad_rows = grad_out.reshape(n_tokens, n_layers * d_model) if grad_out is not None else None  # [N, L*D]
+        grad_acts = grad_rows.new_zeros(n_layers * n_tokens * n_features) if want_acts else None  # layer-major
         grad_weights: list[torch.Tensor | None] = []
-        for source, weight in enumerate(W_dec):
-            grad_source = grad_rows[:, source * d_model:]  # [N, (L - s) * D]
+        for source, (weight, active) in enumerate(zip(W_dec, ctx.entries)):
             flat = weight.reshape(n_features, -1)  # [F, (L - s) * D]
-            token, feature, value = tokens[source], features[source], values[source]
-            if want_weights[source]:
-                by_feature = torch.argsort(feature * n_tokens + token)
-                transposed = _coo(feature[by_feature], token[by_feature], value[by_feature], (n_features, n_tokens))
-                grad_weights.append(torch.sparse.mm(transposed, grad_source).view_as(weight))
+            grad_source = grad_rows[:, source * d_model:] if grad_rows is not None else None  # [N, (L - s) * D]
+            use_rows = grad_source is not None and len(active.value) > 0
+            if use_rows:  # the entries by (feature, token): rows of the transposed activation matrix
+                by_feature = torch.sort(active.feature, stable=True).indices
+                feature, token = active.feature[by_feature], active.token[by_feature]
+                value = active.value[by_feature]
+            if ctx.needs_input_grad[2 + source]:
+                if grad_norms is not None:  # d|w_f| / dw_f = w_f / |w_f|
+                    grad = flat * (grad_norms[source] / norms[source].clamp_min(1e-30))[:, None]
+                else:
+                    grad = torch.zeros_like(flat)
+                if use_rows:  # += acts^T @ grad_out, in place: no second decoder-sized temporary
+                    grad.addmm_(_coo(feature, token, value, (n_features, n_tokens)), grad_source)
+                grad_weights.append(grad.view_as(weight))
             else:
                 grad_weights.append(None)
-            if want_acts and len(value):
-                pattern = _csr_pattern(token, feature, value, (n_tokens, n_features))
-                dots = torch.sparse.sampled_addmm(pattern, grad_source, flat.t(), beta=0.0).values()
-                grad_acts[source, token, feature] = dots
-        grad_acts = grad_acts.transpose(0, 1) if want_acts else None
-        return (grad_acts, *grad_weights)
+            if want_acts and use_rows:  # d out / d a[n, f] = <grad_out[n], w_f>, only where a[n, f] != 0
+                pattern = _csr(feature, token, value, (n_features, n_tokens))
+                dots = torch.sparse.sampled_addmm(pattern, flat, grad_source.t(), beta=0.0).values()
+                grad_acts[active.position[by_feature]] = dots
+        if want_acts:
+            grad_acts = grad_acts.view(n_layers, n_tokens, n_features).transpose(0, 1)
+        return (grad_acts, None, *grad_weights)
 
 
 def sparse_decode(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
@@ -108,6 +136,30 @@ def sparse_decode(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor
     Equals `decode_dense` (outputs, and gradients on the active entries and on W_dec) up to float
     rounding; cost is O(active entries * L * D) instead of O(N * F * L * D).
     """
-    if acts.layout != torch.strided:
-        raise ValueError(f"sparse_decode takes a dense [N, L, F] tensor of activations, got layout {acts.layout}")
-    return _SparseDecode.apply(acts, *W_dec)
+    _check_dense(acts)
+    return _SparseDecode.apply(acts, False, *W_dec)[0]
+
+
+def sparse_decode_with_norms(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_decode` plus each feature's decoder norm over all its target layers, [L, F], in one Function
+    (the training loss needs both; their decoder gradients are then summed in place)."""
+    _check_dense(acts)
+    return _SparseDecode.apply(acts, True, *W_dec)
+
+
+def _check_dense(acts: torch.Tensor) -> None:
+    if acts.layout != torch.strided or acts.ndim != 3:
+        raise ValueError(f"sparse decoding takes a dense [N, L, F] tensor of activations, got {acts.layout} "
+                         f"{list(acts.shape)}")
+
+
+def source_contribution(acts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What one source layer's features write into the MLP outputs of its layer and all later ones:
+    acts [n, F], weight = W_dec[s] [F, L - s, D] -> [n, L - s, D]. Sparse: costs O(active * (L - s) * D)."""
+    n_features, n_targets, d_model = weight.shape
+    return torch.sparse.mm(acts.to_sparse(), weight.reshape(n_features, -1)).view(-1, n_targets, d_model)
+
+
+def decoder_norms(W_dec: list[torch.Tensor]) -> torch.Tensor:
+    """[L, F]: each feature's decoder norm over all the layers it writes to."""
+    return torch.stack([torch.linalg.vector_norm(weight, dim=(1, 2)) for weight in W_dec])

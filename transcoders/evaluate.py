@@ -12,6 +12,7 @@ from typing_extensions import Self
 from sparse_attention.data import iterate_blocks
 from sparse_attention.evaluate import mean_ce
 from transcoders.clt import CrossLayerTranscoder
+from transcoders.decode import source_contribution
 from transcoders.harvest import harvest_batch, lm_logits, mlp_modules
 
 
@@ -63,27 +64,33 @@ class MLPReplacement:
 
     mode "clt": layer l's output becomes the CLT reconstruction sum_{s <= l} W_dec[s][:, l - s] a_s + b_dec[l],
     where a_s = encode_layer(s, x_s) and x_s is the MLP input of layer s *in this replaced forward*
-    (so errors compound through the layers, as in a replacement model). mode "zero": outputs set to 0.
-    Position 0 keeps its true MLP output in both modes: the CLT never saw it (it is the attention sink).
+    (so errors compound through the layers, as in a replacement model). When layer s runs, its
+    features' writes into layers s..L-1 are added to a running reconstruction (sparse: only active
+    features are decoded). mode "zero": outputs set to 0. Position 0 keeps its true MLP output in
+    both modes: the CLT never saw it (it is the attention sink).
     """
 
     def __init__(self, model: nn.Module, clt: CrossLayerTranscoder | None, mode: str):
         if mode not in ("clt", "zero") or (mode == "clt" and clt is None):
             raise ValueError(f"MLPReplacement mode must be 'zero' or 'clt' (with a CLT), got {mode!r}")
         self.modules, self.clt, self.mode = mlp_modules(model), clt, mode
-        self.acts: list[torch.Tensor] = []  # per source layer [batch, pos, F], reset every forward
+        self.recon: torch.Tensor | None = None  # [batch, pos, L, D] normalised, reset at layer 0
         self._handles = []
 
     def _hook(self, layer: int):
         def replace(module, args, output):
-            if layer == 0:
-                self.acts = []
             new = output.clone()
             if self.mode == "zero":
                 new[:, 1:] = 0
-            else:
-                self.acts.append(self.clt.encode_layer(layer, args[0]))
-                new[:, 1:] = self.clt.decode_layer(layer, self.acts)[:, 1:].to(output.dtype)
+                return new
+            clt, x = self.clt, args[0]  # [batch, pos, D]
+            if layer == 0:
+                self.recon = x.new_zeros(*x.shape[:-1], clt.n_layers, clt.d_model)
+            acts = clt.encode_layer(layer, x).flatten(0, 1)  # [batch * pos, F]
+            self.recon[..., layer:, :] += source_contribution(acts, clt.W_dec[layer]).view_as(
+                self.recon[..., layer:, :])
+            out = (self.recon[..., layer, :] + clt.b_dec[layer]) * clt.output_scale[layer]
+            new[:, 1:] = out[:, 1:].to(output.dtype)
             return new
         return replace
 
@@ -94,7 +101,7 @@ class MLPReplacement:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self.acts = [], []
+        self._handles, self.recon = [], None
 
 
 def ce_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor, batch_size: int) -> dict:

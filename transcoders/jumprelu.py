@@ -24,17 +24,18 @@ class _JumpReLU(torch.autograd.Function):
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
+        return torch.where(pre > threshold, pre, 0.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         pre, threshold = ctx.saved_tensors
         grad_pre = grad_threshold = None
         if ctx.needs_input_grad[0]:
-            grad_pre = grad * (pre > threshold)
+            grad_pre = torch.where(pre > threshold, grad, 0.0)
         if ctx.needs_input_grad[1]:
-            window = rectangle((pre - threshold) / ctx.bandwidth)
-            grad_threshold = (-(threshold / ctx.bandwidth) * window * grad).sum_to_size(threshold.shape)
+            in_window = (pre - threshold).abs_() < ctx.bandwidth / 2  # rectangle((pre - threshold) / bandwidth)
+            summed = torch.where(in_window, grad, 0.0).sum_to_size(threshold.shape)
+            grad_threshold = -(threshold / ctx.bandwidth) * summed  # the factor is per feature: apply it once
         return grad_pre, grad_threshold, None
 
 

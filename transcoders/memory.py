@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
+from collections.abc import Iterator
 
 from transcoders.clt import CLTConfig
 
@@ -61,3 +65,43 @@ def check_training_fits(config: CLTConfig, *, batch_tokens: int, buffer_tokens: 
         f"{budget / GB:.1f} GB (memory_budget_gb, or the memory available now). About n_features={largest} fits; "
         "lower clt.n_features (or harvest.buffer_tokens / train.batch_tokens)"
     )
+
+
+def _glibc():
+    """The C library if it is glibc (it has mallopt), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (raises AttributeError on musl and others)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
+GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Within the block, freed memory stays with the process for the next allocation (glibc only).
+
+    Why: glibc hands out every block above ~32 MB as a fresh mmap and unmaps it on free, so each
+    training step page-faults its gigabytes of temporaries (decoder gradients, [tokens, L, F]
+    activations) all over again. On this project's VMs a fresh 4.4 GB costs 3-10 s in page faults
+    against 0.8 s to reuse it. With mmap off (M_MMAP_MAX=0) and trimming off, step t+1 reuses step
+    t's pages. Afterwards the defaults come back and malloc_trim returns the memory to the system.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        for parameter, value in GLIBC_DEFAULTS.items():
+            libc.mallopt(parameter, value)
+        libc.malloc_trim(0)

@@ -6,6 +6,7 @@ sparsify stage's `model/` directory (a gated checkpoint) for the sparse one.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -88,18 +89,20 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed)
 
     harvest = config.harvest
+    harvest_lm = lm if harvest.dtype == "float32" else copy.deepcopy(lm).to(getattr(torch, harvest.dtype))
     if config.cache.enabled:
         cache_dir = config.cache.directory or output_dir / "activations"
-        build_cache(lm, blocks.train, cache_dir, identity={"model": identity, "data": config.data.model_dump(
-            mode="json"), "batch_size": harvest.batch_size, "seed": harvest.seed}, batch_size=harvest.batch_size,
-            seed=harvest.seed, max_tokens=config.cache.max_tokens, shard_tokens=config.cache.shard_tokens,
-            progress=progress)
+        cache_identity = {"model": identity, "data": config.data.model_dump(mode="json"),
+                          "harvest": harvest.model_dump(mode="json", include={"batch_size", "seed", "dtype"})}
+        build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
+                    seed=harvest.seed, max_tokens=config.cache.max_tokens, shard_tokens=config.cache.shard_tokens,
+                    progress=progress)
 
         def chunks(start: int):
             return cache_chunks(cache_dir, (n_layers, d_model), start)
     else:
         def chunks(start: int):
-            return harvest_stream(lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start)
+            return harvest_stream(harvest_lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start)
 
     def open_source(state: dict | None) -> ShuffleBuffer:
         return ShuffleBuffer(chunks, harvest.buffer_tokens, config.train.batch_tokens, reuse=harvest.reuse,
@@ -110,6 +113,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     save_clt(clt, output_dir, model_name=identity["model_name"],
              extra={"model": identity, "stage_config": config.model_dump(mode="json"),
                     "train_steps": result.steps, "train_tokens": result.tokens_seen})
+    del clt  # free it before reading the export back: at SmolLM2 sizes a CLT is gigabytes
     exported = load_clt(output_dir)  # evaluate what was written: the export is checked on every run
 
     heldout = blocks.heldout[: config.eval.heldout_blocks]

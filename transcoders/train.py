@@ -23,6 +23,7 @@ from sparse_attention.train import CheckpointError, lr_factor
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.jumprelu import jumprelu
+from transcoders.memory import reuse_freed_memory
 
 CHECKPOINT_NAME = "clt_train_state.pt"
 
@@ -51,12 +52,15 @@ def clt_loss(
     """The training loss on one batch; `decode="dense"` uses the reference decoder (same value)."""
     pre = clt.pre_activations(mlp_in)  # [N, L, F]
     acts = jumprelu(pre, clt.threshold, clt.config.bandwidth)
-    recon = clt.decode(acts) if decode == "sparse" else clt.decode_dense(acts)  # [N, L, D]
+    if decode == "sparse":
+        recon, norms = clt.decode_with_norms(acts)  # [N, L, D], [L, F]
+    else:
+        recon, norms = clt.decode_dense(acts), clt.decoder_norms()
     scale = clt.output_scale[:, None]
     err = (recon - mlp_out) / scale  # [N, L, D]
     mse_per_layer = err.pow(2).mean(dim=(0, 2))
-    sparsity = torch.tanh(sparsity_c * clt.decoder_norms() * acts).sum(dim=(1, 2)).mean()
-    preact = torch.relu(-pre).sum(dim=(1, 2)).mean()
+    sparsity = torch.tanh(sparsity_c * norms * acts).sum(dim=(1, 2)).mean()
+    preact = -pre.clamp(max=0).sum(dim=(1, 2)).mean()  # = mean_tokens sum relu(-pre)
     total = mse_per_layer.sum() + sparsity_coefficient * sparsity + preact_coefficient * preact
     with torch.no_grad():
         target = mlp_out / scale
@@ -68,13 +72,22 @@ def clt_loss(
 
 
 @torch.no_grad()
-def set_normalisation(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Per layer scale so that a normalised vector has mean square 1 per element; b_dec starts at the mean output."""
+def initialise_from_data(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         firing_fraction: float | None) -> None:
+    """Data-dependent start: per-layer scales (a normalised vector has mean square 1 per element),
+    b_dec at the mean output, and, if `firing_fraction` is set, b_enc such that each feature fires on
+    that fraction of these tokens. A sparse start keeps early steps cheap: decoding costs grow with L0."""
     mlp_in = torch.cat([x for x, _ in batches])  # [N, L, D]
     mlp_out = torch.cat([y for _, y in batches])
     clt.input_scale.copy_(mlp_in.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
     clt.output_scale.copy_(mlp_out.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
     clt.b_dec.copy_(mlp_out.mean(0) / clt.output_scale[:, None])
+    if firing_fraction is not None:
+        clt.b_enc.zero_()
+        pre = clt.pre_activations(mlp_in)  # [N, L, F]
+        rank = min(len(pre), max(1, round((1 - firing_fraction) * len(pre))))
+        quantile = pre.kthvalue(rank, dim=0).values  # [L, F]: exceeded by about firing_fraction of tokens
+        clt.b_enc.copy_(clt.threshold - quantile)
 
 
 def sparsity_weight(step: int, config: CLTTrainConfig) -> float:
@@ -125,6 +138,43 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
+@dataclass
+class _Counters:
+    tokens_seen: int
+    silent_tokens: torch.Tensor  # [L, F] int64: tokens since each feature last fired
+
+
+def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp_in: torch.Tensor,
+                mlp_out: torch.Tensor, config: CLTTrainConfig, step: int, counters: _Counters) -> dict:
+    """One optimiser step on one batch; updates `counters` and returns the history row."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps)
+    lambda_s = sparsity_weight(step, config)
+    terms = clt_loss(clt, mlp_in, mlp_out, sparsity_coefficient=lambda_s, sparsity_c=config.sparsity_c,
+                     preact_coefficient=config.preact_coefficient, decode=config.decode)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        clt.threshold.clamp_(min=0.0)  # a negative threshold would let negative pre-activations through
+    counters.tokens_seen += len(mlp_in)
+    counters.silent_tokens = torch.where(terms.fired, 0, counters.silent_tokens + len(mlp_in))
+    return {
+        "step": step + 1,
+        "tokens": counters.tokens_seen,
+        "loss": terms.total.item(),
+        "mse": terms.mse_per_layer.sum().item(),
+        "nmse": terms.fvu_per_layer.mean().item(),
+        "l0": terms.l0_per_layer.mean().item(),
+        "sparsity": terms.sparsity.item(),
+        "preact": terms.preact.item(),
+        "lambda_s": lambda_s,
+        "dead_fraction": (counters.silent_tokens >= config.dead_window_tokens).float().mean().item(),
+    }
+
+
 def train_clt(
     clt: CrossLayerTranscoder,
     open_source: Callable[[dict | None], BatchSource],
@@ -145,74 +195,50 @@ def train_clt(
     if ckpt_path is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(ckpt_path, fingerprint)
-    silent_tokens = torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64)  # tokens since last fired
+    counters = _Counters(0, torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64))
     history: list[dict] = []
-    start_step = tokens_seen = 0
+    start_step = 0
     if state is not None:
         clt.load_state_dict(state["clt"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        silent_tokens = state["silent_tokens"]
-        history, start_step, tokens_seen = state["history"], state["step"], state["tokens_seen"]
+        counters = _Counters(state["tokens_seen"], state["silent_tokens"])
+        history, start_step = state["history"], state["step"]
         source = open_source(state["source"])
         batches = iter(source)
     else:
         torch.manual_seed(config.seed)
         source = open_source(None)
         batches = iter(source)
-        set_normalisation(clt, [next(batches) for _ in range(config.normalisation_batches)])
+        initialise_from_data(clt, [next(batches) for _ in range(config.normalisation_batches)],
+                             config.init_firing_fraction)
 
     clt.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, desc="clt", disable=not progress, dynamic_ncols=True)
-    for step in range(start_step, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps)
-        lambda_s = sparsity_weight(step, config)
-        mlp_in, mlp_out = next(batches)
-        terms = clt_loss(clt, mlp_in, mlp_out, sparsity_coefficient=lambda_s, sparsity_c=config.sparsity_c,
-                         preact_coefficient=config.preact_coefficient, decode=config.decode)
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            clt.threshold.clamp_(min=0.0)  # a negative threshold would let negative pre-activations through
-        tokens_seen += len(mlp_in)
-        silent_tokens = torch.where(terms.fired, 0, silent_tokens + len(mlp_in))
-        row = {
-            "step": step + 1,
-            "tokens": tokens_seen,
-            "loss": terms.total.item(),
-            "mse": terms.mse_per_layer.sum().item(),
-            "nmse": terms.fvu_per_layer.mean().item(),
-            "l0": terms.l0_per_layer.mean().item(),
-            "sparsity": terms.sparsity.item(),
-            "preact": terms.preact.item(),
-            "lambda_s": lambda_s,
-            "dead_fraction": (silent_tokens >= config.dead_window_tokens).float().mean().item(),
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        bar.update(1)
-        if (step + 1) % config.log_every == 0:
-            bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-        if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            _save_checkpoint(ckpt_path, {
-                "fingerprint": fingerprint,
-                "clt": clt.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-                "silent_tokens": silent_tokens,
-                "history": history,
-                "step": step + 1,
-                "tokens_seen": tokens_seen,
-                "source": source.state(),
-            })
-        if on_step is not None:
-            on_step(row)
+    with reuse_freed_memory():  # each step's gigabytes of temporaries reuse the last step's pages
+        for step in range(start_step, config.steps):
+            row = _train_step(clt, optimizer, *next(batches), config, step, counters)
+            row["seconds"] = time.perf_counter() - started
+            history.append(row)
+            bar.update(1)
+            if (step + 1) % config.log_every == 0:
+                bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+            if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+                _save_checkpoint(ckpt_path, {
+                    "fingerprint": fingerprint,
+                    "clt": clt.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "silent_tokens": counters.silent_tokens,
+                    "history": history,
+                    "step": step + 1,
+                    "tokens_seen": counters.tokens_seen,
+                    "source": source.state(),
+                })
+            if on_step is not None:
+                on_step(row)
     bar.close()
     clt.eval()
-    dead = (silent_tokens >= config.dead_window_tokens).float().mean().item()
-    return TrainResult(history, config.steps, tokens_seen, time.perf_counter() - started, dead)
+    dead = (counters.silent_tokens >= config.dead_window_tokens).float().mean().item()
+    return TrainResult(history, config.steps, counters.tokens_seen, time.perf_counter() - started, dead)
