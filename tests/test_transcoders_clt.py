@@ -4,6 +4,8 @@ file layout (round trip, corrupted and partial files), and the memory estimate."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,35 @@ def test_memory_check_refuses_a_clt_that_does_not_fit():
     parts = check_training_fits(small, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
                                 budget_bytes=24 * 1024**3)
     assert parts["AdamW moments"] == 2 * parts["CLT weights"]
+
+
+CT_CHECK = """
+import sys, torch
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+clt = load_clt(sys.argv[1], feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
+               dtype=torch.float32, device=torch.device("cpu"), lazy_decoder=False)
+ref = torch.load(sys.argv[2])
+acts = clt.encode(ref["x"])  # [L, pos, F]
+out = clt.decode(acts.to_sparse())
+print((acts - ref["acts"]).abs().max().item(), (out - ref["out"]).abs().max().item())
+"""
+
+
+@pytest.mark.slow
+def test_circuit_tracer_reads_our_export(tmp_path: Path):
+    """circuit-tracer (its own venv: CT_PYTHON, default /tmp/ct-venv/bin/python) loads our files and
+    computes the same activations and reconstructions."""
+    python = Path(os.environ.get("CT_PYTHON", "/tmp/ct-venv/bin/python"))
+    if not python.exists():
+        pytest.skip(f"no circuit-tracer venv at {python}; set CT_PYTHON (see shared/peers/circuit-tracer.md)")
+    clt = make_clt()
+    save_clt(clt, tmp_path / "clt", model_name="tiny")
+    x = inputs(clt, 7).transpose(0, 1)  # [L, pos, D], circuit-tracer's layout
+    acts = clt.encode(x.transpose(0, 1))  # [pos, L, F]
+    torch.save({"x": x, "acts": acts.transpose(0, 1).detach(), "out": clt.decode(acts).transpose(0, 1).detach()},
+               tmp_path / "ref.pt")
+    result = subprocess.run([str(python), "-c", CT_CHECK, str(tmp_path / "clt"), str(tmp_path / "ref.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    acts_diff, out_diff = map(float, result.stdout.split()[-2:])
+    assert acts_diff < 1e-5 and out_diff < 1e-5

@@ -106,7 +106,7 @@ class MLPReplacement:
 
 def ce_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor, batch_size: int) -> dict:
     """Held-out next-token CE: clean, with the CLT replacing every MLP, and with every MLP zero-ablated;
-    `ce_recovered` = (zero - replaced) / (zero - clean), 1 when the CLT is perfect."""
+    `ce_recovered_fraction` = (zero - replaced) / (zero - clean), 1 when the CLT is perfect."""
     def logits(tokens):
         return lm_logits(model, tokens)
 
@@ -120,7 +120,7 @@ def ce_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor
         "ce_clean": clean,
         "ce_replaced": replaced,
         "ce_zero_ablated": zero,
-        "ce_recovered": (zero - replaced) / gap if gap != 0 else float("nan"),
+        "ce_recovered_fraction": (zero - replaced) / gap if gap != 0 else float("nan"),
     }
 
 
@@ -137,7 +137,7 @@ def plot_per_layer(metrics: dict, title: str, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{title}: CE clean {metrics['ce_clean']:.3f}, CLT-replaced {metrics['ce_replaced']:.3f}, "
-                 f"MLPs zeroed {metrics['ce_zero_ablated']:.3f} (recovered {metrics['ce_recovered']:.1%})")
+                 f"MLPs zeroed {metrics['ce_zero_ablated']:.3f} (recovered {metrics['ce_recovered_fraction']:.1%})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
