@@ -4,7 +4,6 @@ within a tolerance of a frozen copy of the original model on the same batch (GEC
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sparse_attention.checkpoint import load_checkpoint, save_checkpoint
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
 from sparse_attention.data import batch_iterator
@@ -26,10 +26,6 @@ TRAINABLE_PATTERNS = {
     "qk": r"self_attn\.(q_proj|k_proj)\.",
 }
 CHECKPOINT_NAME = "train_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A training checkpoint that exists but cannot be resumed from."""
 
 
 def is_distributed() -> bool:
@@ -103,26 +99,6 @@ class TrainResult:
     wall_seconds: float
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-
-
-def _load_checkpoint(path: Path, config_fingerprint: str) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to restart training from scratch") from exc
-    if state.get("fingerprint") != config_fingerprint:
-        raise CheckpointError(
-            f"{path} was written by a different training config; delete it (or use another output) to restart"
-        )
-    return state
-
-
 def post_train(
     gated: GatedModel,
     reference: torch.nn.Module,
@@ -158,7 +134,7 @@ def post_train(
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
     if ckpt_path is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        state = _load_checkpoint(ckpt_path, config_fingerprint)
+        state = load_checkpoint(ckpt_path, config_fingerprint)
         if state is not None:
             named = dict(weights)
             with torch.no_grad():
@@ -232,7 +208,7 @@ def post_train(
                             lam=f"{lam:.3g}", b=f"{row['mean_offset']:.2f}")
         is_last = step + 1 == train.steps
         if ckpt_path is not None and is_main_rank() and ((step + 1) % train.checkpoint_every == 0 or is_last):
-            _save_checkpoint(ckpt_path, {
+            save_checkpoint(ckpt_path, {
                 "fingerprint": config_fingerprint,
                 "weights": {name: p.detach().clone() for name, p in weights},
                 "offsets": gated.offsets.detach().clone(),

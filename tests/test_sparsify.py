@@ -8,11 +8,12 @@ import torch
 
 from pipeline.config import ConfigError, load_config, parse_config
 from sparse_attention import stage
+from sparse_attention.checkpoint import CheckpointError
 from sparse_attention.config import SparsifyConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, load_gated_model
 from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
-from sparse_attention.train import CheckpointError, post_train
+from sparse_attention.train import post_train
 
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=3)
 
@@ -132,7 +133,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 
 def test_foreign_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     _train_run(tmp_path / "c", steps=2)
-    torch.save({"fingerprint": "other"}, tmp_path / "c" / "train_state.pt")
+    torch.save({"fingerprint": "other", "step": 1}, tmp_path / "c" / "train_state.pt")
     with pytest.raises(CheckpointError, match="different training config"):
         _train_run(tmp_path / "c", steps=2)
     (tmp_path / "c" / "train_state.pt").write_bytes(b"not a checkpoint")

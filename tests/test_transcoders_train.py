@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_attention.train import CheckpointError
+from sparse_attention.checkpoint import CheckpointError
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.harvest import ShuffleBuffer

@@ -9,7 +9,6 @@ lambda_s ramps linearly from 0 to its final value over `sparsity_ramp_fraction` 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from sparse_attention.train import CheckpointError, lr_factor
+from sparse_attention.checkpoint import load_checkpoint, save_checkpoint
+from sparse_attention.train import lr_factor
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.jumprelu import jumprelu
@@ -113,31 +113,6 @@ class TrainResult:
     dead_fraction: float  # features silent for dead_window_tokens at the end of training
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-
-
-def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    """The saved training state, None if there is none; CheckpointError if it is unusable."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError("not a CLT training state")
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is unreadable ({exc}); delete it to restart CLT training from scratch"
-        ) from exc
-    if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"{path} was written by a different CLT config or model; delete it (or use another output) to restart"
-        )
-    return state
-
-
 @dataclass
 class _Counters:
     tokens_seen: int
@@ -194,7 +169,7 @@ def train_clt(
     state = None
     if ckpt_path is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        state = load_checkpoint(ckpt_path, fingerprint)
+        state = load_checkpoint(ckpt_path, fingerprint, what="CLT")
     counters = _Counters(0, torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64))
     history: list[dict] = []
     start_step = 0
@@ -225,7 +200,7 @@ def train_clt(
             if (step + 1) % config.log_every == 0:
                 bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
             if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-                _save_checkpoint(ckpt_path, {
+                save_checkpoint(ckpt_path, {
                     "fingerprint": fingerprint,
                     "clt": clt.state_dict(),
                     "optimizer": optimizer.state_dict(),
