@@ -69,6 +69,7 @@ class CLTTrainConfig(BaseModel):
     dead_window_tokens: int = Field(100_000, gt=0, description="a feature silent this long in training counts as dead")
     decode: Literal["sparse", "dense"] = Field("sparse", description="dense is the slow reference")
     checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoint: bool = Field(False, description="keep the training state (4x the CLT's size) once the stage is done")
     log_every: int = Field(1, gt=0)
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")

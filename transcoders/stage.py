@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def load_source(model: ModelSource) -> tuple[nn.Module, object, dict]:
 def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
     """Hash of everything that changes the trained CLT (not evaluation, threads or logging)."""
     payload = {"config": config.model_dump(mode="json", exclude={"eval": True, "memory_budget_gb": True,
-                                                                 "train": {"threads", "log_every"}}),
+                                                                 "train": {"threads", "log_every",
+                                                                           "keep_checkpoint"}}),
                "model": identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -139,4 +141,6 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     plot_per_layer(metrics, title, output_dir / "per_layer.png")
     plot_training(result.history, title, output_dir / "training_curves.png")
     write_json_atomic(output_dir / METRICS_FILE, metrics)
+    if not config.train.keep_checkpoint:  # the export is the result; the training state is 4x its size
+        shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
     return metrics
