@@ -7,13 +7,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from typing_extensions import Self
 
 from sparse_attention.data import iterate_blocks
 from sparse_attention.evaluate import mean_ce
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.decode import source_contribution
-from transcoders.harvest import harvest_batch, lm_logits, mlp_modules
+from transcoders.harvest import MLPHooks, harvest_batch, lm_logits, mlp_modules
 
 
 def _pyplot():
@@ -59,7 +58,7 @@ def reconstruction_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: 
     }
 
 
-class MLPReplacement:
+class MLPReplacement(MLPHooks):
     """Context manager: every MLP's output at positions >= 1 is replaced, in the same forward.
 
     mode "clt": layer l's output becomes the CLT reconstruction sum_{s <= l} W_dec[s][:, l - s] a_s + b_dec[l],
@@ -94,14 +93,8 @@ class MLPReplacement:
             return new
         return replace
 
-    def __enter__(self) -> Self:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.recon = [], None
+    def _reset(self) -> None:
+        self.recon = None
 
 
 def ce_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor, batch_size: int) -> dict:

@@ -49,7 +49,30 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
     return config.num_hidden_layers, config.hidden_size
 
 
-class MLPRecorder:
+class MLPHooks:
+    """Base context manager: while open, `self._hook(layer)` is a forward hook on every layer's MLP."""
+
+    modules: list[nn.Module]
+    _handles: list
+
+    def _hook(self, layer: int):
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """State to drop when the context closes."""
+
+    def __enter__(self) -> Self:
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._reset()
+
+
+class MLPRecorder(MLPHooks):
     """Context manager: while open, every forward records each layer's MLP input and output (detached)."""
 
     def __init__(self, model: nn.Module, *, stop_after_last: bool = False):
@@ -65,15 +88,6 @@ class MLPRecorder:
             if self.stop_after_last and layer == len(self.modules) - 1:
                 raise _StopForward
         return record
-
-    def __enter__(self) -> Self:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 @torch.no_grad()
