@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GraphConfig(BaseModel):
@@ -65,5 +65,27 @@ class AttributionStageConfig(BaseModel):
     store_edges: Literal["pruned", "all"] = Field(
         "pruned", description="store the edges kept by pruning, or every nonzero edge"
     )
-    prompts: list[str] = Field(list(DEFAULT_PROMPTS), min_length=1, description="prompts the pipeline attributes")
+    prompts: list[str] = Field(list(DEFAULT_PROMPTS), description="free prompts the pipeline attributes (task "
+                               "'custom')")
+    prompt_sets: dict[str, int] = Field(
+        {}, description="task name -> number of clean prompts taken, in file order, from data/prompts/{task}.jsonl",
+    )
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _known_tasks(cls, prompt_sets: dict[str, int]) -> dict[str, int]:
+        from attribution.tasks import TASKS
+
+        for task, count in prompt_sets.items():
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+            if count <= 0:
+                raise ValueError(f"prompt_sets.{task} must be a positive count, not {count}")
+        return prompt_sets
+
+    @model_validator(mode="after")
+    def _some_prompt(self) -> AttributionStageConfig:
+        if not self.prompts and not self.prompt_sets:
+            raise ValueError("no prompts: give prompts or prompt_sets")
+        return self

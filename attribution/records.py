@@ -93,7 +93,7 @@ def edges_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult, whi
 
 def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: PruneResult, *,
                  token_strings: list[str], model: str, clt: str, settings: str, edges_stored: str,
-                 seconds: float) -> pa.Table:
+                 seconds: float, task: str = "custom", prompt_index: int = 0) -> pa.Table:
     """The one-row commit record of a graph, with its unpruned and pruned scores."""
     replacement, completeness = graph_scores(graph.adjacency, graph.logit_probs, graph.n_selected,
                                              graph.n_layers, graph.n_pos)
@@ -102,7 +102,7 @@ def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: P
                                                            graph.n_layers, graph.n_pos)
     return _table("graphs", {
         "graph_id": [graph_id], "variant": [variant], "prompt": [graph.prompt],
-        "tokens": [graph.tokens.tolist()], "token_strings": [token_strings],
+        "task": [task], "prompt_index": [prompt_index], "tokens": [graph.tokens.tolist()], "token_strings": [token_strings],
         "model": [model], "clt": [clt], "settings": [settings],
         "n_layers": [graph.n_layers], "n_pos": [graph.n_pos],
         "n_active_features": [len(graph.active_features)], "n_selected_features": [graph.n_selected],

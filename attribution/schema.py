@@ -4,7 +4,7 @@ Layout under the store root, one file per graph and table, grouped by model vari
 
     {table}/variant={variant}/{graph_id}.parquet     table in TABLES
 
-- graphs: one row per graph (prompt, tokens, model, CLT, settings, sizes, scores). It is the commit
+- graphs: one row per graph (prompt, its task and index, tokens, model, CLT, settings, sizes, scores). It is the commit
   record: written last, removed first, so a graph is visible exactly when its row file exists.
 - nodes: one row per node in circuit-tracer's order (node_index); node ids `{layer}_{feature}_{pos}`,
   errors `{layer}_-1_{pos}`, tokens `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`.
@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_KEY = b"sparse_attention_interp.attribution"  # Parquet metadata key: "{table}:{version}"
 
 GRAPHS = pa.schema([
     ("graph_id", pa.string()),
     ("variant", pa.string()),
     ("prompt", pa.string()),
+    ("task", pa.string()),  # prompt set (data/prompts/{task}.jsonl) or "custom"
+    ("prompt_index", pa.int32()),  # line of the prompt in its set (or in the free prompt list)
     ("tokens", pa.list_(pa.int32())),
     ("token_strings", pa.list_(pa.string())),
     ("model", pa.string()),

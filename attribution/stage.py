@@ -45,9 +45,31 @@ from attribution.store import GraphStore, check_variant, open_store
 from transcoders.clt import META_FILE, load_clt
 from transcoders.stage import ModelSource, load_source
 
-__all__ = ["AttributionStageConfig", "ModelSource", "run", "Attributor"]
+__all__ = ["AttributionStageConfig", "ModelSource", "PromptItem", "prompt_items", "run", "Attributor"]
 
 CONFIG_FILE = "attribution_config.yaml"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a batch: its text, its prompt set ("custom" for free prompts) and its index there."""
+
+    prompt: str
+    task: str = "custom"
+    index: int = 0
+
+
+def prompt_items(config: AttributionStageConfig, prompt_dir: Path | None = None) -> list[PromptItem]:
+    """The batch the config names: each prompt set's first n clean prompts, then the free prompts."""
+    from attribution.tasks import PROMPT_DIR, load_task
+
+    items = []
+    for task, count in config.prompt_sets.items():
+        prompts = load_task(task, prompt_dir or PROMPT_DIR)
+        if len(prompts) < count:
+            raise ValueError(f"prompt_sets.{task} asks for {count} prompts; the set has {len(prompts)}")
+        items += [PromptItem(p.clean, task, i) for i, p in enumerate(prompts[:count])]
+    return items + [PromptItem(prompt, "custom", i) for i, prompt in enumerate(config.prompts)]
 
 
 @dataclass
@@ -77,8 +99,10 @@ class Attributor:
     def graph_id(self, prompt: str, config: AttributionStageConfig) -> str:
         return make_graph_id(self.variant, self.model_id, self.clt_id, prompt, settings_json(config))
 
-    def record(self, prompt: str, config: AttributionStageConfig) -> GraphRecord:
+    def record(self, prompt: str | PromptItem, config: AttributionStageConfig) -> GraphRecord:
         """Compute and package the graph of one prompt (raises AttributionError for a bad prompt)."""
+        item = prompt if isinstance(prompt, PromptItem) else PromptItem(prompt)
+        prompt = item.prompt
         started = time.perf_counter()
         tokens = tokenize_prompt(self.tokenizer, prompt)
         frozen = freeze_prompt(self.model, tokens)
@@ -97,7 +121,8 @@ class Attributor:
         return GraphRecord(graph_id, self.variant, {
             "graphs": graphs_table(graph_id, self.variant, graph, pruned, token_strings=token_strings,
                                    model=self.model_id, clt=self.clt_id, settings=settings_json(config),
-                                   edges_stored=config.store_edges, seconds=time.perf_counter() - started),
+                                   edges_stored=config.store_edges, seconds=time.perf_counter() - started,
+                                   task=item.task, prompt_index=item.index),
             "nodes": nodes_table(graph_id, graph, pruned),
             "edges": edges_table(graph_id, graph, pruned, config.store_edges),
             "head_loadings": from_frame("head_loadings", graph_id, loadings),
@@ -107,7 +132,7 @@ class Attributor:
 
 def settings_json(config: AttributionStageConfig) -> str:
     """The settings that change a graph (not the prompt list or threads), as canonical JSON."""
-    return json.dumps(config.model_dump(mode="json", exclude={"prompts", "threads"}), sort_keys=True)
+    return json.dumps(config.model_dump(mode="json", exclude={"prompts", "prompt_sets", "threads"}), sort_keys=True)
 
 
 def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +147,10 @@ def _write_config(store: GraphStore, config: AttributionStageConfig, variant: st
         out.write(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
 
 
-def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str | Path, prompts: list[str],
-        output_store: str | Path | GraphStore, variant: str, *, progress: bool = True, force: bool = False) -> dict:
-    """Attribute `prompts` on one model variant ("dense", "sparse", ...) into the store at `output_store`.
+def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str | Path,
+        prompts: list[str | PromptItem] | None, output_store: str | Path | GraphStore, variant: str, *, progress: bool = True, force: bool = False) -> dict:
+    """Attribute `prompts` (None: the config's prompt sets and free prompts) on one model variant ("dense",
+    "sparse", ...) into the store at `output_store`.
 
     Returns a summary: per graph its id, size and scores; per failed prompt the error; the ids skipped
     because the store already held them (unless `force`).
@@ -136,21 +162,24 @@ def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str 
     attributor = Attributor.load(model_source, clt_dir, variant)
     _write_config(store, config, attributor.variant)
     summary = {"variant": attributor.variant, "store": str(store.root), "graphs": [], "failures": [], "skipped": []}
-    for prompt in tqdm(prompts, desc=f"attribution {variant}", disable=not progress):
+    items = prompt_items(config) if prompts is None else [
+        p if isinstance(p, PromptItem) else PromptItem(p, "custom", i) for i, p in enumerate(prompts)]
+    for item in tqdm(items, desc=f"attribution {variant}", disable=not progress):
+        prompt = item.prompt
         try:
             graph_id = attributor.graph_id(prompt, config)
             if not force and store.fs.get_file_info(store.path("graphs", attributor.variant, graph_id)).type \
                     == pafs.FileType.File:
                 summary["skipped"].append(graph_id)
                 continue
-            record = attributor.record(prompt, config)
+            record = attributor.record(item, config)
         except AttributionError as error:
-            summary["failures"].append({"prompt": prompt, "error": str(error)})
+            summary["failures"].append({"prompt": prompt, "task": item.task, "index": item.index, "error": str(error)})
             continue
         store.write(record)
         info = record.tables["graphs"].to_pylist()[0]
         summary["graphs"].append({key: info[key] for key in (
-            "graph_id", "prompt", "n_pos", "n_active_features", "n_nodes", "n_nodes_kept", "n_edges_kept",
+            "graph_id", "prompt", "task", "prompt_index", "n_pos", "n_active_features", "n_nodes", "n_nodes_kept", "n_edges_kept",
             "replacement_score", "completeness_score", "seconds")})
     summary["seconds"] = time.perf_counter() - started
     return summary

@@ -85,7 +85,19 @@ def run_pipeline(config: PipelineConfig, groups: list[str], output: str, *, forc
 
     import ray
 
-    _init_ray(config)
+    started_here = _init_ray(config)
+    try:
+        return _run_on_ray(config, stages, config_json, output, keys, force, progress)
+    finally:
+        if started_here:
+            ray.shutdown()  # a driver that outlives us (a test, a notebook) must not hold a dead cluster
+
+
+def _run_on_ray(config: PipelineConfig, stages: list[Stage], config_json: dict, output: str,
+                keys: dict[str, str], force, progress: bool) -> dict[str, dict]:
+    import ray
+
+    results: dict[str, dict] = {}
     refs = {}
     remote = ray.remote(execute_stage)
     for stage in stages:
@@ -115,11 +127,12 @@ def run_pipeline(config: PipelineConfig, groups: list[str], output: str, *, forc
     return results
 
 
-def _init_ray(config: PipelineConfig) -> None:
+def _init_ray(config: PipelineConfig) -> bool:
+    """Connect to RAY_ADDRESS / config.ray.address, or start embedded Ray; True when this call started it."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS") or config.ray.address
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}} if not address else None
     try:
@@ -132,6 +145,7 @@ def _init_ray(config: PipelineConfig) -> None:
                      log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None
+    return True
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

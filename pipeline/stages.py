@@ -105,7 +105,7 @@ def _run_attribution(variant: str):
         from attribution import stage as attribution
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
-        summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], config.attribution.prompts,
+        summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
                                   work_dir, variant, progress=progress)
         return {"graphs": len(summary["graphs"]), "failures": summary["failures"],
                 "skipped": len(summary["skipped"]), "store": summary["store"]}

@@ -60,3 +60,33 @@ def test_stage_writes_both_variants_and_records_failures(sources):
     carried = stored.head_loadings.merge(stored.qk_pairs[keys].drop_duplicates(), on=keys).iloc[0]
     behind = store.qk_pairs_for_edge(graph_id, int(carried["target"]), int(carried["source"]))
     assert ((behind["layer"] == carried["layer"]) & (behind["head"] == carried["head"])).any()
+
+
+def test_prompt_sets_take_the_first_clean_prompts_and_tag_graphs_with_their_task(sources, tmp_path):
+    from attribution.stage import PromptItem, prompt_items
+    from attribution.tasks import load_task
+
+    config = AttributionStageConfig(prompts=["Hello world"], prompt_sets={"antonyms": 2, "induction": 1},
+                                    attention=AttentionAttributionConfig(enabled=False))
+    items = prompt_items(config)
+    antonyms, induction = load_task("antonyms"), load_task("induction")
+    assert items == [PromptItem(antonyms[0].clean, "antonyms", 0), PromptItem(antonyms[1].clean, "antonyms", 1),
+                     PromptItem(induction[0].clean, "induction", 0), PromptItem("Hello world", "custom", 0)]
+    root, dense, _, clt = sources
+    short = AttributionStageConfig(prompts=["The cat sat on", "Hello world"],
+                                   attention=AttentionAttributionConfig(enabled=False))
+    run(short, dense, clt, [PromptItem("The cat sat on", "antonyms", 7), "Hello world"], tmp_path, "dense",
+        progress=False)
+    graphs = open_store(tmp_path).list_graphs().sort_values("prompt")
+    assert graphs[["prompt", "task", "prompt_index"]].values.tolist() == [
+        ["Hello world", "custom", 1], ["The cat sat on", "antonyms", 7]]
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"prompt_sets": {"nope": 3}}, "unknown task 'nope'"),
+    ({"prompt_sets": {"ioi": 0}}, "positive count"),
+    ({"prompts": []}, "no prompts"),
+])
+def test_bad_prompt_sets_are_refused(update, message):
+    with pytest.raises(ValueError, match=message):
+        AttributionStageConfig(**update)

@@ -4,6 +4,7 @@ clear errors, and `ray job submit` against a local head."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,15 +122,17 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path):
 
 
 def test_ray_job_submit_on_a_local_head(tmp_path):
+    """`ray job submit --working-dir .` against a head on loopback. The head runs in its own process group
+    (`ray start --block`), which the test kills: `ray stop` would kill every Ray on the machine."""
     ray_bin = Path(sys.executable).parent / "ray"
-    port = "6391"
     env = {**ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
     env.pop("RAY_ADDRESS", None)
-    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
-                            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port=6391", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true",
+                             "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert start.returncode == 0, start.stderr
+        _wait_for_port(8265, head, timeout_s=180)
         output = tmp_path / "job"
         submit = subprocess.run(
             [str(ray_bin), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
@@ -140,4 +143,21 @@ def test_ray_job_submit_on_a_local_head(tmp_path):
         assert "pipeline finished" in submit.stdout
         assert json.loads((output / "sparsify" / MANIFEST).read_text())["stage"] == "sparsify"
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)  # --block stops the processes it started on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"ray start exited with {process.returncode}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
