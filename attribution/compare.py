@@ -391,16 +391,18 @@ def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: lis
 
 
 def sparsity_table(metrics: Mapping) -> pd.DataFrame:
-    """Open-edge fraction per (context_length, layer, head) from the sparsify stage's metrics.json."""
+    """Open-edge fraction per (context_length, layer, head) from the sparsify stage's metrics.json, with the
+    overall fraction at that context length (open gates / causal pairs over every layer and head)."""
     rows = []
     for section in (metrics.get("edges"), metrics.get("long_context")):
         if not section:
             continue
         for layer, heads in enumerate(section["edge_fraction_per_head"]):
-            rows += [(int(section["context_length"]), layer, head, float(f)) for head, f in enumerate(heads)]
+            rows += [(int(section["context_length"]), layer, head, float(f), float(section["edge_fraction"]))
+                     for head, f in enumerate(heads)]
     if not rows:
         raise CompareError("the sparsify metrics hold no edge_fraction_per_head; rerun the sparsify stage")
-    return pd.DataFrame(rows, columns=["context_length", "layer", "head", "edge_fraction"])
+    return pd.DataFrame(rows, columns=["context_length", "layer", "head", "edge_fraction", "overall_edge_fraction"])
 
 
 def attention_pattern(gated, tokenizer, prompt: str) -> pd.DataFrame:
@@ -550,7 +552,7 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
     if config.report:
         from attribution.report import write_report
 
-        report = str(write_report(output_dir, labels=labels))
+        report = str(write_report(output_dir, store_uri=store_uri, labels=labels))
     ratios = summary_table[(summary_table["variant"] == RATIO) & (summary_table["task"] != "all")]
     return {
         "graphs": len(metrics), "tasks": sorted(metrics["task"].unique()), "tables": sorted(OUTPUT_FILES[n] for n in written),
