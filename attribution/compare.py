@@ -232,13 +232,16 @@ def metric_columns(config: CompareConfig) -> list[str]:
             "replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"]
 
 
-def store_metrics(store, config: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def store_metrics(store, config: CompareConfig, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(graph_metrics: one row per graph, qk_edges: one row per attention edge with its graph_id)."""
+    from tqdm import tqdm
+
     graphs = store.list_graphs()
     if graphs.empty:
         raise CompareError(f"the store at {store.root} holds no graphs; run the attribution stage first")
     rows, qk_frames = [], []
-    for info in graphs.sort_values(["variant", "task", "prompt_index", "prompt"]).to_dict("records"):
+    records = graphs.sort_values(["variant", "task", "prompt_index", "prompt"]).to_dict("records")
+    for info in tqdm(records, desc="compare graphs", disable=not progress):
         stored = store.load_graph(info["graph_id"])
         qk = qk_edge_shares(stored.qk_pairs, config.qk_top_k)
         rows.append(graph_metrics(info, stored.nodes, stored.edges, stored.head_loadings, qk, config))
@@ -519,7 +522,7 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     store = open_store(store_uri)
-    metrics, qk_edges = store_metrics(store, config)
+    metrics, qk_edges = store_metrics(store, config, progress)
     summary_table = summarize(metrics, metric_columns(config), config.bootstrap_samples, config.confidence, config.seed)
     examples, example_pairs = example_tables(store, metrics)
     written = {"graph_metrics": metrics, "qk_edges": qk_edges, "task_summary": summary_table, "examples": examples,

@@ -236,6 +236,8 @@ def test_report_numbers_are_the_tables_numbers(tiny_run):
     circuits = pd.read_parquet(out / "circuit_summary.parquet")
     for row in circuits.itertuples():
         assert html.escape(row.status) in page
+        assert f"<td>{row.task}</td><td>{row.kind}</td><td>{fmt(row.dense_count)}</td><td>{fmt(row.sparse_count)}</td>" \
+               f"<td>{fmt(row.ratio)}</td>" in page
     pairs = pd.read_parquet(out / "example_qk_pairs.parquet")
     for value in pairs["share_of_score"]:
         assert f"<td>{fmt(value)}</td>" in page
