@@ -120,6 +120,8 @@ def plot_sparsity(sparsity: pd.DataFrame, path: Path) -> str:
         ax.set_title(f"open edges at {context} tokens: {fmt(overall)}")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(0, grid.shape[0], max(1, grid.shape[0] // 15)))
         fig.colorbar(image, ax=ax, label="open fraction")
     return _save(fig, path)
 
@@ -169,9 +171,14 @@ def plot_task_metrics(summary: pd.DataFrame, metrics: list[str], path: Path) -> 
     return _save(fig, path)
 
 
-def plot_circuit_curves(curves: pd.DataFrame, target: float, path: Path) -> str:
-    """Explained effect vs heads kept and vs edges kept, dense and sparse, one row per task."""
+def plot_circuit_curves(curves: pd.DataFrame, circuits: pd.DataFrame, path: Path) -> str:
+    """Explained effect vs heads kept and vs edges kept, dense and sparse, one row per task; dotted lines
+    at the counts reaching the target."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     plt = _plt()
+    target = float(circuits["target"].iloc[0])
+    reached = circuits.set_index(["task", "kind"])
     tasks = sorted(curves["task"].unique())
     fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 3.2 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
@@ -181,8 +188,13 @@ def plot_circuit_curves(curves: pd.DataFrame, target: float, path: Path) -> str:
                 part = part.sort_values("count")
                 ax.plot(part["count"].clip(lower=0.8), part["explained_effect"], marker="o", ms=3, label=variant,
                         color=VARIANT_COLORS.get(variant))
+                count = reached.loc[(task, kind), f"{variant}_count"] if (task, kind) in reached.index else None
+                if count is not None and not pd.isna(count):
+                    ax.axvline(max(float(count), 0.8), color=VARIANT_COLORS.get(variant), lw=0.8, ls=":")
             ax.axhline(target, color="k", lw=0.6, ls="--")
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(f"{kind} kept")
             ax.set_ylabel("explained effect")
             ax.set_title(f"{task}: {kind}", fontsize=9)
@@ -330,7 +342,7 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None, la
                      f"the number of heads / edges kept, ranked by attribution patching; counts reaching {fmt(target)}"
                      f". Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
         if curves is not None and len(curves):
-            parts.append(f'<img src="{plot_circuit_curves(curves, target, figures / "circuit_curves.png")}">')
+            parts.append(f'<img src="{plot_circuit_curves(curves, circuits, figures / "circuit_curves.png")}">')
         parts.append(table_html(["task", "kind", "dense", "sparse", "dense/sparse", "dense/sparse (stays above)",
                                  "paper", "status"], circuit_table_rows(circuits)))
 
