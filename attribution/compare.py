@@ -127,7 +127,7 @@ def edge_influence(target: np.ndarray, source: np.ndarray, weight: np.ndarray, l
 
     With |A| row-normalised over these edges, node influence I = w (A + A^2 + ...) for the logit weights w
     (the logit nodes' probabilities), edge score(t, s) = |A|[t, s] * (I[t] + w[t]).  target, source, weight
-    [E] (node indices), logit_weight [N]  ->  [E]. Sums over the logit-reachable edges to sum(w) x depth.
+    [E] (node indices), logit_weight [N]  ->  [E].
     """
     n = len(logit_weight)
     absolute = np.abs(np.asarray(weight, dtype=np.float64))
