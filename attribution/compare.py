@@ -172,28 +172,29 @@ QK_KEYS = ["layer", "head", "query_pos", "key_pos"]
 def qk_edge_shares(qk_pairs: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
     """Per QK-attributed attention edge: its gate logit, offset, score = logit - offset (= pairs + pair_rest),
     and top{k}_share = (sum of its k pairs of largest |value|) / score. The offset is left out: no pair can
-    explain it, and the dense model has none. One row per (layer, head, query_pos, key_pos)."""
+    explain it, and the dense model has none. One row per (layer, head, query_pos, key_pos), sorted."""
     columns = [*QK_KEYS, "gate_logit", "offset", "score", "n_pairs", "top_query", "top_key", "top_value",
                *[f"top{k}_share" for k in ks]]
     if qk_pairs.empty:
         return pd.DataFrame(columns=columns)
-    rows = []
-    for key, edge in qk_pairs.groupby(QK_KEYS, sort=True):
-        logit = float(edge["gate_logit"].iloc[0])
-        offset = float(edge.loc[edge["kind"] == "offset", "value"].sum())
-        pairs = edge[edge["kind"] == "pair"]
-        values = pairs["value"].to_numpy(dtype=np.float64)
-        order = np.argsort(-np.abs(values), kind="stable")
-        score = logit - offset
-        top = pairs.iloc[order[0]] if len(order) else None
-        row = dict(zip(QK_KEYS, key), gate_logit=logit, offset=offset, score=score, n_pairs=len(values),
-                   top_query=None if top is None else top["query_component"],
-                   top_key=None if top is None else top["key_component"],
-                   top_value=None if top is None else float(top["value"]))
-        for k in ks:
-            row[f"top{k}_share"] = float(values[order[:k]].sum() / score) if score != 0 else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
+    edges = qk_pairs.groupby(QK_KEYS, sort=True)["gate_logit"].first().astype(np.float64).to_frame()
+    offsets = qk_pairs[qk_pairs["kind"] == "offset"].groupby(QK_KEYS)["value"].sum()
+    edges["offset"] = offsets.reindex(edges.index, fill_value=0.0).astype(np.float64)
+    edges["score"] = edges["gate_logit"] - edges["offset"]
+    pairs = qk_pairs[qk_pairs["kind"] == "pair"].copy()
+    pairs["magnitude"] = pairs["value"].abs()
+    pairs = pairs.sort_values([*QK_KEYS, "magnitude"], ascending=[True] * len(QK_KEYS) + [False], kind="stable")
+    rank = pairs.groupby(QK_KEYS).cumcount()
+    edges["n_pairs"] = pairs.groupby(QK_KEYS).size().reindex(edges.index, fill_value=0)
+    top = pairs[rank == 0].set_index(QK_KEYS)
+    edges["top_query"] = top["query_component"].reindex(edges.index)
+    edges["top_key"] = top["key_component"].reindex(edges.index)
+    edges["top_value"] = top["value"].astype(np.float64).reindex(edges.index)
+    score = edges["score"].where(edges["score"] != 0)
+    for k in ks:
+        top_sum = pairs[rank < k].groupby(QK_KEYS)["value"].sum().astype(np.float64)
+        edges[f"top{k}_share"] = top_sum.reindex(edges.index, fill_value=0.0) / score
+    return edges.reset_index()[columns]
 
 
 def pair_key(task: str, prompt_index: int, prompt: str) -> str:

@@ -94,9 +94,13 @@ def test_qk_edge_shares_by_hand():
             ("offset", "b", "b", 0.5), ("query_marginal", "b", "*", 0.4), ("query_marginal_rest", "*", "*", 0.1)]
     pairs = pd.DataFrame([{**key, "kind": k, "query_component": q, "key_component": c, "value": v, "gate_logit": 1.0}
                           for k, q, c, v in rows])
-    shares = qk_edge_shares(pairs, [1, 2, 5])
-    assert len(shares) == 1
-    row = shares.iloc[0]
+    other = pd.DataFrame([{**key, "head": 0, "kind": k, "query_component": "q", "key_component": "k", "value": v,
+                           "gate_logit": -0.5} for k, v in (("pair", -0.4), ("pair", 0.3), ("pair_rest", -0.4))])
+    shares = qk_edge_shares(pd.concat([pairs, other]), [1, 2, 5])  # a second edge (head 0): sorted first
+    assert len(shares) == 2
+    assert shares.iloc[0][["score", "offset", "top1_share", "top2_share"]].tolist() == pytest.approx(
+        [-0.5, 0.0, 0.8, 0.2])
+    row = shares.iloc[1]
     assert (row["score"], row["offset"], row["n_pairs"]) == pytest.approx((0.5, 0.5, 3))
     assert (row["top1_share"], row["top2_share"], row["top5_share"]) == pytest.approx((1.0, 0.6, 0.8))
     assert (row["top_query"], row["top_key"]) == ("b", "y")
