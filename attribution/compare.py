@@ -441,10 +441,13 @@ def attention_pattern(gated, tokenizer, prompt: str) -> pd.DataFrame:
 
 
 def strongest_attention_edge(head_loadings: pd.DataFrame) -> pd.Series | None:
-    """The head part (head >= 0) of largest |weight| over a graph's edges, with its (query, key)."""
+    """The head part (head >= 0) of largest |weight| over a graph's edges, with its (query, key); parts
+    whose (query, key) crosses positions first, since those are what attention adds."""
     heads = head_loadings[(head_loadings["head"] >= 0) & (head_loadings["query_pos"] >= 0)]
     if heads.empty:
         return None
+    crossing = heads[heads["query_pos"] != heads["key_pos"]]
+    heads = crossing if len(crossing) else heads
     return heads.loc[heads["weight"].abs().idxmax()]
 
 
@@ -462,10 +465,16 @@ def example_tables(store, metrics: pd.DataFrame, top_pairs: int = 8) -> tuple[pd
             stored = store.load_graph(row.graph_id)
             edge = strongest_attention_edge(stored.head_loadings)
             example = {"task": task, "variant": row.variant, "graph_id": row.graph_id, "pair": row.pair,
-                       "prompt": row.prompt, "edge_target": None, "edge_source": None, "layer": None, "head": None,
+                       "prompt": row.prompt, "edge_target": None, "edge_source": None, "edge_weight": None,
+                       "edge_n_heads": None, "layer": None, "head": None,
                        "query_pos": None, "key_pos": None, "head_part": None, "gate_logit": None, "score": None}
             if edge is not None:
+                loadings = stored.head_loadings
+                on_edge = loadings[(loadings["target"] == edge["target"]) & (loadings["source"] == edge["source"])]
+                edges = stored.edges
+                weight = edges.loc[(edges["target"] == edge["target"]) & (edges["source"] == edge["source"]), "weight"]
                 example.update(edge_target=int(edge["target"]), edge_source=int(edge["source"]),
+                               edge_weight=float(weight.iloc[0]), edge_n_heads=int((on_edge["head"] >= 0).sum()),
                                layer=int(edge["layer"]), head=int(edge["head"]), query_pos=int(edge["query_pos"]),
                                key_pos=int(edge["key_pos"]), head_part=float(edge["weight"]))
                 pairs = stored.qk_pairs
@@ -561,5 +570,6 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
     return {
         "graphs": len(metrics), "tasks": sorted(metrics["task"].unique()), "tables": sorted(OUTPUT_FILES[n] for n in written),
         "left_out": left_out, "report": report,
-        "edges_kept_ratio": {r.task: r.mean for r in ratios[ratios["metric"] == "n_edges_kept"].itertuples()},
+        "edges_kept_ratio": {r.task: None if np.isnan(r.mean) else r.mean
+                             for r in ratios[ratios["metric"] == "n_edges_kept"].itertuples()},
     }

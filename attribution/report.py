@@ -374,7 +374,8 @@ def _example_edge_html(example, pairs: pd.DataFrame | None, figures: Path, label
     if example.layer is None or pd.isna(example.layer):
         return f"<p class=note>{example.variant}: no edge of this graph is carried by an attention head.</p>"
     where = (f"{example.variant}: strongest attention edge L{int(example.layer)} H{int(example.head)}, query "
-             f"{int(example.query_pos)} -> key {int(example.key_pos)}; head part {fmt(example.head_part)}, gate logit "
+             f"{int(example.query_pos)} -> key {int(example.key_pos)}; head part {fmt(example.head_part)} of graph edge "
+             f"{fmt(example.edge_weight)} (carried by {fmt(example.edge_n_heads)} heads), gate logit "
              f"{fmt(example.gate_logit)}, score {fmt(example.score)}")
     rows = pairs[(pairs["graph_id"] == example.graph_id)] if pairs is not None else pd.DataFrame()
     if rows.empty:
