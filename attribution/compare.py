@@ -6,8 +6,9 @@ Feature level, per graph (variant, task, prompt_index), from the store's tables 
 - `n_edges_influence_{80,90}`: edges of the pruned graph holding that share of its edge influence
   (`edge_influence`: circuit-tracer's edge score recomputed on the pruned graph);
 - heads carrying the graph's edges (head_loadings, head >= 0; `head_metrics`);
-- `qk_top{k}_share`: median over the graph's QK-attributed attention edges of the share of the edge's
-  score explained by its top-k (query, key) component pairs (`qk_edge_shares`);
+- `qk_top{k}_share`: median over the graph's QK-attributed attention edges (query after BOS: a BOS query
+  sees only the BOS token, so one pair explains it trivially) of the share of the edge's score explained by
+  its top-k (query, key) component pairs (`qk_edge_shares`);
 - replacement and completeness scores, unpruned and pruned (graphs table).
 
 Per task (and "all"), per metric: mean over graphs and a seeded percentile-bootstrap CI per variant, and
@@ -216,8 +217,9 @@ def graph_metrics(info: Mapping, nodes: pd.DataFrame, edges: pd.DataFrame, head_
     heads = head_metrics(head_loadings, config.head_min_share, config.head_cover)
     row.update({k: v if attention else np.nan for k, v in heads.items()})
     row["n_attention_edges"] = len(qk_edges) if attention else np.nan
+    explained = qk_edges[qk_edges["query_pos"] > 0] if len(qk_edges) else qk_edges  # BOS query: one token, trivial
     for k in config.qk_top_k:
-        shares = qk_edges[f"top{k}_share"].dropna() if len(qk_edges) else pd.Series(dtype=float)
+        shares = explained[f"top{k}_share"].dropna() if len(explained) else pd.Series(dtype=float)
         row[f"qk_top{k}_share"] = float(shares.median()) if len(shares) else np.nan
     for key in ("replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"):
         row[key] = float(info[key])
