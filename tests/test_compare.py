@@ -263,3 +263,10 @@ def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_ru
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "graph_metrics.parquet"),
                                   pd.read_parquet(root / "comparison" / "graph_metrics.parquet"))
     assert json.loads(json.dumps(summary))["graphs"] == 14
+
+
+def test_empty_store_is_a_clear_error(tmp_path):
+    from attribution.compare import CompareError
+
+    with pytest.raises(CompareError, match="holds no graphs; run the attribution stage first"):
+        compare_store(tmp_path / "no_graphs", tmp_path / "out", CompareConfig(report=False), progress=False)
