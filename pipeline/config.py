@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from attribution.compare import CompareConfig
 from attribution.config import AttributionStageConfig
 from sparse_attention.config import SparsifyConfig
 from transcoders.config import CLTStageConfig
@@ -53,6 +54,7 @@ class PipelineConfig(BaseModel):
     sparsify: SparsifyConfig = SparsifyConfig()
     clt: CLTStageConfig = CLTStageConfig()
     attribution: AttributionStageConfig = AttributionStageConfig()
+    compare: CompareConfig = CompareConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
 

@@ -113,6 +113,16 @@ def _run_attribution(variant: str):
     return run
 
 
+def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+    from attribution.compare import compare_store
+
+    sparsify_dir = inputs["sparsify"]
+    summary = compare_store(inputs["attribution_dense"], work_dir, config.compare, dense_model=config.sparsify.model,
+                            sparse_model=sparsify_dir / "model", sparsify_metrics=sparsify_dir / "metrics.json",
+                            progress=progress)
+    return summary
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in [  # in dependency order
@@ -123,6 +133,8 @@ STAGES: dict[str, Stage] = {
               _run_attribution("dense"), manifest_directory="graphs/_stages/dense"),
         Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
               _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse"),
+        Stage("compare", "compare", "comparison", ("compare", "sparsify.model"),
+              ("sparsify", "attribution_dense", "attribution_sparse"), _run_compare),
     ]
 }
 GROUPS = tuple(dict.fromkeys(stage.group for stage in STAGES.values()))

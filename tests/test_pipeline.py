@@ -32,6 +32,7 @@ def metrics_without_timings(path: Path) -> dict:
 def test_tiny_preset_with_embedded_ray(tmp_path):
     """Every stage of the tiny preset through embedded Ray, each output checked."""
     config = load_config(preset="tiny")
+    n_prompts = len(config.attribution.prompts) + sum(config.attribution.prompt_sets.values())
     results = run_pipeline(config, ["sparsify", "clt", "attribution"], str(tmp_path), progress=False)
     assert all(result["skipped"] is False for result in results.values())
     manifest = json.loads((tmp_path / "sparsify" / MANIFEST).read_text())
@@ -44,13 +45,13 @@ def test_tiny_preset_with_embedded_ray(tmp_path):
         assert len(metrics["nmse_per_layer"]) == config.sparsify.model.tiny.n_layers
         assert (tmp_path / "clt" / variant / "W_enc_0.safetensors").exists()
         summary = json.loads((tmp_path / "graphs" / "_stages" / variant / MANIFEST).read_text())["summary"]
-        assert summary["graphs"] == len(config.attribution.prompts) and summary["failures"] == []
+        assert summary["graphs"] == n_prompts and summary["failures"] == []
     from attribution.store import open_store
 
     store = open_store(tmp_path / "graphs")
     graphs = store.list_graphs()
     assert sorted(graphs["variant"].unique()) == ["dense", "sparse"]
-    assert len(graphs) == 2 * len(config.attribution.prompts)
+    assert len(graphs) == 2 * n_prompts
 
 
 def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):

@@ -1,0 +1,272 @@
+"""The dense vs sparse comparison: metric functions on hand-built tables (exact values), component circuits
+per task on tiny models, and the compare stage and its report on a tiny pipeline run."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from attribution.compare import (
+    RATIO,
+    CircuitsConfig,
+    CompareConfig,
+    bootstrap_mean,
+    compare_store,
+    count_to_share,
+    edge_influence,
+    head_metrics,
+    qk_edge_shares,
+    run_circuits,
+    summarize,
+)
+from attribution.component_circuits import ComponentCircuitConfig
+from attribution.prune import influence, logit_weight_vector, normalize_rows
+from attribution.report import REPORT_FILE, component_label, fmt, fmt_ci, metric_title
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric functions, exact
+
+
+def test_count_to_share():
+    values = np.array([1.0, 4.0, 2.0, 3.0])
+    assert [count_to_share(values, s) for s in (0.4, 0.7, 0.8, 0.9, 0.95, 1.0)] == [1, 2, 3, 3, 4, 4]
+    assert count_to_share(np.array([]), 0.9) == 0
+
+
+def test_edge_influence_by_hand():
+    """Nodes 0, 1 features, 2 token, 3 logit (p = 1); edges 0 -> 3 (2), 1 -> 3 (-1), 2 -> 0 (0.5), 2 -> 1 (3).
+    |A| row-normalised: A[3,0] = 2/3, A[3,1] = 1/3, A[0,2] = A[1,2] = 1; influence I = (2/3, 1/3, 1, 0);
+    scores |A|[t, s] (I[t] + w[t]) = 2/3, 1/3, 2/3, 1/3."""
+    target, source = np.array([3, 3, 0, 1]), np.array([0, 1, 2, 2])
+    scores = edge_influence(target, source, np.array([2.0, -1.0, 0.5, 3.0]), np.array([0, 0, 0, 1.0]))
+    np.testing.assert_allclose(scores, [2 / 3, 1 / 3, 2 / 3, 1 / 3], rtol=1e-12)
+    assert count_to_share(scores, 0.5) == 2 and count_to_share(scores, 0.8) == 3
+
+
+def test_edge_influence_equals_circuit_tracers_edge_scores():
+    """On a random DAG (strictly lower-triangular, rows = targets) the sparse computation equals prune.py's
+    dense one: normalize_rows(A) * (influence + logit weights)[:, None]."""
+    generator = torch.Generator().manual_seed(0)
+    n = 12
+    adjacency = torch.randn(n, n, generator=generator, dtype=torch.float64).tril(-1)
+    adjacency[torch.rand(n, n, generator=generator) < 0.4] = 0
+    adjacency = torch.flip(adjacency, (0, 1))  # targets before sources: logits (last) read everything
+    weights = logit_weight_vector(n, torch.tensor([0.7, 0.3], dtype=torch.float64)).double()
+    normalized = normalize_rows(adjacency)
+    expected = normalized * (influence(normalized, weights) + weights)[:, None]
+    target, source = adjacency.nonzero().unbind(1)
+    scores = edge_influence(target.numpy(), source.numpy(), adjacency[target, source].numpy(), weights.numpy())
+    np.testing.assert_allclose(scores, expected[target, source].numpy(), rtol=1e-10)
+
+
+def test_head_metrics_by_hand():
+    loadings = pd.DataFrame({
+        "target": [5, 6, 5, 5, 5, 5], "source": [1, 1, 1, 2, 1, 1],
+        "layer": [0, 0, 0, 1, 0, 0], "head": [0, 0, 1, 0, -1, -2],
+        "weight": [3.0, -1.0, 2.0, 0.5, 10.0, 5.0],
+    })  # head masses: (0,0) 4, (0,1) 2, (1,0) 0.5; the skip (-1) and other heads (-2) are no head
+    assert head_metrics(loadings, 0.1, 0.9) == {"n_heads_any": 3, "n_heads_carrying": 2, "n_heads_cover": 2}
+    assert head_metrics(loadings, 0.05, 0.95) == {"n_heads_any": 3, "n_heads_carrying": 3, "n_heads_cover": 3}
+    assert head_metrics(loadings[loadings["head"] < 0], 0.1, 0.9) == {
+        "n_heads_any": 0, "n_heads_carrying": 0, "n_heads_cover": 0}
+
+
+def test_qk_edge_shares_by_hand():
+    """Pairs 0.5, -0.2, 0.1 + rest 0.1 + offset 0.5 = logit 1.0; score 0.5; top-1 share 1.0, top-2 0.6,
+    top-5 0.8. Marginal rows do not count."""
+    key = {"layer": 1, "head": 2, "query_pos": 7, "key_pos": 3}
+    rows = [("pair", "a", "x", -0.2), ("pair", "b", "y", 0.5), ("pair", "c", "z", 0.1), ("pair_rest", "*", "*", 0.1),
+            ("offset", "b", "b", 0.5), ("query_marginal", "b", "*", 0.4), ("query_marginal_rest", "*", "*", 0.1)]
+    pairs = pd.DataFrame([{**key, "kind": k, "query_component": q, "key_component": c, "value": v, "gate_logit": 1.0}
+                          for k, q, c, v in rows])
+    other = pd.DataFrame([{**key, "head": 0, "kind": k, "query_component": "q", "key_component": "k", "value": v,
+                           "gate_logit": -0.5} for k, v in (("pair", -0.4), ("pair", 0.3), ("pair_rest", -0.4))])
+    shares = qk_edge_shares(pd.concat([pairs, other]), [1, 2, 5])  # a second edge (head 0): sorted first
+    assert len(shares) == 2
+    assert shares.iloc[0][["score", "offset", "top1_share", "top2_share"]].tolist() == pytest.approx(
+        [-0.5, 0.0, 0.8, 0.2])
+    row = shares.iloc[1]
+    assert (row["score"], row["offset"], row["n_pairs"]) == pytest.approx((0.5, 0.5, 3))
+    assert (row["top1_share"], row["top2_share"], row["top5_share"]) == pytest.approx((1.0, 0.6, 0.8))
+    assert (row["top_query"], row["top_key"]) == ("b", "y")
+
+
+def test_summarize_pairs_dense_with_sparse_and_is_seeded():
+    metrics = pd.DataFrame({
+        "task": ["t"] * 5, "variant": ["dense", "dense", "dense", "sparse", "sparse"],
+        "pair": ["t:0", "t:1", "t:2", "t:0", "t:1"], "m": [2.0, 4.0, 100.0, 1.0, 1.0],
+    })  # t:2 has no sparse graph: in the dense mean, not in the ratio
+    summary = summarize(metrics, ["m"], 500, 0.95, seed=0).set_index("variant")
+    assert summary.loc["dense", "n"] == 3 and summary.loc["dense", "mean"] == pytest.approx(106 / 3)
+    assert summary.loc["sparse", ["mean", "ci_low", "ci_high"]].tolist() == [1.0, 1.0, 1.0]
+    ratio = summary.loc[RATIO]
+    assert ratio["n"] == 2 and ratio["mean"] == pytest.approx(3.0)
+    assert 2.0 <= ratio["ci_low"] <= 3.0 <= ratio["ci_high"] <= 4.0
+    again = summarize(metrics, ["m"], 500, 0.95, seed=0).set_index("variant")
+    pd.testing.assert_frame_equal(summary, again)
+    assert bootstrap_mean(np.array([5.0]), 100, 0.95, np.random.default_rng(0)) == (5.0, 5.0, 5.0)
+
+
+def test_labels_and_formatting():
+    assert component_label("3_17_5", {(3, 17): "opposite"}) == "L3:F17 opposite@5"
+    assert component_label("3_17_5") == "L3:F17@5"
+    assert component_label("3_-1_5") == "err L3@5"
+    assert component_label("E_34_1", token_strings=["<s>", "large"]) == "'large'@1"
+    assert component_label("attn_0_3_1") == "L0H3@1" and component_label("bias_4") == "bias@4"
+    assert [fmt(v) for v in (None, float("nan"), 12.0, 0.123456, 1234.5, 3.14159)] == ["-", "-", "12", "0.123",
+                                                                                         "1234", "3.14"]
+    assert metric_title("n_edges_influence_80") == "edges for 80% of edge influence"
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"influence_shares": [0.0]}, "influence_shares"),
+    ({"qk_top_k": [0]}, "qk_top_k"),
+    ({"circuits": {"tasks": ["nope"]}}, "unknown tasks"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_compare_config_is_refused(update, message):
+    with pytest.raises(ValueError, match=message):
+        CompareConfig.model_validate(update)
+
+
+# --------------------------------------------------------------------------------------------------
+# Component circuits per task
+
+
+def test_run_circuits_gives_curves_ratios_and_status_rows():
+    """Greater-Than (digits are single bytes) on a tiny dense model and its gated copy; antonyms' answers
+    are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
+    from tests.test_component_circuits import make_model
+
+    tokenizer = __import__("sparse_attention.models", fromlist=["byte_tokenizer"]).byte_tokenizer()
+    models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
+    config = CircuitsConfig(prompts_per_task=3, circuit=ComponentCircuitConfig(curve_points=4, batch_size=4))
+    curves, summary = run_circuits(config, models, ["greater_than", "antonyms"])
+    ok = summary[summary["task"] == "greater_than"].set_index("kind")
+    assert (ok["status"] == "ok").all()
+    for kind in ("heads", "edges"):
+        row = ok.loc[kind]
+        assert row["ratio"] == pytest.approx(row["dense_count"] / row["sparse_count"])
+        assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4}[kind]
+        for variant in ("dense", "sparse"):
+            curve = curves[(curves["variant"] == variant) & (curves["kind"] == kind)].set_index("count")
+            assert curve.loc[0, "explained_effect"] == pytest.approx(0.0, abs=1e-5)
+            assert curve.loc[row[f"{variant}_total"], "explained_effect"] == pytest.approx(1.0, abs=1e-4)
+            reached = curve[curve["explained_effect"] >= 0.9].index.min()
+            assert row[f"{variant}_count"] <= reached  # refined between grid points, never later than the grid
+    failed = summary[summary["task"] == "antonyms"]
+    assert len(failed) == 2 and failed["status"].str.contains("no prompt of antonyms fits").all()
+    assert failed["ratio"].isna().all()
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage and the report on a tiny pipeline run
+
+
+# the tiny preset, shortened: 4 sparsify steps leave most gates open, which is all these tests need
+FAST = ["sparsify.train.steps=4", "sparsify.train.checkpoint_every=4", "sparsify.eval.heldout_blocks=4",
+        "sparsify.eval.long_blocks=1", "clt.train.steps=30", "clt.eval.heldout_blocks=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from pipeline.config import load_config
+    from pipeline.orchestrate import run_pipeline
+
+    root = tmp_path_factory.mktemp("compare")
+    config = load_config(preset="tiny", overrides=FAST)
+    results = run_pipeline(config, ["sparsify", "clt", "attribution", "compare"], str(root), executor="local",
+                           progress=False)
+    return root, config, results
+
+
+def test_compare_stage_tables_match_the_store(tiny_run):
+    from attribution.store import open_store
+
+    root, config, results = tiny_run
+    assert results["compare"]["skipped"] is False
+    graphs = open_store(root / "graphs").list_graphs()
+    metrics = pd.read_parquet(root / "comparison" / "graph_metrics.parquet")
+    assert len(metrics) == len(graphs) == 2 * (len(config.attribution.prompts) + 4)
+    merged = metrics.merge(graphs, on="graph_id", suffixes=("", "_store"))
+    assert (merged["n_edges_kept"] == merged["n_edges_kept_store"]).all()
+    assert (merged["completeness_score"] == merged["completeness_score_store"]).all()
+    assert set(metrics["pair"]) >= {"greater_than:0", "greater_than:1", "antonyms:0", "antonyms:1"}
+    assert (metrics["n_edges_influence_80"] <= metrics["n_edges_influence_90"]).all()
+    assert (metrics["n_edges_influence_90"] <= metrics["n_edges_kept"]).all()
+    summary = pd.read_parquet(root / "comparison" / "task_summary.parquet")
+    assert {"greater_than", "antonyms", "custom", "all"} <= set(summary["task"])
+    assert (summary.loc[summary["variant"] == RATIO, "n"] == summary.loc[summary["variant"] == RATIO, "task"].map(
+        {"greater_than": 2, "antonyms": 2, "custom": 3, "all": 7})).all()
+    circuits = pd.read_parquet(root / "comparison" / "circuit_summary.parquet")
+    assert set(circuits["task"]) == {"greater_than", "antonyms"}  # every task but custom, each with a status
+    saved = (root / "comparison" / "compare_config.yaml").read_text()
+    assert "prompts_per_task: 2" in saved
+
+
+def test_report_numbers_are_the_tables_numbers(tiny_run):
+    root, _, _ = tiny_run
+    out = root / "comparison"
+    page = (out / REPORT_FILE).read_text()
+    for image in re.findall(r'<img src="([^"]+)"', page):
+        assert (out / image).is_file(), image
+    assert len(re.findall(r'<img src="report_files/graph_[a-z_]+_(?:dense|sparse).png', page)) == 6  # 3 tasks x 2 variants
+    summary = pd.read_parquet(out / "task_summary.parquet")
+    rows = re.findall(r"<tr>(.*?)</tr>", page)
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows]
+    table = {(c[0], c[1]): c[2:] for c in cells if len(c) == 6}
+    for (task, metric), part in summary.groupby(["task", "metric"]):
+        shown = table[(task, html.escape(metric_title(metric)))]
+        by_variant = part.set_index("variant")
+        for cell, variant in zip(shown, ("dense", "sparse", RATIO)):
+            expected = fmt_ci(*by_variant.loc[variant, ["mean", "ci_low", "ci_high"]]) if variant in by_variant.index \
+                else "-"
+            assert cell == expected, (task, metric, variant)
+    circuits = pd.read_parquet(out / "circuit_summary.parquet")
+    for row in circuits.itertuples():
+        assert html.escape(row.status) in page
+        assert f"<td>{row.task}</td><td>{row.kind}</td><td>{fmt(row.dense_count)}</td><td>{fmt(row.sparse_count)}</td>" \
+               f"<td>{fmt(row.ratio)}</td>" in page
+    pairs = pd.read_parquet(out / "example_qk_pairs.parquet")
+    for value in pairs["share_of_score"]:
+        assert f"<td>{fmt(value)}</td>" in page
+    sparsity = pd.read_parquet(out / "sparsity.parquet")
+    assert f"<td>{fmt(sparsity['overall_edge_fraction'].iloc[0])}</td>" in page
+
+
+def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_run, tmp_path):
+    from pipeline.orchestrate import run_pipeline
+
+    root, config, _ = tiny_run
+    report = root / "comparison" / REPORT_FILE
+    stamp = report.stat().st_mtime_ns
+    again = run_pipeline(config, ["compare"], str(root), executor="local", progress=False)
+    assert again["compare"]["skipped"] is True and report.stat().st_mtime_ns == stamp
+    summary = compare_store(root / "graphs", tmp_path, CompareConfig(bootstrap_samples=500, report=False),
+                            labels=None, progress=False)
+    assert len(summary["left_out"]) == 3 and summary["report"] is None
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "graph_metrics.parquet"),
+                                  pd.read_parquet(root / "comparison" / "graph_metrics.parquet"))
+    assert json.loads(json.dumps(summary))["graphs"] == 14
+
+
+def test_empty_store_is_a_clear_error(tmp_path):
+    from attribution.compare import CompareError
+
+    with pytest.raises(CompareError, match="holds no graphs; run the attribution stage first"):
+        compare_store(tmp_path / "no_graphs", tmp_path / "out", CompareConfig(report=False), progress=False)
