@@ -141,8 +141,9 @@ def _init_ray(config: PipelineConfig) -> bool:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices workers by default; stages are the work
-            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                     log_to_driver=True, logging_level=logging.WARNING)
+            # "local": a new embedded instance even when a `ray start` head runs on this machine
+            ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False,
+                     runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None
     return True

@@ -6,6 +6,7 @@ Each entry adapts one stage's plain `run` function to the same call shape
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +101,28 @@ def _run_clt(variant: str):
     return run
 
 
+def _under_ray() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def _run_attribution(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
         from attribution import stage as attribution
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
-        summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
-                                  work_dir, variant, progress=progress)
+        resources = config.resources.for_stage("attribution")
+        if resources.num_workers > 1 and _under_ray():
+            from pipeline.attribution_pool import run_on_actors
+
+            summary = run_on_actors(config.attribution, source, inputs[f"clt_{variant}"], work_dir, variant,
+                                    resources, progress=progress)
+        else:
+            summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
+                                      work_dir, variant, progress=progress)
         return {"graphs": len(summary["graphs"]), "failures": summary["failures"],
-                "skipped": len(summary["skipped"]), "store": summary["store"]}
+                "failures_in_store": summary["failures_in_store"], "skipped": len(summary["skipped"]),
+                "workers": summary["workers"], "store": summary["store"]}
 
     return run
 
