@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import RAY_TRAIN_DIR
 from pipeline.config import PipelineConfig
 
 
@@ -39,20 +40,53 @@ class Stage:
 
 
 def _sparsify_worker(loop_config: dict) -> None:
-    """Ray Train worker: every rank trains on its shard; rank 0 saves and evaluates."""
+    """Ray Train worker: every rank trains on its shard; rank 0 saves and evaluates.
+
+    Training checkpoints go through Ray Train (reported by every rank, rank 0's directory uploaded into
+    the run's storage); a rerun restores the latest one into the stage's checkpoint directory first."""
     import torch
+    import torch.distributed as dist
+    from ray import train
 
     from sparse_attention import stage as sparsify
     from sparse_attention.config import SparsifyConfig
 
     torch.set_num_threads(loop_config["threads"])
-    sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), loop_config["work_dir"],
-                 progress=loop_config["progress"])
+    work_dir = Path(loop_config["work_dir"])
+    latest = train.get_checkpoint()
+    if latest is not None and train.get_context().get_world_rank() == 0:
+        restore_checkpoint_dir(latest, work_dir / sparsify.CHECKPOINT_DIR)
+    if dist.is_initialized():
+        dist.barrier()  # no rank starts training before the restored state is in place
+
+    def report(row: dict, directory: Path | None) -> None:
+        checkpoint = train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        train.report({"step": row["step"], "open_fraction": row["open_fraction"]}, checkpoint=checkpoint)
+
+    sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), work_dir, progress=loop_config["progress"],
+                 on_checkpoint=report)
+
+
+def restore_checkpoint_dir(checkpoint, target: Path) -> None:
+    """Copy a Ray Train checkpoint's files over the trainer's local checkpoint directory (each file atomically)."""
+    import os
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as source:
+        for path in Path(source).iterdir():
+            if path.is_file():
+                tmp = target / (path.name + ".restore")
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target / path.name)
 
 
 def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name: str) -> None:
-    """Run `worker(loop_config)` on `resources.num_workers` Ray Train workers with torch DDP (gloo or nccl)."""
-    from ray.train import RunConfig, ScalingConfig
+    """Run `worker(loop_config)` on `resources.num_workers` Ray Train workers with torch DDP (gloo or nccl).
+
+    Checkpoints the workers report go to `storage/name` (inside the stage's work directory); a rerun with the
+    same storage and name hands the latest one to the workers (`ray.train.get_checkpoint()`)."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": resources.num_cpus, **({"GPU": max(1, resources.num_gpus)} if resources.use_gpu else {})}
@@ -61,7 +95,8 @@ def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name:
         train_loop_config={**loop_config, "threads": max(1, int(resources.num_cpus))},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(storage_path=str(storage.resolve()), name=name),
+        run_config=RunConfig(storage_path=str(storage.resolve()), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
 
@@ -75,7 +110,7 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
     if resources.num_workers > 1:
         loop_config = {"config": config.sparsify.model_dump(mode="json"), "work_dir": str(work_dir),
                        "progress": progress}
-        run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / "ray_train", "sparsify")
+        run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / RAY_TRAIN_DIR, "sparsify")
         metrics = json.loads((work_dir / sparsify.METRICS_FILE).read_text())
     else:
         metrics = sparsify.run(config.sparsify, work_dir, progress=progress)
