@@ -192,10 +192,13 @@ def batch_items(config: AttributionStageConfig, prompts: list[str | PromptItem] 
 def summarize(outcomes: Iterable[dict], variant: str, store: GraphStore, total: int, *, progress: bool,
               started: float) -> dict:
     """Collect per-prompt outcomes (in the order they finish) into the stage summary, with a progress bar."""
-    summary = {"variant": variant, "store": str(store.root), "graphs": [], "failures": [], "skipped": []}
+    summary = {"variant": variant, "store": str(store.root), "graphs": [], "failures": [], "skipped": [],
+               "first_result_seconds": None}
     workers = set()
     with tqdm(total=total, desc=f"attribution {variant}", disable=not progress, dynamic_ncols=True) as bar:
         for outcome in outcomes:
+            if summary["first_result_seconds"] is None:  # start-up cost: loading, actors starting
+                summary["first_result_seconds"] = time.perf_counter() - started
             status = outcome.pop("status")
             workers.add(outcome.pop("worker"))
             if status == "skipped":
