@@ -33,6 +33,8 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
                   progress: bool, *_dependencies) -> dict:
     """Compute one stage unless its output exists; returns its manifest summary. Runs in a Ray task or inline."""
     stage = STAGES[stage_name]
+    if not logging.getLogger().handlers:  # a Ray worker: its stderr reaches the driver, INFO included
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     config = PipelineConfig.model_validate(config_json)
     threads = config.resources.for_stage(stage.group).num_cpus
     if threads:
@@ -47,7 +49,7 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
     for name in inputs:
         if store.manifest(STAGES[name].manifest_dir) is None:
             raise ConfigError(f"stage {stage.name} needs {name}, which has no finished output in {root}")
-    log.info("%s: start", stage.name)
+    log.info("%s: start -> %s", stage.name, store.uri(stage.directory))
     started = time.perf_counter()
     summary = stage.run(config, store.work_dir(stage.directory), inputs, progress)
     seconds = time.perf_counter() - started

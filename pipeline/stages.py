@@ -24,6 +24,7 @@ class Stage:
     inputs: tuple[str, ...]
     run: Callable[[PipelineConfig, Path, dict[str, Path], bool], dict]
     manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
+    outputs: str = ""  # what `directory` holds, for the closing summary
 
     @property
     def manifest_dir(self) -> str:
@@ -162,16 +163,24 @@ def _run_attribution(variant: str):
     return run
 
 
+_CLT_OUTPUTS = "W_enc_*.safetensors, W_dec_*.safetensors, config.yaml, metrics.json, per_layer.png"
+_GRAPH_OUTPUTS = ("Parquet store (open_store): {{graphs,nodes,edges,head_loadings,qk_pairs}}/variant={variant}/, "
+                  "failed prompts in failures/variant={variant}/")
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in [  # in dependency order
-        Stage("sparsify", "sparsify", "sparsify", ("sparsify",), (), _run_sparsify),
-        Stage("clt_dense", "clt", "clt/dense", ("clt", "sparsify.model"), (), _run_clt("dense")),
-        Stage("clt_sparse", "clt", "clt/sparse", ("clt",), ("sparsify",), _run_clt("sparse")),
+        Stage("sparsify", "sparsify", "sparsify", ("sparsify",), (), _run_sparsify,
+              outputs="model/ (gated model), metrics.json, training_curves.png, edge_fractions.png"),
+        Stage("clt_dense", "clt", "clt/dense", ("clt", "sparsify.model"), (), _run_clt("dense"),
+              outputs=_CLT_OUTPUTS),
+        Stage("clt_sparse", "clt", "clt/sparse", ("clt",), ("sparsify",), _run_clt("sparse"), outputs=_CLT_OUTPUTS),
         Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
-              _run_attribution("dense"), manifest_directory="graphs/_stages/dense"),
+              _run_attribution("dense"), manifest_directory="graphs/_stages/dense",
+              outputs=_GRAPH_OUTPUTS.format(variant="dense")),
         Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
-              _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse"),
+              _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse",
+              outputs=_GRAPH_OUTPUTS.format(variant="sparse")),
     ]
 }
 GROUPS = tuple(dict.fromkeys(stage.group for stage in STAGES.values()))
