@@ -51,7 +51,7 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
             raise ConfigError(f"stage {stage.name} needs {name}, which has no finished output in {root}")
     log.info("%s: start -> %s", stage.name, store.uri(stage.directory))
     started = time.perf_counter()
-    summary = stage.run(config, store.work_dir(stage.directory), inputs, progress)
+    summary = stage.run(config, store.work_dir(stage.directory), inputs, progress, force)
     seconds = time.perf_counter() - started
     store.commit(stage.directory, keys[stage.name], {"stage": stage.name, "seconds": seconds, "summary": summary},
                  manifest_dir=stage.manifest_dir)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<20} {root}/{stage.directory}  [{state}]")
         print(f"  {'':<20}   {stage.outputs}; manifest {root}/{stage.manifest_dir}/manifest.json")
         counts = result.get("summary", {})
-        if "failures_in_store" in counts:
+        if "failures_in_store" in counts and not result.get("skipped"):
             print(f"  {'':<20}   {counts['graphs']} graphs computed, {counts['skipped']} already stored, "
                   f"{counts['failures_in_store']} failed prompts recorded")
     return 0

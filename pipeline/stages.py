@@ -1,7 +1,9 @@
 """Stage wiring: which function computes each stage, from which inputs, into which directory.
 
 Each entry adapts one stage's plain `run` function to the same call shape
-`(config, work_dir, input_dirs, progress) -> summary`; no math lives here.
+`(config, work_dir, input_dirs, progress, force) -> summary`; no math lives here. `force` (from --force)
+matters where a stage keeps finished pieces outside its checkpoints: attribution recomputes stored graphs
+and failures.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class Stage:
     directory: str  # relative output directory, e.g. "clt/sparse"
     sections: tuple[str, ...]  # dotted config paths that (with the inputs) key this stage's output
     inputs: tuple[str, ...]
-    run: Callable[[PipelineConfig, Path, dict[str, Path], bool], dict]
+    run: Callable[[PipelineConfig, Path, dict[str, Path], bool, bool], dict]
     manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
     outputs: str = ""  # what `directory` holds, for the closing summary
 
@@ -102,7 +104,8 @@ def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name:
     trainer.fit()
 
 
-def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
+                  force: bool) -> dict:
     import json
 
     from sparse_attention import stage as sparsify
@@ -125,7 +128,7 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
 
 
 def _run_clt(variant: str):
-    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
         from transcoders import stage as clt
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
@@ -143,7 +146,7 @@ def _under_ray() -> bool:
 
 
 def _run_attribution(variant: str):
-    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
         from attribution import stage as attribution
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
@@ -152,10 +155,10 @@ def _run_attribution(variant: str):
             from pipeline.attribution_pool import run_on_actors
 
             summary = run_on_actors(config.attribution, source, inputs[f"clt_{variant}"], work_dir, variant,
-                                    resources, progress=progress)
+                                    resources, progress=progress, force=force)
         else:
             summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
-                                      work_dir, variant, progress=progress)
+                                      work_dir, variant, progress=progress, force=force)
         return {"graphs": len(summary["graphs"]), "failures": summary["failures"],
                 "failures_in_store": summary["failures_in_store"], "skipped": len(summary["skipped"]),
                 "workers": summary["workers"], "store": summary["store"]}
