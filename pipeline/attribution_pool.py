@@ -13,7 +13,7 @@ from pathlib import Path
 from attribution import stage as attribution
 from attribution.config import AttributionStageConfig
 from attribution.store import check_variant, open_store
-from pipeline.config import StageResources
+from pipeline.config import ConfigError, StageResources
 
 
 class AttributionWorker:
@@ -30,7 +30,6 @@ class AttributionWorker:
 
     def attribute(self, item: attribution.PromptItem, force: bool) -> dict:
         return self.attributor.attribute(item, self.config, self.store, force)
-
 
 
 def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, store_dir: Path, variant: str,
@@ -52,7 +51,7 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
     total = ray.cluster_resources()
     for name, amount in bundle.items():
         if total.get(name, 0) < amount * n_workers:
-            raise ValueError(f"resources.stages.attribution asks for {n_workers} workers x {amount} {name}; the Ray "
+            raise ConfigError(f"resources.stages.attribution asks for {n_workers} workers x {amount} {name}; the Ray "
                              f"cluster has {total.get(name, 0)}: lower num_workers or the per-worker resources")
     group = placement_group([bundle] * n_workers, strategy="PACK")
     workers = []
