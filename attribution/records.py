@@ -12,7 +12,7 @@ import torch
 
 from attribution.graph import NODE_KINDS, AttributionGraph
 from attribution.prune import PruneResult, graph_scores
-from attribution.schema import TABLES
+from attribution.schema import SCHEMAS, TABLES
 
 
 @dataclass
@@ -35,7 +35,7 @@ def empty_table(name: str) -> pa.Table:
 
 
 def _table(name: str, columns: dict) -> pa.Table:
-    schema = TABLES[name]
+    schema = SCHEMAS[name]
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
 
 
@@ -125,3 +125,13 @@ def from_frame(name: str, graph_id: str, frame) -> pa.Table:
     columns = {c: frame[c].tolist() for c in frame.columns}
     columns["graph_id"] = [graph_id] * len(frame)
     return _table(name, columns)
+
+
+def failure_table(failure_id: str, variant: str, prompt: str, task: str, prompt_index: int,
+                  error: Exception) -> pa.Table:
+    """The one-row `failures` record of a prompt that could not be attributed."""
+    return _table("failures", {
+        "failure_id": [failure_id], "variant": [variant], "prompt": [prompt], "task": [task],
+        "prompt_index": [prompt_index], "error_type": [type(error).__name__], "message": [str(error)],
+        "created": [datetime.now(timezone.utc)],
+    })

@@ -16,6 +16,15 @@ Layout under the store root, one file per graph and table, grouped by model vari
 - qk_pairs: per attention edge (layer, head, query_pos, key_pos), the gate logit split into
   (query component, key component) pairs: kinds `pair` + `pair_rest` + `offset` sum to the logit, and so
   do `query_marginal` + `query_marginal_rest` + `offset`, and `key_marginal` + `key_marginal_rest` + `offset`.
+
+Beside them, one table that is not part of any graph:
+
+    failures/variant={variant}/{failure_id}.parquet
+
+- failures: one row per prompt the stage could not attribute (empty, longer than the context, bad
+  tokens: an AttributionError), with the error's type and message. `failure_id` is the graph_id the
+  prompt would have had, so a rerun with the same model, CLT and settings skips it (unless forced) and
+  a later success removes it.
 """
 
 from __future__ import annotations
@@ -106,6 +115,17 @@ QK_PAIRS = pa.schema([
     ("gate_logit", pa.float32()),
 ])
 
+FAILURES = pa.schema([
+    ("failure_id", pa.string()),  # the graph_id the prompt would have had
+    ("variant", pa.string()),
+    ("prompt", pa.string()),
+    ("task", pa.string()),
+    ("prompt_index", pa.int32()),
+    ("error_type", pa.string()),  # e.g. PromptTooLongError
+    ("message", pa.string()),
+    ("created", pa.timestamp("ms", tz="UTC")),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "graphs": GRAPHS,
     "nodes": NODES,
@@ -114,11 +134,12 @@ TABLES: dict[str, pa.Schema] = {
     "qk_pairs": QK_PAIRS,
 }
 WRITE_ORDER = ("nodes", "edges", "head_loadings", "qk_pairs", "graphs")  # graphs last: the commit
+SCHEMAS: dict[str, pa.Schema] = {**TABLES, "failures": FAILURES}  # every file the store writes
 
 
 def tagged(table_name: str) -> pa.Schema:
     """The table's schema with the metadata that marks a file as ours."""
-    return TABLES[table_name].with_metadata({SCHEMA_KEY: f"{table_name}:{SCHEMA_VERSION}".encode()})
+    return SCHEMAS[table_name].with_metadata({SCHEMA_KEY: f"{table_name}:{SCHEMA_VERSION}".encode()})
 
 
 def check_schema(table_name: str, schema: pa.Schema, where: str) -> str | None:
@@ -128,7 +149,7 @@ def check_schema(table_name: str, schema: pa.Schema, where: str) -> str | None:
         return f"{where} is not an attribution-store file (no {SCHEMA_KEY.decode()} metadata)"
     if tag.decode() != f"{table_name}:{SCHEMA_VERSION}":
         return f"{where} holds {tag.decode()!r}, expected {table_name}:{SCHEMA_VERSION}"
-    expected = TABLES[table_name]
+    expected = SCHEMAS[table_name]
     if not schema.remove_metadata().equals(expected):
         return f"{where} has columns {schema.names}, expected {expected.names}"
     return None

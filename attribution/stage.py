@@ -1,20 +1,24 @@
 """The attribution stage as one plain function: graphs for a list of prompts, into the Parquet store.
 
-Per prompt: freeze the model on it, build the local replacement model with the CLT, compute the
-graph, prune it, split its kept edges over heads, QK-attribute the attention edges that carry them,
-and write everything to the store under one graph_id. A prompt that cannot be attributed (too long,
-empty) is recorded in the summary and skipped; a graph already in the store is not recomputed.
+Per prompt (`Attributor.attribute`, the one place of the per-prompt logic): freeze the model on it,
+build the local replacement model with the CLT, compute the graph, prune it, split its kept edges over
+heads, QK-attribute the attention edges that carry them, and write everything to the store under one
+graph_id. A prompt that cannot be attributed (too long, empty, bad tokens) is recorded in the store's
+`failures` table and the batch goes on. A prompt whose graph or failure is already stored is skipped
+(unless forced), so a killed batch resumes where it stopped. `run` loops over the batch in-process;
+the pipeline can instead spread the same per-prompt calls over a pool of Ray actors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import torch
 import yaml
 from torch import nn
@@ -29,6 +33,7 @@ from attribution.qk import qk_attribution
 from attribution.records import (
     GraphRecord,
     edges_table,
+    failure_table,
     from_frame,
     graphs_table,
     make_graph_id,
@@ -45,9 +50,12 @@ from attribution.store import GraphStore, check_variant, open_store
 from transcoders.clt import META_FILE, load_clt
 from transcoders.stage import ModelSource, load_source
 
-__all__ = ["AttributionStageConfig", "ModelSource", "PromptItem", "prompt_items", "run", "Attributor"]
+__all__ = ["AttributionStageConfig", "ModelSource", "PromptItem", "prompt_items", "run", "Attributor",
+           "batch_items", "summarize", "write_config"]
 
 CONFIG_FILE = "attribution_config.yaml"
+SUMMARY_KEYS = ("graph_id", "prompt", "task", "prompt_index", "n_pos", "n_active_features", "n_nodes", "n_nodes_kept",
+                "n_edges_kept", "replacement_score", "completeness_score", "seconds")
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,32 @@ class Attributor:
             "qk_pairs": from_frame("qk_pairs", graph_id, qk),
         })
 
+    def attribute(self, item: PromptItem, config: AttributionStageConfig, store: GraphStore,
+                  force: bool = False) -> dict:
+        """One prompt of a batch, end to end: skip it if its graph or failure is stored (unless `force`),
+        else compute and write its graph, or record why it cannot be attributed. Returns the outcome:
+        `status` "graph" (with the graph's summary), "failed" (with the error) or "skipped"."""
+        graph_id = self.graph_id(item.prompt, config)
+        outcome = {"graph_id": graph_id, "worker": os.getpid()}
+        if not force:
+            if store.has_graph(self.variant, graph_id):
+                return {**outcome, "status": "skipped", "stored": "graph"}
+            if store.has_failure(self.variant, graph_id):
+                return {**outcome, "status": "skipped", "stored": "failure"}
+        try:
+            record = self.record(item, config)
+        except AttributionError as error:  # a bad prompt: recorded, the batch goes on
+            store.delete(graph_id, missing_ok=True)  # forced rerun: an old graph must not contradict it
+            store.write_failure(self.variant, graph_id, failure_table(graph_id, self.variant, item.prompt, item.task,
+                                                                      item.index, error))
+            return {**outcome, "status": "failed", "prompt": item.prompt, "task": item.task, "index": item.index,
+                    "error_type": type(error).__name__, "error": str(error)}
+        store.write(record)
+        if force:
+            store.delete_failure(self.variant, graph_id)
+        info = record.tables["graphs"].to_pylist()[0]
+        return {**outcome, "status": "graph", **{key: info[key] for key in SUMMARY_KEYS}}
+
 
 def settings_json(config: AttributionStageConfig) -> str:
     """The settings that change a graph (not the prompt list or threads), as canonical JSON."""
@@ -141,45 +175,59 @@ def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tens
     return target, source
 
 
-def _write_config(store: GraphStore, config: AttributionStageConfig, variant: str) -> None:
+def write_config(store: GraphStore, config: AttributionStageConfig, variant: str) -> None:
+    """Save the stage config beside the store's tables, one file per variant."""
     store.fs.create_dir(store.root, recursive=True)
-    with store.fs.open_output_stream(f"{store.root}/{variant}_{CONFIG_FILE}") as out:
+    with store.fs.open_output_stream(f"{store.root}/{check_variant(variant)}_{CONFIG_FILE}") as out:
         out.write(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
 
 
-def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str | Path,
-        prompts: list[str | PromptItem] | None, output_store: str | Path | GraphStore, variant: str, *, progress: bool = True, force: bool = False) -> dict:
-    """Attribute `prompts` (None: the config's prompt sets and free prompts) on one model variant ("dense",
-    "sparse", ...) into the store at `output_store`.
+def batch_items(config: AttributionStageConfig, prompts: list[str | PromptItem] | None) -> list[PromptItem]:
+    """The prompts to attribute: `prompts` (plain strings become custom prompts), or the config's batch."""
+    if prompts is None:
+        return prompt_items(config)
+    return [p if isinstance(p, PromptItem) else PromptItem(p, "custom", i) for i, p in enumerate(prompts)]
 
-    Returns a summary: per graph its id, size and scores; per failed prompt the error; the ids skipped
-    because the store already held them (unless `force`).
+
+def summarize(outcomes: Iterable[dict], variant: str, store: GraphStore, total: int, *, progress: bool,
+              started: float) -> dict:
+    """Collect per-prompt outcomes (in the order they finish) into the stage summary, with a progress bar."""
+    summary = {"variant": variant, "store": str(store.root), "graphs": [], "failures": [], "skipped": [],
+               "first_result_seconds": None}
+    workers = set()
+    with tqdm(total=total, desc=f"attribution {variant}", disable=not progress, dynamic_ncols=True) as bar:
+        for outcome in outcomes:
+            if summary["first_result_seconds"] is None:  # start-up cost: loading, actors starting
+                summary["first_result_seconds"] = time.perf_counter() - started
+            status = outcome.pop("status")
+            workers.add(outcome.pop("worker"))
+            if status == "skipped":
+                summary["skipped"].append(outcome["graph_id"])
+            else:
+                summary["graphs" if status == "graph" else "failures"].append(outcome)
+            bar.update(1)
+    summary["workers"] = len(workers)
+    summary["failures_in_store"] = len(store.failures(variant))
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str | Path,
+        prompts: list[str | PromptItem] | None, output_store: str | Path | GraphStore, variant: str, *,
+        progress: bool = True, force: bool = False) -> dict:
+    """Attribute `prompts` (None: the config's prompt sets and free prompts) on one model variant ("dense",
+    "sparse", ...) into the store at `output_store`, in this process.
+
+    Returns a summary: per new graph its id, size and scores; per newly failed prompt the error (also in
+    the store's failures table); the ids skipped because the store held their graph or failure (unless
+    `force`); `workers` (processes that attributed, here 1).
     """
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
     store = output_store if isinstance(output_store, GraphStore) else open_store(output_store)
+    items = batch_items(config, prompts)
     attributor = Attributor.load(model_source, clt_dir, variant)
-    _write_config(store, config, attributor.variant)
-    summary = {"variant": attributor.variant, "store": str(store.root), "graphs": [], "failures": [], "skipped": []}
-    items = prompt_items(config) if prompts is None else [
-        p if isinstance(p, PromptItem) else PromptItem(p, "custom", i) for i, p in enumerate(prompts)]
-    for item in tqdm(items, desc=f"attribution {variant}", disable=not progress):
-        prompt = item.prompt
-        try:
-            graph_id = attributor.graph_id(prompt, config)
-            if not force and store.fs.get_file_info(store.path("graphs", attributor.variant, graph_id)).type \
-                    == pafs.FileType.File:
-                summary["skipped"].append(graph_id)
-                continue
-            record = attributor.record(item, config)
-        except AttributionError as error:
-            summary["failures"].append({"prompt": prompt, "task": item.task, "index": item.index, "error": str(error)})
-            continue
-        store.write(record)
-        info = record.tables["graphs"].to_pylist()[0]
-        summary["graphs"].append({key: info[key] for key in (
-            "graph_id", "prompt", "task", "prompt_index", "n_pos", "n_active_features", "n_nodes", "n_nodes_kept", "n_edges_kept",
-            "replacement_score", "completeness_score", "seconds")})
-    summary["seconds"] = time.perf_counter() - started
-    return summary
+    write_config(store, config, attributor.variant)
+    outcomes = (attributor.attribute(item, config, store, force) for item in items)
+    return summarize(outcomes, attributor.variant, store, len(items), progress=progress, started=started)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from attribution.records import GraphRecord
 from attribution.replacement import AttributionError
-from attribution.schema import TABLES, WRITE_ORDER, check_schema, tagged
+from attribution.schema import SCHEMAS, TABLES, WRITE_ORDER, check_schema, tagged
 
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _GRAPH_ID = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -101,6 +101,13 @@ class GraphStore:
     def _exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type == pafs.FileType.File
 
+    def has_graph(self, variant: str, graph_id: str) -> bool:
+        """True if the graph is committed (its graphs row exists)."""
+        return self._exists(self.path("graphs", check_variant(variant), graph_id))
+
+    def has_failure(self, variant: str, failure_id: str) -> bool:
+        return self._exists(self.path("failures", check_variant(variant), failure_id))
+
     # -- writing -------------------------------------------------------------------------------
     def write(self, record: GraphRecord) -> None:
         """Write (or replace) one graph; readers see the old graph, no graph, or the new one whole."""
@@ -129,6 +136,20 @@ class GraphStore:
             except (FileNotFoundError, OSError):
                 pass
             raise
+
+    def write_failure(self, variant: str, failure_id: str, table: pa.Table) -> None:
+        """Record (or replace) one failed prompt: a one-row `failures` file, written atomically."""
+        variant = check_variant(variant)
+        if not _GRAPH_ID.match(failure_id):
+            raise StoreError(f"failure id {failure_id!r} must be letters, digits, '_' or '-'")
+        self._write_file("failures", table, self.path("failures", variant, failure_id))
+
+    def delete_failure(self, variant: str, failure_id: str) -> None:
+        """Forget a recorded failure (absent is fine): the prompt is attributed again on the next run."""
+        try:
+            self.fs.delete_file(self.path("failures", check_variant(variant), failure_id))
+        except FileNotFoundError:
+            pass
 
     def delete(self, graph_id: str, missing_ok: bool = False) -> None:
         """Remove a graph: its commit record first, then its data files."""
@@ -181,6 +202,24 @@ class GraphStore:
                     frames.append(self._open("graphs", info.path).read())
         if not frames:
             return TABLES["graphs"].empty_table().to_pandas()
+        return pa.concat_tables(frames).to_pandas()
+
+    def failures(self, variant: str | None = None) -> pd.DataFrame:
+        """One row per prompt recorded as failed (the failures table), optionally of one variant."""
+        if variant is not None:
+            variants = [check_variant(variant)]
+        else:
+            infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/failures", allow_not_found=True))
+            variants = sorted(i.base_name.split("=", 1)[1] for i in infos
+                              if i.type == pafs.FileType.Directory and i.base_name.startswith("variant="))
+        frames = []
+        for v in variants:
+            selector = pafs.FileSelector(f"{self.root}/failures/variant={v}", allow_not_found=True)
+            for info in sorted(self.fs.get_file_info(selector), key=lambda i: i.path):
+                if info.base_name.endswith(".parquet"):
+                    frames.append(self._open("failures", info.path).read())
+        if not frames:
+            return SCHEMAS["failures"].empty_table().to_pandas()
         return pa.concat_tables(frames).to_pandas()
 
     def graph_info(self, graph_id: str) -> pd.Series:

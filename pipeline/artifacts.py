@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from sparse_attention.models import cache_dir
 
 MANIFEST = "manifest.json"
+RAY_TRAIN_DIR = "ray_train"  # Ray Train's storage (reported checkpoints) inside a stage's work directory
 
 
 class ArtifactError(RuntimeError):
@@ -96,7 +97,7 @@ class ArtifactStore:
         """Remove the manifest so the directory reads as unfinished (outputs are overwritten on rerun)."""
         self.fs.delete_file(f"{self.uri(stage_dir)}/{MANIFEST}")
         local = self.work_dir(stage_dir)
-        for checkpoint in local.glob("**/checkpoints"):
+        for checkpoint in [*local.glob("**/checkpoints"), *local.glob(f"**/{RAY_TRAIN_DIR}")]:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
     def commit(self, stage_dir: str, key: str, summary: dict, manifest_dir: str | None = None) -> None:

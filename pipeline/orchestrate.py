@@ -33,6 +33,8 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
                   progress: bool, *_dependencies) -> dict:
     """Compute one stage unless its output exists; returns its manifest summary. Runs in a Ray task or inline."""
     stage = STAGES[stage_name]
+    if not logging.getLogger().handlers:  # a Ray worker: its stderr reaches the driver, INFO included
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     config = PipelineConfig.model_validate(config_json)
     threads = config.resources.for_stage(stage.group).num_cpus
     if threads:
@@ -47,9 +49,9 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
     for name in inputs:
         if store.manifest(STAGES[name].manifest_dir) is None:
             raise ConfigError(f"stage {stage.name} needs {name}, which has no finished output in {root}")
-    log.info("%s: start", stage.name)
+    log.info("%s: start -> %s", stage.name, store.uri(stage.directory))
     started = time.perf_counter()
-    summary = stage.run(config, store.work_dir(stage.directory), inputs, progress)
+    summary = stage.run(config, store.work_dir(stage.directory), inputs, progress, force)
     seconds = time.perf_counter() - started
     store.commit(stage.directory, keys[stage.name], {"stage": stage.name, "seconds": seconds, "summary": summary},
                  manifest_dir=stage.manifest_dir)
@@ -141,8 +143,9 @@ def _init_ray(config: PipelineConfig) -> bool:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices workers by default; stages are the work
-            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                     log_to_driver=True, logging_level=logging.WARNING)
+            # "local": a new embedded instance even when a `ray start` head runs on this machine
+            ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False,
+                     runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}") from None
     return True

@@ -61,9 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s; outputs:")
+    root = args.output.rstrip("/")
     for name, result in results.items():
+        stage = STAGES[name]
         state = "skipped (done before)" if result.get("skipped") else f"{result['seconds']:.1f} s"
-        print(f"  {name:<20} {args.output.rstrip('/')}/{STAGES[name].directory}  [{state}]")
+        print(f"  {name:<20} {root}/{stage.directory}  [{state}]")
+        print(f"  {'':<20}   {stage.outputs}; manifest {root}/{stage.manifest_dir}/manifest.json")
+        counts = result.get("summary", {})
+        if "failures_in_store" in counts and not result.get("skipped"):
+            print(f"  {'':<20}   {counts['graphs']} graphs computed, {counts['skipped']} already stored, "
+                  f"{counts['failures_in_store']} failed prompts recorded")
     return 0
 
 

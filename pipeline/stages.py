@@ -1,15 +1,19 @@
 """Stage wiring: which function computes each stage, from which inputs, into which directory.
 
 Each entry adapts one stage's plain `run` function to the same call shape
-`(config, work_dir, input_dirs, progress) -> summary`; no math lives here.
+`(config, work_dir, input_dirs, progress, force) -> summary`; no math lives here. `force` (from --force)
+matters where a stage keeps finished pieces outside its checkpoints: attribution recomputes stored graphs
+and failures.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import RAY_TRAIN_DIR
 from pipeline.config import PipelineConfig
 
 
@@ -20,8 +24,9 @@ class Stage:
     directory: str  # relative output directory, e.g. "clt/sparse"
     sections: tuple[str, ...]  # dotted config paths that (with the inputs) key this stage's output
     inputs: tuple[str, ...]
-    run: Callable[[PipelineConfig, Path, dict[str, Path], bool], dict]
+    run: Callable[[PipelineConfig, Path, dict[str, Path], bool, bool], dict]
     manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
+    outputs: str = ""  # what `directory` holds, for the closing summary
 
     @property
     def manifest_dir(self) -> str:
@@ -38,20 +43,53 @@ class Stage:
 
 
 def _sparsify_worker(loop_config: dict) -> None:
-    """Ray Train worker: every rank trains on its shard; rank 0 saves and evaluates."""
+    """Ray Train worker: every rank trains on its shard; rank 0 saves and evaluates.
+
+    Training checkpoints go through Ray Train (reported by every rank, rank 0's directory uploaded into
+    the run's storage); a rerun restores the latest one into the stage's checkpoint directory first."""
     import torch
+    import torch.distributed as dist
+    from ray import train
 
     from sparse_attention import stage as sparsify
     from sparse_attention.config import SparsifyConfig
 
     torch.set_num_threads(loop_config["threads"])
-    sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), loop_config["work_dir"],
-                 progress=loop_config["progress"])
+    work_dir = Path(loop_config["work_dir"])
+    latest = train.get_checkpoint()
+    if latest is not None and train.get_context().get_world_rank() == 0:
+        restore_checkpoint_dir(latest, work_dir / sparsify.CHECKPOINT_DIR)
+    if dist.is_initialized():
+        dist.barrier()  # no rank starts training before the restored state is in place
+
+    def report(row: dict, directory: Path | None) -> None:
+        checkpoint = train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        train.report({"step": row["step"], "open_fraction": row["open_fraction"]}, checkpoint=checkpoint)
+
+    sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), work_dir, progress=loop_config["progress"],
+                 on_checkpoint=report)
+
+
+def restore_checkpoint_dir(checkpoint, target: Path) -> None:
+    """Copy a Ray Train checkpoint's files over the trainer's local checkpoint directory (each file atomically)."""
+    import os
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as source:
+        for path in Path(source).iterdir():
+            if path.is_file():
+                tmp = target / (path.name + ".restore")
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target / path.name)
 
 
 def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name: str) -> None:
-    """Run `worker(loop_config)` on `resources.num_workers` Ray Train workers with torch DDP (gloo or nccl)."""
-    from ray.train import RunConfig, ScalingConfig
+    """Run `worker(loop_config)` on `resources.num_workers` Ray Train workers with torch DDP (gloo or nccl).
+
+    Checkpoints the workers report go to `storage/name` (inside the stage's work directory); a rerun with the
+    same storage and name hands the latest one to the workers (`ray.train.get_checkpoint()`)."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": resources.num_cpus, **({"GPU": max(1, resources.num_gpus)} if resources.use_gpu else {})}
@@ -60,12 +98,14 @@ def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name:
         train_loop_config={**loop_config, "threads": max(1, int(resources.num_cpus))},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(storage_path=str(storage.resolve()), name=name),
+        run_config=RunConfig(storage_path=str(storage.resolve()), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
 
 
-def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
+                  force: bool) -> dict:
     import json
 
     from sparse_attention import stage as sparsify
@@ -74,7 +114,7 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
     if resources.num_workers > 1:
         loop_config = {"config": config.sparsify.model_dump(mode="json"), "work_dir": str(work_dir),
                        "progress": progress}
-        run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / "ray_train", "sparsify")
+        run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / RAY_TRAIN_DIR, "sparsify")
         metrics = json.loads((work_dir / sparsify.METRICS_FILE).read_text())
     else:
         metrics = sparsify.run(config.sparsify, work_dir, progress=progress)
@@ -88,7 +128,7 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
 
 
 def _run_clt(variant: str):
-    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
         from transcoders import stage as clt
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
@@ -100,15 +140,28 @@ def _run_clt(variant: str):
     return run
 
 
+def _under_ray() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def _run_attribution(variant: str):
-    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
         from attribution import stage as attribution
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
-        summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
-                                  work_dir, variant, progress=progress)
+        resources = config.resources.for_stage("attribution")
+        if resources.num_workers > 1 and _under_ray():
+            from pipeline.attribution_pool import run_on_actors
+
+            summary = run_on_actors(config.attribution, source, inputs[f"clt_{variant}"], work_dir, variant,
+                                    resources, progress=progress, force=force)
+        else:
+            summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
+                                      work_dir, variant, progress=progress, force=force)
         return {"graphs": len(summary["graphs"]), "failures": summary["failures"],
-                "skipped": len(summary["skipped"]), "store": summary["store"]}
+                "failures_in_store": summary["failures_in_store"], "skipped": len(summary["skipped"]),
+                "workers": summary["workers"], "store": summary["store"]}
 
     return run
 
@@ -122,19 +175,28 @@ def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path]
                             progress=progress)
     return summary
 
+_CLT_OUTPUTS = "W_enc_*.safetensors, W_dec_*.safetensors, config.yaml, metrics.json, per_layer.png"
+_GRAPH_OUTPUTS = ("Parquet store (open_store): {{graphs,nodes,edges,head_loadings,qk_pairs}}/variant={variant}/, "
+                  "failed prompts in failures/variant={variant}/")
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in [  # in dependency order
-        Stage("sparsify", "sparsify", "sparsify", ("sparsify",), (), _run_sparsify),
-        Stage("clt_dense", "clt", "clt/dense", ("clt", "sparsify.model"), (), _run_clt("dense")),
-        Stage("clt_sparse", "clt", "clt/sparse", ("clt",), ("sparsify",), _run_clt("sparse")),
+        Stage("sparsify", "sparsify", "sparsify", ("sparsify",), (), _run_sparsify,
+              outputs="model/ (gated model), metrics.json, training_curves.png, edge_fractions.png"),
+        Stage("clt_dense", "clt", "clt/dense", ("clt", "sparsify.model"), (), _run_clt("dense"),
+              outputs=_CLT_OUTPUTS),
+        Stage("clt_sparse", "clt", "clt/sparse", ("clt",), ("sparsify",), _run_clt("sparse"), outputs=_CLT_OUTPUTS),
         Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
-              _run_attribution("dense"), manifest_directory="graphs/_stages/dense"),
+              _run_attribution("dense"), manifest_directory="graphs/_stages/dense",
+              outputs=_GRAPH_OUTPUTS.format(variant="dense")),
         Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
-              _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse"),
+              _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse",
+              outputs=_GRAPH_OUTPUTS.format(variant="sparse")),
         Stage("compare", "compare", "comparison", ("compare", "sparsify.model"),
-              ("sparsify", "attribution_dense", "attribution_sparse"), _run_compare),
+              ("sparsify", "attribution_dense", "attribution_sparse"), _run_compare,
+              outputs="report.html (+ report_files/*.png), Parquet tables graph_metrics, task_summary, "
+                      "circuit_curves, circuit_summary, sparsity, ..."),
     ]
 }
 GROUPS = tuple(dict.fromkeys(stage.group for stage in STAGES.values()))

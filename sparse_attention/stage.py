@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,8 +52,14 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True) -> dict:
-    """Post-train `config.model` into gated sparse attention; writes model/, metrics.json, plots."""
+CHECKPOINT_DIR = "checkpoints"
+
+
+def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True,
+        on_checkpoint: Callable[[dict, Path | None], None] | None = None) -> dict:
+    """Post-train `config.model` into gated sparse attention; writes model/, metrics.json, plots.
+
+    Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `post_train`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if is_main_rank():
@@ -87,9 +94,10 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     result = post_train(
         gated, reference, blocks.train, config.train, config.controller,
         learn_offset=config.gate.learn_offset,
-        checkpoint_dir=output_dir / "checkpoints",
+        checkpoint_dir=output_dir / CHECKPOINT_DIR,
         config_fingerprint=training_fingerprint(config),
         progress=progress,
+        on_checkpoint=on_checkpoint,
     )
     if not is_main_rank():  # data-parallel workers: rank 0 saves and evaluates
         return {}

@@ -111,6 +111,7 @@ def post_train(
     config_fingerprint: str = "",
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[dict, Path | None], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) post-training in place on `gated`; `reference` is the frozen original model.
 
@@ -119,6 +120,8 @@ def post_train(
     or the batch CE difference to the reference.
 
     `on_step(row)` is called after every step (and after its checkpoint), e.g. to report progress.
+    `on_checkpoint(row, directory)` is called on every rank after each checkpoint, with the directory
+    rank 0 saved into (None on the other ranks), e.g. to hand it to Ray Train.
     """
     if train.threads:
         torch.set_num_threads(train.threads)
@@ -207,7 +210,8 @@ def post_train(
             bar.set_postfix(ce=f"{row['ce']:.3f}", **{train.constraint: f"{excess:+.4f}"}, open=f"{row['open_fraction']:.3f}",
                             lam=f"{lam:.3g}", b=f"{row['mean_offset']:.2f}")
         is_last = step + 1 == train.steps
-        if ckpt_path is not None and is_main_rank() and ((step + 1) % train.checkpoint_every == 0 or is_last):
+        checkpoint_now = ckpt_path is not None and ((step + 1) % train.checkpoint_every == 0 or is_last)
+        if checkpoint_now and is_main_rank():
             save_checkpoint(ckpt_path, {
                 "fingerprint": config_fingerprint,
                 "weights": {name: p.detach().clone() for name, p in weights},
@@ -219,6 +223,8 @@ def post_train(
                 "step": step + 1,
                 "tokens_seen": tokens_seen,
             })
+        if checkpoint_now and on_checkpoint is not None:
+            on_checkpoint(row, checkpoint_dir if is_main_rank() else None)
         if on_step is not None:
             on_step(row)
     bar.close()

@@ -1,4 +1,5 @@
-"""The attribution stage end to end on tiny dense and gated models: store contents, failures, resume."""
+"""The attribution stage end to end on tiny dense and gated models: store contents, failures (recorded in
+the store, skipped on rerun, retried when forced), resume."""
 
 from __future__ import annotations
 
@@ -42,8 +43,17 @@ def test_stage_writes_both_variants_and_records_failures(sources):
         assert "context of 24" in errors["x" * 40] and "non-empty" in errors[""]
     store = open_store(store_dir)
     assert store.variants() == ["dense", "sparse"] and len(store.list_graphs()) == 4
-    again = run(config, sparse, clt, PROMPTS[:2], store_dir, "sparse", progress=False)
-    assert len(again["skipped"]) == 2 and not again["graphs"]
+    failures = store.failures()
+    assert sorted(failures["variant"]) == ["dense", "dense", "sparse", "sparse"]
+    row = failures[(failures["variant"] == "sparse") & (failures["prompt"] == "x" * 40)].iloc[0]
+    assert (row["task"], row["prompt_index"], row["error_type"]) == ("custom", 2, "PromptTooLongError")
+    assert "context of 24" in row["message"] and len(store.failures("dense")) == 2
+    again = run(config, sparse, clt, PROMPTS, store_dir, "sparse", progress=False)
+    assert len(again["skipped"]) == 4 and not again["graphs"] and not again["failures"]
+    assert again["failures_in_store"] == 2
+    assert store.failures("sparse")["created"].tolist() == failures[failures["variant"] == "sparse"]["created"].tolist()
+    forced = run(config, sparse, clt, PROMPTS[3:], store_dir, "sparse", progress=False, force=True)
+    assert [f["error_type"] for f in forced["failures"]] == ["AttributionError"] and len(store.failures()) == 4
 
     graph_id = summaries["sparse"]["graphs"][0]["graph_id"]
     stored = store.load_graph(graph_id)

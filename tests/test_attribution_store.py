@@ -135,3 +135,23 @@ def test_clear_errors(tmp_path):
         store.list_graphs("../etc")
     with pytest.raises(StoreError, match="no node"):
         store.edges_into(record.graph_id, "99_99_99")
+
+
+def test_failures_round_trip_and_refuse_bad_ids(tmp_path):
+    from attribution.records import failure_table
+    from attribution.replacement import PromptTooLongError
+
+    store = open_store(tmp_path)
+    assert store.failures().empty and list(store.failures().columns)[:3] == ["failure_id", "variant", "prompt"]
+    error = PromptTooLongError("prompt of 40 tokens exceeds the context of 24")
+    store.write_failure("sparse", "abc123", failure_table("abc123", "sparse", "x" * 40, "ioi", 5, error))
+    assert store.has_failure("sparse", "abc123") and not store.has_failure("dense", "abc123")
+    row = store.failures().iloc[0]
+    assert (row["prompt"], row["task"], row["prompt_index"], row["error_type"]) == ("x" * 40, "ioi", 5,
+                                                                                     "PromptTooLongError")
+    assert row["message"] == str(error) and store.list_graphs().empty  # a failure is no graph
+    with pytest.raises(StoreError, match="failure id"):
+        store.write_failure("sparse", "../x", failure_table("../x", "sparse", "", "custom", 0, error))
+    store.delete_failure("sparse", "abc123")
+    store.delete_failure("sparse", "abc123")  # absent is fine
+    assert store.failures("sparse").empty

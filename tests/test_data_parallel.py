@@ -1,8 +1,10 @@
 """Data-parallel post-training: two gloo workers on halves of a batch take the same first step as one
-worker on the whole batch, and the Ray Train path runs the tiny preset end to end."""
+worker on the whole batch, and the Ray Train path runs the tiny preset end to end, checkpointing through
+Ray Train into the stage's work directory and resuming from there."""
 
 import copy
 import json
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -64,13 +66,29 @@ def one_step_initial() -> dict[str, torch.Tensor]:
     return _INITIAL
 
 
-def test_ray_train_data_parallel_tiny_preset(tmp_path):
+def test_ray_train_data_parallel_tiny_preset_checkpoints_and_resumes_through_ray_train(tmp_path):
     config = load_config(preset="tiny", overrides=[
         "resources.stages.sparsify.num_workers=2", "resources.stages.sparsify.num_cpus=1",
-        "sparsify.train.steps=10",
+        "sparsify.train.steps=10", "sparsify.train.checkpoint_every=5", "sparsify.eval.long_blocks=0",
     ])
     results = run_pipeline(config, ["sparsify"], str(tmp_path), progress=False)
     assert results["sparsify"]["skipped"] is False
-    metrics = json.loads((tmp_path / "sparsify" / "metrics.json").read_text())
+    stage_dir = tmp_path / "sparsify"
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
     assert metrics["train_steps"] == 10 and metrics["edge_fraction"] < 1.0
     assert metrics["train_tokens_seen"] == 10 * config.sparsify.train.batch_size * config.sparsify.data.context_length
+    reported = sorted((stage_dir / "ray_train" / "sparsify").glob("checkpoint_*/train_state.pt"))
+    assert len(reported) == 2  # steps 5 and 10, kept by Ray Train
+    assert {torch.load(p, weights_only=False)["step"] for p in reported} == {5, 10}
+
+    # A run that died after its last checkpoint, whose local training state is lost: only Ray Train's copy
+    # can supply it. The rerun must train no step again (history, timings included, comes from the checkpoint).
+    for name in ("manifest.json", "metrics.json"):
+        (stage_dir / name).unlink()
+    shutil.rmtree(stage_dir / "checkpoints")
+    shutil.rmtree(stage_dir / "model")
+    run_pipeline(config, ["sparsify"], str(tmp_path), progress=False)
+    resumed = json.loads((stage_dir / "metrics.json").read_text())
+    assert resumed["history"] == metrics["history"]
+    assert (stage_dir / "checkpoints" / "train_state.pt").exists() and (stage_dir / "model").is_dir()
+    assert resumed["sparse_ce"] == metrics["sparse_ce"]
