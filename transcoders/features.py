@@ -451,19 +451,29 @@ def build_dashboards(model: nn.Module, clt: CrossLayerTranscoder, tokenizer, blo
     scan_seconds = time.perf_counter() - started
     evidence = weight_evidence(model, clt, config.n_tokens_listed, len(tokenizer))
     features, examples = dashboard_tables(state, evidence, blocks, tokenizer, config)
-    _write_parquet(features, directory / FEATURES_FILE)
-    _write_parquet(examples, directory / EXAMPLES_FILE)
     count = state.count
-    meta = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "tokens_scanned": state.tokens_done,
+    meta = {"fingerprint": fingerprint, "tokens_scanned": state.tokens_done,
             "blocks_scanned": state.blocks_done, "context_length": int(blocks.shape[1]),
             "n_layers": int(count.shape[0]), "n_features": int(count.shape[1]),
             "n_examples": examples.num_rows, "never_active_fraction": float((count == 0).float().mean()),
             "scan_seconds": scan_seconds, "seconds": time.perf_counter() - started,
             "config": config.model_dump(mode="json")}
-    tmp = meta_path.with_name(f".{META_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    meta = write_dashboards(clt_dir, features, examples, meta)
     (directory / STATE_FILE).unlink(missing_ok=True)
+    return meta
+
+
+def write_dashboards(clt_dir: str | Path, features: pa.Table, examples: pa.Table, meta: dict) -> dict:
+    """Write the two tables (each to a temporary file, then renamed), then features.json, the commit record."""
+    directory = Path(clt_dir) / FEATURES_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)
+    _write_parquet(features.cast(FEATURES_SCHEMA), directory / FEATURES_FILE)
+    _write_parquet(examples.cast(EXAMPLES_SCHEMA), directory / EXAMPLES_FILE)
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    tmp = directory / f".{META_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / META_FILE)
     return meta
 
 
