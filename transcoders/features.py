@@ -242,13 +242,17 @@ def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return lm, lm.model
 
 
-def _top_columns(rows: torch.Tensor, columns: torch.Tensor, n: int, largest: bool = True) -> torch.Tensor:
-    """For each column of rows @ columns.T ([V, c]), the n row indices of the largest (or smallest) score,
-    computed in feature chunks of at most ~64 MB. rows [V, D], columns [c, D] -> [c, n]."""
+def _top_columns(rows: torch.Tensor, columns: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each column of scores = rows @ columns.T ([V, c]), the row indices of its n largest and n smallest
+    scores, computed in feature chunks of at most ~64 MB. rows [V, D], columns [c, D] -> ([c, n], [c, n])."""
     chunk = max(1, 2**24 // len(rows))
     n = min(n, len(rows))
-    parts = [torch.topk(rows @ part.T, n, dim=0, largest=largest).indices.T for part in columns.split(chunk)]
-    return torch.cat(parts)
+    largest, smallest = [], []
+    for part in columns.split(chunk):
+        scores = rows @ part.T
+        largest.append(torch.topk(scores, n, dim=0).indices.T)
+        smallest.append(torch.topk(scores, n, dim=0, largest=False).indices.T)
+    return torch.cat(largest), torch.cat(smallest)
 
 
 @torch.no_grad()
@@ -274,13 +278,14 @@ def weight_evidence(model: nn.Module, clt: CrossLayerTranscoder, n: int, vocab_s
     for layer in range(L):
         decoder = (clt.W_dec[layer] * clt.output_scale[layer:, None]).sum(1)  # [F, D] real units
         written = decoder * final_gain
-        promoted.append(_top_columns(unembed, written, n))
-        suppressed.append(_top_columns(unembed, written, n, largest=False))
+        most, least = _top_columns(unembed, written, n)
+        promoted.append(most)
+        suppressed.append(least)
         norm = stack.layers[layer].post_attention_layernorm
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         normed = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.float()
         encoder = clt.W_enc[layer] / clt.input_scale[layer]  # b_enc shifts every token alike: not needed to rank
-        inputs.append(_top_columns(normed, encoder, n))
+        inputs.append(_top_columns(normed, encoder, n)[0])
     return {"promoted": torch.stack(promoted), "suppressed": torch.stack(suppressed), "input": torch.stack(inputs)}
 
 
