@@ -109,15 +109,17 @@ def merge_top(key: torch.Tensor, loc: torch.Tensor, new_feature: torch.Tensor, n
     source - F * k the new ones.
     """
     F, k = key.shape
-    cand_feature = torch.cat([torch.arange(F).repeat_interleave(k), new_feature])
-    cand_key = torch.cat([key.flatten(), new_key])
+    entering = (new_key > key[new_feature, -1]).nonzero().flatten()  # the rest lose to the k-th kept entry
+    cand_feature = torch.cat([torch.arange(F).repeat_interleave(k), new_feature[entering]])
+    cand_key = torch.cat([key.flatten(), new_key[entering]])
     order = torch.argsort(cand_key, descending=True, stable=True)
     order = order[torch.argsort(cand_feature[order], stable=True)]  # grouped by feature, key descending inside
     counts = torch.bincount(cand_feature, minlength=F)  # >= k each: every feature has k kept slots
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(order)) - starts.repeat_interleave(counts)
-    source = order[rank < k].view(F, k)
-    return cand_key[source], torch.cat([loc.flatten(), new_loc])[source], source
+    chosen = order[rank < k].view(F, k)  # into the candidates
+    source = torch.cat([torch.arange(F * k), F * k + entering])[chosen]
+    return cand_key[chosen], torch.cat([loc.flatten(), new_loc[entering]])[chosen], source
 
 
 @dataclass
