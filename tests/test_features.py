@@ -199,14 +199,18 @@ def test_missing_or_corrupted_tables_raise_clear_errors(tiny, tmp_path: Path):
     with pytest.raises(FeaturesError, match="no finished feature dashboards"):
         open_features(tmp_path / "clt")
     blocks = heldout_blocks(tmp_path, tokenizer)
-    config = FeaturesConfig(top_k=2, n_random=1, tokens=200)
+    config = FeaturesConfig(top_k=2, n_random=0, tokens=200)  # no random contexts: only top ones
     build_dashboards(model, random_clt(), tokenizer, blocks, config, tmp_path / "clt", progress=False)
     directory = tmp_path / "clt" / "features"
-    (directory / "feature_examples.parquet").write_bytes(b"not parquet at all")
     dashboards = open_features(tmp_path / "clt")
+    assert set(dashboards.examples()["kind"]) == {"top"}
+    (directory / "feature_examples.parquet").write_bytes(b"not parquet at all")
     assert len(dashboards.labels()) == 48  # the features table is intact
     with pytest.raises(FeaturesError, match="feature_examples.parquet is corrupted"):
         dashboards.examples(0, 0)
+    (directory / "feature_examples.parquet").write_bytes((directory / "features.parquet").read_bytes())
+    with pytest.raises(FeaturesError, match="not the feature_examples.parquet schema"):
+        dashboards.examples()
     (directory / "features.parquet").unlink()
     with pytest.raises(FeaturesError, match="features.parquet is missing"):
         dashboards.labels()

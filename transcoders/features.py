@@ -191,6 +191,8 @@ def update_layer(state: ScanState, layer: int, acts: torch.Tensor, first_block: 
     _, state.top_loc[layer], state.top_act[layer], state.top_window[layer] = _merge_with_windows(
         state.top_act[layer], state.top_loc[layer], state.top_window[layer], state.top_act[layer],
         feature, value, loc, value, windows)
+    if not state.pool_key.shape[-1]:  # n_random = 0
+        return
     random_key = -torch.rand(len(value), generator=torch.Generator().manual_seed(_seed(seed, first_block, layer)))
     state.pool_key[layer], state.pool_loc[layer], state.pool_act[layer], state.pool_window[layer] = (
         _merge_with_windows(state.pool_key[layer], state.pool_loc[layer], state.pool_window[layer],
