@@ -33,7 +33,7 @@ from transcoders.harvest import ShuffleBuffer, harvest_stream, model_shape
 from transcoders.memory import GB, check_training_fits
 from transcoders.train import train_clt
 
-__all__ = ["CLTStageConfig", "ModelSource", "run"]
+__all__ = ["CLTStageConfig", "ModelSource", "build_features", "run"]
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "clt_config.yaml"
@@ -142,10 +142,8 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         "stage_wall_seconds": time.perf_counter() - started,
         "history": result.history,
     }
-    if config.features.enabled:  # dashboards are keyed by the export they describe
-        clt_identity = hashlib.sha256((output_dir / CLT_META_FILE).read_bytes()).hexdigest()
-        dashboards = build_dashboards(lm, exported, tokenizer, blocks.heldout, config.features, output_dir,
-                                      identity=clt_identity, progress=progress)
+    if config.features.enabled:
+        dashboards = _dashboards(lm, exported, tokenizer, blocks.heldout, config, output_dir, progress)
         metrics["features"] = {key: dashboards[key] for key in ("tokens_scanned", "n_examples",
                                                                 "never_active_fraction", "seconds")}
     metrics["stage_wall_seconds"] = time.perf_counter() - started
@@ -156,3 +154,26 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     if not config.train.keep_checkpoint:  # the export is the result; the training state is 4x its size
         shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
     return metrics
+
+
+def _dashboards(lm, clt, tokenizer, heldout, config: CLTStageConfig, clt_dir: Path, progress: bool) -> dict:
+    """The feature dashboards of the CLT exported in `clt_dir`, keyed by its clt.json (the export they describe)."""
+    identity = hashlib.sha256((clt_dir / CLT_META_FILE).read_bytes()).hexdigest()
+    return build_dashboards(lm, clt, tokenizer, heldout, config.features, clt_dir, identity=identity,
+                            progress=progress)
+
+
+def build_features(clt_dir: str | Path, model: ModelSource, config: CLTStageConfig | None = None, *,
+                   progress: bool = True) -> dict:
+    """Feature dashboards for a CLT the stage exported earlier (e.g. before dashboards existed), with the
+    data and features settings of `config` (default: the clt_config.yaml saved beside it)."""
+    clt_dir = Path(clt_dir)
+    if config is None:
+        saved = clt_dir / CONFIG_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved} is missing: pass the CLT stage config the CLT was trained with")
+        config = CLTStageConfig.model_validate(yaml.safe_load(saved.read_text()))
+    lm, tokenizer, _ = load_source(model)
+    clt = load_clt(clt_dir)
+    blocks = load_token_blocks(config.data, tokenizer)
+    return _dashboards(lm, clt, tokenizer, blocks.heldout, config, clt_dir, progress)
