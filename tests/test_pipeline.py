@@ -55,9 +55,8 @@ def test_tiny_preset_with_embedded_ray(tmp_path):
     assert len(graphs) == 2 * len(config.attribution.prompts)
     for variant in ("dense", "sparse"):  # each CLT has dashboards, and its graphs' feature nodes their labels
         labels = open_features(tmp_path / "clt" / variant).labels()
-        graph_id = graphs.loc[graphs["variant"] == variant, "graph_id"].iloc[0]
-        nodes = dict(to_networkx(store.load_graph(graph_id)).nodes(data=True))
-        features = [n for n in nodes.values() if n["kind"] == "feature"]
+        features = [node for graph_id in graphs.loc[graphs["variant"] == variant, "graph_id"]
+                    for _, node in to_networkx(store.load_graph(graph_id)).nodes(data=True) if node["kind"] == "feature"]
         assert features and all(n["label"] == labels[(n["layer"], n["feature"])] for n in features)
 
 
