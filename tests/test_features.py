@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sparse_attention.checkpoint import CheckpointError
 from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.models import TinyModelConfig, load_model
 from transcoders import features as features_module
@@ -185,6 +186,9 @@ def test_a_killed_scan_resumes_to_the_same_tables(tiny, tmp_path: Path, monkeypa
     state = torch.load(tmp_path / "killed" / "features" / "scan_state.pt", weights_only=False)
     assert state["tokens_done"] == 256 and not (tmp_path / "killed" / "features" / "features.json").exists()
     monkeypatch.setattr(features_module, "harvest_batch", harvest_batch)
+    with pytest.raises(CheckpointError, match="different feature scan config"):  # never mixes two configs
+        build_dashboards(model, clt, tokenizer, blocks, config.model_copy(update={"top_k": 5}), tmp_path / "killed",
+                         progress=False)
     resumed = build_dashboards(model, clt, tokenizer, blocks, config, tmp_path / "killed", progress=False)
     assert not (tmp_path / "killed" / "features" / "scan_state.pt").exists()
     whole, again = open_features(tmp_path / "whole"), open_features(tmp_path / "killed")
