@@ -4,6 +4,10 @@ The JSON follows circuit-tracer's `create_graph_files` (the format its local ser
 serve): metadata, qParams, nodes (kept by pruning, with cumulative influence) and links (kept edges,
 source -> target). One difference: error nodes are `{layer}_-1_{pos}`; circuit-tracer writes
 `0_{layer}_{pos}`, which collides with feature `layer` of layer 0.
+
+Feature nodes carry the labels of the CLT's feature dashboards (transcoders/features.py) when the
+graph's CLT directory (the `dir` in the graphs row's `clt` JSON) has them: as `clerp` in the frontend
+JSON and as the `label` node attribute in networkx.
 """
 
 from __future__ import annotations
@@ -16,14 +20,30 @@ import networkx as nx
 import pandas as pd
 
 from attribution.store import GraphStore, StoredGraph
+from transcoders.features import has_features, open_features
 
 FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "token": "embedding",
                  "logit": "logit"}
 
 
-def to_networkx(stored: StoredGraph, kept_only: bool = True) -> nx.DiGraph:
+Labels = dict[tuple[int, int], str]  # (layer, feature) -> label
+
+
+def feature_labels(stored: StoredGraph) -> Labels:
+    """The feature labels of the graph's CLT directory, {} when it has no dashboards (or the graph does not
+    record a CLT directory); damaged dashboards raise FeaturesError."""
+    try:
+        clt_dir = json.loads(stored.info["clt"])["dir"]
+    except (ValueError, TypeError, KeyError):
+        return {}
+    return open_features(clt_dir).labels() if has_features(clt_dir) else {}
+
+
+def to_networkx(stored: StoredGraph, kept_only: bool = True, labels: Labels | None = None) -> nx.DiGraph:
     """A DiGraph keyed by node id with edges source -> target (attribute `weight`); node attributes are
-    the nodes table's columns. `kept_only`: only the nodes and edges pruning kept."""
+    the nodes table's columns, plus `label` (feature nodes: the dashboard label or None; others None).
+    `kept_only`: only the nodes and edges pruning kept. `labels`: None reads them from the graph's CLT dir."""
+    labels = feature_labels(stored) if labels is None else labels
     nodes, edges = stored.nodes, stored.edges
     if kept_only:
         nodes, edges = nodes[nodes["kept"]], edges[edges["kept"]]
@@ -31,7 +51,8 @@ def to_networkx(stored: StoredGraph, kept_only: bool = True) -> nx.DiGraph:
                        variant=stored.info["variant"])
     columns = [c for c in nodes.columns if c not in ("graph_id", "node_id")]
     for row in nodes.itertuples(index=False):
-        graph.add_node(row.node_id, **{c: _plain(getattr(row, c)) for c in columns})
+        label = labels.get((int(row.layer), int(row.feature))) if row.kind == "feature" else None
+        graph.add_node(row.node_id, **{c: _plain(getattr(row, c)) for c in columns}, label=label)
     ids = stored.nodes.set_index("node_index")["node_id"]
     kept_ids = set(nodes["node_id"])
     for target, source, weight in zip(ids.reindex(edges["target"]), ids.reindex(edges["source"]), edges["weight"]):
@@ -51,14 +72,15 @@ def _cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def _node_json(row, n_layers: int, first_logit: int) -> dict:
+def _node_json(row, n_layers: int, first_logit: int, labels: Labels) -> dict:
     kind, layer, pos, feature = row.kind, int(row.layer), int(row.pos), int(row.feature)
     node = {"node_id": row.node_id, "feature": feature, "layer": str(layer), "ctx_idx": pos,
             "feature_type": FEATURE_TYPES[kind], "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
             "reverse_ctx_idx": 0, "jsNodeId": row.node_id, "clerp": "",
             "influence": _plain(row.cumulative_influence), "activation": None}
     if kind == "feature":
-        node.update(feature=_cantor(layer, feature), jsNodeId=f"{layer}_{feature}-0", activation=_plain(row.activation))
+        node.update(feature=_cantor(layer, feature), jsNodeId=f"{layer}_{feature}-0", activation=_plain(row.activation),
+                    clerp=labels.get((layer, feature), ""))
     elif kind == "error":
         node.update(feature=-1, jsNodeId=f"{layer}_{pos}-0")
     elif kind == "token":
@@ -71,8 +93,11 @@ def _node_json(row, n_layers: int, first_logit: int) -> dict:
 
 
 def frontend_graph(stored: StoredGraph, slug: str | None = None, scan: str = "custom",
-                   node_threshold: float = 0.8, logit_token_strings: list[str] | None = None) -> dict:
-    """The frontend JSON of one stored graph (a dict; `json.dumps` it to write)."""
+                   node_threshold: float = 0.8, logit_token_strings: list[str] | None = None,
+                   labels: Labels | None = None) -> dict:
+    """The frontend JSON of one stored graph (a dict; `json.dumps` it to write). Feature nodes' `clerp` is
+    their label (`labels`; None reads them from the graph's CLT dir), "" without one."""
+    labels = feature_labels(stored) if labels is None else labels
     info, nodes, edges = stored.info, stored.nodes, stored.edges
     kept_nodes = nodes[nodes["kept"]]
     kept_edges = edges[edges["kept"]]
@@ -80,7 +105,7 @@ def frontend_graph(stored: StoredGraph, slug: str | None = None, scan: str = "cu
     logit_strings = dict(zip(info["logit_tokens"], logit_token_strings or [str(t) for t in info["logit_tokens"]]))
     json_nodes = {}
     for row in kept_nodes.itertuples(index=False):
-        node = _node_json(row, int(info["n_layers"]), first_logit)
+        node = _node_json(row, int(info["n_layers"]), first_logit, labels)
         if row.kind == "logit":
             node["clerp"] = f'Output "{logit_strings[int(row.feature)]}" (p={node["token_prob"]:.3f})'
         json_nodes[int(row.node_index)] = node

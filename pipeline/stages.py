@@ -134,7 +134,7 @@ def _run_clt(variant: str):
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
         metrics = clt.run(config.clt, source, work_dir, progress=progress)
         keys = ("nmse_per_layer", "l0_per_layer", "dead_fraction", "ce_clean", "ce_replaced", "ce_zero_ablated",
-                "ce_recovered_fraction")
+                "ce_recovered_fraction", "features")
         return {key: metrics[key] for key in keys if key in metrics}
 
     return run

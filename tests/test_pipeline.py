@@ -46,12 +46,19 @@ def test_tiny_preset_with_embedded_ray(tmp_path):
         assert (tmp_path / "clt" / variant / "W_enc_0.safetensors").exists()
         summary = json.loads((tmp_path / "graphs" / "_stages" / variant / MANIFEST).read_text())["summary"]
         assert summary["graphs"] == n_prompts and summary["failures"] == []
+    from attribution.frontend import to_networkx
     from attribution.store import open_store
+    from transcoders.features import open_features
 
     store = open_store(tmp_path / "graphs")
     graphs = store.list_graphs()
     assert sorted(graphs["variant"].unique()) == ["dense", "sparse"]
     assert len(graphs) == 2 * n_prompts
+    for variant in ("dense", "sparse"):  # each CLT has dashboards, and its graphs' feature nodes their labels
+        labels = open_features(tmp_path / "clt" / variant).labels()
+        features = [node for graph_id in graphs.loc[graphs["variant"] == variant, "graph_id"]
+                    for _, node in to_networkx(store.load_graph(graph_id)).nodes(data=True) if node["kind"] == "feature"]
+        assert features and all(n["label"] == labels[(n["layer"], n["feature"])] for n in features)
 
 
 def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -17,9 +19,10 @@ from transcoders import cache as cache_module
 from transcoders.cache import CacheError, build_cache, cache_chunks
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt
 from transcoders.evaluate import MLPReplacement
+from transcoders.features import open_features
 from transcoders.harvest import MLPRecorder, harvest_batch, lm_logits
 from transcoders.memory import CLTMemoryError
-from transcoders.stage import CLTStageConfig, run
+from transcoders.stage import CLTStageConfig, build_features, run
 
 torch.set_num_threads(1)
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=0)
@@ -163,6 +166,13 @@ def test_stage_trains_exports_and_evaluates(tmp_path: Path, kind: str):
     assert json.loads((out / "metrics.json").read_text())["ce_clean"] == metrics["ce_clean"]
     assert load_clt(out).n_features == 32
     assert not (out / "checkpoints").exists()  # removed once the stage is done (train.keep_checkpoint=False)
+    dashboards = open_features(out)  # feature dashboards over the held-out split, beside the CLT
+    assert dashboards.meta["tokens_scanned"] == metrics["features"]["tokens_scanned"] > 0
+    assert len(dashboards.labels()) == 2 * 32 and not dashboards.examples(0).empty
+    features = dashboards.features()
+    shutil.rmtree(out / "features")  # rebuilt for the exported CLT alone, from its saved clt_config.yaml
+    build_features(out, source, progress=False)
+    pd.testing.assert_frame_equal(open_features(out).features(), features)
     again = run(stage_config(tmp_path), source, out, progress=False)  # retrains: the whole stage is deterministic
     assert again["nmse_per_layer"] == metrics["nmse_per_layer"]
     assert without_time(again["history"]) == without_time(metrics["history"])

@@ -88,6 +88,24 @@ class CLTEvalConfig(BaseModel):
     batch_size: int = Field(8, gt=0)
 
 
+class FeaturesConfig(BaseModel):
+    """Feature dashboards (transcoders/features.py): a pass over held-out text after training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    tokens: int = Field(100_000, gt=0, description="held-out tokens to scan (at most the whole held-out split)")
+    top_k: int = Field(10, gt=0, description="top activating contexts kept per feature")
+    n_random: int = Field(4, ge=0, description="contexts per feature spread over its activation range")
+    random_pool: int = Field(4, ge=1, description="the random contexts are picked from a uniform sample of "
+                             "n_random * random_pool active tokens per feature")
+    window: int = Field(16, ge=1, description="tokens per context; the activating token has window // 4 after it")
+    n_tokens_listed: int = Field(10, gt=0, description="promoted, suppressed and input tokens stored per feature")
+    batch_size: int = Field(8, gt=0, description="held-out blocks per LM forward")
+    checkpoint_tokens: int = Field(20_000, gt=0, description="save the scan state every this many tokens")
+    seed: int = 0
+
+
 class CLTStageConfig(BaseModel):
     """Everything the CLT stage needs besides the model; `model_dump()` is saved as clt_config.yaml."""
 
@@ -99,6 +117,7 @@ class CLTStageConfig(BaseModel):
     cache: CacheConfig = CacheConfig()
     train: CLTTrainConfig = CLTTrainConfig()
     eval: CLTEvalConfig = CLTEvalConfig()
+    features: FeaturesConfig = FeaturesConfig()
     memory_budget_gb: float | None = Field(
         None, gt=0, description="refuse to start above this estimate; None = the memory available at start"
     )
