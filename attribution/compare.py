@@ -513,13 +513,14 @@ def write_table(frame: pd.DataFrame, output_dir: Path, name: str) -> Path:
 
 def compare_store(store_uri: str | Path, output_dir: str | Path, config: CompareConfig | None = None, *,
                   dense_model=None, sparse_model: str | Path | None = None, sparsify_metrics: str | Path | None = None,
-                  labels: Mapping[tuple[int, int], str] | None = None, progress: bool = True) -> dict:
+                  labels: Mapping[str, Mapping[tuple[int, int], str]] | None = None,
+                  progress: bool = True) -> dict:
     """Compare the dense and sparse graphs of the store at `store_uri` into `output_dir`.
 
     dense_model: a ModelSpec (or gated checkpoint) for component circuits; sparse_model: the sparsify stage's
     gated model directory (component circuits and the attention-pattern figure); sparsify_metrics: its
     metrics.json (the sparsity figure). Without them those parts are left out and the summary says so.
-    labels: optional feature labels {(layer, feature): text} for the report. Returns a summary dict.
+    labels: optional feature labels per variant, {variant: {(layer, feature): text}}, for the report. Returns a summary dict.
     """
     import yaml
 

@@ -2,8 +2,8 @@
 tables (attribution/compare.py) and, for the example graphs, the graph store. Every number shown is a
 value of one of those Parquet tables, formatted by `fmt`.
 
-Feature ids are shown as `L{layer}:F{feature}`; pass `labels={(layer, feature): text}` (e.g. from
-transcoders/features.py) to show a label beside each.
+Feature ids are shown as `L{layer}:F{feature}`; pass `labels={variant: {(layer, feature): text}}` (each
+variant's CLT has its own features, e.g. `open_features(clt_dir).labels()`) to show a label beside each.
 """
 
 from __future__ import annotations
@@ -300,7 +300,8 @@ def _read(output_dir: Path, name: str) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.exists() else None
 
 
-def write_report(output_dir: str | Path, store_uri: str | Path | None = None, labels: Labels | None = None) -> Path:
+def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
+                 labels: Mapping[str, Labels] | None = None) -> Path:
     """Render report.html (and report_files/*.png) from the comparison tables in `output_dir`; the example
     graphs are drawn from the store at `store_uri` when given. Returns the HTML path."""
     from attribution.compare import CompareConfig
@@ -357,11 +358,12 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None, la
         for task, group in examples.groupby("task", sort=True):
             parts.append(f"<h3>{html.escape(task)}: {html.escape(group['prompt'].iloc[0])!s}</h3>")
             for example in group.itertuples(index=False):
+                variant_labels = (labels or {}).get(example.variant)
                 stored = store.load_graph(example.graph_id) if store is not None else None
                 tokens = list(stored.info["token_strings"]) if stored is not None else None
                 if stored is not None:
-                    parts.append(f'<img src="{plot_graph(stored, figures / f"graph_{task}_{example.variant}.png", labels)}">')
-                parts.append(_example_edge_html(example, pairs, figures, labels, tokens))
+                    parts.append(f'<img src="{plot_graph(stored, figures / f"graph_{task}_{example.variant}.png", variant_labels)}">')
+                parts.append(_example_edge_html(example, pairs, figures, variant_labels, tokens))
     (output_dir / REPORT_FILE).write_text(f"<!doctype html><html><head><meta charset=utf-8><title>Dense vs sparse "
                                           f"circuits</title><style>{STYLE}</style></head><body>{''.join(parts)}"
                                           "</body></html>")

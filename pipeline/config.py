@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from attribution.compare import CompareConfig
 from attribution.config import AttributionStageConfig
 from sparse_attention.config import SparsifyConfig
-from transcoders.config import CLTStageConfig
+from transcoders.config import CLTStageConfig, FeaturesConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -54,6 +54,7 @@ class PipelineConfig(BaseModel):
 
     sparsify: SparsifyConfig = SparsifyConfig()
     clt: CLTStageConfig = CLTStageConfig()
+    features: FeaturesConfig = FeaturesConfig()
     attribution: AttributionStageConfig = AttributionStageConfig()
     compare: CompareConfig = CompareConfig()
     resources: ResourcesConfig = ResourcesConfig()

@@ -134,8 +134,20 @@ def _run_clt(variant: str):
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
         metrics = clt.run(config.clt, source, work_dir, progress=progress)
         keys = ("nmse_per_layer", "l0_per_layer", "dead_fraction", "ce_clean", "ce_replaced", "ce_zero_ablated",
-                "ce_recovered_fraction", "features")
+                "ce_recovered_fraction")
         return {key: metrics[key] for key in keys if key in metrics}
+
+    return run
+
+
+def _run_features(variant: str):
+    def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
+        from transcoders import stage as clt
+
+        source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
+        summary = clt.build_features(inputs[f"clt_{variant}"], source, config.features, config.clt.data,
+                                     progress=progress)
+        return {key: summary[key] for key in ("tokens_scanned", "n_examples", "never_active_fraction", "seconds")}
 
     return run
 
@@ -166,16 +178,21 @@ def _run_attribution(variant: str):
     return run
 
 
-def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool) -> dict:
+def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
+                 force: bool) -> dict:
     from attribution.compare import compare_store
+    from transcoders.features import open_features
 
     sparsify_dir = inputs["sparsify"]
+    labels = {variant: open_features(inputs[f"clt_{variant}"]).labels() for variant in ("dense", "sparse")}
     summary = compare_store(inputs["attribution_dense"], work_dir, config.compare, dense_model=config.sparsify.model,
                             sparse_model=sparsify_dir / "model", sparsify_metrics=sparsify_dir / "metrics.json",
-                            progress=progress)
+                            labels=labels, progress=progress)
     return summary
 
+
 _CLT_OUTPUTS = "W_enc_*.safetensors, W_dec_*.safetensors, config.yaml, metrics.json, per_layer.png"
+_FEATURE_OUTPUTS = "feature dashboards (open_features): features.parquet, feature_examples.parquet, features.json"
 _GRAPH_OUTPUTS = ("Parquet store (open_store): {{graphs,nodes,edges,head_loadings,qk_pairs}}/variant={variant}/, "
                   "failed prompts in failures/variant={variant}/")
 
@@ -187,6 +204,10 @@ STAGES: dict[str, Stage] = {
         Stage("clt_dense", "clt", "clt/dense", ("clt", "sparsify.model"), (), _run_clt("dense"),
               outputs=_CLT_OUTPUTS),
         Stage("clt_sparse", "clt", "clt/sparse", ("clt",), ("sparsify",), _run_clt("sparse"), outputs=_CLT_OUTPUTS),
+        Stage("features_dense", "features", "clt/dense/features", ("features", "clt.data", "sparsify.model"),
+              ("clt_dense",), _run_features("dense"), outputs=_FEATURE_OUTPUTS),
+        Stage("features_sparse", "features", "clt/sparse/features", ("features", "clt.data"),
+              ("sparsify", "clt_sparse"), _run_features("sparse"), outputs=_FEATURE_OUTPUTS),
         Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
               _run_attribution("dense"), manifest_directory="graphs/_stages/dense",
               outputs=_GRAPH_OUTPUTS.format(variant="dense")),
@@ -194,7 +215,8 @@ STAGES: dict[str, Stage] = {
               _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse",
               outputs=_GRAPH_OUTPUTS.format(variant="sparse")),
         Stage("compare", "compare", "comparison", ("compare", "sparsify.model"),
-              ("sparsify", "attribution_dense", "attribution_sparse"), _run_compare,
+              ("sparsify", "clt_dense", "clt_sparse", "features_dense", "features_sparse", "attribution_dense",
+               "attribution_sparse"), _run_compare,
               outputs="report.html (+ report_files/*.png), Parquet tables graph_metrics, task_summary, "
                       "circuit_curves, circuit_summary, sparsity, ..."),
     ]

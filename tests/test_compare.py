@@ -190,7 +190,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("compare")
     config = load_config(preset="tiny", overrides=FAST)
-    results = run_pipeline(config, ["sparsify", "clt", "attribution", "compare"], str(root), executor="local",
+    results = run_pipeline(config, ["sparsify", "clt", "features", "attribution", "compare"], str(root), executor="local",
                            progress=False)
     return root, config, results
 

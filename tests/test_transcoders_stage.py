@@ -166,12 +166,14 @@ def test_stage_trains_exports_and_evaluates(tmp_path: Path, kind: str):
     assert json.loads((out / "metrics.json").read_text())["ce_clean"] == metrics["ce_clean"]
     assert load_clt(out).n_features == 32
     assert not (out / "checkpoints").exists()  # removed once the stage is done (train.keep_checkpoint=False)
-    dashboards = open_features(out)  # feature dashboards over the held-out split, beside the CLT
-    assert dashboards.meta["tokens_scanned"] == metrics["features"]["tokens_scanned"] > 0
+    assert not (out / "features").exists()  # dashboards are their own step
+    summary = build_features(out, source, progress=False)  # over the held-out split of the saved data config
+    dashboards = open_features(out)
+    assert dashboards.meta["tokens_scanned"] == summary["tokens_scanned"] > 0
     assert len(dashboards.labels()) == 2 * 32 and not dashboards.examples(0).empty
     features = dashboards.features()
-    shutil.rmtree(out / "features")  # rebuilt for the exported CLT alone, from its saved clt_config.yaml
-    build_features(out, source, progress=False)
+    shutil.rmtree(out / "features")
+    build_features(out, source, data=stage_config(tmp_path).data, progress=False)  # the same, data given
     pd.testing.assert_frame_equal(open_features(out).features(), features)
     again = run(stage_config(tmp_path), source, out, progress=False)  # retrains: the whole stage is deterministic
     assert again["nmse_per_layer"] == metrics["nmse_per_layer"]

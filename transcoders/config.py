@@ -89,7 +89,7 @@ class CLTEvalConfig(BaseModel):
 
 
 class FeaturesConfig(BaseModel):
-    """Feature dashboards (transcoders/features.py): a pass over held-out text after training."""
+    """Feature dashboards (transcoders/features.py): a pass over held-out text, after training, of a CLT."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -117,7 +117,6 @@ class CLTStageConfig(BaseModel):
     cache: CacheConfig = CacheConfig()
     train: CLTTrainConfig = CLTTrainConfig()
     eval: CLTEvalConfig = CLTEvalConfig()
-    features: FeaturesConfig = FeaturesConfig()
     memory_budget_gb: float | None = Field(
         None, gt=0, description="refuse to start above this estimate; None = the memory available at start"
     )

@@ -1,5 +1,5 @@
-"""The CLT stage as one plain function: harvest -> train (resumable) -> export -> evaluate -> feature
-dashboards (resumable, `features/` beside the CLT) -> metrics.json.
+"""The CLT stage as one plain function: harvest -> train (resumable) -> export -> evaluate -> metrics.json;
+then, as its own step, the feature dashboards (`build_features`: `features/` beside the CLT).
 
 The pipeline calls `run` once per model: with a `ModelSpec` for the dense original, and with the
 sparsify stage's `model/` directory (a gated checkpoint) for the sparse one.
@@ -19,14 +19,14 @@ import yaml
 from torch import nn
 
 from sparse_attention.config import ModelSpec
-from sparse_attention.data import load_token_blocks
+from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.gated_attention import GATE_FILE, load_gated_model
 from sparse_attention.models import SMOLLM2_NAME, load_model
 from sparse_attention.stage import write_json_atomic
 from transcoders.cache import build_cache, cache_chunks
 from transcoders.clt import META_FILE as CLT_META_FILE
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
-from transcoders.config import CLTStageConfig
+from transcoders.config import CLTStageConfig, FeaturesConfig
 from transcoders.evaluate import ce_metrics, plot_per_layer, plot_training, reconstruction_metrics
 from transcoders.features import build_dashboards
 from transcoders.harvest import ShuffleBuffer, harvest_stream, model_shape
@@ -65,8 +65,7 @@ def load_source(model: ModelSource) -> tuple[nn.Module, object, dict]:
 
 def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
     """Hash of everything that changes the trained CLT (not evaluation, dashboards, threads or logging)."""
-    payload = {"config": config.model_dump(mode="json", exclude={"eval": True, "features": True,
-                                                                 "memory_budget_gb": True,
+    payload = {"config": config.model_dump(mode="json", exclude={"eval": True, "memory_budget_gb": True,
                                                                  "train": {"threads", "log_every",
                                                                            "keep_checkpoint"}}),
                "model": identity}
@@ -74,8 +73,8 @@ def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
 
 
 def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, progress: bool = True) -> dict:
-    """Train a CLT on `model`'s MLPs; writes the CLT (circuit-tracer layout), metrics.json, config, plots, and
-    (features.enabled) the feature dashboards in `features/`."""
+    """Train a CLT on `model`'s MLPs; writes the CLT (circuit-tracer layout), metrics.json, config and plots.
+    Its feature dashboards are a separate step (`build_features`), so changing them never retrains a CLT."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -142,11 +141,6 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         "stage_wall_seconds": time.perf_counter() - started,
         "history": result.history,
     }
-    if config.features.enabled:
-        dashboards = _dashboards(lm, exported, tokenizer, blocks.heldout, config, output_dir, progress)
-        metrics["features"] = {key: dashboards[key] for key in ("tokens_scanned", "n_examples",
-                                                                "never_active_fraction", "seconds")}
-    metrics["stage_wall_seconds"] = time.perf_counter() - started
     title = f"CLT {identity['kind']} ({n_layers} layers x {clt_config.n_features} features)"
     plot_per_layer(metrics, title, output_dir / "per_layer.png")
     plot_training(result.history, title, output_dir / "training_curves.png")
@@ -156,24 +150,19 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     return metrics
 
 
-def _dashboards(lm, clt, tokenizer, heldout, config: CLTStageConfig, clt_dir: Path, progress: bool) -> dict:
-    """The feature dashboards of the CLT exported in `clt_dir`, keyed by its clt.json (the export they describe)."""
-    identity = hashlib.sha256((clt_dir / CLT_META_FILE).read_bytes()).hexdigest()
-    return build_dashboards(lm, clt, tokenizer, heldout, config.features, clt_dir, identity=identity,
-                            progress=progress)
-
-
-def build_features(clt_dir: str | Path, model: ModelSource, config: CLTStageConfig | None = None, *,
-                   progress: bool = True) -> dict:
-    """Feature dashboards for a CLT the stage exported earlier (e.g. before dashboards existed), with the
-    data and features settings of `config` (default: the clt_config.yaml saved beside it)."""
+def build_features(clt_dir: str | Path, model: ModelSource, features: FeaturesConfig | None = None,
+                   data: DataConfig | None = None, *, progress: bool = True) -> dict:
+    """Feature dashboards (`features/` in `clt_dir`) of an exported CLT over the held-out split of `data`
+    (default: the data the CLT was trained on, from the clt_config.yaml saved beside it)."""
     clt_dir = Path(clt_dir)
-    if config is None:
+    if data is None:
         saved = clt_dir / CONFIG_FILE
         if not saved.is_file():
-            raise FileNotFoundError(f"{saved} is missing: pass the CLT stage config the CLT was trained with")
-        config = CLTStageConfig.model_validate(yaml.safe_load(saved.read_text()))
+            raise FileNotFoundError(f"{saved} is missing: pass the data config the CLT was trained with")
+        data = CLTStageConfig.model_validate(yaml.safe_load(saved.read_text())).data
     lm, tokenizer, _ = load_source(model)
     clt = load_clt(clt_dir)
-    blocks = load_token_blocks(config.data, tokenizer)
-    return _dashboards(lm, clt, tokenizer, blocks.heldout, config, clt_dir, progress)
+    blocks = load_token_blocks(data, tokenizer)
+    identity = hashlib.sha256((clt_dir / CLT_META_FILE).read_bytes()).hexdigest()  # the export they describe
+    return build_dashboards(lm, clt, tokenizer, blocks.heldout, features or FeaturesConfig(), clt_dir,
+                            identity=identity, progress=progress)
