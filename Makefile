@@ -30,7 +30,7 @@ test: $(STAMP) corpus
 	$(PY) -m pytest -q
 
 demo: $(STAMP) corpus
-	$(PY) pipeline/run.py --preset demo --stages sparsify --output runs/demo
+	$(PY) pipeline/run.py --preset demo --output runs/demo
 
 bench: $(STAMP) corpus
 	$(PY) -m pytest -q -m slow

@@ -15,6 +15,7 @@ import pytest
 from pipeline.artifacts import MANIFEST, ArtifactError
 from pipeline.config import load_config
 from pipeline.orchestrate import run_pipeline
+from pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "pipeline" / "run.py")]
@@ -33,7 +34,9 @@ def test_tiny_preset_with_embedded_ray(tmp_path):
     """Every stage of the tiny preset through embedded Ray, each output checked."""
     config = load_config(preset="tiny")
     n_prompts = len(config.attribution.prompts) + sum(config.attribution.prompt_sets.values())
-    results = run_pipeline(config, ["sparsify", "clt", "attribution"], str(tmp_path), progress=False)
+    results = run_pipeline(config, ["sparsify", "clt", "features", "attribution", "compare"], str(tmp_path),
+                           progress=False)
+    assert sorted(results) == sorted(STAGES)
     assert all(result["skipped"] is False for result in results.values())
     manifest = json.loads((tmp_path / "sparsify" / MANIFEST).read_text())
     assert manifest["summary"]["edge_fraction"] < 0.5
@@ -59,6 +62,8 @@ def test_tiny_preset_with_embedded_ray(tmp_path):
         features = [node for graph_id in graphs.loc[graphs["variant"] == variant, "graph_id"]
                     for _, node in to_networkx(store.load_graph(graph_id)).nodes(data=True) if node["kind"] == "feature"]
         assert features and all(n["label"] == labels[(n["layer"], n["feature"])] for n in features)
+    comparison = tmp_path / "comparison"
+    assert (comparison / "report.html").is_file() and (comparison / "task_summary.parquet").is_file()
 
 
 def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):
