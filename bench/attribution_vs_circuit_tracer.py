@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help='"smollm2-135m" or "tiny"')
     parser.add_argument("--sparse-model", help="a gated checkpoint (sparsify's model/) with the same architecture")
     parser.add_argument("--open-fraction", type=float, default=0.01, help="synthetic gates: share of open gates")
+    parser.add_argument("--clt-dense", help="a trained CLT directory (circuit-tracer layout) for the dense variant")
+    parser.add_argument("--clt-sparse", help="a trained CLT directory for the sparse variant")
+    parser.add_argument("--tag", default="", help="suffix of the result files, e.g. _trained")
     parser.add_argument("--features", type=int, default=256, help="random CLT: features per layer")
     parser.add_argument("--density", type=float, default=0.02, help="random CLT: share of features active")
     parser.add_argument("--prompt", default=PROMPT)
@@ -448,9 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         vdir = work / variant
-        job_ours = {**common, "variant": variant, "out_dir": str(vdir / "ours")}
-        job_ct = {**common, "out_dir": str(vdir / "ct"), "model_dir": str(vdir / "model")}
-        info = {}
+        trained = {"dense": args.clt_dense, "sparse": args.clt_sparse}[variant]
+        variant_clt = {"clt_dir": str(Path(trained).resolve())} if trained else {}
+        job_ours = {**common, **variant_clt, "variant": variant, "out_dir": str(vdir / "ours")}
+        job_ct = {**common, **variant_clt, "out_dir": str(vdir / "ct"), "model_dir": str(vdir / "model")}
+        info = {"clt": variant_clt.get("clt_dir", f"random, {args.features} features per layer")}
         if variant == "dense":
             export_model(model, tokenizer, vdir / "model")
             frozen = dense_frozen
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["load_after"] = os.getloadavg()
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.model == "smollm2-135m" else f"_{args.model}"
+    suffix = ("" if args.model == "smollm2-135m" else f"_{args.model}") + args.tag
     (results / f"attribution_vs_circuit_tracer{suffix}.json").write_text(json.dumps(report, indent=2))
     (results / f"attribution_vs_circuit_tracer{suffix}.md").write_text(markdown(report))
     print(markdown(report))
@@ -521,7 +526,7 @@ def markdown(report: dict) -> str:
               f"warm median {lat['warm_ms']['median']:.1f} ms, p95 {lat['warm_ms']['p95']:.1f} ms; "
               f"list_graphs {lat['list_graphs_seconds']:.2f} s", ""]
     for variant, info in report["variants"].items():
-        lines.append(f"{variant}: {info.get('source', 'original weights')}"
+        lines.append(f"{variant}: {info.get('source', 'original weights')}; CLT {info.get('clt', 'random')}"
                      + (f", open gates {info['open_fraction']:.4f}" if "open_fraction" in info else "")
                      + "; extras (ours, s): " + json.dumps({k: {e: round(v, 2) for e, v in r['extras_seconds'].items()}
                                                             for k, r in info['ours']['runs'].items()}))
