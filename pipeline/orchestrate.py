@@ -112,6 +112,19 @@ def _run_on_ray(config: PipelineConfig, stages: list[Stage], config_json: dict, 
             name=f"stage:{stage.name}", max_retries=0,
         ).remote(stage.name, config_json, output, keys, stage.group in force, progress, *deps)
     pending = {ref: name for name, ref in refs.items()}
+    try:
+        _collect(pending, results)
+    except KeyboardInterrupt:  # Ctrl-C: stop the running stages too; their checkpoints let a rerun resume
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return results
+
+
+def _collect(pending: dict, results: dict[str, dict]) -> None:
+    """Wait for every stage task in `pending` (ref -> stage name), filling `results`; the first failure raises."""
+    import ray
+
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         name = pending.pop(done[0])
@@ -126,7 +139,6 @@ def _run_on_ray(config: PipelineConfig, stages: list[Stage], config_json: dict, 
             first_line = str(error).strip().splitlines()[0]
             raise StageError(f"stage {name} did not finish: {type(error).__name__}: {first_line}; rerun the "
                              "same command to resume from its last checkpoint") from error
-    return results
 
 
 def _init_ray(config: PipelineConfig) -> bool:

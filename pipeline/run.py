@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("stage failure", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s; outputs:")
     root = args.output.rstrip("/")
     for name, result in results.items():

@@ -82,6 +82,27 @@ def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):
     assert json.loads(metrics.read_text())["train_steps"] == 5
 
 
+def test_ctrl_c_stops_embedded_ray_stages_and_says_how_to_resume(tmp_path):
+    args = ["--preset", "tiny", "--stages", "sparsify", "--quiet", "--set", "sparsify.train.steps=400",
+            "--set", "sparsify.train.checkpoint_every=20", "--output", str(tmp_path)]
+    run = subprocess.Popen(RUN + args, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        checkpoint = tmp_path / "sparsify" / "checkpoints" / "train_state.pt"
+        deadline = time.time() + 300
+        while not checkpoint.exists() and time.time() < deadline and run.poll() is None:
+            time.sleep(0.1)
+        assert checkpoint.exists(), "the stage never checkpointed"
+        run.send_signal(signal.SIGINT)  # what Ctrl-C sends to the driver
+        assert run.wait(timeout=120) == 130
+        assert "rerun the same command to resume" in run.stderr.read()
+        assert not (tmp_path / "sparsify" / MANIFEST).exists()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+
+
 def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path):
     args = ["--preset", "tiny", "--executor", "local", "--quiet", "--set", "sparsify.train.steps=400",
             "--set", "sparsify.train.checkpoint_every=20"]
