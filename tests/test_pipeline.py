@@ -161,18 +161,26 @@ def test_ray_job_submit_on_a_local_head(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
     env.pop("RAY_ADDRESS", None)
+    # agent ports of its own: another Ray on the machine (an embedded one) holds the default ones
+    agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "runtime-env-agent-port", "metrics-export-port")]
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port=6391", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true",
-                             "--disable-usage-stats"], env=env, start_new_session=True,
+                             "--disable-usage-stats", *agent_ports], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(8265, head, timeout_s=180)
         output = tmp_path / "job"
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
-             "--", "python", "pipeline/run.py", "--preset", "tiny", "--quiet", "--output", str(output)],
-            env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-        )
+        deadline = time.monotonic() + 180
+        while True:  # the dashboard answers before its job agent is up: "No available agent", retried
+            submit = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
+                 "--", "python", "pipeline/run.py", "--preset", "tiny", "--quiet", "--output", str(output)],
+                env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+            )
+            if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "pipeline finished" in submit.stdout
         assert json.loads((output / "sparsify" / MANIFEST).read_text())["stage"] == "sparsify"
@@ -183,6 +191,12 @@ def test_ray_job_submit_on_a_local_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
