@@ -144,6 +144,8 @@ def _run_features(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
         from transcoders import stage as clt
 
+        if not config.features.enabled:
+            return {"enabled": False}
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
         summary = clt.build_features(inputs[f"clt_{variant}"], source, config.features, config.clt.data,
                                      progress=progress)
@@ -184,7 +186,8 @@ def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path]
     from transcoders.features import open_features
 
     sparsify_dir = inputs["sparsify"]
-    labels = {variant: open_features(inputs[f"clt_{variant}"]).labels() for variant in ("dense", "sparse")}
+    labels = {variant: open_features(inputs[f"clt_{variant}"]).labels() for variant in ("dense", "sparse")
+              if config.features.enabled}  # else the report names features L{layer}:F{feature}
     summary = compare_store(inputs["attribution_dense"], work_dir, config.compare, dense_model=config.sparsify.model,
                             sparse_model=sparsify_dir / "model", sparsify_metrics=sparsify_dir / "metrics.json",
                             labels=labels, progress=progress)

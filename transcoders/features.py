@@ -499,7 +499,7 @@ class FeatureDashboards:
         meta_path = self.directory / META_FILE
         if not meta_path.is_file():
             raise FeaturesError(f"{self.directory} holds no finished feature dashboards (no {META_FILE}); "
-                                "run the CLT stage with features.enabled, or transcoders.features.build_dashboards")
+                                "run the pipeline's features stage, or transcoders.stage.build_features")
         try:
             self.meta = json.loads(meta_path.read_text())
             if self.meta["format_version"] != FORMAT_VERSION:
