@@ -79,9 +79,9 @@ class GraphStore:
     def path(self, table: str, variant: str, graph_id: str) -> str:
         return f"{self.root}/{table}/variant={variant}/{graph_id}.parquet"
 
-    def variants(self) -> list[str]:
-        """Variants that have at least one committed graph."""
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/graphs", allow_not_found=True))
+    def variants(self, table: str = "graphs") -> list[str]:
+        """Variants that have a folder in `table` (for graphs: at least one committed graph)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True))
         return sorted(i.base_name.split("=", 1)[1] for i in infos
                       if i.type == pafs.FileType.Directory and i.base_name.startswith("variant="))
 
@@ -193,33 +193,23 @@ class GraphStore:
 
     def list_graphs(self, variant: str | None = None) -> pd.DataFrame:
         """One row per committed graph (the graphs table), optionally of one variant."""
-        variants = [check_variant(variant)] if variant is not None else self.variants()
-        frames = []
-        for v in variants:
-            selector = pafs.FileSelector(f"{self.root}/graphs/variant={v}", allow_not_found=True)
-            for info in sorted(self.fs.get_file_info(selector), key=lambda i: i.path):
-                if info.base_name.endswith(".parquet"):
-                    frames.append(self._open("graphs", info.path).read())
-        if not frames:
-            return TABLES["graphs"].empty_table().to_pandas()
-        return pa.concat_tables(frames).to_pandas()
+        return self._read_rows("graphs", variant)
 
     def failures(self, variant: str | None = None) -> pd.DataFrame:
         """One row per prompt recorded as failed (the failures table), optionally of one variant."""
-        if variant is not None:
-            variants = [check_variant(variant)]
-        else:
-            infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/failures", allow_not_found=True))
-            variants = sorted(i.base_name.split("=", 1)[1] for i in infos
-                              if i.type == pafs.FileType.Directory and i.base_name.startswith("variant="))
+        return self._read_rows("failures", variant)
+
+    def _read_rows(self, table: str, variant: str | None) -> pd.DataFrame:
+        """Every file of a one-row-per-file table (graphs, failures) of one or all variants, concatenated."""
+        variants = [check_variant(variant)] if variant is not None else self.variants(table)
         frames = []
         for v in variants:
-            selector = pafs.FileSelector(f"{self.root}/failures/variant={v}", allow_not_found=True)
+            selector = pafs.FileSelector(f"{self.root}/{table}/variant={v}", allow_not_found=True)
             for info in sorted(self.fs.get_file_info(selector), key=lambda i: i.path):
                 if info.base_name.endswith(".parquet"):
-                    frames.append(self._open("failures", info.path).read())
+                    frames.append(self._open(table, info.path).read())
         if not frames:
-            return SCHEMAS["failures"].empty_table().to_pandas()
+            return SCHEMAS[table].empty_table().to_pandas()
         return pa.concat_tables(frames).to_pandas()
 
     def graph_info(self, graph_id: str) -> pd.Series:
