@@ -29,13 +29,7 @@ from attribution.component_circuits import ComponentCircuitConfig
 from attribution.prune import influence, logit_weight_vector, normalize_rows
 from attribution.report import REPORT_FILE, component_label, fmt, fmt_ci, metric_title
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------

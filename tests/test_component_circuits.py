@@ -30,14 +30,7 @@ from attribution.tasks import encode_prompts, generate_task, logit_diff, logits_
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import TinyModelConfig, byte_tokenizer, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine (50x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=1)

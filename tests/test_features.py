@@ -14,7 +14,6 @@ import torch
 
 from sparse_attention.checkpoint import CheckpointError
 from sparse_attention.data import DataConfig, load_token_blocks
-from sparse_attention.models import TinyModelConfig, load_model
 from transcoders import features as features_module
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import FeaturesConfig
@@ -29,21 +28,9 @@ from transcoders.features import (
 from transcoders.harvest import harvest_batch
 
 torch.set_num_threads(1)
-TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=0)
+pytestmark = pytest.mark.usefixtures("private_cache")
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
 TRIGGERS = {"q": "u", "x": "y", "z": "a", "j": "s", "k": "m"}  # planted: feature reads key, promotes value
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_model("tiny", tiny=TINY)
-    model.requires_grad_(False)
-    return model, tokenizer
 
 
 def heldout_blocks(tmp_path: Path, tokenizer) -> torch.Tensor:

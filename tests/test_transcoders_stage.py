@@ -14,7 +14,8 @@ import torch
 from sparse_attention.config import ModelSpec
 from sparse_attention.data import batch_iterator
 from sparse_attention.gated_attention import GatedModel
-from sparse_attention.models import TinyModelConfig, load_model
+from sparse_attention.models import load_model
+from tests.conftest import TINY_LLAMA
 from transcoders import cache as cache_module
 from transcoders.cache import CacheError, build_cache, cache_chunks
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt
@@ -25,19 +26,8 @@ from transcoders.memory import CLTMemoryError
 from transcoders.stage import CLTStageConfig, build_features, run
 
 torch.set_num_threads(1)
-TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_model("tiny", tiny=TINY)
-    model.requires_grad_(False)
-    return model, tokenizer
+TINY = TINY_LLAMA  # the `tiny` fixture's model (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def tokens(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
