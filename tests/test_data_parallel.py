@@ -1,11 +1,13 @@
-"""Data-parallel post-training: two gloo workers on halves of a batch take the same first step as one
+"""Data-parallel training (sparsify and CLT): two gloo workers on halves of a batch take the same steps as one
 worker on the whole batch, and the Ray Train path runs the tiny preset end to end, checkpointing through
 Ray Train into the stage's work directory and resuming from there."""
 
 import copy
 import json
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +19,9 @@ from sparse_attention.constraint import ControllerConfig
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import TinyModelConfig, tiny_model
 from sparse_attention.train import post_train
+from transcoders.clt import CLTConfig, CrossLayerTranscoder
+from transcoders.config import CLTTrainConfig
+from transcoders.train import train_clt
 
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=7)
 TRAIN = TrainConfig(steps=1, batch_size=4, lr=1e-2, offset_lr=0.1, warmup_steps=0, gate_noise=False,
@@ -92,3 +97,69 @@ def test_ray_train_data_parallel_tiny_preset_checkpoints_and_resumes_through_ray
     assert resumed["history"] == metrics["history"]
     assert (stage_dir / "checkpoints" / "train_state.pt").exists() and (stage_dir / "model").is_dir()
     assert resumed["sparse_ce"] == metrics["sparse_ce"]
+
+
+CLT_SHAPE = CLTConfig(n_layers=3, d_model=8, n_features=16, threshold_init=0.1)
+CLT_TRAIN = CLTTrainConfig(steps=2, batch_tokens=64, lr=1e-2, warmup_steps=0, sparsity_coefficient=0.5,
+                           sparsity_ramp_fraction=0.01, preact_coefficient=0.1, normalisation_batches=2,
+                           init_firing_fraction=0.03, dead_window_tokens=64, checkpoint_every=1)
+
+
+class SeededSource:
+    """A BatchSource whose batch k ([64, L, D] mlp_in, mlp_out) depends only on k: every rank reads the same."""
+
+    def __init__(self, state: dict | None):
+        self.next_batch = (state or {}).get("batch", 0)
+
+    def state(self) -> dict:
+        return {"batch": self.next_batch}
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(100 + self.next_batch)
+            x = torch.randn(CLT_TRAIN.batch_tokens, 3, 8, generator=g)
+            yield x, torch.tanh(x) @ torch.randn(8, 8, generator=g) + 0.1
+            self.next_batch += 1
+
+
+def clt_steps(checkpoint_dir=None) -> tuple[dict, list[dict], list]:
+    """(parameters, history, on_checkpoint calls) after CLT_TRAIN's steps on SeededSource."""
+    clt = CrossLayerTranscoder(CLT_SHAPE, seed=3)
+    calls = []
+    result = train_clt(clt, SeededSource, CLT_TRAIN, checkpoint_dir=checkpoint_dir, progress=False,
+                       on_checkpoint=lambda row, directory: calls.append((row["step"], directory)))
+    return {name: p.detach().clone() for name, p in clt.named_parameters()}, result.history, calls
+
+
+def _clt_worker(rank: int, world: int, init_file: str, checkpoint_dir: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(clt_steps(Path(checkpoint_dir)), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_clt_workers_take_the_single_worker_steps(tmp_path):
+    single, history, _ = clt_steps()
+    initial = dict(CrossLayerTranscoder(CLT_SHAPE, seed=3).named_parameters())
+    out_file = tmp_path / "clt"
+    mp.spawn(_clt_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt"), str(out_file)), nprocs=2,
+             join=True)
+    ranks = [torch.load(f"{out_file}.{rank}", weights_only=False) for rank in range(2)]
+    for params, _, _ in ranks:
+        assert params.keys() == single.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=name)
+            assert not torch.equal(value, initial[name]), name  # every tensor moved: equality is informative
+    for (_, rank_history, _) in ranks:  # statistics of the global batch on every rank (nmse: mean of shards)
+        for got, want in zip(rank_history, history, strict=True):
+            assert got["tokens"] == want["tokens"] and got["dead_fraction"] == want["dead_fraction"]
+            for key in ("loss", "mse", "l0", "sparsity", "preact"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert history[-1]["lambda_s"] > 0 and history[-1]["sparsity"] > 0  # the sparsity term was trained too
+    assert 0 < history[-1]["dead_fraction"] < 1  # silent features merged across ranks agree with one process
+    assert ranks[0][2] == [(1, tmp_path / "ckpt"), (2, tmp_path / "ckpt")]  # rank 0 saved and hands it over
+    assert ranks[1][2] == [(1, None), (2, None)]
+    assert torch.load(tmp_path / "ckpt" / "clt_train_state.pt", weights_only=False)["step"] == 2
+
