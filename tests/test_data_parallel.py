@@ -4,6 +4,7 @@ Ray Train into the stage's work directory and resuming from there."""
 
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.artifacts import RAY_TRAIN_DIR
 from pipeline.config import load_config
-from pipeline.orchestrate import run_pipeline
+from pipeline.orchestrate import REPO_ROOT, execute_stage, run_pipeline, stage_keys
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.gated_attention import GatedModel
@@ -163,3 +165,58 @@ def test_two_clt_workers_take_the_single_worker_steps(tmp_path):
     assert ranks[1][2] == [(1, None), (2, None)]
     assert torch.load(tmp_path / "ckpt" / "clt_train_state.pt", weights_only=False)["step"] == 2
 
+
+@pytest.fixture
+def ray_session():
+    """Embedded Ray with 2 CPUs whose workers import this checkout, as run_pipeline starts it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield
+    ray.shutdown()
+
+
+def run_clt_dense(config, root: Path) -> dict:
+    """The clt_dense stage as the pipeline runs it (manifest, skip, resume), here in the driver."""
+    return execute_stage("clt_dense", config.model_dump(mode="json"), str(root), stage_keys(config), False, False)
+
+
+def stage_files(stage_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*")
+                  if p.is_file() and RAY_TRAIN_DIR not in p.relative_to(stage_dir).parts)
+
+
+def test_ray_train_data_parallel_clt_checkpoints_and_resumes_through_ray_train(tmp_path, ray_session):
+    overrides = ["clt.train.steps=20", "clt.train.checkpoint_every=10"]
+    single = load_config(preset="tiny", overrides=overrides)
+    parallel = load_config(preset="tiny", overrides=[*overrides, "resources.stages.clt.num_workers=2",
+                                                     "resources.stages.clt.num_cpus=1"])
+    one_worker = run_clt_dense(single, tmp_path / "one")
+    two_workers = run_clt_dense(parallel, tmp_path / "two")
+    assert two_workers["skipped"] is False
+    assert two_workers["summary"].keys() == one_worker["summary"].keys()  # read back from rank 0's metrics.json
+    stage_dir = tmp_path / "two" / "clt" / "dense"
+    assert stage_files(stage_dir) == stage_files(tmp_path / "one" / "clt" / "dense")
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "clt" / "dense" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 20 and metrics["train_tokens_seen"] == one["train_tokens_seen"] == 20 * 256
+    for got, want in zip(metrics["history"], one["history"], strict=True):  # the one-worker steps, up to rounding
+        assert got["tokens"] == want["tokens"]
+        for key in ("loss", "mse", "l0", "sparsity"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
+    reported = sorted((stage_dir / RAY_TRAIN_DIR / "clt").glob("checkpoint_*/clt_train_state.pt"))
+    assert len(reported) == 2  # steps 10 and 20, kept by Ray Train
+    assert {torch.load(p, weights_only=False)["step"] for p in reported} == {10, 20}
+    assert not (stage_dir / "checkpoints").exists()  # train.keep_checkpoint=False: only Ray Train keeps them
+
+    # A run that died after its last checkpoint, its local outputs lost: only Ray Train's copy can supply the
+    # training state. The rerun must train no step again (history, timings included, comes from the checkpoint).
+    for path in stage_dir.iterdir():
+        if path.name != RAY_TRAIN_DIR:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_clt_dense(parallel, tmp_path / "two")
+    resumed = json.loads((stage_dir / "metrics.json").read_text())
+    assert resumed["history"] == metrics["history"]
+    assert resumed["nmse_per_layer"] == metrics["nmse_per_layer"]
+    assert stage_files(stage_dir) == stage_files(tmp_path / "one" / "clt" / "dense")
