@@ -1,9 +1,15 @@
-"""GECO-style Lagrange multiplier for "minimise sparsity subject to CE <= reference + tolerance".
+"""PI-controlled Lagrange multiplier for "minimise sparsity subject to CE <= reference + tolerance".
 
-The plain multiplicative update oscillates between its clamps on a real model (see issue 3), so
-this one is damped three ways: the constraint is smoothed by an EMA, the log-multiplier moves by
-a bounded step proportional to the smoothed violation (in units of the tolerance), and the loss
-is normalised by 1 + lambda so its scale stays bounded whatever lambda is.
+A plain multiplicative (pure integral) update oscillates on a real model: with a lagged plant the
+multiplier winds down to its floor while CE sits below the reference, then needs tens of steps to
+climb back once closing gates push CE far above it (the session-2 demo swung lambda 1e-3 <-> 100).
+So, as in PID Lagrangian methods (Stooke et al. 2020), log-lambda follows a PI law, in velocity form:
+  e_t = EMA(CE excess - tolerance) / scale                     (scale ~ batch-to-batch CE noise)
+  log lambda_t = clip(log lambda_{t-1} + proportional * (e_t - e_{t-1}) + clip(rate * e_t, +-max_log_step),
+                      log lambda_min, log lambda_max)
+The proportional term reacts at once when the violation grows; the integral term removes the
+steady-state error. In velocity form nothing winds up at a clamp: from the floor, lambda rises as soon
+as the violation does. The loss is normalised by 1 + lambda so its scale stays bounded whatever lambda is.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ class ControllerConfig(BaseModel):
 
     tolerance: float = Field(0.01, gt=0, description="allowed CE excess over the frozen reference, nats")
     lambda_init: float = Field(1.0, gt=0)
-    lambda_min: float = Field(1e-3, gt=0)
+    lambda_min: float = Field(1e-2, gt=0)
     lambda_max: float = Field(1e3, gt=0)
-    ema: float = Field(0.9, ge=0, lt=1, description="smoothing of the constraint; 0 = none")
-    rate: float = Field(0.05, gt=0, description="log-lambda change per step per tolerance of violation")
-    max_log_step: float = Field(0.2, gt=0, description="bound on the log-lambda change in one step")
+    ema: float = Field(0.8, ge=0, lt=1, description="smoothing of the constraint; 0 = none")
+    scale: float = Field(0.1, gt=0, description="violation (nats) that counts as one unit of controller error; "
+                                                "about the batch-to-batch noise of the CE excess")
+    rate: float = Field(0.02, ge=0, description="integral gain: log-lambda change per step per unit of error")
+    proportional: float = Field(0.5, ge=0, description="proportional gain: log-lambda offset per unit of error")
+    max_log_step: float = Field(0.2, gt=0, description="bound on the integral's change in one step")
 
     @model_validator(mode="after")
     def _ordered(self) -> ControllerConfig:
@@ -56,10 +65,12 @@ class LagrangeController:
         """Feed one batch's CE - reference; lambda rises while above tolerance, falls below."""
         cfg = self.config
         violation = ce_excess - cfg.tolerance
+        previous = 0.0 if self.smoothed is None else self.smoothed / cfg.scale
         self.smoothed = violation if self.smoothed is None else cfg.ema * self.smoothed + (1 - cfg.ema) * violation
-        step = max(-cfg.max_log_step, min(cfg.max_log_step, cfg.rate * self.smoothed / cfg.tolerance))
-        lo, hi = math.log(cfg.lambda_min), math.log(cfg.lambda_max)
-        self.log_lambda = max(lo, min(hi, self.log_lambda + step))
+        error = self.smoothed / cfg.scale
+        integral_step = max(-cfg.max_log_step, min(cfg.max_log_step, cfg.rate * error))
+        step = cfg.proportional * (error - previous) + integral_step
+        self.log_lambda = max(math.log(cfg.lambda_min), min(math.log(cfg.lambda_max), self.log_lambda + step))
         return self.multiplier
 
     def state_dict(self) -> dict:

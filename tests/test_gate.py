@@ -124,6 +124,36 @@ def test_multiplier_rises_above_target_and_falls_below():
     assert ctrl.multiplier == pytest.approx(ctrl.config.lambda_min)
 
 
+def test_pi_controller_steps_exactly():
+    # ema 0 and scale 1: the error is the violation itself; log-lambda moves by kp * (e_t - e_{t-1}) + ki * e_t
+    cfg = ControllerConfig(tolerance=0.5, lambda_init=1.0, lambda_min=math.exp(-2), lambda_max=math.exp(2), ema=0.0,
+                           scale=1.0, rate=0.1, proportional=1.0, max_log_step=0.2)
+    ctrl = LagrangeController(cfg)
+    ctrl.update(0.5 + 1.0)  # e = 1: +1 (proportional, from e_0 = 0) +0.1 (integral)
+    assert math.log(ctrl.multiplier) == pytest.approx(1.1)
+    ctrl.update(0.5 + 1.0)  # e unchanged: integral only
+    assert math.log(ctrl.multiplier) == pytest.approx(1.2)
+    ctrl.update(0.5)  # e = 0: the proportional part is taken back
+    assert math.log(ctrl.multiplier) == pytest.approx(0.2)
+    ctrl.update(0.5 + 5.0)  # e = 5: +5 +0.2 (integral step bounded), clipped at log lambda_max = 2
+    assert math.log(ctrl.multiplier) == pytest.approx(2.0)
+
+
+def test_pi_controller_does_not_wind_up_at_its_floor():
+    cfg = ControllerConfig(tolerance=0.5, lambda_init=1.0, lambda_min=math.exp(-2), lambda_max=math.exp(2), ema=0.0,
+                           scale=1.0, rate=0.1, proportional=1.0, max_log_step=0.2)
+    ctrl = LagrangeController(cfg)
+    for _ in range(500):
+        ctrl.update(0.5 - 1.0)  # long below target: lambda sits at its floor
+    assert math.log(ctrl.multiplier) == pytest.approx(-2.0)
+    ctrl.update(0.5 + 1.0)  # e: -1 -> 1, so +2 (proportional) +0.1 (integral) from the floor at once
+    assert math.log(ctrl.multiplier) == pytest.approx(0.1)
+    state = ctrl.state_dict()
+    again = LagrangeController(cfg)
+    again.load_state_dict(state)
+    assert again.update(0.7) == ctrl.update(0.7)
+
+
 def test_normalised_lagrangian():
     ctrl = LagrangeController(ControllerConfig(lambda_init=3.0))
     value = ctrl.loss(torch.tensor(0.2), torch.tensor(0.5))
