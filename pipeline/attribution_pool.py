@@ -1,19 +1,30 @@
-"""Batch attribution on a pool of Ray actors: each loads the model and CLT once (`Attributor.load`),
-then runs the stage's per-prompt step (`Attributor.attribute`) on the prompts it is handed, writing each
-finished graph (or failure) into the store itself, so a killed batch keeps everything finished.
+"""Batch attribution on several workers: the calling process (the stage's Ray task) and `num_workers - 1`
+Ray actors. Each loads the model and CLT once (`Attributor.load`) and runs the stage's per-prompt step
+(`Attributor.attribute`) on the prompts it is handed, writing each finished graph (or failure) into the
+store itself, so a killed batch keeps everything finished.
 
-The actors of one pool are gang-scheduled (one placement group): two stages that each wait for half of
-their actors while holding the other half would otherwise deadlock on a small cluster."""
+A fresh actor spends seconds before its first prompt (process start, importing torch and transformers,
+loading). Meanwhile the calling process attributes; an actor gets prompts once it has loaded,
+CALLS_PER_ACTOR at a time so it never waits on a round trip; actors still starting when the batch runs
+out are killed, not waited for. A batch shorter than an actor's start so costs what
+`attribution.stage.run` costs, plus the CPU that start takes. The actors share one placement group
+(gang-scheduled) that nothing waits for, so stages sharing a small cluster cannot deadlock.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from attribution import stage as attribution
 from attribution.config import AttributionStageConfig
-from attribution.store import check_variant, open_store
+from attribution.store import GraphStore, check_variant, open_store
 from pipeline.config import ConfigError, StageResources
+
+CALLS_PER_ACTOR = 2  # prompts queued on an actor: its next one is there while this process collects one
 
 
 class AttributionWorker:
@@ -28,15 +39,21 @@ class AttributionWorker:
         self.store = open_store(store_root)
         self.attributor = attribution.Attributor.load(model_source, clt_dir, variant)
 
+    def ready(self) -> int:
+        """Answers once the model and CLT are loaded."""
+        return os.getpid()
+
     def attribute(self, item: attribution.PromptItem, force: bool) -> dict:
         return self.attributor.attribute(item, self.config, self.store, force)
 
 
 def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, store_dir: Path, variant: str,
-                  resources: StageResources, *, progress: bool = True, force: bool = False) -> dict:
-    """`attribution.stage.run` over the config's batch, spread over `resources.num_workers` actors; same summary."""
+                  resources: StageResources, *, progress: bool = True, force: bool = False,
+                  work_here: bool = True) -> dict:
+    """`attribution.stage.run` over the config's batch on `resources.num_workers` workers: this process and
+    `num_workers - 1` actors (`work_here=False`: `num_workers` actors and this process only hands out
+    prompts). Same summary."""
     import ray
-    from ray.util import ActorPool
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -45,6 +62,7 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
     items = attribution.batch_items(config, None)
     attribution.write_config(store, config, check_variant(variant))
     n_workers = min(resources.num_workers, len(items))
+    n_actors = max(0, n_workers - 1) if work_here else n_workers
     memory = int(resources.memory_gb * 2**30) if resources.memory_gb else None
     bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {}),
               **({"memory": memory} if memory else {})}
@@ -53,20 +71,58 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
         if total.get(name, 0) < amount * n_workers:
             raise ConfigError(f"resources.stages.attribution asks for {n_workers} workers x {amount} {name}; the Ray "
                              f"cluster has {total.get(name, 0)}: lower num_workers or the per-worker resources")
-    group = placement_group([bundle] * n_workers, strategy="PACK")
-    workers = []
+    group = placement_group([bundle] * n_actors, strategy="PACK") if n_actors else None
+    actors = []
     try:
-        ray.get(group.ready())  # all of this pool's actors at once, or none yet
-        for index in range(n_workers):
-            workers.append(ray.remote(AttributionWorker).options(
+        for index in range(n_actors):
+            actors.append(ray.remote(AttributionWorker).options(
                 num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                 memory=memory, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
             ).remote(config, model_source, str(clt_dir), str(store.root), variant, max(1, int(resources.num_cpus))))
-        pool = ActorPool(workers)
-        outcomes = pool.map_unordered(lambda worker, item: worker.attribute.remote(item, force), items)
+        local = None
+        if work_here:
+            if config.threads:
+                import torch
+
+                torch.set_num_threads(config.threads)
+            local = attribution.Attributor.load(model_source, clt_dir, variant)
+        outcomes = share_batch(items, local, actors, config, store, force)
         return attribution.summarize(outcomes, variant, store, len(items), progress=progress, started=started)
     finally:
-        for worker in workers:
-            ray.kill(worker)
-        remove_placement_group(group)  # its CPUs go back to the other stages at once
+        for actor in actors:
+            ray.kill(actor)
+        if group is not None:
+            remove_placement_group(group)  # its CPUs go back to the other stages at once
+
+
+def share_batch(items: list[attribution.PromptItem], local: attribution.Attributor | None, actors: list,
+                config: AttributionStageConfig, store: GraphStore, force: bool) -> Iterator[dict]:
+    """Outcomes of `items` in the order they finish: each ready actor holds up to CALLS_PER_ACTOR prompts,
+    and `local` (if any) attributes one prompt here whenever no finished remote call is waiting."""
+    import ray
+
+    todo = deque(items)
+    starting = {actor.ready.remote(): actor for actor in actors}
+    running = {}  # call -> actor
+    free = []  # one entry per call an actor can take now
+    while todo or running:
+        waiting = list(running) + (list(starting) if todo else [])
+        if not waiting:
+            done = []
+        elif todo and local is not None:  # collect what is done without waiting: this process has work
+            done = ray.wait(waiting, num_returns=len(waiting), timeout=0)[0]
+        else:
+            done = ray.wait(waiting, num_returns=1)[0]
+        for ref in done:
+            if ref in starting:
+                ray.get(ref)  # an actor that failed to load raises here
+                free += [starting.pop(ref)] * CALLS_PER_ACTOR
+            else:
+                free.append(running.pop(ref))
+                yield ray.get(ref)
+        while free and todo:
+            actor = free.pop()
+            running[actor.attribute.remote(todo.popleft(), force)] = actor
+        if todo and local is not None:
+            yield local.attribute(todo.popleft(), config, store, force)
