@@ -4,11 +4,12 @@ Ray actors. Each loads the model and CLT once (`Attributor.load`) and runs the s
 store itself, so a killed batch keeps everything finished.
 
 A fresh actor spends seconds before its first prompt (process start, importing torch and transformers,
-loading). Meanwhile the calling process attributes; an actor gets prompts once it has loaded,
+loading), so the calling process attributes from the start, and starts the actors only if, at the pace of
+its first computed prompt, the rest of the batch would take it longer than that (ACTOR_START_SECONDS): a
+short batch costs what `attribution.stage.run` costs. An actor gets prompts once it has loaded,
 CALLS_PER_ACTOR at a time so it never waits on a round trip; actors still starting when the batch runs
-out are killed, not waited for. A batch shorter than an actor's start so costs what
-`attribution.stage.run` costs, plus the CPU that start takes. The actors share one placement group
-(gang-scheduled) that nothing waits for, so stages sharing a small cluster cannot deadlock.
+out are killed, not waited for. The actors share one placement group (gang-scheduled) that nothing waits
+for, so stages sharing a small cluster cannot deadlock.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from attribution import stage as attribution
@@ -25,6 +26,10 @@ from attribution.store import GraphStore, check_variant, open_store
 from pipeline.config import ConfigError, StageResources
 
 CALLS_PER_ACTOR = 2  # prompts queued on an actor: its next one is there while this process collects one
+# What a fresh actor takes before its first prompt (process start, torch and transformers imports, load):
+# 3.5 s on 2 idle cores, about 5 s at load 6 (tiny preset). A batch that this process finishes sooner gains
+# nothing from an actor, whose start only takes CPU from it.
+ACTOR_START_SECONDS = 5.0
 
 
 class AttributionWorker:
@@ -59,27 +64,31 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
 
     started = time.perf_counter()
     store = open_store(store_dir)
-    items = attribution.batch_items(config, None)
+    todo = deque(attribution.batch_items(config, None))
+    total = len(todo)
     attribution.write_config(store, config, check_variant(variant))
-    n_workers = min(resources.num_workers, len(items))
+    n_workers = min(resources.num_workers, total)
     n_actors = max(0, n_workers - 1) if work_here else n_workers
     memory = int(resources.memory_gb * 2**30) if resources.memory_gb else None
     bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {}),
               **({"memory": memory} if memory else {})}
-    total = ray.cluster_resources()
+    cluster = ray.cluster_resources()
     for name, amount in bundle.items():
-        if total.get(name, 0) < amount * n_workers:
+        if cluster.get(name, 0) < amount * n_workers:
             raise ConfigError(f"resources.stages.attribution asks for {n_workers} workers x {amount} {name}; the Ray "
-                             f"cluster has {total.get(name, 0)}: lower num_workers or the per-worker resources")
-    group = placement_group([bundle] * n_actors, strategy="PACK") if n_actors else None
-    actors = []
-    try:
+                             f"cluster has {cluster.get(name, 0)}: lower num_workers or the per-worker resources")
+    actors, groups = [], []
+
+    def start_actors() -> list:
+        groups.append(placement_group([bundle] * n_actors, strategy="PACK"))
         for index in range(n_actors):
             actors.append(ray.remote(AttributionWorker).options(
-                num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                memory=memory, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+                num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, memory=memory, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(groups[0], placement_group_bundle_index=index),
             ).remote(config, model_source, str(clt_dir), str(store.root), variant, max(1, int(resources.num_cpus))))
+        return actors
+
+    try:
         local = None
         if work_here:
             if config.threads:
@@ -87,24 +96,28 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
 
                 torch.set_num_threads(config.threads)
             local = attribution.Attributor.load(model_source, clt_dir, variant)
-        outcomes = share_batch(items, local, actors, config, store, force)
-        return attribution.summarize(outcomes, variant, store, len(items), progress=progress, started=started)
+        outcomes = share_batch(todo, local, start_actors if n_actors else None, config, store, force)
+        return attribution.summarize(outcomes, variant, store, total, progress=progress, started=started)
     finally:
         for actor in actors:
             ray.kill(actor)
-        if group is not None:
+        for group in groups:
             remove_placement_group(group)  # its CPUs go back to the other stages at once
 
 
-def share_batch(items: list[attribution.PromptItem], local: attribution.Attributor | None, actors: list,
+def share_batch(todo: deque, local: attribution.Attributor | None, start_actors: Callable[[], list] | None,
                 config: AttributionStageConfig, store: GraphStore, force: bool) -> Iterator[dict]:
-    """Outcomes of `items` in the order they finish: each ready actor holds up to CALLS_PER_ACTOR prompts,
-    and `local` (if any) attributes one prompt here whenever no finished remote call is waiting."""
+    """Outcomes of the prompts in `todo` in the order they finish. `local` (if any) attributes one prompt
+    here whenever no finished remote call is waiting; each actor, once ready, holds up to CALLS_PER_ACTOR
+    prompts. Actors start at once without `local`, else only if, at the pace of the first prompt computed
+    here, the rest of the batch would take longer than ACTOR_START_SECONDS."""
     import ray
 
-    todo = deque(items)
-    starting = {actor.ready.remote(): actor for actor in actors}
-    running = {}  # call -> actor
+    starting = {}  # ready call -> actor
+    if start_actors is not None and local is None:
+        starting = {actor.ready.remote(): actor for actor in start_actors()}
+    decided = local is None  # whether actors were started or ruled out
+    running = {}  # attribute call -> actor
     free = []  # one entry per call an actor can take now
     while todo or running:
         waiting = list(running) + (list(starting) if todo else [])
@@ -125,4 +138,10 @@ def share_batch(items: list[attribution.PromptItem], local: attribution.Attribut
             actor = free.pop()
             running[actor.attribute.remote(todo.popleft(), force)] = actor
         if todo and local is not None:
-            yield local.attribute(todo.popleft(), config, store, force)
+            prompt_started = time.perf_counter()
+            outcome = local.attribute(todo.popleft(), config, store, force)
+            if not decided and outcome["status"] != "skipped":  # a computed prompt: its pace tells
+                decided, seconds_left = True, len(todo) * (time.perf_counter() - prompt_started)
+                if start_actors is not None and seconds_left > ACTOR_START_SECONDS:
+                    starting = {actor.ready.remote(): actor for actor in start_actors()}
+            yield outcome

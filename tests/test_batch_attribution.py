@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from attribution.store import open_store
-from pipeline.attribution_pool import run_on_actors
+from pipeline import attribution_pool
 from pipeline.config import StageResources, load_config
 from pipeline.orchestrate import init_ray, run_pipeline
 
@@ -100,10 +100,11 @@ def partial_copy(root: Path, reference: Path) -> dict[Path, int]:
     return committed_files(root / "graphs")
 
 
-def test_two_workers_complete_a_partial_store(built):
-    """num_workers: 2 in the pipeline (the stage task and an actor that joins once loaded, two stages on a
-    2-CPU Ray), then the actors alone (work_here=False): each completes a partial store to the reference
-    graphs without recomputing a stored one."""
+def test_two_workers_complete_a_partial_store(built, monkeypatch):
+    """num_workers: 2 in the pipeline (two stages on a 2-CPU Ray: each stage task works, an actor would only
+    start for a longer batch), then outside it the actors alone (work_here=False, dense) and this process with
+    an actor started after its first prompt (sparse): each completes a partial store to the reference graphs
+    without recomputing a stored one."""
     root, reference = built
     kept = partial_copy(root, reference)
     config = load_config(preset="tiny", overrides=OVERRIDES + ["resources.stages.attribution.num_workers=2"])
@@ -112,7 +113,7 @@ def test_two_workers_complete_a_partial_store(built):
         results = run_pipeline(config, ["attribution"], str(root), progress=False)  # embedded Ray
         for variant in ("dense", "sparse"):
             summary = results[f"attribution_{variant}"]["summary"]
-            assert summary["workers"] in (1, 2), summary  # the actor may start after the batch is done
+            assert summary["workers"] in (1, 2), summary
             assert summary["graphs"] + summary["skipped"] == N_GRAPHS + N_FAILURES and summary["graphs"] > 0
             assert summary["failures"] == [] and summary["failures_in_store"] == N_FAILURES
         for path, mtime in kept.items():
@@ -120,11 +121,13 @@ def test_two_workers_complete_a_partial_store(built):
         assert_same_store(root / "graphs", reference)
 
         kept = partial_copy(root, reference)
-        for variant in ("dense", "sparse"):
+        monkeypatch.setattr(attribution_pool, "ACTOR_START_SECONDS", 0.0)
+        for variant, work_here in (("dense", False), ("sparse", True)):
             source = config.sparsify.model if variant == "dense" else root / "sparsify" / "model"
-            summary = run_on_actors(config.attribution, source, root / "clt" / variant, root / "graphs", variant,
-                                    StageResources(num_cpus=1, num_workers=2), progress=False, work_here=False)
-            assert os.getpid() not in summary["worker_pids"] and 1 <= len(summary["worker_pids"]) <= 2, summary
+            summary = attribution_pool.run_on_actors(config.attribution, source, root / "clt" / variant,
+                                                     root / "graphs", variant, StageResources(num_cpus=1, num_workers=2),
+                                                     progress=False, work_here=work_here)
+            assert (os.getpid() in summary["worker_pids"]) == work_here and len(summary["worker_pids"]) <= 2, summary
             assert len(summary["graphs"]) + len(summary["skipped"]) == N_GRAPHS + N_FAILURES, summary
         for path, mtime in kept.items():
             assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
