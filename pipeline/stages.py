@@ -27,6 +27,7 @@ class Stage:
     run: Callable[[PipelineConfig, Path, dict[str, Path], bool, bool], dict]
     manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
     outputs: str = ""  # what `directory` holds, for the closing summary
+    task_is_a_worker: bool = False  # with num_workers > 1 the stage task works too (attribution), not only waits
 
     @property
     def manifest_dir(self) -> str:
@@ -257,10 +258,10 @@ STAGES: dict[str, Stage] = {
               ("sparsify", "clt_sparse"), _run_features("sparse"), outputs=_FEATURE_OUTPUTS),
         Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
               _run_attribution("dense"), manifest_directory="graphs/_stages/dense",
-              outputs=_GRAPH_OUTPUTS.format(variant="dense")),
+              outputs=_GRAPH_OUTPUTS.format(variant="dense"), task_is_a_worker=True),
         Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
               _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse",
-              outputs=_GRAPH_OUTPUTS.format(variant="sparse")),
+              outputs=_GRAPH_OUTPUTS.format(variant="sparse"), task_is_a_worker=True),
         Stage("compare", "compare", "comparison", ("compare", "sparsify.model"),
               ("sparsify", "clt_dense", "clt_sparse", "features_dense", "features_sparse", "attribution_dense",
                "attribution_sparse"), _run_compare,
