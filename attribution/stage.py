@@ -206,7 +206,7 @@ def summarize(outcomes: Iterable[dict], variant: str, store: GraphStore, total: 
             else:
                 summary["graphs" if status == "graph" else "failures"].append(outcome)
             bar.update(1)
-    summary["workers"] = len(workers)
+    summary["workers"], summary["worker_pids"] = len(workers), sorted(workers)
     summary["failures_in_store"] = len(store.failures(variant))
     summary["seconds"] = time.perf_counter() - started
     return summary
@@ -220,7 +220,7 @@ def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str 
 
     Returns a summary: per new graph its id, size and scores; per newly failed prompt the error (also in
     the store's failures table); the ids skipped because the store held their graph or failure (unless
-    `force`); `workers` (processes that attributed, here 1).
+    `force`); `workers` and `worker_pids` (the processes that attributed: here this one).
     """
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -3,13 +3,18 @@
 Layout and tables: see attribution/schema.py. A store lives on a local path or any pyarrow
 filesystem URI (file://, s3://, gs://, hdfs://...). Each file is written under a temporary name and
 moved into place; the one-row `graphs` file is written last and removed first, so a reader sees a
-graph whole or not at all.
+graph whole or not at all. A writer killed mid-file leaves its temporary file, which reads ignore and
+the next writer of that variant removes (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import os
 import re
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,33 @@ from attribution.schema import SCHEMAS, TABLES, WRITE_ORDER, check_schema, tagge
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _GRAPH_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 ROW_GROUP_ROWS = 32768
+TMP_MAX_AGE_S = 3600.0  # a write holds its temporary file for seconds: one this old was abandoned
+_TMP = re.compile(r"\.parquet\.tmp-(?:(?P<space>[0-9a-f]{12})-(?P<pid>\d+)-)?[0-9a-f]{32}$")
+
+
+def _pid_space() -> str:
+    """Where a pid names one process: this host and pid namespace (containers on one host have their own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:12]
+
+
+PID_SPACE = _pid_space()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this pid space exists (a zombie or another user's process counts)."""
+    if pid <= 0:
+        return True  # not a pid we may probe: keep its file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StoreError(AttributionError):
@@ -71,6 +103,7 @@ class GraphStore:
                 raise StoreError(f"cannot open store {uri}: {err}") from None
             self.root = self.root.rstrip("/")
         self._variant_of: dict[str, str] = {}
+        self._swept: set[str] = set()  # variants whose stale temporary files this store removed
 
     def __repr__(self) -> str:
         return f"GraphStore({self.fs.type_name}:{self.root})"
@@ -117,6 +150,7 @@ class GraphStore:
         missing = set(TABLES) - set(record.tables)
         if missing:
             raise StoreError(f"graph {record.graph_id} lacks tables {sorted(missing)}")
+        self._sweep_once(variant)
         self.delete(record.graph_id, missing_ok=True)  # uncommit first: no reader mixes old and new files
         for name in WRITE_ORDER:
             self._write_file(name, record.tables[name], self.path(name, variant, record.graph_id))
@@ -125,7 +159,7 @@ class GraphStore:
     def _write_file(self, name: str, table: pa.Table, path: str) -> None:
         table = table.cast(tagged(name))
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}.tmp-{PID_SPACE}-{os.getpid()}-{uuid.uuid4().hex}"  # who wrote it: see remove_stale_temporaries
         try:
             with self.fs.open_output_stream(tmp) as sink:
                 pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, compression="zstd")
@@ -142,7 +176,38 @@ class GraphStore:
         variant = check_variant(variant)
         if not _GRAPH_ID.match(failure_id):
             raise StoreError(f"failure id {failure_id!r} must be letters, digits, '_' or '-'")
+        self._sweep_once(variant)
         self._write_file("failures", table, self.path("failures", variant, failure_id))
+
+    def _sweep_once(self, variant: str) -> None:
+        if variant not in self._swept:
+            self._swept.add(variant)
+            self.remove_stale_temporaries(variant)
+
+    def remove_stale_temporaries(self, variant: str, max_age_s: float = TMP_MAX_AGE_S) -> list[str]:
+        """Delete the temporary files (`*.parquet.tmp-*`) that killed writers left in one variant's folders:
+        those older than `max_age_s`, and those whose writer ran in this pid space (host and pid namespace,
+        named in the file) and has exited. Safe beside live writers here and on other nodes: a live writer's
+        pid exists in its own pid space, a writer elsewhere is judged by age alone, and a write holds its
+        temporary file for seconds. Returns the removed paths; each store does it on its first write to a
+        variant."""
+        removed = []
+        now_ns = time.time_ns()
+        for table in TABLES:
+            selector = pafs.FileSelector(f"{self.root}/{table}/variant={check_variant(variant)}", allow_not_found=True)
+            for info in self.fs.get_file_info(selector):
+                match = _TMP.search(info.base_name)
+                if info.type != pafs.FileType.File or not match:
+                    continue
+                old = info.mtime_ns is not None and now_ns - info.mtime_ns > max_age_s * 1e9
+                exited = match["space"] == PID_SPACE and not _alive(int(match["pid"]))
+                if old or exited:
+                    try:
+                        self.fs.delete_file(info.path)
+                    except FileNotFoundError:  # another writer removed it first
+                        continue
+                    removed.append(info.path)
+        return sorted(removed)
 
     def delete_failure(self, variant: str, failure_id: str) -> None:
         """Forget a recorded failure (absent is fine): the prompt is attributed again on the next run."""

@@ -28,7 +28,8 @@ class StageResources(BaseModel):
     num_gpus: float = Field(0, ge=0, description="per worker")
     memory_gb: float | None = Field(None, gt=0)
     num_workers: int = Field(1, ge=1, description="data-parallel training workers (Ray Train, DDP), or attribution "
-                             "actors (each loads the model once); 1 = plain task")
+                             "workers (the stage task and num_workers - 1 actors, each loads the model once); "
+                             "1 = plain task")
     use_gpu: bool = Field(False, description="data-parallel workers take one GPU each")
 
 

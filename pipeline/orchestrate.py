@@ -87,7 +87,7 @@ def run_pipeline(config: PipelineConfig, groups: list[str], output: str, *, forc
 
     import ray
 
-    started_here = _init_ray(config)
+    started_here = init_ray(config)
     try:
         return _run_on_ray(config, stages, config_json, output, keys, force, progress)
     finally:
@@ -105,7 +105,8 @@ def _run_on_ray(config: PipelineConfig, stages: list[Stage], config_json: dict, 
     for stage in stages:
         res = config.resources.for_stage(stage.group)
         deps = [refs[name] for name in stage.inputs if name in refs]
-        coordinator = res.num_workers > 1  # its Ray Train workers hold the resources, not the stage task
+        # Ray Train's workers hold the resources, not the stage task; attribution's task is one of its workers
+        coordinator = res.num_workers > 1 and not stage.task_is_a_worker
         refs[stage.name] = remote.options(
             num_cpus=0.01 if coordinator else res.num_cpus, num_gpus=0 if coordinator else res.num_gpus,
             memory=int(res.memory_gb * 2**30) if res.memory_gb else None,
@@ -141,7 +142,7 @@ def _collect(pending: dict, results: dict[str, dict]) -> None:
                              "same command to resume from its last checkpoint") from error
 
 
-def _init_ray(config: PipelineConfig) -> bool:
+def init_ray(config: PipelineConfig) -> bool:
     """Connect to RAY_ADDRESS / config.ray.address, or start embedded Ray; True when this call started it."""
     import ray
 

@@ -27,6 +27,7 @@ class Stage:
     run: Callable[[PipelineConfig, Path, dict[str, Path], bool, bool], dict]
     manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
     outputs: str = ""  # what `directory` holds, for the closing summary
+    task_is_a_worker: bool = False  # with num_workers > 1 the stage task works too (attribution), not only waits
 
     @property
     def manifest_dir(self) -> str:
@@ -42,32 +43,66 @@ class Stage:
         return payload
 
 
+def _resume_from_ray_train(checkpoint_dir: Path) -> None:
+    """In a Ray Train worker: rank 0 restores the latest reported checkpoint (if any) into the trainer's
+    local checkpoint directory; no rank goes on before it is in place."""
+    import torch.distributed as dist
+    from ray import train
+
+    latest = train.get_checkpoint()
+    if latest is not None and train.get_context().get_world_rank() == 0:
+        restore_checkpoint_dir(latest, checkpoint_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _report_to_ray_train(metric: str) -> Callable[[dict, Path | None], None]:
+    """An `on_checkpoint(row, directory)` for a trainer: every rank reports the step and `row[metric]`, and
+    rank 0 hands over the directory it saved into (Ray Train uploads it into the run's storage)."""
+    from ray import train
+
+    def report(row: dict, directory: Path | None) -> None:
+        checkpoint = train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        train.report({"step": row["step"], metric: row[metric]}, checkpoint=checkpoint)
+
+    return report
+
+
 def _sparsify_worker(loop_config: dict) -> None:
     """Ray Train worker: every rank trains on its shard; rank 0 saves and evaluates.
 
     Training checkpoints go through Ray Train (reported by every rank, rank 0's directory uploaded into
     the run's storage); a rerun restores the latest one into the stage's checkpoint directory first."""
     import torch
-    import torch.distributed as dist
-    from ray import train
 
     from sparse_attention import stage as sparsify
     from sparse_attention.config import SparsifyConfig
 
     torch.set_num_threads(loop_config["threads"])
     work_dir = Path(loop_config["work_dir"])
-    latest = train.get_checkpoint()
-    if latest is not None and train.get_context().get_world_rank() == 0:
-        restore_checkpoint_dir(latest, work_dir / sparsify.CHECKPOINT_DIR)
-    if dist.is_initialized():
-        dist.barrier()  # no rank starts training before the restored state is in place
-
-    def report(row: dict, directory: Path | None) -> None:
-        checkpoint = train.Checkpoint.from_directory(str(directory)) if directory is not None else None
-        train.report({"step": row["step"], "open_fraction": row["open_fraction"]}, checkpoint=checkpoint)
-
+    _resume_from_ray_train(work_dir / sparsify.CHECKPOINT_DIR)
     sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), work_dir, progress=loop_config["progress"],
-                 on_checkpoint=report)
+                 on_checkpoint=_report_to_ray_train("open_fraction"))
+
+
+def _clt_worker(loop_config: dict) -> None:
+    """Ray Train worker for a CLT: every rank trains on its shard of each batch, on the device Ray Train gave
+    it (its GPU with use_gpu, else the CPU); rank 0 saves, exports and evaluates. Checkpoints go through Ray
+    Train as in `_sparsify_worker`."""
+    import torch
+    from ray.train.torch import get_device
+
+    from sparse_attention.config import ModelSpec
+    from transcoders import stage as clt
+    from transcoders.config import CLTStageConfig
+
+    torch.set_num_threads(loop_config["threads"])
+    work_dir = Path(loop_config["work_dir"])
+    _resume_from_ray_train(work_dir / clt.CHECKPOINT_DIR)
+    model = loop_config["model"]  # a ModelSpec's fields (dense original) or sparsify's model/ directory
+    source = ModelSpec.model_validate(model) if isinstance(model, dict) else model
+    clt.run(CLTStageConfig.model_validate(loop_config["config"]), source, work_dir, progress=loop_config["progress"],
+            on_checkpoint=_report_to_ray_train("nmse"), device=get_device())
 
 
 def restore_checkpoint_dir(checkpoint, target: Path) -> None:
@@ -129,10 +164,20 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
 
 def _run_clt(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
+        import json
+
         from transcoders import stage as clt
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
-        metrics = clt.run(config.clt, source, work_dir, progress=progress)
+        resources = config.resources.for_stage("clt")
+        if resources.num_workers > 1:
+            loop_config = {"config": config.clt.model_dump(mode="json"), "work_dir": str(work_dir),
+                           "model": source.model_dump(mode="json") if variant == "dense" else str(source),
+                           "progress": progress}
+            run_data_parallel(_clt_worker, loop_config, resources, work_dir / RAY_TRAIN_DIR, "clt")
+            metrics = json.loads((work_dir / clt.METRICS_FILE).read_text())
+        else:
+            metrics = clt.run(config.clt, source, work_dir, progress=progress)
         keys = ("nmse_per_layer", "l0_per_layer", "dead_fraction", "ce_clean", "ce_replaced", "ce_zero_ablated",
                 "ce_recovered_fraction")
         return {key: metrics[key] for key in keys if key in metrics}
@@ -213,10 +258,10 @@ STAGES: dict[str, Stage] = {
               ("sparsify", "clt_sparse"), _run_features("sparse"), outputs=_FEATURE_OUTPUTS),
         Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
               _run_attribution("dense"), manifest_directory="graphs/_stages/dense",
-              outputs=_GRAPH_OUTPUTS.format(variant="dense")),
+              outputs=_GRAPH_OUTPUTS.format(variant="dense"), task_is_a_worker=True),
         Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
               _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse",
-              outputs=_GRAPH_OUTPUTS.format(variant="sparse")),
+              outputs=_GRAPH_OUTPUTS.format(variant="sparse"), task_is_a_worker=True),
         Stage("compare", "compare", "comparison", ("compare", "sparsify.model"),
               ("sparsify", "clt_dense", "clt_sparse", "features_dense", "features_sparse", "attribution_dense",
                "attribution_sparse"), _run_compare,

@@ -60,10 +60,17 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
             param.grad /= world
 
 
+def collective_device() -> torch.device:
+    """Where collectives take their tensors: NCCL (Ray Train's backend for GPU workers) reduces CUDA tensors only."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def average_scalars(totals: dict) -> dict:
     """Mean of float statistics and sum of counts over workers, so every rank's controller agrees."""
     keys = sorted(totals)
-    values = torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(values)
     world = torch.distributed.get_world_size()
     return {k: (int(v) if isinstance(totals[k], int) else v / world) for k, v in zip(keys, values.tolist())}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -21,7 +25,7 @@ from attribution.records import (
     make_graph_id,
     nodes_table,
 )
-from attribution.store import GraphNotFoundError, GraphStore, StoreError, open_store
+from attribution.store import PID_SPACE, GraphNotFoundError, GraphStore, StoreError, open_store
 from tests.test_attribution import replacement
 
 
@@ -116,6 +120,43 @@ def test_interrupted_write_leaves_no_visible_graph(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.tmp-*"))
     store.write(record)  # a rerun completes it
     assert open_store(tmp_path).list_graphs()["graph_id"].tolist() == [record.graph_id]
+
+
+def test_first_write_removes_only_stale_temporary_files(tmp_path):
+    """Killed writers' temporary files go on a variant's first write: those over an hour old, and those of an
+    exited process of this pid space. A live writer's stay, and so does a fresh one from another pid space
+    (its pid cannot be checked here)."""
+    _, _, record = make_record()
+    folder = tmp_path / "edges" / f"variant={record.variant}"
+    other_variant = tmp_path / "edges" / "variant=other"
+    folder.mkdir(parents=True)
+    other_variant.mkdir(parents=True)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    elsewhere = "f" * 12
+    assert elsewhere != PID_SPACE
+    token = "0123456789abcdef" * 2
+    old = {folder / f"a.parquet.tmp-{token}", folder / f"b.parquet.tmp-{elsewhere}-{os.getpid()}-{token}"}
+    removed = old | {folder / f"c.parquet.tmp-{PID_SPACE}-{exited.pid}-{token}"}  # its writer exited
+    kept = {
+        folder / f"d.parquet.tmp-{PID_SPACE}-{os.getpid()}-{token}",  # a live writer's
+        folder / f"e.parquet.tmp-{elsewhere}-{exited.pid}-{token}",  # another pid space's, fresh
+        folder / f"f.parquet.tmp-{token}",  # fresh, writer unknown
+        folder / "g.parquet.tmp-not-ours",
+        folder / "h.parquet",
+        other_variant / f"i.parquet.tmp-{token}",  # old, but nobody writes this variant yet
+    }
+    for path in removed | kept:
+        path.write_bytes(b"")
+    an_hour_ago = time.time() - 3601
+    for path in old | {other_variant / f"i.parquet.tmp-{token}"}:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    store = open_store(tmp_path)
+    store.write(record)
+    assert {p for p in tmp_path.rglob("*") if p.is_file()} - (removed | kept) == {
+        tmp_path / table / f"variant={record.variant}" / f"{record.graph_id}.parquet" for table in record.tables}
+    assert not any(p.exists() for p in removed) and all(p.exists() for p in kept)
+    assert store.remove_stale_temporaries("other") == [str(other_variant / f"i.parquet.tmp-{token}")]
 
 
 def test_clear_errors(tmp_path):

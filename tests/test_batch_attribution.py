@@ -1,7 +1,7 @@
 """Batch attribution in the pipeline: a run SIGKILLed mid-batch and rerun recomputes no finished prompt and
-ends with the store of an uninterrupted run; the Ray actor pool (2 workers) completes a partial store to the
-same graphs. Sparsify and CLT run once (tiny, few steps); graph ids depend on their paths, so every run
-here writes into the same output root."""
+ends with the store of an uninterrupted run; two workers (the stage task and an actor, or two actors)
+complete a partial store to the same graphs. Sparsify and CLT run once (tiny, few steps); graph ids depend
+on their paths, so every run here writes into the same output root."""
 
 import os
 import shutil
@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 
 from attribution.store import open_store
-from pipeline.config import load_config
-from pipeline.orchestrate import run_pipeline
+from pipeline import attribution_pool
+from pipeline.config import StageResources, load_config
+from pipeline.orchestrate import init_ray, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "pipeline" / "run.py")]
@@ -88,21 +90,47 @@ def test_kill_mid_batch_then_rerun_recomputes_no_finished_prompt(built):
     assert_same_store(root / "graphs", reference)
 
 
-def test_actor_pool_with_two_workers_completes_a_partial_store(built):
-    root, reference = built
+def partial_copy(root: Path, reference: Path) -> dict[Path, int]:
+    """The reference store in root/graphs with every other graph deleted; the mtimes of what is left."""
     shutil.rmtree(root / "graphs", ignore_errors=True)
     shutil.copytree(reference, root / "graphs", ignore=shutil.ignore_patterns("_stages"))
     store = open_store(root / "graphs")
     for graph_id in store.list_graphs()["graph_id"].tolist()[::2]:  # half of each variant is left to compute
         store.delete(graph_id)
-    kept = committed_files(root / "graphs")
+    return committed_files(root / "graphs")
+
+
+def test_two_workers_complete_a_partial_store(built, monkeypatch):
+    """num_workers: 2 in the pipeline (two stages on a 2-CPU Ray: each stage task works, an actor would only
+    start for a longer batch), then outside it the actors alone (work_here=False, dense) and this process with
+    an actor started after its first prompt (sparse): each completes a partial store to the reference graphs
+    without recomputing a stored one."""
+    root, reference = built
+    kept = partial_copy(root, reference)
     config = load_config(preset="tiny", overrides=OVERRIDES + ["resources.stages.attribution.num_workers=2"])
-    results = run_pipeline(config, ["attribution"], str(root), progress=False)  # embedded Ray
-    for variant in ("dense", "sparse"):
-        summary = results[f"attribution_{variant}"]["summary"]
-        assert summary["workers"] == 2, summary
-        assert summary["graphs"] + summary["skipped"] == N_GRAPHS + N_FAILURES and summary["graphs"] > 0
-        assert summary["failures"] == [] and summary["failures_in_store"] == N_FAILURES
-    for path, mtime in kept.items():
-        assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
-    assert_same_store(root / "graphs", reference)
+    assert init_ray(config)
+    try:
+        results = run_pipeline(config, ["attribution"], str(root), progress=False)  # embedded Ray
+        for variant in ("dense", "sparse"):
+            summary = results[f"attribution_{variant}"]["summary"]
+            assert summary["workers"] in (1, 2), summary
+            assert summary["graphs"] + summary["skipped"] == N_GRAPHS + N_FAILURES and summary["graphs"] > 0
+            assert summary["failures"] == [] and summary["failures_in_store"] == N_FAILURES
+        for path, mtime in kept.items():
+            assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+        assert_same_store(root / "graphs", reference)
+
+        kept = partial_copy(root, reference)
+        monkeypatch.setattr(attribution_pool, "ACTOR_START_SECONDS", 0.0)
+        for variant, work_here in (("dense", False), ("sparse", True)):
+            source = config.sparsify.model if variant == "dense" else root / "sparsify" / "model"
+            summary = attribution_pool.run_on_actors(config.attribution, source, root / "clt" / variant,
+                                                     root / "graphs", variant, StageResources(num_cpus=1, num_workers=2),
+                                                     progress=False, work_here=work_here)
+            assert (os.getpid() in summary["worker_pids"]) == work_here and len(summary["worker_pids"]) <= 2, summary
+            assert len(summary["graphs"]) + len(summary["skipped"]) == N_GRAPHS + N_FAILURES, summary
+        for path, mtime in kept.items():
+            assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+        assert_same_store(root / "graphs", reference)
+    finally:
+        ray.shutdown()

@@ -63,7 +63,7 @@ def _coo(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tu
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The same row-major-sorted entries as CSR (sampled_addmm wants CSR)."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SPARSE_CSR_WARNING)

@@ -2,7 +2,10 @@
 then, as its own step, the feature dashboards (`build_features`: `features/` beside the CLT).
 
 The pipeline calls `run` once per model: with a `ModelSpec` for the dense original, and with the
-sparsify stage's `model/` directory (a gated checkpoint) for the sparse one.
+sparsify stage's `model/` directory (a gated checkpoint) for the sparse one. Under torch.distributed
+(data parallel, e.g. Ray Train workers) every rank runs `run`: each harvests the same activation stream
+and trains on its shard of every batch (transcoders/train.py); rank 0 alone writes checkpoints, the CLT,
+metrics and plots.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.gated_attention import GATE_FILE, load_gated_model
 from sparse_attention.models import SMOLLM2_NAME, load_model
 from sparse_attention.stage import write_json_atomic
+from sparse_attention.train import is_distributed, is_main_rank
 from transcoders.cache import build_cache, cache_chunks
 from transcoders.clt import META_FILE as CLT_META_FILE
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
@@ -72,12 +77,19 @@ def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, progress: bool = True) -> dict:
+def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, progress: bool = True,
+        on_checkpoint: Callable[[dict, Path | None], None] | None = None,
+        device: str | torch.device = "cpu") -> dict:
     """Train a CLT on `model`'s MLPs; writes the CLT (circuit-tracer layout), metrics.json, config and plots.
-    Its feature dashboards are a separate step (`build_features`), so changing them never retrains a CLT."""
+    Its feature dashboards are a separate step (`build_features`), so changing them never retrains a CLT.
+
+    Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `train_clt`. The CLT
+    trains on `device`; harvesting and evaluation run the LM on the CPU. Data-parallel ranks other than 0
+    return {} after training."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if is_main_rank():
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     started = time.perf_counter()
@@ -92,7 +104,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     memory = check_training_fits(clt_config, batch_tokens=config.train.batch_tokens,
                                  buffer_tokens=config.harvest.buffer_tokens, model_bytes=model_bytes,
                                  budget_bytes=budget)
-    clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed)
+    clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed).to(device)
 
     harvest = config.harvest
     harvest_lm = lm if harvest.dtype == "float32" else copy.deepcopy(lm).to(getattr(torch, harvest.dtype))
@@ -100,9 +112,12 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         cache_dir = config.cache.directory or output_dir / "activations"
         cache_identity = {"model": identity, "data": config.data.model_dump(mode="json"),
                           "harvest": harvest.model_dump(mode="json", include={"batch_size", "seed", "dtype"})}
-        build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
-                    seed=harvest.seed, max_tokens=config.cache.max_tokens, shard_tokens=config.cache.shard_tokens,
-                    progress=progress)
+        if is_main_rank():
+            build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
+                        seed=harvest.seed, max_tokens=config.cache.max_tokens,
+                        shard_tokens=config.cache.shard_tokens, progress=progress)
+        if is_distributed():
+            torch.distributed.barrier()  # the other ranks read the cache rank 0 built
 
         def chunks(start: int):
             return cache_chunks(cache_dir, (n_layers, d_model), start)
@@ -115,7 +130,10 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
                              seed=harvest.seed, start_chunk=(state or {}).get("chunks_read", 0))
 
     result = train_clt(clt, open_source, config.train, checkpoint_dir=output_dir / CHECKPOINT_DIR,
-                       fingerprint=training_fingerprint(config, identity), progress=progress)
+                       fingerprint=training_fingerprint(config, identity), progress=progress,
+                       on_checkpoint=on_checkpoint)
+    if not is_main_rank():  # data-parallel workers: rank 0 exports and evaluates
+        return {}
     save_clt(clt, output_dir, model_name=identity["model_name"],
              extra={"model": identity, "stage_config": config.model_dump(mode="json"),
                     "train_steps": result.steps, "train_tokens": result.tokens_seen})

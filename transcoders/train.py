@@ -5,6 +5,14 @@ Loss (training units: each layer's input and output divided by its scale, see cl
   + lambda_s(t) * mean_tokens sum_{l,f} tanh(c * |W_dec,f| * a_f)       |W_dec,f| over all of f's decoders
   + lambda_p * mean_tokens sum_{l,f} relu(-pre_f)                      pushes silent features back up
 lambda_s ramps linearly from 0 to its final value over `sparsity_ramp_fraction` of training.
+
+Data parallel (torch.distributed initialised, e.g. by Ray Train): every rank reads the same global batch
+and trains on its equal shard; gradients are all-reduced to their mean, which is exactly the global-batch
+gradient because each loss term is a mean over tokens. Why the same stream on every rank rather than a
+disjoint harvest per rank: the data-dependent init, the shuffle order and the resume state (`source.state()`)
+then are those of a single process, so rank 0's checkpoint resumes every rank and W workers take the steps
+one worker would. The price is that each rank runs the LM forwards and holds the shuffle buffer; the CLT
+step, which dominates at real sizes, is what gets split.
 """
 
 from __future__ import annotations
@@ -19,7 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_attention.checkpoint import load_checkpoint, save_checkpoint
-from sparse_attention.train import lr_factor
+from sparse_attention.train import (
+    average_gradients,
+    average_scalars,
+    is_distributed,
+    is_main_rank,
+    lr_factor,
+    shard_for_rank,
+    world_size,
+)
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.jumprelu import jumprelu
@@ -119,9 +135,27 @@ class _Counters:
     silent_tokens: torch.Tensor  # [L, F] int64: tokens since each feature last fired
 
 
+def fired_on_any_rank(fired: torch.Tensor) -> torch.Tensor:
+    """Logical OR of a bool tensor over ranks, so every rank's dead-feature bookkeeping agrees."""
+    flags = fired.to(torch.uint8)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags.bool()
+
+
+def broadcast_from_main(clt: CrossLayerTranscoder) -> None:
+    """Give every rank rank 0's weights and scales (as DDP does at the start): ranks that round the
+    data-dependent init differently (other CPUs, other kernels) would otherwise never converge."""
+    for tensor in [*clt.parameters(), *clt.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
 def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp_in: torch.Tensor,
                 mlp_out: torch.Tensor, config: CLTTrainConfig, step: int, counters: _Counters) -> dict:
-    """One optimiser step on one batch; updates `counters` and returns the history row."""
+    """One optimiser step on one global batch [B, L, D] (this rank's shard of it when data parallel);
+    updates `counters` and returns the history row (statistics averaged over ranks: `nmse` is the mean of
+    the shards' values, the other terms are means over the global batch)."""
+    device = clt.b_dec.device
+    mlp_in, mlp_out = shard_for_rank(mlp_in).to(device), shard_for_rank(mlp_out).to(device)
     for group in optimizer.param_groups:
         group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps)
     lambda_s = sparsity_weight(step, config)
@@ -129,22 +163,26 @@ def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp
                      preact_coefficient=config.preact_coefficient, decode=config.decode)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
+    stats = {"loss": terms.total.item(), "mse": terms.mse_per_layer.sum().item(),
+             "nmse": terms.fvu_per_layer.mean().item(), "l0": terms.l0_per_layer.mean().item(),
+             "sparsity": terms.sparsity.item(), "preact": terms.preact.item()}
+    fired = terms.fired  # [L, F]
+    if is_distributed():
+        average_gradients(list(clt.parameters()))
+        stats = average_scalars(stats)
+        fired = fired_on_any_rank(fired)
     if config.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
     optimizer.step()
     with torch.no_grad():
         clt.threshold.clamp_(min=0.0)  # a negative threshold would let negative pre-activations through
-    counters.tokens_seen += len(mlp_in)
-    counters.silent_tokens = torch.where(terms.fired, 0, counters.silent_tokens + len(mlp_in))
+    batch_tokens = len(mlp_in) * world_size()
+    counters.tokens_seen += batch_tokens
+    counters.silent_tokens = torch.where(fired, 0, counters.silent_tokens + batch_tokens)
     return {
         "step": step + 1,
         "tokens": counters.tokens_seen,
-        "loss": terms.total.item(),
-        "mse": terms.mse_per_layer.sum().item(),
-        "nmse": terms.fvu_per_layer.mean().item(),
-        "l0": terms.l0_per_layer.mean().item(),
-        "sparsity": terms.sparsity.item(),
-        "preact": terms.preact.item(),
+        **{key: stats[key] for key in ("loss", "mse", "nmse", "l0", "sparsity", "preact")},
         "lambda_s": lambda_s,
         "dead_fraction": (counters.silent_tokens >= config.dead_window_tokens).float().mean().item(),
     }
@@ -159,25 +197,33 @@ def train_clt(
     fingerprint: str = "",
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[dict, Path | None], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) `clt` in place. `open_source(state)` restarts the data where `state` left off
-    (None: from the beginning). `on_step(row)` runs after each step and its checkpoint."""
+    """Train (or resume) `clt` in place, on the device it is on. `open_source(state)` restarts the data
+    where `state` left off (None: from the beginning); data parallel, it must serve the same batches on
+    every rank. `on_step(row)` runs after each step and its checkpoint. `on_checkpoint(row, directory)`
+    runs on every rank after each checkpoint, with the directory rank 0 saved into (None on the other
+    ranks), e.g. to hand it to Ray Train."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.batch_tokens % world_size():
+        raise ValueError(f"clt train.batch_tokens {config.batch_tokens} is not divisible by {world_size()} "
+                         "data-parallel workers; change one of them")
+    device = clt.b_dec.device
     optimizer = torch.optim.AdamW(clt.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state = None
     if ckpt_path is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(ckpt_path, fingerprint, what="CLT")
-    counters = _Counters(0, torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64))
+    counters = _Counters(0, torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64, device=device))
     history: list[dict] = []
     start_step = 0
     if state is not None:
         clt.load_state_dict(state["clt"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        counters = _Counters(state["tokens_seen"], state["silent_tokens"])
+        counters = _Counters(state["tokens_seen"], state["silent_tokens"].to(device))
         history, start_step = state["history"], state["step"]
         source = open_source(state["source"])
         batches = iter(source)
@@ -185,12 +231,16 @@ def train_clt(
         torch.manual_seed(config.seed)
         source = open_source(None)
         batches = iter(source)
-        initialise_from_data(clt, [next(batches) for _ in range(config.normalisation_batches)],
+        initialise_from_data(clt, [(x.to(device), y.to(device)) for x, y in
+                                   (next(batches) for _ in range(config.normalisation_batches))],
                              config.init_firing_fraction)
+    if is_distributed():
+        broadcast_from_main(clt)
 
     clt.train()
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start_step, desc="clt", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=start_step, desc="clt", disable=not (progress and is_main_rank()),
+               dynamic_ncols=True)
     with reuse_freed_memory():  # each step's gigabytes of temporaries reuse the last step's pages
         for step in range(start_step, config.steps):
             row = _train_step(clt, optimizer, *next(batches), config, step, counters)
@@ -199,7 +249,9 @@ def train_clt(
             bar.update(1)
             if (step + 1) % config.log_every == 0:
                 bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            if ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            checkpoint_now = ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0
+                                                        or step + 1 == config.steps)
+            if checkpoint_now and is_main_rank():
                 save_checkpoint(ckpt_path, {
                     "fingerprint": fingerprint,
                     "clt": clt.state_dict(),
@@ -211,6 +263,8 @@ def train_clt(
                     "tokens_seen": counters.tokens_seen,
                     "source": source.state(),
                 })
+            if checkpoint_now and on_checkpoint is not None:
+                on_checkpoint(row, checkpoint_dir if is_main_rank() else None)
             if on_step is not None:
                 on_step(row)
     bar.close()
