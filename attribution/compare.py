@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from attribution.component_circuits import ComponentCircuitConfig
+from attribution.component_circuits import CURVE_KINDS, ComponentCircuitConfig
 
 OUTPUT_FILES = {
     "graph_metrics": "graph_metrics.parquet",  # one row per graph
@@ -44,7 +44,8 @@ CONFIG_FILE = "compare_config.yaml"
 RATIO = "dense/sparse"
 # The paper's component-circuit ratios at ~0.9 explained effect (PAPER.md: Greater-Than and IOI on GPT-2,
 # Docstring and long IOI on OLMo-7B). Only the range over its tasks is known to us, not each task's value.
-PAPER_RATIOS = {"heads": (1.4, 4.5), "edges": (5.4, 97.0)}
+# Whether its edges are resolved by position is not known to us, so both our edge kinds sit beside its range.
+PAPER_RATIOS = {"heads": (1.4, 4.5), "edges": (5.4, 97.0), "position_edges": (5.4, 97.0)}
 PAPER_TASKS = "Greater-Than, IOI (GPT-2); Docstring, long IOI (OLMo-7B)"
 
 
@@ -328,17 +329,20 @@ def circuit_tables(results: dict[str, dict[str, object]], errors: dict[str, str]
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curves, summary) from component circuit results {task: {variant: CircuitResult}} and per-task errors.
 
-    curves: task, variant, kind (heads | edges), count, explained_effect, total, n_prompts.
+    curves: task, variant, kind (heads | edges | position_edges), count, explained_effect, total, n_prompts.
     summary: per task and kind the counts reaching `target` (first crossing and stays-above), their
     dense/sparse ratio, and the paper's range; `status` says why a task has no numbers."""
     curve_rows, summary_rows = [], []
+    kinds = [kind for kind in CURVE_KINDS
+             if any(getattr(r, kind) is not None for by_variant in results.values() for r in by_variant.values())]
     for task, by_variant in sorted(results.items()):
         for variant, result in sorted(by_variant.items()):
-            for kind in ("heads", "edges"):
+            for kind in kinds:
                 curve = getattr(result, kind)
-                curve_rows += [(task, variant, kind, count, effect, curve.total, result.n_prompts)
-                               for count, effect in zip(curve.counts, curve.effects)]
-        for kind in ("heads", "edges"):
+                curve_rows += [] if curve is None else [
+                    (task, variant, kind, count, effect, curve.total, result.n_prompts)
+                    for count, effect in zip(curve.counts, curve.effects)]
+        for kind in kinds:
             row = {"task": task, "kind": kind, "target": target, "status": "ok"}
             for variant in ("dense", "sparse"):
                 curve = getattr(by_variant[variant], kind) if variant in by_variant else None
@@ -349,7 +353,7 @@ def circuit_tables(results: dict[str, dict[str, object]], errors: dict[str, str]
             row["ratio_stays_above"] = _ratio(row["dense_stays_above"], row["sparse_stays_above"])
             summary_rows.append(row)
     for task, error in sorted(errors.items()):
-        summary_rows += [{"task": task, "kind": kind, "target": target, "status": error} for kind in ("heads", "edges")]
+        summary_rows += [{"task": task, "kind": kind, "target": target, "status": error} for kind in kinds or ("heads", "edges")]
     summary = pd.DataFrame(summary_rows, columns=[
         "task", "kind", "target", "dense_count", "sparse_count", "ratio", "dense_stays_above", "sparse_stays_above",
         "ratio_stays_above", "dense_total", "sparse_total", "status"])

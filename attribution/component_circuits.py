@@ -9,6 +9,12 @@ Ranking is attribution patching (EAP, Syed et al. / Hanna et al.): score(u, v) =
 write of u) . d metric / d (input of v), on the clean run, summed over positions, averaged over prompts;
 a head's node score is the sum over its out-edges (= its write difference . d metric / d write).
 Heads and edges are kept in order of |score|; edge counts include the embed -> x and x -> logits edges.
+
+Edges are traced twice: between components (summed over positions), and resolved by token position
+(`position_edges`): u -> v at position p is u's write at p read by v's input at p (the residual stream
+is per position; only attention moves information across positions, inside a head). Positions count
+from the prompt's last token, so prompts of different lengths share edges by their distance to the
+answer. Sparse attention should show here: a head's k/v inputs matter only at the keys it keeps open.
 Verification is activation patching in the usual "corrupted into clean" direction: run the clean
 prompt; a removed edge u -> v feeds v u's write from the corrupted run instead of u's write in this
 run; a removed head has its output replaced by its corrupted output. Explained effect =
@@ -58,6 +64,11 @@ class ComponentCircuitConfig(BaseModel):
     curve_points: int = Field(20, ge=2, description="counts on each curve (geometric grid, plus 0 and all)")
     refine: bool = Field(True, description="bisect between grid points for the count reaching `target`")
     top_stored: int = Field(100, ge=0, description="top-ranked heads / edges stored by name with their scores")
+    position_edges: bool = Field(True, description="also trace edges resolved by token position (counted from "
+                                                   "the last token), a third curve")
+
+
+CURVE_KINDS = ("heads", "edges", "position_edges")  # what a CircuitResult can hold curves of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +177,14 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
 
     prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
-    writers' differences; kept [U', C] bool, kept edges into the C readers  ->  [b, p, C, d].
+    writers' differences; kept [U', C] or, per position, [U', C, p] bool, kept edges into the C readers
+    ->  [b, p, C, d].
     """
-    rows = kept.any(dim=1).nonzero().squeeze(1)
+    rows = kept.flatten(1).any(dim=1).nonzero().squeeze(1)
     if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
         rows = slice(None)
-    kept_part = torch.einsum("kbpd,kc->bpcd", diffs[rows], kept[rows].to(diffs.dtype))
+    pattern = "kbpd,kcp->bpcd" if kept.dim() == 3 else "kbpd,kc->bpcd"
+    kept_part = torch.einsum(pattern, diffs[rows], kept[rows].to(diffs.dtype))
     return prefix_diff[:, :, None, :] - kept_part
 
 
@@ -275,7 +288,7 @@ class ComponentHooks:
     corrupted: Recording | None = None
     keep_heads: torch.Tensor | None = None  # [L, H] bool
     keep_mlps: torch.Tensor | None = None  # [L] bool
-    keep_edges: torch.Tensor | None = None  # [U, V] bool
+    keep_edges: torch.Tensor | None = None  # [U, V] bool, or [U, V, P] per position (the last p of P are a run's p)
     track_grads: bool = False
     writes: torch.Tensor | None = None  # [U, b, p, d], filled during the forward
     z: list[torch.Tensor] = field(default_factory=list)  # per layer [b, p, H * dh]
@@ -339,6 +352,8 @@ class ComponentHooks:
                 f"{tuple(output.shape)}: clean and corrupted batches must have the same shape"
             )
         if self.keep_edges is not None:
+            if self.keep_edges.dim() == 3 and self.keep_edges.shape[2] < p:
+                raise CircuitError(f"per-position edges cover {self.keep_edges.shape[2]} positions but this run has {p}")
             self._diffs = torch.zeros_like(self.writes)
             self._prefix_diff = output.new_zeros(b, p, d)
         self._record(0, output)
@@ -365,7 +380,10 @@ class ComponentHooks:
         n_cols = cols.stop - cols.start
         if self.keep_edges is not None:
             n_rows = int(self.layout.rows_read()[cols.start])
-            return removed_input(self._prefix_diff, self._diffs[:n_rows], self.keep_edges[:n_rows, cols])
+            keep = self.keep_edges[:n_rows, cols]
+            if keep.dim() == 3:
+                keep = keep[:, :, keep.shape[2] - self._prefix_diff.shape[1]:]  # positions counted from the end
+            return removed_input(self._prefix_diff, self._diffs[:n_rows], keep)
         if self.track_grads:
             b, p, d = shape_like.shape
             delta = shape_like.new_zeros(b, p, n_cols, d, requires_grad=True)
@@ -449,16 +467,27 @@ def patched_metric(prepared: PreparedModel, batch: PromptBatch, corrupted: Recor
     return logit_diff(_last_logits(prepared, hooks, batch.clean), batch)
 
 
-def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording) -> torch.Tensor:
-    """EAP scores summed over the batch's prompts: [U, V], zero where no edge exists."""
+def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording,
+                     n_positions: int | None = None) -> torch.Tensor:
+    """EAP scores summed over the batch's prompts: [U, V], or with `n_positions` per position [U, V, P]
+    (the batch's p positions are the last p of P); zero where no edge exists."""
     hooks = ComponentHooks(prepared.layout, track_grads=True)
     with torch.enable_grad():
         logit_diff(_last_logits(prepared, hooks, batch.clean), batch).sum().backward()
     diffs = corrupted.writes - hooks.writes  # [U, b, p, d]
-    scores = torch.zeros(prepared.layout.n_rows, prepared.layout.n_cols)
+    n_pos = diffs.shape[2]
+    if n_positions is not None and n_positions < n_pos:
+        raise CircuitError(f"n_positions={n_positions} is shorter than this batch's {n_pos} positions")
+    shape = (prepared.layout.n_rows, prepared.layout.n_cols) + (() if n_positions is None else (n_positions,))
+    scores = torch.zeros(shape)
     for start, grads in hooks.input_grads():  # grads [C, b, p, d]
-        scores[:, start:start + grads.shape[0]] = torch.einsum("ubpd,cbpd->uc", diffs, grads)
-    return scores * prepared.layout.allowed()
+        cols = slice(start, start + grads.shape[0])
+        if n_positions is None:
+            scores[:, cols] = torch.einsum("ubpd,cbpd->uc", diffs, grads)
+        else:
+            scores[:, cols, n_positions - n_pos:] = torch.einsum("ubpd,cbpd->ucp", diffs, grads)
+    allowed = prepared.layout.allowed()
+    return scores * (allowed if n_positions is None else allowed[:, :, None])
 
 
 @dataclass
@@ -486,6 +515,7 @@ class CircuitResult:
     heads: Curve
     edges: Curve
     config: dict
+    position_edges: Curve | None = None  # edges resolved by position (config.position_edges)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -502,6 +532,7 @@ class PromptSet:
             self.recordings.append(recording)
             corrupted_metrics.append(logit_diff(logits, batch))
         self.n_prompts = sum(len(b.indices) for b in batches)
+        self.n_positions = max(b.clean.shape[1] for b in batches)  # per-position edges count from the end
         self.metric_corrupted = torch.cat(corrupted_metrics).mean().item()
 
     def mean_metric(self, **keep) -> float:
@@ -509,9 +540,11 @@ class PromptSet:
         total = sum(patched_metric(self.prepared, b, r, **keep).sum() for b, r in zip(self.batches, self.recordings))
         return float(total) / self.n_prompts
 
-    def edge_scores(self) -> torch.Tensor:
-        """Mean EAP score per edge over the prompts: [U, V]."""
-        total = sum(edge_attribution(self.prepared, b, r) for b, r in zip(self.batches, self.recordings))
+    def edge_scores(self, by_position: bool = False) -> torch.Tensor:
+        """Mean EAP score per edge over the prompts: [U, V], or by position [U, V, n_positions] (its sum
+        over positions is the [U, V] score)."""
+        n_positions = self.n_positions if by_position else None
+        total = sum(edge_attribution(self.prepared, b, r, n_positions) for b, r in zip(self.batches, self.recordings))
         return total / self.n_prompts
 
 
@@ -550,9 +583,12 @@ def head_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
 
 def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
                config: ComponentCircuitConfig) -> Curve:
-    """Explained effect with the top-k edges by |EAP| kept (all others patched)."""
+    """Explained effect with the top-k edges by |EAP| kept (all others patched).  edge_scores [U, V], or
+    [U, V, P] for edges resolved by position."""
     layout = prompt_set.prepared.layout
     allowed = layout.allowed()
+    if edge_scores.dim() == 3:
+        allowed = allowed[:, :, None].expand(edge_scores.shape).contiguous()
     empty = prompt_set.mean_metric(keep_edges=torch.zeros_like(allowed))
     _check_effect("edge", metric_clean, empty)
 
@@ -563,8 +599,14 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
     total = int(allowed.sum())
     count, effects = count_to_reach(effect, count_grid(total, config.curve_points), config.target, config.refine)
     rows, cols = layout.row_names(), layout.col_names()
-    top = _ranked(edge_scores.masked_fill(~allowed, 0).flatten(), min(config.top_stored, total),
-                  lambda i: f"{rows[i // layout.n_cols]} -> {cols[i % layout.n_cols]}")
+    n_pos = edge_scores.shape[2] if edge_scores.dim() == 3 else 1
+
+    def name(i: int) -> str:  # per position: "@-1" is the last token
+        edge, pos = divmod(i, n_pos)
+        where = f" @{pos - n_pos}" if edge_scores.dim() == 3 else ""
+        return f"{rows[edge // layout.n_cols]} -> {cols[edge % layout.n_cols]}{where}"
+
+    top = _ranked(edge_scores.masked_fill(~allowed, 0).flatten(), min(config.top_stored, total), name)
     return Curve(total, list(effects), list(effects.values()), count, count_staying_above(effects, config.target),
                  metric_clean, empty, top)
 
@@ -575,12 +617,15 @@ def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Se
         raise CircuitError("component circuits need at least one prompt")
     prepared = prepare(model, config.split_qkv)
     prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
-    scores = prompt_set.edge_scores()  # [U, V]
+    position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
+    scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores()  # [U, V]
     metric_clean = prompt_set.mean_metric()
     return CircuitResult(
         task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
         metric_corrupted=prompt_set.metric_corrupted, heads=head_curve(prompt_set, scores, metric_clean, config),
         edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
+        position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores, metric_clean,
+                                                                      config),
     )
 
 
@@ -597,8 +642,10 @@ def compare(dense: CircuitResult, sparse: CircuitResult) -> dict:
         return None if a is None or b is None or b == 0 else a / b
 
     summary: dict = {"task": dense.task, "target": dense.config["target"]}
-    for kind in ("heads", "edges"):
+    for kind in CURVE_KINDS:
         d, s = getattr(dense, kind), getattr(sparse, kind)
+        if d is None or s is None:
+            continue
         summary[kind] = {
             "dense": d.count_at_target, "sparse": s.count_at_target, "ratio": ratio(d.count_at_target, s.count_at_target),
             "dense_stays_above": d.count_stays_above, "sparse_stays_above": s.count_stays_above,
@@ -644,7 +691,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, result in results.items():
             print(f"{task} {name}: metric clean {result.metric_clean:.3f} corrupted {result.metric_corrupted:.3f}; "
                   f"heads to {config.target}: {result.heads.count_at_target}/{result.heads.total}, "
-                  f"edges: {result.edges.count_at_target}/{result.edges.total}", flush=True)
+                  f"edges: {result.edges.count_at_target}/{result.edges.total}" + (
+                      "" if result.position_edges is None else
+                      f", edges by position: {result.position_edges.count_at_target}/{result.position_edges.total}"),
+                  flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")  # after every task, so a long run keeps results
 

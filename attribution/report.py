@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from attribution.compare import OUTPUT_FILES, RATIO, metric_columns
+from attribution.component_circuits import CURVE_KINDS
 
 REPORT_FILE = "report.html"
 FIGURE_DIR = "report_files"
@@ -180,9 +181,10 @@ def plot_circuit_curves(curves: pd.DataFrame, circuits: pd.DataFrame, path: Path
     target = float(circuits["target"].iloc[0])
     reached = circuits.set_index(["task", "kind"])
     tasks = sorted(curves["task"].unique())
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 3.2 * len(tasks)), squeeze=False)
+    kinds = [kind for kind in CURVE_KINDS if kind in set(curves["kind"])]
+    fig, axes = plt.subplots(len(tasks), len(kinds), figsize=(4.5 * len(kinds), 3.2 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
-        for col, kind in enumerate(("heads", "edges")):
+        for col, kind in enumerate(kinds):
             ax = axes[row][col]
             for variant, part in curves[(curves["task"] == task) & (curves["kind"] == kind)].groupby("variant"):
                 part = part.sort_values("count")
@@ -195,7 +197,7 @@ def plot_circuit_curves(curves: pd.DataFrame, circuits: pd.DataFrame, path: Path
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(f"{kind} kept")
+            ax.set_xlabel(f"{kind.replace('_', ' ')} kept")
             ax.set_ylabel("explained effect")
             ax.set_title(f"{task}: {kind}", fontsize=9)
             ax.legend(fontsize=8)
@@ -341,7 +343,9 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
         target = float(circuits["target"].iloc[0])
         parts.append(f"<h2>Component circuits</h2><p class=note>Explained effect (activation patching) against "
                      f"the number of heads / edges kept, ranked by attribution patching; counts reaching {fmt(target)}"
-                     f". Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
+                     ". Edges join components summed over positions; position_edges are the same edges at one "
+                     "token position (counted from the last token). "
+                     f"Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
         if curves is not None and len(curves):
             parts.append(f'<img src="{plot_circuit_curves(curves, circuits, figures / "circuit_curves.png")}">')
         parts.append(table_html(["task", "kind", "dense", "sparse", "dense/sparse", "dense/sparse (stays above)",

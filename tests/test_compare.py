@@ -153,10 +153,11 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     curves, summary = run_circuits(config, models, ["greater_than", "antonyms"])
     ok = summary[summary["task"] == "greater_than"].set_index("kind")
     assert (ok["status"] == "ok").all()
-    for kind in ("heads", "edges"):
+    assert list(ok.index) == ["heads", "edges", "position_edges"]
+    for kind in ("heads", "edges", "position_edges"):
         row = ok.loc[kind]
         assert row["ratio"] == pytest.approx(row["dense_count"] / row["sparse_count"])
-        assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4}[kind]
+        assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4, "position_edges": 5.4}[kind]
         for variant in ("dense", "sparse"):
             curve = curves[(curves["variant"] == variant) & (curves["kind"] == kind)].set_index("count")
             assert curve.loc[0, "explained_effect"] == pytest.approx(0.0, abs=1e-5)
@@ -164,7 +165,7 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
             reached = curve[curve["explained_effect"] >= 0.9].index.min()
             assert row[f"{variant}_count"] <= reached  # refined between grid points, never later than the grid
     failed = summary[summary["task"] == "antonyms"]
-    assert len(failed) == 2 and failed["status"].str.contains("no prompt of antonyms fits").all()
+    assert len(failed) == 3 and failed["status"].str.contains("no prompt of antonyms fits").all()
     assert failed["ratio"].isna().all()
 
 

@@ -248,6 +248,65 @@ def test_eap_is_zero_for_edges_that_do_not_exist(prompts):
     assert scores[prepared.layout.allowed()].abs().max() > 0
 
 
+def mixed_length_prompts(prompts):
+    """The fixture's prompts plus Greater-Than prompts of another byte length (two batches, two widths)."""
+    others = [p for p in generate_task("greater_than", byte_tokenizer(), 60, seed=0)
+              if len(p.clean) != len(prompts[0].clean)]
+    return prompts[:3] + others[:3]
+
+
+@pytest.mark.parametrize("kind", ["hf", "gated"])
+def test_position_edges_kept_at_every_position_are_component_edges(kind, prompts):
+    """A per-position mask that repeats one [U, V] mask at every position patches exactly as that mask;
+    dropping one reader's edges at a single position changes only what that position reads."""
+    prepared = prepare(make_model(kind))
+    layout = prepared.layout
+    allowed = layout.allowed()
+    keep = allowed & (torch.rand(allowed.shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    for batch in batches_of(mixed_length_prompts(prompts)):
+        corrupted, _ = record(prepared, batch.corrupted)
+        n_pos = batch.clean.shape[1] + 3  # longer than this batch: its positions are the last ones
+        by_position = keep[:, :, None].expand(-1, -1, n_pos)
+        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=by_position),
+                                   patched_metric(prepared, batch, corrupted, keep_edges=keep), rtol=0, atol=1e-6)
+        # the logits read only the last position: removing logits edges elsewhere changes nothing
+        early = allowed[:, :, None].expand(-1, -1, n_pos).clone()
+        early[:, layout.logits_col, :-1] = False
+        full = patched_metric(prepared, batch, corrupted, keep_edges=allowed)
+        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=early), full,
+                                   rtol=0, atol=1e-6)
+        last = early.clone()
+        last[:, layout.logits_col, -1] = False
+        no_logits = allowed.clone()
+        no_logits[:, layout.logits_col] = False
+        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=last),
+                                   patched_metric(prepared, batch, corrupted, keep_edges=no_logits), rtol=0, atol=1e-6)
+        with pytest.raises(CircuitError, match="positions"):
+            patched_metric(prepared, batch, corrupted, keep_edges=by_position[:, :, :batch.clean.shape[1] - 1])
+
+
+@pytest.mark.parametrize("kind", ["hf", "gated"])
+def test_eap_by_position_sums_to_component_eap_and_matches_patching_where_linear(kind, prompts):
+    prepared = prepare(make_model(kind, linear_after_last_heads))
+    layout = prepared.layout
+    prompt_set = PromptSet(prepared, batches_of(mixed_length_prompts(prompts)))
+    assert len({b.clean.shape[1] for b in prompt_set.batches}) > 1
+    by_position = prompt_set.edge_scores(by_position=True)  # [U, V, P]
+    assert by_position.shape == (layout.n_rows, layout.n_cols, prompt_set.n_positions)
+    torch.testing.assert_close(by_position.sum(-1), prompt_set.edge_scores(), rtol=1e-5, atol=1e-6)
+    assert by_position[:, layout.logits_col, :-1].abs().max() == 0  # the metric reads the last position only
+    assert by_position[:, layout.head_cols(1), :-1].abs().max() > 0  # heads read every position
+    clean = prompt_set.mean_metric()
+    allowed = layout.allowed()[:, :, None].expand(by_position.shape)
+    effects = []
+    for row in (0, layout.head_row(1, 2), layout.mlp_row(0)):  # the metric is linear in what the logits read
+        keep = allowed.clone()
+        keep[row, layout.logits_col, -1] = False
+        effects.append(prompt_set.mean_metric(keep_edges=keep) - clean)
+        assert by_position[row, layout.logits_col, -1].item() == pytest.approx(effects[-1], abs=2e-5)
+    assert max(map(abs, effects)) > 1e-3
+
+
 def test_layout_indices():
     layout = ComponentLayout(n_layers=2, n_heads=3, split_qkv=True)
     assert (layout.n_rows, layout.n_cols) == (9, 2 * (9 + 1) + 1)
@@ -302,9 +361,18 @@ def test_run_gives_normalised_curves_and_a_comparison(prompts):
             assert effects[0] == 0.0 and effects[curve.total] == pytest.approx(1.0, abs=1e-4)
         assert result.edges.metric_empty == pytest.approx(result.metric_corrupted, abs=1e-5)
         assert result.edges.total == int(ComponentLayout(2, 4, True).allowed().sum())
+        n_positions = len(prompts[0].clean) + 1  # bos
+        assert result.position_edges.total == result.edges.total * n_positions
+        effects = dict(zip(result.position_edges.counts, result.position_edges.effects))
+        assert effects[0] == 0.0 and effects[result.position_edges.total] == pytest.approx(1.0, abs=1e-4)
+        assert " @-" in result.position_edges.top[0][0]
     comparison = compare(dense, sparse)
     assert comparison["heads"]["ratio"] == dense.heads.count_at_target / sparse.heads.count_at_target
     assert comparison["edges"]["sparse_stays_above"] == sparse.edges.count_stays_above
+    assert comparison["position_edges"]["dense"] == dense.position_edges.count_at_target
+    without = run(config.model_copy(update={"position_edges": False}), make_model("dense"), byte_tokenizer(), prompts)
+    assert without.position_edges is None and "position_edges" not in compare(without, without)
+    assert without.edges.counts == dense.edges.counts and without.edges.effects == pytest.approx(dense.edges.effects)
     assert set(result.to_json()) >= {"heads", "edges", "config", "metric_clean"}
 
 
@@ -350,6 +418,6 @@ def test_command_line_compares_dense_and_sparse_per_task(tmp_path):
           "--points", "3", "--out", str(out)])
     result = json.loads(out.read_text())["tasks"]["greater_than"]
     assert result["dense"]["n_prompts"] == result["sparse"]["n_prompts"] == 3
-    assert set(result["comparison"]) == {"task", "target", "heads", "edges"}
+    assert set(result["comparison"]) == {"task", "target", "heads", "edges", "position_edges"}
     assert set(result["comparison"]["edges"]) >= {"ratio", "ratio_stays_above"}
     assert result["sparse"]["heads"]["metric_full"] != result["dense"]["heads"]["metric_full"]
