@@ -6,8 +6,8 @@ sparsify stage (or any preset: --preset / --set).
     python bench/sparsify_smollm2.py --record runs/demo3     # records a finished pipeline run instead
 
 Writes bench/results/sparsify_smollm2_<tag>.json and copies the run's training-curve and edge PNGs beside it.
-A stage recorded with --record reports the stage's own wall time from its manifest; peak memory is only
-measured when this script runs the stage (the child process's max RSS).
+Wall time is the stage's own (its manifest), peak memory the stage process's max RSS (metrics.json
+`peak_rss_gb`; the stage runs in a Ray worker, not in this script's child).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,9 +44,8 @@ def run_stage(args: argparse.Namespace) -> tuple[Path, dict]:
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
     wall = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return args.output, {"how": " ".join(["python"] + command[1:]), "command_wall_seconds": wall,
-                         "peak_rss_gb_child": peak_kib / 2**20, "load_average_at_start": load_before}
+                         "load_average_at_start": load_before}
 
 
 def main(argv: list[str] | None = None) -> int:

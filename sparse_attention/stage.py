@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -43,6 +44,12 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB).  Under Ray the stage runs in a
+    worker process, which a benchmark's own child-process accounting does not see."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -140,6 +147,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         "train_steps": result.steps,
         "train_wall_seconds": result.wall_seconds,
         "stage_wall_seconds": time.perf_counter() - started,
+        "peak_rss_gb": peak_rss_gb(),
         "history": result.history,
     }
     if config.eval.long_blocks:

@@ -148,6 +148,7 @@ def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
     for key in ("dense_ce", "sparse_ce", "control_ce", "edge_fraction", "context_length"):
         assert key in on_disk
     assert on_disk["context_length"] == config.data.context_length
+    assert 0.05 < on_disk["peak_rss_gb"] < 64  # this process's max RSS in GB
     assert metrics["edge_fraction"] < 0.5  # started with every gate open
     assert metrics["untrained_gated_ce"] - metrics["dense_ce"] <= config.gate.calibration_tolerance
     assert metrics["sparse_ce"] - metrics["dense_ce"] <= 2 * config.controller.tolerance

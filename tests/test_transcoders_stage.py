@@ -150,6 +150,7 @@ def test_stage_trains_exports_and_evaluates(tmp_path: Path, kind: str):
     assert all(key in metrics for key in REQUIRED)
     assert len(metrics["nmse_per_layer"]) == len(metrics["l0_per_layer"]) == 2
     assert metrics["model"]["kind"] == {"dense": "dense", "sparse": "gated"}[kind] and metrics["train_steps"] == 6
+    assert 0.05 < metrics["peak_rss_gb"] < 64  # this process's max RSS, in GB (not KiB or bytes)
     for name in ("W_enc_0.safetensors", "W_dec_1.safetensors", "config.yaml", "clt.json", "metrics.json",
                  "clt_config.yaml", "per_layer.png", "training_curves.png"):
         assert (out / name).is_file(), name

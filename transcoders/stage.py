@@ -26,7 +26,7 @@ from sparse_attention.config import ModelSpec
 from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.gated_attention import GATE_FILE, load_gated_model
 from sparse_attention.models import SMOLLM2_NAME, load_model
-from sparse_attention.stage import write_json_atomic
+from sparse_attention.stage import peak_rss_gb, write_json_atomic
 from sparse_attention.train import is_distributed, is_main_rank
 from transcoders.cache import build_cache, cache_chunks
 from transcoders.clt import META_FILE as CLT_META_FILE
@@ -157,6 +157,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         "train_wall_seconds": result.wall_seconds,
         "memory_estimate_gb": {name: size / GB for name, size in memory.items()},
         "stage_wall_seconds": time.perf_counter() - started,
+        "peak_rss_gb": peak_rss_gb(),
         "history": result.history,
     }
     title = f"CLT {identity['kind']} ({n_layers} layers x {clt_config.n_features} features)"
