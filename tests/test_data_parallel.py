@@ -21,6 +21,7 @@ from sparse_attention.constraint import ControllerConfig
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import TinyModelConfig, tiny_model
 from sparse_attention.train import post_train
+from tests.conftest import indexed_source
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.train import train_clt
@@ -107,28 +108,18 @@ CLT_TRAIN = CLTTrainConfig(steps=2, batch_tokens=64, lr=1e-2, warmup_steps=0, sp
                            init_firing_fraction=0.03, dead_window_tokens=64, checkpoint_every=1)
 
 
-class SeededSource:
-    """A BatchSource whose batch k ([64, L, D] mlp_in, mlp_out) depends only on k: every rank reads the same."""
-
-    def __init__(self, state: dict | None):
-        self.next_batch = (state or {}).get("batch", 0)
-
-    def state(self) -> dict:
-        return {"batch": self.next_batch}
-
-    def __iter__(self):
-        while True:
-            g = torch.Generator().manual_seed(100 + self.next_batch)
-            x = torch.randn(CLT_TRAIN.batch_tokens, 3, 8, generator=g)
-            yield x, torch.tanh(x) @ torch.randn(8, 8, generator=g) + 0.1
-            self.next_batch += 1
+def seeded_batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `index` ([64, L, D] mlp_in, mlp_out), a function of the index alone: every rank reads the same."""
+    g = torch.Generator().manual_seed(100 + index)
+    x = torch.randn(CLT_TRAIN.batch_tokens, 3, 8, generator=g)
+    return x, torch.tanh(x) @ torch.randn(8, 8, generator=g) + 0.1
 
 
 def clt_steps(checkpoint_dir=None) -> tuple[dict, list[dict], list]:
-    """(parameters, history, on_checkpoint calls) after CLT_TRAIN's steps on SeededSource."""
+    """(parameters, history, on_checkpoint calls) after CLT_TRAIN's steps on seeded_batch data."""
     clt = CrossLayerTranscoder(CLT_SHAPE, seed=3)
     calls = []
-    result = train_clt(clt, SeededSource, CLT_TRAIN, checkpoint_dir=checkpoint_dir, progress=False,
+    result = train_clt(clt, indexed_source(seeded_batch), CLT_TRAIN, checkpoint_dir=checkpoint_dir, progress=False,
                        on_checkpoint=lambda row, directory: calls.append((row["step"], directory)))
     return {name: p.detach().clone() for name, p in clt.named_parameters()}, result.history, calls
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sparse_attention.checkpoint import CheckpointError
+from tests.conftest import indexed_source
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.harvest import ShuffleBuffer
@@ -35,20 +36,9 @@ def planted_batch(index: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor,
     return x, y, a
 
 
-class PlantedSource:
-    """A BatchSource whose batch k depends only on k, so a resumed run sees exactly the same data."""
-
-    def __init__(self, state: dict | None):
-        self.next_batch = (state or {}).get("batch", 0)
-
-    def state(self) -> dict:
-        return {"batch": self.next_batch}
-
-    def __iter__(self):
-        while True:
-            x, y, _ = planted_batch(self.next_batch)
-            self.next_batch += 1
-            yield x, y
+def planted_source():
+    """Serves planted_batch(0), planted_batch(1), ...: a resumed run sees exactly the same data."""
+    return indexed_source(lambda index: planted_batch(index)[:2])
 
 
 def train_config(**overrides) -> CLTTrainConfig:
@@ -63,7 +53,7 @@ def new_clt(n_features: int = 32) -> CrossLayerTranscoder:
 
 def test_training_recovers_a_planted_dictionary():
     clt = new_clt()
-    result = train_clt(clt, PlantedSource, train_config(), progress=False)
+    result = train_clt(clt, planted_source(), train_config(), progress=False)
     x, y, a = planted_batch(10**6, n=2048)  # held out: never served in training
     with torch.no_grad():
         acts = clt.encode(x)
@@ -106,19 +96,19 @@ class Killed(Exception):
 def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path):
     config = train_config(steps=12, checkpoint_every=4)
     reference = new_clt(8)
-    train_clt(reference, PlantedSource, config, progress=False)
+    train_clt(reference, planted_source(), config, progress=False)
 
     def kill_at_step_7(row):
         if row["step"] == 7:
             raise Killed
 
     with pytest.raises(Killed):
-        train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
+        train_clt(new_clt(8), planted_source(), config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
                   on_step=kill_at_step_7)
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 4
     steps_run = []
     resumed = new_clt(8)
-    result = train_clt(resumed, PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
+    result = train_clt(resumed, planted_source(), config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
                        on_step=lambda row: steps_run.append(row["step"]))
     assert steps_run == list(range(5, 13))
     assert [row["step"] for row in result.history] == list(range(1, 13))
@@ -128,13 +118,13 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path):
 
 def test_unusable_checkpoints_give_clear_errors(tmp_path: Path):
     config = train_config(steps=2, warmup_steps=1, checkpoint_every=1)
-    train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="a", progress=False)
+    train_clt(new_clt(8), planted_source(), config, checkpoint_dir=tmp_path, fingerprint="a", progress=False)
     with pytest.raises(CheckpointError, match="different CLT config or model; delete it"):
-        train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="b", progress=False)
+        train_clt(new_clt(8), planted_source(), config, checkpoint_dir=tmp_path, fingerprint="b", progress=False)
     path = tmp_path / CHECKPOINT_NAME
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # a partial write
     with pytest.raises(CheckpointError, match="is unreadable .* delete it to restart"):
-        train_clt(new_clt(8), PlantedSource, config, checkpoint_dir=tmp_path, fingerprint="a", progress=False)
+        train_clt(new_clt(8), planted_source(), config, checkpoint_dir=tmp_path, fingerprint="a", progress=False)
 
 
 def numbered_chunks(start: int, size: int = 10):
