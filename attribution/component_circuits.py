@@ -23,8 +23,11 @@ with no edge kept the logits read the corrupted residual, so m(none) is the corr
 For the heads curve MLPs are always kept and computed freshly; m(none) is "every head patched".
 
 Gates (GatedModel in "eval" mode) are part of the model: patching recomputes every downstream gate
-from the patched inputs. The hard gate 1[s + b > 0] has zero gradient, so EAP's linearisation holds
-the gates at their clean-run values; activation patching is what sees gates flip.
+from the patched inputs. The hard gate 1[s + b > 0] has zero gradient, so plain EAP's linearisation
+holds the gates at their clean-run values and cannot see a patch flip one. With `gate_gradient =
+"straight_through"` the gradient pass uses training's straight-through estimator instead (same hard
+gates forward, d gate / d logit = sigmoid'(logit)), so edges that move gate logits are ranked too;
+activation patching, which verifies every ranking, always uses the hard gates alone.
 
 Each reader must get its own input, and grouped-query heads share k/v projections, so the model is
 copied with k_proj / v_proj expanded to one KV head per query head (an exactly equivalent model).
@@ -40,6 +43,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,6 +68,9 @@ class ComponentCircuitConfig(BaseModel):
     curve_points: int = Field(20, ge=2, description="counts on each curve (geometric grid, plus 0 and all)")
     refine: bool = Field(True, description="bisect between grid points for the count reaching `target`")
     top_stored: int = Field(100, ge=0, description="top-ranked heads / edges stored by name with their scores")
+    gate_gradient: Literal["none", "straight_through"] = Field(
+        "straight_through", description="gates' gradient in EAP: none (hard gates, zero) or training's "
+                                        "straight-through sigmoid (ignored for models without gates)")
     position_edges: bool = Field(True, description="also trace edges resolved by token position (counted from "
                                                    "the last token), a third curve")
 
@@ -434,16 +441,31 @@ class PreparedModel:
     hf: nn.Module
     layout: ComponentLayout
     forward: Callable[[torch.Tensor], torch.Tensor]
+    gate_gradient: str = "none"
+
+    @contextlib.contextmanager
+    def gradient_gates(self) -> Iterator[None]:
+        """For EAP's gradient pass: hard gates with the straight-through gradient (training mode without
+        noise, the same forward values) when asked for and the model has gates; otherwise unchanged."""
+        module = self.module
+        if self.gate_gradient != "straight_through" or not isinstance(module, GatedModel) or module.mode != "eval":
+            yield
+            return
+        module.set_mode("train", noise=False)
+        try:
+            yield
+        finally:
+            module.set_mode("eval")
 
 
-def prepare(model: nn.Module, split_qkv: bool = True) -> PreparedModel:
+def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none") -> PreparedModel:
     """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits."""
     if isinstance(model, GatedModel) and model.mode == "train":
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
     module = multi_head_copy(model).eval()
     hf = module.model if isinstance(module, GatedModel) else module
     layout = ComponentLayout(hf.config.num_hidden_layers, hf.config.num_attention_heads, split_qkv)
-    return PreparedModel(module, hf, layout, logits_fn(module))
+    return PreparedModel(module, hf, layout, logits_fn(module), gate_gradient)
 
 
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
@@ -472,7 +494,7 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
     """EAP scores summed over the batch's prompts: [U, V], or with `n_positions` per position [U, V, P]
     (the batch's p positions are the last p of P); zero where no edge exists."""
     hooks = ComponentHooks(prepared.layout, track_grads=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), prepared.gradient_gates():
         logit_diff(_last_logits(prepared, hooks, batch.clean), batch).sum().backward()
     diffs = corrupted.writes - hooks.writes  # [U, b, p, d]
     n_pos = diffs.shape[2]
@@ -615,7 +637,7 @@ def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Se
     """Rank heads and edges by EAP on `prompts`, then trace explained effect against the number kept."""
     if not prompts:
         raise CircuitError("component circuits need at least one prompt")
-    prepared = prepare(model, config.split_qkv)
+    prepared = prepare(model, config.split_qkv, config.gate_gradient)
     prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
     position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
     scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores()  # [U, V]
@@ -670,12 +692,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sparse", type=Path, help="gated checkpoint directory (load_gated_model), eval mode")
     parser.add_argument("--joint-qkv", action="store_true", help="one input per head instead of q/k/v")
     parser.add_argument("--points", type=int, default=20, help="counts on each curve")
+    parser.add_argument("--gate-gradient", choices=["none", "straight_through"], default="straight_through",
+                        help="gates' gradient when ranking edges of the sparse model by EAP")
     parser.add_argument("--out", type=Path, required=True, help="JSON file: results, ratios, config")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    config = ComponentCircuitConfig(split_qkv=not args.joint_qkv, curve_points=args.points)
+    config = ComponentCircuitConfig(split_qkv=not args.joint_qkv, curve_points=args.points,
+                                    gate_gradient=args.gate_gradient)
     models = {"dense": load_model(args.dense)}
     if args.sparse is not None:
         sparse, tokenizer = load_gated_model(args.sparse)

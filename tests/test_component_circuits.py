@@ -248,6 +248,26 @@ def test_eap_is_zero_for_edges_that_do_not_exist(prompts):
     assert scores[prepared.layout.allowed()].abs().max() > 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_straight_through_gate_gradient_changes_only_what_passes_through_gates(kind, prompts):
+    """The straight-through pass has the hard gates' forward values; its EAP scores differ from plain EAP
+    only on a gated model, and never on edges into the logits (which no gate lies on)."""
+    model = make_model(kind)
+    plain, straight = prepare(model), prepare(model, gate_gradient="straight_through")
+    batch = batches_of(prompts)[0]
+    corrupted, _ = record(plain, batch.corrupted)
+    with straight.gradient_gates():
+        torch.testing.assert_close(straight.forward(batch.clean), plain.forward(batch.clean), rtol=0, atol=0)
+    assert not isinstance(straight.module, GatedModel) or straight.module.mode == model.mode  # restored
+    scores = {name: edge_attribution(prepared, batch, corrupted) for name, prepared in
+              (("plain", plain), ("straight", straight))}
+    logits_col = plain.layout.logits_col
+    torch.testing.assert_close(scores["straight"][:, logits_col], scores["plain"][:, logits_col], rtol=1e-6, atol=1e-7)
+    heads = plain.layout.head_cols(1)
+    changed = (scores["straight"][:, heads] - scores["plain"][:, heads]).abs().max()
+    assert (changed > 1e-5) if kind == "gated" else (changed == 0)
+
+
 def mixed_length_prompts(prompts):
     """The fixture's prompts plus Greater-Than prompts of another byte length (two batches, two widths)."""
     others = [p for p in generate_task("greater_than", byte_tokenizer(), 60, seed=0)
