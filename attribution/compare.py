@@ -28,6 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from attribution.component_circuits import CURVE_KINDS, ComponentCircuitConfig
+from attribution.stats import bootstrap_mean, bootstrap_ratio
 
 OUTPUT_FILES = {
     "graph_metrics": "graph_metrics.parquet",  # one row per graph
@@ -258,35 +259,6 @@ def store_metrics(store, config: CompareConfig, progress: bool = False) -> tuple
 
 # --------------------------------------------------------------------------------------------------
 # Summaries over prompts
-
-
-def bootstrap_mean(values: np.ndarray, samples: int, confidence: float, rng: np.random.Generator
-                   ) -> tuple[float, float, float]:
-    """(mean, CI low, CI high): percentile bootstrap of the mean over `values` resampled with replacement."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return np.nan, np.nan, np.nan
-    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)
-    alpha = (1 - confidence) / 2
-    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-def bootstrap_ratio(dense: np.ndarray, sparse: np.ndarray, samples: int, confidence: float,
-                    rng: np.random.Generator) -> tuple[float, float, float]:
-    """(mean(dense) / mean(sparse), CI low, CI high) over paired values, pairs resampled together.
-    NaN where the sparse mean is 0 (the ratio does not exist)."""
-    dense, sparse = np.asarray(dense, dtype=np.float64), np.asarray(sparse, dtype=np.float64)
-    if len(dense) == 0:
-        return np.nan, np.nan, np.nan
-    index = rng.integers(0, len(dense), size=(samples, len(dense)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        point = dense.mean() / sparse.mean() if sparse.mean() != 0 else np.nan
-        ratios = dense[index].mean(1) / sparse[index].mean(1)
-    ratios = ratios[np.isfinite(ratios)]
-    if not np.isfinite(point) or len(ratios) == 0:
-        return float(point), np.nan, np.nan
-    alpha = (1 - confidence) / 2
-    return float(point), float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
 
 
 def summarize(metrics: pd.DataFrame, columns: list[str], samples: int, confidence: float, seed: int) -> pd.DataFrame:

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -651,6 +652,48 @@ def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Se
     )
 
 
+def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]
+                   ) -> list[CircuitResult | str]:
+    """One circuit per prompt (its own EAP ranking and patching curves): its CircuitResult, or why it has none
+    (the corruption does not move that prompt's metric). Per-prompt sizes give intervals over prompts."""
+    results: list[CircuitResult | str] = []
+    for prompt in prompts:
+        try:
+            results.append(run(config, model, tokenizer, [prompt]))
+        except CircuitError as error:
+            results.append(str(error))
+    return results
+
+
+def compare_per_prompt(dense: Sequence[CircuitResult | str], sparse: Sequence[CircuitResult | str],
+                       samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Per kind, over the prompts whose dense and sparse circuits both reach the target: the counts, their
+    means, and mean(dense) / mean(sparse) with a percentile-bootstrap CI (prompts resampled in pairs)."""
+    from attribution.stats import bootstrap_ratio
+
+    if len(dense) != len(sparse):
+        raise CircuitError(f"{len(dense)} dense but {len(sparse)} sparse per-prompt circuits: they pair by prompt")
+    rng = np.random.default_rng(seed)
+    summary: dict = {"n_prompts": len(dense), "confidence": confidence}
+    for kind in CURVE_KINDS:
+        curves = [(getattr(d, kind, None), getattr(s, kind, None)) for d, s in zip(dense, sparse)]
+        if all(d is None or s is None for d, s in curves):
+            continue
+        pairs = [(d.count_at_target, s.count_at_target) for d, s in curves if d is not None and s is not None
+                 and d.count_at_target is not None and s.count_at_target is not None]
+        dense_counts = np.array([d for d, _ in pairs], dtype=np.float64)
+        sparse_counts = np.array([s for _, s in pairs], dtype=np.float64)
+        ratio, low, high = bootstrap_ratio(dense_counts, sparse_counts, samples, confidence, rng)
+        summary[kind] = {
+            "n_pairs": len(pairs), "dense_counts": dense_counts.astype(int).tolist(),
+            "sparse_counts": sparse_counts.astype(int).tolist(),
+            "dense_mean": float(dense_counts.mean()) if pairs else None,
+            "sparse_mean": float(sparse_counts.mean()) if pairs else None,
+            "ratio": ratio, "ci_low": low, "ci_high": high,
+        }
+    return summary
+
+
 def _ranked(scores: torch.Tensor, k: int, name: Callable[[int], str]) -> list[tuple[str, float]]:
     """The k entries with the largest |score|, named, with their signed scores."""
     order = torch.sort(scores.abs(), descending=True, stable=True).indices[:k]
@@ -696,6 +739,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="gates' gradient when ranking edges of the sparse model by EAP")
     parser.add_argument("--out", type=Path, required=True, help="JSON file: results, ratios, config")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--per-prompt", action="store_true",
+                        help="one circuit per prompt instead of one over all: per-prompt sizes, ratio with a bootstrap CI")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -709,6 +754,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "config": config.model_dump(), "tasks": {}}
     for task in args.tasks:
         prompts = load_task(task)[: args.n]
+        if args.per_prompt:
+            per_prompt = {name: run_per_prompt(config, model, tokenizer, prompts)
+                          for name, (model, tokenizer) in models.items()}
+            out["tasks"][task] = {"per_prompt": {name: [r if isinstance(r, str) else r.to_json() for r in results]
+                                                 for name, results in per_prompt.items()}}
+            if "sparse" in per_prompt:
+                summary = compare_per_prompt(per_prompt["dense"], per_prompt["sparse"])
+                out["tasks"][task]["per_prompt_comparison"] = summary
+                for kind in CURVE_KINDS:
+                    if kind in summary:
+                        k = summary[kind]
+                        print(f"{task} {kind}: {k['n_pairs']}/{summary['n_prompts']} prompts, dense/sparse "
+                              f"{k['ratio']:.2f} (CI {k['ci_low']:.2f}-{k['ci_high']:.2f})", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=2) + "\n")
+            continue
         results = {name: run(config, model, tokenizer, prompts) for name, (model, tokenizer) in models.items()}
         out["tasks"][task] = {name: result.to_json() for name, result in results.items()}
         if "sparse" in results:

@@ -10,11 +10,14 @@ from torch import nn
 
 from attribution.component_circuits import (
     CircuitError,
+    CircuitResult,
     ComponentCircuitConfig,
     ComponentHooks,
     ComponentLayout,
+    Curve,
     PromptSet,
     compare,
+    compare_per_prompt,
     count_grid,
     count_staying_above,
     count_to_reach,
@@ -24,6 +27,7 @@ from attribution.component_circuits import (
     prepare,
     record,
     run,
+    run_per_prompt,
     top_k_mask,
 )
 from attribution.tasks import encode_prompts, generate_task, logit_diff, logits_fn
@@ -441,3 +445,34 @@ def test_command_line_compares_dense_and_sparse_per_task(tmp_path):
     assert set(result["comparison"]) == {"task", "target", "heads", "edges", "position_edges"}
     assert set(result["comparison"]["edges"]) >= {"ratio", "ratio_stays_above"}
     assert result["sparse"]["heads"]["metric_full"] != result["dense"]["heads"]["metric_full"]
+
+
+def sized(count_heads: int | None, count_edges: int) -> CircuitResult:
+    """A CircuitResult whose curves say only how many heads / edges reach the target."""
+    def curve(count):
+        return Curve(10, [0, 10], [0.0, 1.0], count, count, 1.0, 0.0, [])
+    return CircuitResult("t", 1, 1.0, 0.0, curve(count_heads), curve(count_edges), {}, None)
+
+
+def test_compare_per_prompt_pairs_prompts_and_bootstraps_the_ratio_of_means():
+    dense = [sized(4, 40), sized(6, 60), "no effect", sized(None, 10)]
+    sparse = [sized(2, 10), sized(2, 20), sized(1, 1), sized(3, 5)]
+    summary = compare_per_prompt(dense, sparse, samples=500)
+    assert summary["n_prompts"] == 4 and "position_edges" not in summary
+    heads, edges = summary["heads"], summary["edges"]
+    assert heads["n_pairs"] == 2 and heads["dense_counts"] == [4, 6] and heads["sparse_counts"] == [2, 2]
+    assert heads["ratio"] == 5 / 2 and heads["ci_low"] <= 2.5 <= heads["ci_high"]
+    assert edges["n_pairs"] == 3 and edges["ratio"] == pytest.approx((40 + 60 + 10) / (10 + 20 + 5))
+    assert compare_per_prompt(dense, sparse, samples=500) == summary  # seeded
+    with pytest.raises(CircuitError, match="pair by prompt"):
+        compare_per_prompt(dense, sparse[:3])
+
+
+def test_run_per_prompt_is_one_circuit_per_prompt(prompts):
+    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False)
+    model = make_model("gated")
+    results = run_per_prompt(config, model, byte_tokenizer(), prompts[:2])
+    assert [r.n_prompts for r in results] == [1, 1]
+    alone = run(config, model, byte_tokenizer(), prompts[1:2])
+    assert results[1].edges.counts == alone.edges.counts
+    assert results[1].edges.effects == pytest.approx(alone.edges.effects)
