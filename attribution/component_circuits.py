@@ -50,6 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from attribution.stats import bootstrap_ratio
 from attribution.tasks import PromptBatch, TaskPrompt, encode_prompts, logit_diff, logits_fn
 from sparse_attention.gated_attention import GatedModel
 
@@ -636,9 +637,15 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
 
 def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]) -> CircuitResult:
     """Rank heads and edges by EAP on `prompts`, then trace explained effect against the number kept."""
+    return run_prepared(config, prepare(model, config.split_qkv, config.gate_gradient), tokenizer, prompts)
+
+
+def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer, prompts: Sequence[TaskPrompt]
+                 ) -> CircuitResult:
+    """`run` on a model already prepared (with config's split_qkv and gate_gradient), so callers that trace
+    several prompt sets copy the model once."""
     if not prompts:
         raise CircuitError("component circuits need at least one prompt")
-    prepared = prepare(model, config.split_qkv, config.gate_gradient)
     prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
     position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
     scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores()  # [U, V]
@@ -656,10 +663,11 @@ def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, 
                    ) -> list[CircuitResult | str]:
     """One circuit per prompt (its own EAP ranking and patching curves): its CircuitResult, or why it has none
     (the corruption does not move that prompt's metric). Per-prompt sizes give intervals over prompts."""
+    prepared = prepare(model, config.split_qkv, config.gate_gradient)  # one copy of the model for every prompt
     results: list[CircuitResult | str] = []
     for prompt in prompts:
         try:
-            results.append(run(config, model, tokenizer, [prompt]))
+            results.append(run_prepared(config, prepared, tokenizer, [prompt]))
         except CircuitError as error:
             results.append(str(error))
     return results
@@ -669,8 +677,6 @@ def compare_per_prompt(dense: Sequence[CircuitResult | str], sparse: Sequence[Ci
                        samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """Per kind, over the prompts whose dense and sparse circuits both reach the target: the counts, their
     means, and mean(dense) / mean(sparse) with a percentile-bootstrap CI (prompts resampled in pairs)."""
-    from attribution.stats import bootstrap_ratio
-
     if len(dense) != len(sparse):
         raise CircuitError(f"{len(dense)} dense but {len(sparse)} sparse per-prompt circuits: they pair by prompt")
     rng = np.random.default_rng(seed)

@@ -18,38 +18,25 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, not the repository root
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
+
+from bench._pipeline import run_pipeline_stages, stage_run_parser  # noqa: E402
+
 # Issue 4's goal for the demo budget
 GOAL = {"nmse_max": 0.15, "l0_max": 32.0, "ce_recovered_min": 0.80}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--set", action="append", default=[], help="config overrides, as for pipeline/run.py")
-    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-clt")
-    parser.add_argument("--record", type=Path, default=None,
-                        help="a finished pipeline output (its clt/<variant>/) or, with one --variants, a CLT directory")
+    parser = stage_run_parser(__doc__, ROOT / "runs" / "bench-clt", "a finished pipeline output (its clt/<variant>/) "
+                              "or, with one --variants, a CLT directory")
     parser.add_argument("--variants", nargs="+", default=["dense", "sparse"])
-    parser.add_argument("--tag", default="demo")
     return parser.parse_args(argv)
-
-
-def run_stages(args: argparse.Namespace) -> tuple[Path, dict]:
-    """Run sparsify (skipped when already done in --output) and clt in a child process."""
-    command = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--preset", args.preset, "--stages", "sparsify,clt",
-               "--output", str(args.output)] + [a for s in args.set for a in ("--set", s)]
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    return args.output, {"how": " ".join(["python"] + command[1:]), "command_wall_seconds": time.perf_counter() - started,
-                         "load_average_at_start": load_before}
 
 
 def clt_dir(output: Path, variant: str, n_variants: int) -> Path:
@@ -84,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         output, measured = args.record, {"how": f"recorded from {args.record} (python bench/clt_smollm2.py --record "
                                                 f"{args.record} --variants {' '.join(args.variants)} --tag {args.tag})"}
     else:
-        output, measured = run_stages(args)
+        output, measured = args.output, run_pipeline_stages(args, "sparsify,clt")  # sparsify skips when done
     result = {**measured, "variants": {}, "load_average_at_end": os.getloadavg(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -17,35 +17,20 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, not the repository root
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
+
+from bench._pipeline import run_pipeline_stages, stage_run_parser  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--set", action="append", default=[], help="config overrides, as for pipeline/run.py")
-    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-sparsify")
-    parser.add_argument("--record", type=Path, default=None, help="a finished pipeline output to record instead")
-    parser.add_argument("--tag", default="demo")
+    parser = stage_run_parser(__doc__, ROOT / "runs" / "bench-sparsify", "a finished pipeline output to record instead")
     return parser.parse_args(argv)
-
-
-def run_stage(args: argparse.Namespace) -> tuple[Path, dict]:
-    """Run the sparsify stage in a child process; its wall time and max RSS are what this measures."""
-    command = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--preset", args.preset, "--stages", "sparsify",
-               "--output", str(args.output)] + [a for s in args.set for a in ("--set", s)]
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    wall = time.perf_counter() - started
-    return args.output, {"how": " ".join(["python"] + command[1:]), "command_wall_seconds": wall,
-                         "load_average_at_start": load_before}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         output, measured = args.record, {"how": f"recorded from {args.record} (python bench/sparsify_smollm2.py "
                                                 f"--record {args.record})"}
     else:
-        output, measured = run_stage(args)
+        output, measured = args.output, run_pipeline_stages(args, "sparsify")
     stage_dir = output / "sparsify"
     try:
         metrics = json.loads((stage_dir / "metrics.json").read_text())
