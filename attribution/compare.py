@@ -13,14 +13,15 @@ Feature level, per graph (variant, task, prompt_index), from the store's tables 
 
 Per task (and "all"), per metric: mean over graphs and a seeded percentile-bootstrap CI per variant, and
 the paired ratio mean(dense) / mean(sparse) over prompts attributed on both, bootstrapped over pairs.
-Component level: `attribution.component_circuits` on the dense and the sparse model, per task.
+Component level: `attribution.component_circuits` on the dense and the sparse model, per task: one circuit
+over the task's prompts, and (`per_prompt`) one per prompt, whose paired ratio of mean counts has a CI.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ OUTPUT_FILES = {
     "task_summary": "task_summary.parquet",  # per task, metric, variant (and dense/sparse): mean and CI
     "circuit_curves": "circuit_curves.parquet",  # explained effect vs heads / edges kept, per task and variant
     "circuit_summary": "circuit_summary.parquet",  # count at the target effect, dense/sparse ratio, the paper's
+    "circuit_prompts": "circuit_prompts.parquet",  # per prompt, variant and kind: its own circuit's count
     "sparsity": "sparsity.parquet",  # open-edge fraction per layer and head (sparsify metrics.json)
     "attention_pattern": "attention_pattern.parquet",  # dense vs sparse attention weights of one prompt
     "examples": "examples.parquet",  # per task and variant: the drawn graph and its strongest attention edge
@@ -63,6 +65,8 @@ class CircuitsConfig(BaseModel):
     prompts_per_task: int = Field(8, gt=0, description="the first n prompts of data/prompts/{task}.jsonl")
     tasks: list[str] | None = Field(None, description="tasks to run; None = the tasks of the store's graphs")
     circuit: ComponentCircuitConfig = ComponentCircuitConfig(curve_points=12)
+    per_prompt: bool = Field(True, description="also trace one circuit per prompt, so the dense/sparse ratio of "
+                                               "mean counts has a bootstrap CI over prompts (~doubles the cost)")
 
     @field_validator("tasks")
     @classmethod
@@ -286,15 +290,16 @@ def summarize(metrics: pd.DataFrame, columns: list[str], samples: int, confidenc
 # Component circuits per task
 
 
-def task_prompts(task: str, tokenizer, n: int) -> tuple[list, str | None]:
-    """The first n prompts of the task's set that fit `tokenizer`, and why none fit (None if some do)."""
+def task_prompts(task: str, tokenizer, n: int) -> tuple[list[int], list, str | None]:
+    """The first n prompts of the task's set that fit `tokenizer` with their indices in the set, and why none
+    fit (None if some do)."""
     from attribution.tasks import invalid_reason, load_task
 
     prompts = load_task(task)[:n]
-    fitting = [p for p in prompts if invalid_reason(p, tokenizer) is None]
+    fitting = [(i, p) for i, p in enumerate(prompts) if invalid_reason(p, tokenizer) is None]
     if fitting:
-        return fitting, None
-    return [], f"no prompt of {task} fits this tokenizer ({invalid_reason(prompts[0], tokenizer)})"
+        return [i for i, _ in fitting], [p for _, p in fitting], None
+    return [], [], f"no prompt of {task} fits this tokenizer ({invalid_reason(prompts[0], tokenizer)})"
 
 
 def circuit_tables(results: dict[str, dict[str, object]], errors: dict[str, str], target: float
@@ -345,27 +350,82 @@ def _ratio(dense, sparse) -> float | None:
     return None if dense is None or sparse is None or sparse == 0 else dense / sparse
 
 
-def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: list[str]
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Component circuits of each task on each model {variant: (model, tokenizer)}: (curves, summary).
+PROMPT_COLUMNS = ["task", "variant", "prompt_index", "kind", "count_at_target", "count_stays_above", "total",
+                  "metric_clean", "metric_corrupted", "status"]
+
+
+def prompt_circuit_rows(task: str, variant: str, indices: Sequence[int], results: Sequence) -> list[tuple]:
+    """Rows of `circuit_prompts` for one task and variant: per prompt (CircuitResult, or why it has none)
+    and curve kind, the count reaching the target."""
+    rows = []
+    for index, result in zip(indices, results):
+        if isinstance(result, str):
+            rows.append((task, variant, index, None, None, None, None, None, None, result))
+            continue
+        rows += [(task, variant, index, kind, curve.count_at_target, curve.count_stays_above, curve.total,
+                  result.metric_clean, result.metric_corrupted, "ok")
+                 for kind in CURVE_KINDS if (curve := getattr(result, kind)) is not None]
+    return rows
+
+
+def prompt_circuit_ratios(prompts: pd.DataFrame, samples: int, confidence: float, seed: int) -> pd.DataFrame:
+    """Per task and kind, over the prompts whose dense and sparse circuits both reach the target: their number,
+    the mean counts and mean(dense) / mean(sparse) with a percentile-bootstrap CI (prompts resampled in pairs;
+    each (task, kind) has its own generator seeded from (seed, task, kind))."""
+    columns = ["task", "kind", "prompt_pairs", "dense_prompt_mean", "sparse_prompt_mean", "prompt_ratio",
+               "prompt_ratio_ci_low", "prompt_ratio_ci_high"]
+    rows = []
+    for (task, kind), part in prompts.dropna(subset=["kind"]).groupby(["task", "kind"], sort=True):
+        reached = part[part["count_at_target"].notna()]
+        paired = reached.pivot(index="prompt_index", columns="variant", values="count_at_target")
+        paired = paired.reindex(columns=["dense", "sparse"]).dropna()
+        dense, sparse = paired["dense"].to_numpy(np.float64), paired["sparse"].to_numpy(np.float64)
+        rng = np.random.default_rng([seed, zlib.crc32(f"{task}:{kind}".encode())])
+        rows.append((task, kind, len(paired), dense.mean() if len(dense) else np.nan,
+                     sparse.mean() if len(sparse) else np.nan, *bootstrap_ratio(dense, sparse, samples, confidence, rng)))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: list[str], samples: int = 2000,
+                 confidence: float = 0.95, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Component circuits of each task on each model {variant: (model, tokenizer)}: (curves, summary, prompts).
+    One circuit per task over its prompts; with `config.per_prompt` also one per prompt (`prompts`, one row per
+    prompt, variant and kind; None otherwise), whose dense/sparse ratio of mean counts and its CI join the summary.
     A task whose prompts do not fit a tokenizer, or whose corruption moves no metric, gets a status row."""
     from attribution import component_circuits
     from attribution.tasks import TaskError
 
+    circuit = config.circuit
+    prepared = {variant: component_circuits.prepare(model, circuit.split_qkv, circuit.gate_gradient)
+                for variant, (model, _) in models.items()}  # one copy per model for every task and prompt
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
+    prompt_rows: list[tuple] = []
     for task in tasks:
         try:
-            by_variant = {}
-            for variant, (model, tokenizer) in models.items():
-                prompts, reason = task_prompts(task, tokenizer, config.prompts_per_task)
+            by_variant, rows = {}, []
+            for variant, (_, tokenizer) in models.items():
+                indices, prompts, reason = task_prompts(task, tokenizer, config.prompts_per_task)
                 if reason:
                     raise TaskError(reason)
-                by_variant[variant] = component_circuits.run(config.circuit, model, tokenizer, prompts)
+                by_variant[variant] = component_circuits.run_prepared(circuit, prepared[variant], tokenizer, prompts)
+                if config.per_prompt:
+                    rows += prompt_circuit_rows(task, variant, indices, component_circuits.run_prepared_per_prompt(
+                        circuit, prepared[variant], tokenizer, prompts))
             results[task] = by_variant
+            prompt_rows += rows
         except (component_circuits.CircuitError, TaskError) as error:
             errors[task] = f"{variant}: {error}"
-    return circuit_tables(results, errors, config.circuit.target)
+    curves, summary = circuit_tables(results, errors, circuit.target)
+    if not config.per_prompt:
+        return curves, summary, None
+    prompts = pd.DataFrame(prompt_rows, columns=PROMPT_COLUMNS)
+    for column in ("count_at_target", "count_stays_above", "total"):
+        prompts[column] = prompts[column].astype("Int64")
+    ratios = prompt_circuit_ratios(prompts, samples, confidence, seed)
+    summary = summary.merge(ratios, on=["task", "kind"], how="left")
+    summary["prompt_pairs"] = summary["prompt_pairs"].astype("Int64")
+    return curves, summary, prompts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,7 +595,11 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
 
         models = {variant: load_source(source)[:2] for variant, source in (("dense", dense_model),
                                                                             ("sparse", Path(sparse_model)))}
-        written["circuit_curves"], written["circuit_summary"] = run_circuits(config.circuits, models, circuit_tasks)
+        curves, circuit_summary, prompt_circuits = run_circuits(config.circuits, models, circuit_tasks,
+                                                                config.bootstrap_samples, config.confidence, config.seed)
+        written["circuit_curves"], written["circuit_summary"] = curves, circuit_summary
+        if prompt_circuits is not None:
+            written["circuit_prompts"] = prompt_circuits
     elif config.circuits.enabled:
         left_out.append("component circuits (need dense_model, sparse_model and a task other than custom)")
     for name, frame in written.items():

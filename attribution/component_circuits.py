@@ -663,7 +663,12 @@ def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, 
                    ) -> list[CircuitResult | str]:
     """One circuit per prompt (its own EAP ranking and patching curves): its CircuitResult, or why it has none
     (the corruption does not move that prompt's metric). Per-prompt sizes give intervals over prompts."""
-    prepared = prepare(model, config.split_qkv, config.gate_gradient)  # one copy of the model for every prompt
+    return run_prepared_per_prompt(config, prepare(model, config.split_qkv, config.gate_gradient), tokenizer, prompts)
+
+
+def run_prepared_per_prompt(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer,
+                            prompts: Sequence[TaskPrompt]) -> list[CircuitResult | str]:
+    """`run_per_prompt` on a model already prepared: one copy of the model serves every prompt."""
     results: list[CircuitResult | str] = []
     for prompt in prompts:
         try:

@@ -204,6 +204,43 @@ def plot_circuit_curves(curves: pd.DataFrame, circuits: pd.DataFrame, path: Path
     return _save(fig, path)
 
 
+def plot_prompt_circuits(prompts: pd.DataFrame, circuits: pd.DataFrame, path: Path) -> str:
+    """Per-prompt circuit sizes: one point per prompt at (dense count, sparse count), per task (rows) and kind
+    (columns), on log axes; the diagonal is "same size", the dashed line the paper's smallest ratio."""
+    plt = _plt()
+    reached = prompts[prompts["count_at_target"].notna()]
+    paired = reached.pivot_table(index=["task", "kind", "prompt_index"], columns="variant", values="count_at_target",
+                                 aggfunc="first").reindex(columns=["dense", "sparse"]).dropna().astype(float)
+    tasks = sorted(prompts["task"].unique())
+    kinds = [kind for kind in CURVE_KINDS if kind in set(prompts["kind"].dropna())]
+    paper = circuits.drop_duplicates("kind").set_index("kind")["paper_ratio_min"]
+    summary = circuits.set_index(["task", "kind"])
+    fig, axes = plt.subplots(len(tasks), len(kinds), figsize=(3.6 * len(kinds), 3.4 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        for col, kind in enumerate(kinds):
+            ax = axes[row][col]
+            part = paired.loc[(task, kind)] if (task, kind) in paired.index.droplevel(2) else paired.iloc[:0]
+            low = max(min([*part["dense"], *part["sparse"], 1.0]) / 2, 0.5)
+            high = max([*part["dense"], *part["sparse"], 2.0]) * 2
+            ax.plot([low, high], [low, high], color="k", lw=0.6, label="same size")
+            if kind in paper.index:
+                ratio = float(paper[kind])
+                ax.plot([low, high], [low / ratio, high / ratio], color="k", lw=0.6, ls="--",
+                        label=f"{fmt(ratio)}x fewer")
+            ax.scatter(part["dense"].clip(lower=low), part["sparse"].clip(lower=low), s=14,
+                       color=VARIANT_COLORS.get("sparse"))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(low, high)
+            ax.set_ylim(low, high)
+            ax.set_xlabel(f"dense {kind.replace('_', ' ')}")
+            ax.set_ylabel(f"sparse {kind.replace('_', ' ')}")
+            ratio = summary.loc[(task, kind), "prompt_ratio"] if (task, kind) in summary.index else None
+            ax.set_title(f"{task}: {len(part)} prompts, dense/sparse {fmt(ratio)}", fontsize=9)
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_graph(stored, path: Path, labels: Labels | None = None, max_edges: int = 150) -> str:
     """The pruned graph: nodes at (position, layer), the strongest kept edges (blue +, red -)."""
     from attribution.frontend import to_networkx
@@ -286,7 +323,12 @@ def task_table_rows(summary: pd.DataFrame, metrics: list[str]) -> list[list[str]
 
 
 def circuit_table_rows(circuits: pd.DataFrame) -> list[list[str]]:
+    """Per task and kind: pooled counts and ratios, then (with per-prompt circuits) the ratio of mean per-prompt
+    counts with its CI and the number of prompt pairs, the paper's range and the status."""
+    per_prompt = "prompt_ratio" in circuits.columns
     return [[r.task, r.kind, fmt(r.dense_count), fmt(r.sparse_count), fmt(r.ratio), fmt(r.ratio_stays_above),
+             fmt_ci(r.prompt_ratio, r.prompt_ratio_ci_low, r.prompt_ratio_ci_high) if per_prompt else "-",
+             fmt(r.prompt_pairs) if per_prompt else "-",
              f"{fmt(r.paper_ratio_min)}-{fmt(r.paper_ratio_max)}", r.status]
             for r in circuits.itertuples(index=False)]
 
@@ -344,12 +386,20 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
         parts.append(f"<h2>Component circuits</h2><p class=note>Explained effect (activation patching) against "
                      f"the number of heads / edges kept, ranked by attribution patching; counts reaching {fmt(target)}"
                      ". Edges join components summed over positions; position_edges are the same edges at one "
-                     "token position (counted from the last token). "
+                     "token position (counted from the last token). dense, sparse and dense/sparse: one circuit "
+                     "over all the task's prompts; per prompt: one circuit per prompt, mean(dense) / mean(sparse) "
+                     "over the prompts both reach the target with, with a 95% bootstrap CI over prompt pairs. "
                      f"Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
         if curves is not None and len(curves):
             parts.append(f'<img src="{plot_circuit_curves(curves, circuits, figures / "circuit_curves.png")}">')
+        prompts = _read(output_dir, "circuit_prompts")
+        if prompts is not None and prompts["count_at_target"].notna().any():
+            parts.append("<p class=note>One circuit per prompt: its size on the dense (x) and the sparse (y) model, "
+                         "at the same explained effect; below the diagonal the sparse circuit is smaller.</p>"
+                         f'<img src="{plot_prompt_circuits(prompts, circuits, figures / "prompt_circuits.png")}">')
         parts.append(table_html(["task", "kind", "dense", "sparse", "dense/sparse", "dense/sparse (stays above)",
-                                 "paper", "status"], circuit_table_rows(circuits)))
+                                 "per prompt dense/sparse [CI]", "prompt pairs", "paper", "status"],
+                                circuit_table_rows(circuits)))
 
     examples, pairs = _read(output_dir, "examples"), _read(output_dir, "example_qk_pairs")
     if examples is not None and len(examples):

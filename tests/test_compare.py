@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from attribution import component_circuits
 from attribution.compare import (
     RATIO,
     CircuitsConfig,
@@ -28,6 +29,7 @@ from attribution.compare import (
 from attribution.component_circuits import ComponentCircuitConfig
 from attribution.prune import influence, logit_weight_vector, normalize_rows
 from attribution.report import REPORT_FILE, component_label, fmt, fmt_ci, metric_title
+from attribution.tasks import load_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,7 +152,7 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     tokenizer = __import__("sparse_attention.models", fromlist=["byte_tokenizer"]).byte_tokenizer()
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
     config = CircuitsConfig(prompts_per_task=3, circuit=ComponentCircuitConfig(curve_points=4, batch_size=4))
-    curves, summary = run_circuits(config, models, ["greater_than", "antonyms"])
+    curves, summary, prompts = run_circuits(config, models, ["greater_than", "antonyms"], samples=300)
     ok = summary[summary["task"] == "greater_than"].set_index("kind")
     assert (ok["status"] == "ok").all()
     assert list(ok.index) == ["heads", "edges", "position_edges"]
@@ -166,7 +168,28 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
             assert row[f"{variant}_count"] <= reached  # refined between grid points, never later than the grid
     failed = summary[summary["task"] == "antonyms"]
     assert len(failed) == 3 and failed["status"].str.contains("no prompt of antonyms fits").all()
-    assert failed["ratio"].isna().all()
+    assert failed["ratio"].isna().all() and failed["prompt_ratio"].isna().all()
+
+    # per prompt: each row is that prompt's own circuit, and the summary's ratio is of their mean counts
+    assert set(prompts["task"]) == {"greater_than"} and sorted(set(prompts["prompt_index"])) == [0, 1, 2]
+    task_prompts = load_task("greater_than")
+    for variant, (model, _) in models.items():
+        alone = component_circuits.run(config.circuit, model, tokenizer, task_prompts[1:2])
+        rows = prompts[(prompts["variant"] == variant) & (prompts["prompt_index"] == 1)].set_index("kind")
+        for kind in ("heads", "edges", "position_edges"):
+            assert rows.loc[kind, "count_at_target"] == getattr(alone, kind).count_at_target
+            assert rows.loc[kind, "metric_clean"] == pytest.approx(alone.metric_clean)
+    for kind in ("heads", "edges", "position_edges"):
+        row = ok.loc[kind]
+        wide = prompts[prompts["kind"] == kind].pivot(index="prompt_index", columns="variant",
+                                                       values="count_at_target").dropna().astype(float)
+        assert row["prompt_pairs"] == len(wide) > 0
+        assert row["prompt_ratio"] == pytest.approx(wide["dense"].mean() / wide["sparse"].mean())
+        assert row["prompt_ratio_ci_low"] <= row["prompt_ratio"] <= row["prompt_ratio_ci_high"]
+    again = run_circuits(config, models, ["greater_than"], samples=300)[1]
+    pd.testing.assert_frame_equal(again, summary[summary["task"] == "greater_than"].reset_index(drop=True))
+    pooled_only = run_circuits(config.model_copy(update={"per_prompt": False}), models, ["greater_than"])
+    assert pooled_only[2] is None and "prompt_ratio" not in pooled_only[1].columns
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +259,13 @@ def test_report_numbers_are_the_tables_numbers(tiny_run):
     for row in circuits.itertuples():
         assert html.escape(row.status) in page
         assert f"<td>{row.task}</td><td>{row.kind}</td><td>{fmt(row.dense_count)}</td><td>{fmt(row.sparse_count)}</td>" \
-               f"<td>{fmt(row.ratio)}</td>" in page
+               f"<td>{fmt(row.ratio)}</td><td>{fmt(row.ratio_stays_above)}</td>" \
+               f"<td>{fmt_ci(row.prompt_ratio, row.prompt_ratio_ci_low, row.prompt_ratio_ci_high)}</td>" \
+               f"<td>{fmt(row.prompt_pairs)}</td>" in page
+    prompts = pd.read_parquet(out / "circuit_prompts.parquet")
+    assert set(prompts["task"]) == set(circuits.loc[circuits["status"] == "ok", "task"])
+    if prompts["count_at_target"].notna().any():
+        assert '<img src="report_files/prompt_circuits.png">' in page
     pairs = pd.read_parquet(out / "example_qk_pairs.parquet")
     for value in pairs["share_of_score"]:
         assert f"<td>{fmt(value)}</td>" in page
