@@ -66,7 +66,8 @@ class CircuitsConfig(BaseModel):
     tasks: list[str] | None = Field(None, description="tasks to run; None = the tasks of the store's graphs")
     circuit: ComponentCircuitConfig = ComponentCircuitConfig(curve_points=12)
     per_prompt: bool = Field(True, description="also trace one circuit per prompt, so the dense/sparse ratio of "
-                                               "mean counts has a bootstrap CI over prompts (~doubles the cost)")
+                                               "mean counts has a bootstrap CI over prompts (one more pass over "
+                                               "every curve per prompt)")
 
     @field_validator("tasks")
     @classmethod
