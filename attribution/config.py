@@ -75,7 +75,7 @@ class AttributionStageConfig(BaseModel):
     @field_validator("prompt_sets")
     @classmethod
     def _known_tasks(cls, prompt_sets: dict[str, int]) -> dict[str, int]:
-        from attribution.tasks import TASKS
+        from prompts.tasks import TASKS
 
         for task, count in prompt_sets.items():
             if task not in TASKS:

@@ -69,7 +69,7 @@ class PromptItem:
 
 def prompt_items(config: AttributionStageConfig, prompt_dir: Path | None = None) -> list[PromptItem]:
     """The batch the config names: each prompt set's first n clean prompts, then the free prompts."""
-    from attribution.tasks import PROMPT_DIR, load_task
+    from prompts.tasks import PROMPT_DIR, load_task
 
     items = []
     for task, count in config.prompt_sets.items():

@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attribution.compare import CompareConfig
 from attribution.config import AttributionStageConfig
+from comparison.config import CompareConfig
 from sparse_attention.config import SparsifyConfig
 from transcoders.config import CLTStageConfig, FeaturesConfig
 

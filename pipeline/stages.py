@@ -227,7 +227,7 @@ def _run_attribution(variant: str):
 
 def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
                  force: bool) -> dict:
-    from attribution.compare import compare_store
+    from comparison.stage import compare_store
     from transcoders.features import open_features
 
     sparsify_dir = inputs["sparsify"]

@@ -74,7 +74,7 @@ def test_stage_writes_both_variants_and_records_failures(sources):
 
 def test_prompt_sets_take_the_first_clean_prompts_and_tag_graphs_with_their_task(sources, tmp_path):
     from attribution.stage import PromptItem, prompt_items
-    from attribution.tasks import load_task
+    from prompts.tasks import load_task
 
     config = AttributionStageConfig(prompts=["Hello world"], prompt_sets={"antonyms": 2, "induction": 1},
                                     attention=AttentionAttributionConfig(enabled=False))

@@ -1,10 +1,10 @@
 """Clean/corrupted prompt sets for circuit discovery: IOI, Greater-Than, Docstring, antonyms, induction.
 
 Every prompt is a minimal pair: the corrupted text has the same number of tokens as the clean one,
-and the metric is the logit difference mean(logits[correct]) - mean(logits[incorrect]) at the last
-position (higher = the clean behaviour). Prompts are drawn from word lists by a seeded generator,
+and the metric (`prompts.metrics.logit_diff`) is the logit difference mean(logits[correct]) -
+mean(logits[incorrect]) at the last position (higher = the clean behaviour). Prompts are drawn from word lists by a seeded generator,
 then checked with the tokenizer that will run them (single-token answers, equal lengths); pairs that
-fail are dropped and drawn again. `python -m attribution.tasks --write` writes the SmolLM2 sets to
+fail are dropped and drawn again. `python -m prompts --write` writes the SmolLM2 sets to
 data/prompts/{task}.jsonl; `--performance N` measures the dense model on N prompts per task.
 
 Token conventions (SmolLM2's tokenizer; our code prefixes bos to every sequence): names and words
@@ -14,14 +14,11 @@ Greater-Than predicts the tens digit of the end year (see `greater_than_candidat
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -347,7 +344,7 @@ MIN_WORDS = {"ioi": ("names", 5), "docstring": ("doc_words", 8), "antonyms": ("a
 def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = DEFAULT_SEED) -> list[TaskPrompt]:
     """`n` distinct valid prompts of task `name` for `tokenizer`; the same (name, n, seed, tokenizer)
     always gives the same list. Invalid candidates are dropped and drawn again."""
-    generator = _generator(name)
+    generator = task_generator(name)
     vocab = vocab_for(tokenizer)
     if name in MIN_WORDS:
         field_name, needed = MIN_WORDS[name]
@@ -371,7 +368,8 @@ def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = 
                     "ask for fewer or extend the word lists")
 
 
-def _generator(name: str) -> Callable[[random.Random, Vocab], TaskPrompt]:
+def task_generator(name: str) -> Callable[[random.Random, Vocab], TaskPrompt]:
+    """The candidate generator of task `name`; TaskError for an unknown task."""
     if name not in GENERATORS:
         raise TaskError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}")
     return GENERATORS[name]
@@ -382,7 +380,7 @@ def _generator(name: str) -> Callable[[random.Random, Vocab], TaskPrompt]:
 
 
 def task_path(name: str, directory: Path = PROMPT_DIR) -> Path:
-    _generator(name)
+    task_generator(name)
     return Path(directory) / f"{name}.jsonl"
 
 
@@ -393,165 +391,20 @@ def write_task(prompts: Sequence[TaskPrompt], path: Path) -> None:
 
 
 def load_task(name: str, directory: Path = PROMPT_DIR) -> list[TaskPrompt]:
-    """The committed prompt set of task `name` (written by `python -m attribution.tasks --write`)."""
+    """The committed prompt set of task `name` (written by `python -m prompts --write`)."""
     path = task_path(name, directory)
     if not path.is_file():
-        raise TaskError(f"no prompt file {path}; run `python -m attribution.tasks --write` to create it")
+        raise TaskError(f"no prompt file {path}; run `python -m prompts --write` to create it")
     prompts = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
             prompt = TaskPrompt.model_validate_json(line)
         except ValidationError as err:
             raise TaskError(f"{path}:{number} is not a valid prompt ({err.errors()[0]['msg']}); "
-                            "regenerate it with `python -m attribution.tasks --write`") from None
+                            "regenerate it with `python -m prompts --write`") from None
         if prompt.task != name:
             raise TaskError(f"{path}:{number} holds a {prompt.task!r} prompt, expected {name!r}")
         prompts.append(prompt)
     if not prompts:
-        raise TaskError(f"{path} holds no prompts; regenerate it with `python -m attribution.tasks --write`")
+        raise TaskError(f"{path} holds no prompts; regenerate it with `python -m prompts --write`")
     return prompts
-
-
-# --------------------------------------------------------------------------------------------------
-# Batches and the metric
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """Prompts of one token length, encoded with bos prefixed; the metric's answers as weights."""
-
-    clean: torch.Tensor  # [batch, pos] long
-    corrupted: torch.Tensor  # [batch, pos] long
-    answer_ids: torch.Tensor  # [batch, n_answers] long, zero-padded
-    answer_weights: torch.Tensor  # [batch, n_answers]: +1/|correct|, -1/|incorrect|, 0 for padding
-    indices: tuple[int, ...]  # positions of these prompts in the list given to encode_prompts
-
-
-def encode_prompts(prompts: Sequence[TaskPrompt], tokenizer, batch_size: int = 32) -> list[PromptBatch]:
-    """Group prompts by token length (no padding needed) into batches of at most `batch_size`.
-
-    Raises TaskError naming the first prompt that is invalid for `tokenizer`.
-    """
-    if batch_size < 1:
-        raise TaskError(f"batch_size must be positive, got {batch_size}")
-    if tokenizer.bos_token_id is None:
-        raise TaskError("the tokenizer has no bos token; our models expect bos prefixed to every sequence")
-    by_length: dict[int, list[int]] = {}
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        reason = invalid_reason(prompt, tokenizer)
-        if reason is not None:
-            raise TaskError(f"prompt {index} ({prompt.clean!r}) is invalid for this tokenizer: {reason}")
-        clean = [tokenizer.bos_token_id, *token_ids(tokenizer, prompt.clean)]
-        corrupted = [tokenizer.bos_token_id, *token_ids(tokenizer, prompt.corrupted)]
-        answers = [token_ids(tokenizer, a)[0] for a in prompt.correct + prompt.incorrect]
-        weights = [1 / len(prompt.correct)] * len(prompt.correct) + [-1 / len(prompt.incorrect)] * len(
-            prompt.incorrect
-        )
-        encoded.append((clean, corrupted, answers, weights))
-        by_length.setdefault(len(clean), []).append(index)
-    batches = []
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            width = max(len(encoded[i][2]) for i in chunk)
-            batches.append(PromptBatch(
-                clean=torch.tensor([encoded[i][0] for i in chunk]),
-                corrupted=torch.tensor([encoded[i][1] for i in chunk]),
-                answer_ids=torch.tensor([_pad(encoded[i][2], width, 0) for i in chunk]),
-                answer_weights=torch.tensor([_pad(encoded[i][3], width, 0.0) for i in chunk]),
-                indices=tuple(chunk),
-            ))
-    return batches
-
-
-def _pad(values: list, width: int, fill) -> list:
-    return values + [fill] * (width - len(values))
-
-
-def logit_diff(last_logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-    """mean correct logit - mean incorrect logit per prompt.  last_logits [batch, vocab] -> [batch]."""
-    answer_logits = last_logits.gather(-1, batch.answer_ids)  # [batch, n_answers]
-    return (answer_logits * batch.answer_weights.to(last_logits.dtype)).sum(-1)
-
-
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [batch, pos] -> logits [batch, pos, vocab]
-
-
-def logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """ids -> logits for a GatedModel (in its current mode) or a plain HF causal LM."""
-    from sparse_attention.gated_attention import GatedModel
-
-    if isinstance(model, GatedModel):
-        return lambda ids: model(ids).logits
-    return lambda ids: model(input_ids=ids, use_cache=False).logits
-
-
-@torch.no_grad()
-def task_performance(model_fn: LogitsFn, tokenizer, prompts: Sequence[TaskPrompt], batch_size: int = 32) -> dict:
-    """Accuracy (logit diff > 0) and mean logit diff on the clean and the corrupted texts."""
-    if not prompts:
-        raise TaskError("task_performance needs at least one prompt")
-    diffs = {"clean": torch.zeros(len(prompts)), "corrupted": torch.zeros(len(prompts))}
-    for batch in encode_prompts(prompts, tokenizer, batch_size):
-        for kind, values in diffs.items():
-            logits = model_fn(getattr(batch, kind))[:, -1].float()
-            values[list(batch.indices)] = logit_diff(logits, batch)
-    result: dict = {"n_prompts": len(prompts)}
-    for kind, values in diffs.items():
-        result[kind] = {"accuracy": (values > 0).float().mean().item(),
-                        "mean_logit_diff": values.mean().item(), "std_logit_diff": values.std().item()}
-    return result
-
-
-# --------------------------------------------------------------------------------------------------
-# Entry point
-
-
-def _iter_tasks(names: Sequence[str] | None) -> Iterator[str]:
-    for name in names or TASKS:
-        _generator(name)
-        yield name
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="generate the prompt sets into data/prompts/")
-    parser.add_argument("--performance", type=int, metavar="N", default=0,
-                        help="measure the dense model on the first N prompts per task")
-    parser.add_argument("--tasks", nargs="*", help=f"subset of {', '.join(TASKS)}")
-    parser.add_argument("--n", type=int, default=DEFAULT_N_PROMPTS, help="prompts per task")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", type=Path, default=PROMPT_DIR)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is far faster than 2 on a shared, oversubscribed CPU)")
-    args = parser.parse_args(argv)
-    if not (args.write or args.performance):
-        parser.error("nothing to do: give --write and/or --performance N")
-
-    from sparse_attention.models import load_model
-
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    if args.write:
-        for name in _iter_tasks(args.tasks):
-            prompts = generate_task(name, tokenizer, args.n, args.seed)
-            write_task(prompts, task_path(name, args.out))
-            print(f"{name}: {len(prompts)} prompts -> {task_path(name, args.out)}")
-    if args.performance:
-        path = args.out / "task_performance.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
-        for name in _iter_tasks(args.tasks):
-            prompts = load_task(name, args.out)[: args.performance]
-            results[name] = task_performance(logits_fn(model), tokenizer, prompts)
-            print(name, json.dumps(results[name]))
-        results["_meta"] = {"model": args.model, "bos_prefixed": True, "seed": args.seed,
-                            "metric": "mean correct logit - mean incorrect logit at the last position; "
-                                      "accuracy = share of prompts with metric > 0",
-                            "notes": TASK_NOTES}
-        path.write_text(json.dumps(results, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()

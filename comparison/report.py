@@ -1,6 +1,6 @@
 """The comparison report: one HTML file with PNGs in `report_files/` beside it, drawn from the comparison
-tables (attribution/compare.py) and, for the example graphs, the graph store. Every number shown is a
-value of one of those Parquet tables, formatted by `fmt`.
+tables and the settings saved beside them (`comparison.stage.compare_store`) and, for the example graphs,
+the graph store. Every number shown is a value of one of those Parquet tables, formatted by `fmt`.
 
 Feature ids are shown as `L{layer}:F{feature}`; pass `labels={variant: {(layer, feature): text}}` (each
 variant's CLT has its own features, e.g. `open_features(clt_dir).labels()`) to show a label beside each.
@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attribution.compare import OUTPUT_FILES, RATIO, metric_columns
-from attribution.component_circuits import CURVE_KINDS
+from attribution.frontend import to_networkx
+from attribution.store import open_store
+from circuits.config import CURVE_KINDS
+from comparison.config import OUTPUT_FILES, RATIO, CompareConfig, load_compare_config
+from comparison.graph_metrics import metric_columns, share_name
 
 REPORT_FILE = "report.html"
 FIGURE_DIR = "report_files"
@@ -28,13 +31,16 @@ Labels = Mapping[tuple[int, int], str]
 METRIC_TITLES = {
     "n_nodes_kept": "nodes kept", "n_edges_kept": "edges kept", "n_features_kept": "feature nodes kept",
     "n_heads_any": "heads with any part", "n_heads_carrying": "heads carrying (share >= min)",
-    "n_heads_cover": "heads for 90% of head-carried weight", "n_attention_edges": "QK-attributed attention edges",
+    "n_attention_edges": "QK-attributed attention edges",
     "replacement_score": "replacement score", "completeness_score": "completeness score",
     "pruned_replacement_score": "pruned replacement score", "pruned_completeness_score": "pruned completeness score",
 }
 
 
-def metric_title(metric: str) -> str:
+def metric_title(metric: str, head_cover: float = CompareConfig.model_fields["head_cover"].default) -> str:
+    """A metric's name as the report shows it; `head_cover`: the share `n_heads_cover` counts heads for."""
+    if metric == "n_heads_cover":
+        return f"heads for {share_name(head_cover)}% of head-carried weight"
     if metric.startswith("n_edges_influence_"):
         return f"edges for {metric.rsplit('_', 1)[1]}% of edge influence"
     if metric.startswith("qk_top"):
@@ -149,7 +155,7 @@ def plot_attention(pattern: pd.DataFrame, path: Path, n_heads: int = 4) -> str:
     return _save(fig, path)
 
 
-def plot_task_metrics(summary: pd.DataFrame, metrics: list[str], path: Path) -> str:
+def plot_task_metrics(summary: pd.DataFrame, metrics: list[str], path: Path, head_cover: float) -> str:
     """Per task, each variant's mean with its bootstrap CI, one panel per metric."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.6), squeeze=False)
@@ -164,7 +170,7 @@ def plot_task_metrics(summary: pd.DataFrame, metrics: list[str], path: Path) -> 
             ax.bar(np.arange(len(tasks)) + offset, means, 0.4, yerr=errors, capsize=3, label=variant,
                    color=VARIANT_COLORS[variant])
         ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
-        ax.set_title(metric_title(metric), fontsize=9)
+        ax.set_title(metric_title(metric, head_cover), fontsize=9)
         means = summary.loc[(summary["metric"] == metric) & (summary["variant"] != RATIO), "mean"].dropna()
         if len(means) and means.min() > 0 and means.max() / means.min() > 20:
             ax.set_yscale("log")
@@ -243,8 +249,6 @@ def plot_prompt_circuits(prompts: pd.DataFrame, circuits: pd.DataFrame, path: Pa
 
 def plot_graph(stored, path: Path, labels: Labels | None = None, max_edges: int = 150) -> str:
     """The pruned graph: nodes at (position, layer), the strongest kept edges (blue +, red -)."""
-    from attribution.frontend import to_networkx
-
     plt = _plt()
     graph = to_networkx(stored)
     tokens = list(stored.info["token_strings"])
@@ -306,13 +310,13 @@ def table_html(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def task_table_rows(summary: pd.DataFrame, metrics: list[str]) -> list[list[str]]:
+def task_table_rows(summary: pd.DataFrame, metrics: list[str], head_cover: float) -> list[list[str]]:
     """Per task and metric: dense, sparse and dense/sparse as `mean [low, high]`, and the number of pairs."""
     rows = []
     indexed = summary.set_index(["task", "metric", "variant"])
     for task in summary["task"].unique():
         for metric in metrics:
-            cells = [task, metric_title(metric)]
+            cells = [task, metric_title(metric, head_cover)]
             for variant in ("dense", "sparse", RATIO):
                 key = (task, metric, variant)
                 cells.append(fmt_ci(*indexed.loc[key, ["mean", "ci_low", "ci_high"]]) if key in indexed.index else "-")
@@ -346,17 +350,18 @@ def _read(output_dir: Path, name: str) -> pd.DataFrame | None:
 
 def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
                  labels: Mapping[str, Labels] | None = None) -> Path:
-    """Render report.html (and report_files/*.png) from the comparison tables in `output_dir`; the example
-    graphs are drawn from the store at `store_uri` when given. Returns the HTML path."""
-    from attribution.compare import CompareConfig
-
+    """Render report.html (and report_files/*.png) from the comparison tables in `output_dir` and the settings
+    saved beside them; the example graphs are drawn from the store at `store_uri` when given. Returns the HTML
+    path."""
     output_dir = Path(output_dir)
-    figures = output_dir / FIGURE_DIR
-    figures.mkdir(exist_ok=True)
     metrics, summary = _read(output_dir, "graph_metrics"), _read(output_dir, "task_summary")
     if metrics is None or summary is None:
         raise FileNotFoundError(f"{output_dir} holds no comparison tables; run compare_store first")
-    shown = [m for m in metric_columns(CompareConfig()) if m in set(summary["metric"])]
+    config = load_compare_config(output_dir)
+    figures = output_dir / FIGURE_DIR
+    figures.mkdir(exist_ok=True)
+    shown = [m for m in metric_columns(config) if m in set(summary["metric"])]
+    confidence = f"{fmt(100 * config.confidence)}%"
     counts = metrics.groupby(["task", "variant"]).size().unstack(fill_value=0)
     parts = [f"<h1>Dense vs sparse circuits</h1><p>{len(metrics)} graphs; per task and variant:</p>",
              table_html(["task", *counts.columns], [[t, *map(fmt, r)] for t, r in counts.iterrows()])]
@@ -373,12 +378,13 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
                   "pattern the gates change most, dense (top) and sparse (bottom)</p>",
                   f'<img src="{plot_attention(pattern, figures / "attention.png")}">']
 
-    size_metrics = [m for m in ("n_edges_kept", "n_features_kept", "n_edges_influence_90", "n_heads_cover") if m in shown]
-    parts += ["<h2>Feature-level circuits</h2><p class=note>Mean over prompts with 95% bootstrap CI; the ratio is "
-              "mean(dense) / mean(sparse) over prompts attributed on both (pairs resampled together).</p>",
-              f'<img src="{plot_task_metrics(summary, size_metrics, figures / "graph_sizes.png")}">',
+    largest_share = f"n_edges_influence_{share_name(max(config.influence_shares))}"
+    size_metrics = [m for m in ("n_edges_kept", "n_features_kept", largest_share, "n_heads_cover") if m in shown]
+    parts += [f"<h2>Feature-level circuits</h2><p class=note>Mean over prompts with {confidence} bootstrap CI; the "
+              "ratio is mean(dense) / mean(sparse) over prompts attributed on both (pairs resampled together).</p>",
+              f'<img src="{plot_task_metrics(summary, size_metrics, figures / "graph_sizes.png", config.head_cover)}">',
               table_html(["task", "metric", "dense", "sparse", "dense/sparse", "pairs"],
-                         task_table_rows(summary, shown))]
+                         task_table_rows(summary, shown, config.head_cover))]
 
     curves, circuits = _read(output_dir, "circuit_curves"), _read(output_dir, "circuit_summary")
     if circuits is not None:
@@ -388,7 +394,7 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
                      ". Edges join components summed over positions; position_edges are the same edges at one "
                      "token position (counted from the last token). dense, sparse and dense/sparse: one circuit "
                      "over all the task's prompts; per prompt: one circuit per prompt, mean(dense) / mean(sparse) "
-                     "over the prompts both reach the target with, with a 95% bootstrap CI over prompt pairs. "
+                     f"over the prompts both reach the target with, with a {confidence} bootstrap CI over prompt pairs. "
                      f"Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
         if curves is not None and len(curves):
             parts.append(f'<img src="{plot_circuit_curves(curves, circuits, figures / "circuit_curves.png")}">')
@@ -406,8 +412,6 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
         parts.append("<h2>One prompt per task</h2>")
         store = None
         if store_uri is not None:
-            from attribution.store import open_store
-
             store = open_store(store_uri)
         for task, group in examples.groupby("task", sort=True):
             parts.append(f"<h3>{html.escape(task)}: {html.escape(group['prompt'].iloc[0])!s}</h3>")

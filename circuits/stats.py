@@ -1,4 +1,6 @@
-"""Percentile-bootstrap intervals shared by the feature-level comparison and component circuits."""
+"""Percentile-bootstrap intervals: the mean of one sample, and the ratio of means of paired samples (dense
+and sparse values of the same prompts, resampled together). The one implementation of both: per-prompt
+component circuits (`curves.compare_per_prompt`) and the comparison stage use these."""
 
 from __future__ import annotations
 

@@ -16,17 +16,16 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from attribution import tasks
-from attribution.tasks import (
+from prompts import tasks
+from prompts.batches import encode_prompts
+from prompts.metrics import logit_diff, task_performance
+from prompts.tasks import (
     TASKS,
     TaskError,
     TaskPrompt,
-    encode_prompts,
     generate_task,
     invalid_reason,
     load_task,
-    logit_diff,
-    task_performance,
     token_ids,
     write_task,
 )

@@ -12,24 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from attribution import component_circuits
-from attribution.compare import (
-    RATIO,
-    CircuitsConfig,
-    CompareConfig,
-    bootstrap_mean,
-    compare_store,
-    count_to_share,
-    edge_influence,
-    head_metrics,
-    qk_edge_shares,
-    run_circuits,
-    summarize,
-)
-from attribution.component_circuits import ComponentCircuitConfig
+import circuits.curves
 from attribution.prune import influence, logit_weight_vector, normalize_rows
-from attribution.report import REPORT_FILE, component_label, fmt, fmt_ci, metric_title
-from attribution.tasks import load_task
+from circuits.config import ComponentCircuitConfig
+from circuits.stats import bootstrap_mean
+from comparison.config import RATIO, CircuitsConfig, CompareConfig
+from comparison.graph_metrics import count_to_share, edge_influence, head_metrics, qk_edge_shares
+from comparison.report import REPORT_FILE, component_label, fmt, fmt_ci, metric_title
+from comparison.stage import compare_store
+from comparison.summaries import run_circuits, summarize
+from prompts.tasks import load_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,7 +139,7 @@ def test_bad_compare_config_is_refused(update, message):
 def test_run_circuits_gives_curves_ratios_and_status_rows():
     """Greater-Than (digits are single bytes) on a tiny dense model and its gated copy; antonyms' answers
     are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
-    from tests.test_component_circuits import make_model
+    from tests.test_circuits import make_model
 
     tokenizer = __import__("sparse_attention.models", fromlist=["byte_tokenizer"]).byte_tokenizer()
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
@@ -174,7 +166,7 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     assert set(prompts["task"]) == {"greater_than"} and sorted(set(prompts["prompt_index"])) == [0, 1, 2]
     task_prompts = load_task("greater_than")
     for variant, (model, _) in models.items():
-        alone = component_circuits.run(config.circuit, model, tokenizer, task_prompts[1:2])
+        alone = circuits.curves.run(config.circuit, model, tokenizer, task_prompts[1:2])
         rows = prompts[(prompts["variant"] == variant) & (prompts["prompt_index"] == 1)].set_index("kind")
         for kind in ("heads", "edges", "position_edges"):
             assert rows.loc[kind, "count_at_target"] == getattr(alone, kind).count_at_target
@@ -273,6 +265,29 @@ def test_report_numbers_are_the_tables_numbers(tiny_run):
     assert f"<td>{fmt(sparsity['overall_edge_fraction'].iloc[0])}</td>" in page
 
 
+def test_report_takes_its_metrics_and_settings_from_the_saved_config(tiny_run, tmp_path):
+    """Non-default settings reach the report through compare_config.yaml: the task table lists the configured
+    influence share, top-k and head cover with the summary's numbers, and not the default ones."""
+    root, _, _ = tiny_run
+    config = CompareConfig(influence_shares=[0.5], qk_top_k=[2], head_cover=0.8, confidence=0.9,
+                           bootstrap_samples=200)
+    compare_store(root / "graphs", tmp_path, config, progress=False)
+    page = (tmp_path / REPORT_FILE).read_text()
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", page)]
+    table = {(c[0], c[1]): c[2:] for c in cells if len(c) == 6}
+    summary = pd.read_parquet(tmp_path / "task_summary.parquet")
+    for metric in ("n_edges_influence_50", "qk_top2_share", "n_heads_cover"):
+        for task, part in summary[summary["metric"] == metric].groupby("task"):
+            dense = part.set_index("variant").loc["dense"]
+            shown = table[(task, html.escape(metric_title(metric, head_cover=0.8)))]
+            assert shown[0] == fmt_ci(dense["mean"], dense["ci_low"], dense["ci_high"]), (task, metric)
+    titles = {title for _, title in table}
+    assert "heads for 80% of head-carried weight" in titles and "heads for 90% of head-carried weight" not in titles
+    assert html.escape(metric_title("n_edges_influence_80")) not in titles
+    assert html.escape(metric_title("qk_top1_share")) not in titles
+    assert "Mean over prompts with 90% bootstrap CI" in page
+
+
 def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_run, tmp_path):
     from pipeline.orchestrate import run_pipeline
 
@@ -290,7 +305,7 @@ def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_ru
 
 
 def test_empty_store_is_a_clear_error(tmp_path):
-    from attribution.compare import CompareError
+    from comparison.config import CompareError
 
     with pytest.raises(CompareError, match="holds no graphs; run the attribution stage first"):
         compare_store(tmp_path / "no_graphs", tmp_path / "out", CompareConfig(report=False), progress=False)

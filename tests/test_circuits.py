@@ -8,12 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from attribution.component_circuits import (
-    CircuitError,
+from circuits.config import CircuitError, ComponentCircuitConfig
+from circuits.curves import (
     CircuitResult,
-    ComponentCircuitConfig,
-    ComponentHooks,
-    ComponentLayout,
     Curve,
     PromptSet,
     compare,
@@ -21,16 +18,15 @@ from attribution.component_circuits import (
     count_grid,
     count_staying_above,
     count_to_reach,
-    edge_attribution,
     head_scores,
-    patched_metric,
-    prepare,
-    record,
     run,
     run_per_prompt,
-    top_k_mask,
 )
-from attribution.tasks import encode_prompts, generate_task, logit_diff, logits_fn
+from circuits.hooks import ComponentHooks, edge_attribution, patched_metric, prepare, record
+from circuits.layout import ComponentLayout, top_k_mask
+from prompts.batches import encode_prompts
+from prompts.metrics import logit_diff, logits_fn
+from prompts.tasks import generate_task
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import TinyModelConfig, byte_tokenizer, tiny_model
 
@@ -430,7 +426,7 @@ def test_command_line_compares_dense_and_sparse_per_task(tmp_path):
     for the byte tokenizer too), tiny dense model vs a saved gated checkpoint."""
     import json
 
-    from attribution.component_circuits import main
+    from circuits.__main__ import main
 
     model, tokenizer = tiny_model(TinyModelConfig())
     gated = GatedModel(model, offset_init=0.0)

@@ -1,0 +1,139 @@
+"""Where components sit in the edge matrices, and the pure tensor functions over them.
+
+Nodes write into the residual stream: the token embedding, every head (its slice of o_proj), every
+MLP. Edges run from a writer u to a later reader v: a head's input (split into its q, k and v inputs
+by default, `split_qkv`), an MLP's input, or the logits (the final norm's input). A reader's input is
+the sum of the writes before it, so an edge is one term of that sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------
+# Node and edge layout
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """Row (writer) and column (reader) indices.
+
+    Rows, in computation order: embed, then per layer its heads and its MLP: [U = 1 + L (H + 1)].
+    Columns: per layer its head inputs (head-major, then q/k/v) and its MLP input, then the logits.
+    """
+
+    n_layers: int
+    n_heads: int
+    split_qkv: bool
+
+    @property
+    def n_inputs(self) -> int:
+        return 3 if self.split_qkv else 1
+
+    @property
+    def n_rows(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + 1)
+
+    @property
+    def n_cols(self) -> int:
+        return self.n_layers * (self.n_heads * self.n_inputs + 1) + 1
+
+    def head_row(self, layer: int, head: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + head
+
+    def mlp_row(self, layer: int) -> int:
+        return self.head_row(layer, self.n_heads)
+
+    def head_cols(self, layer: int) -> slice:
+        start = layer * (self.n_heads * self.n_inputs + 1)
+        return slice(start, start + self.n_heads * self.n_inputs)
+
+    def mlp_col(self, layer: int) -> int:
+        return self.head_cols(layer).stop
+
+    @property
+    def logits_col(self) -> int:
+        return self.n_cols - 1
+
+    def rows_read(self) -> torch.Tensor:
+        """[V] how many rows (a prefix) each column reads: heads read earlier layers, an MLP its own heads too."""
+        reads = torch.full((self.n_cols,), self.n_rows)
+        for layer in range(self.n_layers):
+            reads[self.head_cols(layer)] = self.head_row(layer, 0)
+            reads[self.mlp_col(layer)] = self.mlp_row(layer)
+        return reads
+
+    def allowed(self) -> torch.Tensor:
+        """[U, V] bool: the edges that exist (writer before reader)."""
+        return torch.arange(self.n_rows)[:, None] < self.rows_read()[None, :]
+
+    def row_names(self) -> list[str]:
+        names = ["embed"]
+        for layer in range(self.n_layers):
+            names += [f"blocks.{layer}.head.{h}" for h in range(self.n_heads)] + [f"blocks.{layer}.mlp"]
+        return names
+
+    def col_names(self) -> list[str]:
+        kinds = ("q", "k", "v") if self.split_qkv else ("in",)
+        names = []
+        for layer in range(self.n_layers):
+            names += [f"blocks.{layer}.head.{h}.{kind}" for h in range(self.n_heads) for kind in kinds]
+            names.append(f"blocks.{layer}.mlp")
+        return [*names, "logits"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure tensor functions
+
+
+def head_writes(z: torch.Tensor, o_weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Each head's write into the residual.  z [b, p, H * dh] (o_proj input), o_weight [d, H * dh] -> [b, p, H, d]."""
+    b, p, _ = z.shape
+    z = z.view(b, p, n_heads, -1)
+    return torch.einsum("bphe,dhe->bphd", z, o_weight.view(o_weight.shape[0], n_heads, -1))
+
+
+def per_head_projection(
+    resid: torch.Tensor, delta: torch.Tensor, norm: nn.Module, weight: torch.Tensor
+) -> torch.Tensor:
+    """q/k/v projection where head h reads its own input: W_h norm(resid + delta_h).
+
+    resid [b, p, d] (pre-norm residual), delta [b, p, H, d], weight [H * dh, d]  ->  [b, p, H * dh].
+    """
+    n_heads = delta.shape[2]
+    normed = norm.forward(resid[:, :, None, :] + delta)  # [b, p, H, d]; .forward skips the norm's hooks
+    out = torch.einsum("bphd,hed->bphe", normed, weight.view(n_heads, -1, weight.shape[-1]))
+    return out.flatten(2)
+
+
+def patch_heads(z: torch.Tensor, z_corrupted: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Heads not kept take their corrupted output.  z, z_corrupted [b, p, H * dh]; keep bool [H]."""
+    head_dim = z.shape[-1] // keep.shape[0]
+    return torch.where(keep.repeat_interleave(head_dim), z, z_corrupted)
+
+
+def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
+
+    prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
+    writers' differences; kept [U', C] or, per position, [U', C, p] bool, kept edges into the C readers
+    ->  [b, p, C, d].
+    """
+    rows = kept.flatten(1).any(dim=1).nonzero().squeeze(1)
+    if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
+        rows = slice(None)
+    pattern = "kbpd,kcp->bpcd" if kept.dim() == 3 else "kbpd,kc->bpcd"
+    kept_part = torch.einsum(pattern, diffs[rows], kept[rows].to(diffs.dtype))
+    return prefix_diff[:, :, None, :] - kept_part
+
+
+def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k allowed entries with the largest |score| (ties: lower flat index first)."""
+    flat = scores.abs().flatten().masked_fill(~allowed.flatten(), -1.0)
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    mask = torch.zeros(flat.shape, dtype=torch.bool)
+    mask[order] = True
+    return mask.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries

@@ -1,0 +1,174 @@
+"""Metrics of one stored graph, as pure functions over its tables, and of every graph in a store.
+
+Per graph (variant, task, prompt_index), from the store's tables only:
+- sizes after pruning: `n_nodes_kept`, `n_edges_kept` (graphs table), `n_features_kept` (nodes table);
+- `n_edges_influence_{80,90}`: edges of the pruned graph holding that share of its edge influence
+  (`edge_influence`: circuit-tracer's edge score recomputed on the pruned graph);
+- heads carrying the graph's edges (head_loadings, head >= 0; `head_metrics`);
+- `qk_top{k}_share`: median over the graph's QK-attributed attention edges (query after BOS: a BOS query
+  sees only the BOS token, so one pair explains it trivially) of the share of the edge's score explained by
+  its top-k (query, key) component pairs (`qk_edge_shares`);
+- replacement and completeness scores, unpruned and pruned (graphs table).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from comparison.config import CompareConfig, CompareError
+
+
+def share_name(share: float) -> str:
+    return f"{round(100 * share)}"
+
+
+def count_to_share(values: np.ndarray, share: float) -> int:
+    """Smallest number of the largest `values` (>= 0) whose sum reaches `share` of their total; 0 if empty."""
+    values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    total = values.sum()
+    if len(values) == 0 or total <= 0:
+        return 0
+    cumulative = np.cumsum(values)
+    return int(np.argmax(cumulative >= share * total * (1 - 1e-12))) + 1
+
+
+def edge_influence(target: np.ndarray, source: np.ndarray, weight: np.ndarray, logit_weight: np.ndarray) -> np.ndarray:
+    """circuit-tracer's edge scores on the graph made of the given edges (rows = targets).
+
+    With |A| row-normalised over these edges, node influence I = w (A + A^2 + ...) for the logit weights w
+    (the logit nodes' probabilities), edge score(t, s) = |A|[t, s] * (I[t] + w[t]).  target, source, weight
+    [E] (node indices), logit_weight [N]  ->  [E].
+    """
+    n = len(logit_weight)
+    absolute = np.abs(np.asarray(weight, dtype=np.float64))
+    row_sum = np.bincount(target, absolute, minlength=n)
+    normalized = absolute / np.maximum(row_sum[target], 1e-30)
+    influence = np.zeros(n)
+    current = np.asarray(logit_weight, dtype=np.float64)
+    for _ in range(n + 1):
+        current = np.bincount(source, current[target] * normalized, minlength=n)
+        if not current.any():
+            return normalized * (influence + logit_weight)[target]
+        influence += current
+    raise CompareError("edge influence did not converge: the stored edges form a cycle; the store is corrupted")
+
+
+def pruned_edge_influence(nodes: pd.DataFrame, edges: pd.DataFrame) -> np.ndarray:
+    """Edge scores (`edge_influence`) of the kept edges of a stored graph, in the order of `edges[kept]`."""
+    kept = edges[edges["kept"]]
+    logit_weight = np.zeros(int(nodes["node_index"].max()) + 1 if len(nodes) else 0)
+    logits = nodes[nodes["kind"] == "logit"]
+    logit_weight[logits["node_index"].to_numpy()] = logits["token_prob"].to_numpy(dtype=np.float64)
+    return edge_influence(kept["target"].to_numpy(), kept["source"].to_numpy(), kept["weight"].to_numpy(),
+                          logit_weight)
+
+
+def head_metrics(head_loadings: pd.DataFrame, min_share: float, cover: float) -> dict:
+    """Heads carrying a graph's edges. The head-carried weight of head (layer, h) is the sum of |part| over
+    the graph's edges (head >= 0 rows; the summed other heads (-2) and the skip (-1) are no head).
+    n_heads_any: heads with any part; n_heads_carrying: heads with >= min_share of the total;
+    n_heads_cover: fewest heads holding `cover` of it."""
+    heads = head_loadings[head_loadings["head"] >= 0]
+    mass = heads["weight"].abs().groupby([heads["layer"], heads["head"]]).sum().to_numpy(dtype=np.float64)
+    total = mass.sum()
+    return {"n_heads_any": int((mass > 0).sum()),
+            "n_heads_carrying": int((mass >= min_share * total).sum()) if total > 0 else 0,
+            "n_heads_cover": count_to_share(mass, cover)}
+
+
+QK_KEYS = ["layer", "head", "query_pos", "key_pos"]
+
+
+def qk_edge_scores(qk_pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per QK-attributed attention edge (index QK_KEYS, sorted): its gate logit, its offset and
+    score = gate logit - offset (= pairs + pair_rest), as float64. qk_pairs: rows of the qk_pairs table."""
+    edges = qk_pairs.groupby(QK_KEYS, sort=True)["gate_logit"].first().astype(np.float64).to_frame()
+    offsets = qk_pairs[qk_pairs["kind"] == "offset"].groupby(QK_KEYS)["value"].sum()
+    edges["offset"] = offsets.reindex(edges.index, fill_value=0.0).astype(np.float64)
+    edges["score"] = edges["gate_logit"] - edges["offset"]
+    return edges
+
+
+def qk_edge_shares(qk_pairs: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
+    """Per QK-attributed attention edge: its gate logit, offset, score = logit - offset (= pairs + pair_rest),
+    and top{k}_share = (sum of its k pairs of largest |value|) / score. The offset is left out: no pair can
+    explain it, and the dense model has none. One row per (layer, head, query_pos, key_pos), sorted."""
+    columns = [*QK_KEYS, "gate_logit", "offset", "score", "n_pairs", "top_query", "top_key", "top_value",
+               *[f"top{k}_share" for k in ks]]
+    if qk_pairs.empty:
+        return pd.DataFrame(columns=columns)
+    edges = qk_edge_scores(qk_pairs)
+    pairs = qk_pairs[qk_pairs["kind"] == "pair"].copy()
+    pairs["magnitude"] = pairs["value"].abs()
+    pairs = pairs.sort_values([*QK_KEYS, "magnitude"], ascending=[True] * len(QK_KEYS) + [False], kind="stable")
+    rank = pairs.groupby(QK_KEYS).cumcount()
+    edges["n_pairs"] = pairs.groupby(QK_KEYS).size().reindex(edges.index, fill_value=0)
+    top = pairs[rank == 0].set_index(QK_KEYS)
+    edges["top_query"] = top["query_component"].reindex(edges.index)
+    edges["top_key"] = top["key_component"].reindex(edges.index)
+    edges["top_value"] = top["value"].astype(np.float64).reindex(edges.index)
+    score = edges["score"].where(edges["score"] != 0)
+    for k in ks:
+        top_sum = pairs[rank < k].groupby(QK_KEYS)["value"].sum().astype(np.float64)
+        edges[f"top{k}_share"] = top_sum.reindex(edges.index, fill_value=0.0) / score
+    return edges.reset_index()[columns]
+
+
+def pair_key(task: str, prompt_index: int, prompt: str) -> str:
+    """What pairs a dense graph with its sparse one: the task and the prompt's index, or the prompt text."""
+    return f"custom:{prompt}" if task == "custom" else f"{task}:{int(prompt_index)}"
+
+
+def graph_metrics(info: Mapping, nodes: pd.DataFrame, edges: pd.DataFrame, head_loadings: pd.DataFrame,
+                  qk_edges: pd.DataFrame, config: CompareConfig) -> dict:
+    """The comparison metrics of one stored graph (info: its graphs row; qk_edges: `qk_edge_shares`)."""
+    attention = json.loads(info["settings"]).get("attention", {}).get("enabled", True)
+    scores = pruned_edge_influence(nodes, edges)
+    row = {key: info[key] for key in ("graph_id", "variant", "task", "prompt_index", "prompt", "n_pos", "n_nodes",
+                                      "n_edges", "n_nodes_kept", "n_edges_kept")}
+    row["pair"] = pair_key(info["task"], info["prompt_index"], info["prompt"])
+    row["n_features_kept"] = int(((nodes["kind"] == "feature") & nodes["kept"]).sum())
+    for share in config.influence_shares:
+        row[f"n_edges_influence_{share_name(share)}"] = count_to_share(scores, share)
+    heads = head_metrics(head_loadings, config.head_min_share, config.head_cover)
+    row.update({k: v if attention else np.nan for k, v in heads.items()})
+    row["n_attention_edges"] = len(qk_edges) if attention else np.nan
+    explained = qk_edges[qk_edges["query_pos"] > 0] if len(qk_edges) else qk_edges  # BOS query: one token, trivial
+    for k in config.qk_top_k:
+        shares = explained[f"top{k}_share"].dropna() if len(explained) else pd.Series(dtype=float)
+        row[f"qk_top{k}_share"] = float(shares.median()) if len(shares) else np.nan
+    for key in ("replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"):
+        row[key] = float(info[key])
+    return row
+
+
+def metric_columns(config: CompareConfig) -> list[str]:
+    """The per-graph metrics summarised per task, in report order."""
+    return ["n_nodes_kept", "n_edges_kept", "n_features_kept",
+            *[f"n_edges_influence_{share_name(s)}" for s in config.influence_shares],
+            "n_heads_any", "n_heads_carrying", "n_heads_cover", "n_attention_edges",
+            *[f"qk_top{k}_share" for k in config.qk_top_k],
+            "replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"]
+
+
+def store_metrics(store, config: CompareConfig, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(graph_metrics: one row per graph, qk_edges: one row per attention edge with its graph_id)."""
+    graphs = store.list_graphs()
+    if graphs.empty:
+        raise CompareError(f"the store at {store.root} holds no graphs; run the attribution stage first")
+    rows, qk_frames = [], []
+    records = graphs.sort_values(["variant", "task", "prompt_index", "prompt"]).to_dict("records")
+    for info in tqdm(records, desc="compare graphs", disable=not progress):
+        stored = store.load_graph(info["graph_id"])
+        qk = qk_edge_shares(stored.qk_pairs, config.qk_top_k)
+        rows.append(graph_metrics(info, stored.nodes, stored.edges, stored.head_loadings, qk, config))
+        qk.insert(0, "graph_id", info["graph_id"])
+        qk.insert(1, "variant", info["variant"])
+        qk_frames.append(qk)
+    qk_edges = pd.concat(qk_frames, ignore_index=True) if qk_frames else pd.DataFrame()
+    return pd.DataFrame(rows), qk_edges
