@@ -47,8 +47,8 @@ from attribution.replacement import (
     tokenize_prompt,
 )
 from attribution.store import GraphStore, check_variant, open_store
+from sparse_attention.sources import ModelSource, load_source
 from transcoders.clt import META_FILE, load_clt
-from transcoders.stage import ModelSource, load_source
 
 __all__ = ["AttributionStageConfig", "ModelSource", "PromptItem", "prompt_items", "run", "Attributor",
            "batch_items", "summarize", "write_config"]

@@ -1,4 +1,5 @@
-"""What the SmolLM2 stage benchmarks share: their command line, and running pipeline stages in a child process."""
+"""What the SmolLM2 stage benchmarks share: their command line, and running pipeline stages in a child process
+(or recording a finished run instead)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def stage_run_parser(description: str, default_output: Path, record_help: str) -
     parser.add_argument("--record", type=Path, default=None, help=record_help)
     parser.add_argument("--tag", default="demo")
     return parser
+
+
+def run_or_record(args: argparse.Namespace, stages: str, record_command: str) -> tuple[Path, dict]:
+    """(output directory, how it was measured): `args.record` as recorded (by `record_command`, named in the
+    result), or `args.output` after running `stages` there (`run_pipeline_stages`)."""
+    if args.record is not None:
+        return args.record, {"how": f"recorded from {args.record} ({record_command})"}
+    return args.output, run_pipeline_stages(args, stages)
 
 
 def run_pipeline_stages(args: argparse.Namespace, stages: str) -> dict:

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, not the
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
-from bench._pipeline import run_pipeline_stages, stage_run_parser  # noqa: E402
+from bench._pipeline import run_or_record, stage_run_parser  # noqa: E402
 
 # Issue 4's goal for the demo budget
 GOAL = {"nmse_max": 0.15, "l0_max": 32.0, "ce_recovered_min": 0.80}
@@ -67,11 +67,9 @@ def summarise(directory: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.record is not None:
-        output, measured = args.record, {"how": f"recorded from {args.record} (python bench/clt_smollm2.py --record "
-                                                f"{args.record} --variants {' '.join(args.variants)} --tag {args.tag})"}
-    else:
-        output, measured = args.output, run_pipeline_stages(args, "sparsify,clt")  # sparsify skips when done
+    output, measured = run_or_record(args, "sparsify,clt",  # sparsify skips when done
+                                     f"python bench/clt_smollm2.py --record {args.record} --variants "
+                                     f"{' '.join(args.variants)} --tag {args.tag}")
     result = {**measured, "variants": {}, "load_average_at_end": os.getloadavg(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     RESULTS.mkdir(parents=True, exist_ok=True)

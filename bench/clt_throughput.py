@@ -13,7 +13,6 @@ Writes bench/results/clt_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from runtime.files import write_json_atomic  # noqa: E402
 from transcoders.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
 from transcoders.memory import reuse_freed_memory  # noqa: E402
 from transcoders.train import clt_loss  # noqa: E402
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.output)
+    write_json_atomic(args.output, result)
     print(f"\n{'L0':>4} {'sparse tok/s':>13} {'dense tok/s':>12} {'ratio':>6}  "
           f"(F={args.features}, {args.tokens} tokens, {args.threads} threads)")
     for row in rows:

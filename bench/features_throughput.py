@@ -16,7 +16,6 @@ are timed once. Writes bench/results/features_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from runtime.files import write_json_atomic  # noqa: E402
 from sparse_attention.data import DataConfig, iterate_blocks, load_token_blocks  # noqa: E402
 from sparse_attention.models import SMOLLM2_NAME, load_model  # noqa: E402
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, load_clt_metadata  # noqa: E402
@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.output)
+    write_json_atomic(args.output, result)
     print(f"pass {result['pass_tokens_per_s']:.0f} tok/s, harvest alone {result['harvest_tokens_per_s']:.0f} tok/s, "
           f"ratio {result['ratio']:.2f} (CPU time {result['ratio_cpu_time']:.2f}; target >= 0.8); evidence {evidence_seconds:.0f} s, tables "
           f"{tables_seconds:.0f} s; written to {args.output}")

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, not the
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
-from bench._pipeline import run_pipeline_stages, stage_run_parser  # noqa: E402
+from bench._pipeline import run_or_record, stage_run_parser  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,11 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.record is not None:
-        output, measured = args.record, {"how": f"recorded from {args.record} (python bench/sparsify_smollm2.py "
-                                                f"--record {args.record})"}
-    else:
-        output, measured = args.output, run_pipeline_stages(args, "sparsify")
+    output, measured = run_or_record(args, "sparsify", f"python bench/sparsify_smollm2.py --record {args.record}")
     stage_dir = output / "sparsify"
     try:
         metrics = json.loads((stage_dir / "metrics.json").read_text())

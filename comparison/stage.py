@@ -25,7 +25,7 @@ from comparison.graph_metrics import metric_columns, store_metrics
 from comparison.inputs import attention_pattern, example_tables, sparsity_table
 from comparison.report import write_report
 from comparison.summaries import run_circuits, summarize
-from transcoders.stage import load_source
+from sparse_attention.sources import load_source
 
 
 def write_table(frame: pd.DataFrame, output_dir: Path, name: str) -> Path:

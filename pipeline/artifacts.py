@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from runtime.files import write_bytes_atomic
 from sparse_attention.models import cache_dir
 
 MANIFEST = "manifest.json"
@@ -112,9 +112,7 @@ class ArtifactStore:
         self.fs.create_dir(self.uri(manifest_dir), recursive=True)
         final = f"{self.uri(manifest_dir)}/{MANIFEST}"
         if self.is_local:
-            tmp = Path(final + ".tmp")
-            tmp.write_bytes(payload)
-            os.replace(tmp, final)
+            write_bytes_atomic(final, payload)
         else:
             with self.fs.open_output_stream(final) as stream:  # object stores publish whole objects
                 stream.write(payload)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.artifacts import RAY_TRAIN_DIR
 from pipeline.config import PipelineConfig
+from runtime.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -107,16 +108,13 @@ def _clt_worker(loop_config: dict) -> None:
 
 def restore_checkpoint_dir(checkpoint, target: Path) -> None:
     """Copy a Ray Train checkpoint's files over the trainer's local checkpoint directory (each file atomically)."""
-    import os
     import shutil
 
     target.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as source:
         for path in Path(source).iterdir():
             if path.is_file():
-                tmp = target / (path.name + ".restore")
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, target / path.name)
+                write_atomic(target / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
 
 
 def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name: str) -> None:

@@ -42,6 +42,8 @@ import numpy as np
 import pydantic
 import torch
 
+from runtime.files import write_atomic, write_json_atomic
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -331,13 +333,14 @@ def _read_cache(npy: Path, meta_path: Path) -> tuple[np.ndarray, np.ndarray] | N
 def _write_cache(npy: Path, meta_path: Path, train: np.ndarray, heldout: np.ndarray, meta: dict) -> None:
     """Write ids then metadata, each to a temporary file moved into place, so readers never see half."""
     npy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_name(f"{npy.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.concatenate([train, heldout]))
-    os.replace(tmp, npy)
-    tmp = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**meta, "n_train": len(train), "n_heldout": len(heldout)}, indent=1))
-    os.replace(tmp, meta_path)
+    ids = np.concatenate([train, heldout])
+
+    def save_ids(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save given a path would append ".npy" to the temporary name
+            np.save(f, ids)
+
+    write_atomic(npy, save_ids)
+    write_json_atomic(meta_path, {**meta, "n_train": len(train), "n_heldout": len(heldout)}, indent=1)
 
 
 def _cut_blocks(stream: np.ndarray, context_length: int, start_token_id: int, split: str) -> torch.Tensor:

@@ -12,8 +12,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from runtime.files import write_directory_atomic
 
 TINY_NAME = "tiny"
 SMOLLM2_NAME = "smollm2-135m"
@@ -235,34 +235,15 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file {gguf_path} does not exist; give the path to an existing .gguf file")
     model, tokenizer = _load_gguf(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp_dir.chmod(0o755)  # mkdtemp makes it private; the finished cache is an ordinary directory
-    try:
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        (tmp_dir / "tokenizer.model").unlink(missing_ok=True)  # tokenizer.json holds the whole tokenizer
-        (tmp_dir / CONVERSION_MARKER).write_text(json.dumps(_conversion_marker(gguf_path)))
-        _move_into_place(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        (directory / "tokenizer.model").unlink(missing_ok=True)  # tokenizer.json holds the whole tokenizer
+        (directory / CONVERSION_MARKER).write_text(json.dumps(_conversion_marker(gguf_path)))
+
+    write_directory_atomic(out_dir, write)
     return out_dir
-
-
-def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename `tmp_dir` to `out_dir`, first moving aside any stale `out_dir` (rename needs an empty target)."""
-    if out_dir.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
-        try:
-            os.replace(out_dir, stale / "old")
-        except FileNotFoundError:
-            pass  # another process moved it first
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except OSError:
-        if not out_dir.is_dir():  # anything but "a concurrent conversion got there first" is a real error
-            raise
 
 
 def _conversion_marker(gguf_path: Path) -> dict:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import resource
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 
+from runtime.distributed import is_main_rank
+from runtime.files import write_directory_atomic, write_json_atomic
+from runtime.outputs import open_output_dir
+from runtime.resources import peak_rss_gb
 from sparse_attention.config import SparsifyConfig
 from sparse_attention.data import load_token_blocks
 from sparse_attention.evaluate import (
@@ -27,29 +27,18 @@ from sparse_attention.evaluate import (
 )
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import load_model
-from sparse_attention.train import is_main_rank, post_train
+from sparse_attention.train import post_train
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "sparsify_config.yaml"
+CHECKPOINT_DIR = "checkpoints"
 
 
 def training_fingerprint(config: SparsifyConfig) -> str:
     """Hash of everything that changes the trained weights (not evaluation or thread settings)."""
     payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB).  Under Ray the stage runs in a
-    worker process, which a benchmark's own child-process accounting does not see."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -59,18 +48,12 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-CHECKPOINT_DIR = "checkpoints"
-
-
 def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True,
         on_checkpoint: Callable[[dict, Path | None], None] | None = None) -> dict:
     """Post-train `config.model` into gated sparse attention; writes model/, metrics.json, plots.
 
     Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `post_train`."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_rank():
-        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
@@ -108,12 +91,8 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     )
     if not is_main_rank():  # data-parallel workers: rank 0 saves and evaluates
         return {}
-    model_dir = output_dir / MODEL_DIR
-    tmp_dir = output_dir / (MODEL_DIR + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    gated.save(tmp_dir, tokenizer, metadata={"offset_init": offset, "sparsify_config": config.model_dump(mode="json")})
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp_dir, model_dir)
+    metadata = {"offset_init": offset, "sparsify_config": config.model_dump(mode="json")}
+    write_directory_atomic(output_dir / MODEL_DIR, lambda tmp: gated.save(tmp, tokenizer, metadata=metadata))
 
     sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs, device)
     control_ce = mean_ce(lambda t: gated.set_mode("dense")(t).logits, heldout, eval_bs, device)

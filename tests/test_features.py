@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sparse_attention.checkpoint import CheckpointError
+from runtime.checkpoint import CheckpointError
 from sparse_attention.data import DataConfig, load_token_blocks
 from transcoders import features as features_module
 from transcoders.clt import CLTConfig, CrossLayerTranscoder

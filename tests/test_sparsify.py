@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config, parse_config
+from runtime.checkpoint import CheckpointError
 from sparse_attention import stage
-from sparse_attention.checkpoint import CheckpointError
 from sparse_attention.config import SparsifyConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, load_gated_model

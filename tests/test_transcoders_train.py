@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_attention.checkpoint import CheckpointError
+from runtime.checkpoint import CheckpointError
 from tests.conftest import indexed_source
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig

@@ -10,7 +10,6 @@ large, which is why the default is to train straight from the in-memory shuffle 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runtime.files import write_atomic, write_json_atomic
 from sparse_attention.data import batch_iterator
 from transcoders.harvest import Chunk, harvest_batch
 
@@ -29,12 +29,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 class CacheError(ValueError):
     """An activation cache that cannot be used or written; the message says why and what to do."""
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / MANIFEST)
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -55,10 +49,12 @@ def _write_shard(path: Path, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> Non
     if not peak < FP16_MAX:
         raise CacheError(f"activations reach {peak:.3g}, beyond float16's range; train without cache.enabled")
     array = torch.stack([mlp_in, mlp_out], dim=1).to(torch.float16).numpy()  # [n, 2, L, D]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+
+    def save_array(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save given a path would append ".npy" to the temporary name
+            np.save(f, array)
+
+    write_atomic(path, save_array)
 
 
 def build_cache(model: nn.Module, blocks: torch.Tensor, directory: str | Path, *, identity: dict, batch_size: int,
@@ -96,7 +92,7 @@ def build_cache(model: nn.Module, blocks: torch.Tensor, directory: str | Path, *
         manifest["shards"].append({"file": name, "tokens": want})
         manifest["tokens"] += want
         manifest["complete"] = manifest["tokens"] >= max_tokens
-        _write_manifest(directory, manifest)
+        write_json_atomic(directory / MANIFEST, manifest, indent=1)
         bar.update(want)
     bar.close()
     return manifest

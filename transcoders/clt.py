@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from runtime.files import write_atomic, write_json_atomic, write_text_atomic
 from transcoders.decode import decode_dense, decoder_norms, sparse_decode, sparse_decode_with_norms
 from transcoders.jumprelu import jumprelu
 
@@ -177,12 +177,6 @@ class CrossLayerTranscoder(nn.Module):
         }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _layer_files(directory: Path, prefix: str) -> dict[int, Path]:
     pattern = re.compile(rf"^{prefix}_(\d+)\.safetensors$")
     return {int(m.group(1)): p for p in directory.iterdir() if (m := pattern.match(p.name))}
@@ -208,16 +202,16 @@ def save_clt(clt: CrossLayerTranscoder, directory: str | Path, extra: dict | Non
         tensors = clt.folded_layer(layer)
         dec = {f"W_dec_{layer}": tensors.pop(f"W_dec_{layer}")}
         for name, payload in ((f"W_enc_{layer}.safetensors", tensors), (f"W_dec_{layer}.safetensors", dec)):
-            _write_atomic(directory / name, lambda tmp, payload=payload: save_file(payload, str(tmp)))
+            write_atomic(directory / name, lambda tmp, payload=payload: save_file(payload, str(tmp)))
             sizes[name] = (directory / name).stat().st_size
     ct_config = {"model_kind": "cross_layer_transcoder", "feature_input_hook": FEATURE_INPUT_HOOK,
                  "feature_output_hook": FEATURE_OUTPUT_HOOK}
     if model_name is not None:
         ct_config["model_name"] = model_name
-    _write_atomic(directory / CT_CONFIG_FILE, lambda tmp: tmp.write_text(yaml.safe_dump(ct_config, sort_keys=False)))
+    write_text_atomic(directory / CT_CONFIG_FILE, yaml.safe_dump(ct_config, sort_keys=False))
     meta = {"format_version": FORMAT_VERSION, "clt_config": clt.config.model_dump(), "files": sizes,
             "extra": extra or {}}
-    _write_atomic(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    write_json_atomic(directory / META_FILE, meta)
 
 
 def _read_meta(directory: Path) -> dict | None:

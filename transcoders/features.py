@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -41,7 +40,8 @@ from torch import nn
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from sparse_attention.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.files import write_atomic, write_json_atomic
 from sparse_attention.gated_attention import GatedModel
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import FeaturesConfig
@@ -420,9 +420,7 @@ def dashboard_tables(state: ScanState, evidence: dict[str, torch.Tensor], blocks
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=65536))
 
 
 def scan_fingerprint(config: FeaturesConfig, blocks: torch.Tensor, identity: str) -> str:
@@ -480,9 +478,7 @@ def write_dashboards(clt_dir: str | Path, features: pa.Table, examples: pa.Table
     _write_parquet(features.cast(FEATURES_SCHEMA), directory / FEATURES_FILE)
     _write_parquet(examples.cast(EXAMPLES_SCHEMA), directory / EXAMPLES_FILE)
     meta = {"format_version": FORMAT_VERSION, **meta}
-    tmp = directory / f".{META_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / META_FILE)
+    write_json_atomic(directory / META_FILE, meta)
     return meta
 
 

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
 
-from sparse_attention.config import ModelSpec
+from runtime.distributed import is_main_rank, wait_for_all_ranks
+from runtime.files import write_json_atomic
+from runtime.outputs import open_output_dir
+from runtime.resources import peak_rss_gb
 from sparse_attention.data import DataConfig, load_token_blocks
-from sparse_attention.gated_attention import GATE_FILE, load_gated_model
-from sparse_attention.models import SMOLLM2_NAME, load_model
-from sparse_attention.stage import peak_rss_gb, write_json_atomic
-from sparse_attention.train import is_distributed, is_main_rank
+from sparse_attention.sources import ModelSource, load_source
 from transcoders.cache import build_cache, cache_chunks
 from transcoders.clt import META_FILE as CLT_META_FILE
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
@@ -38,34 +37,11 @@ from transcoders.harvest import ShuffleBuffer, harvest_stream, model_shape
 from transcoders.memory import GB, check_training_fits
 from transcoders.train import train_clt
 
-__all__ = ["CLTStageConfig", "ModelSource", "build_features", "run"]
+__all__ = ["CLTStageConfig", "build_features", "run"]
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "clt_config.yaml"
 CHECKPOINT_DIR = "checkpoints"
-ModelSource = ModelSpec | str | Path  # a spec (dense original) or a gated checkpoint directory (sparsify's model/)
-HF_NAMES = {SMOLLM2_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
-
-def load_source(model: ModelSource) -> tuple[nn.Module, object, dict]:
-    """(eval-mode LM with frozen weights, tokenizer, identity) for a ModelSpec or a gated checkpoint directory.
-
-    The identity names the weights (for a gated checkpoint: its path and a hash of its gate offsets),
-    so a training checkpoint is never resumed against a different model.
-    """
-    if isinstance(model, ModelSpec):
-        lm, tokenizer = load_model(model.name, tiny=model.tiny)
-        identity = {"kind": "dense", **model.model_dump(mode="json")}
-        identity["model_name"] = HF_NAMES.get(model.name, model.name)
-    else:
-        directory = Path(model).resolve()
-        lm, tokenizer = load_gated_model(directory)
-        files = sorted(directory.glob("*.safetensors"))
-        identity = {"kind": "gated", "checkpoint": str(directory), "model_name": str(directory),
-                    "gate_sha256": hashlib.sha256((directory / GATE_FILE).read_bytes()).hexdigest(),
-                    "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
-    lm.requires_grad_(False)
-    return lm.eval(), tokenizer, identity
 
 
 def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
@@ -86,10 +62,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `train_clt`. The CLT
     trains on `device`; harvesting and evaluation run the LM on the CPU. Data-parallel ranks other than 0
     return {} after training."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_rank():
-        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     started = time.perf_counter()
@@ -116,8 +89,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
             build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
                         seed=harvest.seed, max_tokens=config.cache.max_tokens,
                         shard_tokens=config.cache.shard_tokens, progress=progress)
-        if is_distributed():
-            torch.distributed.barrier()  # the other ranks read the cache rank 0 built
+        wait_for_all_ranks()  # the other ranks read the cache rank 0 built
 
         def chunks(start: int):
             return cache_chunks(cache_dir, (n_layers, d_model), start)

@@ -17,29 +17,29 @@ step, which dominates at real sizes, is what gets split.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
-from sparse_attention.checkpoint import load_checkpoint, save_checkpoint
-from sparse_attention.train import (
+from runtime.distributed import (
     average_gradients,
     average_scalars,
+    broadcast_from_main,
     is_distributed,
-    is_main_rank,
-    lr_factor,
     shard_for_rank,
+    true_on_any_rank,
     world_size,
 )
+from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
 from transcoders.jumprelu import jumprelu
 from transcoders.memory import reuse_freed_memory
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 CHECKPOINT_NAME = "clt_train_state.pt"
 
@@ -121,11 +121,7 @@ class BatchSource(Protocol):
 
 
 @dataclass
-class TrainResult:
-    history: list[dict]  # one row per step
-    steps: int
-    tokens_seen: int
-    wall_seconds: float
+class CLTTrainResult(TrainResult):
     dead_fraction: float  # features silent for dead_window_tokens at the end of training
 
 
@@ -133,20 +129,6 @@ class TrainResult:
 class _Counters:
     tokens_seen: int
     silent_tokens: torch.Tensor  # [L, F] int64: tokens since each feature last fired
-
-
-def fired_on_any_rank(fired: torch.Tensor) -> torch.Tensor:
-    """Logical OR of a bool tensor over ranks, so every rank's dead-feature bookkeeping agrees."""
-    flags = fired.to(torch.uint8)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return flags.bool()
-
-
-def broadcast_from_main(clt: CrossLayerTranscoder) -> None:
-    """Give every rank rank 0's weights and scales (as DDP does at the start): ranks that round the
-    data-dependent init differently (other CPUs, other kernels) would otherwise never converge."""
-    for tensor in [*clt.parameters(), *clt.buffers()]:
-        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp_in: torch.Tensor,
@@ -170,7 +152,7 @@ def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp
     if is_distributed():
         average_gradients(list(clt.parameters()))
         stats = average_scalars(stats)
-        fired = fired_on_any_rank(fired)
+        fired = true_on_any_rank(fired)  # so every rank's dead-feature bookkeeping agrees
     if config.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
     optimizer.step()
@@ -193,17 +175,12 @@ def train_clt(
     open_source: Callable[[dict | None], BatchSource],
     config: CLTTrainConfig,
     *,
-    checkpoint_dir: Path | None = None,
     fingerprint: str = "",
-    progress: bool = True,
-    on_step: Callable[[dict], None] | None = None,
-    on_checkpoint: Callable[[dict, Path | None], None] | None = None,
-) -> TrainResult:
+    **options: Unpack[LoopOptions],
+) -> CLTTrainResult:
     """Train (or resume) `clt` in place, on the device it is on. `open_source(state)` restarts the data
     where `state` left off (None: from the beginning); data parallel, it must serve the same batches on
-    every rank. `on_step(row)` runs after each step and its checkpoint. `on_checkpoint(row, directory)`
-    runs on every rank after each checkpoint, with the directory rank 0 saved into (None on the other
-    ranks), e.g. to hand it to Ray Train."""
+    every rank. `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`."""
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.batch_tokens % world_size():
@@ -211,63 +188,37 @@ def train_clt(
                          "data-parallel workers; change one of them")
     device = clt.b_dec.device
     optimizer = torch.optim.AdamW(clt.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state = None
-    if ckpt_path is not None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        state = load_checkpoint(ckpt_path, fingerprint, what="CLT")
-    counters = _Counters(0, torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64, device=device))
-    history: list[dict] = []
-    start_step = 0
+    loop = TrainingLoop(steps=config.steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                        checkpoint_name=CHECKPOINT_NAME, fingerprint=fingerprint, what="CLT", label="clt", **options)
+    state = loop.resume()
     if state is not None:
         clt.load_state_dict(state["clt"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        counters = _Counters(state["tokens_seen"], state["silent_tokens"].to(device))
-        history, start_step = state["history"], state["step"]
+        counters = _Counters(loop.tokens_seen, state["silent_tokens"].to(device))
         source = open_source(state["source"])
         batches = iter(source)
     else:
+        counters = _Counters(0, torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64, device=device))
         torch.manual_seed(config.seed)
         source = open_source(None)
         batches = iter(source)
         initialise_from_data(clt, [(x.to(device), y.to(device)) for x, y in
                                    (next(batches) for _ in range(config.normalisation_batches))],
                              config.init_firing_fraction)
-    if is_distributed():
+    if is_distributed():  # ranks that round the data-dependent init differently would otherwise never converge
         broadcast_from_main(clt)
 
+    def trainer_state() -> dict:
+        return {"clt": clt.state_dict(), "optimizer": optimizer.state_dict(),
+                "silent_tokens": counters.silent_tokens, "source": source.state()}
+
+    def postfix(row: dict) -> dict:
+        return {"nmse": f"{row['nmse']:.3f}", "l0": f"{row['l0']:.1f}", "dead": f"{row['dead_fraction']:.2f}"}
+
     clt.train()
-    started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start_step, desc="clt", disable=not (progress and is_main_rank()),
-               dynamic_ncols=True)
     with reuse_freed_memory():  # each step's gigabytes of temporaries reuse the last step's pages
-        for step in range(start_step, config.steps):
-            row = _train_step(clt, optimizer, *next(batches), config, step, counters)
-            row["seconds"] = time.perf_counter() - started
-            history.append(row)
-            bar.update(1)
-            if (step + 1) % config.log_every == 0:
-                bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            checkpoint_now = ckpt_path is not None and ((step + 1) % config.checkpoint_every == 0
-                                                        or step + 1 == config.steps)
-            if checkpoint_now and is_main_rank():
-                save_checkpoint(ckpt_path, {
-                    "fingerprint": fingerprint,
-                    "clt": clt.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "silent_tokens": counters.silent_tokens,
-                    "history": history,
-                    "step": step + 1,
-                    "tokens_seen": counters.tokens_seen,
-                    "source": source.state(),
-                })
-            if checkpoint_now and on_checkpoint is not None:
-                on_checkpoint(row, checkpoint_dir if is_main_rank() else None)
-            if on_step is not None:
-                on_step(row)
-    bar.close()
+        result = loop.run(lambda step: _train_step(clt, optimizer, *next(batches), config, step, counters),
+                          trainer_state, postfix)
     clt.eval()
     dead = (counters.silent_tokens >= config.dead_window_tokens).float().mean().item()
-    return TrainResult(history, config.steps, counters.tokens_seen, time.perf_counter() - started, dead)
+    return CLTTrainResult(**vars(result), dead_fraction=dead)
