@@ -18,7 +18,7 @@ Hook points (l = layer; every tensor is [batch, pos, ...]):
 
 `hooks(model, {name: fn})` attaches functions while a `with` block runs and always removes them. A
 function gets the tensor and returns None (it only reads) or a tensor that replaces it downstream.
-Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, ...; `module(model, name)`)
+Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, `rotary`, ...; `module(model, name)`)
 for code that reads weights. The per-architecture part is `ARCHITECTURES`: HF module paths by
 `config.model_type`. A GatedModel's active gate context (sparse_attention.gated_attention) is how its
 forward reaches the attention function, not a hook point.
@@ -53,6 +53,7 @@ _LLAMA_STYLE = {  # our module name -> attribute path in the HF causal LM; {l} i
     "blocks.{l}.mlp": "model.layers.{l}.mlp",
     "ln_final": "model.norm",
     "unembed": "lm_head",
+    "rotary": "model.rotary_emb",  # (hidden, position ids) -> RoPE (cos, sin)
 }
 ARCHITECTURES = {"llama": _LLAMA_STYLE}  # config.model_type -> module paths
 
