@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparse_attention.gated_attention import GatedModel
+from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel
 from sparse_attention.hook_points import hf_model, hooks, layers, module
 
 
@@ -153,7 +153,7 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     check_prompt_length(len(tokens), hf.config.max_position_embeddings)
     implementation = hf.config._attn_implementation
-    if not isinstance(model, GatedModel) and implementation != "eager":
+    if implementation not in ("eager", ATTENTION_NAME):  # those two return the patterns they apply
         raise AttributionError(
             f"attention implementation {implementation!r} does not return attention patterns; "
             "load the model with attn_implementation='eager'"
