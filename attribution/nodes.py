@@ -1,13 +1,14 @@
 """The nodes of an attribution graph for one prompt, and the vectors they write and read.
 
-`build_replacement` combines the frozen prompt with a CLT: active features (JumpReLU, position 0
-excluded), error nodes (true MLP output - reconstruction, zero at position 0), token embeddings,
+`build_replacement` combines the frozen prompt with a CLT: active features (the CLT's activation,
+position 0 excluded), error nodes (true MLP output - reconstruction, zero at position 0), token embeddings,
 constants (decoder biases; the whole MLP output at position 0) and logit targets (circuit-tracer's
 rule: top tokens until 95% probability, at most 10; demeaned unembedding rows).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,44 +18,26 @@ from attribution.replacement import AttributionError, FrozenPrompt, ModelWeights
 
 @dataclass(frozen=True)
 class TranscoderWeights:
-    """A cross-layer transcoder in real units, float32 (see transcoders/clt.py)."""
+    """A cross-layer transcoder frozen in real units, float32 (see transcoders/clt.py)."""
 
     W_enc: torch.Tensor  # [L, F, d]
     b_enc: torch.Tensor  # [L, F]
-    threshold: torch.Tensor  # [L, F]
+    activation: Callable[[torch.Tensor], torch.Tensor]  # pre-activations [..., L, F] -> activations, no gradient
     W_dec: tuple[torch.Tensor, ...]  # per source layer l: [F, L - l, d]; [f, k] writes to MLP-out of l + k
     b_dec: torch.Tensor  # [L, d]
 
-    @property
-    def n_layers(self) -> int:
-        return self.W_enc.shape[0]
-
-    @property
-    def n_features(self) -> int:
-        return self.W_enc.shape[1]
-
 
 def transcoder_weights(clt, model: ModelWeights | None = None) -> TranscoderWeights:
-    """Read a CrossLayerTranscoder (or anything with its tensors) into checked float32 TranscoderWeights
-    in real units: training-time input/output scales, if the CLT still has them, are folded in."""
+    """Freeze a CrossLayerTranscoder into checked TranscoderWeights: its encoder and decoder in real units
+    (training-time input/output scales folded in) and its activation."""
     try:
-        W_enc, b_enc, threshold = clt.W_enc.detach().float(), clt.b_enc.detach().float(), clt.threshold.detach().float()
-        W_dec, b_dec = [w.detach().float() for w in clt.W_dec], clt.b_dec.detach().float()
+        (W_enc, b_enc), (W_dec, b_dec) = clt.folded_encoder(), clt.folded_decoder()
+        activation = clt.frozen_activation()
     except AttributeError as err:
         raise AttributionError(f"{type(clt).__name__} is not a cross-layer transcoder ({err})") from None
-    input_scale, output_scale = getattr(clt, "input_scale", None), getattr(clt, "output_scale", None)
-    if input_scale is not None and not bool((input_scale == 1).all()):
-        W_enc = W_enc / input_scale.detach().float()[:, None, None]
-    if output_scale is not None and not bool((output_scale == 1).all()):
-        output_scale = output_scale.detach().float()
-        W_dec = [w * output_scale[source:, None] for source, w in enumerate(W_dec)]
-        b_dec = b_dec * output_scale[:, None]
-    weights = TranscoderWeights(W_enc=W_enc, b_enc=b_enc, threshold=threshold, W_dec=tuple(W_dec), b_dec=b_dec)
+    weights = TranscoderWeights(W_enc=W_enc, b_enc=b_enc, activation=activation, W_dec=W_dec, b_dec=b_dec)
     n_layers, n_features, d_model = weights.W_enc.shape
-    expected = {
-        "b_enc": (n_layers, n_features), "threshold": (n_layers, n_features), "b_dec": (n_layers, d_model),
-    }
-    for name, shape in expected.items():
+    for name, shape in {"b_enc": (n_layers, n_features), "b_dec": (n_layers, d_model)}.items():
         if tuple(getattr(weights, name).shape) != shape:
             raise AttributionError(f"CLT {name} has shape {tuple(getattr(weights, name).shape)}, expected {shape}")
     for layer, w in enumerate(weights.W_dec):
@@ -129,10 +112,10 @@ class LocalReplacementModel:
         return logits[self.logit_tokens] - logits.mean()
 
 
-def jumprelu_activations(mlp_in: torch.Tensor, clt: TranscoderWeights) -> torch.Tensor:
-    """pre * (pre > threshold), the CLT's JumpReLU.  mlp_in [L, P, d] -> [L, P, F]"""
-    pre = torch.einsum("lpd,lfd->lpf", mlp_in, clt.W_enc) + clt.b_enc[:, None]
-    return pre * (pre > clt.threshold[:, None])
+def feature_activations(mlp_in: torch.Tensor, clt: TranscoderWeights) -> torch.Tensor:
+    """The CLT's activation of every feature at every position.  mlp_in [L, P, d] -> [L, P, F]"""
+    pre = torch.einsum("lpd,lfd->lpf", mlp_in, clt.W_enc) + clt.b_enc[:, None]  # [L, P, F]
+    return clt.activation(pre.transpose(0, 1)).transpose(0, 1)  # the CLT's layout is [..., L, F]
 
 
 def reconstruction(features: torch.Tensor, activations: torch.Tensor, clt: TranscoderWeights,
@@ -168,7 +151,7 @@ def select_logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: 
 def build_replacement(model: ModelWeights, clt: TranscoderWeights, prompt: FrozenPrompt,
                       max_n_logits: int = 10, desired_logit_prob: float = 0.95) -> LocalReplacementModel:
     """Nodes and constants of the local replacement model of `prompt`."""
-    acts = jumprelu_activations(prompt.mlp_in, clt)  # [L, P, F]
+    acts = feature_activations(prompt.mlp_in, clt)  # [L, P, F]
     acts[:, 0] = 0  # BOS-position features are no nodes: their writes stay inside the constant
     features = acts.nonzero()  # [n, 3] in (layer, pos, feature) order
     activations = acts[features.unbind(1)]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparse_attention.gated_attention import GatedModel
+from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel
+from sparse_attention.hook_points import hf_model, hooks, layers, module
 
 
 class AttributionError(ValueError):
@@ -72,11 +73,6 @@ class FrozenPrompt:
     logits: torch.Tensor  # [vocab] at the last position
 
 
-def hf_model_of(model: nn.Module) -> nn.Module:
-    """The HF causal LM inside `model` (a GatedModel or the HF model itself)."""
-    return model.model if isinstance(model, GatedModel) else model
-
-
 def gate_offsets_of(model: nn.Module) -> torch.Tensor | None:
     """[L, H] offsets of a gated model in eval mode; None when attention is dense."""
     if not isinstance(model, GatedModel) or model.mode == "dense":
@@ -90,32 +86,33 @@ def gate_offsets_of(model: nn.Module) -> torch.Tensor | None:
 
 def extract_weights(model: nn.Module) -> ModelWeights:
     """Read the weights of a Llama-style HF model (or GatedModel) into a ModelWeights."""
-    hf = hf_model_of(model)
+    hf = hf_model(model)
     cfg = hf.config
-    layers = hf.model.layers
-    attn = layers[0].self_attn
-    if any(getattr(layer.self_attn, name).bias is not None for layer in layers
-           for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    n_layers = len(layers(model))
+    if any(module(model, f"blocks.{layer}.attn.{name}").bias is not None for layer in range(n_layers)
+           for name in "qkvo"):
         raise AttributionError("attention projections with biases are not supported; use a Llama-style model")
     if getattr(cfg, "rope_parameters", None) and cfg.rope_parameters.get("rope_type", "default") != "default":
         raise AttributionError(f"rope_type {cfg.rope_parameters['rope_type']!r} is not supported; only 'default'")
 
-    def stack(fn) -> torch.Tensor:
-        return torch.stack([fn(layer).detach().float() for layer in layers])
+    def stack(name: str) -> torch.Tensor:
+        """The weight of module blocks.{l}.`name`, every layer.  -> [L, ...]"""
+        return torch.stack([module(model, f"blocks.{layer}.{name}").weight.detach().float()
+                            for layer in range(n_layers)])
 
     return ModelWeights(
         embed=hf.get_input_embeddings().weight.detach().float(),
         unembed=hf.get_output_embeddings().weight.detach().float(),
-        attn_norm=stack(lambda layer: layer.input_layernorm.weight),
-        mlp_norm=stack(lambda layer: layer.post_attention_layernorm.weight),
-        final_norm=hf.model.norm.weight.detach().float(),
-        W_Q=stack(lambda layer: layer.self_attn.q_proj.weight),
-        W_K=stack(lambda layer: layer.self_attn.k_proj.weight),
-        W_V=stack(lambda layer: layer.self_attn.v_proj.weight),
-        W_O=stack(lambda layer: layer.self_attn.o_proj.weight),
+        attn_norm=stack("ln1"),
+        mlp_norm=stack("ln2"),
+        final_norm=module(model, "ln_final").weight.detach().float(),
+        W_Q=stack("attn.q"),
+        W_K=stack("attn.k"),
+        W_V=stack("attn.v"),
+        W_O=stack("attn.o"),
         n_heads=cfg.num_attention_heads,
         n_kv_heads=cfg.num_key_value_heads,
-        head_dim=attn.head_dim,
+        head_dim=module(model, "blocks.0.attn").head_dim,
         n_ctx=cfg.max_position_embeddings,
         gate_offsets=gate_offsets_of(model),
     )
@@ -152,56 +149,46 @@ def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.no_grad()
 def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenPrompt:
     """Run the real model once on `tokens` and record everything the replacement model freezes."""
-    hf = hf_model_of(model)
+    hf = hf_model(model)
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     check_prompt_length(len(tokens), hf.config.max_position_embeddings)
     implementation = hf.config._attn_implementation
-    if not isinstance(model, GatedModel) and implementation != "eager":
+    if implementation not in ("eager", ATTENTION_NAME):  # those two return the patterns they apply
         raise AttributionError(
             f"attention implementation {implementation!r} does not return attention patterns; "
             "load the model with attn_implementation='eager'"
         )
-    layers = hf.model.layers
-    seen: dict[str, list[torch.Tensor]] = {"pre": [], "mid": [], "mlp_in": [], "mlp_out": [], "final": []}
+    gate_offsets_of(model)  # refuses a gated model in train mode
+    n_layers = len(layers(model))
+    points = {"resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
+              "mlp_in": "blocks.{l}.ln2.hook_normalized", "mlp_out": "blocks.{l}.hook_mlp_out"}
+    seen: dict[str, list[torch.Tensor]] = {key: [] for key in [*points, "resid_final"]}  # each [P, d] per layer
 
-    def keep(name, from_input):
-        def hook(module, args, output=None):
-            seen[name].append((args[0] if from_input else output).detach()[0].float())
-        return hook
+    def keep(key: str):
+        def fn(tensor: torch.Tensor) -> None:
+            seen[key].append(tensor.detach()[0].float())
+        return fn
 
-    handles = []
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(keep("pre", True)))
-        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(keep("mid", True)))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(keep("mlp_in", False)))
-        handles.append(layer.mlp.register_forward_hook(keep("mlp_out", False)))
-    handles.append(hf.model.norm.register_forward_pre_hook(keep("final", True)))
-    try:
-        if isinstance(model, GatedModel):
-            gate_offsets_of(model)  # refuses train mode
-            out = model(tokens[None], output_attentions=True)
-        else:
-            out = hf(input_ids=tokens[None], output_attentions=True, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if out.attentions is None or len(out.attentions) != len(layers):
+    named = {point.format(l=layer): keep(key) for layer in range(n_layers) for key, point in points.items()}
+    with hooks(model, {**named, "hook_resid_final": keep("resid_final")}):
+        out = model(input_ids=tokens[None], output_attentions=True, use_cache=False)
+    if out.attentions is None or len(out.attentions) != n_layers:
         raise AttributionError("the model returned no attention patterns; load it with attn_implementation='eager'")
 
     positions = torch.arange(len(tokens))[None]
-    cos, sin = hf.model.rotary_emb(seen["pre"][0][None], positions)
-    resid_pre, resid_mid = torch.stack(seen["pre"]), torch.stack(seen["mid"])
+    cos, sin = module(model, "rotary")(seen["resid_pre"][0][None], positions)
+    resid_pre, resid_mid, resid_final = torch.stack(seen["resid_pre"]), torch.stack(seen["resid_mid"]), seen["resid_final"][0]
     return FrozenPrompt(
         tokens=tokens,
         resid_pre=resid_pre,
         resid_mid=resid_mid,
-        resid_final=seen["final"][0],
+        resid_final=resid_final,
         mlp_in=torch.stack(seen["mlp_in"]),
         mlp_out=torch.stack(seen["mlp_out"]),
         patterns=torch.stack([a[0].float() for a in out.attentions]),
-        attn_inv_rms=inv_rms(resid_pre, layers[0].input_layernorm.variance_epsilon),
-        mlp_inv_rms=inv_rms(resid_mid, layers[0].post_attention_layernorm.variance_epsilon),
-        final_inv_rms=inv_rms(seen["final"][0], hf.model.norm.variance_epsilon),
+        attn_inv_rms=inv_rms(resid_pre, module(model, "blocks.0.ln1").variance_epsilon),
+        mlp_inv_rms=inv_rms(resid_mid, module(model, "blocks.0.ln2").variance_epsilon),
+        final_inv_rms=inv_rms(resid_final, module(model, "ln_final").variance_epsilon),
         rope_cos=cos[0].float(),
         rope_sin=sin[0].float(),
         logits=out.logits[0, -1].float(),

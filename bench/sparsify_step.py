@@ -90,7 +90,7 @@ def main() -> None:
     def gated_step():
         opt.zero_grad(set_to_none=True)
         out = gated(tokens)
-        controller.loss(out.record.regulariser(), next_token_kl(reference_logits, out.logits)).backward()
+        controller.loss(out.gate_record.regulariser(), next_token_kl(reference_logits, out.logits)).backward()
         opt.step()
 
     def reference_forward():

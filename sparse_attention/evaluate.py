@@ -92,7 +92,7 @@ def edge_statistics(gated: GatedModel, blocks: torch.Tensor, batch_size: int) ->
     pairs = np.zeros_like(open_edges)
     histogram = np.zeros(context + 1, dtype=np.int64)
     for tokens in iterate_blocks(blocks, batch_size):
-        record = gated(tokens.to(gated.offsets.device), record_masks=True).record
+        record = gated(tokens.to(gated.offsets.device), record_masks=True).gate_record
         o, p = record.edge_counts()
         open_edges += o.cpu().numpy()
         pairs += p.cpu().numpy()

@@ -1,9 +1,12 @@
 """Gated sparse attention for any HF causal LM that dispatches through transformers' AttentionInterface.
 
 `GatedModel` wraps a loaded model, owns the gate offsets b (one per layer and head) and switches
-the model's attention to the registered function "sparse_gated". During its forward a context
-tells that function the gate mode and collects, per layer, the expected open fraction (for the
-loss), the open-edge counts, and optionally the hard gate masks (for attribution).
+the model's attention to the registered function "sparse_gated". It is called like the HF causal LM
+it wraps (`model(input_ids=ids).logits`) and returns a `GatedCausalLMOutput`, whose `gate_record`
+holds, per layer, the expected open fraction (for the loss), the open-edge counts, and optionally
+the hard gate masks (for attribution). The active gate context (`_ACTIVE_GATE`) is how the forward
+reaches the attention function; it is an implementation detail, not a hook point (those are in
+sparse_attention/hook_points.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparse_attention.gate import (
     count_open_edges,
@@ -144,10 +148,11 @@ def register_gated_attention() -> None:
 
 
 @dataclass
-class GatedOutput:
-    logits: torch.Tensor  # [batch, pos, vocab]
-    record: GateRecord
-    attentions: tuple[torch.Tensor, ...] | None = None  # per layer [batch, head, q, k] gated weights
+class GatedCausalLMOutput(CausalLMOutputWithPast):
+    """The HF causal-LM output (logits [batch, pos, vocab]; attentions, when asked for, per layer
+    [batch, head, q, k] gated weights) plus what the gates did in this forward."""
+
+    gate_record: GateRecord | None = None
 
 
 class GatedModel(nn.Module):
@@ -179,18 +184,24 @@ class GatedModel(nn.Module):
         *,
         record_masks: bool = False,
         output_attentions: bool = False,
-    ) -> GatedOutput:
+        use_cache: bool = False,
+        **kwargs,
+    ) -> GatedCausalLMOutput:
+        """The wrapped model's forward with gated attention; other keyword arguments go to the HF model.
+        `record_masks` keeps the hard gate masks in `gate_record.gate_masks`."""
+        if use_cache:
+            raise GateError("GatedModel keeps no key/value cache; call it with use_cache=False")
         query_valid = None if attention_mask is None else attention_mask.bool()
         offsets = list(self.offsets.unbind(0))
         ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord())
         token = _ACTIVE_GATE.set(ctx)
         try:
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_attentions=output_attentions
-            )
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             output_attentions=output_attentions, **kwargs)
         finally:
             _ACTIVE_GATE.reset(token)
-        return GatedOutput(logits=out.logits, record=ctx.record, attentions=out.attentions if output_attentions else None)
+        return GatedCausalLMOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions if output_attentions else None, gate_record=ctx.record)
 
     def save(self, directory: str | Path, tokenizer=None, metadata: dict | None = None) -> None:
         """Write the HF model (safetensors), the tokenizer, the offsets and gate metadata into `directory`."""

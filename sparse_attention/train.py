@@ -63,10 +63,10 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
             excess_term = next_token_kl(reference_logits, out.logits)
         else:
             excess_term = ce - reference_ce
-        regulariser = out.record.regulariser()
+        regulariser = out.gate_record.regulariser()
         loss = controller.loss(regulariser, excess_term) / train.grad_accumulation
         loss.backward()
-        open_edges, pairs = out.record.edge_counts()
+        open_edges, pairs = out.gate_record.edge_counts()
         totals["ce"] += ce.item() / train.grad_accumulation
         totals["reference_ce"] += reference_ce.item() / train.grad_accumulation
         totals["regulariser"] += regulariser.item() / train.grad_accumulation

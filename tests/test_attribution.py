@@ -21,10 +21,10 @@ from attribution.replacement import (
     PromptTooLongError,
     extract_weights,
     freeze_prompt,
-    hf_model_of,
     tokenize_prompt,
 )
 from sparse_attention.gated_attention import GatedModel
+from sparse_attention.hook_points import hf_model
 from sparse_attention.models import TinyModelConfig, tiny_model
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 
@@ -85,7 +85,7 @@ def patched_forwards(patches: list[tuple[nn.Module, object]]):
 def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor, patterns: torch.Tensor | None = None):
     """The HF model with frozen patterns (default: the prompt's), norm scales and MLP outputs.
     -> (mlp_in [L, P, d], logits [V])"""
-    hf, frozen = hf_model_of(model), lrm.prompt
+    hf, frozen = hf_model(model), lrm.prompt
     patterns = frozen.patterns if patterns is None else patterns
     seen = {}
     patches = []

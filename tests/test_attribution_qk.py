@@ -11,14 +11,14 @@ from attribution.config import AttentionAttributionConfig, GraphConfig
 from attribution.graph import attribute
 from attribution.heads import head_loadings
 from attribution.qk import QK_COLUMNS, ResidualComponents, qk_attribution, qk_pair_contributions, qk_rows
-from attribution.replacement import hf_model_of
+from sparse_attention.hook_points import hf_model
 from tests.test_attribution import replacement
 from tests.test_attribution_heads import strongest_edges
 
 
 def model_scores(model, lrm, layer: int) -> torch.Tensor:
     """q.k / sqrt(dh) of `layer`, computed by the HF modules themselves.  -> [H, P, P]"""
-    block = hf_model_of(model).model.layers[layer]
+    block = hf_model(model).model.layers[layer]
     attn = block.self_attn
     with torch.no_grad():
         hidden = block.input_layernorm(lrm.prompt.resid_pre[layer][None])

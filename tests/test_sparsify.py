@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pipeline.config import ConfigError, load_config, parse_config
 from runtime.checkpoint import CheckpointError
 from sparse_attention import stage
 from sparse_attention.config import SparsifyConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig
-from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, load_gated_model
+from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, GateRecord, load_gated_model
 from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
 from sparse_attention.train import post_train
 
@@ -38,6 +39,20 @@ def test_all_gates_open_equals_original(model_and_tokens):
     torch.testing.assert_close(got[padding.bool()], expected_padded[padding.bool()], rtol=0, atol=1e-5)
 
 
+def test_gated_model_is_called_like_a_hf_causal_lm(model_and_tokens):
+    model, tokens = model_and_tokens
+    expected = copy.deepcopy(model)(input_ids=tokens, labels=tokens, output_attentions=True)
+    gated = GatedModel(model, offset_init=0.0).eval().set_mode("dense")
+    out = gated(input_ids=tokens, labels=tokens, output_attentions=True)
+    assert isinstance(out, CausalLMOutputWithPast) and isinstance(out.gate_record, GateRecord)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=1e-6)  # keyword arguments reach the HF model
+    assert len(out.attentions) == TINY.n_layers and len(out.gate_record.open_edges) == TINY.n_layers
+    assert gated(tokens).attentions is None and gated(tokens).gate_record.gate_masks == []
+    with pytest.raises(GateError, match="use_cache=False"):
+        gated(tokens, use_cache=True)
+
+
 def test_all_gates_closed_removes_attention(model_and_tokens):
     model, tokens = model_and_tokens
     without_attention = copy.deepcopy(model)
@@ -46,14 +61,14 @@ def test_all_gates_closed_removes_attention(model_and_tokens):
     gated = GatedModel(model, offset_init=-1e4).eval()
     out = gated(tokens, record_masks=True)
     torch.testing.assert_close(out.logits, without_attention(input_ids=tokens).logits, rtol=0, atol=1e-6)
-    open_edges, pairs = out.record.edge_counts()
+    open_edges, pairs = out.gate_record.edge_counts()
     assert open_edges.sum() == 0 and pairs.sum() == 2 * 4 * 3 * (12 * 13 // 2)
 
 
 def test_train_mode_records_differentiable_regulariser(model_and_tokens):
     model, tokens = model_and_tokens
     gated = GatedModel(model, offset_init=0.0).set_mode("train")
-    record = gated(tokens).record
+    record = gated(tokens).gate_record
     assert len(record.expected_open) == TINY.n_layers
     record.regulariser().backward()
     assert gated.offsets.grad is not None and (gated.offsets.grad > 0).all()  # raising b opens gates

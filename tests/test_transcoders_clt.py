@@ -149,6 +149,27 @@ def test_fold_normalisation_keeps_outputs_and_resets_scales():
     torch.testing.assert_close(clt(x), before, rtol=0, atol=1e-5)
 
 
+def test_folded_encoder_decoder_and_frozen_activation_compute_what_the_clt_computes():
+    clt = make_clt()  # unfolded scales
+    x = inputs(clt, 6)  # [6, L, D]
+    (W_enc, b_enc), (W_dec, b_dec) = clt.folded_encoder(), clt.folded_decoder()
+    activation = clt.frozen_activation()
+    pre = torch.einsum("nld,lfd->nlf", x, W_enc) + b_enc  # [6, L, F] real units
+    torch.testing.assert_close(pre, clt.pre_activations(x), rtol=0, atol=1e-5)
+    acts = activation(pre)
+    assert torch.equal(acts, clt.activation(pre)) and not acts.requires_grad
+    recon = b_dec.expand(6, -1, -1).clone()
+    for source, weight in enumerate(W_dec):  # [F, L - source, D]
+        recon[:, source:] += torch.einsum("nf,fkd->nkd", acts[:, source], weight)
+    torch.testing.assert_close(recon, clt.decode(acts), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        clt.threshold.fill_(1e3)  # the frozen activation keeps the thresholds it was made with
+    assert torch.equal(activation(pre), acts) and not clt.activation(pre).any()
+    folded = make_clt().fold_normalisation()  # scales 1: the folded tensors are the CLT's own, no copy
+    assert folded.folded_encoder()[0].data_ptr() == folded.W_enc.data_ptr()
+    assert folded.folded_decoder()[0][1].data_ptr() == folded.W_dec[1].data_ptr()
+
+
 def test_export_import_round_trip_in_circuit_tracer_layout(tmp_path: Path):
     clt = make_clt()
     x = inputs(clt, 6)

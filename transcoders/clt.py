@@ -14,9 +14,11 @@ circuit-tracer's layout (see PAPER.md) and `load_clt` reads it back.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from torch import nn
 
 from runtime.files import write_atomic, write_json_atomic, write_text_atomic
 from transcoders.decode import decode_dense, decoder_norms, sparse_decode, sparse_decode_with_norms
-from transcoders.jumprelu import jumprelu
+from transcoders.jumprelu import jumprelu, jumprelu_forward
 
 FORMAT_VERSION = 1
 META_FILE = "clt.json"  # ours: config, file sizes, training metadata; never matches circuit-tracer's W_enc_* glob
@@ -107,9 +109,14 @@ class CrossLayerTranscoder(nn.Module):
         pre = torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc.transpose(1, 2))  # [L, N, F]
         return pre.transpose(0, 1).reshape(*lead, L, self.n_features)
 
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Pre-activations [..., L, F] -> activations [..., L, F]: JumpReLU with this CLT's thresholds
+        (thresholds learn through the straight-through estimator of transcoders/jumprelu.py)."""
+        return jumprelu(pre, self.threshold, self.config.bandwidth)
+
     def encode(self, mlp_in: torch.Tensor) -> torch.Tensor:
         """[..., L, D] -> JumpReLU activations [..., L, F]."""
-        return jumprelu(self.pre_activations(mlp_in), self.threshold, self.config.bandwidth)
+        return self.activation(self.pre_activations(mlp_in))
 
     def _decode_with(self, decoder, acts: torch.Tensor) -> torch.Tensor:
         lead, (L, F) = acts.shape[:-2], acts.shape[-2:]
@@ -163,6 +170,30 @@ class CrossLayerTranscoder(nn.Module):
         self.input_scale.fill_(1.0)
         self.output_scale.fill_(1.0)
         return self
+
+    @torch.no_grad()
+    def folded_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_enc [L, F, D], b_enc [L, F]) in real units, float32, detached: pre = W_enc[l] . mlp_in[l] + b_enc[l].
+        When the input scales are 1 (as after `fold_normalisation` or `load_clt`) these share this CLT's storage."""
+        W_enc, b_enc, scale = self.W_enc.detach().float(), self.b_enc.detach().float(), self.input_scale.float()
+        if not bool((scale == 1).all()):
+            W_enc = W_enc / scale[:, None, None]
+        return W_enc, b_enc
+
+    @torch.no_grad()
+    def folded_decoder(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(W_dec: per source layer s [F, L - s, D], b_dec [L, D]) in real units, float32, detached; [f, k] of
+        W_dec[s] writes to MLP output s + k. Shares this CLT's storage when the output scales are 1."""
+        W_dec, b_dec, scale = [w.detach().float() for w in self.W_dec], self.b_dec.detach().float(), self.output_scale.float()
+        if not bool((scale == 1).all()):
+            W_dec = [w * scale[source:, None] for source, w in enumerate(W_dec)]
+            b_dec = b_dec * scale[:, None]
+        return tuple(W_dec), b_dec
+
+    def frozen_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The value of `activation` as a function of float32 pre-activations [..., L, F] alone, with a copy
+        of today's thresholds and no gradient: what a frozen snapshot of this CLT applies."""
+        return functools.partial(jumprelu_forward, threshold=self.threshold.detach().float().clone())
 
     @torch.no_grad()
     def folded_layer(self, layer: int) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ from torch import nn
 
 from sparse_attention.data import iterate_blocks
 from sparse_attention.evaluate import mean_ce
+from sparse_attention.hook_points import HookFn, layers
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.decode import source_contribution
-from transcoders.harvest import MLPHooks, harvest_batch, lm_logits, mlp_modules
+from transcoders.harvest import MLPHooks, harvest_batch, lm_logits, mlp_in_point, mlp_out_point
 
 
 def _pyplot():
@@ -72,17 +73,28 @@ class MLPReplacement(MLPHooks):
     def __init__(self, model: nn.Module, clt: CrossLayerTranscoder | None, mode: str):
         if mode not in ("clt", "zero") or (mode == "clt" and clt is None):
             raise ValueError(f"MLPReplacement mode must be 'zero' or 'clt' (with a CLT), got {mode!r}")
-        self.modules, self.clt, self.mode = mlp_modules(model), clt, mode
+        self.model, self.n_layers, self.clt, self.mode = model, len(layers(model)), clt, mode
+        self.mlp_in: torch.Tensor | None = None  # [batch, pos, D] the current layer's MLP input
         self.recon: torch.Tensor | None = None  # [batch, pos, L, D] normalised, reset at layer 0
-        self._handles = []
 
-    def _hook(self, layer: int):
-        def replace(module, args, output):
+    def hook_fns(self) -> dict[str, HookFn]:
+        fns = {}
+        for layer in range(self.n_layers):
+            if self.mode == "clt":
+                fns[mlp_in_point(layer)] = self._keep_input
+            fns[mlp_out_point(layer)] = self._replace_output(layer)
+        return fns
+
+    def _keep_input(self, mlp_in: torch.Tensor) -> None:
+        self.mlp_in = mlp_in
+
+    def _replace_output(self, layer: int) -> HookFn:
+        def replace(output):
             new = output.clone()
             if self.mode == "zero":
                 new[:, 1:] = 0
                 return new
-            clt, x = self.clt, args[0]  # [batch, pos, D]
+            clt, x = self.clt, self.mlp_in  # [batch, pos, D]
             if layer == 0:
                 self.recon = x.new_zeros(*x.shape[:-1], clt.n_layers, clt.d_model)
             acts = clt.encode_layer(layer, x).flatten(0, 1)  # [batch * pos, F]
@@ -94,7 +106,7 @@ class MLPReplacement(MLPHooks):
         return replace
 
     def _reset(self) -> None:
-        self.recon = None
+        self.mlp_in = self.recon = None
 
 
 def ce_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.Tensor, batch_size: int) -> dict:

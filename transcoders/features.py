@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.files import write_atomic, write_json_atomic
-from sparse_attention.gated_attention import GatedModel
+from sparse_attention.hook_points import hf_model, module
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import FeaturesConfig
 from transcoders.harvest import harvest_batch
@@ -240,12 +240,6 @@ def scan_activations(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.
 # --- evidence from the weights ----------------------------------------------------------------------
 
 
-def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(HF causal LM, its decoder stack with .embed_tokens, .layers, .norm) for a GatedModel or a HF LM."""
-    lm = model.model if isinstance(model, GatedModel) else model
-    return lm, lm.model
-
-
 def _top_columns(rows: torch.Tensor, columns: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each column of scores = rows @ columns.T ([V, c]), the row indices of its n largest and n smallest
     scores, computed in feature chunks of at most ~64 MB. rows [V, D], columns [c, D] -> ([c, n], [c, n])."""
@@ -273,10 +267,9 @@ def weight_evidence(model: nn.Module, clt: CrossLayerTranscoder, n: int, vocab_s
       little attention output this is close to the truth; for later layers it is a rough direct-path guess.
     Only token ids below `vocab_size` (the tokenizer's) are considered.
     """
-    lm, stack = _lm_parts(model)
-    unembed = lm.get_output_embeddings().weight[:vocab_size].float()  # [V, D]
-    embed = stack.embed_tokens.weight[:vocab_size].float()
-    final_gain = stack.norm.weight.float()
+    unembed = hf_model(model).get_output_embeddings().weight[:vocab_size].float()  # [V, D]
+    embed = module(model, "embed").weight[:vocab_size].float()
+    final_gain = module(model, "ln_final").weight.float()
     L = clt.n_layers
     promoted, suppressed, inputs = [], [], []
     for layer in range(L):
@@ -285,7 +278,7 @@ def weight_evidence(model: nn.Module, clt: CrossLayerTranscoder, n: int, vocab_s
         most, least = _top_columns(unembed, written, n)
         promoted.append(most)
         suppressed.append(least)
-        norm = stack.layers[layer].post_attention_layernorm
+        norm = module(model, f"blocks.{layer}.ln2")  # the norm in front of the MLP, whose output the CLT reads
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         normed = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.float()
         encoder = clt.W_enc[layer] / clt.input_scale[layer]  # b_enc shifts every token alike: not needed to rank

@@ -1,21 +1,23 @@
 """Activation harvesting: MLP inputs and outputs of every layer, from a plain HF causal LM or a GatedModel.
 
-Forward hooks on `layers[l].mlp` record its input (the output of post_attention_layernorm, gain
-included: TransformerLens' `blocks.{l}.mlp.hook_in`) and its output (`hook_mlp_out`). Position 0 (the
-start token, an attention sink with outsized MLP outputs) is dropped. The forward stops after the
-last MLP, so no logits are computed. `ShuffleBuffer` mixes tokens across blocks before training.
+Hooks on the named points `blocks.{l}.ln2.hook_normalized` (the MLP input, after the pre-MLP norm,
+gain included: TransformerLens' `blocks.{l}.mlp.hook_in`) and `blocks.{l}.hook_mlp_out` record both.
+Position 0 (the start token, an attention sink with outsized MLP outputs) is dropped. The forward
+stops after the last MLP, so no logits are computed. `ShuffleBuffer` mixes tokens across blocks
+before training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 from typing_extensions import Self
 
 from sparse_attention.data import batch_iterator
-from sparse_attention.gated_attention import GatedModel
+from sparse_attention.hook_points import HookFn, hf_model, hooks, layers
 
 Chunk = tuple[torch.Tensor, torch.Tensor]  # (mlp_in [n, L, D], mlp_out [n, L, D])
 
@@ -24,68 +26,77 @@ class _StopForward(Exception):
     """Raised by the last layer's hook: everything after it is not needed for harvesting."""
 
 
-def mlp_modules(model: nn.Module) -> list[nn.Module]:
-    """The MLP module of every decoder layer, for a GatedModel or a HF causal LM (`model.model.layers`)."""
-    lm = model.model if isinstance(model, GatedModel) else model
-    try:
-        layers = lm.model.layers
-    except AttributeError:
-        raise TypeError(
-            f"{type(lm).__name__} has no .model.layers; CLT harvesting supports Llama-style HF causal LMs"
-        ) from None
-    return [layer.mlp for layer in layers]
+def mlp_in_point(layer: int) -> str:
+    """The hook point of layer `layer`'s MLP input (after the pre-MLP norm): what the CLT reads."""
+    return f"blocks.{layer}.ln2.hook_normalized"
+
+
+def mlp_out_point(layer: int) -> str:
+    """The hook point of layer `layer`'s MLP output: what the CLT reconstructs."""
+    return f"blocks.{layer}.hook_mlp_out"
 
 
 def lm_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, pos] -> logits [batch, pos, vocab], for a GatedModel (in its current gate mode) or a HF LM."""
-    if isinstance(model, GatedModel):
-        return model(tokens).logits
     return model(input_ids=tokens).logits
 
 
 def model_shape(model: nn.Module) -> tuple[int, int]:
     """(n_layers, d_model) of the LM behind `model`."""
-    config = (model.model if isinstance(model, GatedModel) else model).config
+    config = hf_model(model).config
     return config.num_hidden_layers, config.hidden_size
 
 
 class MLPHooks:
-    """Base context manager: while open, `self._hook(layer)` is a forward hook on every layer's MLP."""
+    """Base context manager: while open, the functions of `hook_fns()` are attached to `self.model` by name."""
 
-    modules: list[nn.Module]
-    _handles: list
+    model: nn.Module
+    n_layers: int
+    _attached: ExitStack | None = None
 
-    def _hook(self, layer: int):
+    def hook_fns(self) -> dict[str, HookFn]:
         raise NotImplementedError
 
     def _reset(self) -> None:
         """State to drop when the context closes."""
 
     def __enter__(self) -> Self:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        self._attached = ExitStack()
+        self._attached.enter_context(hooks(self.model, self.hook_fns()))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._reset()
+        try:
+            self._attached.close()
+        finally:
+            self._reset()
 
 
 class MLPRecorder(MLPHooks):
     """Context manager: while open, every forward records each layer's MLP input and output (detached)."""
 
     def __init__(self, model: nn.Module, *, stop_after_last: bool = False):
-        self.modules = mlp_modules(model)
+        self.model, self.n_layers = model, len(layers(model))
         self.stop_after_last = stop_after_last
-        self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)  # per layer [batch, pos, D]
-        self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
-        self._handles = []
+        self.inputs: list[torch.Tensor | None] = [None] * self.n_layers  # per layer [batch, pos, D]
+        self.outputs: list[torch.Tensor | None] = [None] * self.n_layers
 
-    def _hook(self, layer: int):
-        def record(module, args, output):
-            self.inputs[layer], self.outputs[layer] = args[0].detach(), output.detach()
-            if self.stop_after_last and layer == len(self.modules) - 1:
+    def hook_fns(self) -> dict[str, HookFn]:
+        fns = {}
+        for layer in range(self.n_layers):
+            fns[mlp_in_point(layer)] = self._record_input(layer)
+            fns[mlp_out_point(layer)] = self._record_output(layer)
+        return fns
+
+    def _record_input(self, layer: int) -> HookFn:
+        def record(mlp_in):
+            self.inputs[layer] = mlp_in.detach()
+        return record
+
+    def _record_output(self, layer: int) -> HookFn:
+        def record(mlp_out):
+            self.outputs[layer] = mlp_out.detach()
+            if self.stop_after_last and layer == self.n_layers - 1:
                 raise _StopForward
         return record
 

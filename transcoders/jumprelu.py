@@ -19,12 +19,17 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def jumprelu_forward(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The JumpReLU's value: `pre` where it is strictly above `threshold` (broadcast), else 0."""
+    return torch.where(pre > threshold, pre, 0.0)
+
+
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
-        return torch.where(pre > threshold, pre, 0.0)
+        return jumprelu_forward(pre, threshold)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -1,0 +1,177 @@
+"""Named places in a causal LM, as TransformerLens names them: one name per place, used everywhere.
+
+Hook points (l = layer; every tensor is [batch, pos, ...]):
+
+| name                             | the tensor                                                         |
+|----------------------------------|--------------------------------------------------------------------|
+| `hook_embed`                     | token embeddings [.., d_model]                                     |
+| `blocks.{l}.hook_resid_pre`      | the residual stream entering layer l                               |
+| `blocks.{l}.ln1.hook_normalized` | the attention input: resid_pre after the pre-attention norm (gain included) |
+| `blocks.{l}.attn.hook_q/k/v`     | query / key / value projections before RoPE [.., heads * d_head]   |
+| `blocks.{l}.attn.hook_z`         | the attention-weighted values of every head, input of the output projection [.., n_heads * d_head] |
+| `blocks.{l}.hook_attn_out`       | the attention output added to the residual stream                  |
+| `blocks.{l}.hook_resid_mid`      | resid_pre + attn_out, input of the pre-MLP norm                    |
+| `blocks.{l}.ln2.hook_normalized` | the MLP input after the pre-MLP norm (TransformerLens' `blocks.{l}.mlp.hook_in`) |
+| `blocks.{l}.hook_mlp_out`        | the MLP output added to the residual stream                        |
+| `hook_resid_final`               | the residual stream after the last layer, input of the final norm  |
+| `ln_final.hook_normalized`       | the final norm's output, what the unembedding reads                |
+
+`hooks(model, {name: fn})` attaches functions while a `with` block runs and always removes them. A
+function gets the tensor and returns None (it only reads) or a tensor that replaces it downstream.
+Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, `rotary`, ...; `module(model, name)`)
+for code that reads weights. The per-architecture part is `ARCHITECTURES`: HF module paths by
+`config.model_type`. A GatedModel's active gate context (sparse_attention.gated_attention) is how its
+forward reaches the attention function, not a hook point.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sparse_attention.gated_attention import GatedModel
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+Side = Literal["input", "output"]  # the first positional input of the module's forward, or its output
+
+_LLAMA_STYLE = {  # our module name -> attribute path in the HF causal LM; {l} is the layer
+    "embed": "model.embed_tokens",
+    "blocks": "model.layers",
+    "blocks.{l}": "model.layers.{l}",
+    "blocks.{l}.ln1": "model.layers.{l}.input_layernorm",
+    "blocks.{l}.attn": "model.layers.{l}.self_attn",
+    "blocks.{l}.attn.q": "model.layers.{l}.self_attn.q_proj",
+    "blocks.{l}.attn.k": "model.layers.{l}.self_attn.k_proj",
+    "blocks.{l}.attn.v": "model.layers.{l}.self_attn.v_proj",
+    "blocks.{l}.attn.o": "model.layers.{l}.self_attn.o_proj",
+    "blocks.{l}.ln2": "model.layers.{l}.post_attention_layernorm",
+    "blocks.{l}.mlp": "model.layers.{l}.mlp",
+    "ln_final": "model.norm",
+    "unembed": "lm_head",
+    "rotary": "model.rotary_emb",  # (hidden, position ids) -> RoPE (cos, sin)
+}
+ARCHITECTURES = {"llama": _LLAMA_STYLE}  # config.model_type -> module paths
+
+HOOK_POINTS: dict[str, tuple[str, Side]] = {  # hook point -> (module name, the side of it that is the tensor)
+    "hook_embed": ("embed", "output"),
+    "blocks.{l}.hook_resid_pre": ("blocks.{l}", "input"),
+    "blocks.{l}.ln1.hook_normalized": ("blocks.{l}.ln1", "output"),
+    "blocks.{l}.attn.hook_q": ("blocks.{l}.attn.q", "output"),
+    "blocks.{l}.attn.hook_k": ("blocks.{l}.attn.k", "output"),
+    "blocks.{l}.attn.hook_v": ("blocks.{l}.attn.v", "output"),
+    "blocks.{l}.attn.hook_z": ("blocks.{l}.attn.o", "input"),
+    "blocks.{l}.hook_attn_out": ("blocks.{l}.attn.o", "output"),
+    "blocks.{l}.hook_resid_mid": ("blocks.{l}.ln2", "input"),
+    "blocks.{l}.ln2.hook_normalized": ("blocks.{l}.ln2", "output"),
+    "blocks.{l}.hook_mlp_out": ("blocks.{l}.mlp", "output"),
+    "hook_resid_final": ("ln_final", "input"),
+    "ln_final.hook_normalized": ("ln_final", "output"),
+}
+
+_BLOCK = re.compile(r"^blocks\.(\d+)(?=\.|$)")
+
+
+class HookPointError(ValueError):
+    """A hook point or module name this model does not have, or a model without a module table."""
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside `model` (a GatedModel or the HF model itself)."""
+    return model.model if isinstance(model, GatedModel) else model
+
+
+def _module_paths(hf: nn.Module) -> dict[str, str]:
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise HookPointError(
+            f"{type(hf).__name__} (model_type {model_type!r}) has no named hook points; supported model types: "
+            f"{sorted(ARCHITECTURES)} (sparse_attention/hook_points.py ARCHITECTURES)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _template(name: str) -> tuple[str, int | None]:
+    """'blocks.3.ln2' -> ('blocks.{l}.ln2', 3); names outside a block -> (name, None)."""
+    match = _BLOCK.match(name)
+    if match is None:
+        return name, None
+    return "blocks.{l}" + name[match.end():], int(match.group(1))
+
+
+def _resolve_module(hf: nn.Module, module_template: str, layer: int | None, asked: str, kind: str) -> nn.Module:
+    """The module `module_template` (of layer `layer`) of `hf`; errors name `asked`, the `kind` of name asked for."""
+    paths = _module_paths(hf)
+    if module_template not in paths:
+        raise HookPointError(f"{type(hf).__name__} has no {kind} named {asked!r}")
+    if layer is not None:
+        n_layers = len(hf.get_submodule(paths["blocks"]))
+        if layer >= n_layers:
+            raise HookPointError(f"{type(hf).__name__} has {n_layers} layers: no {kind} named {asked!r}")
+    return hf.get_submodule(paths[module_template].format(l=layer))
+
+
+def module(model: nn.Module, name: str) -> nn.Module:
+    """The module called `name` (e.g. 'embed', 'blocks.0.ln2', 'ln_final') in a GatedModel or HF causal LM."""
+    return _resolve_module(hf_model(model), *_template(name), name, "module")
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a GatedModel or HF causal LM, in order."""
+    return module(model, "blocks")
+
+
+def hook_names(model: nn.Module) -> list[str]:
+    """Every hook point of `model`, layer by layer."""
+    n_layers = len(layers(model))
+    per_layer = [name for name in HOOK_POINTS if name.startswith("blocks.")]
+    return ["hook_embed",
+            *[name.format(l=layer) for layer in range(n_layers) for name in per_layer],
+            "hook_resid_final", "ln_final.hook_normalized"]
+
+
+def _hook_target(hf: nn.Module, name: str) -> tuple[nn.Module, Side]:
+    template, layer = _template(name)
+    if template not in HOOK_POINTS:
+        raise HookPointError(f"{type(hf).__name__} has no hook point named {name!r}")
+    module_template, side = HOOK_POINTS[template]
+    return _resolve_module(hf, module_template, layer, name, "hook point"), side
+
+
+def _output_hook(fn: HookFn):
+    def hook(module, args, output):
+        return fn(output)
+    return hook
+
+
+def _input_hook(fn: HookFn, name: str):
+    def hook(module, args):
+        if not args:
+            raise HookPointError(f"{type(module).__name__} got no positional input, which hook point {name} reads")
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+    return hook
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
+    """Attach `fns` (hook point name -> function) to a GatedModel or HF causal LM while the block runs;
+    they are removed on exit, also when the block raises. Functions on one module run in the order given."""
+    hf = hf_model(model)
+    targets = {name: _hook_target(hf, name) for name in fns}  # every name checked before anything is attached
+    handles = []
+    try:
+        for name, fn in fns.items():
+            target, side = targets[name]
+            if side == "output":
+                handles.append(target.register_forward_hook(_output_hook(fn)))
+            else:
+                handles.append(target.register_forward_pre_hook(_input_hook(fn, name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
