@@ -33,7 +33,9 @@ from sparse_attention.data import DataConfig, iterate_blocks, load_token_blocks 
 from sparse_attention.models import SMOLLM2_NAME, load_model  # noqa: E402
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, load_clt_metadata  # noqa: E402
 from transcoders.config import FeaturesConfig  # noqa: E402
-from transcoders.features import dashboard_tables, scan_activations, weight_evidence  # noqa: E402
+from transcoders.dashboards import dashboard_tables  # noqa: E402
+from transcoders.feature_labels import weight_evidence  # noqa: E402
+from transcoders.feature_scan import scan_activations  # noqa: E402
 from transcoders.harvest import harvest_batch, model_shape  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features_throughput.json"

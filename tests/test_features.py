@@ -14,17 +14,12 @@ import torch
 
 from runtime.checkpoint import CheckpointError
 from sparse_attention.data import DataConfig, load_token_blocks
-from transcoders import features as features_module
+from transcoders import feature_scan
 from transcoders.clt import CLTConfig, CrossLayerTranscoder
 from transcoders.config import FeaturesConfig
-from transcoders.features import (
-    FeaturesError,
-    build_dashboards,
-    merge_top,
-    open_features,
-    scan_activations,
-    window_split,
-)
+from transcoders.dashboards import build_dashboards
+from transcoders.feature_scan import merge_top, scan_activations, window_split
+from transcoders.features import FeaturesError, open_features
 from transcoders.harvest import harvest_batch
 
 torch.set_num_threads(1)
@@ -167,12 +162,12 @@ def test_a_killed_scan_resumes_to_the_same_tables(tiny, tmp_path: Path, monkeypa
         calls.append(len(tokens))
         return harvest_batch(model, tokens)
 
-    monkeypatch.setattr(features_module, "harvest_batch", harvest_then_die)
+    monkeypatch.setattr(feature_scan, "harvest_batch", harvest_then_die)
     with pytest.raises(KeyboardInterrupt):
         build_dashboards(model, clt, tokenizer, blocks, config, tmp_path / "killed", progress=False)
     state = torch.load(tmp_path / "killed" / "features" / "scan_state.pt", weights_only=False)
     assert state["tokens_done"] == 256 and not (tmp_path / "killed" / "features" / "features.json").exists()
-    monkeypatch.setattr(features_module, "harvest_batch", harvest_batch)
+    monkeypatch.setattr(feature_scan, "harvest_batch", harvest_batch)
     with pytest.raises(CheckpointError, match="different feature scan config"):  # never mixes two configs
         build_dashboards(model, clt, tokenizer, blocks, config.model_copy(update={"top_k": 5}), tmp_path / "killed",
                          progress=False)

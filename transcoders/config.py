@@ -89,7 +89,7 @@ class CLTEvalConfig(BaseModel):
 
 
 class FeaturesConfig(BaseModel):
-    """Feature dashboards (transcoders/features.py): a pass over held-out text, after training, of a CLT."""
+    """Feature dashboards (transcoders/dashboards.py): a pass over held-out text, after training, of a CLT."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -31,8 +31,8 @@ from transcoders.cache import build_cache, cache_chunks
 from transcoders.clt import META_FILE as CLT_META_FILE
 from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
 from transcoders.config import CLTStageConfig, FeaturesConfig
+from transcoders.dashboards import build_dashboards
 from transcoders.evaluate import ce_metrics, plot_per_layer, plot_training, reconstruction_metrics
-from transcoders.features import build_dashboards
 from transcoders.harvest import ShuffleBuffer, harvest_stream, model_shape
 from transcoders.memory import GB, check_training_fits
 from transcoders.train import train_clt
