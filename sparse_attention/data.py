@@ -1,27 +1,14 @@
 """Text data for every stage: fixed-length token blocks with a held-out split, from one place.
 
-Sources (``DataConfig.source``):
-
-- ``"python-docs"`` (default): the reStructuredText sources of the Python 3.11 documentation from
-  Debian's ``python3.11-doc`` package (``/usr/share/doc/python3.11/html/_sources``, 497 files,
-  ~12 MB: tutorial, HOWTOs, library reference, FAQ). Why: it is real human-written English prose
-  (with the code examples that belong to it), installable offline from a package registry
-  (``make corpus``), and fixed by the package version, so runs are reproducible without internet.
-  The most markup-heavy noise is stripped cheaply and deterministically (``clean_rst``); code
-  examples are kept.
-- a local text file or folder: every file whose name ends with one of ``file_suffixes``, read
-  recursively in sorted path order; each file is one document.
-- ``"hf:<dataset id>"`` or ``"hf:<dataset id>:<config>"``: a Hugging Face dataset, streamed (needs
-  the optional ``datasets`` package and internet); for users with internet a real web corpus is
-  one config line away.
-
-Each document is tokenized without special tokens; documents are assigned to train or held-out by
-a stable hash of their id (relative path, or record index for ``hf:``), so adding files does not
-reshuffle the split. Each split's documents are joined with the end-of-text token between them and
-cut into blocks of ``context_length - 1`` tokens, each prefixed with the start token. Token ids
-are cached as ``.npy`` under ``$SPARSE_ATTN_CACHE/tokens`` (default
-``~/.cache/sparse-attention-interp/tokens``), keyed by the source's identity, the tokenizer and
-``CLEANING_VERSION``.
+The documents come from the source named by ``DataConfig.source`` (``sparse_attention.corpora``: the
+Python docs by default, a local file or folder, or a streamed ``hf:`` dataset). Each document is
+tokenized without special tokens; documents are assigned to train or held-out by a stable hash of
+their id (relative path, or record index for ``hf:``), so adding files does not reshuffle the split.
+Each split's documents are joined with the end-of-text token between them and cut into blocks of
+``context_length - 1`` tokens, each prefixed with the start token. Token ids are cached as ``.npy``
+under ``$SPARSE_ATTN_CACHE/tokens`` (default ``~/.cache/sparse-attention-interp/tokens``), keyed by the
+source's identity, the tokenizer and ``CLEANING_VERSION``. Batches for training and evaluation are
+drawn from the blocks here too (``batch_iterator``, ``iterate_blocks``).
 """
 
 from __future__ import annotations
@@ -30,10 +17,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,14 +29,14 @@ import pydantic
 import torch
 
 from runtime.files import write_atomic, write_json_atomic
+from sparse_attention.corpora import TextSource, open_source, parse_hf_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
-CLEANING_VERSION = "rst-clean-v1"  # bump when clean_rst or the stream layout changes: invalidates caches
+CLEANING_VERSION = "rst-clean-v1"  # bump when corpora.clean_rst or the stream layout changes: invalidates caches
 DEFAULT_CACHE_DIR = "~/.cache/sparse-attention-interp"
 _TOKENIZE_BATCH_DOCS = 32
 
@@ -117,135 +103,6 @@ class TokenBlocks:
     start_token_id: int
 
 
-@dataclass
-class _Source:
-    """A source's identity (for the cache key) and a way to read its documents as (doc_id, text)."""
-
-    identity: dict[str, Any]
-    documents: Callable[[], Iterator[tuple[str, str]]]
-
-
-def parse_hf_source(source: str) -> tuple[str, str | None]:
-    """Split ``"hf:<id>[:<config>]"`` into (dataset id, config or None)."""
-    dataset_id, _, config = source.removeprefix("hf:").partition(":")
-    if not dataset_id or (_ and not config):
-        raise ValueError(f"source {source!r} must look like 'hf:<dataset id>' or 'hf:<dataset id>:<config>'")
-    return dataset_id, config or None
-
-
-_ADORNMENT = re.compile(r"""^([=\-~*^"'`#+:_])\1{2,}\s*$""")  # unindented section over/underlines
-_LABEL = re.compile(r"^\.\. _[^:]+:\s*$")  # ".. _tut-if:" link targets
-_INDEX = re.compile(r"^\s*\.\. index::")
-_ROLE = re.compile(r":(?:[A-Za-z][\w-]*:)+`([^`]+)`")  # :keyword:`!if`, :ref:`title <label>`
-
-
-def _role_text(match: re.Match[str]) -> str:
-    """The text Sphinx would show for a role: its title, else its target without ! and ~ markers."""
-    text = match.group(1)
-    titled = re.fullmatch(r"(.+?)\s*<[^<>]+>", text, re.DOTALL)
-    if titled:
-        return titled.group(1)
-    text = text.lstrip("!")
-    return text[1:].rsplit(".", 1)[-1] if text.startswith("~") else text
-
-
-def clean_rst(text: str) -> str:
-    """Strip cheap reST noise: section adornments, link labels, index directives, role markup, blank runs.
-
-    Code examples and ordinary paragraphs are left alone.
-    """
-    kept: list[str] = []
-    in_index = False
-    for line in text.splitlines():
-        line = line.rstrip()
-        if in_index and line[:1].isspace():
-            continue
-        in_index = bool(_INDEX.match(line))
-        if in_index or _ADORNMENT.match(line) or _LABEL.match(line):
-            continue
-        if not line and (not kept or not kept[-1]):
-            continue
-        kept.append(_ROLE.sub(_role_text, line))
-    return "\n".join(kept).strip("\n") + "\n"
-
-
-def _files_source(root: Path, suffixes: Iterable[str], clean: Callable[[str], str] | None) -> _Source:
-    """All files under ``root`` (or ``root`` itself) ending with a suffix, in sorted relative-path order."""
-    if root.is_file():
-        files, base = [root], root.parent
-    elif root.is_dir():
-        suffixes = tuple(suffixes)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(suffixes))
-        base = root
-        if not files:
-            raise ValueError(f"data.source folder {root} holds no files ending with {list(suffixes)}")
-    else:
-        raise FileNotFoundError(
-            f"data.source {str(root)!r} is not a file or folder; use 'python-docs', 'hf:<dataset id>', "
-            "or a path to your own text"
-        )
-    manifest = [(p.relative_to(base).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-    def documents() -> Iterator[tuple[str, str]]:
-        for path, (doc_id, _, _) in zip(files, manifest):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path} is not UTF-8 text ({err}); remove it or convert it") from err
-            yield doc_id, clean(text) if clean else text
-
-    return _Source({"root": str(root.resolve()), "files": manifest}, documents)
-
-
-def _python_docs_source() -> _Source:
-    """The Python 3.11 docs' reST sources (Debian python3.11-doc), cleaned with ``clean_rst``."""
-    if not PYTHON_DOCS_DIR.is_dir():
-        raise FileNotFoundError(
-            f"the default corpus {PYTHON_DOCS_DIR} is missing: run `make corpus` or "
-            "`apt-get install python3.11-doc`, or set data.source to your own text"
-        )
-    return _files_source(PYTHON_DOCS_DIR, [".rst.txt"], clean_rst)
-
-
-def _hf_source(config: DataConfig) -> _Source:
-    """A streamed Hugging Face dataset; a record's id is its index in the stream."""
-    dataset_id, hf_config = parse_hf_source(config.source)
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError(
-            f"data.source {config.source!r} needs the optional `datasets` package: "
-            "pip install datasets (or `pip install -e .[hub]`)"
-        ) from err
-
-    def documents() -> Iterator[tuple[str, str]]:
-        stream = datasets.load_dataset(dataset_id, hf_config, split=config.hf_split, streaming=True)
-        for index, record in enumerate(stream):
-            if config.hf_text_field not in record:
-                raise KeyError(
-                    f"data.hf_text_field {config.hf_text_field!r} is not a field of {dataset_id}; "
-                    f"fields are {sorted(record)}"
-                )
-            yield str(index), record[config.hf_text_field]
-
-    identity = {
-        "hf": dataset_id,
-        "config": hf_config,
-        "split": config.hf_split,
-        "field": config.hf_text_field,
-    }
-    return _Source(identity, documents)
-
-
-def _open_source(config: DataConfig) -> _Source:
-    """The source named by ``config.source``."""
-    if config.source == "python-docs":
-        return _python_docs_source()
-    if config.source.startswith("hf:"):
-        return _hf_source(config)
-    return _files_source(Path(config.source).expanduser(), config.file_suffixes, None)
-
-
 def is_heldout(doc_id: str, heldout_fraction: float, seed: int) -> bool:
     """Whether a document is held out: a stable hash of (seed, doc_id), independent of position."""
     digest = hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()
@@ -261,7 +118,7 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
 
 
 def _tokenize_streams(
-    source: _Source, tokenizer: PreTrainedTokenizerBase, config: DataConfig, separator: int
+    source: TextSource, tokenizer: PreTrainedTokenizerBase, config: DataConfig, separator: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize documents into the train and held-out streams until both caps are met."""
     caps = (config.max_train_tokens, config.max_heldout_tokens)
@@ -368,7 +225,7 @@ def load_token_blocks(
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2, got {context_length}")
     start_token_id, separator = special_token_ids(tokenizer)
-    source = _open_source(config)
+    source = open_source(config.source, config.file_suffixes, config.hf_split, config.hf_text_field)
     meta = {
         "source": config.source,
         "identity": source.identity,

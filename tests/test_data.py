@@ -14,16 +14,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from sparse_attention import data
-from sparse_attention.data import (
-    DataConfig,
-    batch_iterator,
-    clean_rst,
-    is_heldout,
-    iterate_blocks,
-    load_token_blocks,
-    parse_hf_source,
-)
+from sparse_attention import corpora, data
+from sparse_attention.corpora import clean_rst, parse_hf_source
+from sparse_attention.data import DataConfig, batch_iterator, is_heldout, iterate_blocks, load_token_blocks
 
 
 def byte_tokenizer(bos: str | None = "<bos>", eos: str | None = "<eos>") -> PreTrainedTokenizerFast:
@@ -316,12 +309,12 @@ def test_clean_rst_strips_markup_and_keeps_code() -> None:
 
 
 def test_missing_python_docs_names_the_package(tokenizer, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(data, "PYTHON_DOCS_DIR", tmp_path / "absent")
+    monkeypatch.setattr(corpora, "PYTHON_DOCS_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
         load_token_blocks(DataConfig(), tokenizer)
 
 
-@pytest.mark.skipif(not data.PYTHON_DOCS_DIR.is_dir(), reason="python3.11-doc is not installed")
+@pytest.mark.skipif(not corpora.PYTHON_DOCS_DIR.is_dir(), reason="python3.11-doc is not installed")
 def test_python_docs_source_loads_quickly_with_a_cap(tokenizer) -> None:
     config = DataConfig(max_train_tokens=20_000, max_heldout_tokens=5_000)
     started = time.perf_counter()

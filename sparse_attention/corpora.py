@@ -1,0 +1,158 @@
+"""Where text comes from: the documents of a corpus, each as (doc_id, text), for `sparse_attention.data`.
+
+Sources (``DataConfig.source``):
+
+- ``"python-docs"`` (default): the reStructuredText sources of the Python 3.11 documentation from
+  Debian's ``python3.11-doc`` package (``/usr/share/doc/python3.11/html/_sources``, 497 files,
+  ~12 MB: tutorial, HOWTOs, library reference, FAQ). Why: it is real human-written English prose
+  (with the code examples that belong to it), installable offline from a package registry
+  (``make corpus``), and fixed by the package version, so runs are reproducible without internet.
+  The most markup-heavy noise is stripped cheaply and deterministically (``clean_rst``); code
+  examples are kept.
+- a local text file or folder: every file whose name ends with one of ``file_suffixes``, read
+  recursively in sorted path order; each file is one document.
+- ``"hf:<dataset id>"`` or ``"hf:<dataset id>:<config>"``: a Hugging Face dataset, streamed (needs
+  the optional ``datasets`` package and internet); for users with internet a real web corpus is
+  one config line away.
+
+A document's id is its relative path, or its record index for ``hf:``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+@dataclass
+class TextSource:
+    """A source's identity (for the cache key) and a way to read its documents as (doc_id, text)."""
+
+    identity: dict[str, Any]
+    documents: Callable[[], Iterator[tuple[str, str]]]
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None]:
+    """Split ``"hf:<id>[:<config>]"`` into (dataset id, config or None)."""
+    dataset_id, _, config = source.removeprefix("hf:").partition(":")
+    if not dataset_id or (_ and not config):
+        raise ValueError(f"source {source!r} must look like 'hf:<dataset id>' or 'hf:<dataset id>:<config>'")
+    return dataset_id, config or None
+
+
+_ADORNMENT = re.compile(r"""^([=\-~*^"'`#+:_])\1{2,}\s*$""")  # unindented section over/underlines
+_LABEL = re.compile(r"^\.\. _[^:]+:\s*$")  # ".. _tut-if:" link targets
+_INDEX = re.compile(r"^\s*\.\. index::")
+_ROLE = re.compile(r":(?:[A-Za-z][\w-]*:)+`([^`]+)`")  # :keyword:`!if`, :ref:`title <label>`
+
+
+def _role_text(match: re.Match[str]) -> str:
+    """The text Sphinx would show for a role: its title, else its target without ! and ~ markers."""
+    text = match.group(1)
+    titled = re.fullmatch(r"(.+?)\s*<[^<>]+>", text, re.DOTALL)
+    if titled:
+        return titled.group(1)
+    text = text.lstrip("!")
+    return text[1:].rsplit(".", 1)[-1] if text.startswith("~") else text
+
+
+def clean_rst(text: str) -> str:
+    """Strip cheap reST noise: section adornments, link labels, index directives, role markup, blank runs.
+
+    Code examples and ordinary paragraphs are left alone.
+    """
+    kept: list[str] = []
+    in_index = False
+    for line in text.splitlines():
+        line = line.rstrip()
+        if in_index and line[:1].isspace():
+            continue
+        in_index = bool(_INDEX.match(line))
+        if in_index or _ADORNMENT.match(line) or _LABEL.match(line):
+            continue
+        if not line and (not kept or not kept[-1]):
+            continue
+        kept.append(_ROLE.sub(_role_text, line))
+    return "\n".join(kept).strip("\n") + "\n"
+
+
+def _files_source(root: Path, suffixes: Iterable[str], clean: Callable[[str], str] | None) -> TextSource:
+    """All files under ``root`` (or ``root`` itself) ending with a suffix, in sorted relative-path order."""
+    if root.is_file():
+        files, base = [root], root.parent
+    elif root.is_dir():
+        suffixes = tuple(suffixes)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        base = root
+        if not files:
+            raise ValueError(f"data.source folder {root} holds no files ending with {list(suffixes)}")
+    else:
+        raise FileNotFoundError(
+            f"data.source {str(root)!r} is not a file or folder; use 'python-docs', 'hf:<dataset id>', "
+            "or a path to your own text"
+        )
+    manifest = [(p.relative_to(base).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+    def documents() -> Iterator[tuple[str, str]]:
+        for path, (doc_id, _, _) in zip(files, manifest):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not UTF-8 text ({err}); remove it or convert it") from err
+            yield doc_id, clean(text) if clean else text
+
+    return TextSource({"root": str(root.resolve()), "files": manifest}, documents)
+
+
+def _python_docs_source() -> TextSource:
+    """The Python 3.11 docs' reST sources (Debian python3.11-doc), cleaned with ``clean_rst``."""
+    if not PYTHON_DOCS_DIR.is_dir():
+        raise FileNotFoundError(
+            f"the default corpus {PYTHON_DOCS_DIR} is missing: run `make corpus` or "
+            "`apt-get install python3.11-doc`, or set data.source to your own text"
+        )
+    return _files_source(PYTHON_DOCS_DIR, [".rst.txt"], clean_rst)
+
+
+def _hf_source(source: str, split: str, text_field: str) -> TextSource:
+    """A streamed Hugging Face dataset; a record's id is its index in the stream."""
+    dataset_id, hf_config = parse_hf_source(source)
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"data.source {source!r} needs the optional `datasets` package: "
+            "pip install datasets (or `pip install -e .[hub]`)"
+        ) from err
+
+    def documents() -> Iterator[tuple[str, str]]:
+        stream = datasets.load_dataset(dataset_id, hf_config, split=split, streaming=True)
+        for index, record in enumerate(stream):
+            if text_field not in record:
+                raise KeyError(
+                    f"data.hf_text_field {text_field!r} is not a field of {dataset_id}; "
+                    f"fields are {sorted(record)}"
+                )
+            yield str(index), record[text_field]
+
+    identity = {
+        "hf": dataset_id,
+        "config": hf_config,
+        "split": split,
+        "field": text_field,
+    }
+    return TextSource(identity, documents)
+
+
+def open_source(source: str, file_suffixes: Iterable[str], hf_split: str, hf_text_field: str) -> TextSource:
+    """The source named by ``source`` (``DataConfig.source``; the other arguments are its namesakes)."""
+    if source == "python-docs":
+        return _python_docs_source()
+    if source.startswith("hf:"):
+        return _hf_source(source, hf_split, hf_text_field)
+    return _files_source(Path(source).expanduser(), file_suffixes, None)
