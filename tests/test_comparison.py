@@ -17,8 +17,9 @@ from attribution.prune import influence, logit_weight_vector, normalize_rows
 from circuits.config import ComponentCircuitConfig
 from circuits.stats import bootstrap_mean
 from comparison.config import RATIO, CircuitsConfig, CompareConfig
+from comparison.formatting import component_label, fmt, fmt_ci, metric_title
 from comparison.graph_metrics import count_to_share, edge_influence, head_metrics, qk_edge_shares
-from comparison.report import REPORT_FILE, component_label, fmt, fmt_ci, metric_title
+from comparison.report import REPORT_FILE
 from comparison.stage import compare_store
 from comparison.summaries import run_circuits, summarize
 from prompts.tasks import load_task
