@@ -42,7 +42,7 @@ TINY_SHAPE = {"n_layers": 4, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ml
 
 # ---------------------------------------------------------------------------------------------- setup
 def ensure_ct_venv(venv: Path) -> Path:
-    """circuit-tracer's venv (peers/circuit-tracer.md section 1); built on first use, ~2 minutes."""
+    """circuit-tracer's own venv (torch 2.13.0 pinned, circuit-tracer 0.5.0); built on first use, ~2 minutes."""
     python = venv / "bin" / "python"
     if python.exists() and subprocess.run([str(python), "-c", "import circuit_tracer"], capture_output=True).returncode == 0:
         return python
@@ -185,7 +185,7 @@ def ct_add_gates(model, masks: torch.Tensor) -> None:
 def worker_ct(job: dict) -> None:
     """circuit-tracer's side of one variant; runs in circuit-tracer's venv and imports nothing from
     this project (transformers 4.57 there): builds the TransformerLens replacement model by hand
-    (peers/circuit-tracer.md section 1), times `attribute()`, writes the graph arrays, .pt and timings."""
+    (`ct_build_model`), times `attribute()`, writes the graph arrays, .pt and timings."""
     torch.set_num_threads(job["threads"])
     out = Path(job["out_dir"])
     out.mkdir(parents=True, exist_ok=True)

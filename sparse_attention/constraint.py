@@ -2,7 +2,7 @@
 
 A plain multiplicative (pure integral) update oscillates on a real model: with a lagged plant the
 multiplier winds down to its floor while CE sits below the reference, then needs tens of steps to
-climb back once closing gates push CE far above it (the session-2 demo swung lambda 1e-3 <-> 100).
+climb back once closing gates push CE far above it (on SmolLM2 such an update swings lambda between 1e-3 and 100).
 So, as in PID Lagrangian methods (Stooke et al. 2020), log-lambda follows a PI law, in velocity form:
   e_t = EMA(CE excess - tolerance) / scale                     (scale ~ batch-to-batch CE noise)
   log lambda_t = clip(log lambda_{t-1} + proportional * (e_t - e_{t-1}) + clip(rate * e_t, +-max_log_step),

@@ -55,7 +55,7 @@ class GateRecord:
     gate_masks: list[torch.Tensor] = field(default_factory=list)  # per layer bool [batch, head, q, k]
 
     def regulariser(self) -> torch.Tensor:
-        """Expected open fraction, heads and layers weighted equally (our choice, see PAPER.md)."""
+        """Expected open fraction, heads and layers weighted equally (arXiv 2512.05865 leaves the weighting open)."""
         return torch.stack(self.expected_open).mean()
 
     def edge_counts(self) -> tuple[torch.Tensor, torch.Tensor]:

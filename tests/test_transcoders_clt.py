@@ -305,7 +305,7 @@ def test_circuit_tracer_reads_our_export(tmp_path: Path):
     computes the same activations and reconstructions."""
     python = Path(os.environ.get("CT_PYTHON", "/tmp/ct-venv/bin/python"))
     if not python.exists():
-        pytest.skip(f"no circuit-tracer venv at {python}; set CT_PYTHON (see shared/peers/circuit-tracer.md)")
+        pytest.skip(f"no circuit-tracer venv at {python}; set CT_PYTHON (ensure_ct_venv in bench/attribution_vs_circuit_tracer.py builds one)")
     clt = make_clt()
     save_clt(clt, tmp_path / "clt", model_name="tiny")
     x = inputs(clt, 7).transpose(0, 1)  # [L, pos, D], circuit-tracer's layout

@@ -9,7 +9,8 @@ Training works in normalised units: each layer's input and output are divided by
 (`input_scale`, `output_scale`, buffers that default to 1). The module always takes and returns
 real (un-normalised) activations; `fold_normalisation()` moves the scales into the weights, after
 which the parameters are in real units and the scales are 1. `save_clt` writes folded weights in
-circuit-tracer's layout (see PAPER.md) and `load_clt` reads it back.
+circuit-tracer's layout (per source layer `W_enc_{i}.safetensors` and `W_dec_{i}.safetensors`, plus
+`config.yaml`) and `load_clt` reads it back.
 """
 
 from __future__ import annotations
