@@ -34,6 +34,7 @@ from sparse_attention.gate import (
     masked_softmax,
     straight_through_gate,
 )
+from sparse_attention.models import load_model
 
 ATTENTION_NAME = "sparse_gated"
 GateMode = Literal["train", "eval", "dense"]
@@ -217,8 +218,6 @@ class GatedModel(nn.Module):
 
 def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     """Load a checkpoint written by GatedModel.save: returns (GatedModel in eval mode, tokenizer)."""
-    from sparse_attention.models import load_model
-
     directory = Path(directory)
     gate_path = directory / GATE_FILE
     if not directory.is_dir():

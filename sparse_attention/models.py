@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
+from huggingface_hub import constants as hub_constants
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -27,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint, read_field
 
 from runtime.files import write_directory_atomic
 
@@ -179,9 +182,6 @@ def smollm2_gguf_path() -> Path:
 
 def _gguf_basename(gguf_path: Path) -> str | None:
     """The model family a GGUF records in `general.basename` (e.g. "smollm2"), if any."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import read_field
-
     values = read_field(GGUFReader(gguf_path), "general.basename")
     return str(values[0]).lower() if values else None
 
@@ -195,8 +195,6 @@ def _load_gguf(
     and its model refuses `save_pretrained`), so we build the plain model and fill it with the
     dequantized tensors from transformers' GGUF reader instead.
     """
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     folder, file = gguf_path.parent, gguf_path.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=file, attn_implementation=attn_implementation)
@@ -272,8 +270,6 @@ def _from_pretrained(
     source: str | Path, dtype: torch.dtype, attn_implementation: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`from_pretrained` for a local directory or a hub id, with hub/IO failures turned into ModelLoadError."""
-    from huggingface_hub import constants as hub_constants
-
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation

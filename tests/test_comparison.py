@@ -14,15 +14,20 @@ import torch
 
 import circuits.curves
 from attribution.prune import influence, logit_weight_vector, normalize_rows
+from attribution.store import open_store
 from circuits.config import ComponentCircuitConfig
 from circuits.stats import bootstrap_mean
-from comparison.config import RATIO, CircuitsConfig, CompareConfig
+from comparison.config import RATIO, CircuitsConfig, CompareConfig, CompareError
 from comparison.formatting import component_label, fmt, fmt_ci, metric_title
 from comparison.graph_metrics import count_to_share, edge_influence, head_metrics, qk_edge_shares
 from comparison.report import REPORT_FILE
 from comparison.stage import compare_store
 from comparison.summaries import run_circuits, summarize
+from pipeline.config import load_config
+from pipeline.orchestrate import run_pipeline
 from prompts.tasks import load_task
+from sparse_attention.models import byte_tokenizer
+from tests.test_circuits import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,9 +145,7 @@ def test_bad_compare_config_is_refused(update, message):
 def test_run_circuits_gives_curves_ratios_and_status_rows():
     """Greater-Than (digits are single bytes) on a tiny dense model and its gated copy; antonyms' answers
     are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
-    from tests.test_circuits import make_model
-
-    tokenizer = __import__("sparse_attention.models", fromlist=["byte_tokenizer"]).byte_tokenizer()
+    tokenizer = byte_tokenizer()
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
     config = CircuitsConfig(prompts_per_task=3, circuit=ComponentCircuitConfig(curve_points=4, batch_size=4))
     curves, summary, prompts = run_circuits(config, models, ["greater_than", "antonyms"], samples=300)
@@ -196,9 +199,6 @@ FAST = ["sparsify.train.steps=4", "sparsify.train.checkpoint_every=4", "sparsify
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from pipeline.config import load_config
-    from pipeline.orchestrate import run_pipeline
-
     root = tmp_path_factory.mktemp("compare")
     config = load_config(preset="tiny", overrides=FAST)
     results = run_pipeline(config, ["sparsify", "clt", "features", "attribution", "compare"], str(root), executor="local",
@@ -207,8 +207,6 @@ def tiny_run(tmp_path_factory):
 
 
 def test_compare_stage_tables_match_the_store(tiny_run):
-    from attribution.store import open_store
-
     root, config, results = tiny_run
     assert results["compare"]["skipped"] is False
     graphs = open_store(root / "graphs").list_graphs()
@@ -290,8 +288,6 @@ def test_report_takes_its_metrics_and_settings_from_the_saved_config(tiny_run, t
 
 
 def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_run, tmp_path):
-    from pipeline.orchestrate import run_pipeline
-
     root, config, _ = tiny_run
     report = root / "comparison" / REPORT_FILE
     stamp = report.stat().st_mtime_ns
@@ -306,7 +302,5 @@ def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_ru
 
 
 def test_empty_store_is_a_clear_error(tmp_path):
-    from comparison.config import CompareError
-
     with pytest.raises(CompareError, match="holds no graphs; run the attribution stage first"):
         compare_store(tmp_path / "no_graphs", tmp_path / "out", CompareConfig(report=False), progress=False)

@@ -8,9 +8,12 @@ import random
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_attention import models
 from sparse_attention.models import (
@@ -30,8 +33,6 @@ IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may touch the network; huggingface_hub reads HF_HUB_OFFLINE at import, so patch it too."""
-    import huggingface_hub.constants
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
@@ -80,9 +81,6 @@ def test_load_model_tiny_defaults_to_default_config() -> None:
 
 def test_registered_attention_function_is_used() -> None:
     """Later code registers its own attention with transformers' AttentionInterface and loads by that name."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     calls = []
 
     def counting_attention(*args, **kwargs):
@@ -332,8 +330,6 @@ def test_smollm2_matches_transformers_gguf_loader(
 ) -> None:
     """Independent reference: transformers' own GGUF loading path (needs accelerate, not a dependency)."""
     pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-
     monkeypatch.setenv("SPARSE_ATTN_CACHE", str(smollm2_cache))
     model, tokenizer = load_model("smollm2-135m")
     gguf = smollm2_gguf_path()

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from attribution.frontend import to_networkx
+from attribution.store import open_store
 from pipeline.artifacts import MANIFEST, ArtifactError
 from pipeline.config import load_config
 from pipeline.orchestrate import run_pipeline
 from pipeline.stages import STAGES
+from transcoders.features import open_features
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "pipeline" / "run.py")]
@@ -49,9 +52,6 @@ def test_tiny_preset_with_embedded_ray(tmp_path):
         assert (tmp_path / "clt" / variant / "W_enc_0.safetensors").exists()
         summary = json.loads((tmp_path / "graphs" / "_stages" / variant / MANIFEST).read_text())["summary"]
         assert summary["graphs"] == n_prompts and summary["failures"] == []
-    from attribution.frontend import to_networkx
-    from attribution.store import open_store
-    from transcoders.features import open_features
 
     store = open_store(tmp_path / "graphs")
     graphs = store.list_graphs()

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pipeline.config import ConfigError, load_config, parse_config
@@ -175,6 +176,4 @@ def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
 
 
 def loaded_config(tmp_path):
-    import yaml
-
     return yaml.safe_load((tmp_path / "sparsify" / stage.CONFIG_FILE).read_text())
