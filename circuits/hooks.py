@@ -1,4 +1,4 @@
-"""The model copy that component circuits run on, and the forward hooks that record and patch it.
+"""The model copy that component circuits run on, and the hook functions that record and patch it.
 
 Verification is activation patching in the usual "corrupted into clean" direction: run the clean
 prompt; a removed edge u -> v feeds v u's write from the corrupted run instead of u's write in this
@@ -13,8 +13,11 @@ holds the gates at their clean-run values and cannot see a patch flip one. With 
 gates forward, d gate / d logit = sigmoid'(logit)), so edges that move gate logits are ranked too;
 activation patching, which verifies every ranking, always uses the hard gates alone.
 
-Each reader must get its own input, and grouped-query heads share k/v projections, so the model is
-copied with k_proj / v_proj expanded to one KV head per query head (an exactly equivalent model).
+Every place read or patched is a named hook point (sparse_attention/hook_points.py): writes are
+`hook_embed`, `attn.hook_z` (split per head by the output projection) and `hook_mlp_out`; readers are
+`hook_{q,k,v}_input` (one input per head), `hook_mlp_in` and `hook_resid_final` (the logits).
+Each head must get its own input, and grouped-query heads share k/v projections, so the model is
+copied with its k / v projections expanded to one KV head per query head (an exactly equivalent model).
 """
 
 from __future__ import annotations
@@ -23,45 +26,45 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from circuits.config import CircuitError
-from circuits.layout import ComponentLayout, head_writes, patch_heads, per_head_projection, removed_input
+from circuits.layout import ComponentLayout, head_writes, patch_heads, removed_input
 from prompts.batches import PromptBatch
 from prompts.metrics import logit_diff, logits_fn
-from sparse_attention.gated_attention import GatedModel
+from sparse_attention import hook_points
+from sparse_attention.gated_attention import gate_mode
 
 # --------------------------------------------------------------------------------------------------
 # The model copy and its hooks
 
 
 def multi_head_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of `model` (GatedModel or HF Llama) whose k_proj / v_proj have one KV head per query
+    """A frozen copy of `model` (GatedModel or HF Llama) whose k / v projections have one KV head per query
     head (weights repeated per group), so every head can read its own input. Same function exactly."""
     copied = copy.deepcopy(model).requires_grad_(False)
-    hf = copied.model if isinstance(copied, GatedModel) else copied
-    cfg = hf.config
+    cfg = hook_points.hf_model(copied).config
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    for layer in hf.model.layers:
-        attn = layer.self_attn
-        if any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    for layer in range(len(hook_points.layers(copied))):
+        if any(hook_points.module(copied, f"blocks.{layer}.attn.{kind}").bias is not None for kind in "qkvo"):
             raise CircuitError("attention projections with biases are not supported; use a Llama-style model")
-        for name in ("k_proj", "v_proj"):
-            old = getattr(attn, name)
+        for kind in "kv":
+            old = hook_points.module(copied, f"blocks.{layer}.attn.{kind}")
             weight = old.weight.view(n_kv, -1, old.in_features).repeat_interleave(n_heads // n_kv, dim=0)
             new = nn.Linear(old.in_features, weight.shape[0] * weight.shape[1], bias=False)
             new.weight = nn.Parameter(weight.flatten(0, 1).clone(), requires_grad=False)
-            setattr(attn, name, new)
-        attn.num_key_value_groups = 1
+            hook_points.replace_module(copied, f"blocks.{layer}.attn.{kind}", new)
+        hook_points.module(copied, f"blocks.{layer}.attn").num_key_value_groups = 1
     cfg.num_key_value_heads = n_heads
     return copied
 
 
 @dataclass
 class Recording:
-    """One run's writes: rows of the layout [U, b, p, d] and each layer's o_proj input [L, b, p, H * dh]."""
+    """One run's writes: rows of the layout [U, b, p, d] and each layer's attn.hook_z [L, b, p, H * dh]."""
 
     writes: torch.Tensor
     z: torch.Tensor
@@ -69,7 +72,7 @@ class Recording:
 
 @dataclass
 class ComponentHooks:
-    """Forward hooks on the HF modules for one forward pass: record writes, and optionally patch.
+    """Hook functions for one forward pass: record writes, and optionally patch.
 
     Exactly one of: nothing (record), `keep_heads`/`keep_mlps` (node patching from `corrupted`),
     `keep_edges` (edge patching from `corrupted`), `track_grads` (zero input perturbations whose
@@ -87,8 +90,7 @@ class ComponentHooks:
     perturbations: dict[int, torch.Tensor] = field(default_factory=dict)  # first column -> [b, p, C, d]
     _diffs: torch.Tensor | None = None  # [U, b, p, d] corrupted - actual (edge patching)
     _prefix_diff: torch.Tensor | None = None  # [b, p, d] sum of _diffs over rows written so far
-    _resid: torch.Tensor | None = None  # [b, p, d] current layer's pre-norm input
-    _head_delta: torch.Tensor | None = None  # [b, p, H, n_inputs, d]
+    _head_delta: torch.Tensor | None = None  # [b, p, H, n_inputs, d] current layer's head-input perturbation
 
     def __post_init__(self):
         patches = (self.keep_heads is not None or self.keep_mlps is not None) + (self.keep_edges is not None)
@@ -97,31 +99,25 @@ class ComponentHooks:
         if patches and self.corrupted is None:
             raise CircuitError("patching needs the corrupted run's Recording")
 
-    @contextlib.contextmanager
-    def attached(self, hf: nn.Module) -> Iterator[ComponentHooks]:
-        """Register the hooks on `hf` (a HF Llama causal LM) for the duration of the block."""
-        handles = [hf.get_input_embeddings().register_forward_hook(self._on_embed)]
-        for index, layer in enumerate(hf.model.layers):
-            attn = layer.self_attn
-            handles += [
-                layer.input_layernorm.register_forward_pre_hook(self._layer_hook(self._on_resid_pre, index)),
-                layer.post_attention_layernorm.register_forward_pre_hook(self._layer_hook(self._on_mlp_in, index)),
-                layer.mlp.register_forward_hook(self._layer_hook(self._on_mlp_out, index)),
-                attn.o_proj.register_forward_pre_hook(self._layer_hook(self._on_o_proj, index)),
-            ]
-            for kind, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                hook = self._layer_hook(self._on_projection, index, kind, layer.input_layernorm)
-                handles.append(getattr(attn, name).register_forward_hook(hook))
-        handles.append(hf.model.norm.register_forward_pre_hook(self._on_logits_in))
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def hook_fns(self, model: nn.Module) -> dict[str, hook_points.HookFn]:
+        """Hook point -> function, for `model` (the multi-head copy: a GatedModel or HF causal LM)."""
+        fns: dict[str, hook_points.HookFn] = {"hook_embed": self._on_embed}
+        for layer in range(self.layout.n_layers):
+            o_weight = hook_points.module(model, f"blocks.{layer}.attn.o").weight
+            fns[f"blocks.{layer}.hook_resid_pre"] = partial(self._on_resid_pre, layer)
+            for kind, name in enumerate("qkv"):
+                fns[f"blocks.{layer}.hook_{name}_input"] = partial(self._on_head_input, kind)
+            fns[f"blocks.{layer}.attn.hook_z"] = partial(self._on_z, layer, o_weight)
+            fns[f"blocks.{layer}.hook_mlp_in"] = partial(self._on_mlp_in, layer)
+            fns[f"blocks.{layer}.hook_mlp_out"] = partial(self._on_mlp_out, layer)
+        fns["hook_resid_final"] = self._on_logits_in
+        return fns
 
-    @staticmethod
-    def _layer_hook(method, *bound):
-        return lambda module, *args: method(module, *bound, *args)
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator[ComponentHooks]:
+        """Attach the hook functions to `model` for the duration of the block."""
+        with hook_points.hooks(model, self.hook_fns(model)):
+            yield self
 
     # -- writers
 
@@ -135,7 +131,7 @@ class ComponentHooks:
             self._diffs[rows] = diff
             self._prefix_diff = self._prefix_diff + (diff.sum(0) if diff.dim() == 4 else diff)
 
-    def _on_embed(self, module, args, output):
+    def _on_embed(self, output: torch.Tensor) -> None:
         b, p, d = output.shape
         self.writes = output.new_zeros(self.layout.n_rows, b, p, d)
         if self.corrupted is not None and self.corrupted.writes.shape[1:] != output.shape:
@@ -150,16 +146,15 @@ class ComponentHooks:
             self._prefix_diff = output.new_zeros(b, p, d)
         self._record(0, output)
 
-    def _on_o_proj(self, module, layer, args):
-        (z,) = args
+    def _on_z(self, layer: int, o_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.keep_heads is not None:
             z = patch_heads(z, self.corrupted.z[layer], self.keep_heads[layer])
         self.z.append(z.detach())
         rows = slice(self.layout.head_row(layer, 0), self.layout.mlp_row(layer))
-        self._record(rows, head_writes(z, module.weight, self.layout.n_heads))
-        return (z,)
+        self._record(rows, head_writes(z, o_weight, self.layout.n_heads))
+        return z
 
-    def _on_mlp_out(self, module, layer, args, output):
+    def _on_mlp_out(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         if self.keep_mlps is not None and not self.keep_mlps[layer]:
             output = self.corrupted.writes[self.layout.mlp_row(layer)].to(output.dtype)
         self._record(self.layout.mlp_row(layer), output)
@@ -183,28 +178,28 @@ class ComponentHooks:
             return delta
         return None
 
-    def _on_resid_pre(self, module, layer, args):
-        (self._resid,) = args
-        delta = self._reader_delta(self.layout.head_cols(layer), self._resid)
+    def _on_resid_pre(self, layer: int, resid: torch.Tensor) -> None:
+        """Before the layer's heads read: their perturbation, computed from the rows written so far."""
+        delta = self._reader_delta(self.layout.head_cols(layer), resid)
         if delta is not None:
             delta = delta.unflatten(2, (self.layout.n_heads, self.layout.n_inputs))
         self._head_delta = delta
 
-    def _on_projection(self, module, layer, kind, norm, args, output):
+    def _on_head_input(self, kind: int, resid: torch.Tensor) -> torch.Tensor | None:
+        """resid [b, p, H, d]: the residual each head's q (kind 0), k (1) or v (2) reads."""
         if self._head_delta is None:
-            return output
-        delta = self._head_delta[:, :, :, kind if self.layout.split_qkv else 0]
-        return per_head_projection(self._resid, delta, norm, module.weight).to(output.dtype)
+            return None
+        return resid + self._head_delta[:, :, :, kind if self.layout.split_qkv else 0]
 
-    def _on_mlp_in(self, module, layer, args):
+    def _on_mlp_in(self, layer: int, resid: torch.Tensor) -> torch.Tensor | None:
         col = self.layout.mlp_col(layer)
-        delta = self._reader_delta(slice(col, col + 1), args[0])
-        return None if delta is None else (args[0] + delta[:, :, 0],)
+        delta = self._reader_delta(slice(col, col + 1), resid)
+        return None if delta is None else resid + delta[:, :, 0]
 
-    def _on_logits_in(self, module, args):
+    def _on_logits_in(self, resid: torch.Tensor) -> torch.Tensor | None:
         col = self.layout.logits_col
-        delta = self._reader_delta(slice(col, col + 1), args[0])
-        return None if delta is None else (args[0] + delta[:, :, 0],)
+        delta = self._reader_delta(slice(col, col + 1), resid)
+        return None if delta is None else resid + delta[:, :, 0]
 
     def input_grads(self) -> Iterator[tuple[int, torch.Tensor]]:
         """After backward: (first column, d metric / d input [C, b, p, d]) per reader group."""
@@ -220,7 +215,7 @@ class ComponentHooks:
 
 @dataclass
 class PreparedModel:
-    """A frozen multi-head copy of the model, its HF module, layout and ids -> logits function."""
+    """A frozen multi-head copy of the model, its HF causal LM, layout and ids -> logits function."""
 
     module: nn.Module
     hf: nn.Module
@@ -233,7 +228,7 @@ class PreparedModel:
         """For EAP's gradient pass: hard gates with the straight-through gradient (training mode without
         noise, the same forward values) when asked for and the model has gates; otherwise unchanged."""
         module = self.module
-        if self.gate_gradient != "straight_through" or not isinstance(module, GatedModel) or module.mode != "eval":
+        if self.gate_gradient != "straight_through" or gate_mode(module) != "eval":
             yield
             return
         module.set_mode("train", noise=False)
@@ -245,16 +240,16 @@ class PreparedModel:
 
 def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none") -> PreparedModel:
     """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits."""
-    if isinstance(model, GatedModel) and model.mode == "train":
+    if gate_mode(model) == "train":
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
-    module = multi_head_copy(model).eval()
-    hf = module.model if isinstance(module, GatedModel) else module
+    copied = multi_head_copy(model).eval()
+    hf = hook_points.hf_model(copied)
     layout = ComponentLayout(hf.config.num_hidden_layers, hf.config.num_attention_heads, split_qkv)
-    return PreparedModel(module, hf, layout, logits_fn(module), gate_gradient)
+    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient)
 
 
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
-    with hooks.attached(prepared.hf):
+    with hooks.attached(prepared.module):
         return prepared.forward(ids)[:, -1].float()  # [b, vocab]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 # --------------------------------------------------------------------------------------------------
 # Node and edge layout
@@ -94,19 +93,6 @@ def head_writes(z: torch.Tensor, o_weight: torch.Tensor, n_heads: int) -> torch.
     b, p, _ = z.shape
     z = z.view(b, p, n_heads, -1)
     return torch.einsum("bphe,dhe->bphd", z, o_weight.view(o_weight.shape[0], n_heads, -1))
-
-
-def per_head_projection(
-    resid: torch.Tensor, delta: torch.Tensor, norm: nn.Module, weight: torch.Tensor
-) -> torch.Tensor:
-    """q/k/v projection where head h reads its own input: W_h norm(resid + delta_h).
-
-    resid [b, p, d] (pre-norm residual), delta [b, p, H, d], weight [H * dh, d]  ->  [b, p, H * dh].
-    """
-    n_heads = delta.shape[2]
-    normed = norm.forward(resid[:, :, None, :] + delta)  # [b, p, H, d]; .forward skips the norm's hooks
-    out = torch.einsum("bphd,hed->bphe", normed, weight.view(n_heads, -1, weight.shape[-1]))
-    return out.flatten(2)
 
 
 def patch_heads(z: torch.Tensor, z_corrupted: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ import torch
 
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.tasks import TaskError, TaskPrompt
-from sparse_attention.gated_attention import GatedModel
 
 
 def logit_diff(last_logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
@@ -22,8 +21,6 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [batch, pos] -> logits 
 
 def logits_fn(model: torch.nn.Module) -> LogitsFn:
     """ids -> logits for a GatedModel (in its current mode) or a plain HF causal LM."""
-    if isinstance(model, GatedModel):
-        return lambda ids: model(ids).logits
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 

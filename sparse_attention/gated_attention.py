@@ -216,6 +216,11 @@ class GatedModel(nn.Module):
         (directory / GATE_META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def gate_mode(model: nn.Module) -> GateMode | None:
+    """The gate mode of a GatedModel ('train', 'eval' or 'dense'); None for a model without gates."""
+    return model.mode if isinstance(model, GatedModel) else None
+
+
 def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     """Load a checkpoint written by GatedModel.save: returns (GatedModel in eval mode, tokenizer)."""
     directory = Path(directory)

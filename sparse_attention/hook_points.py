@@ -16,11 +16,25 @@ Hook points (l = layer; every tensor is [batch, pos, ...]):
 | `hook_resid_final`               | the residual stream after the last layer, input of the final norm  |
 | `ln_final.hook_normalized`       | the final norm's output, what the unembedding reads                |
 
+Reader inputs (TransformerLens' `use_split_qkv_input` / `use_hook_mlp_in` points): what one reader
+reads. Read, they equal resid_pre (once per head) and resid_mid; a replacement changes only that
+reader's input, never the residual stream. `hook_names` lists every tensor once, so not these.
+
+| name                             | the tensor                                                         |
+|----------------------------------|--------------------------------------------------------------------|
+| `blocks.{l}.hook_q_input`        | resid_pre once per head of the q projection [.., heads, d_model]; a replacement x gives head h the query W_h ln1(x_h) |
+| `blocks.{l}.hook_k/v_input`      | the same for the k / v projection (one entry per key-value head)   |
+| `blocks.{l}.hook_mlp_in`         | the MLP's input before the pre-MLP norm (resid_mid)                |
+
+(Replacing `hook_resid_mid` changes only the MLP's input too: the decoder layer keeps its own reference
+to the residual. `hook_mlp_in` is the name that says so.)
+
 `hooks(model, {name: fn})` attaches functions while a `with` block runs and always removes them. A
-function gets the tensor and returns None (it only reads) or a tensor that replaces it downstream.
-Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, `rotary`, ...; `module(model, name)`)
-for code that reads weights. The per-architecture part is `ARCHITECTURES`: HF module paths by
-`config.model_type`. A GatedModel's active gate context (sparse_attention.gated_attention) is how its
+function gets the tensor and returns None (it only reads) or a new tensor that replaces it downstream
+(never write into the split inputs: they are broadcast views of one residual).
+Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, `rotary`, ...) for code that
+reads weights (`module(model, name)`) or swaps a module (`replace_module`). The per-architecture part is
+`ARCHITECTURES`: HF module paths by `config.model_type`. A GatedModel's active gate context (sparse_attention.gated_attention) is how its
 forward reaches the attention function, not a hook point.
 """
 
@@ -33,6 +47,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from sparse_attention.gated_attention import GatedModel
 
@@ -71,6 +86,14 @@ HOOK_POINTS: dict[str, tuple[str, Side]] = {  # hook point -> (module name, the 
     "blocks.{l}.hook_mlp_out": ("blocks.{l}.mlp", "output"),
     "hook_resid_final": ("ln_final", "input"),
     "ln_final.hook_normalized": ("ln_final", "output"),
+}
+SPLIT_INPUTS: dict[str, tuple[str, str]] = {  # hook point -> (the projection reading it per head, the norm before it)
+    "blocks.{l}.hook_q_input": ("blocks.{l}.attn.q", "blocks.{l}.ln1"),
+    "blocks.{l}.hook_k_input": ("blocks.{l}.attn.k", "blocks.{l}.ln1"),
+    "blocks.{l}.hook_v_input": ("blocks.{l}.attn.v", "blocks.{l}.ln1"),
+}
+READER_INPUTS: dict[str, tuple[str, Side]] = {  # hook point -> (module name, side), besides SPLIT_INPUTS
+    "blocks.{l}.hook_mlp_in": ("blocks.{l}.ln2", "input"),
 }
 
 _BLOCK = re.compile(r"^blocks\.(\d+)(?=\.|$)")
@@ -120,13 +143,21 @@ def module(model: nn.Module, name: str) -> nn.Module:
     return _resolve_module(hf_model(model), *_template(name), name, "module")
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the module called `name` is (e.g. 'blocks.0.attn.k') in a GatedModel or HF causal LM."""
+    module(model, name)  # the name exists
+    hf = hf_model(model)
+    template, layer = _template(name)
+    hf.set_submodule(_module_paths(hf)[template].format(l=layer), new)
+
+
 def layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a GatedModel or HF causal LM, in order."""
     return module(model, "blocks")
 
 
 def hook_names(model: nn.Module) -> list[str]:
-    """Every hook point of `model`, layer by layer."""
+    """Every hook point of `model` but the reader inputs, layer by layer: each tensor once."""
     n_layers = len(layers(model))
     per_layer = [name for name in HOOK_POINTS if name.startswith("blocks.")]
     return ["hook_embed",
@@ -134,12 +165,61 @@ def hook_names(model: nn.Module) -> list[str]:
             "hook_resid_final", "ln_final.hook_normalized"]
 
 
-def _hook_target(hf: nn.Module, name: str) -> tuple[nn.Module, Side]:
+def per_head_projection(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear projection where head h reads its own input: W_h normed_h (+ b_h).
+
+    normed [b, p, n, d] (one input per head), weight [n * dh, d], bias [n * dh] or None  ->  [b, p, n * dh].
+    """
+    n_heads = normed.shape[2]
+    out = torch.einsum("bphd,hed->bphe", normed, weight.view(n_heads, -1, weight.shape[-1])).flatten(2)
+    return out if bias is None else out + bias
+
+
+class _SplitInput:
+    """One split-input hook point: keeps the norm's input when the norm runs, shows it to `fn` once per
+    head of the projection, and recomputes the projection from a replacement."""
+
+    def __init__(self, fn: HookFn, norm: nn.Module, head_dim: int):
+        self.fn, self.norm, self.head_dim = fn, norm, head_dim
+        self.resid: torch.Tensor | None = None  # [b, p, d] the norm's latest input
+
+    def attach(self, projection: nn.Module) -> list[RemovableHandle]:
+        return [self.norm.register_forward_pre_hook(self._keep_input),
+                projection.register_forward_hook(self._project)]
+
+    def _keep_input(self, module, args):
+        self.resid = args[0]
+
+    def _project(self, module, args, output):
+        b, p, d = self.resid.shape
+        new = self.fn(self.resid[:, :, None, :].expand(b, p, output.shape[-1] // self.head_dim, d))
+        if new is None:
+            return None
+        normed = self.norm.forward(new)  # [b, p, n, d]; .forward skips the norm's own hooks
+        return per_head_projection(normed, module.weight, module.bias).to(output.dtype)
+
+
+def _head_dim(hf: nn.Module) -> int:
+    cfg = hf.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _attacher(hf: nn.Module, name: str) -> Callable[[HookFn], list[RemovableHandle]]:
+    """What attaches a function to hook point `name` of `hf` (checked here, before anything is attached)."""
     template, layer = _template(name)
-    if template not in HOOK_POINTS:
+    if template in SPLIT_INPUTS:
+        projection, norm = (_resolve_module(hf, module_template, layer, name, "hook point")
+                            for module_template in SPLIT_INPUTS[template])
+        head_dim = _head_dim(hf)
+        return lambda fn: _SplitInput(fn, norm, head_dim).attach(projection)
+    points = {**HOOK_POINTS, **READER_INPUTS}
+    if template not in points:
         raise HookPointError(f"{type(hf).__name__} has no hook point named {name!r}")
-    module_template, side = HOOK_POINTS[template]
-    return _resolve_module(hf, module_template, layer, name, "hook point"), side
+    module_template, side = points[template]
+    target = _resolve_module(hf, module_template, layer, name, "hook point")
+    if side == "output":
+        return lambda fn: [target.register_forward_hook(_output_hook(fn))]
+    return lambda fn: [target.register_forward_pre_hook(_input_hook(fn, name))]
 
 
 def _output_hook(fn: HookFn):
@@ -162,15 +242,11 @@ def hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     """Attach `fns` (hook point name -> function) to a GatedModel or HF causal LM while the block runs;
     they are removed on exit, also when the block raises. Functions on one module run in the order given."""
     hf = hf_model(model)
-    targets = {name: _hook_target(hf, name) for name in fns}  # every name checked before anything is attached
+    attachers = {name: _attacher(hf, name) for name in fns}  # every name checked before anything is attached
     handles = []
     try:
         for name, fn in fns.items():
-            target, side = targets[name]
-            if side == "output":
-                handles.append(target.register_forward_hook(_output_hook(fn)))
-            else:
-                handles.append(target.register_forward_pre_hook(_input_hook(fn, name)))
+            handles += attachers[name](fn)
         yield
     finally:
         for handle in handles:

@@ -28,6 +28,7 @@ from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff, logits_fn
 from prompts.tasks import generate_task
 from sparse_attention.gated_attention import GatedModel
+from sparse_attention.hook_points import hf_model
 from sparse_attention.models import TinyModelConfig, byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +87,7 @@ def test_multi_head_copy_is_the_same_function(kind, prompts):
     batch = batches_of(prompts)[0]
     with torch.no_grad():
         torch.testing.assert_close(prepared.forward(batch.clean), logits_fn(model)(batch.clean), rtol=0, atol=1e-5)
-    hf = model.model if isinstance(model, GatedModel) else model
+    hf = hf_model(model)
     assert hf.model.layers[0].self_attn.k_proj.out_features == 16  # the original keeps its 2 KV heads
     assert prepared.hf.model.layers[0].self_attn.k_proj.out_features == 32
 

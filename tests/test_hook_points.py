@@ -10,7 +10,15 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from sparse_attention.gated_attention import GatedModel
-from sparse_attention.hook_points import HookPointError, hf_model, hook_names, hooks, layers, module
+from sparse_attention.hook_points import (
+    HookPointError,
+    hf_model,
+    hook_names,
+    hooks,
+    layers,
+    module,
+    replace_module,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM = 2, 4, 2, 8  # tests/conftest.py TINY_LLAMA
@@ -133,3 +141,65 @@ def test_unknown_names_and_architectures_are_one_clear_error(model):
     with pytest.raises(HookPointError, match="GPT2LMHeadModel \\(model_type 'gpt2'\\) has no named hook points"):
         with hooks(gpt2, {"hook_embed": lambda x: None}):
             pass
+
+
+def run_with(model, ids, fns, read):
+    """Forward with `fns` attached and `read` (names) recorded: {name: tensor}."""
+    seen = {}
+
+    def keep(name):
+        def fn(tensor):
+            seen[name] = tensor.detach().clone()
+        return fn
+
+    with torch.no_grad(), hooks(model, {**fns, **{name: keep(name) for name in read}}):
+        model(input_ids=ids)
+    return seen
+
+
+def test_reader_inputs_read_the_residual_and_replace_only_their_reader(model):
+    ids, d_model = token_ids(), N_HEADS * HEAD_DIM
+    read = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.attn.hook_q", "blocks.1.attn.hook_k",
+            "blocks.1.attn.hook_v", "blocks.1.hook_mlp_out", "hook_resid_final"]
+    inputs = ["blocks.1.hook_q_input", "blocks.1.hook_k_input", "blocks.1.hook_v_input", "blocks.1.hook_mlp_in"]
+    clean = run_with(model, ids, {}, read + inputs)
+    resid = clean["blocks.1.hook_resid_pre"][:, :, None, :]
+    assert torch.equal(clean["blocks.1.hook_q_input"], resid.expand(2, 7, N_HEADS, d_model))
+    assert torch.equal(clean["blocks.1.hook_k_input"], resid.expand(2, 7, N_KV_HEADS, d_model))
+    assert torch.equal(clean["blocks.1.hook_mlp_in"], clean["blocks.1.hook_resid_mid"])
+    assert set(hook_names(model)).isdisjoint(inputs)
+
+    same = run_with(model, ids, {"blocks.1.hook_q_input": lambda x: x.clone()}, read)
+    torch.testing.assert_close(same["blocks.1.attn.hook_q"], clean["blocks.1.attn.hook_q"], rtol=0, atol=1e-6)
+
+    other = torch.randn(2, 7, d_model, generator=torch.Generator().manual_seed(1))
+
+    def head_1_reads_other(x):
+        x = x.clone()
+        x[:, :, 1] = other
+        return x
+
+    patched = run_with(model, ids, {"blocks.1.hook_k_input": head_1_reads_other}, read)
+    ln1, k_proj = module(model, "blocks.1.ln1"), module(model, "blocks.1.attn.k")
+    with torch.no_grad():
+        expected = k_proj(ln1(clean["blocks.1.hook_resid_pre"]))
+        expected[..., HEAD_DIM:2 * HEAD_DIM] = k_proj(ln1(other))[..., HEAD_DIM:2 * HEAD_DIM]
+    torch.testing.assert_close(patched["blocks.1.attn.hook_k"], expected, rtol=0, atol=1e-6)
+    for name in ("blocks.1.hook_resid_pre", "blocks.1.attn.hook_q", "blocks.1.attn.hook_v"):
+        assert torch.equal(patched[name], clean[name])
+    assert not torch.equal(patched["blocks.1.hook_resid_mid"], clean["blocks.1.hook_resid_mid"])
+
+    zeroed = run_with(model, ids, {"blocks.1.hook_mlp_in": torch.zeros_like}, read)
+    with torch.no_grad():
+        assert torch.equal(zeroed["blocks.1.hook_mlp_out"], module(model, "blocks.1.mlp")(torch.zeros(2, 7, d_model)))
+    assert torch.equal(zeroed["hook_resid_final"], clean["blocks.1.hook_resid_mid"] + zeroed["blocks.1.hook_mlp_out"])
+    assert no_hooks_left(model)
+
+
+def test_replace_module_swaps_the_named_module(model):
+    copied = copy.deepcopy(model)
+    new = torch.nn.Identity()
+    replace_module(copied, "blocks.1.mlp", new)
+    assert module(copied, "blocks.1.mlp") is new and module(model, "blocks.1.mlp") is not new
+    with pytest.raises(HookPointError, match="has no module named 'blocks.0.mlp2'"):
+        replace_module(copied, "blocks.0.mlp2", new)
