@@ -16,9 +16,9 @@ import fnmatch
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -56,7 +56,7 @@ class ArtifactStore:
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def check_writable(self) -> None:
-        probe = f"{self.base}/.write_probe.{os.getpid()}.{secrets.token_hex(4)}"
+        probe = f"{self.base}/.write_probe.{uuid.uuid4().hex}"  # concurrent runs never share it
         try:
             self.fs.create_dir(self.base, recursive=True)
             with self.fs.open_output_stream(probe) as stream:
@@ -88,14 +88,16 @@ class ArtifactStore:
 
     def output_files(self, stage_dir: str, *, skip: list[str] = (), only: tuple[str, ...] = ()) -> list[str]:
         """The files of a finished stage, relative to the root: everything under `stage_dir` except manifests,
-        checkpoints, the subdirectories `skip` (relative to `stage_dir`: other stages' outputs) and, when
-        `only` is given, files matching none of its glob patterns (relative to `stage_dir`)."""
+        checkpoints, temporaries left by a killed write (`.*.tmp`), the subdirectories `skip` (relative to
+        `stage_dir`: other stages' outputs) and, when `only` is given, files matching none of its glob patterns
+        (relative to `stage_dir`)."""
         local = self.work_dir(stage_dir)
         files = []
         for path in sorted(local.rglob("*")):
             relative = path.relative_to(local).as_posix()
             parts = relative.split("/")
-            if (not path.is_file() or parts[-1] == MANIFEST or {CHECKPOINT_DIR, RAY_TRAIN_DIR} & set(parts[:-1])
+            temporary = parts[-1].startswith(".") and parts[-1].endswith(".tmp")
+            if (not path.is_file() or parts[-1] == MANIFEST or temporary or {CHECKPOINT_DIR, RAY_TRAIN_DIR} & set(parts[:-1])
                     or any(relative.startswith(f"{directory}/") for directory in skip)
                     or (only and not any(fnmatch.fnmatch(relative, pattern) for pattern in only))):
                 continue
@@ -182,7 +184,7 @@ class ArtifactStore:
         self.fs.create_dir(self.uri(manifest_dir), recursive=True)
         final = f"{self.uri(manifest_dir)}/{MANIFEST}"
         if self.is_local:
-            tmp = Path(f"{final}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            tmp = Path(final + ".tmp")
             tmp.write_bytes(payload)
             os.replace(tmp, final)
         else:

@@ -142,9 +142,9 @@ def test_stage_exception_is_one_error_line(tmp_path, executor):
             "--set", "sparsify.data.source=/nonexistent/corpus", "--output", str(tmp_path / "out")]
     result = subprocess.run(RUN + args, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    assert error_lines(result.stderr) == [
-        "error: stage sparsify failed: FileNotFoundError: data.source '/nonexistent/corpus' is not a file or "
-        "folder; use 'python-docs', 'hf:<dataset id>', or a path to your own text"], result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: stage sparsify failed: FileNotFoundError: data.source '/nonexistent/corpus' is not a file"), result.stderr
     assert "Traceback" not in result.stderr
 
 
