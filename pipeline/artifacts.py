@@ -97,7 +97,8 @@ class ArtifactStore:
             relative = path.relative_to(local).as_posix()
             parts = relative.split("/")
             temporary = parts[-1].startswith(".") and parts[-1].endswith(".tmp")
-            if (not path.is_file() or parts[-1] == MANIFEST or temporary or {CHECKPOINT_DIR, RAY_TRAIN_DIR} & set(parts[:-1])
+            resume_state = {CHECKPOINT_DIR, RAY_TRAIN_DIR} & set(parts[:-1])
+            if (not path.is_file() or parts[-1] == MANIFEST or temporary or resume_state
                     or any(relative.startswith(f"{directory}/") for directory in skip)
                     or (only and not any(fnmatch.fnmatch(relative, pattern) for pattern in only))):
                 continue

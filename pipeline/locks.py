@@ -54,7 +54,8 @@ def read_lock(path: Path) -> tuple[LockHolder | None, float] | None:
     try:
         age = time.time() - path.stat().st_mtime
         fields = json.loads(path.read_text())
-        return LockHolder(int(fields["pid"]), str(fields["host"]), float(fields["started_at"]), str(fields["token"])), age
+        holder = LockHolder(int(fields["pid"]), str(fields["host"]), float(fields["started_at"]), str(fields["token"]))
+        return holder, age
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):

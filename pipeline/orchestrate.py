@@ -48,7 +48,7 @@ def is_finished(store: ArtifactStore, stage: Stage, key: str, *, force: bool = F
     if damaged:
         raise ArtifactError(
             f"stage {stage.name}: {len(damaged)} of its files changed after it finished: {', '.join(damaged)}; "
-            f"rerun with --force {stage.group} to recompute it")
+            f"recompute it with --force {stage.group} (and {stage.group} in --stages)")
     return True
 
 

@@ -143,8 +143,8 @@ def test_stage_exception_is_one_error_line(tmp_path, executor):
     result = subprocess.run(RUN + args, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     lines = error_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith(
-        "error: stage sparsify failed: FileNotFoundError: data.source '/nonexistent/corpus' is not a file"), result.stderr
+    expected = "error: stage sparsify failed: FileNotFoundError: data.source '/nonexistent/corpus' is not a file"
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -217,7 +217,8 @@ def test_files_changed_after_the_manifest_are_refused_on_rerun(finished, tmp_pat
     assert run_module.main(fast_args(output, "--stages", "sparsify")) == 2
     assert error_lines(capsys.readouterr().err) == [
         "error: stage sparsify: 2 of its files changed after it finished: sparsify/model/gate.json (missing), "
-        "sparsify/model/model.safetensors (content changed); rerun with --force sparsify to recompute it"]
+        "sparsify/model/model.safetensors (content changed); "
+        "recompute it with --force sparsify (and sparsify in --stages)"]
     assert run_module.main(fast_args(output, "--stages", "clt")) == 2  # as an input of a later stage, too
     assert "stage sparsify: 2 of its files changed" in capsys.readouterr().err
     assert run_module.main(fast_args(output, "--stages", "sparsify", "--force", "sparsify")) == 0
@@ -238,7 +239,7 @@ def test_stages_sharing_a_directory_check_their_own_files(finished, tmp_path, ca
     assert run_module.main(fast_args(output, "--stages", "attribution")) == 2
     assert error_lines(capsys.readouterr().err) == [
         f"error: stage attribution_sparse: 1 of its files changed after it finished: {victim} (size changed); "
-        "rerun with --force attribution to recompute it"]
+        "recompute it with --force attribution (and attribution in --stages)"]
 
 
 # --------------------------------------------------------------------------------------------------
