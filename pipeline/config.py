@@ -24,7 +24,7 @@ class StageResources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(1, gt=0, description="per worker")
+    num_cpus: int = Field(1, ge=1, description="per worker; a whole number, since it is also the torch thread count")
     num_gpus: float = Field(0, ge=0, description="per worker")
     memory_gb: float | None = Field(None, gt=0)
     num_workers: int = Field(1, ge=1, description="data-parallel training workers (Ray Train, DDP), or attribution "
@@ -50,6 +50,15 @@ class RayConfig(BaseModel):
     num_cpus: int | None = Field(None, gt=0, description="CPUs for embedded Ray; None = all")
 
 
+class LocksConfig(BaseModel):
+    """Stage locks (pipeline/locks.py): a run holds one per stage it computes, refreshed while it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stale_after_s: float = Field(600, gt=0, description="a lock not refreshed for this long is stale and taken "
+                                 "over (a dead holder on this host is detected at once)")
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +69,7 @@ class PipelineConfig(BaseModel):
     compare: CompareConfig = CompareConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
+    locks: LocksConfig = LocksConfig()
 
 
 def available_presets() -> list[str]:
@@ -74,13 +84,35 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _booleans_taken_as_numbers(raw, validated, where: str = "") -> list[str]:
+    """Dotted paths where the YAML said true/false and validation made a number of it (pydantic's lax mode
+    reads `steps: true` as 1). Walks the raw mapping beside the validated config, so every stage's config
+    is covered without strict types in each."""
+    if isinstance(raw, bool):
+        return [where] if isinstance(validated, (int, float)) and not isinstance(validated, bool) else []
+    found = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            child = validated.get(key) if isinstance(validated, dict) else getattr(validated, str(key), None)
+            found += _booleans_taken_as_numbers(value, child, f"{where}.{key}" if where else str(key))
+    elif isinstance(raw, (list, tuple)) and isinstance(validated, (list, tuple)) and len(raw) == len(validated):
+        for index, (value, child) in enumerate(zip(raw, validated)):
+            found += _booleans_taken_as_numbers(value, child, f"{where}.{index}")
+    return found
+
+
 def parse_config(raw: dict, source: str) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: expected a mapping of stage sections, got {type(raw).__name__}")
     try:
-        return PipelineConfig.model_validate(raw)
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(source, error)) from None
+    booleans = _booleans_taken_as_numbers(raw, config)
+    if booleans:
+        raise ConfigError("\n".join([f"invalid config {source}:"] + [
+            f"  {where}: expected a number, got a boolean (true/false)" for where in booleans]))
+    return config
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -111,7 +143,11 @@ def load_config(
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     for assignment in overrides or []:

@@ -2,7 +2,10 @@
 
 Stages run as Ray tasks: embedded Ray by default, a cluster when RAY_ADDRESS is set (as under
 `ray job submit --working-dir . -- python pipeline/run.py ...`), or in-process with --executor local.
-A stage whose output exists for the same config is skipped; --force STAGE recomputes it.
+A stage whose output exists for the same config (and whose files match its manifest) is skipped;
+--force STAGE recomputes it. A second run on an output that a running stage holds is refused.
+Exit status: 0 done, 1 a stage failed or its output is locked by another run, 2 a config or output error,
+130 interrupted; each error is one line on stderr (`error: ...`; --traceback adds the traceback).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -18,6 +22,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from pipeline.artifacts import ArtifactError
 from pipeline.config import ConfigError, load_config
+from pipeline.locks import OutputLockedError
+from pipeline.orchestrate import StageError, describe_error, run_pipeline
 from pipeline.stages import GROUPS, STAGES
 
 log = logging.getLogger("pipeline")
@@ -36,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--executor", choices=("ray", "local"), default="ray",
                         help="ray (embedded or RAY_ADDRESS) or local (in-process, no Ray)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--traceback", action="store_true", help="print the traceback of an error, too")
     return parser.parse_args(argv)
 
 
@@ -49,17 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in groups + args.force if s not in GROUPS]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(GROUPS)}")
-        from pipeline.orchestrate import StageError, run_pipeline
-
+        if not groups:
+            raise ConfigError(f"--stages {args.stages!r} names no stage; stages are {list(GROUPS)}")
         results = run_pipeline(config, groups, args.output, force=args.force, executor=args.executor,
                                progress=not args.quiet)
     except (ConfigError, ArtifactError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except StageError as error:
-        log.debug("stage failure", exc_info=True)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _report(error, str(error), 2, args.traceback)
+    except (StageError, OutputLockedError) as error:
+        return _report(error, str(error), 1, args.traceback)
+    except Exception as error:  # a fault outside any stage: still one line
+        return _report(error, describe_error(error), 1, args.traceback)
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -75,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'':<20}   {counts['graphs']} graphs computed, {counts['skipped']} already stored, "
                   f"{counts['failures_in_store']} failed prompts recorded")
     return 0
+
+
+def _report(error: Exception, message: str, status: int, with_traceback: bool) -> int:
+    if with_traceback:
+        traceback.print_exception(error)
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Stage:
     manifest_directory: str | None = None  # where its manifest lives, when stages share `directory`
     outputs: str = ""  # what `directory` holds, for the closing summary
     task_is_a_worker: bool = False  # with num_workers > 1 the stage task works too (attribution), not only waits
+    owns: tuple[str, ...] = ()  # glob patterns (within `directory`) of its own files, when stages share `directory`
 
     @property
     def manifest_dir(self) -> str:
@@ -256,10 +257,12 @@ STAGES: dict[str, Stage] = {
               ("sparsify", "clt_sparse"), _run_features("sparse"), outputs=_FEATURE_OUTPUTS),
         Stage("attribution_dense", "attribution", "graphs", ("attribution", "sparsify.model"), ("clt_dense",),
               _run_attribution("dense"), manifest_directory="graphs/_stages/dense",
-              outputs=_GRAPH_OUTPUTS.format(variant="dense"), task_is_a_worker=True),
+              outputs=_GRAPH_OUTPUTS.format(variant="dense"), task_is_a_worker=True,
+              owns=("*/variant=dense/*", "dense_*")),
         Stage("attribution_sparse", "attribution", "graphs", ("attribution",), ("sparsify", "clt_sparse"),
               _run_attribution("sparse"), manifest_directory="graphs/_stages/sparse",
-              outputs=_GRAPH_OUTPUTS.format(variant="sparse"), task_is_a_worker=True),
+              outputs=_GRAPH_OUTPUTS.format(variant="sparse"), task_is_a_worker=True,
+              owns=("*/variant=sparse/*", "sparse_*")),
         Stage("compare", "compare", "comparison", ("compare", "sparsify.model"),
               ("sparsify", "clt_dense", "clt_sparse", "features_dense", "features_sparse", "attribution_dense",
                "attribution_sparse"), _run_compare,

@@ -3,6 +3,7 @@ clear errors, and `ray job submit` against a local head."""
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -156,25 +157,32 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path):
 
 
 def test_ray_job_submit_on_a_local_head(tmp_path):
-    """`ray job submit --working-dir .` against a head on loopback. The head runs in its own process group
-    (`ray start --block`), which the test kills: `ray stop` would kill every Ray on the machine."""
+    """`ray job submit --working-dir .` against a head on loopback, on free ports, with token authentication
+    (a client without the token is refused). The head runs in its own process group (`ray start --block`),
+    which the test kills: `ray stop` would kill every Ray on the machine."""
     ray_bin = Path(sys.executable).parent / "ray"
-    env = {**ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
+    token = secrets.token_hex(32)
+    env = {**ENV, "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
-    # agent ports of its own: another Ray on the machine (an embedded one) holds the default ones
-    agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                           "runtime-env-agent-port", "metrics-export-port")]
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port=6391", "--num-cpus=2",
-                             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true",
-                             "--disable-usage-stats", *agent_ports], env=env, start_new_session=True,
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    dashboard_port = _free_port()
+    # every port of its own: another Ray on the machine (an embedded one, another test's head) holds the defaults
+    ports = [f"--{name}={_free_port()}" for name in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
+                                                     "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                     "metrics-export-port")]
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+                             "--disable-usage-stats", *ports], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_for_port(8265, head, timeout_s=180)
+        _wait_for_port(dashboard_port, head, timeout_s=180)
         output = tmp_path / "job"
         deadline = time.monotonic() + 180
         while True:  # the dashboard answers before its job agent is up: "No available agent", retried
             submit = subprocess.run(
-                [str(ray_bin), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO),
                  "--", "python", "pipeline/run.py", "--preset", "tiny", "--quiet", "--output", str(output)],
                 env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
             )
@@ -184,6 +192,12 @@ def test_ray_job_submit_on_a_local_head(tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "pipeline finished" in submit.stdout
         assert json.loads((output / "sparsify" / MANIFEST).read_text())["stage"] == "sparsify"
+        for auth, refusal in ((("disabled", ""), "Missing authentication token"),
+                              (("token", secrets.token_hex(32)), "Invalid authentication token")):
+            stranger = subprocess.run([str(ray_bin), "job", "list", "--address", address], capture_output=True,
+                                      text=True, timeout=120,
+                                      env={**env, "RAY_AUTH_MODE": auth[0], "RAY_AUTH_TOKEN": auth[1]})
+            assert stranger.returncode != 0 and refusal in stranger.stderr, stranger.stderr[-2000:]
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block stops the processes it started on SIGTERM
         try:
