@@ -12,7 +12,7 @@ import torch
 
 from attribution.graph import NODE_KINDS, AttributionGraph
 from attribution.prune import PruneResult, graph_scores
-from attribution.schema import SCHEMAS, TABLES
+from attribution.schema import ROW_COUNTS, SCHEMAS, TABLES
 
 
 @dataclass
@@ -115,6 +115,7 @@ def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: P
         "replacement_score": [replacement], "completeness_score": [completeness],
         "pruned_replacement_score": [pruned_replacement], "pruned_completeness_score": [pruned_completeness],
         "seconds": [seconds], "created": [datetime.now(timezone.utc)],
+        **{column: [None] for column in ROW_COUNTS.values()},  # set by the store when it writes the graph
     })
 
 

@@ -1,11 +1,20 @@
 """The Parquet schema of the attribution store: five tables keyed by graph_id, one place.
 
-Layout under the store root, one file per graph and table, grouped by model variant:
+Layout under the store root, grouped by model variant: one file per graph and table, and after
+`GraphStore.compact` one pack per table holding many graphs (store.py says who reads which):
 
-    {table}/variant={variant}/{graph_id}.parquet     table in TABLES
+    {table}/variant={variant}/{graph_id}.parquet             table in TABLES
+    {table}/variant={variant}/packs/{pack}.parquet           pack = "{generation:08d}-{token}"
+    graphs/variant={variant}/_{graph_id}.deleted             a packed graph deleted since (empty file)
 
-- graphs: one row per graph (prompt, its task and index, tokens, model, CLT, settings, sizes, scores). It is the commit
-  record: written last, removed first, so a graph is visible exactly when its row file exists.
+Temporary files start with '.' and deletion marks with '_', so pyarrow's, pandas' and DuckDB's default
+directory discovery skips them.
+
+- graphs: one row per graph (prompt, its task and index, tokens, model, CLT, settings, sizes, scores, and
+  `rows_{table}`: how many rows the graph has in each other table, set by the store on write and checked on
+  every read). It is the commit record: written last, removed first, so a graph is visible exactly when its
+  row exists. In a pack, graphs rows are in pack order: each other table of the pack holds the graphs' rows
+  in that order, so `rows_{table}` also says where each graph's rows start.
 - nodes: one row per node in circuit-tracer's order (node_index); node ids `{layer}_{feature}_{pos}`,
   errors `{layer}_-1_{pos}`, tokens `E_{token}_{pos}`, logits `{n_layers + 1}_{token}_{pos}`.
 - edges: (target, source) node indices and weight (rows = targets); the edges kept by pruning come
@@ -17,7 +26,7 @@ Layout under the store root, one file per graph and table, grouped by model vari
   (query component, key component) pairs: kinds `pair` + `pair_rest` + `offset` sum to the logit, and so
   do `query_marginal` + `query_marginal_rest` + `offset`, and `key_marginal` + `key_marginal_rest` + `offset`.
 
-Beside them, one table that is not part of any graph:
+Beside them, one table that is not part of any graph (never packed):
 
     failures/variant={variant}/{failure_id}.parquet
 
@@ -31,7 +40,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: graphs rows record each table's row count (rows_{table})
 SCHEMA_KEY = b"sparse_attention_interp.attribution"  # Parquet metadata key: "{table}:{version}"
 
 GRAPHS = pa.schema([
@@ -63,6 +72,10 @@ GRAPHS = pa.schema([
     ("pruned_completeness_score", pa.float64()),
     ("seconds", pa.float64()),
     ("created", pa.timestamp("ms", tz="UTC")),
+    ("rows_nodes", pa.int64()),  # the graph's rows in each other table: set by the store, checked on read
+    ("rows_edges", pa.int64()),
+    ("rows_head_loadings", pa.int64()),
+    ("rows_qk_pairs", pa.int64()),
 ])
 
 NODES = pa.schema([
@@ -133,7 +146,9 @@ TABLES: dict[str, pa.Schema] = {
     "head_loadings": HEAD_LOADINGS,
     "qk_pairs": QK_PAIRS,
 }
-WRITE_ORDER = ("nodes", "edges", "head_loadings", "qk_pairs", "graphs")  # graphs last: the commit
+DATA_TABLES = ("nodes", "edges", "head_loadings", "qk_pairs")  # a graph's tables besides its graphs row
+ROW_COUNTS = {name: f"rows_{name}" for name in DATA_TABLES}  # graphs column: the graph's rows in that table
+WRITE_ORDER = (*DATA_TABLES, "graphs")  # graphs last: the commit
 SCHEMAS: dict[str, pa.Schema] = {**TABLES, "failures": FAILURES}  # every file the store writes
 
 
@@ -148,6 +163,10 @@ def check_schema(table_name: str, schema: pa.Schema, where: str) -> str | None:
     if tag is None:
         return f"{where} is not an attribution-store file (no {SCHEMA_KEY.decode()} metadata)"
     if tag.decode() != f"{table_name}:{SCHEMA_VERSION}":
+        name, _, version = tag.decode().partition(":")
+        if name == table_name and version.isdigit() and int(version) < SCHEMA_VERSION:
+            return (f"{where} was written by an older attribution store (schema {version}, this code reads "
+                    f"{SCHEMA_VERSION}); attribute into a new store, or rerun with --force attribution")
         return f"{where} holds {tag.decode()!r}, expected {table_name}:{SCHEMA_VERSION}"
     expected = SCHEMAS[table_name]
     if not schema.remove_metadata().equals(expected):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,7 +28,9 @@ from attribution.records import (
     make_graph_id,
     nodes_table,
 )
+from attribution.schema import DATA_TABLES, ROW_COUNTS, TABLES, tagged
 from attribution.store import PID_SPACE, GraphNotFoundError, GraphStore, StoreError, open_store
+from bench.store_scale import synthetic_record
 from tests.test_attribution import replacement
 
 
@@ -196,3 +201,376 @@ def test_failures_round_trip_and_refuse_bad_ids(tmp_path):
     store.delete_failure("sparse", "abc123")
     store.delete_failure("sparse", "abc123")  # absent is fine
     assert store.failures("sparse").empty
+
+
+# -- safe ids, integrity, temporaries, datasets, compaction ----------------------------------------------------
+
+def synthetic_store(root, counts: dict[str, int]) -> GraphStore:
+    """A store of small random graphs (every table filled): counts[variant] graphs per variant."""
+    store = open_store(root)
+    seed = 0
+    for variant, n in counts.items():
+        for _ in range(n):
+            store.write(synthetic_record(f"{variant}{seed:04d}", variant, seed))
+            seed += 1
+    return store
+
+
+def everything(store: GraphStore) -> dict:
+    """Every graph's every table (and its top edges), the listing, and each table's dataset, for exact
+    comparison."""
+    listing = store.list_graphs()
+    graphs = {}
+    for graph_id in listing["graph_id"]:
+        loaded = store.load_graph(graph_id)
+        graphs[graph_id] = {"info": loaded.info, "nodes": loaded.nodes, "edges": loaded.edges,
+                            "head_loadings": loaded.head_loadings, "qk_pairs": loaded.qk_pairs,
+                            "top": store.top_edges(graph_id, k=7), "all_top": store.top_edges(graph_id, k=7,
+                                                                                                kept_only=False)}
+    datasets = {t: dataset_rows(store, t) for t in TABLES}
+    return {"listing": listing, "graphs": graphs, "datasets": datasets}
+
+
+def dataset_rows(store: GraphStore, table: str) -> pd.DataFrame:
+    """A table's dataset as a DataFrame in a canonical row order (graph by graph, each in stored order)."""
+    frame = store.dataset(table).to_table().to_pandas().drop(columns=["pack"])
+    frame["row"] = frame.groupby("graph_id").cumcount()
+    return frame.sort_values(["graph_id", "row"]).reset_index(drop=True)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    pd.testing.assert_frame_equal(got["listing"], want["listing"])
+    assert got["graphs"].keys() == want["graphs"].keys()
+    for graph_id, tables in want["graphs"].items():
+        for name, frame in tables.items():
+            if name == "info":
+                pd.testing.assert_series_equal(got["graphs"][graph_id][name], frame)
+            else:
+                pd.testing.assert_frame_equal(got["graphs"][graph_id][name], frame)
+    for table, frame in want["datasets"].items():
+        pd.testing.assert_frame_equal(got["datasets"][table], frame)
+
+
+def assert_each_graph_once(store: GraphStore, expected: dict[str, dict[str, int]]) -> None:
+    """Listing, has_graph and every dataset show each expected graph once, with its rows (expected:
+    graph_id -> table -> rows)."""
+    listing = store.list_graphs()
+    assert sorted(listing["graph_id"]) == sorted(expected)
+    for table in DATA_TABLES:
+        rows = store.dataset(table).to_table(columns=["graph_id"])["graph_id"].to_pandas().value_counts()
+        assert {g: int(rows.get(g, 0)) for g in expected} == {g: n[table] for g, n in expected.items()}
+        assert set(rows.index) <= set(expected)
+    for graph_id, counts in expected.items():
+        assert {t: len(store.read_table(t, graph_id)) for t in DATA_TABLES} == counts
+
+
+def row_counts(store: GraphStore) -> dict[str, dict[str, int]]:
+    return {g: {t: len(store.read_table(t, g)) for t in DATA_TABLES} for g in store.list_graphs()["graph_id"]}
+
+
+BAD_IDS = ["../../../victim", "..", ".", "a/b", "a\\b", "", "x" * 129, ".hidden", "_x", "a b", "a.b", None, 7]
+
+
+def test_bad_ids_and_variants_are_refused_before_any_path(tmp_path):
+    """Every public entry point refuses a traversal (or otherwise unsafe) id or variant with one StoreError,
+    and nothing outside the store is touched."""
+    victim = tmp_path / "victim.parquet"
+    victim.write_bytes(b"precious")
+    store = synthetic_store(tmp_path / "store", {"dense": 1})
+    good = store.list_graphs()["graph_id"][0]
+    record = synthetic_record(good, "dense", 0)
+    files = sorted(p for p in tmp_path.rglob("*"))
+    by_id = [
+        lambda bad: store.write(synthetic_record(bad, "dense", 1) if isinstance(bad, str) else
+                                GraphRecord(bad, "dense", record.tables)),
+        lambda bad: store.write_failure("dense", bad, record.tables["graphs"]),
+        lambda bad: store.has_graph("dense", bad), lambda bad: store.has_failure("dense", bad),
+        lambda bad: store.delete(bad), lambda bad: store.delete(bad, missing_ok=True),
+        lambda bad: store.delete_failure("dense", bad), lambda bad: store.load_graph(bad),
+        lambda bad: store.read_table("nodes", bad), lambda bad: store.graph_info(bad),
+        lambda bad: store.top_edges(bad), lambda bad: store.variant_of(bad), lambda bad: store.edges_into(bad, 0),
+        lambda bad: store.edges_out_of(bad, 0), lambda bad: store.heads_for_edge(bad, 0, 1),
+        lambda bad: store.qk_pairs(bad, 0, 0, 0, 0), lambda bad: store.qk_pairs_for_edge(bad, 0, 1),
+        lambda bad: store.path("nodes", "dense", bad),
+    ]
+    by_variant = [
+        lambda bad: store.write(GraphRecord(good, bad, record.tables)),
+        lambda bad: store.write_failure(bad, good, record.tables["graphs"]),
+        lambda bad: store.has_graph(bad, good), lambda bad: store.has_failure(bad, good),
+        lambda bad: store.delete_failure(bad, good), lambda bad: store.compact(bad),
+        lambda bad: store.remove_stale_temporaries(bad), lambda bad: store.path("nodes", bad, good),
+    ]
+    by_variant_or_all = [  # variant None: every variant
+        lambda bad: store.list_graphs(bad), lambda bad: store.failures(bad), lambda bad: store.dataset("nodes", bad),
+    ]
+    for bad in BAD_IDS:
+        calls = by_id + (by_variant if bad != "a.b" else []) + (by_variant_or_all if bad not in ("a.b", None) else [])
+        for call in calls:  # "a.b" is a fine variant, no fine id
+            with pytest.raises(StoreError, match="must be 1-128") as raised:
+                call(bad)
+            assert not isinstance(raised.value, GraphNotFoundError)
+    for bad_table in ["../../victim", "failures"]:
+        with pytest.raises(StoreError, match="unknown table"):
+            store.read_table(bad_table, good)
+        with pytest.raises(StoreError, match="unknown table"):
+            store.dataset(bad_table)
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p for p in tmp_path.rglob("*")) == files  # nothing written, nothing removed
+
+
+def test_commit_row_records_row_counts_and_a_record_of_mixed_graphs_is_refused(tmp_path):
+    store = synthetic_store(tmp_path, {"dense": 2})
+    listing = store.list_graphs()
+    for info in listing.itertuples():
+        for table in DATA_TABLES:
+            assert getattr(info, ROW_COUNTS[table]) == len(store.read_table(table, info.graph_id)) > 0
+    first, second = (synthetic_record(g, "dense", i) for i, g in enumerate(listing["graph_id"]))
+    mixed = GraphRecord(first.graph_id, "dense", {**first.tables, "edges": second.tables["edges"]})
+    with pytest.raises(StoreError, match=f"graph {first.graph_id}: its edges table holds rows of graph {second.graph_id}"):
+        store.write(mixed)
+    assert_each_graph_once(store, row_counts(store))
+
+
+def test_a_file_swapped_with_another_graphs_is_refused(tmp_path):
+    """A nodes file replaced by another graph's (other row count, or same count and other ids) is refused
+    with the graph and table named, by every reader."""
+    store = synthetic_store(tmp_path, {"dense": 2})
+    one, other = store.list_graphs()["graph_id"]
+    nodes = tmp_path / "nodes" / "variant=dense"
+    (nodes / f"{one}.parquet").write_bytes((nodes / f"{other}.parquet").read_bytes())
+    assert len(store.read_table("nodes", other)) != store.graph_info(one)["rows_nodes"]
+    for read in (lambda: store.load_graph(one), lambda: store.read_table("nodes", one),
+                 lambda: store.top_edges(one), lambda: store.edges_into(one, 0), lambda: store.compact("dense")):
+        with pytest.raises(StoreError, match=f"graph {one}: its nodes file .* rows, its graphs row says"):
+            read()
+    own = synthetic_record(one, "dense", 0).tables["nodes"]  # right length, another graph's ids
+    pq.write_table(own.set_column(0, "graph_id", pa.array([other] * len(own))).cast(tagged("nodes")),
+                   nodes / f"{one}.parquet")
+    with pytest.raises(StoreError, match=f"graph {one}: its nodes file .* holds rows of graph {other}"):
+        store.load_graph(one)
+    store.write(synthetic_record(one, "dense", 0))
+    assert len(store.load_graph(one).nodes) == len(own)
+
+
+def test_a_pack_swapped_with_another_variants_is_refused(tmp_path):
+    store = synthetic_store(tmp_path, {"dense": 3, "sparse": 3})
+    for variant in ("dense", "sparse"):
+        store.compact(variant)
+    dense, sparse = ([*(tmp_path / "nodes" / f"variant={v}" / "packs").glob("*.parquet")][0] for v in ("dense", "sparse"))
+    dense.write_bytes(sparse.read_bytes())
+    graph_id = store.list_graphs("dense")["graph_id"][0]
+    with pytest.raises(StoreError, match="nodes"):
+        open_store(tmp_path).load_graph(graph_id)
+    assert len(open_store(tmp_path).load_graph(store.list_graphs("sparse")["graph_id"][0]).nodes)
+
+
+def test_a_store_of_an_older_schema_is_refused_with_what_to_do(tmp_path):
+    store = synthetic_store(tmp_path, {"dense": 1})
+    graph_id = store.list_graphs()["graph_id"][0]
+    path = tmp_path / "graphs" / "variant=dense" / f"{graph_id}.parquet"
+    old = pq.read_table(path).drop_columns(list(ROW_COUNTS.values()))
+    pq.write_table(old.replace_schema_metadata({b"sparse_attention_interp.attribution": b"graphs:2"}), path)
+    with pytest.raises(StoreError, match="older attribution store .* --force attribution"):
+        open_store(tmp_path).list_graphs()
+
+
+def test_a_killed_writers_temporary_file_does_not_break_directory_scans(tmp_path):
+    """A temporary file left by a killed writer (named as the store names it) is skipped by pandas' and
+    pyarrow's directory discovery, and swept once its writer is known to have exited."""
+    store = synthetic_store(tmp_path, {"dense": 2, "sparse": 1})
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    assert Path(store._temporary(store.path("edges", "dense", "lost"))).name.startswith(".lost.parquet.tmp-")
+    left = tmp_path / "edges" / "variant=dense" / f".lost.parquet.tmp-{PID_SPACE}-{exited.pid}-{'0' * 32}"
+    left.write_bytes(b"PAR1 half a file")
+    expected = sum(row_counts(store)[g]["edges"] for g in store.list_graphs()["graph_id"])
+    assert len(pd.read_parquet(tmp_path / "edges")) == expected
+    assert ds.dataset(tmp_path / "edges", partitioning="hive").count_rows() == expected
+    packs = tmp_path / "edges" / "variant=dense" / "packs"
+    packs.mkdir()
+    in_pack = packs / f".00000001-{'a' * 12}.parquet.tmp-{PID_SPACE}-{exited.pid}-{'1' * 32}"
+    in_pack.write_bytes(b"")
+    live = tmp_path / "nodes" / "variant=dense" / f".x.parquet.tmp-{PID_SPACE}-{os.getpid()}-{'2' * 32}"
+    live.write_bytes(b"")
+    assert open_store(tmp_path).remove_stale_temporaries("dense") == sorted([str(left), str(in_pack)])
+    assert live.exists()
+
+
+def test_dataset_holds_committed_graphs_only(tmp_path, monkeypatch):
+    store = synthetic_store(tmp_path, {"dense": 2, "sparse": 1})
+    expected = row_counts(store)
+    original = GraphStore._write_file
+
+    def dies_at_commit(self, name, table, path):
+        if name == "graphs":
+            raise KeyboardInterrupt
+        original(self, name, table, path)
+
+    monkeypatch.setattr(GraphStore, "_write_file", dies_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        store.write(synthetic_record("uncommitted", "dense", 99))
+    monkeypatch.undo()
+    assert "uncommitted" in set(pd.read_parquet(tmp_path / "nodes")["graph_id"])  # a direct scan sees it
+    assert_each_graph_once(store, expected)  # the dataset does not
+    nodes = store.dataset("nodes", "dense").to_table().to_pandas()
+    assert set(nodes["variant"]) == {"dense"} and set(nodes["pack"]) == {""}
+    for graph_id, frame in nodes.groupby("graph_id"):
+        pd.testing.assert_frame_equal(frame.drop(columns=["variant", "pack"]).reset_index(drop=True),
+                                      store.read_table("nodes", graph_id))
+    assert store.dataset("edges", "missing").count_rows() == 0 and open_store(tmp_path / "empty").dataset(
+        "graphs").count_rows() == 0
+
+
+def readme_recipes() -> dict[str, str]:
+    """The README's cross-graph query recipes: each ```python block after a '<!-- recipe: NAME -->' line."""
+    text = (Path(__file__).resolve().parent.parent / "attribution" / "README.md").read_text()
+    return dict(re.findall(r"<!-- recipe: (\w+) -->\n```python\n(.*?)```", text, flags=re.S))
+
+
+@pytest.mark.parametrize("engine", ["pyarrow", "duckdb", "polars"])
+def test_readme_query_recipes_run(tmp_path, engine):
+    """The documented recipes, run as written on a store with per-graph files and a pack, a rewritten and a
+    deleted packed graph: every graph where head L5H3 carries an edge, edges per graph, top edges overall."""
+    if engine != "pyarrow":
+        pytest.importorskip(engine)
+    store = synthetic_store(tmp_path, {"dense": 6, "sparse": 4})
+    store.compact("dense")
+    store.write(synthetic_record("dense0001", "dense", 50))  # rewritten after packing
+    store.delete("dense0002")
+    store.write(synthetic_record("late", "sparse", 51))
+    recipe = readme_recipes()[engine]
+    scope = {"store": store}
+    exec(recipe, scope)
+    loadings = {g: store.read_table("head_loadings", g) for g in store.list_graphs()["graph_id"]}
+    carried = sorted(g for g, rows in loadings.items() if ((rows["layer"] == 5) & (rows["head"] == 3)).any())
+    assert list(scope["carried"]) == carried and carried
+    counts = {g: len(store.read_table("edges", g)) for g in loadings}
+    per_graph = scope["edges_per_graph"]
+    assert dict(zip(per_graph["graph_id"], per_graph["edges"])) == counts
+
+
+def test_compaction_keeps_every_table_exactly_and_later_writes_win(tmp_path):
+    store = synthetic_store(tmp_path, {"dense": 12, "sparse": 7})
+    before = everything(store)
+    summaries = [store.compact(v) for v in ("dense", "sparse")]
+    assert [(s["graphs"], s["from_files"]) for s in summaries] == [(12, 12), (7, 7)]
+    assert not [p for p in tmp_path.rglob("*.parquet") if "packs" not in p.parts]  # per-graph files gone
+    assert len(list(tmp_path.rglob("*.parquet"))) == 2 * len(TABLES)
+    assert_same(everything(open_store(tmp_path)), before)
+    assert_same(everything(store), before)
+    direct = pd.read_parquet(tmp_path / "head_loadings")  # at rest, a direct scan sees every row once
+    assert len(direct) == len(before["datasets"]["head_loadings"])
+    assert store.compact("dense")["from_files"] == 0  # nothing new: nothing rewritten
+
+    expected = row_counts(store)
+    store.write(rewritten := synthetic_record("dense0003", "dense", 100))
+    store.delete("dense0004")
+    store.write(added := synthetic_record("new0001", "dense", 101))
+    store.delete("sparse0013")
+    del expected["dense0004"], expected["sparse0013"]
+    for record in (rewritten, added):
+        expected[record.graph_id] = {t: record.tables[t].num_rows for t in DATA_TABLES}
+    for reader in (store, open_store(tmp_path)):
+        assert_each_graph_once(reader, expected)
+        assert not reader.has_graph("dense", "dense0004") and reader.has_graph("dense", "dense0003")
+        with pytest.raises(GraphNotFoundError):
+            reader.load_graph("sparse0013")
+        pd.testing.assert_frame_equal(reader.read_table("edges", "dense0003"),
+                                      rewritten.tables["edges"].to_pandas())
+    middle = everything(store)
+    assert [store.compact(v)["from_files"] for v in ("dense", "sparse")] == [2, 0]
+    assert_same(everything(open_store(tmp_path)), middle)
+    assert not list(tmp_path.rglob("*.deleted")) and len(list(tmp_path.rglob("*.parquet"))) == 2 * len(TABLES)
+    store.delete("dense0003")
+    store.write(synthetic_record("dense0003", "dense", 100))  # deleted, then written again: visible once
+    assert_same(everything(open_store(tmp_path)), middle)
+
+
+def test_readers_see_every_graph_once_at_every_step_of_a_compaction(tmp_path, monkeypatch):
+    """Each file a compaction writes or removes is a moment a reader may look: at each, every graph is
+    listed and scanned exactly once and reads back the same. Also with a packed graph rewritten and one
+    deleted before it (the second compaction)."""
+    store = synthetic_store(tmp_path, {"dense": 4, "sparse": 1})
+    steps = []
+    write_pieces, delete_quietly = GraphStore._write_pieces, GraphStore._delete_quietly
+
+    want = {}
+
+    def check(step):
+        steps.append(step)
+        assert_same(everything(open_store(tmp_path)), want["before"])
+
+    for round_ in range(2):
+        if round_ == 1:  # a packed graph rewritten and one deleted before the second compaction
+            store.write(synthetic_record("dense0001", "dense", 40))
+            store.delete("dense0002")
+        want["before"] = everything(store)
+        monkeypatch.setattr(GraphStore, "_write_pieces", lambda self, *a: (write_pieces(self, *a), check("write"))[0])
+        monkeypatch.setattr(GraphStore, "_delete_quietly", lambda self, path: (delete_quietly(self, path),
+                                                                              check("delete"))[0])
+        store.compact("dense")
+        monkeypatch.undo()
+        assert_same(everything(store), want["before"])
+    assert steps.count("write") == 2 * len(TABLES) and steps.count("delete") >= 4 * len(TABLES)
+
+
+def test_a_reader_whose_files_vanish_mid_read_looks_again(tmp_path, monkeypatch):
+    store = synthetic_store(tmp_path, {"dense": 3})
+    want = everything(store)
+    reader = open_store(tmp_path)
+    original = GraphStore._read_located
+    compacted = []
+
+    def compaction_finishes_first(self, where, table, columns=None):
+        if self is reader and not compacted:
+            compacted.append(open_store(tmp_path).compact("dense"))  # removes the files `where` points at
+        return original(self, where, table, columns)
+
+    monkeypatch.setattr(GraphStore, "_read_located", compaction_finishes_first)
+    graph_id = want["listing"]["graph_id"][1]
+    loaded = reader.load_graph(graph_id)
+    assert compacted and not list((tmp_path / "nodes").rglob(f"{graph_id}.parquet"))
+    pd.testing.assert_frame_equal(loaded.qk_pairs, want["graphs"][graph_id]["qk_pairs"])
+    monkeypatch.undo()
+    (tmp_path / "edges" / "variant=dense" / "packs").rename(tmp_path / "moved")
+    with pytest.raises(StoreError, match="is missing: the store is incomplete"):
+        open_store(tmp_path).load_graph(graph_id)
+
+
+@pytest.mark.parametrize("crash", ["before_commit", "mid_cleanup"])
+def test_a_crash_mid_compaction_leaves_every_graph_readable_once(tmp_path, monkeypatch, crash):
+    store = synthetic_store(tmp_path, {"dense": 6, "sparse": 2})
+    store.compact("dense")
+    store.write(synthetic_record("dense0001", "dense", 60))
+    store.delete("dense0002")
+    store.write(synthetic_record("late", "dense", 61))
+    want = everything(store)
+    if crash == "before_commit":  # the pack's graphs file, the commit, is never written
+        original = GraphStore._write_file
+
+        def dies(self, name, table, path):
+            if "/packs/" in path and name == "graphs":
+                raise OSError("killed")
+            original(self, name, table, path)
+
+        monkeypatch.setattr(GraphStore, "_write_file", dies)
+    else:  # committed; dies after removing a few old files
+        original, removed = GraphStore._delete_quietly, []
+
+        def dies(self, path):
+            if len(removed) == 3:
+                raise OSError("killed")
+            removed.append(path)
+            original(self, path)
+
+        monkeypatch.setattr(GraphStore, "_delete_quietly", dies)
+    with pytest.raises(OSError, match="killed"):
+        store.compact("dense")
+    monkeypatch.undo()
+    assert_same(everything(open_store(tmp_path)), want)
+    summary = open_store(tmp_path).compact("dense")  # the next compaction finishes the job
+    assert (summary["graphs"], summary["from_files"]) == (6, {"before_commit": 2, "mid_cleanup": 1}[crash])
+    assert_same(everything(open_store(tmp_path)), want)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert sum("variant=dense" in str(p) for p in files) == len(TABLES)  # one pack, no leftovers
+    assert sum("variant=sparse" in str(p) for p in files) == 2 * len(TABLES)
