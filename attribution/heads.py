@@ -148,7 +148,7 @@ def head_side_gradients(lrm: LocalReplacementModel, targets: TargetSet, n_pos: i
         if level in keep:
             z[level] = torch.zeros(len(targets), n_pos, weights.d_model)
             z[level][order[:n_alive]] = grad[:n_alive] @ weights.W_O[level]
-        if level > keep.start:
+        if level > keep.start and n_alive:
             grad[:n_alive] += attention_vjp(grad[:n_alive], frozen.patterns[level][:, :n_pos, :n_pos],
                                             weights.W_O[level], weights.W_V[level] * weights.attn_norm[level],
                                             frozen.attn_inv_rms[level, :n_pos], weights.n_kv_heads)
@@ -224,7 +224,7 @@ def head_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, targets: 
         shape = LoadingShape(graph.n_pos, lrm.model.d_model, lrm.n_layers, lrm.model.n_heads)
         chunks = plan_head_chunks(shape, len(torch.unique(targets)), len(torch.unique(sources)),
                                   default_budget_bytes() if memory_budget is None else memory_budget)
-    edges = EdgeSet(targets, sources, weight, write[sources] + 1, read[targets].clamp(max=graph.n_layers) - 1)
+    edges = EdgeSet(targets, sources, weight, write[sources] + 1, read[targets].clamp(max=graph.n_layers - 1))
     position = node_positions(graph)
     unique_targets = torch.unique(targets)
     unique_targets = unique_targets[torch.argsort(position[unique_targets], stable=True)]  # short windows first
@@ -242,7 +242,7 @@ class EdgeSet:
     sources: torch.Tensor  # [E]
     weight: torch.Tensor  # [E]
     first: torch.Tensor  # [E] first layer crossed (the source's write layer + 1)
-    last: torch.Tensor  # [E] last layer crossed (the layer below the one the target reads)
+    last: torch.Tensor  # [E] last layer crossed (a feature reads resid_mid of its layer, after its attention)
 
 
 def _target_chunk_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: EdgeSet,
