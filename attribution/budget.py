@@ -113,19 +113,22 @@ def frozen_prompt_bytes(weights: ModelWeights, n_pos: int, n_features: int) -> i
 
 
 def graph_bytes(weights: ModelWeights, n_pos: int, n_active: int, n_logits: int, config: GraphConfig) -> int:
-    """The graph of a prompt with `n_active` active features: its rows (every feature's, or those of
-    max_feature_nodes visited features), the swept blocks' gradients and outputs, the decoder writes
-    (cached for every layer when features are visited by influence), the adjacency and pruning's copies."""
+    """The graph of a prompt with `n_active` active features, the larger of its two phases: computing
+    it (every feature's rows, or max_feature_nodes visited features' with the decoder writes of every
+    layer cached; the swept blocks' gradients and outputs; the adjacency assembled from the rows) and
+    pruning it (the adjacency and about nine [N, N] temporaries: |A|, its normalised and pruned
+    copies, edge scores, their sort with its int64 indices and cumulative sum; measured on the tiny model)."""
     L, d = weights.n_layers, weights.d_model
     n_columns = n_active + (L + 1) * n_pos
     if config.max_feature_nodes is None or config.max_feature_nodes >= n_active:
         n_rows, writes = n_active + n_logits, n_active * d
     else:
         n_rows, writes = config.max_feature_nodes + n_logits, n_active * d * (L + 1) // 2
-    rows = 2 * n_rows * (n_columns + n_logits)  # the rows, and their copy into the adjacency's layout
     grad_rows = config.max_grad_mib * 2**20 // (n_pos * d * FLOAT_BYTES)  # rows swept together (one block at least)
     swept = min(n_rows, max(grad_rows, config.max_block_rows))
     sweep = swept * (2 * n_pos * d + n_columns)  # their gradients, attention's temporaries, their outputs
-    n_nodes = min(n_rows, n_active + n_logits) + (L + 1) * n_pos
-    pruning = 5 * n_nodes * n_nodes
-    return (rows + sweep + writes + pruning) * FLOAT_BYTES
+    n_nodes = n_rows + (L + 1) * n_pos
+    adjacency = n_nodes * n_nodes
+    computing = n_rows * (n_columns + n_logits) + sweep + writes + adjacency
+    pruning = 10 * adjacency
+    return max(computing, pruning) * FLOAT_BYTES

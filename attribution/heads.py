@@ -40,7 +40,6 @@ LOADING_COLUMNS = ["target", "source", "layer", "head", "weight", "query_pos", "
 LOADING_DTYPES = {"target": "int32", "source": "int32", "layer": "int32", "head": "int32", "weight": "float32",
                   "query_pos": "int32", "key_pos": "int32", "pair_share": "float32"}
 
-DENSE_PAIR_FACTOR = 8  # per-head matmuls over all (target, source) pairs when edges >= pairs / this
 MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (each block from its first position)
 MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
 
@@ -76,9 +75,9 @@ def chunk_bytes(chunks: HeadChunks, shape: LoadingShape) -> int:
 
 
 def plan_head_chunks(shape: LoadingShape, n_targets: int, n_sources: int, budget_bytes: int) -> HeadChunks:
-    """The largest chunks that fit `budget_bytes`: targets first, up to half of it (every target chunk
-    sweeps its sources again), then sources, then (query, key) grids. Raises MemoryBudgetError if even
-    one of each does not fit."""
+    """The largest chunks that fit `budget_bytes`: targets first, in up to half of it (every target chunk
+    sweeps its sources again), then sources, up to three quarters, then (query, key) grids in the rest.
+    Raises MemoryBudgetError if even one of each does not fit."""
     needed = chunk_bytes(HeadChunks(1, 1, 1), shape)
     if needed > budget_bytes:
         raise MemoryBudgetError(
@@ -95,7 +94,7 @@ def plan_head_chunks(shape: LoadingShape, n_targets: int, n_sources: int, budget
         return low
 
     targets = largest(n_targets, lambda n: chunk_bytes(HeadChunks(n, 1, 1), shape) <= budget_bytes // 2)
-    sources = largest(n_sources, lambda n: chunk_bytes(HeadChunks(targets, n, 1), shape) <= budget_bytes)
+    sources = largest(n_sources, lambda n: chunk_bytes(HeadChunks(targets, n, 1), shape) <= budget_bytes * 3 // 4)
     pairs = largest(MAX_PAIR_CHUNK, lambda n: chunk_bytes(HeadChunks(targets, sources, n), shape) <= budget_bytes)
     return HeadChunks(targets, sources, pairs)
 
@@ -120,34 +119,36 @@ def node_positions(graph: AttributionGraph) -> torch.Tensor:
 
 
 def graph_targets(lrm: LocalReplacementModel, graph: AttributionGraph, nodes: torch.Tensor) -> TargetSet:
-    """Readouts of graph nodes `nodes` (features or logits, graph node indices)."""
-    n_logit = graph.logit_start
-    is_logit = nodes >= n_logit
+    """Readouts of graph nodes `nodes` (features or logits, graph node indices), in their order."""
+    is_logit = nodes >= graph.logit_start
     features = feature_targets(lrm, graph.selected[nodes[~is_logit]])
-    logits = logit_targets(lrm).subset(nodes[is_logit] - n_logit)
-    return TargetSet(torch.cat([features.layer, logits.layer]), torch.cat([features.pos, logits.pos]),
-                     torch.cat([features.readout, logits.readout]))
+    logits = logit_targets(lrm).subset(nodes[is_logit] - graph.logit_start)
+    order = torch.argsort(torch.cat([(~is_logit).nonzero().flatten(), is_logit.nonzero().flatten()]))
+    return TargetSet(torch.cat([features.layer, logits.layer])[order], torch.cat([features.pos, logits.pos])[order],
+                     torch.cat([features.readout, logits.readout])[order])
 
 
 def head_side_gradients(lrm: LocalReplacementModel, targets: TargetSet, n_pos: int, keep: range
                         ) -> dict[int, torch.Tensor]:
     """z_j = (d readout / d resid_mid[j]) @ W_O[j] for the layers j in `keep`, on positions [0, n_pos)
-    (all targets must lie there).  -> {j: [T, n_pos, H*dh]}"""
+    (all targets must lie there), head-major. Targets sorted by layer, descending (the rows alive at a
+    layer are a prefix).  -> {j: [H, T, n_pos, dh]}"""
     weights, frozen = lrm.model, lrm.prompt
-    order = torch.argsort(targets.layer, descending=True, stable=True)  # rows alive at a layer: a prefix
-    layer, pos, readout = targets.layer[order], targets.pos[order], targets.readout[order]
+    if bool((targets.layer[1:] > targets.layer[:-1]).any()):
+        raise ValueError("head_side_gradients needs targets sorted by layer, descending")
     grad = torch.zeros(len(targets), n_pos, weights.d_model)
     z = {}
     n_alive = 0
     for level in reversed(range(keep.start, lrm.n_layers + 1)):
-        new = torch.arange(n_alive, n_alive + int((layer == level).sum()))
-        grad[new, pos[new]] += readout[new]
+        new = torch.arange(n_alive, n_alive + int((targets.layer == level).sum()))
+        grad[new, targets.pos[new]] += targets.readout[new]
         n_alive += len(new)
         if level == lrm.n_layers:
             continue
         if level in keep:
-            z[level] = torch.zeros(len(targets), n_pos, weights.d_model)
-            z[level][order[:n_alive]] = grad[:n_alive] @ weights.W_O[level]
+            z[level] = torch.zeros(weights.n_heads, len(targets), n_pos, weights.head_dim)
+            through = (grad[:n_alive] @ weights.W_O[level]).unflatten(-1, (weights.n_heads, -1))  # [n, P, H, dh]
+            z[level][:, :n_alive] = through.permute(2, 0, 1, 3)
         if level > keep.start and n_alive:
             grad[:n_alive] += attention_vjp(grad[:n_alive], frozen.patterns[level][:, :n_pos, :n_pos],
                                             weights.W_O[level], weights.W_V[level] * weights.attn_norm[level],
@@ -194,15 +195,15 @@ class SourceWrites:
 def head_outputs(lrm: LocalReplacementModel, layer: int, resid: torch.Tensor, start: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen attention of `layer` applied to residual effects [S, P', d] on positions [start, start + P')
-    (zero before start): (values [S, P', Kv, dh], per-head outputs before W_O [S, P', H, dh])."""
+    (zero before start), head-major: (values [Kv, S, P', dh], per-head outputs before W_O [H, S, P', dh])."""
     weights, frozen = lrm.model, lrm.prompt
     n_kv = weights.n_kv_heads
     window = slice(start, start + resid.shape[1])
     normed = resid * frozen.attn_inv_rms[layer, window][:, None] * weights.attn_norm[layer]
-    values = (normed @ weights.W_V[layer].T).unflatten(-1, (n_kv, -1))  # [S, P', Kv, dh]
+    values = (normed @ weights.W_V[layer].T).unflatten(-1, (n_kv, -1)).permute(2, 0, 1, 3)  # [Kv, S, P', dh]
     pattern = frozen.patterns[layer][:, window, window].unflatten(0, (n_kv, -1))  # [Kv, G, P', P']
-    mixed = torch.einsum("cgqk,skce->sqcge", pattern, values)  # [S, P', Kv, G, dh]
-    return values, mixed.flatten(2, 3)
+    mixed = torch.einsum("cgqk,cske->cgsqe", pattern, values)  # [Kv, G, S, P', dh]
+    return values, mixed.flatten(0, 1)
 
 
 def head_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, targets: torch.Tensor,
@@ -253,6 +254,8 @@ def _target_chunk_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, 
     in_chunk = torch.isin(edges.targets, chunk_targets).nonzero().flatten()
     n_pos = int(position[chunk_targets].max()) + 1  # nothing after the last target reaches the targets
     layers = range(int(edges.first[in_chunk].min()), int(edges.last[in_chunk].max()) + 1)
+    _, read = node_layers(graph)
+    chunk_targets = chunk_targets[torch.argsort(read[chunk_targets], descending=True, stable=True)]
     z = head_side_gradients(lrm, graph_targets(lrm, graph, chunk_targets), n_pos, layers)
     sources = torch.unique(edges.sources[in_chunk])
     records = []
@@ -270,11 +273,13 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
     """Head loadings of the edges `block` (indices into `edges`), all between the two chunks: the sources
     swept forward layer by layer on positions [start, n_pos), live rows first."""
     write, _ = node_layers(graph)
-    order = torch.argsort(write[chunk_sources], stable=True)  # rows alive at a layer: a prefix
-    chunk_sources = chunk_sources[order]
+    chunk_sources = chunk_sources[torch.argsort(write[chunk_sources], stable=True)]  # rows alive at a layer: a prefix
     source_write = write[chunk_sources]
-    target_row = torch.searchsorted(chunk_targets, edges.targets[block])
-    source_row = torch.argsort(chunk_sources)[torch.searchsorted(chunk_sources.sort().values, edges.sources[block])]
+    row_of = torch.full((graph.n_nodes,), -1)  # a node's row in its chunk
+    row_of[chunk_targets] = torch.arange(len(chunk_targets))
+    target_row = row_of[edges.targets[block]]
+    row_of[chunk_sources] = torch.arange(len(chunk_sources))
+    source_row = row_of[edges.sources[block]]
     first, last = edges.first[block], edges.last[block]
     writes = SourceWrites(lrm, graph, chunk_sources, start)
     resid = writes.embedded(len(chunk_sources), n_pos - start)
@@ -282,34 +287,32 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
     for layer in range(int(last.max()) + 1):  # no edge crosses a higher layer
         n_alive = int((source_write < layer).sum())
         if n_alive:
-            values, heads_out = head_outputs(lrm, layer, resid[:n_alive], start)  # [S, P', Kv, dh], [S, P', H, dh]
+            values, heads_out = head_outputs(lrm, layer, resid[:n_alive], start)  # [Kv, S, P', dh], [H, S, P', dh]
             here = ((first <= layer) & (layer <= last)).nonzero().flatten()
             if len(here):
-                z_window = z[layer][:, start:].unflatten(-1, (lrm.model.n_heads, -1))  # [T, P', H, dh]
+                z_window = z[layer][:, :, start:]  # [H, T, P', dh]
                 parts = _head_parts(z_window, heads_out, target_row[here], source_row[here])  # [E, H]
                 record = _layer_rows(lrm, layer, block[here], parts, edges.weight[block[here]], z_window, values,
                                      target_row[here], source_row[here], start, config, chunks.pairs)
                 if record is not None:
                     edge = record.pop("edge")
                     records.append({"target": edges.targets[edge], "source": edges.sources[edge], **record})
-            resid[:n_alive] += heads_out.flatten(2) @ lrm.model.W_O[layer].T
+            resid[:n_alive] += heads_out.permute(1, 2, 0, 3).flatten(2) @ lrm.model.W_O[layer].T
         writes.add_mlp_writes(resid, layer)
     return records
 
 
 def _head_parts(z: torch.Tensor, heads_out: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor
                 ) -> torch.Tensor:
-    """part[e, h] = sum_q z[target_row[e], q, h] . heads_out[source_row[e], q, h].
-    z [T, P, H, dh], heads_out [S, P, H, dh] -> [E, H]"""
-    n_targets, n_sources = len(z), len(heads_out)
-    if len(target_row) * DENSE_PAIR_FACTOR >= n_targets * n_sources:
-        z_heads = z.permute(2, 0, 1, 3).flatten(2)  # [H, T, P*dh]
-        out_heads = heads_out.permute(2, 0, 1, 3).flatten(2)  # [H, S, P*dh]
-        every = torch.bmm(z_heads, out_heads.transpose(1, 2))  # [H, T, S]
-        return every[:, target_row, source_row].T
-    slice_rows = max(1, max(n_targets, n_sources))  # as many rows as the chunks themselves hold
-    return torch.cat([(z[t] * heads_out[s]).sum((1, 3))
-                      for t, s in zip(target_row.split(slice_rows), source_row.split(slice_rows))])
+    """part[e, h] = sum_q z[h, target_row[e], q] . heads_out[h, source_row[e], q], as one matmul per head
+    over every (target, source) pair of the edges' targets and sources.
+    z [H, T, P, dh], heads_out [H, S, P, dh] -> [E, H]"""
+    targets, target_at = torch.unique(target_row, return_inverse=True)
+    sources, source_at = torch.unique(source_row, return_inverse=True)
+    z_rows = z[:, targets].flatten(2)  # [H, T', P*dh]
+    out_rows = (heads_out if len(sources) == heads_out.shape[1] else heads_out[:, sources]).flatten(2)  # [H, S', P*dh]
+    every = torch.bmm(z_rows, out_rows.transpose(1, 2))  # [H, T', S']
+    return every[:, target_at, source_at].T
 
 
 def _layer_rows(lrm: LocalReplacementModel, layer: int, edges: torch.Tensor, parts: torch.Tensor,
@@ -317,7 +320,7 @@ def _layer_rows(lrm: LocalReplacementModel, layer: int, edges: torch.Tensor, par
                 source_row: torch.Tensor, start: int, config: AttentionAttributionConfig, max_pairs: int
                 ) -> dict | None:
     """Rows for the edges this layer carries: big heads (with their main pair), other heads, skip.
-    z [T, P', H, dh] and values [S, P', Kv, dh] on positions [start, start + P')."""
+    z [H, T, P', dh] and values [Kv, S, P', dh] on positions [start, start + P')."""
     scale = weight.abs()
     carried = parts.abs().sum(1) >= config.layer_min_share * scale
     if not carried.any():
@@ -347,29 +350,28 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
                 target_row: torch.Tensor, source_row: torch.Tensor, head: torch.Tensor, part: torch.Tensor,
                 start: int, max_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each (edge, head) entry, the (query, key) pair carrying most of the head's part, and its share:
-    pair[q, k] = pattern[h, q, k] * z[t, q, h] . values[s, k, h // group], formed max_pairs entries at a
-    time.  -> (query [B], key [B], share [B])"""
+    pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k], formed head by head, max_pairs
+    entries at a time.  z [H, T, P', dh], values [Kv, S, P', dh] -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads
-    window = slice(start, start + z.shape[1])
-    pattern = lrm.prompt.patterns[layer][:, window, window]  # [H, P', P']
-    n_pos = z.shape[1]
-    query, key, share = [], [], []
-    for rows in torch.arange(len(head)).split(max_pairs):
-        h = head[rows]
-        pair = pattern[h] * torch.bmm(z[target_row[rows], :, h], values[source_row[rows], :, h // group].transpose(1, 2))
-        flat = pair.flatten(1).abs().argmax(1)  # [B]
-        query.append(flat // n_pos + start)
-        key.append(flat % n_pos + start)
-        share.append(pair.flatten(1)[torch.arange(len(rows)), flat] / part[rows])
-    if not query:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0)
-    return torch.cat(query), torch.cat(key), torch.cat(share)
+    n_pos = z.shape[2]
+    window = slice(start, start + n_pos)
+    query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
+    share = torch.empty(len(head))
+    for h in torch.unique(head).tolist():
+        pattern = lrm.prompt.patterns[layer, h, window, window]  # [P', P']
+        for rows in (head == h).nonzero().flatten().split(max_pairs):
+            pair = torch.bmm(z[h, target_row[rows]], values[h // group, source_row[rows]].transpose(1, 2))
+            pair = pair.mul_(pattern).flatten(1)  # [B, P'*P']
+            flat = pair.abs().argmax(1)  # [B]
+            query[rows], key[rows] = flat // n_pos + start, flat % n_pos + start
+            share[rows] = pair.gather(1, flat[:, None])[:, 0] / part[rows]
+    return query, key, share
 
 
 def _loadings_frame(records: list[dict]) -> pd.DataFrame:
     """One frame of LOADING_COLUMNS from the records, sorted by (target, source, layer, head)."""
     if not records:
         return pd.DataFrame({c: pd.Series(dtype=dtype) for c, dtype in LOADING_DTYPES.items()})
-    frame = pd.DataFrame({c: np.concatenate([r[c].numpy() for r in records]).astype(dtype)
-                          for c, dtype in LOADING_DTYPES.items()})
-    return frame.sort_values(["target", "source", "layer", "head"], kind="stable", ignore_index=True)
+    columns = {c: np.concatenate([r[c].numpy() for r in records]).astype(dtype) for c, dtype in LOADING_DTYPES.items()}
+    order = np.lexsort([columns[c] for c in ("head", "layer", "source", "target")])  # last key first
+    return pd.DataFrame({c: values[order] for c, values in columns.items()})

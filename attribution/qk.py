@@ -152,36 +152,55 @@ class ResidualComponents:
             self._parts.popitem(last=False)
         return parts
 
+    def ids(self, layer: int, pos: int) -> list[str]:
+        """The ids of the components of resid_pre[layer][pos], in their order."""
+        lrm, parts = self.lrm, self.parts(pos)
+        n_features, n_errors, n_heads = self._counts(layer, pos)
+        return [f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *parts.feature_ids[:n_features],
+                *parts.error_ids[:n_errors], f"bias_{pos}", *parts.head_ids[:n_heads]]
+
     def at(self, layer: int, pos: int) -> tuple[list[str], torch.Tensor]:
         """The components of resid_pre[layer][pos].  -> (ids, vectors [n, d]); the vectors sum to it."""
-        lrm, parts = self.lrm, self.parts(pos)
-        token = int(lrm.prompt.tokens[pos])
-        n_features = int((parts.feature_layer < layer).sum())  # a prefix
-        n_errors = layer if pos > 0 else 0
-        n_heads = layer * lrm.model.n_heads
-        ids = [f"E_{token}_{pos}", *parts.feature_ids[:n_features], *parts.error_ids[:n_errors], f"bias_{pos}",
-               *parts.head_ids[:n_heads]]
-        vectors = torch.cat([lrm.model.embed[token][None], parts.feature_writes[:n_features, layer],
-                             lrm.errors[:n_errors, pos], lrm.constants[:layer, pos].sum(0)[None],
-                             parts.head_outputs[:n_heads]])
+        ids = self.ids(layer, pos)
+        vectors = torch.empty(len(ids), self.lrm.model.d_model)
+        self._fill(layer, pos, vectors)
         return ids, vectors
 
-    def projected(self, layer: int, positions: list[int], side: str) -> tuple[list[list[str]], torch.Tensor]:
-        """The components of each position through the frozen input norm, every head's query projection
-        (side "q") or every kv head's key projection (side "k") and the rotation at that position, padded
-        with zero rows.  -> (ids per position, [n_positions, n_max, heads, dh])"""
+    def _counts(self, layer: int, pos: int) -> tuple[int, int, int]:
+        """How many features (a prefix: sorted by source layer), errors and heads resid_pre[layer][pos] holds."""
+        return (int((self.parts(pos).feature_layer < layer).sum()), layer if pos > 0 else 0,
+                layer * self.lrm.model.n_heads)
+
+    def _fill(self, layer: int, pos: int, out: torch.Tensor) -> None:
+        """Write the component vectors of resid_pre[layer][pos] into out[:n] (in place)."""
+        lrm, parts = self.lrm, self.parts(pos)
+        n_features, n_errors, n_heads = self._counts(layer, pos)
+        out[0] = lrm.model.embed[lrm.prompt.tokens[pos]]
+        out[1:1 + n_features] = parts.feature_writes[:n_features, layer]
+        at = 1 + n_features
+        out[at:at + n_errors] = lrm.errors[:n_errors, pos]
+        out[at + n_errors] = lrm.constants[:layer, pos].sum(0)
+        out[at + n_errors + 1:at + n_errors + 1 + n_heads] = parts.head_outputs[:n_heads]
+
+    def projected(self, layer: int, positions: list[int], side: str, heads: list[list[int]] | None = None
+                  ) -> tuple[list[list[str]], torch.Tensor]:
+        """The components of each position through the frozen input norm, the query projection of each
+        head (side "q") or the key projection of each kv head (side "k") and the rotation of that position,
+        padded with zero rows; with `heads`, only those heads of each position (the others stay zero).
+        -> (ids per position, [n_positions, n_max, heads, dh])"""
         lrm, dh = self.lrm, self.lrm.model.head_dim
-        parts = [self.at(layer, pos) for pos in positions]
-        width = max(len(ids) for ids, _ in parts)
-        vectors = torch.zeros(len(positions), width, lrm.model.d_model)
-        for i, (_, v) in enumerate(parts):
-            vectors[i, :len(v)] = v
-        pos = torch.tensor(positions)
-        W = (lrm.model.W_Q if side == "q" else lrm.model.W_K)[layer]
-        scale = lrm.prompt.attn_inv_rms[layer, pos][:, None, None] * lrm.model.attn_norm[layer]
-        rows = ((vectors * scale) @ W.T).unflatten(-1, (-1, dh))  # [n_positions, n_max, heads, dh]
-        rows = rotary(rows, lrm.prompt.rope_cos[pos][:, None, None], lrm.prompt.rope_sin[pos][:, None, None])
-        return [ids for ids, _ in parts], rows
+        W = (lrm.model.W_Q if side == "q" else lrm.model.W_K)[layer].unflatten(0, (-1, dh))  # [heads, dh, d]
+        ids = [self.ids(layer, pos) for pos in positions]
+        vectors = torch.empty(max(map(len, ids)), lrm.model.d_model)
+        out = torch.zeros(len(positions), len(vectors), len(W), dh)
+        for row, pos in enumerate(positions):
+            chosen = list(range(len(W))) if heads is None else heads[row]
+            n = len(ids[row])
+            self._fill(layer, pos, vectors)
+            normed = vectors[:n] * (lrm.model.attn_norm[layer] * lrm.prompt.attn_inv_rms[layer, pos])
+            projected = (normed @ W[chosen].flatten(0, 1).T).unflatten(-1, (-1, dh))  # [n, chosen, dh]
+            out[row, :n, chosen] = rotary(projected, lrm.prompt.rope_cos[pos], lrm.prompt.rope_sin[pos])
+        return ids, out
 
 
 def qk_pair_contributions(components: ResidualComponents, layer: int, head: int, query_pos: int,
@@ -251,29 +270,30 @@ def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
                 config: AttentionAttributionConfig, chunks: QKChunks) -> pd.DataFrame:
     """QK rows of attention edges of one layer: per edge, in order (slot), the top pairs, pair_rest,
     offset, the top query marginals and their rest, the top key marginals and their rest."""
-    lrm = components.lrm
-    weights = lrm.model
+    weights = components.lrm.model
     group = weights.n_heads // weights.n_kv_heads
     query_positions, query_index = np.unique(edges["query_pos"].to_numpy(), return_inverse=True)
     key_positions, key_index = np.unique(edges["key_pos"].to_numpy(), return_inverse=True)
-    query_ids, queries = components.projected(layer, query_positions.tolist(), "q")  # [Pq, nq, H, dh]
-    key_ids, keys = components.projected(layer, key_positions.tolist(), "k")  # [Pk, nk, Kv, dh]
+    heads = edges["head"].to_numpy()
+    query_heads = [np.unique(heads[query_index == i]).tolist() for i in range(len(query_positions))]
+    key_heads = [np.unique(heads[key_index == i] // group).tolist() for i in range(len(key_positions))]
+    query_ids, queries = components.projected(layer, query_positions.tolist(), "q", query_heads)  # [Pq, nq, H, dh]
+    key_ids, keys = components.projected(layer, key_positions.tolist(), "k", key_heads)  # [Pk, nk, Kv, dh]
+    query_count, key_count = torch.tensor([len(i) for i in query_ids]), torch.tensor([len(i) for i in key_ids])
     query_ids, key_ids = _padded_ids(query_ids, queries.shape[1]), _padded_ids(key_ids, keys.shape[1])
-    heads = torch.tensor(edges["head"].to_numpy())
-    query_index, key_index = torch.as_tensor(query_index), torch.as_tensor(key_index)
-    n_query = torch.as_tensor((query_ids != "").sum(1))[query_index]  # real components per edge
-    n_key = torch.as_tensor((key_ids != "").sum(1))[key_index]
-    offsets = weights.gate_offsets
+    queries = queries * weights.head_dim**-0.5
+    heads = torch.tensor(heads)
+    offsets = weights.gate_offsets[layer].double() if weights.gate_offsets is not None else None
     columns = []
     for rows in torch.arange(len(edges)).split(chunks.edges):
-        q, k, h = query_index[rows], key_index[rows], heads[rows]
-        offset = offsets[layer, h].double() if offsets is not None else torch.zeros(len(rows), dtype=torch.float64)
-        batch = _edge_columns(queries[q, :, h] * weights.head_dim**-0.5, keys[k, :, h // group], n_query[rows],
-                              n_key[rows], query_ids[q.numpy()], key_ids[k.numpy()], offset, config)
+        q, k, h = query_index[rows.numpy()], key_index[rows.numpy()], heads[rows]
+        offset = offsets[h] if offsets is not None else torch.zeros(len(rows), dtype=torch.float64)
+        batch = _edge_columns(queries[q, :, h], keys[k, :, h // group], query_count[q], key_count[k],
+                              query_ids[q], key_ids[k], offset, config)
         batch["edge"] = rows.numpy()[batch["edge"]]
         columns.append(batch)
     frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
-    edge = frame.pop("edge").to_numpy()
+    edge = frame.pop("edge")
     for name in edges.columns:  # the edge's keys (and its rank)
         frame[name] = edges[name].to_numpy()[edge]
     return frame
@@ -311,11 +331,15 @@ def _edge_columns(queries: torch.Tensor, keys: torch.Tensor, n_query: torch.Tens
         values.append(value)
         valid.append(np.broadcast_to(ok, value.shape))
 
-    magnitude = torch.bmm(queries, keys.transpose(1, 2)).abs_()  # [B, nq, nk] |pair|
-    if not (real_q.all() and real_k.all()):
-        magnitude.masked_fill_(~(real_q[:, :, None] & real_k[:, None, :]), -1)  # padding ranks last
+    magnitude = torch.bmm(queries, keys.transpose(1, 2)).abs_().flatten(1)  # [B, nq*nk] |pair|, padding 0
     n_top = min(config.qk_top_pairs, width_q * width_k)
-    top = magnitude.flatten(1).topk(n_top, dim=1).indices  # [B, n_top], padding last
+    top = magnitude.topk(n_top, dim=1).indices  # [B, n_top]
+    padding = (top // width_k >= n_query[:, None]) | (top % width_k >= n_key[:, None])
+    for edge in padding.any(1).nonzero().flatten().tolist():  # fewer nonzero pairs than n_top: rank padding last
+        grid = magnitude[edge].view(width_q, width_k)
+        grid[n_query[edge]:] = -1
+        grid[:, n_key[edge]:] = -1
+        top[edge] = magnitude[edge].topk(n_top).indices
     del magnitude
     top_ok = (torch.arange(n_top)[None] < (n_query * n_key)[:, None].clamp(max=config.qk_top_pairs)).numpy()
     top_q, top_k = top // width_k, top % width_k
