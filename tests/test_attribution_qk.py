@@ -7,18 +7,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from attribution.budget import MemoryBudgetError
 from attribution.config import AttentionAttributionConfig, GraphConfig
 from attribution.graph import attribute
 from attribution.heads import head_loadings
-from attribution.qk import (
-    QK_COLUMNS,
-    QKChunks,
-    ResidualComponents,
-    qk_attribution,
-    qk_pair_contributions,
-    qk_rows,
-)
+from attribution.qk import QK_COLUMNS, ResidualComponents, qk_attribution, qk_pair_contributions, qk_rows
 from attribution.replacement import hf_model_of
 from tests.test_attribution import replacement
 from tests.test_attribution_heads import strongest_edges
@@ -90,40 +82,3 @@ def test_attention_edges_behind_kept_edges_are_open():
     edges = pairs.groupby(["layer", "head", "query_pos", "key_pos"])["gate_logit"].first()
     assert 0 < len(edges) <= 5
     assert (edges > 0).all()  # every attention edge that carries part of a graph edge has an open gate
-
-
-@pytest.mark.parametrize("kind", ["dense", "gated"])
-def test_chunked_qk_equals_unchunked(kind):
-    _, lrm = replacement(kind)
-    graph = attribute(lrm, GraphConfig())
-    targets, sources = strongest_edges(graph, 20)
-    loadings = head_loadings(lrm, graph, targets, sources, AttentionAttributionConfig(head_min_share=0.02))
-    config = AttentionAttributionConfig(qk_top_pairs=6, qk_top_marginals=4)
-    whole = qk_attribution(lrm, loadings, config, chunks=QKChunks(10**6, 10**6, 10**6))
-    assert whole.groupby(["layer", "query_pos"]).ngroups > 3
-    assert whole.groupby(["layer", "head", "query_pos", "key_pos"]).ngroups > 10
-    text = ["layer", "head", "query_pos", "key_pos", "kind", "query_component", "key_component"]
-    for chunks in (QKChunks(2, 1, 1), QKChunks(3, 4, 2), QKChunks(8, 2, 100)):
-        chunked = qk_attribution(lrm, loadings, config, chunks=chunks)
-        assert chunked[text].values.tolist() == whole[text].values.tolist()
-        for column in ("value", "gate_logit"):
-            assert (chunked[column] - whole[column]).abs().max() <= 1e-6 * whole[column].abs().max()
-    with pytest.raises(MemoryBudgetError, match="QK attribution of a"):
-        qk_attribution(lrm, loadings, config, memory_budget=1000)
-
-
-def test_rows_of_one_edge_match_its_pair_grid():
-    _, lrm = replacement("gated")
-    components = ResidualComponents(lrm)
-    config = AttentionAttributionConfig(qk_top_pairs=7, qk_top_marginals=3)
-    layer, head, query, key = 2, 3, lrm.n_pos - 1, 2
-    query_ids, key_ids, pairs = qk_pair_contributions(components, layer, head, query, key)
-    rows = pd.DataFrame(qk_rows(components, layer, head, query, key, config), columns=QK_COLUMNS)
-    top = rows[rows["kind"] == "pair"]
-    expected = pairs.flatten().abs().topk(7).indices.tolist()
-    assert [(query_ids[i // len(key_ids)], key_ids[i % len(key_ids)]) for i in expected] == \
-        list(zip(top["query_component"], top["key_component"]))
-    assert torch.allclose(torch.tensor(top["value"].values), pairs.flatten()[expected].double(), rtol=1e-6, atol=1e-7)
-    marginal = pairs.double().sum(0)  # per key component
-    keys = rows[rows["kind"] == "key_marginal"]
-    assert keys["key_component"].tolist() == [key_ids[i] for i in marginal.abs().topk(3).indices.tolist()]
