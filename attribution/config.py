@@ -71,6 +71,12 @@ class AttributionStageConfig(BaseModel):
         {}, description="task name -> number of clean prompts taken, in file order, from data/prompts/{task}.jsonl",
     )
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="GiB one prompt's attribution may hold beyond the loaded model and CLT (head "
+        "loadings and QK attribution are chunked to fit; a prompt that cannot fit is recorded as a failure); "
+        "None = 80% of the memory available to this process (the machine's, its cgroup's, or the Ray task's "
+        "`memory` resource less what the process holds)",
+    )
 
     @field_validator("prompt_sets")
     @classmethod

@@ -10,60 +10,159 @@ where z_j[t] = W_O^h^T (d target / d resid_mid[j]) (target side, from a backward
 u_j[s, q, h] = sum_k pattern[j, h, q, k] v_j[s, k, h] is head h's output, before W_O, caused by the
 source's whole effect on resid_pre[j] (source side, from a forward sweep). skip[j] = edge - sum_h part.
 For the heads stored, the (query, key) pair carrying most of the part is named too.
+
+Memory is bounded by chunks (`HeadChunks`, planned from a byte budget by `plan_head_chunks`): a chunk
+of targets holds its z for every layer it needs; the sources of its edges are swept forward a chunk at a
+time, on positions from the chunk's first source to the targets' last (causal attention: nothing else
+reaches the targets); per layer the parts of all (target, source) pairs of the two chunks are one
+matmul per head, or per-edge dot products when few pairs are edges; the (query, key) grids of the
+stored heads are formed a bounded number at a time. The numbers do not depend on the chunking.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
 import torch
 
+from attribution.budget import FLOAT_BYTES, MemoryBudgetError, default_budget_bytes
 from attribution.config import AttentionAttributionConfig
 from attribution.graph import AttributionGraph
 from attribution.nodes import LocalReplacementModel
-from attribution.propagate import TargetSet, attention_vjp, feature_targets, logit_targets
+from attribution.propagate import TargetSet, attention_vjp, feature_targets, logit_targets, position_blocks
 
 SKIP_HEAD = -1  # the part of an edge that skips the layer's attention
 OTHER_HEADS = -2  # the parts of the heads below head_min_share, summed
 
-EDGE_SLICE = 1024  # edges whose per-position head vectors are held at once
-
 LOADING_COLUMNS = ["target", "source", "layer", "head", "weight", "query_pos", "key_pos", "pair_share"]
+LOADING_DTYPES = {"target": "int32", "source": "int32", "layer": "int32", "head": "int32", "weight": "float32",
+                  "query_pos": "int32", "key_pos": "int32", "pair_share": "float32"}
+
+MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (each block from its first position)
+MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
+
+
+@dataclass(frozen=True)
+class HeadChunks:
+    """How much of the head-loading computation is held at once."""
+
+    targets: int  # targets whose head-side gradients (every layer) are held together
+    sources: int  # sources swept forward together
+    pairs: int  # (edge, head) entries whose (query, key) grids are formed together
+
+
+@dataclass(frozen=True)
+class LoadingShape:
+    """The sizes that set the memory of head loadings."""
+
+    n_pos: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+
+
+def chunk_bytes(chunks: HeadChunks, shape: LoadingShape) -> int:
+    """Peak bytes of the head loadings with `chunks` (an upper bound: every position, every layer)."""
+    row = shape.n_pos * shape.d_model * FLOAT_BYTES  # one residual-sized [P, d] tensor
+    targets = chunks.targets * row * (shape.n_layers + 4)  # z per layer, the gradient, attention_vjp's temporaries
+    sources = chunks.sources * row * 7  # residual effect, normed input, values, heads' outputs, W_O product
+    contraction = (2 * (chunks.targets + chunks.sources) * row  # per-head layouts of both sides, or edge slices
+                   + chunks.targets * chunks.sources * shape.n_heads * FLOAT_BYTES)  # every (target, source) part
+    pairs = chunks.pairs * (3 * shape.n_pos + 2 * shape.d_model) * shape.n_pos * FLOAT_BYTES  # grids, z and values
+    return targets + sources + contraction + pairs
+
+
+def plan_head_chunks(shape: LoadingShape, n_targets: int, n_sources: int, budget_bytes: int) -> HeadChunks:
+    """The largest chunks that fit `budget_bytes`: targets first, in up to half of it (every target chunk
+    sweeps its sources again), then sources, up to three quarters, then (query, key) grids in the rest.
+    Raises MemoryBudgetError if even one of each does not fit."""
+    needed = chunk_bytes(HeadChunks(1, 1, 1), shape)
+    if needed > budget_bytes:
+        raise MemoryBudgetError(
+            f"head loadings of a {shape.n_pos}-position prompt need at least {needed / 2**30:.2f} GiB, over the "
+            f"memory budget of {budget_bytes / 2**30:.2f} GiB; raise memory_budget_gb or shorten the prompt"
+        )
+
+    def largest(limit: int, fits) -> int:
+        """The largest n in [1, limit] with fits(n), given fits(1)."""
+        low, high = 1, max(1, limit)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
+
+    targets = largest(n_targets, lambda n: chunk_bytes(HeadChunks(n, 1, 1), shape) <= budget_bytes // 2)
+    sources = largest(n_sources, lambda n: chunk_bytes(HeadChunks(targets, n, 1), shape) <= budget_bytes * 3 // 4)
+    pairs = largest(MAX_PAIR_CHUNK, lambda n: chunk_bytes(HeadChunks(targets, sources, n), shape) <= budget_bytes)
+    return HeadChunks(targets, sources, pairs)
+
+
+def node_layers(graph: AttributionGraph) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per graph node: the first layer it writes into (-1: the embedding, before layer 0; logits
+    n_layers) and the layer whose resid_mid it reads (n_layers: the final residual; errors and tokens
+    -1).  -> (write [N], read [N]) long"""
+    n_sel, n_pos, n_layers = graph.n_selected, graph.n_pos, graph.n_layers
+    feature_layer = graph.active_features[graph.selected, 0]
+    n_logits = graph.n_nodes - graph.logit_start
+    write = torch.cat([feature_layer, torch.arange(n_layers).repeat_interleave(n_pos),
+                       torch.full((n_pos,), -1), torch.full((n_logits,), n_layers)])
+    read = torch.cat([feature_layer, torch.full((n_layers * n_pos + n_pos,), -1), torch.full((n_logits,), n_layers)])
+    assert len(write) == len(read) == n_sel + (n_layers + 1) * n_pos + n_logits
+    return write, read
+
+
+def node_positions(graph: AttributionGraph) -> torch.Tensor:
+    """Per graph node: its position.  -> [N] long"""
+    return graph.node_table()["pos"]
 
 
 def graph_targets(lrm: LocalReplacementModel, graph: AttributionGraph, nodes: torch.Tensor) -> TargetSet:
-    """Readouts of graph nodes `nodes` (features or logits, graph node indices)."""
-    n_logit = graph.logit_start
-    is_logit = nodes >= n_logit
+    """Readouts of graph nodes `nodes` (features or logits, graph node indices), in their order."""
+    is_logit = nodes >= graph.logit_start
     features = feature_targets(lrm, graph.selected[nodes[~is_logit]])
-    logits = logit_targets(lrm).subset(nodes[is_logit] - n_logit)
-    return TargetSet(torch.cat([features.layer, logits.layer]), torch.cat([features.pos, logits.pos]),
-                     torch.cat([features.readout, logits.readout]))
+    logits = logit_targets(lrm).subset(nodes[is_logit] - graph.logit_start)
+    order = torch.argsort(torch.cat([(~is_logit).nonzero().flatten(), is_logit.nonzero().flatten()]))
+    return TargetSet(torch.cat([features.layer, logits.layer])[order], torch.cat([features.pos, logits.pos])[order],
+                     torch.cat([features.readout, logits.readout])[order])
 
 
-def head_side_gradients(lrm: LocalReplacementModel, targets: TargetSet) -> list[torch.Tensor]:
-    """z_j = (d readout / d resid_mid[j]) @ W_O[j] for every layer j.  -> per layer [T, P, H*dh]"""
+def head_side_gradients(lrm: LocalReplacementModel, targets: TargetSet, n_pos: int, keep: range
+                        ) -> dict[int, torch.Tensor]:
+    """z_j = (d readout / d resid_mid[j]) @ W_O[j] for the layers j in `keep`, on positions [0, n_pos)
+    (all targets must lie there), head-major. Targets sorted by layer, descending (the rows alive at a
+    layer are a prefix).  -> {j: [H, T, n_pos, dh]}"""
     weights, frozen = lrm.model, lrm.prompt
-    grad = torch.zeros(len(targets), lrm.n_pos, weights.d_model)
-    rows = torch.arange(len(targets))
-    z = [torch.empty(0)] * lrm.n_layers
-    for level in reversed(range(lrm.n_layers + 1)):
-        new = targets.layer == level
-        grad[rows[new], targets.pos[new]] += targets.readout[new]
+    if bool((targets.layer[1:] > targets.layer[:-1]).any()):
+        raise ValueError("head_side_gradients needs targets sorted by layer, descending")
+    grad = torch.zeros(len(targets), n_pos, weights.d_model)
+    z = {}
+    n_alive = 0
+    for level in reversed(range(keep.start, lrm.n_layers + 1)):
+        new = torch.arange(n_alive, n_alive + int((targets.layer == level).sum()))
+        grad[new, targets.pos[new]] += targets.readout[new]
+        n_alive += len(new)
         if level == lrm.n_layers:
             continue
-        z[level] = grad @ weights.W_O[level]
-        grad = grad + attention_vjp(grad, frozen.patterns[level], weights.W_O[level],
-                                    weights.W_V[level] * weights.attn_norm[level], frozen.attn_inv_rms[level],
-                                    weights.n_kv_heads)
+        if level in keep:
+            z[level] = torch.zeros(weights.n_heads, len(targets), n_pos, weights.head_dim)
+            through = (grad[:n_alive] @ weights.W_O[level]).unflatten(-1, (weights.n_heads, -1))  # [n, P, H, dh]
+            z[level][:, :n_alive] = through.permute(2, 0, 1, 3)
+        if level > keep.start and n_alive:
+            grad[:n_alive] += attention_vjp(grad[:n_alive], frozen.patterns[level][:, :n_pos, :n_pos],
+                                            weights.W_O[level], weights.W_V[level] * weights.attn_norm[level],
+                                            frozen.attn_inv_rms[level, :n_pos], weights.n_kv_heads)
     return z
 
 
 class SourceWrites:
-    """What source nodes write, layer by layer, added into a residual effect [S, P, d] as a forward
-    sweep passes: tokens before layer 0, features into MLP-outs l_s.., errors into their layer."""
+    """What source nodes write, layer by layer, added into a residual effect [S, P', d] on positions
+    [start, start + P') as a forward sweep passes: tokens before layer 0, features into MLP-outs l_s..,
+    errors into their layer."""
 
-    def __init__(self, lrm: LocalReplacementModel, graph: AttributionGraph, sources: torch.Tensor):
-        self.lrm = lrm
+    def __init__(self, lrm: LocalReplacementModel, graph: AttributionGraph, sources: torch.Tensor, start: int = 0):
+        self.lrm, self.start = lrm, start
         rows = torch.arange(len(sources))
         is_feature, is_token = sources < graph.error_start, sources >= graph.token_start
         is_error = ~is_feature & ~is_token
@@ -75,11 +174,11 @@ class SourceWrites:
         self.token_rows, self.token_pos = rows[is_token], sources[is_token] - graph.token_start
         self.token_ids = graph.tokens[self.token_pos]
 
-    def embedded(self, n_sources: int) -> torch.Tensor:
-        """The residual effect entering layer 0.  -> [S, P, d]"""
+    def embedded(self, n_sources: int, n_pos: int) -> torch.Tensor:
+        """The residual effect entering layer 0.  -> [S, n_pos, d]"""
         lrm = self.lrm
-        resid = torch.zeros(n_sources, lrm.n_pos, lrm.model.d_model)
-        resid[self.token_rows, self.token_pos] = lrm.model.embed[self.token_ids]
+        resid = torch.zeros(n_sources, n_pos, lrm.model.d_model)
+        resid[self.token_rows, self.token_pos - self.start] = lrm.model.embed[self.token_ids]
         return resid
 
     def add_mlp_writes(self, resid: torch.Tensor, layer: int) -> None:
@@ -88,131 +187,191 @@ class SourceWrites:
         for source_layer in self.feature_layer[live].unique().tolist():
             mask = self.feature_layer == source_layer
             vectors = self.lrm.clt.W_dec[source_layer][self.feature_id[mask], layer - source_layer]
-            resid[self.feature_rows[mask], self.feature_pos[mask]] += vectors * self.feature_act[mask, None]
+            resid[self.feature_rows[mask], self.feature_pos[mask] - self.start] += vectors * self.feature_act[mask, None]
         here = self.error_layer == layer
-        resid[self.error_rows[here], self.error_pos[here]] += self.lrm.errors[layer, self.error_pos[here]]
+        resid[self.error_rows[here], self.error_pos[here] - self.start] += self.lrm.errors[layer, self.error_pos[here]]
 
 
-def head_outputs(lrm: LocalReplacementModel, layer: int, resid: torch.Tensor
+def head_outputs(lrm: LocalReplacementModel, layer: int, resid: torch.Tensor, start: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen attention of `layer` applied to residual effects [S, P, d]: (values [S, P, Kv, dh], per-head
-    outputs before W_O [S, P, H, dh])."""
+    """Frozen attention of `layer` applied to residual effects [S, P', d] on positions [start, start + P')
+    (zero before start), head-major: (values [Kv, S, P', dh], per-head outputs before W_O [H, S, P', dh])."""
     weights, frozen = lrm.model, lrm.prompt
-    n_heads, n_kv = weights.n_heads, weights.n_kv_heads
-    normed = resid * frozen.attn_inv_rms[layer][:, None] * weights.attn_norm[layer]
-    values = (normed @ weights.W_V[layer].T).unflatten(-1, (n_kv, -1))  # [S, P, Kv, dh]
-    expanded = values.repeat_interleave(n_heads // n_kv, dim=2)  # [S, P, H, dh]
-    return values, torch.einsum("hqk,skhe->sqhe", frozen.patterns[layer], expanded)
-
-
-def write_layer(graph: AttributionGraph, node: int) -> int:
-    """The first layer a source writes into (-1: the embedding, before layer 0)."""
-    if node < graph.error_start:
-        return int(graph.active_features[graph.selected[node], 0])
-    if node < graph.token_start:
-        return (node - graph.error_start) // graph.n_pos
-    return -1
-
-
-def read_layer(graph: AttributionGraph, node: int) -> int:
-    """The layer whose resid_mid a target reads (n_layers: the final residual)."""
-    if node >= graph.logit_start:
-        return graph.n_layers
-    return int(graph.active_features[graph.selected[node], 0])
+    n_kv = weights.n_kv_heads
+    window = slice(start, start + resid.shape[1])
+    normed = resid * frozen.attn_inv_rms[layer, window][:, None] * weights.attn_norm[layer]
+    values = (normed @ weights.W_V[layer].T).unflatten(-1, (n_kv, -1)).permute(2, 0, 1, 3)  # [Kv, S, P', dh]
+    pattern = frozen.patterns[layer][:, window, window].unflatten(0, (n_kv, -1))  # [Kv, G, P', P']
+    mixed = torch.einsum("cgqk,cske->cgsqe", pattern, values)  # [Kv, G, S, P', dh]
+    return values, mixed.flatten(0, 1)
 
 
 def head_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, targets: torch.Tensor,
-                  sources: torch.Tensor, config: AttentionAttributionConfig, chunk: int = 64) -> pd.DataFrame:
+                  sources: torch.Tensor, config: AttentionAttributionConfig, chunks: HeadChunks | None = None,
+                  memory_budget: int | None = None) -> pd.DataFrame:
     """Head loadings of the edges (targets[i] <- sources[i]) (graph node indices), one row per stored
     part: per carrying layer, the heads holding >= head_min_share of |edge| (with their main (query,
-    key) pair), the rest of the heads (head -2) and the skip part (head -1)."""
-    frames = []
+    key) pair), the rest of the heads (head -2) and the skip part (head -1).
+
+    `chunks` fixes how much is held at once; else they are planned to fit `memory_budget` bytes (None:
+    the machine's default budget), and MemoryBudgetError is raised if nothing fits."""
+    write, read = node_layers(graph)
     weight = graph.adjacency[targets, sources]
-    crosses = torch.tensor([write_layer(graph, s) < min(read_layer(graph, t), graph.n_layers)
-                            for t, s in zip(targets.tolist(), sources.tolist())], dtype=torch.bool)
-    keep = crosses & (weight != 0)
+    keep = (write[sources] < read[targets].clamp(max=graph.n_layers)) & (weight != 0)
     targets, sources, weight = targets[keep], sources[keep], weight[keep]
+    if not len(targets):
+        return _loadings_frame([])
+    if chunks is None:
+        shape = LoadingShape(graph.n_pos, lrm.model.d_model, lrm.n_layers, lrm.model.n_heads)
+        chunks = plan_head_chunks(shape, len(torch.unique(targets)), len(torch.unique(sources)),
+                                  default_budget_bytes() if memory_budget is None else memory_budget)
+    edges = EdgeSet(targets, sources, weight, write[sources] + 1, read[targets].clamp(max=graph.n_layers - 1))
+    position = node_positions(graph)
     unique_targets = torch.unique(targets)
-    for start in range(0, len(unique_targets), chunk):
-        chunk_targets = unique_targets[start:start + chunk]
-        in_chunk = torch.isin(targets, chunk_targets)
-        frames.append(_chunk_loadings(lrm, graph, chunk_targets, targets[in_chunk], sources[in_chunk],
-                                      weight[in_chunk], config))
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="int32" if c not in ("weight", "pair_share") else "float32")
-                             for c in LOADING_COLUMNS})
-    return pd.concat(frames, ignore_index=True)
+    unique_targets = unique_targets[torch.argsort(position[unique_targets], stable=True)]  # short windows first
+    records = []
+    for chunk_targets in unique_targets.split(chunks.targets):
+        records += _target_chunk_loadings(lrm, graph, edges, chunk_targets.sort().values, position, config, chunks)
+    return _loadings_frame(records)
 
 
-def _chunk_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, chunk_targets: torch.Tensor,
-                    targets: torch.Tensor, sources: torch.Tensor, weight: torch.Tensor,
-                    config: AttentionAttributionConfig) -> pd.DataFrame:
-    """Head loadings of the edges into one chunk of targets: one backward and one forward sweep."""
-    z = head_side_gradients(lrm, graph_targets(lrm, graph, chunk_targets))
-    unique_sources, source_row = torch.unique(sources, return_inverse=True)
-    target_row = torch.searchsorted(chunk_targets, targets)
-    first = torch.tensor([write_layer(graph, s) for s in sources.tolist()]) + 1  # first layer crossed
-    last = torch.tensor([min(read_layer(graph, t), graph.n_layers - 1) for t in targets.tolist()])
-    writes = SourceWrites(lrm, graph, unique_sources)
-    resid = writes.embedded(len(unique_sources))
-    n_heads = lrm.model.n_heads
-    rows = []
+@dataclass(frozen=True)
+class EdgeSet:
+    """The edges to load and the layers each crosses."""
+
+    targets: torch.Tensor  # [E] graph node indices
+    sources: torch.Tensor  # [E]
+    weight: torch.Tensor  # [E]
+    first: torch.Tensor  # [E] first layer crossed (the source's write layer + 1)
+    last: torch.Tensor  # [E] last layer crossed (a feature reads resid_mid of its layer, after its attention)
+
+
+def _target_chunk_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: EdgeSet,
+                           chunk_targets: torch.Tensor, position: torch.Tensor, config: AttentionAttributionConfig,
+                           chunks: HeadChunks) -> list[dict]:
+    """Head loadings of the edges into one chunk of targets: one backward sweep for the targets, one
+    forward sweep per chunk of their sources."""
+    in_chunk = torch.isin(edges.targets, chunk_targets).nonzero().flatten()
+    n_pos = int(position[chunk_targets].max()) + 1  # nothing after the last target reaches the targets
+    layers = range(int(edges.first[in_chunk].min()), int(edges.last[in_chunk].max()) + 1)
+    _, read = node_layers(graph)
+    chunk_targets = chunk_targets[torch.argsort(read[chunk_targets], descending=True, stable=True)]
+    z = head_side_gradients(lrm, graph_targets(lrm, graph, chunk_targets), n_pos, layers)
+    sources = torch.unique(edges.sources[in_chunk])
+    records = []
+    for rows in position_blocks(position[sources], MIN_SOURCE_ROWS, chunks.sources):  # each from its own position
+        chunk_sources = sources[rows]
+        block = in_chunk[torch.isin(edges.sources[in_chunk], chunk_sources)]
+        records += _block_loadings(lrm, graph, edges, block, chunk_targets, chunk_sources, z, n_pos,
+                                   int(position[chunk_sources].min()), config, chunks)
+    return records
+
+
+def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: EdgeSet, block: torch.Tensor,
+                    chunk_targets: torch.Tensor, chunk_sources: torch.Tensor, z: dict[int, torch.Tensor],
+                    n_pos: int, start: int, config: AttentionAttributionConfig, chunks: HeadChunks) -> list[dict]:
+    """Head loadings of the edges `block` (indices into `edges`), all between the two chunks: the sources
+    swept forward layer by layer on positions [start, n_pos), live rows first."""
+    write, _ = node_layers(graph)
+    chunk_sources = chunk_sources[torch.argsort(write[chunk_sources], stable=True)]  # rows alive at a layer: a prefix
+    source_write = write[chunk_sources]
+    row_of = torch.full((graph.n_nodes,), -1)  # a node's row in its chunk
+    row_of[chunk_targets] = torch.arange(len(chunk_targets))
+    target_row = row_of[edges.targets[block]]
+    row_of[chunk_sources] = torch.arange(len(chunk_sources))
+    source_row = row_of[edges.sources[block]]
+    first, last = edges.first[block], edges.last[block]
+    writes = SourceWrites(lrm, graph, chunk_sources, start)
+    resid = writes.embedded(len(chunk_sources), n_pos - start)
+    records = []
     for layer in range(int(last.max()) + 1):  # no edge crosses a higher layer
-        values, heads_out = head_outputs(lrm, layer, resid)  # [S, P, Kv, dh], [S, P, H, dh]
-        for edges in ((first <= layer) & (layer <= last)).nonzero().flatten().split(EDGE_SLICE):
-            z_t = z[layer][target_row[edges]].unflatten(-1, (n_heads, -1))  # [E, P, H, dh]
-            parts = (z_t * heads_out[source_row[edges]]).sum((1, 3))  # [E, H]
-            rows.append(_layer_rows(lrm, layer, edges, parts, weight, z_t, values[source_row[edges]], config))
-        resid = resid + heads_out.flatten(2) @ lrm.model.W_O[layer].T
+        n_alive = int((source_write < layer).sum())
+        if n_alive:
+            values, heads_out = head_outputs(lrm, layer, resid[:n_alive], start)  # [Kv, S, P', dh], [H, S, P', dh]
+            here = ((first <= layer) & (layer <= last)).nonzero().flatten()
+            if len(here):
+                z_window = z[layer][:, :, start:]  # [H, T, P', dh]
+                parts = _head_parts(z_window, heads_out, target_row[here], source_row[here])  # [E, H]
+                record = _layer_rows(lrm, layer, block[here], parts, edges.weight[block[here]], z_window, values,
+                                     target_row[here], source_row[here], start, config, chunks.pairs)
+                if record is not None:
+                    edge = record.pop("edge")
+                    records.append({"target": edges.targets[edge], "source": edges.sources[edge], **record})
+            resid[:n_alive] += heads_out.permute(1, 2, 0, 3).flatten(2) @ lrm.model.W_O[layer].T
         writes.add_mlp_writes(resid, layer)
-    rows = [r for r in rows if r is not None]
-    if not rows:
-        return pd.DataFrame(columns=LOADING_COLUMNS)
-    frame = pd.concat(rows, ignore_index=True)
-    edge = torch.tensor(frame.pop("edge").to_numpy())
-    frame["target"], frame["source"] = targets[edge].numpy(), sources[edge].numpy()
-    return frame[LOADING_COLUMNS]
+    return records
+
+
+def _head_parts(z: torch.Tensor, heads_out: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor
+                ) -> torch.Tensor:
+    """part[e, h] = sum_q z[h, target_row[e], q] . heads_out[h, source_row[e], q], as one matmul per head
+    over every (target, source) pair of the edges' targets and sources.
+    z [H, T, P, dh], heads_out [H, S, P, dh] -> [E, H]"""
+    targets, target_at = torch.unique(target_row, return_inverse=True)
+    sources, source_at = torch.unique(source_row, return_inverse=True)
+    z_rows = z[:, targets].flatten(2)  # [H, T', P*dh]
+    out_rows = (heads_out if len(sources) == heads_out.shape[1] else heads_out[:, sources]).flatten(2)  # [H, S', P*dh]
+    every = torch.bmm(z_rows, out_rows.transpose(1, 2))  # [H, T', S']
+    return every[:, target_at, source_at].T
 
 
 def _layer_rows(lrm: LocalReplacementModel, layer: int, edges: torch.Tensor, parts: torch.Tensor,
-                weight: torch.Tensor, z_t: torch.Tensor, values: torch.Tensor,
-                config: AttentionAttributionConfig) -> pd.DataFrame | None:
-    """Rows for the edges this layer carries: big heads (with their main pair), other heads, skip."""
-    edge_weight = weight[edges]
-    scale = edge_weight.abs()
+                weight: torch.Tensor, z: torch.Tensor, values: torch.Tensor, target_row: torch.Tensor,
+                source_row: torch.Tensor, start: int, config: AttentionAttributionConfig, max_pairs: int
+                ) -> dict | None:
+    """Rows for the edges this layer carries: big heads (with their main pair), other heads, skip.
+    z [H, T, P', dh] and values [Kv, S, P', dh] on positions [start, start + P')."""
+    scale = weight.abs()
     carried = parts.abs().sum(1) >= config.layer_min_share * scale
     if not carried.any():
         return None
-    edges, parts, edge_weight, scale = edges[carried], parts[carried], edge_weight[carried], scale[carried]
-    z_t, values = z_t[carried], values[carried]
+    edges, parts, weight, scale = edges[carried], parts[carried], weight[carried], scale[carried]
+    target_row, source_row = target_row[carried], source_row[carried]
     big = parts.abs() >= config.head_min_share * scale[:, None]  # [E, H]
-    record = {"edge": [], "layer": [], "head": [], "weight": [], "query_pos": [], "key_pos": [], "pair_share": []}
-
-    def add(edge_rows, heads, values_, query, key, share):
-        record["edge"] += edge_rows.tolist()
-        record["head"] += heads.tolist()
-        record["weight"] += values_.tolist()
-        record["query_pos"] += query.tolist()
-        record["key_pos"] += key.tolist()
-        record["pair_share"] += share.tolist()
-        record["layer"] += [layer] * len(edge_rows)
-
     edge_index, head = big.nonzero().unbind(1)
-    if len(edge_index):
-        group = lrm.model.n_heads // lrm.model.n_kv_heads
-        pattern = lrm.prompt.patterns[layer][head]  # [B, P, P]
-        pair = pattern * torch.einsum("bqe,bke->bqk", z_t[edge_index, :, head], values[edge_index, :, head // group])
-        flat = pair.flatten(1).abs().argmax(1)
-        query, key = flat // lrm.n_pos, flat % lrm.n_pos
-        share = pair.flatten(1)[torch.arange(len(flat)), flat] / parts[edge_index, head]
-        add(edges[edge_index], head, parts[edge_index, head], query, key, share)
+    query, key, share = _main_pairs(lrm, layer, z, values, target_row[edge_index], source_row[edge_index], head,
+                                    parts[edge_index, head], start, max_pairs)
     other = (parts * ~big).sum(1)
     has_other = (~big).any(1) & (other != 0)
-    n_other = int(has_other.sum())
-    add(edges[has_other], torch.full((n_other,), OTHER_HEADS), other[has_other],
-        torch.full((n_other,), -1), torch.full((n_other,), -1), torch.full((n_other,), float("nan")))
-    skip = edge_weight - parts.sum(1)
-    add(edges, torch.full((len(edges),), SKIP_HEAD), skip, torch.full((len(edges),), -1),
-        torch.full((len(edges),), -1), torch.full((len(edges),), float("nan")))
-    return pd.DataFrame(record)
+    n_other, n_edges = int(has_other.sum()), len(edges)
+    minus_one, nan = torch.full((n_other + n_edges,), -1), torch.full((n_other + n_edges,), float("nan"))
+    return {
+        "edge": torch.cat([edges[edge_index], edges[has_other], edges]),
+        "layer": torch.full((len(edge_index) + n_other + n_edges,), layer),
+        "head": torch.cat([head, torch.full((n_other,), OTHER_HEADS), torch.full((n_edges,), SKIP_HEAD)]),
+        "weight": torch.cat([parts[edge_index, head], other[has_other], weight - parts.sum(1)]),
+        "query_pos": torch.cat([query, minus_one]),
+        "key_pos": torch.cat([key, minus_one]),
+        "pair_share": torch.cat([share, nan]),
+    }
+
+
+def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values: torch.Tensor,
+                target_row: torch.Tensor, source_row: torch.Tensor, head: torch.Tensor, part: torch.Tensor,
+                start: int, max_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each (edge, head) entry, the (query, key) pair carrying most of the head's part, and its share:
+    pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k], formed head by head, max_pairs
+    entries at a time.  z [H, T, P', dh], values [Kv, S, P', dh] -> (query [B], key [B], share [B])"""
+    group = lrm.model.n_heads // lrm.model.n_kv_heads
+    n_pos = z.shape[2]
+    window = slice(start, start + n_pos)
+    query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
+    share = torch.empty(len(head))
+    for h in torch.unique(head).tolist():
+        pattern = lrm.prompt.patterns[layer, h, window, window]  # [P', P']
+        for rows in (head == h).nonzero().flatten().split(max_pairs):
+            pair = torch.bmm(z[h, target_row[rows]], values[h // group, source_row[rows]].transpose(1, 2))
+            pair = pair.mul_(pattern).flatten(1)  # [B, P'*P']
+            flat = pair.abs().argmax(1)  # [B]
+            query[rows], key[rows] = flat // n_pos + start, flat % n_pos + start
+            share[rows] = pair.gather(1, flat[:, None])[:, 0] / part[rows]
+    return query, key, share
+
+
+def _loadings_frame(records: list[dict]) -> pd.DataFrame:
+    """One frame of LOADING_COLUMNS from the records, sorted by (target, source, layer, head)."""
+    if not records:
+        return pd.DataFrame({c: pd.Series(dtype=dtype) for c, dtype in LOADING_DTYPES.items()})
+    columns = {c: np.concatenate([r[c].numpy() for r in records]).astype(dtype) for c, dtype in LOADING_DTYPES.items()}
+    order = np.lexsort([columns[c] for c in ("head", "layer", "source", "target")])  # last key first
+    return pd.DataFrame({c: values[order] for c, values in columns.items()})

@@ -10,20 +10,28 @@ and the key are sums of per-component vectors, so the gate logit of (j, h, q, k)
 
 Stored per attention edge: the top pairs and the rest (they sum with b to the logit), and each side's
 marginals (a component's total with every partner) with their rest.
+
+The edges are attributed layer by layer: the components of every position a layer's edges need are
+projected in one matmul per side (all heads at once), and the pair grids of many edges are formed in
+one batched matmul; `QKChunks` bounds how many positions and grids are held at once.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from collections import OrderedDict
+from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
+from attribution.budget import FLOAT_BYTES, MemoryBudgetError, default_budget_bytes
 from attribution.config import AttentionAttributionConfig
 from attribution.nodes import LocalReplacementModel
 
 QK_COLUMNS = ["layer", "head", "query_pos", "key_pos", "kind", "query_component", "key_component", "value",
               "gate_logit"]
+EDGE_KEYS = ["layer", "head", "query_pos", "key_pos"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -33,67 +41,166 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply the rotation of one position.  x [..., dh]; cos, sin [dh]"""
+    """Apply the rotation of one position (cos, sin [dh]) or of each row (cos, sin broadcast to x).  x [..., dh]"""
     return x * cos + rotate_half(x) * sin
 
 
-def frozen_head_outputs(lrm: LocalReplacementModel) -> torch.Tensor:
-    """Every head's attention output in the real forward pass.  -> [L, H, P, d]"""
+def frozen_head_mixes(lrm: LocalReplacementModel) -> torch.Tensor:
+    """Every head's attention output before W_O in the real forward pass.  -> [L, P, H, dh]"""
     weights, frozen = lrm.model, lrm.prompt
-    n_heads, n_kv = weights.n_heads, weights.n_kv_heads
+    n_kv = weights.n_kv_heads
     out = []
     for layer in range(lrm.n_layers):
         normed = frozen.resid_pre[layer] * frozen.attn_inv_rms[layer][:, None] * weights.attn_norm[layer]
         values = (normed @ weights.W_V[layer].T).unflatten(-1, (n_kv, -1))  # [P, Kv, dh]
-        values = values.repeat_interleave(n_heads // n_kv, dim=1)  # [P, H, dh]
-        mixed = torch.einsum("hqk,khe->hqe", frozen.patterns[layer], values)  # [H, P, dh]
-        W_O = weights.W_O[layer].unflatten(1, (n_heads, -1))  # [d, H, dh]
-        out.append(torch.einsum("hqe,dhe->hqd", mixed, W_O))
+        pattern = frozen.patterns[layer].unflatten(0, (n_kv, -1))  # [Kv, G, P, P]
+        out.append(torch.einsum("cgqk,kce->qcge", pattern, values).flatten(1, 2))  # [P, H, dh]
     return torch.stack(out)
 
 
+@dataclass(frozen=True)
+class QKChunks:
+    """How much of the QK attribution is held at once."""
+
+    positions: int  # (layer, position) component sets projected together
+    edges: int  # attention edges whose pair grids are formed together
+    cached_positions: int  # positions whose earlier heads' outputs are kept for later layers
+
+
+def qk_chunk_bytes(chunks: QKChunks, n_components: int, lrm: LocalReplacementModel) -> int:
+    """Peak bytes of QK attribution with `chunks`, `n_components` at most per (layer, position)."""
+    d, L, H = lrm.model.d_model, lrm.n_layers, lrm.model.n_heads
+    positions = chunks.positions * n_components * d * 5  # components, normed, projected, rotated, padded
+    grids = chunks.edges * n_components * (n_components * 4 + 2 * lrm.model.head_dim)  # grid, |grid|, double
+    cache = chunks.cached_positions * L * H * d
+    return (positions + grids + cache) * FLOAT_BYTES + lrm.n_layers * lrm.n_pos * d * FLOAT_BYTES
+
+
+def plan_qk_chunks(lrm: LocalReplacementModel, n_edges: int, budget_bytes: int) -> QKChunks:
+    """The largest chunks that fit `budget_bytes` (positions and the head-output cache get a third each,
+    grids the rest); MemoryBudgetError if one of each does not fit."""
+    n_components = max_components(lrm)
+    needed = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm)
+    if needed > budget_bytes:
+        raise MemoryBudgetError(
+            f"QK attribution of a {lrm.n_pos}-position prompt needs at least {needed / 2**30:.2f} GiB, over the "
+            f"memory budget of {budget_bytes / 2**30:.2f} GiB; raise memory_budget_gb or shorten the prompt"
+        )
+    spare = budget_bytes - needed
+    per_position = qk_chunk_bytes(QKChunks(3, 1, 1), n_components, lrm) - needed
+    per_cached = qk_chunk_bytes(QKChunks(2, 1, 2), n_components, lrm) - needed
+    per_edge = qk_chunk_bytes(QKChunks(2, 2, 1), n_components, lrm) - needed
+    positions = min(2 * n_edges, 2 + spare // 3 // per_position)
+    cached = min(lrm.n_pos, 1 + spare // 3 // per_cached)
+    edges = min(n_edges, 1 + (spare - (positions - 2) * per_position - (cached - 1) * per_cached) // per_edge)
+    return QKChunks(int(max(2, positions)), int(max(1, edges)), int(max(1, cached)))
+
+
+def max_components(lrm: LocalReplacementModel) -> int:
+    """The most components any (layer, position) has: token, features, errors, constants, heads."""
+    features_per_pos = int(torch.bincount(lrm.features[:, 1], minlength=1).max()) if lrm.n_active else 0
+    return 2 + features_per_pos + lrm.n_layers + lrm.n_layers * lrm.model.n_heads
+
+
+@dataclass(frozen=True)
+class PositionParts:
+    """What every layer's components at one position are cut from (a layer j takes a prefix of each)."""
+
+    feature_ids: list[str]  # active features at the position, by source layer
+    feature_layer: torch.Tensor  # [n_f] their source layers, ascending
+    feature_writes: torch.Tensor  # [n_f, L + 1, d]: [f, j] = the feature's writes into MLP-outs below j
+    error_ids: list[str]  # per layer k: `{k}_-1_{pos}`
+    head_ids: list[str]  # per (layer k, head h), layer-major: `attn_{k}_{h}_{pos}`
+    head_outputs: torch.Tensor  # [L * H, d] each head's attention output
+
+
 class ResidualComponents:
-    """The named parts of resid_pre[layer][pos] (see the module docstring), cached per (layer, pos)."""
+    """The named parts of resid_pre[layer][pos] (see the module docstring), and their projections.
+    What they are cut from is kept per position, for the `cached_positions` used last."""
 
-    def __init__(self, lrm: LocalReplacementModel):
+    def __init__(self, lrm: LocalReplacementModel, cached_positions: int | None = None):
         self.lrm = lrm
-        self.heads = frozen_head_outputs(lrm)  # [L, H, P, d]
-        self.at = cache(self._components)
-        self._projected: dict[tuple, tuple[list[str], torch.Tensor]] = {}
+        weights = lrm.model
+        self.mixes = frozen_head_mixes(lrm)  # [L, P, H, dh]
+        self.W_O = weights.W_O.unflatten(2, (weights.n_heads, -1)).permute(0, 2, 3, 1).contiguous()  # [L, H, dh, d]
+        self.cached_positions = cached_positions or lrm.n_pos
+        self._parts: OrderedDict[int, PositionParts] = OrderedDict()  # least recently used first
 
-    def _components(self, layer: int, pos: int) -> tuple[list[str], torch.Tensor]:
+    def parts(self, pos: int) -> PositionParts:
+        """The position's PositionParts (cached)."""
+        if pos in self._parts:
+            self._parts.move_to_end(pos)
+            return self._parts[pos]
         lrm = self.lrm
-        token = int(lrm.prompt.tokens[pos])
-        ids, vectors = [f"E_{token}_{pos}"], [lrm.model.embed[token][None]]
-        features = ((lrm.features[:, 1] == pos) & (lrm.features[:, 0] < layer)).nonzero().flatten()
-        source, feat = lrm.features[features, 0], lrm.features[features, 2]
-        writes = torch.zeros(len(features), lrm.model.d_model)
-        for src in source.unique().tolist():  # a feature's writes into MLP-outs src..layer-1
+        L, d, n_heads = lrm.n_layers, lrm.model.d_model, lrm.model.n_heads
+        index = (lrm.features[:, 1] == pos).nonzero().flatten()  # (layer, feature) order
+        source, feat = lrm.features[index, 0], lrm.features[index, 2]
+        writes = torch.zeros(len(index), L + 1, d)  # [f, k + 1]: the write into MLP-out k
+        for src in source.unique().tolist():
             mask = source == src
-            writes[mask] = lrm.clt.W_dec[src][feat[mask], :layer - src].sum(1)
-        ids += [f"{s}_{f}_{pos}" for s, f in zip(source.tolist(), feat.tolist())]
-        vectors.append(writes * lrm.activations[features, None])
-        if pos > 0:
-            ids += [f"{k}_-1_{pos}" for k in range(layer)]
-            vectors.append(lrm.errors[:layer, pos])
-        ids.append(f"bias_{pos}")
-        vectors.append(lrm.constants[:layer, pos].sum(0)[None])
-        n_heads = lrm.model.n_heads
-        ids += [f"attn_{k}_{h}_{pos}" for k in range(layer) for h in range(n_heads)]
-        vectors.append(self.heads[:layer, :, pos].reshape(-1, lrm.model.d_model))
-        return ids, torch.cat(vectors)
+            writes[mask, src + 1:] = lrm.clt.W_dec[src][feat[mask]]
+        parts = PositionParts(
+            feature_ids=[f"{s}_{f}_{pos}" for s, f in zip(source.tolist(), feat.tolist())],
+            feature_layer=source,
+            feature_writes=writes.cumsum(1) * lrm.activations[index, None, None],
+            error_ids=[f"{k}_-1_{pos}" for k in range(L)],
+            head_ids=[f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)],
+            head_outputs=torch.einsum("lhe,lhed->lhd", self.mixes[:, pos], self.W_O).reshape(-1, d),
+        )
+        self._parts[pos] = parts
+        if len(self._parts) > self.cached_positions:
+            self._parts.popitem(last=False)
+        return parts
 
-    def projected(self, layer: int, pos: int, side: str, head: int) -> tuple[list[str], torch.Tensor]:
-        """Each component through the frozen input norm, head `head`'s query projection (side "q") or
-        key projection (side "k", `head` a kv head) and the rotation at pos.  -> (ids, [n, dh])"""
-        key = (layer, pos, side, head)
-        if key not in self._projected:
-            ids, vectors = self.at(layer, pos)
-            lrm, dh = self.lrm, self.lrm.model.head_dim
-            W = (lrm.model.W_Q if side == "q" else lrm.model.W_K)[layer][head * dh:(head + 1) * dh]
-            normed = vectors * (lrm.model.attn_norm[layer] * lrm.prompt.attn_inv_rms[layer, pos])
-            self._projected[key] = ids, rotary(normed @ W.T, lrm.prompt.rope_cos[pos], lrm.prompt.rope_sin[pos])
-        return self._projected[key]
+    def ids(self, layer: int, pos: int) -> list[str]:
+        """The ids of the components of resid_pre[layer][pos], in their order."""
+        lrm, parts = self.lrm, self.parts(pos)
+        n_features, n_errors, n_heads = self._counts(layer, pos)
+        return [f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *parts.feature_ids[:n_features],
+                *parts.error_ids[:n_errors], f"bias_{pos}", *parts.head_ids[:n_heads]]
+
+    def at(self, layer: int, pos: int) -> tuple[list[str], torch.Tensor]:
+        """The components of resid_pre[layer][pos].  -> (ids, vectors [n, d]); the vectors sum to it."""
+        ids = self.ids(layer, pos)
+        vectors = torch.empty(len(ids), self.lrm.model.d_model)
+        self._fill(layer, pos, vectors)
+        return ids, vectors
+
+    def _counts(self, layer: int, pos: int) -> tuple[int, int, int]:
+        """How many features (a prefix: sorted by source layer), errors and heads resid_pre[layer][pos] holds."""
+        return (int((self.parts(pos).feature_layer < layer).sum()), layer if pos > 0 else 0,
+                layer * self.lrm.model.n_heads)
+
+    def _fill(self, layer: int, pos: int, out: torch.Tensor) -> None:
+        """Write the component vectors of resid_pre[layer][pos] into out[:n] (in place)."""
+        lrm, parts = self.lrm, self.parts(pos)
+        n_features, n_errors, n_heads = self._counts(layer, pos)
+        out[0] = lrm.model.embed[lrm.prompt.tokens[pos]]
+        out[1:1 + n_features] = parts.feature_writes[:n_features, layer]
+        at = 1 + n_features
+        out[at:at + n_errors] = lrm.errors[:n_errors, pos]
+        out[at + n_errors] = lrm.constants[:layer, pos].sum(0)
+        out[at + n_errors + 1:at + n_errors + 1 + n_heads] = parts.head_outputs[:n_heads]
+
+    def projected(self, layer: int, positions: list[int], side: str, heads: list[list[int]] | None = None
+                  ) -> tuple[list[list[str]], torch.Tensor]:
+        """The components of each position through the frozen input norm, the query projection of each
+        head (side "q") or the key projection of each kv head (side "k") and the rotation of that position,
+        padded with zero rows; with `heads`, only those heads of each position (the others stay zero).
+        -> (ids per position, [n_positions, n_max, heads, dh])"""
+        lrm, dh = self.lrm, self.lrm.model.head_dim
+        W = (lrm.model.W_Q if side == "q" else lrm.model.W_K)[layer].unflatten(0, (-1, dh))  # [heads, dh, d]
+        ids = [self.ids(layer, pos) for pos in positions]
+        vectors = torch.empty(max(map(len, ids)), lrm.model.d_model)
+        out = torch.zeros(len(positions), len(vectors), len(W), dh)
+        for row, pos in enumerate(positions):
+            chosen = list(range(len(W))) if heads is None else heads[row]
+            n = len(ids[row])
+            self._fill(layer, pos, vectors)
+            normed = vectors[:n] * (lrm.model.attn_norm[layer] * lrm.prompt.attn_inv_rms[layer, pos])
+            projected = (normed @ W[chosen].flatten(0, 1).T).unflatten(-1, (-1, dh))  # [n, chosen, dh]
+            out[row, :n, chosen] = rotary(projected, lrm.prompt.rope_cos[pos], lrm.prompt.rope_sin[pos])
+        return ids, out
 
 
 def qk_pair_contributions(components: ResidualComponents, layer: int, head: int, query_pos: int,
@@ -102,54 +209,166 @@ def qk_pair_contributions(components: ResidualComponents, layer: int, head: int,
     -> (query ids, key ids, contributions [n_q, n_k]); they sum to the score s = q.k / sqrt(dh)."""
     weights = components.lrm.model
     kv = head // (weights.n_heads // weights.n_kv_heads)
-    query_ids, queries = components.projected(layer, query_pos, "q", head)
-    key_ids, keys = components.projected(layer, key_pos, "k", kv)
-    return query_ids, key_ids, (queries @ keys.T) * weights.head_dim**-0.5
+    (query_ids,), queries = components.projected(layer, [query_pos], "q")
+    (key_ids,), keys = components.projected(layer, [key_pos], "k")
+    return query_ids, key_ids, (queries[0, :, head] @ keys[0, :, kv].T) * weights.head_dim**-0.5
 
 
 def qk_rows(components: ResidualComponents, layer: int, head: int, query_pos: int, key_pos: int,
             config: AttentionAttributionConfig) -> list[tuple]:
     """The stored QK attribution of one attention edge (see the module docstring), as QK_COLUMNS tuples."""
-    query_ids, key_ids, pairs = qk_pair_contributions(components, layer, head, query_pos, key_pos)
-    offsets = components.lrm.model.gate_offsets
-    offset = float(offsets[layer, head]) if offsets is not None else 0.0
-    score = float(pairs.double().sum())
-    logit = score + offset
-    rows = []
-
-    def add(kind, query, key, value):
-        rows.append((layer, head, query_pos, key_pos, kind, query, key, float(value), logit))
-
-    top = pairs.flatten().abs().topk(min(config.qk_top_pairs, pairs.numel())).indices
-    for flat, value in zip(top.tolist(), pairs.flatten()[top].tolist()):
-        q, k = divmod(flat, pairs.shape[1])
-        add("pair", query_ids[q], key_ids[k], value)
-    add("pair_rest", "*", "*", score - float(pairs.flatten()[top].double().sum()))
-    add("offset", "b", "b", offset)
-    for side, ids, marginal in (("query", query_ids, pairs.double().sum(1)), ("key", key_ids, pairs.double().sum(0))):
-        top = marginal.abs().topk(min(config.qk_top_marginals, len(marginal))).indices
-        for index, value in zip(top.tolist(), marginal[top].tolist()):
-            add(f"{side}_marginal", ids[index] if side == "query" else "*", ids[index] if side == "key" else "*",
-                value)
-        add(f"{side}_marginal_rest", "*", "*", score - float(marginal[top].sum()))
-    return rows
+    edge = pd.DataFrame({"layer": [layer], "head": [head], "query_pos": [query_pos], "key_pos": [key_pos]})
+    frame = _layer_rows(components, layer, edge, config, QKChunks(2, 1, components.cached_positions))
+    return list(frame[QK_COLUMNS].itertuples(index=False, name=None))
 
 
 def attention_edges(loadings: pd.DataFrame, limit: int) -> pd.DataFrame:
     """The distinct (layer, head, query_pos, key_pos) that head loadings point at, the `limit` with the
     largest |part| first."""
     heads = loadings[loadings["head"] >= 0].assign(size=lambda f: f["weight"].abs())
-    keys = ["layer", "head", "query_pos", "key_pos"]
-    ranked = heads.groupby(keys, as_index=False)["size"].max().sort_values("size", ascending=False, kind="stable")
-    return ranked[keys].head(limit).reset_index(drop=True)
+    ranked = heads.groupby(EDGE_KEYS, as_index=False)["size"].max().sort_values("size", ascending=False, kind="stable")
+    return ranked[EDGE_KEYS].head(limit).reset_index(drop=True)
 
 
-def qk_attribution(lrm: LocalReplacementModel, loadings: pd.DataFrame, config: AttentionAttributionConfig
-                   ) -> pd.DataFrame:
-    """QK attribution of every attention edge that carries a stored head loading (up to the limit)."""
+def qk_attribution(lrm: LocalReplacementModel, loadings: pd.DataFrame, config: AttentionAttributionConfig,
+                   chunks: QKChunks | None = None, memory_budget: int | None = None) -> pd.DataFrame:
+    """QK attribution of every attention edge that carries a stored head loading (up to the limit), in
+    the order of attention_edges. `chunks` fixes how much is held at once; else they are planned to fit
+    `memory_budget` bytes (None: the machine's default budget)."""
     edges = attention_edges(loadings, config.max_attention_edges)
     if not len(edges):
         return pd.DataFrame(columns=QK_COLUMNS)
-    components = ResidualComponents(lrm)
-    rows = [row for edge in edges.itertuples(index=False) for row in qk_rows(components, *map(int, edge), config)]
-    return pd.DataFrame(rows, columns=QK_COLUMNS)
+    if chunks is None:
+        chunks = plan_qk_chunks(lrm, len(edges), default_budget_bytes() if memory_budget is None else memory_budget)
+    components = ResidualComponents(lrm, chunks.cached_positions)
+    edges["rank"] = np.arange(len(edges))
+    frames = []
+    for layer, layer_edges in edges.groupby("layer", sort=True):
+        layer_edges = layer_edges.sort_values(["query_pos", "key_pos"], kind="stable")
+        for group in _position_groups(layer_edges, chunks.positions):
+            frames.append(_layer_rows(components, int(layer), group, config, chunks))
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["rank", "slot"], kind="stable", ignore_index=True)[QK_COLUMNS]
+
+
+def _position_groups(edges: pd.DataFrame, max_positions: int) -> list[pd.DataFrame]:
+    """Consecutive runs of `edges` (sorted by query position) whose query and key positions together
+    number at most max_positions (a single edge always forms a group)."""
+    groups, start, seen = [], 0, set()
+    for i, (query, key) in enumerate(zip(edges["query_pos"], edges["key_pos"])):
+        new = {("q", query), ("k", key)} - seen
+        if len(seen) + len(new) > max_positions and i > start:
+            groups.append(edges.iloc[start:i])
+            start, seen = i, set()
+            new = {("q", query), ("k", key)}
+        seen |= new
+    groups.append(edges.iloc[start:])
+    return groups
+
+
+def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
+                config: AttentionAttributionConfig, chunks: QKChunks) -> pd.DataFrame:
+    """QK rows of attention edges of one layer: per edge, in order (slot), the top pairs, pair_rest,
+    offset, the top query marginals and their rest, the top key marginals and their rest."""
+    weights = components.lrm.model
+    group = weights.n_heads // weights.n_kv_heads
+    query_positions, query_index = np.unique(edges["query_pos"].to_numpy(), return_inverse=True)
+    key_positions, key_index = np.unique(edges["key_pos"].to_numpy(), return_inverse=True)
+    heads = edges["head"].to_numpy()
+    query_heads = [np.unique(heads[query_index == i]).tolist() for i in range(len(query_positions))]
+    key_heads = [np.unique(heads[key_index == i] // group).tolist() for i in range(len(key_positions))]
+    query_ids, queries = components.projected(layer, query_positions.tolist(), "q", query_heads)  # [Pq, nq, H, dh]
+    key_ids, keys = components.projected(layer, key_positions.tolist(), "k", key_heads)  # [Pk, nk, Kv, dh]
+    query_count, key_count = torch.tensor([len(i) for i in query_ids]), torch.tensor([len(i) for i in key_ids])
+    query_ids, key_ids = _padded_ids(query_ids, queries.shape[1]), _padded_ids(key_ids, keys.shape[1])
+    queries = queries * weights.head_dim**-0.5
+    heads = torch.tensor(heads)
+    offsets = weights.gate_offsets[layer].double() if weights.gate_offsets is not None else None
+    columns = []
+    for rows in torch.arange(len(edges)).split(chunks.edges):
+        q, k, h = query_index[rows.numpy()], key_index[rows.numpy()], heads[rows]
+        offset = offsets[h] if offsets is not None else torch.zeros(len(rows), dtype=torch.float64)
+        batch = _edge_columns(queries[q, :, h], keys[k, :, h // group], query_count[q], key_count[k],
+                              query_ids[q], key_ids[k], offset, config)
+        batch["edge"] = rows.numpy()[batch["edge"]]
+        columns.append(batch)
+    frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
+    edge = frame.pop("edge")
+    for name in edges.columns:  # the edge's keys (and its rank)
+        frame[name] = edges[name].to_numpy()[edge]
+    return frame
+
+
+def _padded_ids(ids: list[list[str]], width: int) -> np.ndarray:
+    """Component ids per position as an array [n_positions, width], padded with ""."""
+    out = np.full((len(ids), width), "", dtype=object)
+    for i, row in enumerate(ids):
+        out[i, :len(row)] = row
+    return out
+
+
+def _edge_columns(queries: torch.Tensor, keys: torch.Tensor, n_query: torch.Tensor, n_key: torch.Tensor,
+                  query_ids: np.ndarray, key_ids: np.ndarray, offset: torch.Tensor, config: AttentionAttributionConfig
+                  ) -> dict:
+    """The rows of a batch of edges as columns. queries [B, nq, dh] (scaled by 1/sqrt(dh)) and keys
+    [B, nk, dh] are zero padded beyond n_query, n_key; query_ids [B, nq], key_ids [B, nk], offset [B]
+    -> {edge, slot, kind, query_component, key_component, value, gate_logit}, one entry per row."""
+    n_edges, width_q, width_k = len(queries), queries.shape[1], keys.shape[1]
+    real_q = torch.arange(width_q)[None] < n_query[:, None]  # [B, nq]
+    real_k = torch.arange(width_k)[None] < n_key[:, None]
+    exact_q, exact_k = queries.double(), keys.double()
+    query_marginal = torch.bmm(exact_q, exact_k.sum(1)[:, :, None])[..., 0]  # [B, nq]: sums over keys, exactly
+    key_marginal = torch.bmm(exact_k, exact_q.sum(1)[:, :, None])[..., 0]  # [B, nk]
+    score = query_marginal.sum(1)
+    logit = score + offset
+    kinds, query_comp, key_comp, values, valid = [], [], [], [], []
+    batch = np.arange(n_edges)[:, None]
+
+    def add(kind, query, key, value, ok):  # [B, n] blocks of one kind
+        kinds.append(np.broadcast_to(np.array(kind, dtype=object), value.shape))
+        query_comp.append(np.broadcast_to(query, value.shape))
+        key_comp.append(np.broadcast_to(key, value.shape))
+        values.append(value)
+        valid.append(np.broadcast_to(ok, value.shape))
+
+    magnitude = torch.bmm(queries, keys.transpose(1, 2)).abs_().flatten(1)  # [B, nq*nk] |pair|, padding 0
+    n_top = min(config.qk_top_pairs, width_q * width_k)
+    top = magnitude.topk(n_top, dim=1).indices  # [B, n_top]
+    padding = (top // width_k >= n_query[:, None]) | (top % width_k >= n_key[:, None])
+    for edge in padding.any(1).nonzero().flatten().tolist():  # fewer nonzero pairs than n_top: rank padding last
+        grid = magnitude[edge].view(width_q, width_k)
+        grid[n_query[edge]:] = -1
+        grid[:, n_key[edge]:] = -1
+        top[edge] = magnitude[edge].topk(n_top).indices
+    del magnitude
+    top_ok = (torch.arange(n_top)[None] < (n_query * n_key)[:, None].clamp(max=config.qk_top_pairs)).numpy()
+    top_q, top_k = top // width_k, top % width_k
+    rows = torch.arange(n_edges)[:, None]
+    top_values = (queries[rows, top_q] * keys[rows, top_k]).sum(-1)  # [B, n_top] the signed pairs
+    top_q, top_k = top_q.numpy(), top_k.numpy()
+    add("pair", query_ids[batch, top_q], key_ids[batch, top_k], top_values.double().numpy(), top_ok)
+    rest = score - (top_values.double() * torch.as_tensor(top_ok)).sum(1)
+    ones = np.ones((n_edges, 1), dtype=bool)
+    add("pair_rest", np.array("*", dtype=object), np.array("*", dtype=object), rest.numpy()[:, None], ones)
+    add("offset", np.array("b", dtype=object), np.array("b", dtype=object), offset.numpy()[:, None], ones)
+    for side, marginal, real, ids, limit in (("query", query_marginal, real_q, query_ids, n_query),
+                                             ("key", key_marginal, real_k, key_ids, n_key)):
+        n_top = min(config.qk_top_marginals, marginal.shape[1])
+        top = marginal.abs().masked_fill(~real, -1).topk(n_top, dim=1).indices
+        top_ok = (torch.arange(n_top)[None] < limit[:, None].clamp(max=config.qk_top_marginals)).numpy()
+        chosen = ids[batch, top.numpy()]
+        star = np.array("*", dtype=object)
+        top_values = marginal.gather(1, top)
+        add(f"{side}_marginal", chosen if side == "query" else star, chosen if side == "key" else star,
+            top_values.numpy(), top_ok)
+        rest = score - (top_values * torch.as_tensor(top_ok)).sum(1)
+        add(f"{side}_marginal_rest", star, star, rest.numpy()[:, None], ones)
+    ok = np.concatenate(valid, axis=1)  # [B, slots], slots in row order
+    slot = np.broadcast_to(np.arange(ok.shape[1]), ok.shape)
+    return {
+        "edge": np.broadcast_to(batch, ok.shape)[ok], "slot": slot[ok],
+        "kind": np.concatenate(kinds, axis=1)[ok], "query_component": np.concatenate(query_comp, axis=1)[ok],
+        "key_component": np.concatenate(key_comp, axis=1)[ok],
+        "value": np.concatenate(values, axis=1)[ok].astype(np.float64),
+        "gate_logit": np.broadcast_to(logit.numpy()[:, None], ok.shape)[ok],
+    }

@@ -24,6 +24,12 @@ class GraphRecord:
     tables: dict[str, pa.Table] = field(default_factory=dict)
 
 
+def storable_text(text: str) -> str:
+    """`text` as valid UTF-8 (what Parquet stores): characters that cannot be encoded, such as lone
+    surrogates, become backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def make_graph_id(variant: str, model: str, clt: str, prompt: str, settings: str) -> str:
     """Deterministic id: the same prompt, model, CLT and settings always get the same graph_id."""
     key = json.dumps([variant, model, clt, prompt, settings])
@@ -132,7 +138,7 @@ def failure_table(failure_id: str, variant: str, prompt: str, task: str, prompt_
                   error: Exception) -> pa.Table:
     """The one-row `failures` record of a prompt that could not be attributed."""
     return _table("failures", {
-        "failure_id": [failure_id], "variant": [variant], "prompt": [prompt], "task": [task],
-        "prompt_index": [prompt_index], "error_type": [type(error).__name__], "message": [str(error)],
+        "failure_id": [failure_id], "variant": [variant], "prompt": [storable_text(prompt)], "task": [task],
+        "prompt_index": [prompt_index], "error_type": [type(error).__name__], "message": [storable_text(str(error))],
         "created": [datetime.now(timezone.utc)],
     })

@@ -3,8 +3,9 @@
 Per prompt (`Attributor.attribute`, the one place of the per-prompt logic): freeze the model on it,
 build the local replacement model with the CLT, compute the graph, prune it, split its kept edges over
 heads, QK-attribute the attention edges that carry them, and write everything to the store under one
-graph_id. A prompt that cannot be attributed (too long, empty, bad tokens) is recorded in the store's
-`failures` table and the batch goes on. A prompt whose graph or failure is already stored is skipped
+graph_id. A prompt that cannot be attributed (too long, empty, bad tokens, over the memory budget: an
+AttributionError; or any other error while attributing or writing it) is recorded in the store's
+`failures` table with the error's type and message, and the batch goes on. A prompt whose graph or failure is already stored is skipped
 (unless forced), so a killed batch resumes where it stopped. `run` loops over the batch in-process;
 the pipeline can instead spread the same per-prompt calls over a pool of Ray actors.
 """
@@ -24,6 +25,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from attribution.budget import budget_bytes, check_fits, frozen_prompt_bytes, graph_bytes, tensor_bytes
 from attribution.config import AttributionStageConfig
 from attribution.graph import AttributionGraph, attribute
 from attribution.heads import head_loadings
@@ -38,10 +40,11 @@ from attribution.records import (
     graphs_table,
     make_graph_id,
     nodes_table,
+    storable_text,
 )
 from attribution.replacement import (
-    AttributionError,
     ModelWeights,
+    check_prompt_length,
     extract_weights,
     freeze_prompt,
     tokenize_prompt,
@@ -108,22 +111,32 @@ class Attributor:
         return make_graph_id(self.variant, self.model_id, self.clt_id, prompt, settings_json(config))
 
     def record(self, prompt: str | PromptItem, config: AttributionStageConfig) -> GraphRecord:
-        """Compute and package the graph of one prompt (raises AttributionError for a bad prompt)."""
+        """Compute and package the graph of one prompt (raises AttributionError for a bad prompt, its
+        MemoryBudgetError when it cannot fit `config.memory_budget_gb`)."""
         item = prompt if isinstance(prompt, PromptItem) else PromptItem(prompt)
         prompt = item.prompt
         started = time.perf_counter()
+        budget = budget_bytes(config.memory_budget_gb)
         tokens = tokenize_prompt(self.tokenizer, prompt)
+        n_pos = len(tokens)
+        check_prompt_length(n_pos, self.weights.n_ctx)
+        check_fits(f"freezing a {n_pos}-token prompt", frozen_prompt_bytes(self.weights, n_pos, self.clt.n_features),
+                   budget)
         frozen = freeze_prompt(self.model, tokens)
         lrm = build_replacement(self.weights, self.clt, frozen, config.graph.max_n_logits,
                                 config.graph.desired_logit_prob)
+        check_fits(f"the graph of {lrm.n_active} active features over {n_pos} positions",
+                   tensor_bytes(frozen, lrm) + graph_bytes(self.weights, n_pos, lrm.n_active, len(lrm.logit_tokens),
+                                                           config.graph), budget)
         graph = attribute(lrm, config.graph, prompt=prompt)
         pruned = prune(graph.adjacency, graph.logit_probs, graph.n_selected, graph.n_pos,
                        config.graph.node_threshold, config.graph.edge_threshold)
         loadings = qk = None
         if config.attention.enabled:
             targets, sources = kept_edges(graph, pruned)
-            loadings = head_loadings(lrm, graph, targets, sources, config.attention)
-            qk = qk_attribution(lrm, loadings, config.attention)
+            spare = budget - tensor_bytes(frozen, lrm, graph, pruned)  # what the graph leaves
+            loadings = head_loadings(lrm, graph, targets, sources, config.attention, memory_budget=spare)
+            qk = qk_attribution(lrm, loadings, config.attention, memory_budget=spare)
         graph_id = self.graph_id(prompt, config)
         token_strings = [self.tokenizer.decode([t]) for t in tokens]
         return GraphRecord(graph_id, self.variant, {
@@ -151,13 +164,13 @@ class Attributor:
                 return {**outcome, "status": "skipped", "stored": "failure"}
         try:
             record = self.record(item, config)
-        except AttributionError as error:  # a bad prompt: recorded, the batch goes on
+            store.write(record)
+        except Exception as error:  # noqa: BLE001 - any error of this prompt is recorded, the batch goes on
             store.delete(graph_id, missing_ok=True)  # forced rerun: an old graph must not contradict it
             store.write_failure(self.variant, graph_id, failure_table(graph_id, self.variant, item.prompt, item.task,
                                                                       item.index, error))
-            return {**outcome, "status": "failed", "prompt": item.prompt, "task": item.task, "index": item.index,
-                    "error_type": type(error).__name__, "error": str(error)}
-        store.write(record)
+            return {**outcome, "status": "failed", "prompt": storable_text(item.prompt), "task": item.task,
+                    "index": item.index, "error_type": type(error).__name__, "error": storable_text(str(error))}
         if force:
             store.delete_failure(self.variant, graph_id)
         info = record.tables["graphs"].to_pylist()[0]
@@ -166,7 +179,8 @@ class Attributor:
 
 def settings_json(config: AttributionStageConfig) -> str:
     """The settings that change a graph (not the prompt list or threads), as canonical JSON."""
-    return json.dumps(config.model_dump(mode="json", exclude={"prompts", "prompt_sets", "threads"}), sort_keys=True)
+    return json.dumps(config.model_dump(mode="json", exclude={"prompts", "prompt_sets", "threads", "memory_budget_gb"}),
+                      sort_keys=True)
 
 
 def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tensor, torch.Tensor]:
