@@ -1,7 +1,7 @@
 """The Parquet schema of the attribution store: five tables keyed by graph_id, one place.
 
 Layout under the store root, grouped by model variant: one file per graph and table, and after
-`GraphStore.compact` one pack per table holding many graphs (store.py says who reads which):
+`GraphStore.compact` one pack per table holding many graphs (store/reader.py says who reads which):
 
     {table}/variant={variant}/{graph_id}.parquet             table in TABLES
     {table}/variant={variant}/packs/{pack}.parquet           pack = "{generation:08d}-{token}"

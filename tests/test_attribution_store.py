@@ -30,6 +30,8 @@ from attribution.records import (
 )
 from attribution.schema import DATA_TABLES, ROW_COUNTS, TABLES, tagged
 from attribution.store import PID_SPACE, GraphNotFoundError, GraphStore, StoreError, open_store
+from attribution.store.files import StoreFiles
+from attribution.store.reader import StoreReader
 from bench.store_scale import synthetic_record
 from tests.test_attribution import replacement
 
@@ -108,14 +110,14 @@ def test_list_and_variants(tmp_path):
 def test_interrupted_write_leaves_no_visible_graph(tmp_path, monkeypatch):
     store = open_store(tmp_path)
     _, _, record = make_record()
-    original = GraphStore._write_file
+    original = StoreFiles.write_file
 
     def dies_at_commit(self, name, table, path):
         if name == "graphs":
             raise KeyboardInterrupt
         original(self, name, table, path)
 
-    monkeypatch.setattr(GraphStore, "_write_file", dies_at_commit)
+    monkeypatch.setattr(StoreFiles, "write_file", dies_at_commit)
     with pytest.raises(KeyboardInterrupt):
         store.write(record)
     monkeypatch.undo()
@@ -380,7 +382,7 @@ def test_a_killed_writers_temporary_file_does_not_break_directory_scans(tmp_path
     store = synthetic_store(tmp_path, {"dense": 2, "sparse": 1})
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
-    assert Path(store._temporary(store.path("edges", "dense", "lost"))).name.startswith(".lost.parquet.tmp-")
+    assert Path(store._files.temporary(store.path("edges", "dense", "lost"))).name.startswith(".lost.parquet.tmp-")
     left = tmp_path / "edges" / "variant=dense" / f".lost.parquet.tmp-{PID_SPACE}-{exited.pid}-{'0' * 32}"
     left.write_bytes(b"PAR1 half a file")
     expected = sum(row_counts(store)[g]["edges"] for g in store.list_graphs()["graph_id"])
@@ -399,14 +401,14 @@ def test_a_killed_writers_temporary_file_does_not_break_directory_scans(tmp_path
 def test_dataset_holds_committed_graphs_only(tmp_path, monkeypatch):
     store = synthetic_store(tmp_path, {"dense": 2, "sparse": 1})
     expected = row_counts(store)
-    original = GraphStore._write_file
+    original = StoreFiles.write_file
 
     def dies_at_commit(self, name, table, path):
         if name == "graphs":
             raise KeyboardInterrupt
         original(self, name, table, path)
 
-    monkeypatch.setattr(GraphStore, "_write_file", dies_at_commit)
+    monkeypatch.setattr(StoreFiles, "write_file", dies_at_commit)
     with pytest.raises(KeyboardInterrupt):
         store.write(synthetic_record("uncommitted", "dense", 99))
     monkeypatch.undo()
@@ -492,7 +494,7 @@ def test_readers_see_every_graph_once_at_every_step_of_a_compaction(tmp_path, mo
     deleted before it (the second compaction)."""
     store = synthetic_store(tmp_path, {"dense": 4, "sparse": 1})
     steps = []
-    write_pieces, delete_quietly = GraphStore._write_pieces, GraphStore._delete_quietly
+    write_pieces, delete_quietly = StoreFiles.write_pieces, StoreFiles.delete_quietly
 
     want = {}
 
@@ -505,8 +507,8 @@ def test_readers_see_every_graph_once_at_every_step_of_a_compaction(tmp_path, mo
             store.write(synthetic_record("dense0001", "dense", 40))
             store.delete("dense0002")
         want["before"] = everything(store)
-        monkeypatch.setattr(GraphStore, "_write_pieces", lambda self, *a: (write_pieces(self, *a), check("write"))[0])
-        monkeypatch.setattr(GraphStore, "_delete_quietly", lambda self, path: (delete_quietly(self, path),
+        monkeypatch.setattr(StoreFiles, "write_pieces", lambda self, *a: (write_pieces(self, *a), check("write"))[0])
+        monkeypatch.setattr(StoreFiles, "delete_quietly", lambda self, path: (delete_quietly(self, path),
                                                                               check("delete"))[0])
         store.compact("dense")
         monkeypatch.undo()
@@ -518,15 +520,15 @@ def test_a_reader_whose_files_vanish_mid_read_looks_again(tmp_path, monkeypatch)
     store = synthetic_store(tmp_path, {"dense": 3})
     want = everything(store)
     reader = open_store(tmp_path)
-    original = GraphStore._read_located
+    original = StoreReader.read_located
     compacted = []
 
     def compaction_finishes_first(self, where, table, columns=None):
-        if self is reader and not compacted:
+        if self is reader._reader and not compacted:
             compacted.append(open_store(tmp_path).compact("dense"))  # removes the files `where` points at
         return original(self, where, table, columns)
 
-    monkeypatch.setattr(GraphStore, "_read_located", compaction_finishes_first)
+    monkeypatch.setattr(StoreReader, "read_located", compaction_finishes_first)
     graph_id = want["listing"]["graph_id"][1]
     loaded = reader.load_graph(graph_id)
     assert compacted and not list((tmp_path / "nodes").rglob(f"{graph_id}.parquet"))
@@ -546,16 +548,16 @@ def test_a_crash_mid_compaction_leaves_every_graph_readable_once(tmp_path, monke
     store.write(synthetic_record("late", "dense", 61))
     want = everything(store)
     if crash == "before_commit":  # the pack's graphs file, the commit, is never written
-        original = GraphStore._write_file
+        original = StoreFiles.write_file
 
         def dies(self, name, table, path):
             if "/packs/" in path and name == "graphs":
                 raise OSError("killed")
             original(self, name, table, path)
 
-        monkeypatch.setattr(GraphStore, "_write_file", dies)
+        monkeypatch.setattr(StoreFiles, "write_file", dies)
     else:  # committed; dies after removing a few old files
-        original, removed = GraphStore._delete_quietly, []
+        original, removed = StoreFiles.delete_quietly, []
 
         def dies(self, path):
             if len(removed) == 3:
@@ -563,7 +565,7 @@ def test_a_crash_mid_compaction_leaves_every_graph_readable_once(tmp_path, monke
             removed.append(path)
             original(self, path)
 
-        monkeypatch.setattr(GraphStore, "_delete_quietly", dies)
+        monkeypatch.setattr(StoreFiles, "delete_quietly", dies)
     with pytest.raises(OSError, match="killed"):
         store.compact("dense")
     monkeypatch.undo()
