@@ -26,6 +26,11 @@ class TranscoderWeights:
     W_dec: tuple[torch.Tensor, ...]  # per source layer l: [F, L - l, d]; [f, k] writes to MLP-out of l + k
     b_dec: torch.Tensor  # [L, d]
 
+    @property
+    def n_features(self) -> int:
+        """Features per layer."""
+        return self.W_enc.shape[1]
+
 
 def transcoder_weights(clt, model: ModelWeights | None = None) -> TranscoderWeights:
     """Freeze a CrossLayerTranscoder into checked TranscoderWeights: its encoder and decoder in real units
