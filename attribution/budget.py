@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -72,8 +73,6 @@ def resident_bytes() -> int:
     statm = Path("/proc/self/statm")
     if statm.exists():
         return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prompts.tasks import TASKS
+
 
 class GraphConfig(BaseModel):
     """How one attribution graph is computed and pruned (circuit-tracer's defaults)."""
@@ -81,8 +83,6 @@ class AttributionStageConfig(BaseModel):
     @field_validator("prompt_sets")
     @classmethod
     def _known_tasks(cls, prompt_sets: dict[str, int]) -> dict[str, int]:
-        from prompts.tasks import TASKS
-
         for task, count in prompt_sets.items():
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -50,6 +50,7 @@ from attribution.replacement import (
     tokenize_prompt,
 )
 from attribution.store import GraphStore, check_variant, open_store
+from prompts.tasks import PROMPT_DIR, load_task
 from sparse_attention.sources import ModelSource, load_source
 from transcoders.clt import META_FILE, load_clt
 
@@ -72,7 +73,6 @@ class PromptItem:
 
 def prompt_items(config: AttributionStageConfig, prompt_dir: Path | None = None) -> list[PromptItem]:
     """The batch the config names: each prompt set's first n clean prompts, then the free prompts."""
-    from prompts.tasks import PROMPT_DIR, load_task
 
     items = []
     for task, count in config.prompt_sets.items():

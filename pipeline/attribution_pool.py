@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 from attribution import stage as attribution
 from attribution.config import AttributionStageConfig
 from attribution.store import GraphStore, check_variant, open_store
@@ -37,7 +39,6 @@ class AttributionWorker:
 
     def __init__(self, config: AttributionStageConfig, model_source, clt_dir: str, store_root: str, variant: str,
                  threads: int):
-        import torch
 
         torch.set_num_threads(config.threads or threads)
         self.config = config
@@ -92,7 +93,6 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
         local = None
         if work_here:
             if config.threads:
-                import torch
 
                 torch.set_num_threads(config.threads)
             local = attribution.Attributor.load(model_source, clt_dir, variant)

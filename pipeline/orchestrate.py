@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from pathlib import Path
+
+import torch
 
 from pipeline.artifacts import ArtifactError, ArtifactStore, artifact_key
 from pipeline.config import ConfigError, PipelineConfig
@@ -71,7 +74,6 @@ def execute_stage(stage_name: str, config_json: dict, root: str, keys: dict[str,
     config = PipelineConfig.model_validate(config_json)
     threads = config.resources.for_stage(stage.group).num_cpus
     if threads:
-        import torch
 
         torch.set_num_threads(int(threads))  # reused Ray workers keep their first thread count otherwise
     store = ArtifactStore(root)
@@ -227,8 +229,6 @@ def init_ray(config: PipelineConfig) -> bool:
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on an address nobody listens at (ray.init would retry for minutes)."""
-    import socket
-
     if address in ("auto", "local"):
         return
     host_port = address.split("://", 1)[-1]

@@ -8,14 +8,27 @@ and failures.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from attribution import stage as attribution
+from comparison.stage import compare_store
 from pipeline.artifacts import RAY_TRAIN_DIR
+from pipeline.attribution_pool import run_on_actors
 from pipeline.config import PipelineConfig
 from runtime.files import write_atomic
+from sparse_attention import stage as sparsify
+from sparse_attention.config import ModelSpec, SparsifyConfig
+from transcoders import stage as clt
+from transcoders.config import CLTStageConfig
+from transcoders.features import open_features
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,6 @@ class Stage:
 def _resume_from_ray_train(checkpoint_dir: Path) -> None:
     """In a Ray Train worker: rank 0 restores the latest reported checkpoint (if any) into the trainer's
     local checkpoint directory; no rank goes on before it is in place."""
-    import torch.distributed as dist
     from ray import train
 
     latest = train.get_checkpoint()
@@ -75,10 +87,7 @@ def _sparsify_worker(loop_config: dict) -> None:
 
     Training checkpoints go through Ray Train (reported by every rank, rank 0's directory uploaded into
     the run's storage); a rerun restores the latest one into the stage's checkpoint directory first."""
-    import torch
 
-    from sparse_attention import stage as sparsify
-    from sparse_attention.config import SparsifyConfig
 
     torch.set_num_threads(loop_config["threads"])
     work_dir = Path(loop_config["work_dir"])
@@ -91,12 +100,8 @@ def _clt_worker(loop_config: dict) -> None:
     """Ray Train worker for a CLT: every rank trains on its shard of each batch, on the device Ray Train gave
     it (its GPU with use_gpu, else the CPU); rank 0 saves, exports and evaluates. Checkpoints go through Ray
     Train as in `_sparsify_worker`."""
-    import torch
     from ray.train.torch import get_device
 
-    from sparse_attention.config import ModelSpec
-    from transcoders import stage as clt
-    from transcoders.config import CLTStageConfig
 
     torch.set_num_threads(loop_config["threads"])
     work_dir = Path(loop_config["work_dir"])
@@ -109,7 +114,6 @@ def _clt_worker(loop_config: dict) -> None:
 
 def restore_checkpoint_dir(checkpoint, target: Path) -> None:
     """Copy a Ray Train checkpoint's files over the trainer's local checkpoint directory (each file atomically)."""
-    import shutil
 
     target.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as source:
@@ -140,9 +144,7 @@ def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name:
 
 def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
                   force: bool) -> dict:
-    import json
 
-    from sparse_attention import stage as sparsify
 
     resources = config.resources.for_stage("sparsify")
     if resources.num_workers > 1:
@@ -163,9 +165,7 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
 
 def _run_clt(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
-        import json
 
-        from transcoders import stage as clt
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
         resources = config.resources.for_stage("clt")
@@ -186,7 +186,6 @@ def _run_clt(variant: str):
 
 def _run_features(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
-        from transcoders import stage as clt
 
         if not config.features.enabled:
             return {"enabled": False}
@@ -205,12 +204,10 @@ def _under_ray() -> bool:
 
 def _run_attribution(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
-        from attribution import stage as attribution
 
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
         resources = config.resources.for_stage("attribution")
         if resources.num_workers > 1 and _under_ray():
-            from pipeline.attribution_pool import run_on_actors
 
             summary = run_on_actors(config.attribution, source, inputs[f"clt_{variant}"], work_dir, variant,
                                     resources, progress=progress, force=force)
@@ -226,8 +223,6 @@ def _run_attribution(variant: str):
 
 def _run_compare(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
                  force: bool) -> dict:
-    from comparison.stage import compare_store
-    from transcoders.features import open_features
 
     sparsify_dir = inputs["sparsify"]
     labels = {variant: open_features(inputs[f"clt_{variant}"]).labels() for variant in ("dense", "sparse")
