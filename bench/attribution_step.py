@@ -15,11 +15,13 @@ write = building the tables and store.write. "before" runs the same worker with 
 sys.path (a git revision extracted with git archive, or a checkout), so both sides run their own code.
 
 Timing: the 21-token IOI prompt (data/prompts/ioi.jsonl line 5), before and after, alternating by round;
-CPU seconds (time.process_time) and wall seconds per phase, median over rounds. Memory: for each length,
-a prompt of IOI sentences cut to that many tokens, the new code, one fresh process: peak RSS
+CPU seconds (time.process_time) and wall seconds per phase, median over rounds and repeats. Memory: for
+each length, a prompt of IOI sentences cut to that many tokens, the new code, one fresh process: peak RSS
 (ru_maxrss) and RSS after loading, the phases, and the stage's outcome (a graph, or the failure it
-recorded, e.g. MemoryBudgetError). The machine is shared: prefer CPU seconds and ratios; the load
-average is recorded. Results: bench/results/attribution_step.json.
+recorded, e.g. MemoryBudgetError); --refusal-lengths run under --refusal-budget-gb, where the stage's
+estimates refuse before allocating (computing them would take longer than this benchmark should). The
+machine is shared: prefer CPU seconds and ratios; the load average is recorded. Results:
+bench/results/attribution_step.json (written after the timing and after every length).
 """
 
 from __future__ import annotations
@@ -123,8 +125,11 @@ def run_worker(job: dict, work: Path, timeout: int) -> dict:
     (out / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": job["code_root"]}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out / "job.json")], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=work)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(out / "job.json")], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=work)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "process_seconds": time.perf_counter() - started}
     if proc.returncode:
         return {"error": proc.stderr[-3000:], "process_seconds": time.perf_counter() - started}
     return {**json.loads((out / "result.json").read_text()), "process_seconds": time.perf_counter() - started}
@@ -180,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-feature-nodes", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3, help="before/after pairs of processes")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per process (after one warm-up)")
-    parser.add_argument("--lengths", default="64,128,256,512,1024", help="prompt lengths (tokens) for memory")
+    parser.add_argument("--lengths", default="64,128,256", help="prompt lengths (tokens) attributed for memory")
     parser.add_argument("--memory-budget-gb", type=float, help="the stage's memory_budget_gb (default: derived)")
+    parser.add_argument("--refusal-lengths", default="512,1024", help="longer prompts, under --refusal-budget-gb: "
+                        "what the stage's estimates say before allocating (a refusal, or a graph)")
+    parser.add_argument("--refusal-budget-gb", type=float, default=8.0, help="the issue's goal: 1,024 tokens in 8 GB")
     parser.add_argument("--work", default="/tmp/attribution-step-bench")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "attribution_step.json")
@@ -246,20 +254,24 @@ def main(argv: list[str] | None = None) -> int:
                                    for phase in ("head_loadings", "qk", "write", "step")}
             case["stored_bytes"] = {side: case[side][-1].get("stored_bytes") for side in ("before", "after")}
             case["rows"] = {side: case[side][-1].get("rows") for side in ("before", "after")}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
     report["memory"] = []
-    for n_tokens in [int(n) for n in args.lengths.split(",") if n]:
+    lengths = [(int(n), args.memory_budget_gb) for n in args.lengths.split(",") if n]
+    lengths += [(int(n), args.refusal_budget_gb) for n in args.refusal_lengths.split(",") if n]
+    for n_tokens, budget_gb in lengths:
         prompt = prompt_of_length(tokenizer, n_tokens)
-        job = {**common, "clt_dir": str(clt_dirs[next(iter(clt_dirs))]), "code_root": str(ROOT), "prompt": prompt,
-               "repeats": 0, "out_dir": str(work / f"memory_{n_tokens}")}
+        job = {**common, "memory_budget_gb": budget_gb, "clt_dir": str(clt_dirs[next(iter(clt_dirs))]),
+               "code_root": str(ROOT), "prompt": prompt, "repeats": 0, "out_dir": str(work / f"memory_{n_tokens}")}
         result = run_worker(job, work, args.timeout)
         entry = {"n_tokens_asked": n_tokens, "n_tokens": len(tokenize_prompt(tokenizer, prompt)),
-                 "load_average": os.getloadavg(), **result}
+                 "memory_budget_gb": budget_gb, "load_average": os.getloadavg(), **result}
         report["memory"].append(entry)
         outcome = result.get("runs", [{}])[-1].get("outcome", {})
         print(f"[memory {n_tokens}] peak {result.get('peak_rss_mb')} MB, status {outcome.get('status')} "
-              f"{outcome.get('error', '')[:200]}", flush=True)
+              f"{outcome.get('error', result.get('error', ''))[:200]}", flush=True)
+        args.output.write_text(json.dumps(report, indent=2))
     report["machine"]["load_average_after"] = os.getloadavg()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(json.dumps({name: {k: case.get(k) for k in ("before_summary", "after_summary", "speedup_cpu", "stored_bytes")}
                       for name, case in report["timing"].items()}, indent=2))
