@@ -1,7 +1,7 @@
 """The per-prompt attribution step as a whole: graph vs head loadings vs QK attribution vs write, before
 and after a change, and peak memory against prompt length.
 
-    .venv/bin/python bench/attribution_step.py                           # this checkout vs --before /work/main
+    .venv/bin/python bench/attribution_step.py                      # this checkout vs the commit before (BEFORE)
     .venv/bin/python bench/attribution_step.py --before /path/to/checkout --lengths 64,128,256,512,1024
 
 SmolLM2-135M (dense) with a random CLT calibrated as bench/attribution_vs_circuit_tracer.py does (30
@@ -11,15 +11,17 @@ otherwise, 1 thread. Every run is a fresh process that loads the model and CLT, 
 once to warm up and then `--repeats` times through the stage's own per-prompt step
 (`Attributor.attribute`, forced, into a scratch store), timing its phases by wrapping the functions the
 stage calls: graph = freeze_prompt + build_replacement + attribute + prune; head_loadings; qk_attribution;
-write = building the tables and store.write. "before" runs the same worker with another checkout first on
-sys.path (its own attribution package), so both sides run their own stage code.
+write = building the tables and store.write. "before" runs the same worker with another tree first on
+sys.path (a git revision extracted with git archive, or a checkout), so both sides run their own code.
 
 Timing: the 21-token IOI prompt (data/prompts/ioi.jsonl line 5), before and after, alternating by round;
-CPU seconds (time.process_time) and wall seconds per phase, median over rounds. Memory: for each length,
-a prompt of IOI sentences cut to that many tokens, the new code, one fresh process: peak RSS
+CPU seconds (time.process_time) and wall seconds per phase, median over rounds and repeats. Memory: for
+each length, a prompt of IOI sentences cut to that many tokens, the new code, one fresh process: peak RSS
 (ru_maxrss) and RSS after loading, the phases, and the stage's outcome (a graph, or the failure it
-recorded, e.g. MemoryBudgetError). The machine is shared: prefer CPU seconds and ratios; the load
-average is recorded. Results: bench/results/attribution_step.json.
+recorded, e.g. MemoryBudgetError); --refusal-lengths run under --refusal-budget-gb, where the stage's
+estimates refuse before allocating (computing them would take longer than this benchmark should). The
+machine is shared: prefer CPU seconds and ratios; the load average is recorded. Results:
+bench/results/attribution_step.json (written after the timing and after every length).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 IOI_PROMPT = "Then, Andrew and Kelly were thinking about going to the hospital. Andrew wanted to give a phone to"
 PHASES = ("graph", "head_loadings", "qk", "write")
+BEFORE = "b93ccc5"  # the last commit before head loadings and QK attribution were chunked and batched
 GRAPH_FUNCTIONS = ("freeze_prompt", "build_replacement", "attribute", "prune")
 
 
@@ -122,21 +125,42 @@ def run_worker(job: dict, work: Path, timeout: int) -> dict:
     (out / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": job["code_root"]}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out / "job.json")], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=work)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(out / "job.json")], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=work)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "process_seconds": time.perf_counter() - started}
     if proc.returncode:
         return {"error": proc.stderr[-3000:], "process_seconds": time.perf_counter() - started}
     return {**json.loads((out / "result.json").read_text()), "process_seconds": time.perf_counter() - started}
 
 
-def prompt_of_length(tokenizer, n_tokens: int) -> str:
-    """IOI sentences cut to `n_tokens` tokens with the BOS (the count of the text's own tokenisation is
-    reported by the run)."""
-    from attribution.tasks import load_task
+def code_root(before: str, work: Path) -> str:
+    """A directory holding the code `before` names: itself if it is one, else that git revision extracted."""
+    if Path(before).is_dir():
+        return str(Path(before).resolve())
+    out = work / f"code_{before}"
+    if not out.exists():
+        out.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", before], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return str(out)
 
-    text = " ".join(p.clean for p in load_task("ioi"))
+
+def prompt_of_length(tokenizer, n_tokens: int) -> str:
+    """IOI sentences (data/prompts/ioi.jsonl) cut to `n_tokens` tokens with the BOS (the count of the
+    text's own tokenisation is reported by the run)."""
+    lines = (ROOT / "data" / "prompts" / "ioi.jsonl").read_text().splitlines()
+    text = " ".join(json.loads(line)["clean"] for line in lines if line.strip())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens - 1]
     return tokenizer.decode(ids)
+
+
+def git_head() -> str:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
 def summary(runs: list[dict]) -> dict:
@@ -151,7 +175,8 @@ def summary(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--before", default="/work/main", help="the checkout whose code is 'before'")
+    parser.add_argument("--before", default=BEFORE, help="the code 'before': a git revision of this repository "
+                        "(extracted into --work) or a checkout directory")
     parser.add_argument("--features", type=int, default=256, help="random CLT: features per layer")
     parser.add_argument("--density", type=float, default=0.02, help="random CLT: share of features active")
     parser.add_argument("--decoder-scales", default="1,10", help="random CLT: decoder weights times these, one "
@@ -160,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-feature-nodes", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3, help="before/after pairs of processes")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per process (after one warm-up)")
-    parser.add_argument("--lengths", default="64,128,256,512,1024", help="prompt lengths (tokens) for memory")
+    parser.add_argument("--lengths", default="64,128,256", help="prompt lengths (tokens) attributed for memory")
     parser.add_argument("--memory-budget-gb", type=float, help="the stage's memory_budget_gb (default: derived)")
+    parser.add_argument("--refusal-lengths", default="512,1024", help="longer prompts, under --refusal-budget-gb: "
+                        "what the stage's estimates say before allocating (a refusal, or a graph)")
+    parser.add_argument("--refusal-budget-gb", type=float, default=8.0, help="the issue's goal: 1,024 tokens in 8 GB")
     parser.add_argument("--work", default="/tmp/attribution-step-bench")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "attribution_step.json")
@@ -202,15 +230,16 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average_before": os.getloadavg()},
         "settings": {"model": args.model, "prompt": IOI_PROMPT, "n_tokens": len(tokens), "clt_features": args.features,
                      "clt_density": args.density, "max_feature_nodes": args.max_feature_nodes,
-                     "before": args.before, "after": str(ROOT), "rounds": args.rounds, "repeats": args.repeats,
+                     "before": args.before, "after": f"{ROOT} at {git_head()}", "rounds": args.rounds,
+                     "repeats": args.repeats,
                      "memory_budget_gb": args.memory_budget_gb},
         "timing": {},
     }
     for scale, clt_dir in clt_dirs.items():
         case = report["timing"][f"decoder_x{scale:g}"] = {"clt_dir": str(clt_dir), "before": [], "after": []}
         for round_index in range(args.rounds):
-            for side, code_root in (("before", args.before), ("after", str(ROOT))):
-                job = {**common, "clt_dir": str(clt_dir), "code_root": code_root, "prompt": IOI_PROMPT,
+            for side, root in (("before", code_root(args.before, work)), ("after", str(ROOT))):
+                job = {**common, "clt_dir": str(clt_dir), "code_root": root, "prompt": IOI_PROMPT,
                        "repeats": args.repeats, "out_dir": str(work / f"x{scale:g}_{side}_{round_index}")}
                 result = run_worker(job, work, args.timeout)
                 result["load_average"] = os.getloadavg()
@@ -225,20 +254,24 @@ def main(argv: list[str] | None = None) -> int:
                                    for phase in ("head_loadings", "qk", "write", "step")}
             case["stored_bytes"] = {side: case[side][-1].get("stored_bytes") for side in ("before", "after")}
             case["rows"] = {side: case[side][-1].get("rows") for side in ("before", "after")}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
     report["memory"] = []
-    for n_tokens in [int(n) for n in args.lengths.split(",") if n]:
+    lengths = [(int(n), args.memory_budget_gb) for n in args.lengths.split(",") if n]
+    lengths += [(int(n), args.refusal_budget_gb) for n in args.refusal_lengths.split(",") if n]
+    for n_tokens, budget_gb in lengths:
         prompt = prompt_of_length(tokenizer, n_tokens)
-        job = {**common, "clt_dir": str(clt_dirs[next(iter(clt_dirs))]), "code_root": str(ROOT), "prompt": prompt,
-               "repeats": 0, "out_dir": str(work / f"memory_{n_tokens}")}
+        job = {**common, "memory_budget_gb": budget_gb, "clt_dir": str(clt_dirs[next(iter(clt_dirs))]),
+               "code_root": str(ROOT), "prompt": prompt, "repeats": 0, "out_dir": str(work / f"memory_{n_tokens}")}
         result = run_worker(job, work, args.timeout)
         entry = {"n_tokens_asked": n_tokens, "n_tokens": len(tokenize_prompt(tokenizer, prompt)),
-                 "load_average": os.getloadavg(), **result}
+                 "memory_budget_gb": budget_gb, "load_average": os.getloadavg(), **result}
         report["memory"].append(entry)
         outcome = result.get("runs", [{}])[-1].get("outcome", {})
         print(f"[memory {n_tokens}] peak {result.get('peak_rss_mb')} MB, status {outcome.get('status')} "
-              f"{outcome.get('error', '')[:200]}", flush=True)
+              f"{outcome.get('error', result.get('error', ''))[:200]}", flush=True)
+        args.output.write_text(json.dumps(report, indent=2))
     report["machine"]["load_average_after"] = os.getloadavg()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(json.dumps({name: {k: case.get(k) for k in ("before_summary", "after_summary", "speedup_cpu", "stored_bytes")}
                       for name, case in report["timing"].items()}, indent=2))
