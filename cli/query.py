@@ -1,0 +1,160 @@
+"""Tables from a store, printed (`query`), and stored graphs as circuit-tracer frontend JSON (`export`).
+
+    sparse-interp query graphs STORE              one row per graph: id, variant, task, sizes, scores, prompt
+    sparse-interp query edges STORE GRAPH_ID      the top edges (by |weight|) of one graph, with node ids
+    sparse-interp query head STORE L5H3           the graphs where head 3 of layer 5 carries part of an edge
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.compute as pc
+
+from attribution.frontend import export_frontend
+from attribution.store import GraphStore, open_store
+from cli.errors import UsageError
+from sparse_attention.config import ModelSpec
+from sparse_attention.sources import load_source
+
+GRAPH_COLUMNS = ["graph_id", "variant", "task", "prompt_index", "n_pos", "n_nodes_kept", "n_edges_kept",
+                 "replacement_score", "completeness_score", "prompt"]
+EDGE_COLUMNS = ["source_id", "target_id", "weight", "kept"]
+HEAD = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    tables = parser.add_subparsers(dest="table", required=True, metavar="TABLE")
+    graphs = tables.add_parser("graphs", help="one row per committed graph")
+    _common(graphs)
+    graphs.set_defaults(handler=query_graphs)
+    edges = tables.add_parser("edges", help="the top edges of one graph")
+    _common(edges)
+    edges.add_argument("graph_id", help="the graph's id (see `query graphs`)")
+    edges.add_argument("--top", type=int, default=20, metavar="K", help="how many edges (default %(default)s)")
+    edges.add_argument("--all", action="store_true", help="among every stored edge, not only those pruning kept")
+    edges.set_defaults(handler=query_edges)
+    head = tables.add_parser("head", help="the graphs where one attention head carries part of an edge")
+    _common(head)
+    head.add_argument("head", help="the head as L{layer}H{head}, e.g. L5H3")
+    head.set_defaults(handler=query_head)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="store directory or pyarrow filesystem URI")
+    parser.add_argument("--variant", help="only graphs of this variant (default: all)")
+    parser.add_argument("--format", choices=("table", "csv", "jsonl"), default="table",
+                        help="output format (default %(default)s)")
+    parser.add_argument("--traceback", action="store_true", help="print the traceback of an error, too")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="store directory or pyarrow filesystem URI")
+    parser.add_argument("graph_ids", nargs="*", metavar="GRAPH_ID", help="graphs to export (see `query graphs`)")
+    parser.add_argument("--all", action="store_true", help="export every graph of the store (or of --variant)")
+    parser.add_argument("--variant", help="with --all: only graphs of this variant")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="output directory: {slug}.json per graph and graph-metadata.json")
+    parser.add_argument("--slug", help="the graph's name in the frontend (one graph only; default its graph id)")
+    parser.add_argument("--token-ids", action="store_true", help="label logit nodes by token id, without "
+                        "loading the graph's model for its tokenizer")
+    parser.add_argument("--traceback", action="store_true", help="print the traceback of an error, too")
+
+
+def existing_store(uri: str) -> GraphStore:
+    """The store at `uri`; a local path must be an existing directory."""
+    if "://" not in uri and not Path(uri).expanduser().is_dir():
+        raise UsageError(f"store {uri} is not a directory")
+    return open_store(uri)
+
+
+def _variant(store: GraphStore, variant: str | None) -> str | None:
+    if variant is not None and variant not in store.variants():
+        raise UsageError(f"--variant {variant!r} is not in the store; its variants: {store.variants()}")
+    return variant
+
+
+def _print(frame: pd.DataFrame, form: str) -> None:
+    if form == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif form == "jsonl":
+        if len(frame):
+            print(frame.to_json(orient="records", lines=True, date_format="iso").rstrip("\n"))
+    else:
+        print(frame.to_string(index=False, max_colwidth=60) if len(frame) else "(no rows)")
+
+
+def query_graphs(args: argparse.Namespace) -> int:
+    store = existing_store(args.store)
+    graphs = store.list_graphs(_variant(store, args.variant))
+    _print(graphs[GRAPH_COLUMNS], args.format)
+    return 0
+
+
+def query_edges(args: argparse.Namespace) -> int:
+    if args.top <= 0:
+        raise UsageError(f"--top {args.top} must be a positive count")
+    store = existing_store(args.store)
+    edges = store.top_edges(args.graph_id, args.top, kept_only=not args.all)
+    _print(edges[EDGE_COLUMNS], args.format)
+    return 0
+
+
+def query_head(args: argparse.Namespace) -> int:
+    match = HEAD.match(args.head)
+    if not match:
+        raise UsageError(f"head {args.head!r} must look like L5H3 (layer 5, head 3)")
+    layer, head = int(match[1]), int(match[2])
+    store = existing_store(args.store)
+    variant = _variant(store, args.variant)
+    graphs = store.list_graphs(variant)
+    if len(graphs) and layer >= graphs["n_layers"].max():
+        raise UsageError(f"head {args.head}: layer {layer} is past the last layer ({graphs['n_layers'].max() - 1})")
+    loadings = store.dataset("head_loadings", variant).to_table(
+        columns=["graph_id", "target", "source", "weight"],
+        filter=(pc.field("layer") == layer) & (pc.field("head") == head)).to_pandas()
+    loadings["abs_weight"] = loadings["weight"].abs()
+    carried = (loadings.groupby("graph_id").agg(edges=("weight", "size"), abs_weight=("abs_weight", "sum"))
+               .reset_index())
+    table = carried.merge(graphs[["graph_id", "variant", "task", "prompt_index", "prompt"]], on="graph_id")
+    table = table.sort_values(["abs_weight", "graph_id"], ascending=[False, True], kind="stable")
+    _print(table[["graph_id", "variant", "edges", "abs_weight", "task", "prompt_index", "prompt"]], args.format)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    store = existing_store(args.store)
+    if args.all == bool(args.graph_ids):
+        raise UsageError("give graph ids or --all (not both)" if args.all else "give graph ids or --all")
+    if args.variant is not None and not args.all:
+        raise UsageError(f"--variant {args.variant!r} selects graphs for --all; give --all too")
+    graph_ids = list(store.list_graphs(_variant(store, args.variant))["graph_id"]) if args.all else args.graph_ids
+    if args.slug is not None and len(graph_ids) != 1:
+        raise UsageError(f"--slug {args.slug!r} names one graph, but {len(graph_ids)} were given")
+    tokenizers: dict[str, object] = {}
+    for graph_id in graph_ids:
+        model = store.graph_info(graph_id)["model"]
+        if not args.token_ids and model not in tokenizers:
+            tokenizers[model] = tokenizer_of(model, graph_id)
+        path = export_frontend(store, graph_id, args.out, args.slug, tokenizer=tokenizers.get(model))
+        print(path)
+    return 0
+
+
+def tokenizer_of(model: str, graph_id: str):
+    """The tokenizer of the model a graph records (its graphs row's `model` identity JSON)."""
+    identity = json.loads(model)
+    if identity.get("kind") == "gated":
+        source = Path(identity["checkpoint"])
+    else:
+        source = ModelSpec(**{k: v for k, v in identity.items() if k in ModelSpec.model_fields})
+    try:
+        return load_source(source)[1]
+    except Exception as error:  # noqa: BLE001 - any failure to load means the same thing here
+        raise RuntimeError(f"cannot load the model of graph {graph_id} ({identity.get('model_name')}) for its "
+                           f"tokenizer: {error}; pass --token-ids to label logits by token id") from None
