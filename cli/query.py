@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from attribution.frontend import export_frontend
-from attribution.store import GraphStore, open_store
+from attribution.store import GraphStore, StoreError, check_id, open_store
 from cli.errors import UsageError
 from sparse_attention.config import ModelSpec
 from sparse_attention.sources import load_source
@@ -73,6 +73,13 @@ def existing_store(uri: str) -> GraphStore:
     return open_store(uri)
 
 
+def _graph_id(graph_id: str) -> str:
+    try:
+        return check_id(graph_id)
+    except StoreError as error:
+        raise UsageError(str(error)) from None
+
+
 def _variant(store: GraphStore, variant: str | None) -> str | None:
     if variant is not None and variant not in store.variants():
         raise UsageError(f"--variant {variant!r} is not in the store; its variants: {store.variants()}")
@@ -100,7 +107,7 @@ def query_edges(args: argparse.Namespace) -> int:
     if args.top <= 0:
         raise UsageError(f"--top {args.top} must be a positive count")
     store = existing_store(args.store)
-    edges = store.top_edges(args.graph_id, args.top, kept_only=not args.all)
+    edges = store.top_edges(_graph_id(args.graph_id), args.top, kept_only=not args.all)
     _print(edges[EDGE_COLUMNS], args.format)
     return 0
 
@@ -133,7 +140,8 @@ def export(args: argparse.Namespace) -> int:
         raise UsageError("give graph ids or --all (not both)" if args.all else "give graph ids or --all")
     if args.variant is not None and not args.all:
         raise UsageError(f"--variant {args.variant!r} selects graphs for --all; give --all too")
-    graph_ids = list(store.list_graphs(_variant(store, args.variant))["graph_id"]) if args.all else args.graph_ids
+    graph_ids = (list(store.list_graphs(_variant(store, args.variant))["graph_id"]) if args.all
+                 else [_graph_id(g) for g in args.graph_ids])
     if args.slug is not None and len(graph_ids) != 1:
         raise UsageError(f"--slug {args.slug!r} names one graph, but {len(graph_ids)} were given")
     tokenizers: dict[str, object] = {}
