@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import pandas as pd
+import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
@@ -213,8 +214,6 @@ def execute(args: argparse.Namespace) -> int:
     source, variant = model_source(args)
 
     if config.threads:
-        import torch
-
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
     store = open_store(args.store)

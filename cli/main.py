@@ -22,7 +22,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from attribution.store import GraphNotFoundError
+from cli import attribute, query
 from cli.errors import UsageError, describe_error, one_line
+from pipeline import run as pipeline_run
 from pipeline.config import ConfigError
 from prompts.tasks import TaskError
 from sparse_attention.models import ModelLoadError
@@ -56,8 +58,6 @@ def _subcommand(commands, name: str, summary: str, description: str | None = Non
 
 
 def _add_run(commands) -> None:
-    from pipeline import run as pipeline_run
-
     parser = _subcommand(commands, "run", "run the pipeline (the same options as pipeline/run.py)",
                          pipeline_run.__doc__)
     pipeline_run.add_arguments(parser)
@@ -65,23 +65,17 @@ def _add_run(commands) -> None:
 
 
 def _add_attribute(commands) -> None:
-    from cli import attribute
-
     parser = _subcommand(commands, "attribute", "attribution graphs of prompts, into a store", attribute.__doc__)
     attribute.add_arguments(parser)
     parser.set_defaults(handler=attribute.execute)
 
 
 def _add_query(commands) -> None:
-    from cli import query
-
     parser = _subcommand(commands, "query", "print a table from a store", query.__doc__)
     query.add_query_arguments(parser)
 
 
 def _add_export(commands) -> None:
-    from cli import query
-
     parser = _subcommand(commands, "export", "write stored graphs as circuit-tracer frontend JSON")
     query.add_export_arguments(parser)
     parser.set_defaults(handler=query.export)

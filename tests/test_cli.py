@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
 from attribution.frontend import export_frontend
@@ -94,7 +95,7 @@ def test_attribute_stores_what_the_attributor_computes(inputs):
         assert logits and all(c.startswith(f'Output "{attributor.tokenizer.decode([t])}"')
                               for c, t in zip(logits, tokens))
     saved = (inputs.store / "dense_attribution_config.yaml").read_text()
-    assert AttributionStageConfig.model_validate(__import__("yaml").safe_load(saved)) == CONFIG.model_copy(
+    assert AttributionStageConfig.model_validate(yaml.safe_load(saved)) == CONFIG.model_copy(
         update={"prompts": PROMPTS})
 
 
