@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
 from attribution.frontend import export_frontend
 from attribution.stage import Attributor, PromptItem, batch_items, summarize, write_config
-from attribution.store import open_store
+from attribution.store import StoreError, check_variant, open_store
 from cli.errors import UsageError, one_line, validation_message
 from pipeline.config import parse_config
 from sparse_attention.config import ModelSpec
@@ -172,6 +172,11 @@ def load_settings(args: argparse.Namespace) -> tuple[AttributionStageConfig, boo
 
 def model_source(args: argparse.Namespace) -> tuple[ModelSource, str]:
     """(what load_source loads, the variant) from --model / --gated-checkpoint / --variant."""
+    if args.variant is not None:
+        try:
+            check_variant(args.variant)
+        except StoreError as error:
+            raise UsageError(f"--variant: {error}") from None
     if args.gated_checkpoint is not None:
         directory = args.gated_checkpoint
         if not (directory / GATE_FILE).is_file():

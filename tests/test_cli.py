@@ -241,6 +241,7 @@ def bad_commands(inputs, tmp: Path) -> list[tuple[list, str, int]]:
          f"--model {inputs.gated} is a gated checkpoint", 2),
         (["attribute", "--prompts-file", tmp / "none.txt", *model], f"--prompts-file {tmp / 'none.txt'} does not", 2),
         (["attribute", *model], "no prompts", 2),
+        (["attribute", "-p", "x", "--variant", "a/b", *model], "--variant: variant 'a/b' must be", 2),
         (["attribute", "-p", "x", "-p", "y", "--slug", "s", "--frontend", tmp / "f", *model], "--slug 's' names one", 2),
         (["attribute", "-p", "x", "--config", tmp / "bool.yaml", *model], "attribution.graph.max_n_logits: expected a "
          "number, got a boolean", 2),
