@@ -19,7 +19,7 @@ import yaml
 from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
 from attribution.frontend import export_frontend
 from attribution.schema import TABLES
-from attribution.stage import Attributor, PromptItem
+from attribution.stage import Attributor, PromptItem, settings_json
 from attribution.store import open_store
 from cli import attribute
 from cli.main import build_parser, main
@@ -114,6 +114,21 @@ def test_attribute_a_gated_checkpoint_and_skip_stored_graphs(inputs, tmp_path, c
     out = capsys.readouterr().out
     assert out.count("stored graph") == 2 and record.graph_id in out
     assert len(open_store(store_dir).list_graphs("sparse")) == 2
+
+
+def test_settings_come_from_a_pipeline_config_then_the_options(inputs, tmp_path):
+    preset = Path(__file__).resolve().parents[1] / "pipeline" / "presets" / "tiny.yaml"
+    assert cli(["attribute", "-p", PROMPTS[1], "--config", preset, "--qk-top-pairs", "3", "--no-attention",
+                "--model", "tiny", "--clt", inputs.clt, "--store", tmp_path / "store", "--quiet"]) == 0
+    saved = AttributionStageConfig.model_validate(yaml.safe_load(
+        (tmp_path / "store" / "dense_attribution_config.yaml").read_text()))
+    from_preset = yaml.safe_load(preset.read_text())["attribution"]
+    assert saved.attention.max_attention_edges == from_preset["attention"]["max_attention_edges"] != 2000
+    assert (saved.attention.qk_top_pairs, saved.attention.enabled) == (3, False)
+    assert saved.prompts == [PROMPTS[1]] and saved.prompt_sets == {}
+    stored = open_store(tmp_path / "store").load_graph(open_store(tmp_path / "store").list_graphs()["graph_id"][0])
+    assert json.loads(stored.info["settings"]) == json.loads(settings_json(saved))
+    assert len(stored.head_loadings) == 0 and len(stored.qk_pairs) == 0
 
 
 def test_a_prompt_that_fails_is_recorded_and_exits_1(inputs, tmp_path, capsys):
