@@ -5,14 +5,19 @@ edge, a feature's dashboard, a screenshot)."""
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
@@ -33,7 +38,7 @@ from transcoders.config import FeaturesConfig
 from transcoders.dashboards import build_dashboards
 from transcoders.features import open_features
 from viewer.__main__ import main, parse_args
-from viewer.data import BadRequest, NotFound, ViewerData
+from viewer.data import ATTENTION_EDGE, BadRequest, NotFound, ViewerData
 from viewer.server import make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,14 +85,15 @@ def ids(data) -> dict[str, str]:
     return {g["variant"]: g["graph_id"] for g in listed}
 
 
-def edge_with_qk(data: ViewerData, graph_id: str) -> tuple[dict, dict]:
-    """The largest edge of a graph that has a head row with a QK attribution, and its head loadings."""
+def edge_with_qk(data: ViewerData, graph_id: str, heads: int = 1) -> tuple[dict, dict]:
+    """The largest edge of a graph with at least `heads` head rows that have a QK attribution, and its head
+    loadings."""
     for edge in data.graph(graph_id)["edges"]:
         if edge["heads"]:
             loadings = data.edge_heads(graph_id, edge["source"], edge["target"])
-            if any(h["qk"] for h in loadings["heads"]):
+            if sum(h["qk"] for h in loadings["heads"]) >= heads:
                 return edge, loadings
-    raise AssertionError(f"graph {graph_id} has no edge with a QK-attributed head")
+    raise AssertionError(f"graph {graph_id} has no edge with {heads} QK-attributed heads")
 
 
 def feature_with_contexts(data: ViewerData, graph_id: str) -> tuple[dict, dict]:
@@ -317,62 +323,208 @@ class Elements(HTMLParser):
         return [a for t, a in self.elements if t == tag and name in (a.get("class") or "").split()]
 
 
-def chromium(url: str, profile: Path, *args: str) -> str:
-    """Run headless Chromium on `url` until the page is idle (virtual time: fetches finish first)."""
-    command = [CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
-               "--virtual-time-budget=30000", f"--window-size={WINDOW[0]},{WINDOW[1]}", *args, url]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: it reads
+    commands from fd 3 and answers on fd 4, each message JSON ended by a NUL byte): load a page, wait for
+    it, click at a point with real mouse events, read the DOM, take a screenshot."""
+
+    def __init__(self, profile: Path):
+        commands, self._commands = os.pipe()
+        self._replies, replies = os.pipe()
+
+        def wire_pipes():  # in the child: the pipes' ends become fds 3 and 4 (inheritable)
+            ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands, replies)]
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        command = [CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
+                   "--remote-debugging-pipe", "about:blank"]
+        if os.geteuid() == 0:
+            command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
+        self.log = profile.parent / "chromium.log"
+        self.process = subprocess.Popen(command, preexec_fn=wire_pipes, close_fds=False, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+        os.close(commands)
+        os.close(replies)
+        self._buffer, self._last_id = b"", 0
+        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride", {"width": WINDOW[0], "height": WINDOW[1],
+                                                         "deviceScaleFactor": 1, "mobile": False}, self.session)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 120) -> dict:
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buffer:
+                ready, _, _ = select.select([self._replies], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(self._replies, 1 << 20) if ready else b""
+                if not chunk:
+                    raise AssertionError(f"Chromium gave no answer to {method}: {self.log.read_text()[-2000:]}")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._last_id:  # events and other sessions' messages are skipped
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, self.session)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(expression):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}: " + str(self.evaluate(
+                "document.getElementById('message')?.textContent"))
+            time.sleep(0.05)
+
+    def load(self, url: str) -> None:
+        self.send("Page.navigate", {"url": url}, self.session)
+        # without a fragment the page adds its default view's; a new fragment alone renders in place
+        same = f"location.href === {json.dumps(url)}" if "#" in url else \
+            f"location.href.split('#')[0] === {json.dumps(url)}"
+        self.wait_for(f"{same} && document.body?.dataset.status === 'ready' && document.body.dataset.view === location.hash")
+
+    def click(self, point: dict) -> None:
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": point["x"], "y": point["y"], "button": "left",
+                                                   "clickCount": 1}, self.session)
+
+    def click_and_wait(self, point: dict, fragment_has: str) -> Elements:
+        """Click, wait until the fragment holds `fragment_has` and the page has rendered it; the DOM then."""
+        self.click(point)
+        self.wait_for(f"decodeURIComponent(location.hash).includes({json.dumps(fragment_has)}) "
+                      "&& document.body.dataset.status === 'ready' && document.body.dataset.view === location.hash")
+        return self.dom()
+
+    def dom(self) -> Elements:
+        return Elements(self.evaluate("document.documentElement.outerHTML"))
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"}, self.session)["data"]))
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=30)
+            self.process.wait(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            os.close(self._commands)
+            os.close(self._replies)
 
 
-def page(server, fragment: str, profile: Path) -> Elements:
-    dom = Elements(chromium(server.url + fragment, profile, "--dump-dom"))
-    assert dom.having("data-status", "ready"), dom.text.get("message")
-    return dom
+# Where to click an element so that it gets the click: a point of it that no other element covers.
+EDGE_POINT = """(({ GRAPH, CANDIDATES }) => {  // the first of CANDIDATES ([source, target] pairs) with an uncovered point
+  const svg = [...document.querySelectorAll("svg[data-graph]")].find((s) => s.dataset.graph === GRAPH);
+  for (const [source, target] of CANDIDATES) {
+    const group = [...svg.querySelectorAll("g.edge")].find((g) => g.dataset.source === source && g.dataset.target === target);
+    const line = group.querySelector("line.hit"), m = line.getScreenCTM();
+    const [x1, y1, x2, y2] = ["x1", "y1", "x2", "y2"].map((a) => line[a].baseVal.value);
+    for (let i = 1; i < 40; i++) {
+      const p = new DOMPoint(x1 + (x2 - x1) * i / 40, y1 + (y2 - y1) * i / 40).matrixTransform(m);
+      if (document.elementFromPoint(p.x, p.y)?.closest("g.edge") === group) return { x: p.x, y: p.y, source, target };
+    }
+  }
+  return null;
+})"""
+NODE_POINT = """(({ GRAPH, NODE }) => {
+  const svg = [...document.querySelectorAll("svg[data-graph]")].find((s) => s.dataset.graph === GRAPH);
+  const group = [...svg.querySelectorAll("g.node")].find((g) => g.dataset.node === NODE);
+  const box = group.firstElementChild.getBoundingClientRect(), p = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
+  return document.elementFromPoint(p.x, p.y)?.closest("g.node") === group ? p : null;
+})"""
+EDGE_ROW_POINT = """(({ EDGE }) => {
+  const box = [...document.querySelectorAll("tr[data-edge]")].find((r) => r.dataset.edge === EDGE).getBoundingClientRect();
+  return { x: box.x + 8, y: box.y + box.height / 2 };
+})"""
+ROW_POINT = """(({ HEAD }) => {
+  const row = [...document.querySelectorAll("tr[data-head]")].find((r) => r.dataset.head === HEAD);
+  const box = row.getBoundingClientRect();
+  return { x: box.x + 8, y: box.y + box.height / 2 };
+})"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium, or `make browser`)")
-def test_the_page_in_headless_chromium(server, data, ids, tmp_path):
+def point(browser: Browser, script: str, **names) -> dict:
+    found = browser.evaluate(f"({script})({json.dumps(names)})")
+    assert found is not None, f"no point of {names} is uncovered on the page"
+    return found
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium, or `make browser`)")
+    browser = Browser(tmp_path / "profile")
+    yield browser
+    browser.close()
+
+
+def test_the_page_in_headless_chromium(browser, store_dir, server, data, ids, tmp_path):
     graphs = {variant: data.graph(graph_id) for variant, graph_id in ids.items()}
-    profile = tmp_path / "profile"
 
-    dom = page(server, "", profile)  # the default view: the first prompt's dense and sparse graphs side by side
-    panes = dom.classed("section", "pane")
-    assert [p["data-variant"] for p in panes] == ["dense", "sparse"]
+    browser.load(server.url)  # the default view: the first prompt's dense and sparse graphs side by side
+    dom = browser.dom()
+    assert [p["data-variant"] for p in dom.classed("section", "pane")] == ["dense", "sparse"]
     for variant, graph in graphs.items():
         nodes = [n for n in dom.classed("g", "node") if n["in-graph"] == ids[variant]]
         assert sorted(n["data-node"] for n in nodes) == sorted(n["node_id"] for n in graph["nodes"])
         edges = [e for e in dom.classed("g", "edge") if e["in-graph"] == ids[variant]]
-        assert sorted((e["data-source"], e["data-target"]) for e in edges) == \
-            sorted((e["source"], e["target"]) for e in graph["edges"][:1000])
+        assert [(e["data-source"], e["data-target"]) for e in reversed(edges)] == \
+            [(e["source"], e["target"]) for e in graph["edges"][:1000]]  # drawn smallest first
     labelled = {n["label"] for g in graphs.values() for n in g["nodes"] if n["kind"] == "feature" and n["label"]}
-    assert labelled and any(text for text in labelled if text[:15] in dom.text["panes"])
+    assert labelled and any(text[:15] in dom.text["panes"] for text in labelled)
 
-    edge, loadings = edge_with_qk(data, ids["sparse"])  # an edge of the sparse pane (pane 1), selected
-    head = max((h for h in loadings["heads"] if h["qk"]), key=lambda h: abs(h["weight"]))
-    qk = data.attention_edge(ids["sparse"], head["layer"], head["head"], head["query_pos"], head["key_pos"])
-    fragment = f"#graphs={ids['dense']},{ids['sparse']}&pane=1&edge={quote(edge['source'])},{quote(edge['target'])}"
-    dom = page(server, fragment, profile)
+    # click an edge of the sparse pane: its heads, and the QK pairs of its largest QK-attributed head
+    stored = open_store(store_dir).load_graph(ids["sparse"])
+    attributed_edges = set(stored.qk_pairs[ATTENTION_EDGE].itertuples(index=False, name=None))
+    loaded = stored.head_loadings
+    loaded = loaded[[key in attributed_edges for key in loaded[ATTENTION_EDGE].itertuples(index=False, name=None)]]
+    node_ids = stored.nodes.set_index("node_index")["node_id"]
+    qk_heads = Counter(zip(node_ids[loaded["source"]], node_ids[loaded["target"]]))
+    candidates = [(e["source"], e["target"]) for e in graphs["sparse"]["edges"][:1000]
+                  if qk_heads[(e["source"], e["target"])] >= 2]  # edges with two heads to click
+    at = point(browser, EDGE_POINT, GRAPH=ids["sparse"], CANDIDATES=candidates)
+    loadings = data.edge_heads(ids["sparse"], at["source"], at["target"])
+    edge = next(e for e in graphs["sparse"]["edges"] if (e["source"], e["target"]) == (at["source"], at["target"]))
+    dom = browser.click_and_wait(at, f"pane=1&edge={edge['source']},{edge['target']}")
     selected = dom.classed("g", "selected")
-    assert [(s["data-source"], s["data-target"]) for s in selected] == [(edge["source"], edge["target"])]
+    assert [(s["data-source"], s["data-target"], s["in-graph"]) for s in selected] == \
+        [(edge["source"], edge["target"], ids["sparse"])]
     assert [row["data-head"] for row in dom.having("data-head")] == [h["name"] for h in loadings["heads"]]
     assert all(h["name"] in dom.text["heads"] for h in loadings["heads"])
-    assert dom.having("data-attn")[0]["data-attn"] == f"{head['layer']}.{head['head']}.{head['query_pos']}.{head['key_pos']}"
-    assert [row["data-pair"] for row in dom.having("data-pair")] == [f"{p['query']}|{p['key']}" for p in qk["pairs"]]
-    assert len(dom.having("data-marginal")) == len(qk["query_marginals"]) + len(qk["key_marginals"])
-    assert qk["pairs"][0]["query_name"] in dom.text["qk"] and qk["pairs"][0]["key_name"] in dom.text["qk"]
+    attributed = sorted((h for h in loadings["heads"] if h["qk"]), key=lambda h: -abs(h["weight"]))
 
-    node, dashboard = feature_with_contexts(data, ids["dense"])  # a feature of the dense pane, selected
-    dom = page(server, f"#graphs={ids['dense']},{ids['sparse']}&node={quote(node['node_id'])}&edges=300", profile)
-    assert len(graphs["dense"]["edges"]) > 300  # so the limit shows: the 300 largest kept edges of each graph
-    for variant, graph in graphs.items():
-        edges = [e for e in dom.classed("g", "edge") if e["in-graph"] == ids[variant]]
-        assert [(e["data-source"], e["data-target"]) for e in reversed(edges)] == \
-            [(e["source"], e["target"]) for e in graph["edges"][:300]]  # drawn smallest first
-    assert [n["data-node"] for n in dom.classed("g", "selected")] == [node["node_id"]]
+    def shows_qk(dom: Elements, head: dict) -> None:
+        qk = data.attention_edge(ids["sparse"], head["layer"], head["head"], head["query_pos"], head["key_pos"])
+        assert dom.having("data-attn")[0]["data-attn"] == "{layer}.{head}.{query_pos}.{key_pos}".format(**head)
+        assert [row["data-pair"] for row in dom.having("data-pair")] == [f"{p['query']}|{p['key']}" for p in qk["pairs"]]
+        assert len(dom.having("data-marginal")) == len(qk["query_marginals"]) + len(qk["key_marginals"])
+        assert qk["pairs"][0]["query_name"] in dom.text["qk"] and qk["pairs"][0]["key_name"] in dom.text["qk"]
+
+    shows_qk(dom, attributed[0])
+    screenshot = tmp_path / "edge.png"
+    browser.screenshot(screenshot)
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == WINDOW
+
+    # click another QK-attributed head of the edge: its QK pairs
+    other = attributed[1]
+    dom = browser.click_and_wait(point(browser, ROW_POINT, HEAD=other["name"]),
+                                 "attn={layer}.{head}.{query_pos}.{key_pos}".format(**other))
+    shows_qk(dom, other)
+
+    # click a feature of the dense pane: its dashboard
+    node, dashboard = feature_with_contexts(data, ids["dense"])
+    dom = browser.click_and_wait(point(browser, NODE_POINT, GRAPH=ids["dense"], NODE=node["node_id"]),
+                                 f"node={node['node_id']}")
+    assert [(n["data-node"], n["in-graph"]) for n in dom.classed("g", "selected")] == [(node["node_id"], ids["dense"])]
     shown = dom.having("id", "dashboard")[0]
     assert (int(shown["data-layer"]), int(shown["data-feature"])) == (node["layer"], node["feature"])
     assert dashboard["label"] in dom.text["dashboard"]
@@ -380,8 +532,22 @@ def test_the_page_in_headless_chromium(server, data, ids, tmp_path):
     assert len(dom.having("data-context", "random")) == len(dashboard["random"])
     assert "".join(dashboard["top"][0]["tokens"]).replace("\n", "⏎") in dom.text["dashboard"]
 
-    screenshot = tmp_path / "edge.png"
-    chromium(server.url + fragment, profile, f"--screenshot={screenshot}")
-    png = screenshot.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == WINDOW
-    assert len(png) > 20_000  # a drawn page, not a blank one (a blank 1600x900 PNG is a few kB)
+    # the node's largest incoming edge, from its list in the panel
+    incoming = [e for e in graphs["dense"]["edges"] if e["target"] == node["node_id"]]
+    assert [r["data-edge"] for r in dom.having("data-edge")] == \
+        [f"{e['source']},{e['target']}" for e in incoming[:8]] + \
+        [f"{e['source']},{e['target']}" for e in graphs["dense"]["edges"] if e["source"] == node["node_id"]][:8]
+    first = f"{incoming[0]['source']},{incoming[0]['target']}"
+    dom = browser.click_and_wait(point(browser, EDGE_ROW_POINT, EDGE=first), f"edge={first}")
+    assert [(s["data-source"], s["data-target"], s["in-graph"]) for s in dom.classed("g", "selected")] == \
+        [(incoming[0]["source"], incoming[0]["target"], ids["dense"])]
+    assert dom.having("data-head")
+
+    # a link with fewer edges drawn
+    assert len(graphs["dense"]["edges"]) > 300
+    browser.load(server.url + f"#graphs={ids['dense']},{ids['sparse']}&edges=300")
+    dom = browser.dom()
+    for variant, graph in graphs.items():
+        edges = [e for e in dom.classed("g", "edge") if e["in-graph"] == ids[variant]]
+        assert [(e["data-source"], e["data-target"]) for e in reversed(edges)] == \
+            [(e["source"], e["target"]) for e in graph["edges"][:300]]

@@ -294,6 +294,8 @@ async function nodeDetails(graph, state) {
     ["activation", fmt(node.activation)], ["influence", fmt(node.influence)]];
   const parts = [el("h3", {}, nodeName(graph, node.node_id)),
     table([["", ""], ["", ""]], rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v ?? "-"))))];
+  parts.push(nodeEdges(graph, state, "in", graph.edges.filter((e) => e.target === node.node_id), (e) => e.source),
+    nodeEdges(graph, state, "out", graph.edges.filter((e) => e.source === node.node_id), (e) => e.target));
   if (node.kind !== "feature") return parts;
   if (!graph.has_dashboards) {
     parts.push(el("p", { className: "note", id: "dashboard" }, graph.clt_dir
@@ -307,6 +309,21 @@ async function nodeDetails(graph, state) {
     parts.push(el("div", { id: "dashboard" }, problem(err)));
   }
   return parts;
+}
+
+const NODE_EDGES_LISTED = 8;
+
+// The node's largest kept edges in or out, each a link to that edge (crowded drawings are hard to click).
+function nodeEdges(graph, state, direction, edges, other) {
+  const rows = edges.slice(0, NODE_EDGES_LISTED).map((e) => el("tr", {
+    className: "selectable", "data-edge": `${e.source},${e.target}`,
+    onclick: () => go({ pane: state.pane, edge: `${e.source},${e.target}` }),
+  }, el("td", {}, nodeName(graph, other(e))), el("td", { className: "num" }, fmt(e.weight))));
+  const more = edges.length > NODE_EDGES_LISTED ? ` (largest ${NODE_EDGES_LISTED} of ${edges.length})` : "";
+  return el("div", { className: `edges-${direction}` },
+    el("h3", {}, `Edges ${direction}${more}`),
+    rows.length ? table([[direction === "in" ? "from" : "to"], ["weight", "num"]], rows)
+      : el("p", { className: "note" }, "none kept"));
 }
 
 function contexts(kind, examples) {
@@ -434,6 +451,7 @@ async function render() {
     if (ticket !== renders) return;
     document.getElementById("details").replaceChildren(...parts);
     message.textContent = "";
+    document.body.dataset.view = location.hash; // what is shown (a click changes the hash before it renders)
     document.body.dataset.status = "ready";
   } catch (err) {
     if (ticket !== renders) return;
