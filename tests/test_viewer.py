@@ -198,12 +198,18 @@ def test_a_features_dashboard_is_its_dashboard_rows(store_dir, data, ids):
         data.feature(ids["dense"], 0, N_FEATURES)
 
 
-def test_a_graph_without_a_clt_directory_has_no_dashboards(tmp_path):
-    _, _, record = make_record()  # its clt is "random": no directory
+def test_a_graph_without_a_clt_directory_has_no_dashboards_and_every_edge_stored_shows_the_kept(tmp_path):
+    _, _, record = make_record(edges="all")  # its clt is "random": no directory
     store = open_store(tmp_path)
     store.write(record)
     data = ViewerData(store)
     graph = data.graph(record.graph_id)
+    stored = store.load_graph(record.graph_id)
+    assert not stored.edges["kept"].all()
+    kept_nodes = set(stored.nodes.loc[stored.nodes["kept"], "node_index"])
+    kept = stored.edges[stored.edges["kept"] & stored.edges["source"].isin(kept_nodes) & stored.edges["target"].isin(kept_nodes)]
+    ids = stored.nodes.set_index("node_index")["node_id"]
+    assert [(e["source"], e["target"]) for e in graph["edges"]] == list(zip(ids[kept["source"]], ids[kept["target"]]))
     assert not graph["has_dashboards"] and graph["clt_dir"] is None
     assert all(n["label"] is None for n in graph["nodes"] if n["kind"] == "feature")
     with pytest.raises(NotFound, match="records no CLT directory"):
