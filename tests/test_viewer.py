@@ -288,6 +288,7 @@ def test_cli_options_and_a_missing_store(tmp_path):
 # -- in a real browser -----------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BASH = shutil.which("bash") or "/bin/bash"
 WINDOW = (1600, 900)
 
 
@@ -337,18 +338,18 @@ class Browser:
     def __init__(self, profile: Path):
         commands, self._commands = os.pipe()
         self._replies, replies = os.pipe()
-
-        def wire_pipes():  # in the child: the pipes' ends become fds 3 and 4 (inheritable)
-            ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands, replies)]
-            os.dup2(ends[0], 3)
-            os.dup2(ends[1], 4)
-
-        command = [CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
-                   "--remote-debugging-pipe", "about:blank"]
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands, replies)]  # clear of fds 3 and 4
+        os.close(commands)
+        os.close(replies)
+        commands, replies = moved
+        flags = ["--headless", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-pipe"]
         if os.geteuid() == 0:
-            command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
+            flags.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
+        # bash (dash takes one-digit fds only) puts the browser's pipe ends on fds 3 and 4 and execs Chromium
+        wiring = f'exec "$0" "$@" 3<&{commands} 4>&{replies} {commands}<&- {replies}>&-'
         self.log = profile.parent / "chromium.log"
-        self.process = subprocess.Popen(command, preexec_fn=wire_pipes, close_fds=False, stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen([BASH, "-c", wiring, CHROMIUM, *flags, "about:blank"],
+                                        pass_fds=(commands, replies), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
         os.close(commands)
         os.close(replies)
@@ -446,12 +447,9 @@ NODE_POINT = """(({ GRAPH, NODE }) => {
   const box = group.firstElementChild.getBoundingClientRect(), p = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
   return document.elementFromPoint(p.x, p.y)?.closest("g.node") === group ? p : null;
 })"""
-EDGE_ROW_POINT = """(({ EDGE }) => {
-  const box = [...document.querySelectorAll("tr[data-edge]")].find((r) => r.dataset.edge === EDGE).getBoundingClientRect();
-  return { x: box.x + 8, y: box.y + box.height / 2 };
-})"""
-ROW_POINT = """(({ HEAD }) => {
-  const row = [...document.querySelectorAll("tr[data-head]")].find((r) => r.dataset.head === HEAD);
+ROW_POINT = """(({ ATTRIBUTE, VALUE }) => {  // a table row of the details panel, scrolled into view
+  const row = [...document.querySelectorAll(`tr[${ATTRIBUTE}]`)].find((r) => r.getAttribute(ATTRIBUTE) === VALUE);
+  row.scrollIntoView({ block: "center" });
   const box = row.getBoundingClientRect();
   return { x: box.x + 8, y: box.y + box.height / 2 };
 })"""
@@ -522,7 +520,7 @@ def test_the_page_in_headless_chromium(browser, store_dir, server, data, ids, tm
 
     # click another QK-attributed head of the edge: its QK pairs
     other = attributed[1]
-    dom = browser.click_and_wait(point(browser, ROW_POINT, HEAD=other["name"]),
+    dom = browser.click_and_wait(point(browser, ROW_POINT, ATTRIBUTE="data-head", VALUE=other["name"]),
                                  "attn={layer}.{head}.{query_pos}.{key_pos}".format(**other))
     shows_qk(dom, other)
 
@@ -544,7 +542,7 @@ def test_the_page_in_headless_chromium(browser, store_dir, server, data, ids, tm
         [f"{e['source']},{e['target']}" for e in incoming[:8]] + \
         [f"{e['source']},{e['target']}" for e in graphs["dense"]["edges"] if e["source"] == node["node_id"]][:8]
     first = f"{incoming[0]['source']},{incoming[0]['target']}"
-    dom = browser.click_and_wait(point(browser, EDGE_ROW_POINT, EDGE=first), f"edge={first}")
+    dom = browser.click_and_wait(point(browser, ROW_POINT, ATTRIBUTE="data-edge", VALUE=first), f"edge={first}")
     assert [(s["data-source"], s["data-target"], s["in-graph"]) for s in dom.classed("g", "selected")] == \
         [(incoming[0]["source"], incoming[0]["target"], ids["dense"])]
     assert dom.having("data-head")
