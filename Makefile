@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: test demo bench lint corpus clean
+.PHONY: test demo bench lint corpus browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ corpus:
 	@test -d $(CORPUS) || (command -v apt-get >/dev/null && (apt-get install -y -q python3.11-doc >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q python3.11-doc >/dev/null))) || true
 	@test -d $(CORPUS) || (echo "corpus missing: install Debian's python3.11-doc or point data.source at your own text" && exit 1)
 
-test: $(STAMP) corpus
+# Headless Chromium for the viewer's browser test (tests/test_viewer.py skips it without one); best effort.
+browser:
+	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null 2>&1))) || echo "chromium not installed: the viewer's browser test will be skipped"
+
+test: $(STAMP) corpus browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP) corpus
