@@ -25,10 +25,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
-from attribution.frontend import export_frontend
 from attribution.stage import Attributor, PromptItem, batch_items, summarize, write_config
 from attribution.store import StoreError, check_variant, open_store
 from cli.errors import UsageError, one_line, validation_message
+from cli.query import add_frontend_options, write_frontend
 from pipeline.config import parse_config
 from sparse_attention.config import ModelSpec
 from sparse_attention.gated_attention import GATE_FILE
@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--frontend", type=Path, metavar="DIR",
                         help="also write each graph as circuit-tracer frontend JSON into DIR")
     output.add_argument("--slug", help="the frontend graph's name (one prompt only; default its graph id)")
+    add_frontend_options(output)
     output.add_argument("--force", action="store_true", help="recompute graphs (and failures) already stored")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     output.add_argument("--traceback", action="store_true", help="print the traceback of an error, too")
@@ -239,8 +240,8 @@ def execute(args: argparse.Namespace) -> int:
     if args.frontend is not None:
         for outcome in outcomes:
             if outcome["graph_id"] not in {o["graph_id"] for _, o in failed}:
-                path = export_frontend(store, outcome["graph_id"], args.frontend, args.slug,
-                                       tokenizer=attributor.tokenizer)
+                path = write_frontend(store, outcome["graph_id"], args.frontend, args.slug, args.scan,
+                                      attributor.tokenizer, args.unique_error_ids)
                 print(f"frontend: {path}")
     for item, outcome in failed:
         detail = (f"{outcome['error_type']}: {one_line(outcome['error'])}" if outcome["status"] == "failed" else

@@ -1,4 +1,5 @@
-"""Tables from a store, printed (`query`), and stored graphs as circuit-tracer frontend JSON (`export`).
+"""Tables from a store, printed (`query`), and stored graphs as circuit-tracer frontend JSON (`export`, with
+the tokenizer of the model each graph records, so that model must still load).
 
     sparse-interp query graphs STORE              one row per graph: id, variant, task, sizes, scores, prompt
     sparse-interp query edges STORE GRAPH_ID      the top edges (by |weight|) of one graph, with node ids
@@ -16,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.compute as pc
 
-from attribution.frontend import export_frontend
+from attribution.frontend import FrontendExportError, export_frontend
 from attribution.store import GraphStore, StoreError, check_id, open_store
-from cli.errors import UsageError
+from cli.errors import UsageError, one_line
 from sparse_attention.config import ModelSpec
 from sparse_attention.sources import load_source
 
@@ -61,9 +62,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output directory: {slug}.json per graph and graph-metadata.json")
     parser.add_argument("--slug", help="the graph's name in the frontend (one graph only; default its graph id)")
-    parser.add_argument("--token-ids", action="store_true", help="label logit nodes by token id, without "
-                        "loading the graph's model for its tokenizer")
+    add_frontend_options(parser)
     parser.add_argument("--traceback", action="store_true", help="print the traceback of an error, too")
+
+
+def add_frontend_options(parser: argparse.ArgumentParser) -> None:
+    """The options of attribution.frontend.export_frontend that shape the files (shared with `attribute`)."""
+    parser.add_argument("--scan", help="the feature panels' scan name (default: the CLT directory's name)")
+    parser.add_argument("--unique-error-ids", action="store_true", help="name error nodes {layer}_-1_{pos}; "
+                        "needed when circuit-tracer's error ids 0_{layer}_{pos} collide with layer-0 features")
 
 
 def existing_store(uri: str) -> GraphStore:
@@ -144,14 +151,24 @@ def export(args: argparse.Namespace) -> int:
                  else [_graph_id(g) for g in args.graph_ids])
     if args.slug is not None and len(graph_ids) != 1:
         raise UsageError(f"--slug {args.slug!r} names one graph, but {len(graph_ids)} were given")
-    tokenizers: dict[str, object] = {}
+    tokenizers: dict[str, object] = {}  # model identity -> its tokenizer, loaded once
     for graph_id in graph_ids:
         model = store.graph_info(graph_id)["model"]
-        if not args.token_ids and model not in tokenizers:
+        if model not in tokenizers:
             tokenizers[model] = tokenizer_of(model, graph_id)
-        path = export_frontend(store, graph_id, args.out, args.slug, tokenizer=tokenizers.get(model))
-        print(path)
+        print(write_frontend(store, graph_id, args.out, args.slug, args.scan, tokenizers[model],
+                             args.unique_error_ids))
     return 0
+
+
+def write_frontend(store: GraphStore, graph_id: str, out: Path, slug: str | None, scan: str | None, tokenizer,
+                   unique_error_ids: bool) -> Path:
+    """export_frontend, its refusals (an error id that collides, a bad scan name) as usage errors."""
+    try:
+        return export_frontend(store, graph_id, out, slug, scan, tokenizer, unique_error_ids)
+    except FrontendExportError as error:
+        raise UsageError(f"cannot export graph {graph_id}: {one_line(error)} (options --unique-error-ids, "
+                         "--scan)") from None
 
 
 def tokenizer_of(model: str, graph_id: str):
@@ -165,4 +182,4 @@ def tokenizer_of(model: str, graph_id: str):
         return load_source(source)[1]
     except Exception as error:  # noqa: BLE001 - any failure to load means the same thing here
         raise RuntimeError(f"cannot load the model of graph {graph_id} ({identity.get('model_name')}) for its "
-                           f"tokenizer: {error}; pass --token-ids to label logits by token id") from None
+                           f"tokenizer, which the export needs: {error}") from None

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
-from attribution.frontend import export_frontend
+from attribution.frontend import FrontendExportError, export_frontend
 from attribution.schema import TABLES
 from attribution.stage import Attributor, PromptItem, settings_json
 from attribution.store import open_store
@@ -57,7 +57,7 @@ def inputs(tmp_path_factory):
         gated.offsets.copy_(torch.linspace(-0.3, 0.3, gated.offsets.numel()).view_as(gated.offsets))
     gated.save(root / "gated", tokenizer)
     status = cli(["attribute", "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", "tiny", "--clt", root / "clt",
-                  "--store", root / "store", "--frontend", root / "frontend", *SETTINGS])
+                  "--store", root / "store", "--frontend", root / "frontend", "--unique-error-ids", *SETTINGS])
     assert status == 0
     return SimpleNamespace(root=root, clt=root / "clt", gated=root / "gated", store=root / "store")
 
@@ -168,18 +168,28 @@ def test_query_prints_the_stores_tables(inputs, capsys):
 
 def test_export_writes_the_frontend_json(inputs, tmp_path, capsys):
     store = open_store(inputs.store)
-    graph_id = store.list_graphs()["graph_id"].iloc[1]
-    assert cli(["export", inputs.store, graph_id, "--out", tmp_path / "cli", "--slug", "cat"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "cat.json")
     tokenizer = Attributor.load(ModelSpec(name="tiny"), inputs.clt, "dense").tokenizer
-    direct = export_frontend(store, graph_id, tmp_path / "direct", "cat", tokenizer=tokenizer)
+    graph_id = store.list_graphs()["graph_id"].iloc[1]
+    assert cli(["export", inputs.store, graph_id, "--out", tmp_path / "cli", "--slug", "cat", "--unique-error-ids"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli" / "cat.json")
+    direct = export_frontend(store, graph_id, tmp_path / "direct", "cat", tokenizer=tokenizer, unique_error_ids=True)
     assert (tmp_path / "cli" / "cat.json").read_text() == direct.read_text()
-    assert cli(["export", inputs.store, "--all", "--out", tmp_path / "all", "--token-ids"]) == 0
-    index = json.loads((tmp_path / "all" / "graph-metadata.json").read_text())
-    assert sorted(g["slug"] for g in index["graphs"]) == sorted(store.list_graphs()["graph_id"])
-    data = json.loads((tmp_path / "all" / f"{graph_id}.json").read_text())
-    tokens = store.graph_info(graph_id)["logit_tokens"]
-    assert [n["clerp"].split('"')[1] for n in data["nodes"] if n["feature_type"] == "logit"] == [str(t) for t in tokens]
+    assert "_-1_" in direct.read_text()  # error nodes under the store's ids
+
+    status = cli(["export", inputs.store, "--all", "--out", tmp_path / "all"])  # circuit-tracer's error ids
+    try:
+        for graph_id in store.list_graphs()["graph_id"]:
+            export_frontend(store, graph_id, tmp_path / "all-direct", tokenizer=tokenizer)
+    except FrontendExportError as error:  # an error id collides with a layer-0 feature: refused, one line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and str(error).split(";")[0] in err[0]
+    else:
+        assert status == 0
+        index = json.loads((tmp_path / "all" / "graph-metadata.json").read_text())
+        assert sorted(g["slug"] for g in index["graphs"]) == sorted(store.list_graphs()["graph_id"])
+        for graph_id in store.list_graphs()["graph_id"]:
+            assert ((tmp_path / "all" / f"{graph_id}.json").read_text()
+                    == (tmp_path / "all-direct" / f"{graph_id}.json").read_text())
 
 
 def test_run_is_the_pipeline(tmp_path, capsys):
