@@ -376,3 +376,29 @@ def test_missing_brown_install_is_one_clear_error(tmp_path: Path, tokenizer, mon
     monkeypatch.setenv(corpora.CORPORA_ENV, str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match=r"the Brown corpus is not installed at .*run `make corpus`"):
         load_token_blocks(DataConfig(source="brown"), tokenizer)
+
+
+def test_austen_lines_become_chapters_of_paragraphs() -> None:
+    lines = ["PERSUASION", "", "By Jane Austen", "", "Chapter 1", "", "Sir Walter Elliot, of Kellynch", "Hall, was",
+             "_vain_.", "", "He read.", "", "", "CHAPTER II", "", "VOLUME II", "Mr Shepherd.", "", "THE END"]
+    assert corpora.austen_chapters(lines) == ["Sir Walter Elliot, of Kellynch Hall, was vain.\n\nHe read.\n",
+                                              "Mr Shepherd.\n"]
+
+
+def test_missing_austen_install_is_one_clear_error(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    monkeypatch.setattr(corpora, "AUSTEN_DATA_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="apt-get install r-cran-janeaustenr"):
+        load_token_blocks(DataConfig(source="austen"), tokenizer)
+
+
+@pytest.mark.skipif(not (corpora.AUSTEN_DATA_DIR / "Rdata.rdx").is_file(), reason="r-cran-janeaustenr is not installed")
+def test_austen_source_reads_the_six_novels_by_chapter(tokenizer) -> None:
+    pytest.importorskip("rdata")
+    documents = list(corpora.open_source("austen", [], "", "").documents())
+    counts = {novel: sum(doc_id.startswith(novel + "/") for doc_id, _ in documents) for novel in corpora.AUSTEN_NOVELS}
+    assert counts == {"emma": 55, "mansfieldpark": 48, "northangerabbey": 31, "persuasion": 24,
+                      "prideprejudice": 61, "sensesensibility": 50}
+    assert documents[0][1].startswith("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and")
+    config = DataConfig(source="austen", context_length=64, max_train_tokens=20_000, max_heldout_tokens=5_000)
+    blocks = load_token_blocks(config, tokenizer)
+    assert blocks.heldout.shape == (5_000 // 63, 64)

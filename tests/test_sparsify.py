@@ -292,3 +292,10 @@ def test_heldout_comparison_equals_a_hand_computation(model_and_tokens):
     over = result.edges.heads_over(0.5)
     assert {(h["layer"], h["head"]) for h in over} == {tuple(i) for i in np.argwhere(result.edges.fraction_per_head > 0.5)}
     assert [h["edge_fraction"] for h in over] == sorted((h["edge_fraction"] for h in over), reverse=True)
+
+
+def test_task_prompts_without_an_evaluator_is_refused_before_any_work(tmp_path):
+    config = load_config(preset="tiny", overrides=["sparsify.eval.task_prompts=4"]).sparsify
+    with pytest.raises(ValueError, match="task_prompts > 0 needs a task evaluator"):
+        stage.run(config, tmp_path / "sparsify", progress=False)
+    assert not (tmp_path / "sparsify").exists()
