@@ -78,7 +78,7 @@ class EvalConfig(BaseModel):
     heldout_sources: list[str] = Field([], description="more data sources (e.g. 'brown') compared on their held-out "
                                                        "split, besides data.source; never trained on")
     task_prompts: int = Field(0, ge=0, description="prompts per task for dense vs sparse task behaviour (0 skips)")
-    task_seed: int = Field(1, description="seed of the generated task prompts (data/prompts holds seed 0's)")
+    task_seed: int = Field(1, description="seed of the generated task prompts (prompts/data holds seed 0's)")
     batch_size: int = Field(8, gt=0)
     pattern_prompt: str = "When Mary and John went to the store, John gave a drink to"
 
