@@ -77,6 +77,12 @@ def map_threaded(read: Callable[[S], T], items: Iterable[S], window: int = 1024)
             yield from pool.map(read, items[start:start + window])
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary encoding: all but the floats (nearly every float is distinct, so a
+    dictionary only adds its indices; plain floats compress as well under zstd)."""
+    return [f.name for f in schema if not pa.types.is_floating(f.type)]
+
+
 class Vanished(Exception):
     """A file named a moment ago is gone (a compaction or a rewrite finished): look again."""
 
@@ -163,7 +169,8 @@ class StoreFiles:
         written = 0
         try:
             with self.fs.open_output_stream(tmp) as sink, \
-                    pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+                    pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=dictionary_columns(schema)
+                                     ) as writer:
                 buffer: list[pa.Table] = []
                 buffered = 0
                 for piece in pieces:
