@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--before", default=BEFORE, help="the code 'before': a git revision of this repository "
-                        "(extracted into --work) or a checkout directory")
+                        "(extracted into --work) or a checkout directory; 'none': time this checkout only")
     parser.add_argument("--features", type=int, default=256, help="random CLT: features per layer")
     parser.add_argument("--density", type=float, default=0.02, help="random CLT: share of features active")
     parser.add_argument("--decoder-scales", default="1,10", help="random CLT: decoder weights times these, one "
@@ -238,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     for scale, clt_dir in clt_dirs.items():
         case = report["timing"][f"decoder_x{scale:g}"] = {"clt_dir": str(clt_dir), "before": [], "after": []}
         for round_index in range(args.rounds):
-            for side, root in (("before", code_root(args.before, work)), ("after", str(ROOT))):
+            sides = [("after", str(ROOT))]
+            if args.before != "none":
+                sides.insert(0, ("before", code_root(args.before, work)))
+            for side, root in sides:
                 job = {**common, "clt_dir": str(clt_dir), "code_root": root, "prompt": IOI_PROMPT,
                        "repeats": args.repeats, "out_dir": str(work / f"x{scale:g}_{side}_{round_index}")}
                 result = run_worker(job, work, args.timeout)
