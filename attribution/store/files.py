@@ -77,10 +77,10 @@ def map_threaded(read: Callable[[S], T], items: Iterable[S], window: int = 1024)
             yield from pool.map(read, items[start:start + window])
 
 
-def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns worth dictionary encoding: all but the floats (nearly every float is distinct, so a
-    dictionary only adds its indices; plain floats compress as well under zstd)."""
-    return [f.name for f in schema if not pa.types.is_floating(f.type)]
+def float_columns(schema: pa.Schema) -> list[str]:
+    """Columns written without a dictionary (nearly every float is distinct: a dictionary only adds its
+    indices) and with their bytes split into streams (exponents apart from mantissas: zstd packs them better)."""
+    return [f.name for f in schema if pa.types.is_floating(f.type)]
 
 
 class Vanished(Exception):
@@ -169,7 +169,8 @@ class StoreFiles:
         written = 0
         try:
             with self.fs.open_output_stream(tmp) as sink, \
-                    pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=dictionary_columns(schema)
+                    pq.ParquetWriter(sink, schema, compression="zstd", use_byte_stream_split=float_columns(schema),
+                                     use_dictionary=[f.name for f in schema if f.name not in float_columns(schema)]
                                      ) as writer:
                 buffer: list[pa.Table] = []
                 buffered = 0
