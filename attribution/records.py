@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -126,12 +127,15 @@ def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: P
 
 
 def from_frame(name: str, graph_id: str, frame) -> pa.Table:
-    """A pandas DataFrame (without graph_id) as the store table `name`."""
+    """A pandas DataFrame (without graph_id) as the store table `name`, column by column from numpy (NaN
+    becomes null: a float that does not apply, such as the pair share of a skip row)."""
     if frame is None or len(frame) == 0:
         return empty_table(name)
-    columns = {c: frame[c].tolist() for c in frame.columns}
-    columns["graph_id"] = [graph_id] * len(frame)
-    return _table(name, columns)
+    schema = SCHEMAS[name]
+    columns = {f.name: pa.array(frame[f.name].to_numpy(), type=f.type, from_pandas=True)
+               for f in schema if f.name != "graph_id"}
+    columns["graph_id"] = pa.array(np.full(len(frame), graph_id, dtype=object), type=pa.string())
+    return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
 def failure_table(failure_id: str, variant: str, prompt: str, task: str, prompt_index: int,

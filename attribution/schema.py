@@ -110,9 +110,9 @@ HEAD_LOADINGS = pa.schema([
     ("layer", pa.int32()),
     ("head", pa.int32()),  # -1: the part that skips this layer's attention
     ("weight", pa.float32()),
-    ("query_pos", pa.int32()),  # the (query, key) pair carrying most of the head's part; -1 for head -1
+    ("query_pos", pa.int32()),  # the (query, key) pair carrying most of the head's part; -1 for heads -1 and -2
     ("key_pos", pa.int32()),
-    ("pair_share", pa.float32()),  # that pair's share of the head's part
+    ("pair_share", pa.float32()),  # that pair's share of the head's part; null for heads -1 and -2
 ])
 
 QK_PAIRS = pa.schema([

@@ -76,6 +76,9 @@ def worker(job: dict) -> None:
 
     for name in (*GRAPH_FUNCTIONS, "head_loadings", "qk_attribution"):
         setattr(stage, name, timed(name, getattr(stage, name)))
+    graphs = []
+    compute_graph = stage.attribute
+    stage.attribute = lambda *args, **kwargs: graphs.append(compute_graph(*args, **kwargs)) or graphs[-1]
     attributor.record = timed("record", attributor.record)
     store = open_store(Path(job["out_dir"]) / "store")
     store.write = timed("store_write", store.write)
@@ -107,9 +110,27 @@ def worker(job: dict) -> None:
         result["stored_bytes"] = {table: (Path(job["out_dir"]) / "store" / table / "variant=dense" /
                                           f"{graph_id}.parquet").stat().st_size
                                   for table in ("graphs", "nodes", "edges", "head_loadings", "qk_pairs")}
+        result["circuit_tracer_pt_bytes"] = circuit_tracer_pt_bytes(graphs[-1])
         tables = store.load_graph(graph_id)
         result["rows"] = {name: len(getattr(tables, name)) for name in ("nodes", "edges", "head_loadings", "qk_pairs")}
     Path(job["out_dir"], "result.json").write_text(json.dumps(result, indent=2))
+
+
+def circuit_tracer_pt_bytes(graph) -> int:
+    """Bytes of circuit-tracer 0.5.0's `Graph.to_pt` for this graph: torch.save of the dict it saves, with
+    its tensors' dtypes and shapes (dense [N, N] float32 adjacency, int64 indices), less its `cfg` (the
+    model's config object, a few KB)."""
+    import io
+
+    import torch
+
+    saved = {"input_string": graph.prompt, "adjacency_matrix": graph.adjacency.float().contiguous(), "cfg": None,
+             "active_features": graph.active_features.long(), "logit_targets": graph.logit_tokens.long(),
+             "logit_probabilities": graph.logit_probs.float(), "vocab_size": 0, "input_tokens": graph.tokens.long(),
+             "selected_features": graph.selected.long(), "activation_values": graph.activations.float(), "scan": None}
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    return buffer.tell()
 
 
 def rss_mb(peak: bool = False) -> float:
@@ -176,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--before", default=BEFORE, help="the code 'before': a git revision of this repository "
-                        "(extracted into --work) or a checkout directory")
+                        "(extracted into --work) or a checkout directory; 'none': time this checkout only")
     parser.add_argument("--features", type=int, default=256, help="random CLT: features per layer")
     parser.add_argument("--density", type=float, default=0.02, help="random CLT: share of features active")
     parser.add_argument("--decoder-scales", default="1,10", help="random CLT: decoder weights times these, one "
@@ -238,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     for scale, clt_dir in clt_dirs.items():
         case = report["timing"][f"decoder_x{scale:g}"] = {"clt_dir": str(clt_dir), "before": [], "after": []}
         for round_index in range(args.rounds):
-            for side, root in (("before", code_root(args.before, work)), ("after", str(ROOT))):
+            sides = [("after", str(ROOT))]
+            if args.before != "none":
+                sides.insert(0, ("before", code_root(args.before, work)))
+            for side, root in sides:
                 job = {**common, "clt_dir": str(clt_dir), "code_root": root, "prompt": IOI_PROMPT,
                        "repeats": args.repeats, "out_dir": str(work / f"x{scale:g}_{side}_{round_index}")}
                 result = run_worker(job, work, args.timeout)
@@ -252,8 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         if case["before_summary"] and case["after_summary"]:
             case["speedup_cpu"] = {phase: case["before_summary"]["cpu"][phase] / case["after_summary"]["cpu"][phase]
                                    for phase in ("head_loadings", "qk", "write", "step")}
-            case["stored_bytes"] = {side: case[side][-1].get("stored_bytes") for side in ("before", "after")}
-            case["rows"] = {side: case[side][-1].get("rows") for side in ("before", "after")}
+        for side in ("before", "after"):
+            last = case[side][-1] if case[side] else {}
+            if last.get("stored_bytes"):
+                case[f"{side}_bytes"] = {"stored": last["stored_bytes"], "stored_total": sum(last["stored_bytes"].values()),
+                                         "rows": last.get("rows"), "circuit_tracer_pt": last.get("circuit_tracer_pt_bytes")}
+                if last.get("circuit_tracer_pt_bytes"):
+                    case[f"{side}_bytes"]["ours_over_circuit_tracer"] = (case[f"{side}_bytes"]["stored_total"]
+                                                                         / last["circuit_tracer_pt_bytes"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     report["memory"] = []
@@ -273,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         args.output.write_text(json.dumps(report, indent=2))
     report["machine"]["load_average_after"] = os.getloadavg()
     args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps({name: {k: case.get(k) for k in ("before_summary", "after_summary", "speedup_cpu", "stored_bytes")}
+    print(json.dumps({name: {k: case.get(k) for k in ("before_summary", "after_summary", "speedup_cpu", "before_bytes",
+                                                      "after_bytes")}
                       for name, case in report["timing"].items()}, indent=2))
     return 0
 

@@ -77,6 +77,12 @@ def map_threaded(read: Callable[[S], T], items: Iterable[S], window: int = 1024)
             yield from pool.map(read, items[start:start + window])
 
 
+def float_columns(schema: pa.Schema) -> list[str]:
+    """Columns written without a dictionary (nearly every float is distinct: a dictionary only adds its
+    indices) and with their bytes split into streams (exponents apart from mantissas: zstd packs them better)."""
+    return [f.name for f in schema if pa.types.is_floating(f.type)]
+
+
 class Vanished(Exception):
     """A file named a moment ago is gone (a compaction or a rewrite finished): look again."""
 
@@ -163,7 +169,9 @@ class StoreFiles:
         written = 0
         try:
             with self.fs.open_output_stream(tmp) as sink, \
-                    pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+                    pq.ParquetWriter(sink, schema, compression="zstd", use_byte_stream_split=float_columns(schema),
+                                     use_dictionary=[f.name for f in schema if f.name not in float_columns(schema)]
+                                     ) as writer:
                 buffer: list[pa.Table] = []
                 buffered = 0
                 for piece in pieces:
