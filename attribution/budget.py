@@ -54,18 +54,27 @@ def default_budget_bytes() -> int:
     return max(0, int(DEFAULT_BUDGET_SHARE * min(limits)))
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable of the machine, or less if a cgroup (v2) limit leaves less."""
-    meminfo = Path("/proc/meminfo")
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """MemAvailable of the machine, or less if a cgroup (v2) limit leaves less (its limit less its working set:
+    memory in use without the inactive page cache)."""
     if meminfo.exists():
         fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
         available = int(fields["MemAvailable"].split()[0]) * 1024
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    limit, current = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    limit, current = cgroup / "memory.max", cgroup / "memory.current"
     if limit.exists() and current.exists() and limit.read_text().strip() != "max":
-        available = min(available, int(limit.read_text()) - int(current.read_text()))
+        # memory.current counts the page cache too; its inactive part is reclaimed before anything is killed
+        working_set = int(current.read_text()) - cgroup_stat(cgroup / "memory.stat").get("inactive_file", 0)
+        available = min(available, int(limit.read_text()) - working_set)
     return available
+
+
+def cgroup_stat(path: Path) -> dict[str, int]:
+    """A cgroup v2 `memory.stat` file as {field: bytes} (empty if absent)."""
+    if not path.exists():
+        return {}
+    return {name: int(value) for name, value in (line.split() for line in path.read_text().splitlines())}
 
 
 def resident_bytes() -> int:

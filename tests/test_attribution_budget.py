@@ -95,3 +95,17 @@ def test_budget_defaults_to_a_share_of_the_memory_available():
     assert 0 < default_budget_bytes() <= DEFAULT_BUDGET_SHARE * available * 1.05
     with pytest.raises(ValueError, match="greater than 0"):
         AttributionStageConfig(memory_budget_gb=0)
+
+
+def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 16777216 kB\nMemAvailable: 8388608 kB\n")  # 8 GiB available
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_memory_bytes(meminfo, cgroup) == 8 * 2**30  # no cgroup files: the machine's figure
+    (cgroup / "memory.max").write_text(f"{4 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{3 * 2**30}\n")
+    (cgroup / "memory.stat").write_text(f"anon {2**30}\ninactive_file {2 * 2**30}\nactive_file 0\n")
+    assert available_memory_bytes(meminfo, cgroup) == 3 * 2**30  # 4 GiB limit, 1 GiB in use beyond the cache
+    (cgroup / "memory.max").write_text("max\n")
+    assert available_memory_bytes(meminfo, cgroup) == 8 * 2**30
