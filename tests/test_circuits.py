@@ -495,13 +495,18 @@ def test_command_line_compares_dense_and_sparse_per_task(tmp_path):
     gated.save(tmp_path / "sparse", tokenizer)
     out = tmp_path / "circuits.json"
     main(["--tasks", "greater_than", "--n", "3", "--dense", "tiny", "--sparse", str(tmp_path / "sparse"),
-          "--points", "3", "--out", str(out)])
-    result = json.loads(out.read_text())["tasks"]["greater_than"]
-    assert result["dense"]["n_prompts"] == result["sparse"]["n_prompts"] == 3
-    assert set(result["comparison"]) == {"task", "target", "gates", "behaviour_gate", "behaviour", "heads", "edges",
-                                         "position_edges"}
-    assert set(result["comparison"]["edges"]) >= {"ratio", "ratio_stays_above"}
-    assert result["sparse"]["heads"]["metric_full"] != result["dense"]["heads"]["metric_full"]
+          "--points", "3", "--dense-points", "2", "--faithfulness-edges", "2", "--bootstrap", "50",
+          "--no-position-edges", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["headline_gates"] == "frozen" and set(saved["tasks"]["greater_than"]) == {"frozen", "recomputed"}
+    for mode, result in saved["tasks"]["greater_than"].items():
+        assert result["dense"]["n_prompts"] == result["sparse"]["n_prompts"] == 3
+        assert result["sparse"]["gates"] == mode and result["comparison"]["gates"] == mode
+        assert set(result["comparison"]) == {"task", "target", "gates", "behaviour_gate", "behaviour", "heads", "edges"}
+        assert set(result["comparison"]["edges"]) >= {"ratio", "ratio_stays_above", "dense_first_ci"}
+        assert result["sparse"]["heads"]["metric_full"] != result["dense"]["heads"]["metric_full"]
+    both = saved["tasks"]["greater_than"]
+    assert both["frozen"]["dense"] == both["recomputed"]["dense"]  # no gates: one result for both modes
 
 
 def sized(count_heads: int | None, count_edges: int) -> CircuitResult:
