@@ -34,7 +34,7 @@ from circuits.stats import spearman
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff, logits_fn
 from prompts.tasks import TaskPrompt, generate_task
-from sparse_attention.gated_attention import GatedModel
+from sparse_attention.gated_attention import GatedModel, GateError
 from sparse_attention.hook_points import hf_model
 from sparse_attention.models import TinyModelConfig, byte_tokenizer, tiny_model
 
@@ -676,6 +676,10 @@ def test_frozen_gate_verification_never_changes_a_mask(prompts):
                     used = prepared.module(input_ids=ids, record_masks=True).gate_record.gate_masks
                 changed[gates] += sum(int((a != b).sum()) for a, b in zip(used, clean))
     assert changed["frozen"] == 0 and changed["recomputed"] > 0
+    with pytest.raises(GateError, match="one mask per layer"), model.frozen_gates(clean[:1]):
+        pass
+    with pytest.raises(GateError, match="'eval' mode"), make_model("dense").frozen_gates(clean):
+        pass
 
 
 def test_pruning_removes_exactly_the_dead_edges_of_a_hand_built_graph():
