@@ -363,15 +363,6 @@ def gate_modes(config: ComponentCircuitConfig, model: nn.Module) -> list[str]:
     return [config.gates, *(mode for mode in GATE_MODES if mode != config.gates)]
 
 
-def run_modes(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]
-              ) -> dict[str, CircuitResult]:
-    """`run` in each of `gate_modes`: {mode: CircuitResult}; a model without gates gets one result, under
-    every mode's name (the same object)."""
-    results = {mode: run(config, model, tokenizer, prompts, mode) for mode in gate_modes(config, model)}
-    return {mode: results.get(mode, results[config.gates]) for mode in
-            (GATE_MODES if config.other_gates else [config.gates])}
-
-
 def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer, prompts: Sequence[TaskPrompt],
                  faithfulness: bool = True, min_gap: float | None = None) -> CircuitResult:
     """`run` on a model already prepared (with config's split_qkv and gate_gradient and a gate mode), so
