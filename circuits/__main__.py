@@ -1,8 +1,8 @@
 """Dense vs sparse component circuits per task: `python -m circuits --tasks ioi --sparse DIR --out FILE`.
 
 Loads the dense model and (optionally) a gated checkpoint in eval mode, traces each task's circuit on
-the first n prompts of prompts/data/{task}.jsonl, and writes the results and dense/sparse ratios as JSON
-after every task.
+the first n prompts of prompts/data/{task}.jsonl in each gate mode (the headline `--gates` first), and
+writes the results and dense/sparse ratios as JSON after every task and mode.
 """
 
 from __future__ import annotations
@@ -14,11 +14,25 @@ from pathlib import Path
 
 import torch
 
-from circuits.config import CURVE_KINDS, ComponentCircuitConfig
-from circuits.curves import compare, compare_per_prompt, run, run_per_prompt
+from circuits.config import CURVE_KINDS, GATE_MODES, ComponentCircuitConfig
+from circuits.curves import compare, compare_per_prompt, gate_modes, run, run_per_prompt
 from prompts.tasks import TASKS, load_task
 from sparse_attention.gated_attention import load_gated_model
 from sparse_attention.models import load_model
+
+
+def _config(args: argparse.Namespace) -> ComponentCircuitConfig:
+    return ComponentCircuitConfig(
+        split_qkv=not args.joint_qkv, curve_points=args.points, dense_points=args.dense_points,
+        gate_gradient=args.gate_gradient, gates=args.gates, other_gates=not args.headline_only,
+        head_ranking=args.head_ranking, edge_ranking=args.edge_ranking, ig_steps=args.ig_steps,
+        faithfulness_edges=args.faithfulness_edges, min_prompt_gap=args.min_prompt_gap,
+        min_clean_logit_diff=args.min_logit_diff, min_clean_accuracy=args.min_accuracy,
+        position_edges=not args.no_position_edges, batch_size=args.batch_size, bootstrap_samples=args.bootstrap)
+
+
+def _ci(pair) -> str:
+    return "n/a" if pair is None or pair[0] != pair[0] else f"{pair[0]:.3g}-{pair[1]:.3g}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -28,9 +42,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dense", default="smollm2-135m", help="model name for load_model")
     parser.add_argument("--sparse", type=Path, help="gated checkpoint directory (load_gated_model), eval mode")
     parser.add_argument("--joint-qkv", action="store_true", help="one input per head instead of q/k/v")
-    parser.add_argument("--points", type=int, default=20, help="counts on each curve")
+    parser.add_argument("--points", type=int, default=20, help="counts on each curve's geometric grid")
+    parser.add_argument("--dense-points", type=int, default=16, help="counts added between first crossing and stays-above")
+    parser.add_argument("--gates", choices=GATE_MODES, default="frozen", help="headline gate mode (see circuits/README.md)")
+    parser.add_argument("--headline-only", action="store_true", help="skip the other gate mode")
+    parser.add_argument("--head-ranking", choices=["exact", "eap"], default="exact")
+    parser.add_argument("--edge-ranking", choices=["eap_ig", "eap"], default="eap_ig")
+    parser.add_argument("--ig-steps", type=int, default=5, help="EAP-IG interpolation points")
     parser.add_argument("--gate-gradient", choices=["none", "straight_through"], default="straight_through",
-                        help="gates' gradient when ranking edges of the sparse model by EAP")
+                        help="gates' gradient when ranking a gated model with recomputed gates")
+    parser.add_argument("--faithfulness-edges", type=int, default=32, help="edges patched exactly to check the ranking")
+    parser.add_argument("--min-prompt-gap", type=float, default=0.5, help="per-prompt: drop prompts whose clean - "
+                                                                          "corrupted logit diff is under this")
+    parser.add_argument("--min-logit-diff", type=float, default=1.0, help="behaviour gate: mean clean logit diff")
+    parser.add_argument("--min-accuracy", type=float, default=0.8, help="behaviour gate: clean accuracy")
+    parser.add_argument("--no-position-edges", action="store_true", help="skip the edges-by-position curve")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     parser.add_argument("--out", type=Path, required=True, help="JSON file: results, ratios, config")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--per-prompt", action="store_true",
@@ -38,45 +66,66 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    config = ComponentCircuitConfig(split_qkv=not args.joint_qkv, curve_points=args.points,
-                                    gate_gradient=args.gate_gradient)
+    config = _config(args)
     models = {"dense": load_model(args.dense)}
     if args.sparse is not None:
         sparse, tokenizer = load_gated_model(args.sparse)
         models["sparse"] = (sparse.set_mode("eval"), tokenizer)
+    modes = gate_modes(config, models["sparse"][0]) if "sparse" in models else [config.gates]
     out: dict = {"models": {"dense": args.dense, "sparse": str(args.sparse) if args.sparse else None},
-                 "config": config.model_dump(), "tasks": {}}
+                 "config": config.model_dump(), "headline_gates": config.gates, "tasks": {}}
+
+    def save() -> None:  # after every task and mode, so a long run keeps its results
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
     for task in args.tasks:
         prompts = load_task(task)[: args.n]
-        if args.per_prompt:
-            per_prompt = {name: run_per_prompt(config, model, tokenizer, prompts)
-                          for name, (model, tokenizer) in models.items()}
-            out["tasks"][task] = {"per_prompt": {name: [r if isinstance(r, str) else r.to_json() for r in results]
-                                                 for name, results in per_prompt.items()}}
-            if "sparse" in per_prompt:
-                summary = compare_per_prompt(per_prompt["dense"], per_prompt["sparse"])
-                out["tasks"][task]["per_prompt_comparison"] = summary
+        out["tasks"][task] = {}
+        dense_results: dict = {}  # the dense model has no gates: one result serves every mode
+        for mode in modes:
+            entry = out["tasks"][task].setdefault(mode, {})
+            if args.per_prompt:
+                results = {"dense": dense_results.get("per_prompt")}
+                if results["dense"] is None:
+                    results["dense"] = dense_results["per_prompt"] = run_per_prompt(config, *models["dense"], prompts)
+                if "sparse" in models:
+                    results["sparse"] = run_per_prompt(config, *models["sparse"], prompts, mode)
+                entry["per_prompt"] = {name: [r if isinstance(r, str) else r.to_json() for r in rs]
+                                       for name, rs in results.items()}
+                if "sparse" in results:
+                    summary = entry["per_prompt_comparison"] = compare_per_prompt(
+                        results["dense"], results["sparse"], config.bootstrap_samples, seed=config.seed)
+                    print(f"{task} [{mode}] dropped (gap < {config.min_prompt_gap}): {summary['dropped_small_gap']}")
+                    for kind in CURVE_KINDS:
+                        if kind in summary:
+                            k = summary[kind]
+                            print(f"{task} [{mode}] {kind}: {k['n_pairs']}/{summary['n_prompts']} prompts, dense/sparse "
+                                  f"{k['ratio']:.2f} (CI {k['ci_low']:.2f}-{k['ci_high']:.2f})", flush=True)
+                save()
+                continue
+            results = {"dense": dense_results.get("pooled")}
+            if results["dense"] is None:
+                results["dense"] = dense_results["pooled"] = run(config, *models["dense"], prompts)
+            if "sparse" in models:
+                results["sparse"] = run(config, *models["sparse"], prompts, mode)
+            entry.update({name: result.to_json() for name, result in results.items()})
+            for name, result in results.items():
+                print(f"{task} [{mode}] {name}: metric clean {result.metric_clean:.3f} (accuracy "
+                      f"{result.accuracy_clean:.2f}) corrupted {result.metric_corrupted:.3f}; to {config.target}: "
+                      + ", ".join(f"{kind} {curve.count_at_target} (stays above {curve.count_stays_above})/{curve.total}"
+                                  for kind in CURVE_KINDS if (curve := getattr(result, kind)) is not None)
+                      + f"; faithfulness {result.faithfulness}", flush=True)
+            if "sparse" in results:
+                summary = entry["comparison"] = compare(results["dense"], results["sparse"])
+                print(f"{task} [{mode}] behaviour gate: {summary['behaviour_gate']}")
                 for kind in CURVE_KINDS:
                     if kind in summary:
                         k = summary[kind]
-                        print(f"{task} {kind}: {k['n_pairs']}/{summary['n_prompts']} prompts, dense/sparse "
-                              f"{k['ratio']:.2f} (CI {k['ci_low']:.2f}-{k['ci_high']:.2f})", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=2) + "\n")
-            continue
-        results = {name: run(config, model, tokenizer, prompts) for name, (model, tokenizer) in models.items()}
-        out["tasks"][task] = {name: result.to_json() for name, result in results.items()}
-        if "sparse" in results:
-            out["tasks"][task]["comparison"] = compare(results["dense"], results["sparse"])
-        for name, result in results.items():
-            print(f"{task} {name}: metric clean {result.metric_clean:.3f} corrupted {result.metric_corrupted:.3f}; "
-                  f"heads to {config.target}: {result.heads.count_at_target}/{result.heads.total}, "
-                  f"edges: {result.edges.count_at_target}/{result.edges.total}" + (
-                      "" if result.position_edges is None else
-                      f", edges by position: {result.position_edges.count_at_target}/{result.position_edges.total}"),
-                  flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")  # after every task, so a long run keeps results
+                        print(f"{task} [{mode}] {kind}: dense/sparse {k['ratio']} (CI {_ci(k.get('ratio_first_ci'))}), "
+                              f"stays above {k['ratio_stays_above']} (CI {_ci(k.get('ratio_stays_above_ci'))})",
+                              flush=True)
+            save()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ class ComponentCircuitConfig(BaseModel):
     target: float = Field(0.9, gt=0, le=1, description="explained effect whose head / edge count is reported")
     batch_size: int = Field(16, gt=0, description="prompts per forward pass")
     curve_points: int = Field(20, ge=2, description="counts on each curve (geometric grid, plus 0 and all)")
-    refine: bool = Field(True, description="bisect between grid points for the count reaching `target`")
+    refine: bool = Field(True, description="bisect the last gaps below the first crossing and the stays-above count")
+    dense_points: int = Field(16, ge=0, description="counts evaluated evenly between the grid count before the "
+                                                    "first crossing and the stays-above count (the curves are not "
+                                                    "monotone: one gate flip can move a crossing)")
     top_stored: int = Field(100, ge=0, description="top-ranked heads / edges stored by name with their scores")
     gate_gradient: Literal["none", "straight_through"] = Field(
         "straight_through", description="gates' gradient in EAP: none (hard gates, zero) or training's "
@@ -29,4 +32,30 @@ class ComponentCircuitConfig(BaseModel):
                                                    "the last token), a third curve")
 
 
+    head_ranking: Literal["exact", "eap"] = Field(
+        "exact", description="heads ranked by exact single-head patching (one pass per head) or by EAP node scores")
+    edge_ranking: Literal["eap_ig", "eap"] = Field(
+        "eap_ig", description="edges ranked by EAP-IG (gradients averaged over embeddings interpolated between "
+                              "corrupted and clean) or EAP (the clean run's gradient)")
+    ig_steps: int = Field(5, ge=1, description="EAP-IG interpolation points (midpoints of equal parts of [0, 1])")
+    gates: Literal["frozen", "recomputed"] = Field(
+        "frozen", description="headline verification mode of a gated model: gates frozen to the clean run's masks "
+                              "in every ranking and patching pass (the circuit as a fixed structure, so one gate "
+                              "flip cannot set a count and the gradient is that of the verified function), or "
+                              "recomputed from each pass's inputs (the model as it runs)")
+    other_gates: bool = Field(True, description="also trace a gated model with the other gate mode (reported beside)")
+    faithfulness_edges: int = Field(32, ge=0, description="edges whose exact single-edge patching effect is compared "
+                                                          "with their ranking score (half top-ranked, half random)")
+    min_clean_logit_diff: float = Field(1.0, description="behaviour gate: a task enters a dense/sparse ratio only if "
+                                                         "both models' mean clean logit diff reaches this")
+    min_clean_accuracy: float = Field(0.8, ge=0, le=1, description="behaviour gate: and both models' clean accuracy "
+                                                                  "(share of prompts with logit diff > 0) reaches this")
+    min_prompt_gap: float = Field(0.5, ge=0, description="per-prompt circuits: prompts whose clean - corrupted logit "
+                                                         "diff is under this are dropped (their normalised effect "
+                                                         "is unstable), and counted")
+    seed: int = Field(0, description="seed of the faithfulness sample and the bootstrap")
+    bootstrap_samples: int = Field(2000, gt=0, description="bootstrap resamples of prompts for count CIs")
+
+
+GATE_MODES = ("frozen", "recomputed")
 CURVE_KINDS = ("heads", "edges", "position_edges")  # what a CircuitResult can hold curves of

@@ -1,42 +1,52 @@
-"""Component circuits: rank heads and edges by attribution patching, then trace explained effect
-against the number kept by activation patching.
+"""Component circuits: rank heads and edges, then trace explained effect against the number kept by
+activation patching, with the gates handled the same way in both (`hooks`: frozen or recomputed).
 
-Ranking is attribution patching (EAP, Syed et al. / Hanna et al.): score(u, v) = (corrupted - clean
-write of u) . d metric / d (input of v), on the clean run, summed over positions, averaged over prompts;
-a head's node score is the sum over its out-edges (= its write difference . d metric / d write).
-Heads and edges are kept in order of |score|; edge counts include the embed -> x and x -> logits edges.
+Ranking: heads by exact single-head patching (`head_ranking = "exact"`, one pass per head) or EAP node
+scores; edges by EAP-IG (Hanna et al. 2024, `edge_ranking = "eap_ig"`) or EAP: score(u, v) = (corrupted -
+clean write of u) . d metric / d (input of v), the gradient averaged over embeddings interpolated between
+corrupted and clean (EAP-IG) or taken on the clean run (EAP), summed over positions, averaged over prompts.
+Components are kept in order of |score|. `ranking_faithfulness` reports the Spearman correlation of the
+scores with exact single-component patching.
 
 Edges are traced twice: between components (summed over positions), and resolved by token position
 (`position_edges`): u -> v at position p is u's write at p read by v's input at p (the residual stream
 is per position; only attention moves information across positions, inside a head). Positions count
 from the prompt's last token, so prompts of different lengths share edges by their distance to the
-answer. Sparse attention should show here: a head's k/v inputs matter only at the keys it keeps open.
-Explained effect = (m(kept) - m(none kept)) / (m(all kept) - m(none kept)), m = mean logit difference
-over the prompts; with no edge kept the logits read the corrupted residual, so m(none) is the
+answer. Explained effect = (m(kept) - m(none kept)) / (m(all kept) - m(none kept)), m = mean logit
+difference over the prompts; with no edge kept the logits read the corrupted residual, so m(none) is the
 corrupted run's metric. For the heads curve MLPs are always kept and computed freshly; m(none) is
 "every head patched".
+
+Counting what carries signal: a head that writes nothing on every clean and corrupted run (every gate
+closed at every position) is no component: it is always computed and never counted, nor are the edges
+into or out of it. An edge count is the number of kept edges on a path from the inputs to the logits
+(`layout.live_edges`; the others do not change the patched metric). Curves are not monotone, so each is
+read twice (`read_curve`): the first crossing of the target and the smallest count from which every
+evaluated count stays above it, with counts evaluated densely between the two; `compare` gives both with
+bootstrap CIs over prompts and a behaviour gate (both models must do the task).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from circuits.config import CURVE_KINDS, CircuitError, ComponentCircuitConfig
-from circuits.hooks import PreparedModel, edge_attribution, patched_metric, prepare, record
-from circuits.layout import ComponentLayout, top_k_mask
-from circuits.stats import bootstrap_ratio
+from circuits.config import CURVE_KINDS, GATE_MODES, CircuitError, ComponentCircuitConfig
+from circuits.hooks import PreparedModel, clean_masks, edge_attribution, patched_metric, prepare, record
+from circuits.layout import ComponentLayout, column_rows, live_edges, top_k_mask
+from circuits.stats import bootstrap_ratio, spearman
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff
 from prompts.tasks import TaskPrompt
+from sparse_attention.gated_attention import gate_mode
 
 # --------------------------------------------------------------------------------------------------
-# Counts on a curve
+# Reading a curve
 
 
 def explained_effect(metric: float, full: float, empty: float) -> float:
@@ -52,24 +62,9 @@ def count_grid(total: int, points: int) -> list[int]:
     return sorted(grid)
 
 
-def count_to_reach(
-    evaluate: Callable[[int], float], grid: Sequence[int], target: float, refine: bool = True
-) -> tuple[int | None, dict[int, float]]:
-    """Smallest count whose effect reaches `target`: the first grid count that does, then (with
-    `refine`) bisection between it and the grid count before, assuming the curve is monotone there.
-    Returns (count or None if no grid count reaches it, every evaluated {count: effect})."""
-    effects = {count: evaluate(count) for count in grid}
-    reached = [count for count in grid if effects[count] >= target]
-    if not reached:
-        return None, effects
-    hi = reached[0]
-    lower = [count for count in grid if count < hi]
-    lo = lower[-1] if lower else hi
-    while refine and hi - lo > 1:
-        mid = (lo + hi) // 2
-        effects[mid] = evaluate(mid)
-        lo, hi = (lo, mid) if effects[mid] >= target else (mid, hi)
-    return hi, dict(sorted(effects.items()))
+def first_crossing(effects: dict[int, float], target: float) -> int | None:
+    """Smallest evaluated count whose effect reaches `target`."""
+    return min((k for k, e in effects.items() if e >= target), default=None)
 
 
 def count_staying_above(effects: dict[int, float], target: float) -> int | None:
@@ -83,27 +78,84 @@ def count_staying_above(effects: dict[int, float], target: float) -> int | None:
     return count
 
 
+def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: float, dense_points: int = 0,
+               refine: bool = True) -> tuple[int | None, int | None, dict[int, float]]:
+    """(first crossing, stays-above count, every evaluated {count: effect}).
+
+    Evaluates the grid, then `dense_points` counts evenly between the grid count before the first crossing
+    and the stays-above count, then (`refine`) bisects the gap below each reading down to one count: the
+    first crossing's gap holds only counts below it, the stays-above count's gap ends at the last count
+    under the target. Both readings are over every evaluated count."""
+    effects = {count: evaluate(count) for count in grid}
+
+    def add(count: int) -> None:
+        if count not in effects:
+            effects[count] = evaluate(count)
+
+    first, stays = first_crossing(effects, target), count_staying_above(effects, target)
+    if first is None:
+        return None, stays, dict(sorted(effects.items()))
+    below = [k for k in effects if k < first]
+    low = max(below) if below else first
+    high = stays if stays is not None else max(effects)
+    for count in np.unique(np.linspace(low, high, dense_points + 2).round().astype(int)).tolist():
+        add(count)
+    if refine:
+        for reading in (first_crossing, count_staying_above):
+            while True:
+                reached = reading(effects, target)
+                if reached is None:
+                    break
+                gap = [k for k in effects if k < reached]
+                if not gap or reached - max(gap) <= 1:
+                    break
+                add((max(gap) + reached) // 2)
+    return first_crossing(effects, target), count_staying_above(effects, target), dict(sorted(effects.items()))
+
+
+def readings(prompt_metrics: np.ndarray, counts: Sequence[int], carrying: Sequence[int], target: float,
+             prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First crossing and stays-above count (in `carrying` units; NaN where none) of the curve re-read on
+    resampled prompts.  prompt_metrics [C, n] per evaluated count (sorted, including 0 and the total, the
+    empty and full circuits), prompts [S, n] resampled prompt indices  ->  ([S], [S])."""
+    means = prompt_metrics[:, prompts].mean(-1).T  # [S, C]
+    full, empty = means[:, [-1]], means[:, [0]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reached = (means - empty) / (full - empty) >= target  # [S, C]
+    carrying = np.asarray(carrying, dtype=np.float64)
+    first = np.where(reached.any(1), carrying[reached.argmax(1)], np.nan)
+    tail = np.flip(np.cumprod(np.flip(reached, 1), 1), 1).astype(bool)  # reached from here to the end
+    stays = np.where(tail.any(1), carrying[tail.argmax(1)], np.nan)
+    return first, stays
+
+
 # --------------------------------------------------------------------------------------------------
 # Curves of one model on one prompt set
 
 
 @dataclass
 class Curve:
-    """Explained effect against the number of components kept, and the count reaching the target."""
+    """Explained effect against the number of components kept, and the counts reaching the target.
+
+    counts: ranked components kept (top-k) at each evaluated point; carrying: how many of them carry signal
+    (edges on a path from the inputs to the logits, `live_edges`; heads: every kept head, dead heads being
+    no component). The counts at the target are in carrying units."""
 
     total: int
     counts: list[int]
     effects: list[float]
-    count_at_target: int | None  # first crossing (see count_to_reach)
-    count_stays_above: int | None  # smallest evaluated count from which every evaluated count reaches it
+    count_at_target: int | None  # first crossing
+    count_stays_above: int | None  # smallest count from which every evaluated count reaches the target
     metric_full: float
     metric_empty: float
-    top: list[tuple[str, float]]  # best-ranked components with their EAP scores
+    top: list[tuple[str, float]]  # best-ranked components with their ranking scores
+    carrying: list[int] = field(default_factory=list)
+    prompt_metrics: list[list[float]] = field(default_factory=list)  # [count][prompt] logit diff, prompt order
 
 
 @dataclass
 class CircuitResult:
-    """Component circuit of one model on one task: EAP ranking checked by activation patching."""
+    """Component circuit of one model on one task: ranking checked by activation patching."""
 
     task: str
     n_prompts: int
@@ -113,36 +165,81 @@ class CircuitResult:
     edges: Curve
     config: dict
     position_edges: Curve | None = None  # edges resolved by position (config.position_edges)
+    gates: str = "recomputed"  # how the gates were handled ("frozen" / "recomputed"; the same without gates)
+    accuracy_clean: float = float("nan")  # share of prompts with clean logit diff > 0
+    dead_heads: list[str] = field(default_factory=list)  # heads that write nothing on any clean or corrupted run
+    faithfulness: dict | None = None  # Spearman of ranking scores with exact patching (see ranking_faithfulness)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 class PromptSet:
-    """Encoded batches with their corrupted recordings, evaluated together as one mean metric."""
+    """Encoded batches with their corrupted recordings (and, when gates are frozen, the clean runs' gate
+    masks, which the corrupted run uses too), evaluated together as one mean metric."""
 
     def __init__(self, prepared: PreparedModel, batches: list[PromptBatch]):
         self.prepared, self.batches = prepared, batches
-        self.recordings, corrupted_metrics = [], []
+        self.masks, self.recordings, corrupted_metrics, clean_metrics = [], [], [], []
+        layout = prepared.layout
+        head_rows = [layout.head_row(layer, h) for layer in range(layout.n_layers) for h in range(layout.n_heads)]
+        writes = torch.zeros(len(head_rows))
         for batch in batches:
-            recording, logits = record(prepared, batch.corrupted)
+            masks = clean_masks(prepared, batch.clean)
+            with prepared.gates_of(masks):
+                recording, logits = record(prepared, batch.corrupted)
+                clean, clean_logits = record(prepared, batch.clean)
+            self.masks.append(masks)
             self.recordings.append(recording)
             corrupted_metrics.append(logit_diff(logits, batch))
-        self.n_prompts = sum(len(b.indices) for b in batches)
+            clean_metrics.append(logit_diff(clean_logits, batch))
+            for run in (recording, clean):
+                writes += run.writes[head_rows].abs().flatten(1).amax(1)
+        self.order = torch.tensor([i for b in batches for i in b.indices]).argsort()  # batch order -> prompt order
+        self.n_prompts = len(self.order)
         self.n_positions = max(b.clean.shape[1] for b in batches)  # per-position edges count from the end
-        self.metric_corrupted = torch.cat(corrupted_metrics).mean().item()
+        self.prompt_clean = torch.cat(clean_metrics)[self.order]  # [n]
+        self.prompt_corrupted = torch.cat(corrupted_metrics)[self.order]  # [n]
+        self.metric_corrupted = self.prompt_corrupted.mean().item()
+        self.dead_heads = (writes == 0).view(layout.n_layers, layout.n_heads)  # [L, H] writes nothing anywhere
+
+    def prompt_metrics(self, **keep) -> torch.Tensor:
+        """Logit diff per prompt [n] (prompt order) with `keep` (see patched_metric); no keep = the clean run."""
+        runs = [patched_metric(self.prepared, b, r, m, **keep)
+                for b, r, m in zip(self.batches, self.recordings, self.masks)]
+        return torch.cat(runs)[self.order]
 
     def mean_metric(self, **keep) -> float:
         """Mean logit diff over the prompts with `keep` (see patched_metric); no keep = the clean run."""
-        total = sum(patched_metric(self.prepared, b, r, **keep).sum() for b, r in zip(self.batches, self.recordings))
-        return float(total) / self.n_prompts
+        return self.prompt_metrics(**keep).mean().item()
 
-    def edge_scores(self, by_position: bool = False) -> torch.Tensor:
-        """Mean EAP score per edge over the prompts: [U, V], or by position [U, V, n_positions] (its sum
-        over positions is the [U, V] score)."""
+    def edge_scores(self, by_position: bool = False, ig_steps: int | None = None) -> torch.Tensor:
+        """Mean ranking score per edge over the prompts (EAP, or EAP-IG with `ig_steps`): [U, V], or by
+        position [U, V, n_positions] (its sum over positions is the [U, V] score)."""
         n_positions = self.n_positions if by_position else None
-        total = sum(edge_attribution(self.prepared, b, r, n_positions) for b, r in zip(self.batches, self.recordings))
+        total = sum(edge_attribution(self.prepared, b, r, n_positions, m, ig_steps)
+                    for b, r, m in zip(self.batches, self.recordings, self.masks))
         return total / self.n_prompts
+
+    def head_patching_effects(self) -> torch.Tensor:
+        """Exact single-head patching: mean metric with one head patched minus the clean metric, per head
+        [L, H]; 0 for dead heads (patching them changes nothing on these runs)."""
+        layout = self.prepared.layout
+        clean = self.mean_metric()
+        effects = torch.zeros(layout.n_layers, layout.n_heads)
+        for layer, head in (~self.dead_heads).nonzero().tolist():
+            keep = torch.ones(layout.n_layers, layout.n_heads, dtype=torch.bool)
+            keep[layer, head] = False
+            effects[layer, head] = self.mean_metric(keep_heads=keep) - clean
+        return effects
+
+    def edges_touching_dead_heads(self) -> torch.Tensor:
+        """[U, V] bool: edges out of or into a dead head (no components: never counted, always computed)."""
+        layout = self.prepared.layout
+        dead_rows = torch.zeros(layout.n_rows + 1, dtype=torch.bool)
+        for layer, head in self.dead_heads.nonzero().tolist():
+            dead_rows[layout.head_row(layer, head)] = True
+        return dead_rows[:-1, None] | dead_rows[column_rows(layout)][None, :]
 
 
 def head_scores(edge_scores: torch.Tensor, layout: ComponentLayout) -> torch.Tensor:
@@ -157,44 +254,51 @@ def _check_effect(kind: str, full: float, empty: float) -> None:
                            "change this model's answer on these prompts, so no effect can be explained")
 
 
-def head_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
+def _traced_curve(prompt_set: PromptSet, keep_for: Callable[[int], dict], carrying_of: Callable[[int], int],
+                  total: int, metric_full: float, config: ComponentCircuitConfig, kind: str,
+                  top: list[tuple[str, float]]) -> Curve:
+    """Evaluate a curve (keep_for(k): the patching arguments with the top k kept) and read it."""
+    per_prompt: dict[int, torch.Tensor] = {}
+
+    def metrics(k: int) -> torch.Tensor:
+        if k not in per_prompt:
+            per_prompt[k] = prompt_set.prompt_metrics(**keep_for(k))
+        return per_prompt[k]
+
+    empty = metrics(0).mean().item()
+    _check_effect(kind, metric_full, empty)
+    first, stays, effects = read_curve(lambda k: explained_effect(metrics(k).mean().item(), metric_full, empty),
+                                       count_grid(total, config.curve_points), config.target, config.dense_points,
+                                       config.refine)
+    carrying = {k: carrying_of(k) for k in effects}
+    return Curve(total, list(effects), list(effects.values()), None if first is None else carrying[first],
+                 None if stays is None else carrying[stays], metric_full, empty, top, list(carrying.values()),
+                 [metrics(k).tolist() for k in effects])
+
+
+def head_curve(prompt_set: PromptSet, scores: torch.Tensor, metric_clean: float,
                config: ComponentCircuitConfig) -> Curve:
-    """Explained effect with the top-k heads by |node EAP| kept (others patched), MLPs always kept."""
+    """Explained effect with the top-k live heads by |score| [L, H] kept (others patched); MLPs and dead
+    heads always computed."""
     layout = prompt_set.prepared.layout
-    scores = head_scores(edge_scores, layout)  # [L, H]
-    all_heads = torch.ones(scores.shape, dtype=torch.bool)
-    empty = prompt_set.mean_metric(keep_heads=~all_heads)
-    _check_effect("head", metric_clean, empty)
-
-    def effect(k: int) -> float:
-        keep = top_k_mask(scores, all_heads, k)
-        return explained_effect(prompt_set.mean_metric(keep_heads=keep), metric_clean, empty)
-
-    count, effects = count_to_reach(effect, count_grid(scores.numel(), config.curve_points), config.target,
-                                    config.refine)
+    live = ~prompt_set.dead_heads
     names = [f"blocks.{layer}.head.{h}" for layer in range(layout.n_layers) for h in range(layout.n_heads)]
-    top = _ranked(scores.flatten(), config.top_stored, names.__getitem__)
-    return Curve(scores.numel(), list(effects), list(effects.values()), count,
-                 count_staying_above(effects, config.target), metric_clean, empty, top)
+    top = _ranked(scores.masked_fill(~live, 0).flatten(), min(config.top_stored, int(live.sum())), names.__getitem__)
+    return _traced_curve(prompt_set, lambda k: {"keep_heads": top_k_mask(scores, live, k) | ~live}, lambda k: k,
+                         int(live.sum()), metric_clean, config, "head", top)
 
 
 def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
                config: ComponentCircuitConfig) -> Curve:
-    """Explained effect with the top-k edges by |EAP| kept (all others patched).  edge_scores [U, V], or
-    [U, V, P] for edges resolved by position."""
+    """Explained effect with the top-k edges by |score| kept (all others patched; edges touching dead heads
+    always computed, never counted).  edge_scores [U, V], or [U, V, P] for edges resolved by position."""
     layout = prompt_set.prepared.layout
-    allowed = layout.allowed()
+    background = layout.allowed() & prompt_set.edges_touching_dead_heads()
+    countable = layout.allowed() & ~background
     if edge_scores.dim() == 3:
-        allowed = allowed[:, :, None].expand(edge_scores.shape).contiguous()
-    empty = prompt_set.mean_metric(keep_edges=torch.zeros_like(allowed))
-    _check_effect("edge", metric_clean, empty)
-
-    def effect(k: int) -> float:
-        keep = top_k_mask(edge_scores, allowed, k)
-        return explained_effect(prompt_set.mean_metric(keep_edges=keep), metric_clean, empty)
-
-    total = int(allowed.sum())
-    count, effects = count_to_reach(effect, count_grid(total, config.curve_points), config.target, config.refine)
+        countable = countable[:, :, None].expand(edge_scores.shape).contiguous()
+        background = background[:, :, None].expand(edge_scores.shape)
+    total = int(countable.sum())
     rows, cols = layout.row_names(), layout.col_names()
     n_pos = edge_scores.shape[2] if edge_scores.dim() == 3 else 1
 
@@ -203,44 +307,103 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
         where = f" @{pos - n_pos}" if edge_scores.dim() == 3 else ""
         return f"{rows[edge // layout.n_cols]} -> {cols[edge % layout.n_cols]}{where}"
 
-    top = _ranked(edge_scores.masked_fill(~allowed, 0).flatten(), min(config.top_stored, total), name)
-    return Curve(total, list(effects), list(effects.values()), count, count_staying_above(effects, config.target),
-                 metric_clean, empty, top)
+    top = _ranked(edge_scores.masked_fill(~countable, 0).flatten(), min(config.top_stored, total), name)
+    return _traced_curve(prompt_set, lambda k: {"keep_edges": top_k_mask(edge_scores, countable, k) | background},
+                         lambda k: int(live_edges(top_k_mask(edge_scores, countable, k), layout).sum()),
+                         total, metric_clean, config, "edge", top)
+
+
+def ranking_faithfulness(prompt_set: PromptSet, edge_scores: torch.Tensor, eap_heads: torch.Tensor,
+                         exact_heads: torch.Tensor, n_edges: int, seed: int) -> dict:
+    """Spearman correlation of ranking scores with exact single-component patching effects: EAP node scores
+    of the live heads against exact head patching, and the edge scores of `n_edges` edges (half the
+    top-ranked by |score|, half drawn from the rest, seeded) against patching each edge alone."""
+    layout = prompt_set.prepared.layout
+    live = ~prompt_set.dead_heads
+    result = {"heads_eap_vs_exact": spearman(eap_heads[live].numpy(), exact_heads[live].numpy()),
+              "n_heads": int(live.sum())}
+    background = layout.allowed() & prompt_set.edges_touching_dead_heads()
+    countable = (layout.allowed() & ~background).flatten().nonzero().squeeze(1)
+    if n_edges == 0 or len(countable) == 0:
+        return result
+    order = countable[torch.sort(edge_scores.flatten()[countable].abs(), descending=True, stable=True).indices]
+    n_top = min(n_edges // 2, len(order))
+    rest = order[n_top:]
+    drawn = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[: n_edges - n_top]]
+    sample = torch.cat([order[:n_top], drawn])
+    clean = prompt_set.mean_metric()
+    exact = []
+    for index in sample.tolist():
+        keep = layout.allowed().clone()
+        keep.view(-1)[index] = False
+        exact.append(prompt_set.mean_metric(keep_edges=keep) - clean)
+    scores = edge_scores.flatten()[sample].numpy()
+    result.update(edges_vs_exact=spearman(scores, np.array(exact)), n_edges=len(sample),
+                  edges_top_vs_exact=spearman(scores[:n_top], np.array(exact[:n_top])), n_edges_top=n_top)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
 # Runs and dense vs sparse comparisons
 
 
-def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]) -> CircuitResult:
-    """Rank heads and edges by EAP on `prompts`, then trace explained effect against the number kept."""
-    return run_prepared(config, prepare(model, config.split_qkv, config.gate_gradient), tokenizer, prompts)
+def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt],
+        gates: str | None = None) -> CircuitResult:
+    """Rank heads and edges on `prompts`, then trace explained effect against the number kept, with the
+    gates handled as `gates` (default config.gates) in ranking and verification alike."""
+    prepared = prepare(model, config.split_qkv, config.gate_gradient, gates or config.gates)
+    return run_prepared(config, prepared, tokenizer, prompts)
 
 
-def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer, prompts: Sequence[TaskPrompt]
-                 ) -> CircuitResult:
-    """`run` on a model already prepared (with config's split_qkv and gate_gradient), so callers that trace
-    several prompt sets copy the model once."""
+def gate_modes(config: ComponentCircuitConfig, model: nn.Module) -> list[str]:
+    """The gate modes a model is traced with: config.gates first (the headline), then the other one with
+    `other_gates`; one mode for a model without hard gates (both modes are the same function there)."""
+    if gate_mode(model) != "eval" or not config.other_gates:
+        return [config.gates]
+    return [config.gates, *(mode for mode in GATE_MODES if mode != config.gates)]
+
+
+def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer, prompts: Sequence[TaskPrompt],
+                 faithfulness: bool = True, min_gap: float | None = None) -> CircuitResult:
+    """`run` on a model already prepared (with config's split_qkv and gate_gradient and a gate mode), so
+    callers that trace several prompt sets copy the model once. `faithfulness`: also compare the rankings
+    with exact patching; `min_gap`: refuse (CircuitError "dropped: ...") a prompt set whose mean clean -
+    corrupted logit diff is under it."""
     if not prompts:
         raise CircuitError("component circuits need at least one prompt")
     prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
-    position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
-    scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores()  # [U, V]
-    metric_clean = prompt_set.mean_metric()
+    metric_clean = prompt_set.prompt_clean.mean().item()
+    gap = metric_clean - prompt_set.metric_corrupted
+    if min_gap is not None and abs(gap) < min_gap:
+        raise CircuitError(f"dropped: clean - corrupted logit diff {gap:.3g} is under the floor {min_gap}")
+    ig_steps = config.ig_steps if config.edge_ranking == "eap_ig" else None
+    position_scores = prompt_set.edge_scores(True, ig_steps) if config.position_edges else None  # [U, V, P]
+    scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
+    layout = prepared.layout
+    eap_heads = head_scores(scores, layout)  # [L, H]
+    exact_heads = prompt_set.head_patching_effects() if config.head_ranking == "exact" or faithfulness else None
+    heads = head_curve(prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config)
+    names = layout.row_names()
     return CircuitResult(
         task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
-        metric_corrupted=prompt_set.metric_corrupted, heads=head_curve(prompt_set, scores, metric_clean, config),
+        metric_corrupted=prompt_set.metric_corrupted, heads=heads,
         edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
         position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores, metric_clean,
                                                                       config),
+        gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
+        dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
+        faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,
+                                          config.seed) if faithfulness else None,
     )
 
 
-def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]
-                   ) -> list[CircuitResult | str]:
-    """One circuit per prompt (its own EAP ranking and patching curves): its CircuitResult, or why it has none
-    (the corruption does not move that prompt's metric). Per-prompt sizes give intervals over prompts."""
-    return run_prepared_per_prompt(config, prepare(model, config.split_qkv, config.gate_gradient), tokenizer, prompts)
+def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt],
+                   gates: str | None = None) -> list[CircuitResult | str]:
+    """One circuit per prompt (its own ranking and patching curves): its CircuitResult, or why it has none
+    (its clean - corrupted gap is under config.min_prompt_gap: "dropped: ...", or the corruption does not
+    move that prompt's metric). Per-prompt sizes give intervals over prompts."""
+    prepared = prepare(model, config.split_qkv, config.gate_gradient, gates or config.gates)
+    return run_prepared_per_prompt(config, prepared, tokenizer, prompts)
 
 
 def run_prepared_per_prompt(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer,
@@ -249,20 +412,34 @@ def run_prepared_per_prompt(config: ComponentCircuitConfig, prepared: PreparedMo
     results: list[CircuitResult | str] = []
     for prompt in prompts:
         try:
-            results.append(run_prepared(config, prepared, tokenizer, [prompt]))
+            results.append(run_prepared(config, prepared, tokenizer, [prompt], faithfulness=False,
+                                        min_gap=config.min_prompt_gap))
         except CircuitError as error:
             results.append(str(error))
     return results
 
 
+def behaviour(result: CircuitResult, config: ComponentCircuitConfig) -> str | None:
+    """Why a model does not do the task (mean clean logit diff or clean accuracy under the config's
+    thresholds), or None if it does."""
+    if result.metric_clean < config.min_clean_logit_diff:
+        return f"mean clean logit diff {result.metric_clean:.3g} < {config.min_clean_logit_diff}"
+    if result.accuracy_clean < config.min_clean_accuracy:
+        return f"clean accuracy {result.accuracy_clean:.3g} < {config.min_clean_accuracy}"
+    return None
+
+
 def compare_per_prompt(dense: Sequence[CircuitResult | str], sparse: Sequence[CircuitResult | str],
                        samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """Per kind, over the prompts whose dense and sparse circuits both reach the target: the counts, their
-    means, and mean(dense) / mean(sparse) with a percentile-bootstrap CI (prompts resampled in pairs)."""
+    means, and mean(dense) / mean(sparse) with a percentile-bootstrap CI (prompts resampled in pairs); and
+    how many prompts each model dropped for a clean - corrupted gap under the floor."""
     if len(dense) != len(sparse):
         raise CircuitError(f"{len(dense)} dense but {len(sparse)} sparse per-prompt circuits: they pair by prompt")
     rng = np.random.default_rng(seed)
-    summary: dict = {"n_prompts": len(dense), "confidence": confidence}
+    summary: dict = {"n_prompts": len(dense), "confidence": confidence,
+                     "dropped_small_gap": {name: sum(isinstance(r, str) and r.startswith("dropped:") for r in results)
+                                           for name, results in (("dense", dense), ("sparse", sparse))}}
     for kind in CURVE_KINDS:
         curves = [(getattr(d, kind, None), getattr(s, kind, None)) for d, s in zip(dense, sparse)]
         if all(d is None or s is None for d, s in curves):
@@ -288,13 +465,52 @@ def _ranked(scores: torch.Tensor, k: int, name: Callable[[int], str]) -> list[tu
     return [(name(i), scores[i].item()) for i in order.tolist()]
 
 
-def compare(dense: CircuitResult, sparse: CircuitResult) -> dict:
-    """Dense / sparse ratio of the heads and edges needed to reach the target explained effect, for the
-    first crossing and for the count from which the curve stays above the target."""
-    def ratio(a: int | None, b: int | None) -> float | None:
-        return None if a is None or b is None or b == 0 else a / b
+def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return np.nan, np.nan
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
-    summary: dict = {"task": dense.task, "target": dense.config["target"]}
+
+def pooled_count_intervals(dense: Curve, sparse: Curve, target: float, samples: int, confidence: float,
+                           rng: np.random.Generator) -> dict:
+    """Percentile-bootstrap CIs of the pooled counts and their dense/sparse ratio: prompts resampled (the
+    same draw for both models, which ran the same prompts), each curve re-read from its per-prompt metrics
+    at the evaluated counts (the ranking and the evaluated counts stay those of the full prompt set)."""
+    n = len(dense.prompt_metrics[0])
+    if len(sparse.prompt_metrics[0]) != n:
+        raise CircuitError(f"dense ran {n} prompts, sparse {len(sparse.prompt_metrics[0])}: they pair by prompt")
+    prompts = rng.integers(0, n, size=(samples, n))
+    d = readings(np.array(dense.prompt_metrics), dense.counts, dense.carrying, target, prompts)
+    s = readings(np.array(sparse.prompt_metrics), sparse.counts, sparse.carrying, target, prompts)
+    out = {}
+    for index, reading in enumerate(("first", "stays_above")):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = d[index] / s[index]
+        for name, values in (("dense", d[index]), ("sparse", s[index]), ("ratio", ratios)):
+            out[f"{name}_{reading}_ci"] = _interval(values, confidence)
+    return out
+
+
+def compare(dense: CircuitResult, sparse: CircuitResult, samples: int | None = None, confidence: float = 0.95
+            ) -> dict:
+    """Dense / sparse ratio of the heads and edges needed to reach the target explained effect, for the
+    first crossing and for the count from which the curve stays above the target, with bootstrap CIs over
+    prompts (`pooled_count_intervals`; `samples` default the config's). Behaviour gate: the ratios are
+    None unless both models do the task (`behaviour`); `behaviour_gate` says why not."""
+    config = ComponentCircuitConfig.model_validate(dense.config)
+    reasons = {name: behaviour(result, config) for name, result in (("dense", dense), ("sparse", sparse))}
+    failed = "; ".join(f"{name}: {why}" for name, why in reasons.items() if why)
+    summary: dict = {"task": dense.task, "target": config.target, "gates": sparse.gates,
+                     "behaviour_gate": failed or "passed",
+                     "behaviour": {name: {"metric_clean": r.metric_clean, "accuracy_clean": r.accuracy_clean}
+                                   for name, r in (("dense", dense), ("sparse", sparse))}}
+    rng = np.random.default_rng(config.seed)
+
+    def ratio(a: int | None, b: int | None) -> float | None:
+        return None if failed or a is None or b is None or b == 0 else a / b
+
     for kind in CURVE_KINDS:
         d, s = getattr(dense, kind), getattr(sparse, kind)
         if d is None or s is None:
@@ -304,4 +520,10 @@ def compare(dense: CircuitResult, sparse: CircuitResult) -> dict:
             "dense_stays_above": d.count_stays_above, "sparse_stays_above": s.count_stays_above,
             "ratio_stays_above": ratio(d.count_stays_above, s.count_stays_above),
         }
+        if d.prompt_metrics and s.prompt_metrics:
+            intervals = pooled_count_intervals(d, s, config.target, samples or config.bootstrap_samples, confidence,
+                                               rng)
+            if failed:
+                intervals = {k: v for k, v in intervals.items() if not k.startswith("ratio")}
+            summary[kind].update(intervals)
     return summary

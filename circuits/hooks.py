@@ -6,12 +6,15 @@ run; a removed head has its output replaced by its corrupted output. Ranking (`e
 attribution patching: the hooks add zero perturbations to every reader's input, whose gradients are
 d metric / d (input of v).
 
-Gates (GatedModel in "eval" mode) are part of the model: patching recomputes every downstream gate
-from the patched inputs. The hard gate 1[s + b > 0] has zero gradient, so plain EAP's linearisation
-holds the gates at their clean-run values and cannot see a patch flip one. With `gate_gradient =
-"straight_through"` the gradient pass uses training's straight-through estimator instead (same hard
-gates forward, d gate / d logit = sigmoid'(logit)), so edges that move gate logits are ranked too;
-activation patching, which verifies every ranking, always uses the hard gates alone.
+Gates (GatedModel in "eval" mode) are handled one way per run, the same in ranking and verification
+(`PreparedModel.gates`): "frozen" holds every gate at the clean run's hard mask (`GatedModel.frozen_gates`)
+in every patched, interpolated and gradient pass, so the circuit is a fixed structure and the gradient
+(gates constant) is the gradient of the function that patching verifies; "recomputed" lets every pass
+compute its own hard gates from its own inputs (the model as it runs), where the hard gate's gradient is
+zero, so the gradient pass may use training's straight-through estimator instead (`gate_gradient`).
+The corrupted run always runs as it runs (its own gates). Ranking is EAP (one gradient pass on the clean
+run) or EAP-IG (Hanna et al. 2024: gradients averaged over runs whose token embedding is interpolated
+between the corrupted and the clean one), and for heads exact single-head patching.
 
 Every place read or patched is a named hook point (sparse_attention/hook_points.py): writes are
 `hook_embed`, `attn.hook_z` (split per head by the output projection) and `hook_mlp_out`; readers are
@@ -27,6 +30,7 @@ import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
@@ -85,6 +89,7 @@ class ComponentHooks:
     keep_mlps: torch.Tensor | None = None  # [L] bool
     keep_edges: torch.Tensor | None = None  # [U, V] bool, or [U, V, P] per position (the last p of P are a run's p)
     track_grads: bool = False
+    embed_mix: float | None = None  # EAP-IG: the run reads corrupted + embed_mix * (clean - corrupted) embeddings
     writes: torch.Tensor | None = None  # [U, b, p, d], filled during the forward
     z: list[torch.Tensor] = field(default_factory=list)  # per layer [b, p, H * dh]
     perturbations: dict[int, torch.Tensor] = field(default_factory=dict)  # first column -> [b, p, C, d]
@@ -96,8 +101,8 @@ class ComponentHooks:
         patches = (self.keep_heads is not None or self.keep_mlps is not None) + (self.keep_edges is not None)
         if patches + self.track_grads > 1:
             raise CircuitError("ComponentHooks does one of node patching, edge patching or gradient tracking")
-        if patches and self.corrupted is None:
-            raise CircuitError("patching needs the corrupted run's Recording")
+        if (patches or self.embed_mix is not None) and self.corrupted is None:
+            raise CircuitError("patching and embedding interpolation need the corrupted run's Recording")
 
     def hook_fns(self, model: nn.Module) -> dict[str, hook_points.HookFn]:
         """Hook point -> function, for `model` (the multi-head copy: a GatedModel or HF causal LM)."""
@@ -131,7 +136,7 @@ class ComponentHooks:
             self._diffs[rows] = diff
             self._prefix_diff = self._prefix_diff + (diff.sum(0) if diff.dim() == 4 else diff)
 
-    def _on_embed(self, output: torch.Tensor) -> None:
+    def _on_embed(self, output: torch.Tensor) -> torch.Tensor | None:
         b, p, d = output.shape
         self.writes = output.new_zeros(self.layout.n_rows, b, p, d)
         if self.corrupted is not None and self.corrupted.writes.shape[1:] != output.shape:
@@ -144,7 +149,11 @@ class ComponentHooks:
                 raise CircuitError(f"per-position edges cover {self.keep_edges.shape[2]} positions but this run has {p}")
             self._diffs = torch.zeros_like(self.writes)
             self._prefix_diff = output.new_zeros(b, p, d)
+        if self.embed_mix is not None:
+            corrupted = self.corrupted.writes[0].to(output.dtype)
+            output = corrupted + self.embed_mix * (output - corrupted)
         self._record(0, output)
+        return output if self.embed_mix is not None else None
 
     def _on_z(self, layer: int, o_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.keep_heads is not None:
@@ -213,22 +222,45 @@ class ComponentHooks:
 # Runs
 
 
+GateHandling = Literal["frozen", "recomputed"]
+
+
 @dataclass
 class PreparedModel:
-    """A frozen multi-head copy of the model, its HF causal LM, layout and ids -> logits function."""
+    """A frozen multi-head copy of the model, its HF causal LM, layout, ids -> logits function, and how its
+    gates are handled (`gates`; see the module docstring; a model without hard gates runs the same either way)."""
 
     module: nn.Module
     hf: nn.Module
     layout: ComponentLayout
     forward: Callable[[torch.Tensor], torch.Tensor]
     gate_gradient: str = "none"
+    gates: GateHandling = "recomputed"
+
+    @property
+    def has_gates(self) -> bool:
+        return gate_mode(self.module) == "eval"
+
+    @property
+    def freezes_gates(self) -> bool:
+        return self.gates == "frozen" and self.has_gates
+
+    @contextlib.contextmanager
+    def gates_of(self, masks: list[torch.Tensor] | None) -> Iterator[None]:
+        """Run with these hard gate masks (the clean run's, `clean_masks`) when gates are frozen."""
+        if masks is None or not self.freezes_gates:
+            yield
+            return
+        with self.module.frozen_gates(masks):
+            yield
 
     @contextlib.contextmanager
     def gradient_gates(self) -> Iterator[None]:
         """For EAP's gradient pass: hard gates with the straight-through gradient (training mode without
-        noise, the same forward values) when asked for and the model has gates; otherwise unchanged."""
+        noise, the same forward values) when asked for, the model has gates and they are recomputed;
+        otherwise unchanged (frozen gates are constants: their gradient is exactly zero)."""
         module = self.module
-        if self.gate_gradient != "straight_through" or gate_mode(module) != "eval":
+        if self.gate_gradient != "straight_through" or not self.has_gates or self.freezes_gates:
             yield
             return
         module.set_mode("train", noise=False)
@@ -238,14 +270,26 @@ class PreparedModel:
             module.set_mode("eval")
 
 
-def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none") -> PreparedModel:
+def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none",
+            gates: GateHandling = "recomputed") -> PreparedModel:
     """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits."""
     if gate_mode(model) == "train":
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
+    if gates not in ("frozen", "recomputed"):
+        raise CircuitError(f"gates must be 'frozen' or 'recomputed', not {gates!r}")
     copied = multi_head_copy(model).eval()
     hf = hook_points.hf_model(copied)
     layout = ComponentLayout(hf.config.num_hidden_layers, hf.config.num_attention_heads, split_qkv)
-    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient)
+    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient, gates)
+
+
+@torch.no_grad()
+def clean_masks(prepared: PreparedModel, ids: torch.Tensor) -> list[torch.Tensor] | None:
+    """The hard gate masks of the run on `ids`, per layer bool [b, H, p, p], when `prepared` freezes gates;
+    None otherwise (nothing to freeze)."""
+    if not prepared.freezes_gates:
+        return None
+    return prepared.module(input_ids=ids, record_masks=True).gate_record.gate_masks
 
 
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
@@ -262,27 +306,57 @@ def record(prepared: PreparedModel, ids: torch.Tensor) -> tuple[Recording, torch
 
 
 @torch.no_grad()
-def patched_metric(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording, **keep) -> torch.Tensor:
+def patched_metric(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording,
+                   masks: list[torch.Tensor] | None = None, **keep) -> torch.Tensor:
     """Per-prompt logit diff [b] of the clean batch with everything not in `keep` (keep_heads and/or
-    keep_mlps, or keep_edges) patched from the corrupted recording."""
+    keep_mlps, or keep_edges) patched from the corrupted recording; `masks`: the clean run's gates, held
+    when `prepared` freezes gates."""
     hooks = ComponentHooks(prepared.layout, corrupted=corrupted, **keep)
-    return logit_diff(_last_logits(prepared, hooks, batch.clean), batch)
+    with prepared.gates_of(masks):
+        return logit_diff(_last_logits(prepared, hooks, batch.clean), batch)
+
+
+def integration_points(steps: int) -> list[float]:
+    """EAP-IG's interpolation points: the midpoints (k - 1/2) / steps of `steps` equal parts of [0, 1]
+    (0 = the corrupted embedding, 1 = the clean one)."""
+    if steps < 1:
+        raise CircuitError(f"EAP-IG needs at least one step, got {steps}")
+    return [(k + 0.5) / steps for k in range(steps)]
 
 
 def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording,
-                     n_positions: int | None = None) -> torch.Tensor:
-    """EAP scores summed over the batch's prompts: [U, V], or with `n_positions` per position [U, V, P]
-    (the batch's p positions are the last p of P); zero where no edge exists."""
-    hooks = ComponentHooks(prepared.layout, track_grads=True)
-    with torch.enable_grad(), prepared.gradient_gates():
-        logit_diff(_last_logits(prepared, hooks, batch.clean), batch).sum().backward()
-    diffs = corrupted.writes - hooks.writes  # [U, b, p, d]
+                     n_positions: int | None = None, masks: list[torch.Tensor] | None = None,
+                     ig_steps: int | None = None) -> torch.Tensor:
+    """Edge scores summed over the batch's prompts: [U, V], or with `n_positions` per position [U, V, P]
+    (the batch's p positions are the last p of P); zero where no edge exists.
+
+    score(u, v) = (corrupted - clean write of u) . g_v, g_v = d metric / d (input of v): on the clean run
+    (EAP, `ig_steps` None), or averaged over runs on embeddings interpolated between corrupted and clean
+    (EAP-IG, `integration_points(ig_steps)`). `masks`: the clean run's gates, held in every pass when
+    `prepared` freezes gates."""
+    alphas = [None] if ig_steps is None else integration_points(ig_steps)
+    grads_sum: dict[int, torch.Tensor] = {}
+    clean_writes = None
+    for alpha in alphas:
+        hooks = ComponentHooks(prepared.layout, corrupted=None if alpha is None else corrupted, track_grads=True,
+                               embed_mix=alpha)
+        with torch.enable_grad(), prepared.gates_of(masks), prepared.gradient_gates():
+            logit_diff(_last_logits(prepared, hooks, batch.clean), batch).sum().backward()
+        for start, grads in hooks.input_grads():  # grads [C, b, p, d]
+            grads_sum[start] = grads_sum[start] + grads if start in grads_sum else grads
+        if alpha is None:
+            clean_writes = hooks.writes
+    if clean_writes is None:
+        with prepared.gates_of(masks):
+            clean_writes = record(prepared, batch.clean)[0].writes
+    diffs = corrupted.writes - clean_writes  # [U, b, p, d]
     n_pos = diffs.shape[2]
     if n_positions is not None and n_positions < n_pos:
         raise CircuitError(f"n_positions={n_positions} is shorter than this batch's {n_pos} positions")
     shape = (prepared.layout.n_rows, prepared.layout.n_cols) + (() if n_positions is None else (n_positions,))
     scores = torch.zeros(shape)
-    for start, grads in hooks.input_grads():  # grads [C, b, p, d]
+    for start, grads in grads_sum.items():
+        grads = grads / len(alphas)
         cols = slice(start, start + grads.shape[0])
         if n_positions is None:
             scores[:, cols] = torch.einsum("ubpd,cbpd->uc", diffs, grads)

@@ -123,3 +123,72 @@ def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Ten
     mask = torch.zeros(flat.shape, dtype=torch.bool)
     mask[order] = True
     return mask.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries
+
+
+# --------------------------------------------------------------------------------------------------
+# Edges that carry signal
+
+
+def column_rows(layout: ComponentLayout) -> torch.Tensor:
+    """[V] the row of the component each column feeds (a head's q/k/v inputs -> that head, an MLP input ->
+    that MLP); n_rows for the logits."""
+    rows = torch.full((layout.n_cols,), layout.n_rows)
+    for layer in range(layout.n_layers):
+        cols = layout.head_cols(layer)
+        rows[cols] = torch.arange(layout.head_row(layer, 0), layout.mlp_row(layer)).repeat_interleave(layout.n_inputs)
+        rows[layout.mlp_col(layer)] = layout.mlp_row(layer)
+    return rows
+
+
+def causal_flows(n_positions: int) -> torch.Tensor:
+    """[P, P] bool: flows[k, q] = a head's k/v input at position k can reach its output at q (k <= q)."""
+    return torch.ones(n_positions, n_positions, dtype=torch.bool).triu()
+
+
+def live_edges(kept: torch.Tensor, layout: ComponentLayout, flows: torch.Tensor | None = None,
+               answer_position: int = -1) -> torch.Tensor:
+    """The kept edges on a path from the inputs to the logits: writer reached from the embedding, reader's
+    component reaching the logits, through kept edges only.  kept [U, V] or per position [U, V, P] -> same shape.
+
+    Removing the others leaves the patched metric unchanged: a component none of whose inputs is reached
+    reads only corrupted writes, so it writes its corrupted output, which is what a removed edge feeds; a
+    component whose output reaches no kept edge to the logits cannot move them. Per position, a write at p
+    is read at p; inside a head, its k / v inputs at k reach its output at q where flows[k, q] (default
+    causal, k <= q), its q input only at q; the logits read `answer_position` only."""
+    by_position = kept.dim() == 3
+    edges = kept if by_position else kept[:, :, None]  # [U, V, P]
+    n_rows, n_cols, n_pos = edges.shape
+    if flows is None:
+        flows = causal_flows(n_pos) if by_position else torch.ones(1, 1, dtype=torch.bool)
+    flow = flows.float()
+    node_of = column_rows(layout)  # [V]
+    is_query = torch.zeros(n_cols, dtype=torch.bool)  # a head's q input (with split_qkv): read at its own position
+    for layer in range(layout.n_layers):
+        cols = layout.head_cols(layer)
+        is_query[cols] = (torch.arange(cols.stop - cols.start) % layout.n_inputs == 0) & layout.split_qkv
+    is_mlp = torch.zeros(n_cols, dtype=torch.bool)
+    is_mlp[[layout.mlp_col(layer) for layer in range(layout.n_layers)]] = True
+    mixes = ~is_query & ~is_mlp  # k / v (or joint) head inputs: read across positions
+    mixes[layout.logits_col] = False
+
+    def to_output(col: int, fed: torch.Tensor) -> torch.Tensor:  # [P] input fed -> [P] component output reached
+        return (fed.float() @ flow > 0) if mixes[col] else fed
+
+    def from_output(col: int, alive: torch.Tensor) -> torch.Tensor:  # [P] output alive -> [P] input alive
+        return (flow @ alive.float() > 0) if mixes[col] else alive
+
+    reached = torch.zeros(n_rows + 1, n_pos, dtype=torch.bool)
+    reached[0] = True  # the embedding
+    for row in range(1, n_rows):
+        for col in (node_of == row).nonzero().squeeze(1).tolist():
+            fed = (edges[:row, col] & reached[:row]).any(0)  # [P]
+            reached[row] |= to_output(col, fed)
+    alive_col = torch.zeros(n_cols, n_pos, dtype=torch.bool)
+    alive_col[layout.logits_col, answer_position] = True
+    alive = torch.zeros(n_rows, n_pos, dtype=torch.bool)
+    for row in range(n_rows - 1, -1, -1):
+        alive[row] = (edges[row] & alive_col).any(0)
+        for col in (node_of == row).nonzero().squeeze(1).tolist():
+            alive_col[col] = from_output(col, alive[row])
+    live = edges & reached[:n_rows, None, :] & alive_col[None, :, :]
+    return live if by_position else live[:, :, 0]

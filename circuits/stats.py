@@ -1,6 +1,6 @@
-"""Percentile-bootstrap intervals: the mean of one sample, and the ratio of means of paired samples (dense
-and sparse values of the same prompts, resampled together). The one implementation of both: per-prompt
-component circuits (`curves.compare_per_prompt`) and the comparison stage use these."""
+"""Percentile-bootstrap intervals (the mean of one sample; the ratio of means of paired samples, dense and
+sparse values of the same prompts resampled together) and Spearman rank correlation: the one implementation,
+used by component circuits (`curves`) and the comparison stage."""
 
 from __future__ import annotations
 
@@ -34,3 +34,26 @@ def bootstrap_ratio(dense: np.ndarray, sparse: np.ndarray, samples: int, confide
         return float(point), np.nan, np.nan
     alpha = (1 - confidence) / 2
     return float(point), float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `values`, tied values sharing their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of paired values (ties averaged); NaN if fewer than 2 or either is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs paired values, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return np.nan
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    norm = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / norm) if norm > 0 else np.nan

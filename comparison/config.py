@@ -29,6 +29,7 @@ RATIO = "dense/sparse"
 # Whether its edges are resolved by position is not known to us, so both our edge kinds sit beside its range.
 PAPER_RATIOS = {"heads": (1.4, 4.5), "edges": (5.4, 97.0), "position_edges": (5.4, 97.0)}
 PAPER_TASKS = "Greater-Than, IOI (GPT-2); Docstring, long IOI (OLMo-7B)"
+PAPER_EXAMPLE = 'The opposite of "large" is "'  # the paper's attention-attribution example: the report always shows it
 
 
 class CompareError(ValueError):

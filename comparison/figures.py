@@ -98,41 +98,49 @@ def plot_task_metrics(summary: pd.DataFrame, metrics: list[str], path: Path, hea
 
 
 def plot_circuit_curves(curves: pd.DataFrame, circuits: pd.DataFrame, path: Path) -> str:
-    """Explained effect vs heads kept and vs edges kept, dense and sparse, one row per task; dotted lines
-    at the counts reaching the target."""
+    """Explained effect vs heads kept and vs edges carrying signal, dense and sparse, one row per task and gate
+    mode; vertical lines at the counts reaching the target: first crossing dotted, stays-above dashed."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     plt = _plt()
     target = float(circuits["target"].iloc[0])
-    reached = circuits.set_index(["task", "kind"])
-    tasks = sorted(curves["task"].unique())
+    reached = circuits.set_index(["task", "gates", "kind"])
+    rows = sorted({(task, gates) for task, gates in zip(curves["task"], curves["gates"])})
     kinds = [kind for kind in CURVE_KINDS if kind in set(curves["kind"])]
-    fig, axes = plt.subplots(len(tasks), len(kinds), figsize=(4.5 * len(kinds), 3.2 * len(tasks)), squeeze=False)
-    for row, task in enumerate(tasks):
+    fig, axes = plt.subplots(len(rows), len(kinds), figsize=(4.5 * len(kinds), 3.2 * len(rows)), squeeze=False)
+    for row, (task, gates) in enumerate(rows):
         for col, kind in enumerate(kinds):
             ax = axes[row][col]
-            for variant, part in curves[(curves["task"] == task) & (curves["kind"] == kind)].groupby("variant"):
+            selected = curves[(curves["task"] == task) & (curves["gates"] == gates) & (curves["kind"] == kind)]
+            for variant, part in selected.groupby("variant"):
                 part = part.sort_values("count")
-                ax.plot(part["count"].clip(lower=0.8), part["explained_effect"], marker="o", ms=3, label=variant,
-                        color=VARIANT_COLORS.get(variant))
-                count = reached.loc[(task, kind), f"{variant}_count"] if (task, kind) in reached.index else None
-                if count is not None and not pd.isna(count):
-                    ax.axvline(max(float(count), 0.8), color=VARIANT_COLORS.get(variant), lw=0.8, ls=":")
+                color = VARIANT_COLORS.get(variant)
+                ax.plot(part["carrying"].clip(lower=0.8), part["explained_effect"], marker="o", ms=3, label=variant,
+                        color=color)
+                for reading, style in (("count", ":"), ("stays_above", "--")):
+                    key = (task, gates, kind)
+                    count = reached.loc[key, f"{variant}_{reading}"] if key in reached.index else None
+                    if count is not None and not pd.isna(count):
+                        ax.axvline(max(float(count), 0.8), color=color, lw=0.8, ls=style)
             ax.axhline(target, color="k", lw=0.6, ls="--")
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel(f"{kind.replace('_', ' ')} kept")
+            ax.set_xlabel(f"{kind.replace('_', ' ')} kept" + ("" if kind == "heads" else " (carrying signal)"))
             ax.set_ylabel("explained effect")
-            ax.set_title(f"{task}: {kind}", fontsize=9)
+            ax.set_title(f"{task}, gates {gates}: {kind}", fontsize=9)
             ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def plot_prompt_circuits(prompts: pd.DataFrame, circuits: pd.DataFrame, path: Path) -> str:
     """Per-prompt circuit sizes: one point per prompt at (dense count, sparse count), per task (rows) and kind
-    (columns), on log axes; the diagonal is "same size", the dashed line the paper's smallest ratio."""
+    (columns), on log axes; the diagonal is "same size", the dashed line the paper's smallest ratio. The
+    headline gate mode only."""
     plt = _plt()
+    headline = circuits.loc[circuits["headline"], "gates"].iloc[0]
+    circuits = circuits[circuits["gates"] == headline]
+    prompts = prompts[prompts["gates"] == headline]
     reached = prompts[prompts["count_at_target"].notna()]
     paired = reached.pivot_table(index=["task", "kind", "prompt_index"], columns="variant", values="count_at_target",
                                  aggfunc="first").reindex(columns=["dense", "sparse"]).dropna().astype(float)

@@ -16,8 +16,11 @@ Labels = Mapping[tuple[int, int], str]
 
 METRIC_TITLES = {
     "n_nodes_kept": "nodes kept", "n_edges_kept": "edges kept", "n_features_kept": "feature nodes kept",
-    "n_heads_any": "heads with any part", "n_heads_carrying": "heads carrying (share >= min)",
-    "n_attention_edges": "QK-attributed attention edges",
+    "n_heads_any": "heads with any part", "n_heads_carrying": "heads carrying (influence share >= min, no sink)",
+    "n_attention_edges": "attention edges carrying influence (no sink)",
+    "n_attention_edges_cover": "attention edges for the cover share of influence (no sink)",
+    "n_sink_attention_edges": "attention edges into BOS (sink)", "sink_share": "sink share of head influence",
+    "n_qk_attributed_edges": "QK-attributed attention edges (capped)",
     "replacement_score": "replacement score", "completeness_score": "completeness score",
     "pruned_replacement_score": "pruned replacement score", "pruned_completeness_score": "pruned completeness score",
 }
@@ -30,7 +33,7 @@ def metric_title(metric: str, head_cover: float = CompareConfig.model_fields["he
     if metric.startswith("n_edges_influence_"):
         return f"edges for {metric.rsplit('_', 1)[1]}% of edge influence"
     if metric.startswith("qk_top"):
-        return f"share of score by top {metric[6:].split('_')[0]} QK pairs (median)"
+        return f"share of score by top {metric[6:].split('_')[0]} QK pairs (influence-weighted median, no sink)"
     return METRIC_TITLES.get(metric, metric)
 
 

@@ -4,10 +4,12 @@ Per graph (variant, task, prompt_index), from the store's tables only:
 - sizes after pruning: `n_nodes_kept`, `n_edges_kept` (graphs table), `n_features_kept` (nodes table);
 - `n_edges_influence_{80,90}`: edges of the pruned graph holding that share of its edge influence
   (`edge_influence`: circuit-tracer's edge score recomputed on the pruned graph);
-- heads carrying the graph's edges (head_loadings, head >= 0; `head_metrics`);
-- `qk_top{k}_share`: median over the graph's QK-attributed attention edges (query after BOS: a BOS query
-  sees only the BOS token, so one pair explains it trivially) of the share of the edge's score explained by
-  its top-k (query, key) component pairs (`qk_edge_shares`);
+- heads and attention edges carrying the graph's edges (head_loadings, head >= 0; `head_metrics`), each head
+  part weighted by the logit influence of the edge it carries (`head_part_influence`), attention into the BOS
+  sink (key position 0) counted apart (`n_sink_attention_edges`, `sink_share`);
+- `qk_top{k}_share`: influence-weighted median over the graph's QK-attributed attention edges that carry
+  influence, neither into the BOS sink nor from a BOS query (one embedding pair explains those trivially), of
+  the share of the edge's score explained by its top-k (query, key) component pairs (`qk_edge_shares`);
 - replacement and completeness scores, unpruned and pruned (graphs table).
 """
 
@@ -68,17 +70,62 @@ def pruned_edge_influence(nodes: pd.DataFrame, edges: pd.DataFrame) -> np.ndarra
                           logit_weight)
 
 
-def head_metrics(head_loadings: pd.DataFrame, min_share: float, cover: float) -> dict:
-    """Heads carrying a graph's edges. The head-carried weight of head (layer, h) is the sum of |part| over
-    the graph's edges (head >= 0 rows; the summed other heads (-2) and the skip (-1) are no head).
-    n_heads_any: heads with any part; n_heads_carrying: heads with >= min_share of the total;
-    n_heads_cover: fewest heads holding `cover` of it."""
-    heads = head_loadings[head_loadings["head"] >= 0]
-    mass = heads["weight"].abs().groupby([heads["layer"], heads["head"]]).sum().to_numpy(dtype=np.float64)
-    total = mass.sum()
-    return {"n_heads_any": int((mass > 0).sum()),
-            "n_heads_carrying": int((mass >= min_share * total).sum()) if total > 0 else 0,
-            "n_heads_cover": count_to_share(mass, cover)}
+def head_part_influence(head_loadings: pd.DataFrame, edges: pd.DataFrame, edge_scores: np.ndarray) -> np.ndarray:
+    """Each head-loadings row's share of the logit influence its graph edge carries: the edge's influence score
+    (`pruned_edge_influence`, in the order of `edges[kept]`) times the row's share of the |parts| of its (edge,
+    layer) (the rows of one edge and carrying layer sum to the edge weight).  -> [rows]; 0 for edges not kept."""
+    if head_loadings.empty:
+        return np.zeros(0)
+    kept = edges[edges["kept"]]
+    score = pd.Series(np.asarray(edge_scores, dtype=np.float64),
+                      index=pd.MultiIndex.from_arrays([kept["target"], kept["source"]]))
+    part = head_loadings["weight"].abs().astype(np.float64)
+    total = part.groupby([head_loadings["target"], head_loadings["source"], head_loadings["layer"]]).transform("sum")
+    rows = pd.MultiIndex.from_arrays([head_loadings["target"], head_loadings["source"]])
+    influence = score.reindex(rows).fillna(0.0).to_numpy()
+    return np.where(total.to_numpy() > 0, part.to_numpy() / np.maximum(total.to_numpy(), 1e-300), 0.0) * influence
+
+
+def head_metrics(head_loadings: pd.DataFrame, min_share: float, cover: float,
+                 influence: np.ndarray | None = None) -> dict:
+    """Heads and attention edges carrying a graph's edges (rows with head >= 0; the skip -1 and the summed
+    other heads -2 are no head). A row's mass is `influence` (`head_part_influence`; default its |part|).
+    Attention into position 0 (the BOS sink) is reported apart: the other metrics count non-sink mass only.
+
+    n_heads_any: heads with any part; n_heads_carrying: heads with >= min_share of the non-sink mass;
+    n_heads_cover: fewest heads holding `cover` of it; n_attention_edges: distinct non-sink (layer, head,
+    query, key) named by the rows (each row names the pair carrying most of its head's part);
+    n_attention_edges_cover: fewest of them holding `cover` of the non-sink mass; n_sink_attention_edges:
+    distinct attention edges into position 0; sink_share: the sink rows' share of all head mass."""
+    heads = head_loadings["head"].to_numpy() >= 0
+    mass = np.abs(head_loadings["weight"].to_numpy(np.float64)) if influence is None else np.asarray(influence)
+    rows = head_loadings[heads].assign(mass=mass[heads])
+    sink = rows["key_pos"] == 0 if "key_pos" in rows else pd.Series(False, index=rows.index)
+    signal = rows[~sink]
+    per_head = signal.groupby(["layer", "head"])["mass"].sum().to_numpy(np.float64)
+    total = per_head.sum()
+    keys = ["layer", "head", "query_pos", "key_pos"]
+    has_pairs = set(keys) <= set(rows.columns)
+    per_edge = signal.groupby(keys)["mass"].sum().to_numpy(np.float64) if has_pairs else np.zeros(0)
+    all_mass = rows["mass"].sum()
+    return {"n_heads_any": int(rows[["layer", "head"]].drop_duplicates().shape[0]),
+            "n_heads_carrying": int((per_head >= min_share * total).sum()) if total > 0 else 0,
+            "n_heads_cover": count_to_share(per_head, cover),
+            "n_attention_edges": int(len(per_edge)),
+            "n_attention_edges_cover": count_to_share(per_edge, cover),
+            "n_sink_attention_edges": int(rows[sink][keys].drop_duplicates().shape[0]) if has_pairs else 0,
+            "sink_share": float(rows.loc[sink, "mass"].sum() / all_mass) if all_mass > 0 else np.nan}
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value at which the cumulative weight (values sorted) first reaches half the total; NaN if none."""
+    values, weights = np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    keep = np.isfinite(values) & (weights > 0)
+    if not keep.any():
+        return np.nan
+    order = np.argsort(values[keep], kind="stable")
+    cumulative = np.cumsum(weights[keep][order])
+    return float(values[keep][order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
 
 
 QK_KEYS = ["layer", "head", "query_pos", "key_pos"]
@@ -135,13 +182,20 @@ def graph_metrics(info: Mapping, nodes: pd.DataFrame, edges: pd.DataFrame, head_
     row["n_features_kept"] = int(((nodes["kind"] == "feature") & nodes["kept"]).sum())
     for share in config.influence_shares:
         row[f"n_edges_influence_{share_name(share)}"] = count_to_share(scores, share)
-    heads = head_metrics(head_loadings, config.head_min_share, config.head_cover)
+    influence = head_part_influence(head_loadings, edges, scores)
+    heads = head_metrics(head_loadings, config.head_min_share, config.head_cover, influence)
     row.update({k: v if attention else np.nan for k, v in heads.items()})
-    row["n_attention_edges"] = len(qk_edges) if attention else np.nan
-    explained = qk_edges[qk_edges["query_pos"] > 0] if len(qk_edges) else qk_edges  # BOS query: one token, trivial
+    row["n_qk_attributed_edges"] = len(qk_edges) if attention else np.nan  # capped by max_attention_edges
+    # the QK explanation of attention edges that carry the graph's influence, weighted by it; not the BOS sink
+    # (a key at position 0 is explained trivially by the two embeddings) nor a BOS query (it sees only BOS)
+    carried = head_loadings[head_loadings["head"] >= 0].assign(mass=influence[head_loadings["head"].to_numpy() >= 0])
+    weight = carried.groupby(QK_KEYS)["mass"].sum() if len(carried) else pd.Series(dtype=float)
+    explained = qk_edges[(qk_edges["query_pos"] > 0) & (qk_edges["key_pos"] > 0)] if len(qk_edges) else qk_edges
+    edge_weight = (weight.reindex(pd.MultiIndex.from_frame(explained[QK_KEYS])).fillna(0.0).to_numpy()
+                   if len(explained) else np.zeros(0))
     for k in config.qk_top_k:
-        shares = explained[f"top{k}_share"].dropna() if len(explained) else pd.Series(dtype=float)
-        row[f"qk_top{k}_share"] = float(shares.median()) if len(shares) else np.nan
+        shares = explained[f"top{k}_share"].to_numpy(np.float64) if len(explained) else np.zeros(0)
+        row[f"qk_top{k}_share"] = weighted_median(shares, edge_weight) if attention else np.nan
     for key in ("replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"):
         row[key] = float(info[key])
     return row
@@ -151,7 +205,8 @@ def metric_columns(config: CompareConfig) -> list[str]:
     """The per-graph metrics summarised per task, in report order."""
     return ["n_nodes_kept", "n_edges_kept", "n_features_kept",
             *[f"n_edges_influence_{share_name(s)}" for s in config.influence_shares],
-            "n_heads_any", "n_heads_carrying", "n_heads_cover", "n_attention_edges",
+            "n_heads_any", "n_heads_carrying", "n_heads_cover", "n_attention_edges", "n_attention_edges_cover",
+            "n_sink_attention_edges", "sink_share", "n_qk_attributed_edges",
             *[f"qk_top{k}_share" for k in config.qk_top_k],
             "replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"]
 

@@ -1,5 +1,6 @@
 """Inputs of the report beyond the graph metrics: the sparsify stage's sparsity, one prompt's attention
-on the gated model (gates off and on), and one example prompt per task with its strongest attention edge.
+on the gated model (gates off and on), and one example prompt per task with its most influential non-sink
+attention edge.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pandas as pd
 import torch
 
 from attribution.replacement import tokenize_prompt
-from comparison.config import CompareError
-from comparison.graph_metrics import qk_edge_scores
+from comparison.config import PAPER_EXAMPLE, CompareError
+from comparison.graph_metrics import head_part_influence, pruned_edge_influence, qk_edge_scores
 
 # --------------------------------------------------------------------------------------------------
 # Sparsity and one prompt's attention
@@ -62,34 +63,44 @@ def attention_pattern(gated, tokenizer, prompt: str) -> pd.DataFrame:
 # Examples: one prompt per task, its graphs and their strongest attention edge
 
 
-def strongest_attention_edge(head_loadings: pd.DataFrame) -> pd.Series | None:
-    """The head part (head >= 0) of largest |weight| over a graph's edges, with its (query, key); parts
-    whose (query, key) crosses positions first, since those are what attention adds."""
-    heads = head_loadings[(head_loadings["head"] >= 0) & (head_loadings["query_pos"] >= 0)]
+def most_influential_attention_edge(head_loadings: pd.DataFrame, influence: np.ndarray,
+                                    query_pos: int | None = None) -> pd.Series | None:
+    """The head part (head >= 0) carrying the most logit influence (`head_part_influence`: zero off the
+    path to the logit), with its (query, key); never one into the BOS sink (key 0, explained by two
+    embeddings), and with `query_pos` one at that query when there is any. None if no part carries influence."""
+    heads = head_loadings.assign(influence=np.asarray(influence, dtype=np.float64))
+    heads = heads[(heads["head"] >= 0) & (heads["key_pos"] > 0) & (heads["influence"] > 0)]
+    if query_pos is not None and (heads["query_pos"] == query_pos).any():
+        heads = heads[heads["query_pos"] == query_pos]
     if heads.empty:
         return None
-    crossing = heads[heads["query_pos"] != heads["key_pos"]]
-    heads = crossing if len(crossing) else heads
-    return heads.loc[heads["weight"].abs().idxmax()]
+    return heads.loc[heads["influence"].idxmax()]
 
 
 def example_tables(store, metrics: pd.DataFrame, top_pairs: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per task, the first prompt attributed on every variant: its graph ids, and per graph the strongest
-    attention edge and its top QK pairs by |value| (with the score they explain)."""
+    """Per task, the first prompt attributed on every variant (for free prompts the paper's example,
+    PAPER_EXAMPLE, when attributed): its graph ids, and per graph the most influential non-sink attention edge
+    (`most_influential_attention_edge`; for the paper's example one into the final token, the quote) and its
+    top QK pairs by |value| (with the score they explain)."""
     examples, pair_rows = [], []
     for task, part in metrics.groupby("task", sort=True):
         variants = sorted(part["variant"].unique())
         both = part.groupby("pair")["variant"].nunique()
-        pair = sorted(both[both == len(variants)].index, key=lambda p: part.loc[part["pair"] == p, "prompt_index"].min())
+        pair = sorted(both[both == len(variants)].index, key=lambda p: (
+            part.loc[part["pair"] == p, "prompt"].iloc[0] != PAPER_EXAMPLE, part.loc[part["pair"] == p, "prompt_index"].min()))
         if not pair:
             continue
         for row in part[part["pair"] == pair[0]].itertuples(index=False):
             stored = store.load_graph(row.graph_id)
-            edge = strongest_attention_edge(stored.head_loadings)
+            influence = head_part_influence(stored.head_loadings, stored.edges,
+                                            pruned_edge_influence(stored.nodes, stored.edges))
+            last = int(row.n_pos) - 1 if row.prompt == PAPER_EXAMPLE else None
+            edge = most_influential_attention_edge(stored.head_loadings, influence, last)
             example = {"task": task, "variant": row.variant, "graph_id": row.graph_id, "pair": row.pair,
                        "prompt": row.prompt, "edge_target": None, "edge_source": None, "edge_weight": None,
                        "edge_n_heads": None, "layer": None, "head": None,
-                       "query_pos": None, "key_pos": None, "head_part": None, "gate_logit": None, "score": None}
+                       "query_pos": None, "key_pos": None, "head_part": None, "influence": None, "gate_logit": None,
+                       "score": None}
             if edge is not None:
                 loadings = stored.head_loadings
                 on_edge = loadings[(loadings["target"] == edge["target"]) & (loadings["source"] == edge["source"])]
@@ -98,7 +109,8 @@ def example_tables(store, metrics: pd.DataFrame, top_pairs: int = 8) -> tuple[pd
                 example.update(edge_target=int(edge["target"]), edge_source=int(edge["source"]),
                                edge_weight=float(weight.iloc[0]), edge_n_heads=int((on_edge["head"] >= 0).sum()),
                                layer=int(edge["layer"]), head=int(edge["head"]), query_pos=int(edge["query_pos"]),
-                               key_pos=int(edge["key_pos"]), head_part=float(edge["weight"]))
+                               key_pos=int(edge["key_pos"]), head_part=float(edge["weight"]),
+                               influence=float(edge["influence"]))
                 pairs = stored.qk_pairs
                 chosen = pairs[(pairs["layer"] == example["layer"]) & (pairs["head"] == example["head"])
                                & (pairs["query_pos"] == example["query_pos"]) & (pairs["key_pos"] == example["key_pos"])]

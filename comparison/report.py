@@ -56,12 +56,19 @@ def task_table_rows(summary: pd.DataFrame, metrics: list[str], head_cover: float
 
 
 def circuit_table_rows(circuits: pd.DataFrame) -> list[list[str]]:
-    """Per task and kind: pooled counts and ratios, then (with per-prompt circuits) the ratio of mean per-prompt
-    counts with its CI and the number of prompt pairs, the paper's range and the status."""
+    """Per task, gate mode (the headline marked *) and kind: pooled counts and ratios with their bootstrap CIs
+    (first crossing, stays above), then (with per-prompt circuits) the ratio of mean per-prompt counts with its
+    CI, the prompt pairs and the prompts dropped for a small gap, the behaviour gate, the ranking's Spearman
+    correlation with exact patching, the paper's range and the status."""
     per_prompt = "prompt_ratio" in circuits.columns
-    return [[r.task, r.kind, fmt(r.dense_count), fmt(r.sparse_count), fmt(r.ratio), fmt(r.ratio_stays_above),
+    return [[r.task, f"{r.gates}{' *' if r.headline else ''}", r.kind, fmt(r.dense_count), fmt(r.sparse_count),
+             fmt_ci(r.ratio, r.ratio_ci_low, r.ratio_ci_high),
+             f"{fmt(r.dense_stays_above)} / {fmt(r.sparse_stays_above)}",
+             fmt_ci(r.ratio_stays_above, r.ratio_stays_above_ci_low, r.ratio_stays_above_ci_high),
              fmt_ci(r.prompt_ratio, r.prompt_ratio_ci_low, r.prompt_ratio_ci_high) if per_prompt else "-",
              fmt(r.prompt_pairs) if per_prompt else "-",
+             f"{fmt(r.dense_prompts_dropped)} / {fmt(r.sparse_prompts_dropped)}" if per_prompt else "-",
+             html.escape(str(r.behaviour_gate)), f"{fmt(r.dense_faithfulness)} / {fmt(r.sparse_faithfulness)}",
              f"{fmt(r.paper_ratio_min)}-{fmt(r.paper_ratio_max)}", r.status]
             for r in circuits.itertuples(index=False)]
 
@@ -118,13 +125,23 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
     curves, circuits = _read(output_dir, "circuit_curves"), _read(output_dir, "circuit_summary")
     if circuits is not None:
         target = float(circuits["target"].iloc[0])
+        headline = circuits.loc[circuits["headline"], "gates"]
         parts.append(f"<h2>Component circuits</h2><p class=note>Explained effect (activation patching) against "
-                     f"the number of heads / edges kept, ranked by attribution patching; counts reaching {fmt(target)}"
-                     ". Edges join components summed over positions; position_edges are the same edges at one "
-                     "token position (counted from the last token). dense, sparse and dense/sparse: one circuit "
-                     "over all the task's prompts; per prompt: one circuit per prompt, mean(dense) / mean(sparse) "
-                     f"over the prompts both reach the target with, with a {confidence} bootstrap CI over prompt pairs. "
-                     f"Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
+                     "the number of heads kept and of edges kept that carry signal (on a path from the inputs to the "
+                     "logits; heads that write nothing on any run are no component). Heads are ranked by exact "
+                     "single-head patching, edges by EAP-IG, with the gates handled the same way in ranking and "
+                     "patching: frozen to the clean run's masks (the circuit as a fixed structure, so one gate flip "
+                     "cannot set a count) or recomputed by every run (the model as it runs); the headline mode is "
+                     f"{html.escape(headline.iloc[0] if len(headline) else '-')} (*). Counts reaching {fmt(target)}: "
+                     "the first crossing and the smallest count from which every evaluated count stays above it "
+                     "(dense grid around the crossing). Edges join components summed over positions; position_edges "
+                     "are the same edges at one token position (counted from the last token). Pooled: one circuit "
+                     f"over all the task's prompts, {confidence} bootstrap CIs over prompts (curve re-read, ranking "
+                     "fixed); ratios only where both models do the task (behaviour gate: clean logit diff and "
+                     "accuracy). Per prompt: one circuit per prompt, mean(dense) / mean(sparse) over the prompts both "
+                     "reach the target with, prompts with a clean - corrupted gap under the floor dropped. "
+                     "Faithfulness: Spearman correlation of EAP scores with exact patching (heads: all; edges: a "
+                     f"sample). Paper's ratios: a range over {html.escape(circuits['paper_tasks'].iloc[0])}.</p>")
         if curves is not None and len(curves):
             parts.append(f'<img src="{plot_circuit_curves(curves, circuits, figures / "circuit_curves.png")}">')
         prompts = _read(output_dir, "circuit_prompts")
@@ -132,8 +149,10 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
             parts.append("<p class=note>One circuit per prompt: its size on the dense (x) and the sparse (y) model, "
                          "at the same explained effect; below the diagonal the sparse circuit is smaller.</p>"
                          f'<img src="{plot_prompt_circuits(prompts, circuits, figures / "prompt_circuits.png")}">')
-        parts.append(table_html(["task", "kind", "dense", "sparse", "dense/sparse", "dense/sparse (stays above)",
-                                 "per prompt dense/sparse [CI]", "prompt pairs", "paper", "status"],
+        parts.append(table_html(["task", "gates", "kind", "dense", "sparse", "dense/sparse [CI]",
+                                 "stays above (dense / sparse)", "dense/sparse stays above [CI]",
+                                 "per prompt dense/sparse [CI]", "prompt pairs", "dropped (dense / sparse)",
+                                 "behaviour gate", "faithfulness (dense / sparse)", "paper", "status"],
                                 circuit_table_rows(circuits)))
 
     examples, pairs = _read(output_dir, "examples"), _read(output_dir, "example_qk_pairs")
@@ -159,11 +178,13 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
 
 def _example_edge_html(example, pairs: pd.DataFrame | None, figures: Path, labels: Labels | None,
                        tokens: list[str] | None) -> str:
-    """The strongest attention edge of one example graph and its top QK pairs (figure and table)."""
+    """The most influential non-sink attention edge of one example graph and its top QK pairs (figure and table)."""
     if example.layer is None or pd.isna(example.layer):
-        return f"<p class=note>{example.variant}: no edge of this graph is carried by an attention head.</p>"
-    where = (f"{example.variant}: strongest attention edge L{int(example.layer)} H{int(example.head)}, query "
-             f"{int(example.query_pos)} -> key {int(example.key_pos)}; head part {fmt(example.head_part)} of graph edge "
+        return (f"<p class=note>{example.variant}: no edge on the path to the logit is carried by an attention head "
+                "outside the BOS sink.</p>")
+    where = (f"{example.variant}: most influential non-sink attention edge L{int(example.layer)} H{int(example.head)}, "
+             f"query {int(example.query_pos)} -> key {int(example.key_pos)}; head part {fmt(example.head_part)} "
+             f"(logit influence {fmt(example.influence)}) of graph edge "
              f"{fmt(example.edge_weight)} (carried by {fmt(example.edge_n_heads)} heads), gate logit "
              f"{fmt(example.gate_logit)}, score {fmt(example.score)}")
     rows = pairs[(pairs["graph_id"] == example.graph_id)] if pairs is not None else pd.DataFrame()

@@ -12,9 +12,11 @@ sparse_attention/hook_points.py).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -74,6 +76,7 @@ class _GateContext:
     query_valid: torch.Tensor | None  # [batch, q] bool, False at padded queries
     record_masks: bool
     record: GateRecord
+    frozen_masks: list[torch.Tensor] | None = None  # per layer bool [batch, head, q, k]: eval gates given, not computed
 
 
 _ACTIVE_GATE: contextvars.ContextVar[_GateContext | None] = contextvars.ContextVar("active_gate", default=None)
@@ -132,6 +135,8 @@ def gated_attention_forward(
             noise = logistic_noise(logits.shape, like=logits) if ctx.noise else torch.zeros_like(logits)
             gate = straight_through_gate(logits, noise)
             ctx.record.expected_open.append(expected_open_fraction(logits, allowed))
+        elif ctx.frozen_masks is not None:
+            gate = ctx.frozen_masks[layer].to(scores.dtype)
         else:
             gate = hard_gate(logits)
         weights = probs * gate
@@ -186,6 +191,21 @@ class GatedModel(nn.Module):
         self.offsets = nn.Parameter(offsets, requires_grad=learn_offset)  # broadcasts to [layer, head]
         self.mode: GateMode = "eval"
         self.noise = True
+        self.frozen_masks: list[torch.Tensor] | None = None  # see frozen_gates
+
+    @contextlib.contextmanager
+    def frozen_gates(self, masks: list[torch.Tensor]) -> Iterator[None]:
+        """Inside the block, eval mode uses these hard gates (per layer bool [batch, head, q, k], e.g. one
+        run's `gate_record.gate_masks`) instead of computing them: the sparse model as a fixed structure."""
+        if self.mode != "eval":
+            raise GateError(f"frozen gates replace the hard gates of 'eval' mode; the model is in {self.mode!r}")
+        if len(masks) != self.n_layers:
+            raise GateError(f"frozen gates need one mask per layer ({self.n_layers}), got {len(masks)}")
+        self.frozen_masks = list(masks)
+        try:
+            yield
+        finally:
+            self.frozen_masks = None
 
     @property
     def offsets_per_head(self) -> torch.Tensor:
@@ -215,7 +235,7 @@ class GatedModel(nn.Module):
             raise GateError("GatedModel keeps no key/value cache; call it with use_cache=False")
         query_valid = None if attention_mask is None else attention_mask.bool()
         offsets = list(self.offsets_per_head.unbind(0))
-        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord())
+        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(), self.frozen_masks)
         token = _ACTIVE_GATE.set(ctx)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

@@ -4,6 +4,9 @@ shut): exact patching identities, a hand-built one-head circuit, and EAP = patch
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,17 +20,21 @@ from circuits.curves import (
     compare_per_prompt,
     count_grid,
     count_staying_above,
-    count_to_reach,
+    first_crossing,
+    head_curve,
     head_scores,
+    read_curve,
+    readings,
     run,
     run_per_prompt,
 )
 from circuits.hooks import ComponentHooks, edge_attribution, patched_metric, prepare, record
-from circuits.layout import ComponentLayout, top_k_mask
+from circuits.layout import ComponentLayout, column_rows, live_edges, top_k_mask
+from circuits.stats import spearman
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff, logits_fn
-from prompts.tasks import generate_task
-from sparse_attention.gated_attention import GatedModel
+from prompts.tasks import TaskPrompt, generate_task
+from sparse_attention.gated_attention import GatedModel, GateError
 from sparse_attention.hook_points import hf_model
 from sparse_attention.models import TinyModelConfig, byte_tokenizer, tiny_model
 
@@ -200,7 +207,8 @@ def test_patching_finds_a_hand_built_one_head_circuit(kind, prompts):
     config = ComponentCircuitConfig(curve_points=4, top_stored=3)
     result = run(config, model, byte_tokenizer(), prompts)
     assert result.heads.top[0][0] == "blocks.1.head.2"
-    assert [score for _, score in result.heads.top[1:]] == [0.0, 0.0]
+    assert len(result.dead_heads) == 7 and "blocks.1.head.2" not in result.dead_heads  # they write nothing
+    assert result.heads.total == 1 and len(result.heads.top) == 1
     assert result.heads.count_at_target == 1
     effects = dict(zip(result.heads.counts, result.heads.effects))
     assert effects[0] == 0.0 and effects[1] == pytest.approx(1.0, abs=1e-5)
@@ -341,7 +349,7 @@ def test_layout_indices():
     assert allowed[:, -1].all()
 
 
-def test_count_to_reach_bisects_between_grid_points():
+def test_read_curve_bisects_a_monotone_curve_to_one_count():
     calls = []
 
     def effect(k: int) -> float:
@@ -350,18 +358,45 @@ def test_count_to_reach_bisects_between_grid_points():
 
     grid = count_grid(100, 6)
     assert grid[0] == 0 and grid[-1] == 100 and grid == sorted(set(grid))
-    count, effects = count_to_reach(effect, grid, 0.9)
-    assert count == 34 and effects[34] >= 0.9 > effects[33]
-    count, _ = count_to_reach(effect, grid, 0.9, refine=False)
-    assert count == min(k for k in grid if k >= 34)
-    assert count_to_reach(lambda k: 0.5, grid, 0.9)[0] is None
+    first, stays, effects = read_curve(effect, grid, 0.9)
+    assert first == stays == 34 and effects[34] >= 0.9 > effects[33]
+    assert len(calls) == len(set(calls))  # no count evaluated twice
+    first, _, _ = read_curve(effect, grid, 0.9, refine=False)
+    assert first == min(k for k in grid if k >= 34)
+    assert read_curve(lambda k: 0.5, grid, 0.9)[:2] == (None, None)
 
 
-def test_count_staying_above_reads_a_non_monotone_curve_robustly():
-    effects = {0: 0.0, 1: 0.95, 2: 0.5, 4: 0.91, 8: 0.85, 16: 0.92, 32: 1.0}
-    assert count_to_reach(effects.__getitem__, list(effects), 0.9, refine=False)[0] == 1
-    assert count_staying_above(effects, 0.9) == 16
+def test_read_curve_on_a_non_monotone_curve_reads_first_crossing_and_stays_above_densely():
+    """A hand-made curve: a spike to 0.95 at 10, back under the target up to 60, above from 61 on, one dip at
+    80. The geometric grid misses the spike and the dip; the dense grid and bisection find both readings
+    exactly, and every count between the stays-above count and the total that was evaluated reaches it."""
+    def effect(k: int) -> float:
+        if k == 10:
+            return 0.95
+        if k == 80:
+            return 0.5
+        return 0.92 if k >= 61 else 0.3 + 0.5 * k / 60
+
+    grid = [0, 1, 3, 9, 27, 100]
+    first, stays, effects = read_curve(effect, grid, 0.9, dense_points=0)
+    assert (first, stays) == (61, 61)  # bisection below the first grid crossing (100) finds 61; 80 never seen
+    first, stays, effects = read_curve(effect, grid, 0.9, dense_points=100)  # every count from 27 to 100
+    assert first == 61 and stays == 81 and effects[80] == 0.5
+    assert all(effects[k] >= 0.9 for k in effects if k >= stays) and effects[stays - 1] < 0.9
+    evaluated = {0: 0.0, 1: 0.95, 2: 0.5, 4: 0.91, 8: 0.85, 16: 0.92, 32: 1.0}
+    assert first_crossing(evaluated, 0.9) == 1 and count_staying_above(evaluated, 0.9) == 16
     assert count_staying_above({0: 0.0, 5: 0.8}, 0.9) is None
+
+
+def test_readings_re_read_a_curve_on_resampled_prompts():
+    """Two prompts: the first reaches the target at count 2, the second only at 4 (after a dip at 3). Each
+    resample is read like its mean curve; carrying units are reported."""
+    metrics = np.array([[0.0, 0.0], [0.5, 0.0], [1.0, 0.5], [1.0, 0.0], [1.0, 1.0]])  # [C, n], full = 1
+    counts, carrying = [0, 1, 2, 3, 4], [0, 10, 20, 30, 40]
+    first, stays = readings(metrics, counts, carrying, 0.9, np.array([[0, 0], [1, 1], [0, 1]]))
+    assert first.tolist() == [20, 40, 40] and stays.tolist() == [20, 40, 40]
+    first, stays = readings(metrics, counts, carrying, 0.7, np.array([[0, 1]]))
+    assert first.tolist() == [20] and stays.tolist() == [40]  # mean 0.75 at 2, 0.5 at 3
 
 
 def test_top_k_mask_ranks_by_magnitude_within_allowed():
@@ -371,8 +406,11 @@ def test_top_k_mask_ranks_by_magnitude_within_allowed():
     assert top_k_mask(scores, allowed, 3).sum() == 3 and not top_k_mask(scores, allowed, 4)[1, 1]
 
 
+DOES_ANY_TASK = {"min_clean_logit_diff": -1e9, "min_clean_accuracy": 0.0}  # tiny random models fail any behaviour gate
+
+
 def test_run_gives_normalised_curves_and_a_comparison(prompts):
-    config = ComponentCircuitConfig(curve_points=4, refine=False)
+    config = ComponentCircuitConfig(curve_points=4, refine=False, bootstrap_samples=200, **DOES_ANY_TASK)
     dense = run(config, make_model("dense"), byte_tokenizer(), prompts)
     sparse = run(config, make_model("gated"), byte_tokenizer(), prompts)
     for result in (dense, sparse):
@@ -381,20 +419,41 @@ def test_run_gives_normalised_curves_and_a_comparison(prompts):
             effects = dict(zip(curve.counts, curve.effects))
             assert effects[0] == 0.0 and effects[curve.total] == pytest.approx(1.0, abs=1e-4)
         assert result.edges.metric_empty == pytest.approx(result.metric_corrupted, abs=1e-5)
-        assert result.edges.total == int(ComponentLayout(2, 4, True).allowed().sum())
+        layout = ComponentLayout(2, 4, True)
+        dead = torch.tensor([name in result.dead_heads for name in layout.row_names()])
+        touching = dead[:, None] | torch.cat([dead, torch.tensor([False])])[column_rows(layout)][None, :]
+        assert result.edges.total == int((layout.allowed() & ~touching).sum())
         n_positions = len(prompts[0].clean) + 1  # bos
         assert result.position_edges.total == result.edges.total * n_positions
         effects = dict(zip(result.position_edges.counts, result.position_edges.effects))
         assert effects[0] == 0.0 and effects[result.position_edges.total] == pytest.approx(1.0, abs=1e-4)
         assert " @-" in result.position_edges.top[0][0]
     comparison = compare(dense, sparse)
+    assert comparison["behaviour_gate"] == "passed" and comparison["gates"] == "frozen"
     assert comparison["heads"]["ratio"] == dense.heads.count_at_target / sparse.heads.count_at_target
+    low, high = comparison["edges"]["dense_first_ci"]
+    assert low <= dense.edges.count_at_target <= high
     assert comparison["edges"]["sparse_stays_above"] == sparse.edges.count_stays_above
     assert comparison["position_edges"]["dense"] == dense.position_edges.count_at_target
     without = run(config.model_copy(update={"position_edges": False}), make_model("dense"), byte_tokenizer(), prompts)
     assert without.position_edges is None and "position_edges" not in compare(without, without)
     assert without.edges.counts == dense.edges.counts and without.edges.effects == pytest.approx(dense.edges.effects)
     assert set(result.to_json()) >= {"heads", "edges", "config", "metric_clean"}
+
+
+def test_behaviour_gate_keeps_a_task_out_of_the_ratios(prompts):
+    """Tiny random models do not do Greater-Than: with the default thresholds no ratio is given, and the
+    gate says which model failed and why; the counts stay reported."""
+    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False, faithfulness_edges=0,
+                                    bootstrap_samples=50)
+    dense = run(config, make_model("dense"), byte_tokenizer(), prompts)
+    sparse = run(config, make_model("gated"), byte_tokenizer(), prompts)
+    comparison = compare(dense, sparse)
+    assert comparison["behaviour_gate"].startswith("dense: mean clean logit diff")
+    assert comparison["heads"]["ratio"] is None and comparison["edges"]["ratio_stays_above"] is None
+    assert comparison["heads"]["dense"] == dense.heads.count_at_target
+    assert "ratio_first_ci" not in comparison["heads"] and "dense_first_ci" in comparison["heads"]
+    assert comparison["behaviour"]["sparse"]["accuracy_clean"] == sparse.accuracy_clean
 
 
 def test_bad_inputs_are_refused(prompts):
@@ -436,12 +495,18 @@ def test_command_line_compares_dense_and_sparse_per_task(tmp_path):
     gated.save(tmp_path / "sparse", tokenizer)
     out = tmp_path / "circuits.json"
     main(["--tasks", "greater_than", "--n", "3", "--dense", "tiny", "--sparse", str(tmp_path / "sparse"),
-          "--points", "3", "--out", str(out)])
-    result = json.loads(out.read_text())["tasks"]["greater_than"]
-    assert result["dense"]["n_prompts"] == result["sparse"]["n_prompts"] == 3
-    assert set(result["comparison"]) == {"task", "target", "heads", "edges", "position_edges"}
-    assert set(result["comparison"]["edges"]) >= {"ratio", "ratio_stays_above"}
-    assert result["sparse"]["heads"]["metric_full"] != result["dense"]["heads"]["metric_full"]
+          "--points", "3", "--dense-points", "2", "--faithfulness-edges", "2", "--bootstrap", "50",
+          "--no-position-edges", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["headline_gates"] == "frozen" and set(saved["tasks"]["greater_than"]) == {"frozen", "recomputed"}
+    for mode, result in saved["tasks"]["greater_than"].items():
+        assert result["dense"]["n_prompts"] == result["sparse"]["n_prompts"] == 3
+        assert result["sparse"]["gates"] == mode and result["comparison"]["gates"] == mode
+        assert set(result["comparison"]) == {"task", "target", "gates", "behaviour_gate", "behaviour", "heads", "edges"}
+        assert set(result["comparison"]["edges"]) >= {"ratio", "ratio_stays_above", "dense_first_ci"}
+        assert result["sparse"]["heads"]["metric_full"] != result["dense"]["heads"]["metric_full"]
+    both = saved["tasks"]["greater_than"]
+    assert both["frozen"]["dense"] == both["recomputed"]["dense"]  # no gates: one result for both modes
 
 
 def sized(count_heads: int | None, count_edges: int) -> CircuitResult:
@@ -466,10 +531,210 @@ def test_compare_per_prompt_pairs_prompts_and_bootstraps_the_ratio_of_means():
 
 
 def test_run_per_prompt_is_one_circuit_per_prompt(prompts):
-    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False)
+    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False, min_prompt_gap=0)
     model = make_model("gated")
     results = run_per_prompt(config, model, byte_tokenizer(), prompts[:2])
     assert [r.n_prompts for r in results] == [1, 1]
     alone = run(config, model, byte_tokenizer(), prompts[1:2])
     assert results[1].edges.counts == alone.edges.counts
     assert results[1].edges.effects == pytest.approx(alone.edges.effects)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rankings that match the verification, frozen gates, and edges that carry signal
+
+
+def swap_head_output(model, layer: int, head: int, corrupted_z: torch.Tensor):
+    """A pre-hook on the original model's o_proj giving one head its corrupted input (independent of circuits)."""
+    head_dim = TINY.d_model // TINY.n_heads
+    o_proj = hf_model(model).model.layers[layer].self_attn.o_proj
+
+    def swap(module, args):
+        z = args[0].clone()
+        z[..., head * head_dim:(head + 1) * head_dim] = corrupted_z[..., head * head_dim:(head + 1) * head_dim]
+        return (z,)
+
+    return o_proj.register_forward_pre_hook(swap)
+
+
+def o_proj_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    saved = []
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: saved.append(a[0].detach()))
+               for layer in hf_model(model).model.layers]
+    try:
+        with torch.no_grad():
+            logits_fn(model)(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return saved
+
+
+@pytest.mark.parametrize("kind,gates", [("hf", "recomputed"), ("gated", "recomputed"), ("gated", "frozen")])
+def test_exact_head_ranking_equals_brute_force_patching(kind, gates, prompts):
+    """Each head's exact score is the metric change when that head alone takes its corrupted output, computed
+    here with plain hooks on the original model (frozen: under the clean run's gate masks, the corrupted run
+    too); the heads curve ranks by it."""
+    model = make_model(kind)
+    prepared = prepare(model, gates=gates)
+    prompt_set = PromptSet(prepared, batches_of(prompts))
+    exact = prompt_set.head_patching_effects()
+    brute = torch.zeros(TINY.n_layers, TINY.n_heads)
+    for batch in prompt_set.batches:
+        masks = None
+        if gates == "frozen":
+            with torch.no_grad():
+                masks = model(input_ids=batch.clean, record_masks=True).gate_record.gate_masks
+        frozen = model.frozen_gates(masks) if masks is not None else contextlib.nullcontext()
+        with frozen:
+            corrupted_z = o_proj_inputs(model, batch.corrupted)
+            clean = reference_metric(model, batch, batch.clean)
+            for layer in range(TINY.n_layers):
+                for head in range(TINY.n_heads):
+                    handle = swap_head_output(model, layer, head, corrupted_z[layer])
+                    try:
+                        brute[layer, head] += (reference_metric(model, batch, batch.clean) - clean).sum()
+                    finally:
+                        handle.remove()
+    brute /= len(prompts)
+    assert brute.abs().max() > 1e-3
+    torch.testing.assert_close(exact, brute, rtol=0, atol=1e-5)
+    config = ComponentCircuitConfig(curve_points=3, top_stored=8)
+    curve = head_curve(prompt_set, exact, prompt_set.mean_metric(), config)
+    live = ~prompt_set.dead_heads
+    order = torch.sort(brute[live].abs(), descending=True, stable=True).values
+    assert [abs(score) for _, score in curve.top] == pytest.approx(order.tolist(), abs=1e-5)
+
+
+def embed_to_logits_only(model):
+    """Every head and MLP writes nothing: the logits read the embedding alone, through the (nonlinear) norm."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
+def test_eap_ig_integrates_a_nonlinear_path_where_eap_does_not(prompts):
+    """With the embedding as the logits' only input, patching the embed -> logits edge moves the metric by
+    f(corrupted) - f(clean) through the final norm; EAP-IG over the embedding interpolation is a midpoint
+    rule for that integral, EAP its one-sided linearisation."""
+    prepared = prepare(make_model("hf", embed_to_logits_only))
+    layout = prepared.layout
+    pairs = [TaskPrompt(task="greater_than", template=0, clean=f"year 1{a}", corrupted=f"year 1{b}",
+                        correct=("7",), incorrect=("2",)) for a, b in ("37", "58", "90")]
+    batch = batches_of(pairs)[0]  # the last token differs: the logits read the embedding's difference there
+    corrupted, _ = record(prepared, batch.corrupted)
+    keep = layout.allowed().clone()
+    keep[0, layout.logits_col] = False
+    effect = (patched_metric(prepared, batch, corrupted, keep_edges=keep) - patched_metric(prepared, batch, corrupted)
+              ).sum()
+    eap = edge_attribution(prepared, batch, corrupted)[0, layout.logits_col]
+    eap_ig = edge_attribution(prepared, batch, corrupted, ig_steps=64)[0, layout.logits_col]
+    assert abs(effect) > 1e-2
+    assert abs(eap_ig - effect) < 2e-3 * abs(effect)
+    assert abs(eap - effect) > 10 * abs(eap_ig - effect)
+
+
+@pytest.mark.parametrize("kind,gates", [("hf", "recomputed"), ("gated", "recomputed"), ("gated", "frozen")])
+def test_eap_ig_equals_patching_where_the_metric_is_linear(kind, gates, prompts):
+    prepared = prepare(make_model(kind, linear_after_last_heads), gates=gates)
+    layout = prepared.layout
+    prompt_set = PromptSet(prepared, batches_of(prompts))
+    scores = prompt_set.edge_scores(ig_steps=3)
+    clean = prompt_set.mean_metric()
+    for row in range(layout.n_rows):
+        keep = layout.allowed().clone()
+        keep[row, layout.logits_col] = False
+        assert scores[row, layout.logits_col].item() == pytest.approx(prompt_set.mean_metric(keep_edges=keep) - clean,
+                                                                      abs=2e-5)
+    last = layout.n_layers - 1
+    torch.testing.assert_close(head_scores(scores, layout)[last], prompt_set.head_patching_effects()[last],
+                               rtol=0, atol=2e-5)
+
+
+def test_frozen_gate_verification_never_changes_a_mask(prompts):
+    """Frozen: every patched run (edges or heads) and the corrupted run use exactly the clean run's gates;
+    recomputed: the same patches open and close gates (so the check can fail)."""
+    model = make_model("gated")
+    changed = {}
+    for gates in ("frozen", "recomputed"):
+        prepared = prepare(model, gates=gates)
+        prompt_set = PromptSet(prepared, batches_of(prompts))
+        allowed = prepared.layout.allowed()
+        generator = torch.Generator().manual_seed(0)
+        changed[gates] = 0
+        for batch, corrupted, masks in zip(prompt_set.batches, prompt_set.recordings, prompt_set.masks):
+            with torch.no_grad():
+                clean = prepared.module(input_ids=batch.clean, record_masks=True).gate_record.gate_masks
+            assert masks is None if gates == "recomputed" else all(torch.equal(a, b) for a, b in zip(masks, clean))
+            patches = [{"keep_edges": allowed & (torch.rand(allowed.shape, generator=generator) < share)}
+                       for share in (0.0, 0.3, 0.7)]
+            patches.append({"keep_heads": torch.rand(TINY.n_layers, TINY.n_heads, generator=generator) < 0.5})
+            for keep in [*patches, None]:
+                hooks = ComponentHooks(prepared.layout, corrupted=corrupted if keep else None, **(keep or {}))
+                with hooks.attached(prepared.module), prepared.gates_of(masks), torch.no_grad():
+                    ids = batch.clean if keep else batch.corrupted
+                    used = prepared.module(input_ids=ids, record_masks=True).gate_record.gate_masks
+                changed[gates] += sum(int((a != b).sum()) for a, b in zip(used, clean))
+    assert changed["frozen"] == 0 and changed["recomputed"] > 0
+    with pytest.raises(GateError, match="one mask per layer"), model.frozen_gates(clean[:1]):
+        pass
+    with pytest.raises(GateError, match="'eval' mode"), make_model("dense").frozen_gates(clean):
+        pass
+
+
+def test_pruning_removes_exactly_the_dead_edges_of_a_hand_built_graph():
+    layout = ComponentLayout(n_layers=2, n_heads=2, split_qkv=True)
+    h = layout.head_row
+
+    def q(layer: int, head: int, kind: int) -> int:  # column of a head's q (0), k (1) or v (2) input
+        return layout.head_cols(layer).start + head * 3 + kind
+
+    kept = torch.zeros(layout.n_rows, layout.n_cols, dtype=torch.bool)
+    path = [(0, q(0, 0, 0)), (h(0, 0), q(1, 1, 2)), (h(1, 1), layout.logits_col)]  # embed -> L0H0 -> L1H1 -> logits
+    dead = [(0, q(0, 1, 1)),  # into L0H1, which reaches nothing
+            (layout.mlp_row(0), layout.logits_col),  # from L0's MLP, which nothing feeds
+            (h(0, 0), layout.mlp_col(1))]  # into L1's MLP, which reaches nothing
+    for edge in path + dead:
+        kept[edge] = True
+    expected = torch.zeros_like(kept)
+    for edge in path:
+        expected[edge] = True
+    assert torch.equal(live_edges(kept, layout), expected)
+    assert torch.equal(live_edges(expected, layout), expected)
+    # by position (P = 2, the logits read position 1): a k input at 0 reaches its head's output at 1, a q input
+    # at 0 only its output at 0; logits edges at position 0 are read by nothing
+    kept = torch.zeros(layout.n_rows, layout.n_cols, 2, dtype=torch.bool)
+    live = [(0, q(0, 0, 1), 0), (h(0, 0), layout.logits_col, 1)]
+    dead = [(0, q(0, 1, 0), 0), (h(0, 1), layout.logits_col, 1), (h(0, 0), layout.logits_col, 0)]
+    for edge in live + dead:
+        kept[edge] = True
+    pruned = live_edges(kept, layout)
+    assert sorted(map(tuple, pruned.nonzero().tolist())) == sorted(live)
+
+
+@pytest.mark.parametrize("kind,gates", [("hf", "recomputed"), ("gated", "recomputed"), ("gated", "frozen")])
+def test_pruned_edges_do_not_change_the_patched_metric(kind, gates, prompts):
+    prepared = prepare(make_model(kind), gates=gates)
+    layout = prepared.layout
+    prompt_set = PromptSet(prepared, batches_of(mixed_length_prompts(prompts)))
+    generator = torch.Generator().manual_seed(1)
+    n_pruned = 0
+    for shape in ((layout.n_rows, layout.n_cols), (layout.n_rows, layout.n_cols, prompt_set.n_positions)):
+        allowed = layout.allowed() if len(shape) == 2 else layout.allowed()[:, :, None].expand(shape)
+        for share in (0.05, 0.2):
+            keep = allowed & (torch.rand(shape, generator=generator) < share)
+            live = live_edges(keep, layout)
+            n_pruned += int((keep & ~live).sum())
+            assert prompt_set.mean_metric(keep_edges=live) == pytest.approx(prompt_set.mean_metric(keep_edges=keep),
+                                                                            abs=1e-5)
+    assert n_pruned > 0
+
+
+def test_spearman_and_ranking_faithfulness(prompts):
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 25, 100.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 2, 3.0]), np.array([3, 2, 2, 1.0])) == pytest.approx(-1.0)
+    assert np.isnan(spearman(np.array([1.0, 1.0]), np.array([1.0, 2.0])))
+    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False, faithfulness_edges=8)
+    result = run(config, make_model("hf", linear_after_last_heads), byte_tokenizer(), prompts)
+    assert result.faithfulness["n_edges"] == 8 and result.faithfulness["n_heads"] == 8
+    assert -1 <= result.faithfulness["edges_vs_exact"] <= 1 and -1 <= result.faithfulness["heads_eap_vs_exact"] <= 1

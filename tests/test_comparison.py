@@ -19,7 +19,15 @@ from circuits.config import ComponentCircuitConfig
 from circuits.stats import bootstrap_mean
 from comparison.config import RATIO, CircuitsConfig, CompareConfig, CompareError
 from comparison.formatting import component_label, fmt, fmt_ci, metric_title
-from comparison.graph_metrics import count_to_share, edge_influence, head_metrics, qk_edge_shares
+from comparison.graph_metrics import (
+    count_to_share,
+    edge_influence,
+    head_metrics,
+    head_part_influence,
+    qk_edge_shares,
+    weighted_median,
+)
+from comparison.inputs import most_influential_attention_edge
 from comparison.report import REPORT_FILE
 from comparison.stage import compare_store
 from comparison.summaries import run_circuits, summarize
@@ -74,10 +82,42 @@ def test_head_metrics_by_hand():
         "layer": [0, 0, 0, 1, 0, 0], "head": [0, 0, 1, 0, -1, -2],
         "weight": [3.0, -1.0, 2.0, 0.5, 10.0, 5.0],
     })  # head masses: (0,0) 4, (0,1) 2, (1,0) 0.5; the skip (-1) and other heads (-2) are no head
-    assert head_metrics(loadings, 0.1, 0.9) == {"n_heads_any": 3, "n_heads_carrying": 2, "n_heads_cover": 2}
-    assert head_metrics(loadings, 0.05, 0.95) == {"n_heads_any": 3, "n_heads_carrying": 3, "n_heads_cover": 3}
-    assert head_metrics(loadings[loadings["head"] < 0], 0.1, 0.9) == {
-        "n_heads_any": 0, "n_heads_carrying": 0, "n_heads_cover": 0}
+    counts = ("n_heads_any", "n_heads_carrying", "n_heads_cover")
+    assert {k: head_metrics(loadings, 0.1, 0.9)[k] for k in counts} == dict(zip(counts, (3, 2, 2)))
+    assert {k: head_metrics(loadings, 0.05, 0.95)[k] for k in counts} == dict(zip(counts, (3, 3, 3)))
+    assert {k: head_metrics(loadings[loadings["head"] < 0], 0.1, 0.9)[k] for k in counts} == dict(zip(counts, (0, 0, 0)))
+
+
+def test_example_edge_is_the_most_influential_non_sink_attention_edge():
+    loadings = pd.DataFrame({"head": [0, 1, 2, -1, 3], "weight": [9.0, 1.0, 2.0, 5.0, 1.0],
+                             "query_pos": [4, 4, 3, -1, 4], "key_pos": [0, 2, 1, -1, 3], "layer": [0, 0, 1, 0, 1]})
+    influence = np.array([0.9, 0.2, 0.3, 0.5, 0.1])  # the sink part (head 0 -> key 0) carries the most
+    assert most_influential_attention_edge(loadings, influence)["head"] == 2
+    assert most_influential_attention_edge(loadings, influence, query_pos=4)["head"] == 1  # into the last token
+    assert most_influential_attention_edge(loadings, np.zeros(5)) is None  # nothing on the path to the logit
+
+
+def test_attention_metrics_weight_by_influence_and_keep_the_sink_apart():
+    """Graph edges 5<-1 (influence 0.9) and 6<-1 (0.1). Edge 5<-1 in layer 0: head (0,0) carries 3 of |3| + |1|
+    (skip) via (q 4, k 2), head (0,1) carries 1 of it via the BOS sink (k 0); edge 6<-1: head (1,0) carries
+    all of it via (q 4, k 3). Influence masses: (0,0) 0.675, (0,1) 0.225 (sink), (1,0) 0.1."""
+    edges = pd.DataFrame({"target": [5, 6, 7], "source": [1, 1, 2], "weight": [1.0, 1.0, 1.0],
+                          "kept": [True, True, False]})
+    loadings = pd.DataFrame({
+        "target": [5, 5, 5, 6], "source": [1, 1, 1, 1], "layer": [0, 0, 0, 1], "head": [0, 1, -1, 0],
+        "weight": [3.0, -1.0, 0.0, 2.0], "query_pos": [4, 4, -1, 4], "key_pos": [2, 0, -1, 3],
+    })
+    influence = head_part_influence(loadings, edges, np.array([0.9, 0.1]))
+    np.testing.assert_allclose(influence, [0.675, 0.225, 0.0, 0.1])
+    metrics = head_metrics(loadings, 0.2, 0.9, influence)
+    assert metrics["n_heads_any"] == 3 and metrics["n_heads_carrying"] == 1  # (1,0) holds 0.1 / 0.775 < 0.2
+    assert metrics["n_heads_cover"] == 2 and metrics["n_attention_edges"] == 2  # 0.675 / 0.775 < 0.9
+    assert metrics["n_attention_edges_cover"] == 2 and metrics["n_sink_attention_edges"] == 1
+    assert metrics["sink_share"] == pytest.approx(0.225)
+    assert head_metrics(loadings, 0.2, 0.85, influence)["n_heads_cover"] == 1
+    assert head_metrics(loadings, 0.2, 0.9)["n_heads_carrying"] == 2  # by |part|: (0,0) 3 and (1,0) 2 of 5, no sink
+    assert weighted_median(np.array([0.1, 0.9, 0.5]), np.array([1.0, 5.0, 1.0])) == 0.9
+    assert np.isnan(weighted_median(np.array([0.1, np.nan]), np.array([0.0, 1.0])))  # no finite value with weight
 
 
 def test_qk_edge_shares_by_hand():
@@ -143,25 +183,37 @@ def test_bad_compare_config_is_refused(update, message):
 
 
 def test_run_circuits_gives_curves_ratios_and_status_rows():
-    """Greater-Than (digits are single bytes) on a tiny dense model and its gated copy; antonyms' answers
-    are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
+    """Greater-Than (digits are single bytes) on a tiny dense model and its gated copy, in both gate modes;
+    antonyms' answers are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
     tokenizer = byte_tokenizer()
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
-    config = CircuitsConfig(prompts_per_task=3, circuit=ComponentCircuitConfig(curve_points=4, batch_size=4))
+    circuit = ComponentCircuitConfig(curve_points=4, batch_size=4, dense_points=2, faithfulness_edges=4,
+                                     min_clean_logit_diff=-1e9, min_clean_accuracy=0.0, min_prompt_gap=0.0,
+                                     bootstrap_samples=100)
+    config = CircuitsConfig(prompts_per_task=3, circuit=circuit)
     curves, summary, prompts = run_circuits(config, models, ["greater_than", "antonyms"], samples=300)
-    ok = summary[summary["task"] == "greater_than"].set_index("kind")
-    assert (ok["status"] == "ok").all()
-    assert list(ok.index) == ["heads", "edges", "position_edges"]
-    for kind in ("heads", "edges", "position_edges"):
-        row = ok.loc[kind]
-        assert row["ratio"] == pytest.approx(row["dense_count"] / row["sparse_count"])
-        assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4, "position_edges": 5.4}[kind]
-        for variant in ("dense", "sparse"):
-            curve = curves[(curves["variant"] == variant) & (curves["kind"] == kind)].set_index("count")
-            assert curve.loc[0, "explained_effect"] == pytest.approx(0.0, abs=1e-5)
-            assert curve.loc[row[f"{variant}_total"], "explained_effect"] == pytest.approx(1.0, abs=1e-4)
-            reached = curve[curve["explained_effect"] >= 0.9].index.min()
-            assert row[f"{variant}_count"] <= reached  # refined between grid points, never later than the grid
+    ok = summary[summary["task"] == "greater_than"]
+    assert (ok["status"] == "ok").all() and (ok["behaviour_gate"] == "passed").all()
+    assert sorted(set(ok["gates"])) == ["frozen", "recomputed"] and ok.loc[ok["headline"], "gates"].eq("frozen").all()
+    for gates in ("frozen", "recomputed"):
+        rows = ok[ok["gates"] == gates].set_index("kind")
+        assert list(rows.index) == ["heads", "edges", "position_edges"]
+        for kind in ("heads", "edges", "position_edges"):
+            row = rows.loc[kind]
+            assert row["ratio"] == pytest.approx(row["dense_count"] / row["sparse_count"])
+            assert row["ratio_ci_low"] <= row["ratio"] <= row["ratio_ci_high"]
+            assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4, "position_edges": 5.4}[kind]
+            for variant in ("dense", "sparse"):
+                curve = curves[(curves["variant"] == variant) & (curves["kind"] == kind)
+                               & (curves["gates"] == gates)].set_index("count")
+                assert curve.loc[0, "explained_effect"] == pytest.approx(0.0, abs=1e-5)
+                assert curve.loc[row[f"{variant}_total"], "explained_effect"] == pytest.approx(1.0, abs=1e-4)
+                assert row[f"{variant}_count"] == curve.loc[curve["explained_effect"] >= 0.9, "carrying"].min()
+                assert (curve["carrying"] <= curve.index).all()  # carrying edges are among those kept
+    dense_curves = curves[curves["variant"] == "dense"]
+    pd.testing.assert_frame_equal(  # no gates: the dense model is traced once and serves both modes
+        dense_curves[dense_curves["gates"] == "frozen"].drop(columns="gates").reset_index(drop=True),
+        dense_curves[dense_curves["gates"] == "recomputed"].drop(columns="gates").reset_index(drop=True))
     failed = summary[summary["task"] == "antonyms"]
     assert len(failed) == 3 and failed["status"].str.contains("no prompt of antonyms fits").all()
     assert failed["ratio"].isna().all() and failed["prompt_ratio"].isna().all()
@@ -170,22 +222,38 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     assert set(prompts["task"]) == {"greater_than"} and sorted(set(prompts["prompt_index"])) == [0, 1, 2]
     task_prompts = load_task("greater_than")
     for variant, (model, _) in models.items():
-        alone = circuits.curves.run(config.circuit, model, tokenizer, task_prompts[1:2])
-        rows = prompts[(prompts["variant"] == variant) & (prompts["prompt_index"] == 1)].set_index("kind")
+        alone = circuits.curves.run(config.circuit, model, tokenizer, task_prompts[1:2], "recomputed")
+        rows = prompts[(prompts["variant"] == variant) & (prompts["prompt_index"] == 1)
+                       & (prompts["gates"] == "recomputed")].set_index("kind")
         for kind in ("heads", "edges", "position_edges"):
             assert rows.loc[kind, "count_at_target"] == getattr(alone, kind).count_at_target
             assert rows.loc[kind, "metric_clean"] == pytest.approx(alone.metric_clean)
-    for kind in ("heads", "edges", "position_edges"):
-        row = ok.loc[kind]
-        wide = prompts[prompts["kind"] == kind].pivot(index="prompt_index", columns="variant",
-                                                       values="count_at_target").dropna().astype(float)
+    for (gates, kind), row in ok.set_index(["gates", "kind"]).iterrows():
+        part = prompts[(prompts["kind"] == kind) & (prompts["gates"] == gates)]
+        wide = part.pivot(index="prompt_index", columns="variant", values="count_at_target").dropna().astype(float)
         assert row["prompt_pairs"] == len(wide) > 0
         assert row["prompt_ratio"] == pytest.approx(wide["dense"].mean() / wide["sparse"].mean())
         assert row["prompt_ratio_ci_low"] <= row["prompt_ratio"] <= row["prompt_ratio_ci_high"]
+        assert row["dense_prompts_dropped"] == row["sparse_prompts_dropped"] == 0
     again = run_circuits(config, models, ["greater_than"], samples=300)[1]
     pd.testing.assert_frame_equal(again, summary[summary["task"] == "greater_than"].reset_index(drop=True))
     pooled_only = run_circuits(config.model_copy(update={"per_prompt": False}), models, ["greater_than"])
     assert pooled_only[2] is None and "prompt_ratio" not in pooled_only[1].columns
+
+
+def test_run_circuits_behaviour_gate_and_prompt_floor():
+    """Default thresholds: tiny random models do not do Greater-Than, so the summary has counts but no ratio and
+    says why; every prompt's gap is under the floor, so every per-prompt circuit is dropped and counted."""
+    tokenizer = byte_tokenizer()
+    models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
+    circuit = ComponentCircuitConfig(curve_points=3, batch_size=4, dense_points=0, faithfulness_edges=0,
+                                     position_edges=False, other_gates=False, bootstrap_samples=50)
+    curves, summary, prompts = run_circuits(CircuitsConfig(prompts_per_task=2, circuit=circuit), models,
+                                            ["greater_than"], samples=50)
+    assert summary["behaviour_gate"].str.startswith("dense: mean clean logit diff").all()
+    assert summary["ratio"].isna().all() and summary["dense_count"].notna().all()
+    assert (summary["dense_prompts_dropped"] == 2).all() and (summary["prompt_pairs"] == 0).all()
+    assert prompts["status"].str.startswith("dropped: clean - corrupted logit diff").all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,9 +317,12 @@ def test_report_numbers_are_the_tables_numbers(tiny_run):
     circuits = pd.read_parquet(out / "circuit_summary.parquet")
     for row in circuits.itertuples():
         assert html.escape(row.status) in page
-        assert f"<td>{row.task}</td><td>{row.kind}</td><td>{fmt(row.dense_count)}</td><td>{fmt(row.sparse_count)}</td>" \
-               f"<td>{fmt(row.ratio)}</td><td>{fmt(row.ratio_stays_above)}</td>" \
-               f"<td>{fmt_ci(row.prompt_ratio, row.prompt_ratio_ci_low, row.prompt_ratio_ci_high)}</td>" \
+        gates = f"{row.gates}{' *' if row.headline else ''}"
+        assert f"<td>{row.task}</td><td>{gates}</td><td>{row.kind}</td><td>{fmt(row.dense_count)}</td>" \
+               f"<td>{fmt(row.sparse_count)}</td><td>{fmt_ci(row.ratio, row.ratio_ci_low, row.ratio_ci_high)}</td>" \
+               f"<td>{fmt(row.dense_stays_above)} / {fmt(row.sparse_stays_above)}</td>" \
+               f"<td>{fmt_ci(row.ratio_stays_above, row.ratio_stays_above_ci_low, row.ratio_stays_above_ci_high)}" \
+               f"</td><td>{fmt_ci(row.prompt_ratio, row.prompt_ratio_ci_low, row.prompt_ratio_ci_high)}</td>" \
                f"<td>{fmt(row.prompt_pairs)}</td>" in page
     prompts = pd.read_parquet(out / "circuit_prompts.parquet")
     assert set(prompts["task"]) == set(circuits.loc[circuits["status"] == "ok", "task"])
