@@ -100,7 +100,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
 
     def open_source(state: dict | None) -> ShuffleBuffer:
         return ShuffleBuffer(chunks, harvest.buffer_tokens, config.train.batch_tokens, reuse=harvest.reuse,
-                             seed=harvest.seed, start_chunk=(state or {}).get("chunks_read", 0))
+                             seed=harvest.seed, state=state)
 
     result = train_clt(clt, open_source, config.train, checkpoint_dir=output_dir / CHECKPOINT_DIR,
                        fingerprint=training_fingerprint(config, identity), progress=progress,
