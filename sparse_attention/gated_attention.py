@@ -72,6 +72,7 @@ class _GateContext:
     query_valid: torch.Tensor | None  # [batch, q] bool, False at padded queries
     record_masks: bool
     record: GateRecord
+    generator: torch.Generator | None = None  # of the training noise; None: torch's global generator
 
 
 _ACTIVE_GATE: contextvars.ContextVar[_GateContext | None] = contextvars.ContextVar("active_gate", default=None)
@@ -127,7 +128,8 @@ def gated_attention_forward(
     else:
         logits = gate_logits(scores, ctx.offsets[layer].to(scores.dtype))
         if ctx.mode == "train":
-            noise = logistic_noise(logits.shape, like=logits) if ctx.noise else torch.zeros_like(logits)
+            noise = logistic_noise(logits.shape, like=logits, generator=ctx.generator) if ctx.noise \
+                else torch.zeros_like(logits)
             gate = straight_through_gate(logits, noise)
             ctx.record.expected_open.append(expected_open_fraction(logits, allowed))
         else:
@@ -170,12 +172,15 @@ class GatedModel(nn.Module):
         self.offsets = nn.Parameter(offsets, requires_grad=learn_offset)  # [layer, head]
         self.mode: GateMode = "eval"
         self.noise = True
+        self.noise_generator: torch.Generator | None = None
 
-    def set_mode(self, mode: GateMode, *, noise: bool = True) -> GatedModel:
-        """'train': sampled gates + straight-through; 'eval': hard gates; 'dense': no gates at all."""
+    def set_mode(self, mode: GateMode, *, noise: bool = True, generator: torch.Generator | None = None
+                 ) -> GatedModel:
+        """'train': sampled gates + straight-through; 'eval': hard gates; 'dense': no gates at all.
+        `generator` (on the model's device) draws the training noise; None: torch's global generator."""
         if mode not in ("train", "eval", "dense"):
             raise GateError(f"gate mode must be 'train', 'eval' or 'dense', not {mode!r}")
-        self.mode, self.noise = mode, noise
+        self.mode, self.noise, self.noise_generator = mode, noise, generator
         return self
 
     def forward(
@@ -194,7 +199,8 @@ class GatedModel(nn.Module):
             raise GateError("GatedModel keeps no key/value cache; call it with use_cache=False")
         query_valid = None if attention_mask is None else attention_mask.bool()
         offsets = list(self.offsets.unbind(0))
-        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord())
+        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(),
+                           self.noise_generator)
         token = _ACTIVE_GATE.set(ctx)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
