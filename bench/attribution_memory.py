@@ -15,7 +15,8 @@ RSS (ru_maxrss) and RSS after loading, CPU and wall seconds per phase (graph, he
 the outcome (a graph, or the failure the stage recorded, e.g. MemoryBudgetError) and the load average.
 The prompt of n tokens is IOI sentences cut to n tokens. Goal (issue 19): a 1,024-token graph within
 8 GB, memory about linear in positions. Results: bench/results/attribution_memory_smollm2.json, written
-after every length.
+after every length; a rerun replaces the entries of the lengths it runs and keeps the others (each entry
+holds its own command, budget and load).
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         clt_dir = args.clt
         report["clt"] = {"dir": str(clt_dir), "trained_by_this_benchmark": False}
     _, tokenizer = load_model(args.model)
-    report["lengths"] = []
-    for n_tokens in [int(n) for n in args.lengths.split(",") if n]:
+    asked = [int(n) for n in args.lengths.split(",") if n]
+    earlier = json.loads(args.output.read_text()).get("lengths", []) if args.output.is_file() else []
+    report["lengths"] = [entry for entry in earlier if entry["n_tokens_asked"] not in asked]
+    for n_tokens in asked:
         prompt = prompt_of_length(tokenizer, n_tokens)
         job = {"model": args.model, "max_feature_nodes": args.max_feature_nodes,
                "memory_budget_gb": args.memory_budget_gb, "clt_dir": str(clt_dir), "code_root": str(ROOT),
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()
         result = run_worker(job, args.work, args.timeout)
         entry = {"n_tokens_asked": n_tokens, "n_tokens": len(tokenize_prompt(tokenizer, prompt)),
+                 "command": report["command"], "memory_budget_gb": args.memory_budget_gb,
                  "load_average_before": load_before, "load_average_after": os.getloadavg(), **result}
-        report["lengths"].append(entry)
+        report["lengths"] = sorted([*report["lengths"], entry], key=lambda e: e["n_tokens_asked"])
         outcome = result.get("runs", [{}])[-1].get("outcome", {})
         print(f"[{n_tokens} tokens] peak {result.get('peak_rss_mb')} MB in {result.get('process_seconds'):.0f} s, "
               f"{outcome.get('status')} {outcome.get('error', result.get('error', ''))[:200]}", flush=True)
