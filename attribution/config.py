@@ -70,7 +70,7 @@ class AttributionStageConfig(BaseModel):
     prompts: list[str] = Field(list(DEFAULT_PROMPTS), description="free prompts the pipeline attributes (task "
                                "'custom')")
     prompt_sets: dict[str, int] = Field(
-        {}, description="task name -> number of clean prompts taken, in file order, from data/prompts/{task}.jsonl",
+        {}, description="task name -> number of clean prompts taken, in file order, from prompts/data/{task}.jsonl",
     )
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     memory_budget_gb: float | None = Field(

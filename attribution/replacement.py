@@ -81,7 +81,7 @@ def gate_offsets_of(model: nn.Module) -> torch.Tensor | None:
         raise AttributionError(
             f"the gated model is in {model.mode!r} mode (random gates); call set_mode('eval') before attribution"
         )
-    return model.offsets.detach().float().clone()
+    return model.offsets_per_head.detach().float().clone()
 
 
 def extract_weights(model: nn.Module) -> ModelWeights:

@@ -47,7 +47,7 @@ GRAPHS = pa.schema([
     ("graph_id", pa.string()),
     ("variant", pa.string()),
     ("prompt", pa.string()),
-    ("task", pa.string()),  # prompt set (data/prompts/{task}.jsonl) or "custom"
+    ("task", pa.string()),  # prompt set (prompts/data/{task}.jsonl) or "custom"
     ("prompt_index", pa.int32()),  # line of the prompt in its set (or in the free prompt list)
     ("tokens", pa.list_(pa.int32())),
     ("token_strings", pa.list_(pa.string())),

@@ -14,7 +14,7 @@ stage calls: graph = freeze_prompt + build_replacement + attribute + prune; head
 write = building the tables and store.write. "before" runs the same worker with another tree first on
 sys.path (a git revision extracted with git archive, or a checkout), so both sides run their own code.
 
-Timing: the 21-token IOI prompt (data/prompts/ioi.jsonl line 5), before and after, alternating by round;
+Timing: the 21-token IOI prompt (prompts/data/ioi.jsonl line 5), before and after, alternating by round;
 CPU seconds (time.process_time) and wall seconds per phase, median over rounds and repeats. Memory: for
 each length, a prompt of IOI sentences cut to that many tokens, the new code, one fresh process: peak RSS
 (ru_maxrss) and RSS after loading, the phases, and the stage's outcome (a graph, or the failure it
@@ -148,9 +148,9 @@ def code_root(before: str, work: Path) -> str:
 
 
 def prompt_of_length(tokenizer, n_tokens: int) -> str:
-    """IOI sentences (data/prompts/ioi.jsonl) cut to `n_tokens` tokens with the BOS (the count of the
+    """IOI sentences (prompts/data/ioi.jsonl) cut to `n_tokens` tokens with the BOS (the count of the
     text's own tokenisation is reported by the run)."""
-    lines = (ROOT / "data" / "prompts" / "ioi.jsonl").read_text().splitlines()
+    lines = (ROOT / "prompts" / "data" / "ioi.jsonl").read_text().splitlines()
     text = " ".join(json.loads(line)["clean"] for line in lines if line.strip())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens - 1]
     return tokenizer.decode(ids)

@@ -28,7 +28,7 @@ RESULTS = ROOT / "bench" / "results"
 
 from bench._pipeline import run_or_record, stage_run_parser  # noqa: E402
 
-# Issue 4's goal for the demo budget
+# The goal for the demo budget (long-run figures are in bench/results/clt_smollm2_long1200*.json)
 GOAL = {"nmse_max": 0.15, "l0_max": 32.0, "ce_recovered_min": 0.80}
 
 

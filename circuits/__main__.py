@@ -1,7 +1,7 @@
 """Dense vs sparse component circuits per task: `python -m circuits --tasks ioi --sparse DIR --out FILE`.
 
 Loads the dense model and (optionally) a gated checkpoint in eval mode, traces each task's circuit on
-the first n prompts of data/prompts/{task}.jsonl, and writes the results and dense/sparse ratios as JSON
+the first n prompts of prompts/data/{task}.jsonl, and writes the results and dense/sparse ratios as JSON
 after every task.
 """
 

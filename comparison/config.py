@@ -41,7 +41,7 @@ class CircuitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    prompts_per_task: int = Field(8, gt=0, description="the first n prompts of data/prompts/{task}.jsonl")
+    prompts_per_task: int = Field(8, gt=0, description="the first n prompts of prompts/data/{task}.jsonl")
     tasks: list[str] | None = Field(None, description="tasks to run; None = the tasks of the store's graphs")
     circuit: ComponentCircuitConfig = ComponentCircuitConfig(curve_points=12)
     per_prompt: bool = Field(True, description="also trace one circuit per prompt, so the dense/sparse ratio of "

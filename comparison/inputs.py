@@ -22,7 +22,9 @@ def sparsity_table(metrics: Mapping) -> pd.DataFrame:
     """Open-edge fraction per (context_length, layer, head) from the sparsify stage's metrics.json, with the
     overall fraction at that context length (open gates / causal pairs over every layer and head)."""
     rows = []
-    for section in (metrics.get("edges"), metrics.get("long_context")):
+    longer = [s for s in metrics.get("heldout_by_length", [])  # the training corpus at the other lengths
+              if s["source"] == metrics.get("data_source") and s["context_length"] != metrics.get("context_length")]
+    for section in (metrics.get("edges"), *longer):
         if not section:
             continue
         for layer, heads in enumerate(section["edge_fraction_per_head"]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -12,7 +13,7 @@ from comparison.config import CompareConfig
 from sparse_attention.config import SparsifyConfig
 from transcoders.config import CLTStageConfig, FeaturesConfig
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(resources.files("pipeline") / "presets")  # package data: ships in the wheel
 
 
 class ConfigError(ValueError):

@@ -29,8 +29,8 @@ from pipeline.stages import GROUPS, STAGES
 log = logging.getLogger("pipeline")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pipeline's options (shared with `sparse-interp run`)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config file")
     source.add_argument("--preset", help="named preset in pipeline/presets/")
@@ -43,12 +43,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ray (embedded or RAY_ADDRESS) or local (in-process, no Ray)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--traceback", action="store_true", help="print the traceback of an error, too")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return execute(parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the pipeline as `args` (from `add_arguments`) say; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(argv)
     started = time.perf_counter()
     try:
         config = load_config(args.config, args.preset, args.overrides)

@@ -24,6 +24,7 @@ from comparison.stage import compare_store
 from pipeline.artifacts import RAY_TRAIN_DIR
 from pipeline.attribution_pool import run_on_actors
 from pipeline.config import PipelineConfig
+from prompts.metrics import task_evaluator
 from runtime.files import write_atomic
 from sparse_attention import stage as sparsify
 from sparse_attention.config import ModelSpec, SparsifyConfig
@@ -93,8 +94,9 @@ def _sparsify_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads"])
     work_dir = Path(loop_config["work_dir"])
     _resume_from_ray_train(work_dir / sparsify.CHECKPOINT_DIR)
-    sparsify.run(SparsifyConfig.model_validate(loop_config["config"]), work_dir, progress=loop_config["progress"],
-                 on_checkpoint=_report_to_ray_train("open_fraction"))
+    config = SparsifyConfig.model_validate(loop_config["config"])
+    sparsify.run(config, work_dir, progress=loop_config["progress"], on_checkpoint=_report_to_ray_train("open_fraction"),
+                 evaluate_tasks=_sparsify_tasks(config))
 
 
 def _clt_worker(loop_config: dict) -> None:
@@ -143,6 +145,11 @@ def run_data_parallel(worker, loop_config: dict, resources, storage: Path, name:
     trainer.fit()
 
 
+def _sparsify_tasks(config: SparsifyConfig):
+    """The sparsify stage's task evaluator (prompts sits above sparse_attention, so the pipeline passes it)."""
+    return task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
+
+
 def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool,
                   force: bool) -> dict:
 
@@ -154,7 +161,7 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
         run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / RAY_TRAIN_DIR, "sparsify")
         metrics = json.loads((work_dir / sparsify.METRICS_FILE).read_text())
     else:
-        metrics = sparsify.run(config.sparsify, work_dir, progress=progress)
+        metrics = sparsify.run(config.sparsify, work_dir, progress=progress, evaluate_tasks=_sparsify_tasks(config.sparsify))
     return {
         "dense_ce": metrics["dense_ce"],
         "sparse_ce": metrics["sparse_ce"],

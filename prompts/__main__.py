@@ -1,8 +1,8 @@
 """Clean/corrupted prompt sets for circuit discovery: IOI, Greater-Than, Docstring, antonyms, induction.
 
-`python -m prompts --write` generates the SmolLM2 sets into data/prompts/{task}.jsonl;
+`python -m prompts --write` generates the SmolLM2 sets into prompts/data/{task}.jsonl;
 `python -m prompts --performance N` measures the dense model on the first N prompts per task
-(data/prompts/task_performance.json).
+(prompts/data/task_performance.json).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _iter_tasks(names: Sequence[str] | None) -> Iterator[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m prompts", description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="generate the prompt sets into data/prompts/")
+    parser.add_argument("--write", action="store_true", help="generate the prompt sets into prompts/data/")
     parser.add_argument("--performance", type=int, metavar="N", default=0,
                         help="measure the dense model on the first N prompts per task")
     parser.add_argument("--tasks", nargs="*", help=f"subset of {', '.join(TASKS)}")

@@ -5,7 +5,7 @@ and the metric (`prompts.metrics.logit_diff`) is the logit difference mean(logit
 mean(logits[incorrect]) at the last position (higher = the clean behaviour). Prompts are drawn from word lists by a seeded generator,
 then checked with the tokenizer that will run them (single-token answers, equal lengths); pairs that
 fail are dropped and drawn again. `python -m prompts --write` writes the SmolLM2 sets to
-data/prompts/{task}.jsonl; `--performance N` measures the dense model on N prompts per task.
+prompts/data/{task}.jsonl; `--performance N` measures the dense model on N prompts per task.
 
 Token conventions (SmolLM2's tokenizer; our code prefixes bos to every sequence): names and words
 after a space carry the leading space (" Mary"); SmolLM2 splits numbers into single digits, so
@@ -17,11 +17,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PROMPT_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+PROMPT_DIR = Path(resources.files("prompts") / "data")  # package data: ships in the wheel
 TASKS = ("ioi", "greater_than", "docstring", "antonyms", "induction")
 DEFAULT_N_PROMPTS = 300
 DEFAULT_SEED = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.data import DataConfig
@@ -34,7 +34,10 @@ class GateConfig(BaseModel):
     )
     offset_candidates: list[float] = [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0]
     calibration_tolerance: float = Field(0.01, gt=0, description="nats the untrained gated model may lose")
-    learn_offset: bool = Field(True, description="train b (one per layer and head) with offset_lr")
+    learn_offset: bool = Field(True, description="train b with offset_lr")
+    offset_scope: Literal["model", "layer", "head"] = Field(
+        "head", description="one b for the whole model (the paper's scalar), one per layer, or one per layer and head"
+    )
 
 
 class TrainConfig(BaseModel):
@@ -44,6 +47,10 @@ class TrainConfig(BaseModel):
     constraint: Literal["kl", "ce_excess"] = Field(
         "kl", description="what must stay below controller.tolerance: KL to the original, or CE - original CE"
     )
+    controller_signal: Literal["hard_gates", "train_gates"] = Field(
+        "hard_gates", description="where the controller measures the constraint: the deterministic gates "
+        "(logit > 0, the model evaluation and attribution use; one extra no-grad forward per batch) or the noisy "
+        "training gates of the loss")
     steps: int = Field(300, gt=0, description="optimiser steps")
     batch_size: int = Field(4, gt=0)
     grad_accumulation: int = Field(1, gt=0)
@@ -64,10 +71,29 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     heldout_blocks: int = Field(64, gt=0, description="held-out blocks at the training context length")
-    long_context_length: int = Field(512, ge=2)
-    long_blocks: int = Field(8, ge=0, description="held-out blocks at long_context_length (0 skips)")
+    lengths: list[int] = Field([128, 512, 1024], description="context lengths of the held-out comparison "
+                                                             "(CE, KL, edges); capped by the model's context")
+    long_blocks: int = Field(8, ge=0, description="held-out blocks at the longest of `lengths`; shorter lengths "
+                                                  "get as many tokens (0 skips the comparison)")
+    heldout_sources: list[str] = Field([], description="more data sources (e.g. 'brown') compared on their held-out "
+                                                       "split, besides data.source; never trained on")
+    task_prompts: int = Field(0, ge=0, description="prompts per task for dense vs sparse task behaviour (0 skips)")
+    task_seed: int = Field(1, description="seed of the generated task prompts (prompts/data holds seed 0's)")
     batch_size: int = Field(8, gt=0)
     pattern_prompt: str = "When Mary and John went to the store, John gave a drink to"
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths_at_least_two(cls, value: list[int]) -> list[int]:
+        if any(length < 2 for length in value):
+            raise ValueError(f"every eval length must be >= 2 (start token + 1 text token), got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _lengths_when_compared(self) -> EvalConfig:
+        if self.long_blocks and not self.lengths:
+            raise ValueError("eval.lengths is empty but eval.long_blocks > 0; give lengths or set long_blocks 0")
+        return self
 
 
 class SparsifyConfig(BaseModel):

@@ -1,5 +1,5 @@
-"""Held-out evaluation of a gated model: CE (original, control, sparse), open-edge fractions
-overall / per layer / per head, open keys per query, and the plots a person looks at first."""
+"""Held-out evaluation of a gated model: CE (original, control, sparse), KL(original || sparse), open-edge
+fractions overall / per layer / per head, open keys per query, and the plots a person looks at first."""
 
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ class EdgeStats:
             "fraction_queries_with_no_open_key": float(counts[0] / max(1, total)),
         }
 
+    @property
+    def keys_per_fraction(self) -> float:
+        """Causal keys per query on average, (T + 1) / 2: open keys per query = edge fraction x this."""
+        return (self.context_length + 1) / 2
+
     def to_json(self) -> dict:
         return {
             "context_length": self.context_length,
@@ -80,7 +85,26 @@ class EdgeStats:
             "edge_fraction_per_layer": self.fraction_per_layer.tolist(),
             "edge_fraction_per_head": self.fraction_per_head.tolist(),
             "open_keys_per_query": self.open_keys_summary(),
+            "open_keys_per_query_per_layer": (self.fraction_per_layer * self.keys_per_fraction).tolist(),
+            "open_keys_per_query_per_head": (self.fraction_per_head * self.keys_per_fraction).tolist(),
         }
+
+    def heads_over(self, threshold: float) -> list[dict]:
+        """Every head whose open-edge fraction exceeds `threshold`, most open first."""
+        fractions = self.fraction_per_head
+        heads = [{"layer": int(layer), "head": int(head), "edge_fraction": float(fractions[layer, head])}
+                 for layer, head in zip(*np.nonzero(fractions > threshold))]
+        return sorted(heads, key=lambda h: -h["edge_fraction"])
+
+
+def _add_gate_counts(record, open_edges: np.ndarray, pairs: np.ndarray, histogram: np.ndarray) -> None:
+    """Add one forward's hard-gate counts (record_masks=True) into the running [layer, head] and histogram arrays."""
+    o, p = record.edge_counts()
+    open_edges += o.cpu().numpy()
+    pairs += p.cpu().numpy()
+    for mask in record.gate_masks:  # [b, h, q, k]
+        histogram += np.bincount(mask.sum(-1).flatten().cpu().numpy(), minlength=len(histogram))
+    record.gate_masks.clear()
 
 
 @torch.no_grad()
@@ -92,14 +116,52 @@ def edge_statistics(gated: GatedModel, blocks: torch.Tensor, batch_size: int) ->
     pairs = np.zeros_like(open_edges)
     histogram = np.zeros(context + 1, dtype=np.int64)
     for tokens in iterate_blocks(blocks, batch_size):
-        record = gated(tokens.to(gated.offsets.device), record_masks=True).gate_record
-        o, p = record.edge_counts()
-        open_edges += o.cpu().numpy()
-        pairs += p.cpu().numpy()
-        for mask in record.gate_masks:  # [b, h, q, k]
-            histogram += np.bincount(mask.sum(-1).flatten().cpu().numpy(), minlength=context + 1)
-        record.gate_masks.clear()
+        _add_gate_counts(gated(tokens.to(gated.offsets.device), record_masks=True).gate_record,
+                         open_edges, pairs, histogram)
     return EdgeStats(context, open_edges, pairs, histogram)
+
+
+@dataclass
+class HeldoutComparison:
+    """The original and the hard-gated model on the held-out blocks of one source at one length."""
+
+    source: str
+    dense_ce: float
+    sparse_ce: float
+    kl_per_token: float  # mean KL(original || sparse) over next-token positions, nats
+    tokens: int  # next-token positions scored
+    edges: EdgeStats
+
+    def to_json(self) -> dict:
+        return {"source": self.source, **self.edges.to_json(), "dense_ce": self.dense_ce, "sparse_ce": self.sparse_ce,
+                "ce_excess": self.sparse_ce - self.dense_ce, "kl_per_token": self.kl_per_token,
+                "scored_tokens": self.tokens}
+
+
+@torch.no_grad()
+def compare_on_heldout(
+    reference: torch.nn.Module, gated: GatedModel, blocks: torch.Tensor, batch_size: int, source: str
+) -> HeldoutComparison:
+    """One pass over held-out blocks [n, T]: CE of the original and of the hard-gated model, KL(original ||
+    sparse) per next-token position (all token-weighted), and the hard gates' edge statistics."""
+    gated.eval().set_mode("eval")
+    context = blocks.shape[1]
+    open_edges = np.zeros((gated.n_layers, gated.n_heads), dtype=np.int64)
+    pairs = np.zeros_like(open_edges)
+    histogram = np.zeros(context + 1, dtype=np.int64)
+    dense, sparse, kl, count = 0.0, 0.0, 0.0, 0
+    for tokens in iterate_blocks(blocks, batch_size):
+        tokens = tokens.to(gated.offsets.device)
+        reference_logits = reference(input_ids=tokens).logits
+        out = gated(tokens, record_masks=True)
+        n = tokens[:, 1:].numel()
+        dense += next_token_ce(reference_logits, tokens).item() * n
+        sparse += next_token_ce(out.logits, tokens).item() * n
+        kl += next_token_kl(reference_logits, out.logits).item() * n
+        count += n
+        _add_gate_counts(out.gate_record, open_edges, pairs, histogram)
+    return HeldoutComparison(source, dense / count, sparse / count, kl / count, count,
+                             EdgeStats(context, open_edges, pairs, histogram))
 
 
 @torch.no_grad()
@@ -181,7 +243,8 @@ def _attention_weights(gated: GatedModel, ids: torch.Tensor) -> list[np.ndarray]
 
 
 def plot_training_curves(history: list[dict], path) -> None:
-    """CE excess over the reference, open-edge fraction and the multiplier against tokens seen."""
+    """CE excess over the reference (noisy and, when measured, deterministic gates), open-edge fraction and
+    the multiplier against tokens seen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +252,10 @@ def plot_training_curves(history: list[dict], path) -> None:
 
     tokens = [row["tokens"] for row in history]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    axes[0].plot(tokens, [row["ce_excess"] for row in history], lw=0.8, label="CE - reference (batch)")
+    axes[0].plot(tokens, [row["ce_excess"] for row in history], lw=0.8, label="CE - reference, noisy gates (batch)")
+    if history and "hard_ce_excess" in history[0]:
+        axes[0].plot(tokens, [row["hard_ce_excess"] for row in history], lw=0.8,
+                     label="CE - reference, deterministic gates (batch)")
     axes[0].plot(tokens, [row["constraint_value"] for row in history], lw=0.8, label="constraint value (batch)")
     axes[0].plot(tokens, [row["smoothed_violation"] for row in history], lw=1.2, label="smoothed violation")
     axes[0].axhline(0, color="k", lw=0.5)

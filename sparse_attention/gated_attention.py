@@ -1,6 +1,7 @@
 """Gated sparse attention for any HF causal LM that dispatches through transformers' AttentionInterface.
 
-`GatedModel` wraps a loaded model, owns the gate offsets b (one per layer and head) and switches
+`GatedModel` wraps a loaded model, owns the gate offsets b (one for the model, one per layer, or one per
+layer and head: `OffsetScope`) and switches
 the model's attention to the registered function "sparse_gated". It is called like the HF causal LM
 it wraps (`model(input_ids=ids).logits`) and returns a `GatedCausalLMOutput`, whose `gate_record`
 holds, per layer, the expected open fraction (for the loss), the open-edge counts, and optionally
@@ -38,6 +39,7 @@ from sparse_attention.models import load_model
 
 ATTENTION_NAME = "sparse_gated"
 GateMode = Literal["train", "eval", "dense"]
+OffsetScope = Literal["model", "layer", "head"]
 GATE_FILE = "gate.safetensors"
 GATE_META_FILE = "gate.json"
 
@@ -158,29 +160,51 @@ class GatedCausalLMOutput(CausalLMOutputWithPast):
     gate_record: GateRecord | None = None
 
 
-class GatedModel(nn.Module):
-    """A causal LM whose attention heads are gated; owns the offsets b [layer, head]."""
+def offset_shape(scope: OffsetScope, n_layers: int, n_heads: int) -> tuple[int, int]:
+    """Shape of the learned offsets for a scope; it broadcasts to [layer, head]."""
+    shapes = {"model": (1, 1), "layer": (n_layers, 1), "head": (n_layers, n_heads)}
+    if scope not in shapes:
+        raise GateError(f"offset scope must be 'model', 'layer' or 'head', not {scope!r}")
+    return shapes[scope]
 
-    def __init__(self, model: PreTrainedModel, offset_init: float, *, learn_offset: bool = True):
+
+class GatedModel(nn.Module):
+    """A causal LM whose attention heads are gated; owns the offsets b.
+
+    `offsets` is the learned parameter: [1, 1] for offset_scope 'model' (the paper's single scalar),
+    [layer, 1] for 'layer', [layer, head] for 'head'; `offsets_per_head` broadcasts it to [layer, head].
+    """
+
+    def __init__(self, model: PreTrainedModel, offset_init: float, *, learn_offset: bool = True,
+                 offset_scope: OffsetScope = "head"):
         super().__init__()
         register_gated_attention()
         self.model = model
         self.model.set_attn_implementation(ATTENTION_NAME)
         cfg = model.config
         self.n_layers, self.n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
-        offsets = torch.full((self.n_layers, self.n_heads), float(offset_init))
-        self.offsets = nn.Parameter(offsets, requires_grad=learn_offset)  # [layer, head]
+        self.offset_scope = offset_scope
+        offsets = torch.full(offset_shape(offset_scope, self.n_layers, self.n_heads), float(offset_init))
+        self.offsets = nn.Parameter(offsets, requires_grad=learn_offset)  # broadcasts to [layer, head]
         self.mode: GateMode = "eval"
         self.noise = True
         self.noise_generator: torch.Generator | None = None
 
+    @property
+    def offsets_per_head(self) -> torch.Tensor:
+        """The offsets broadcast to [layer, head] (differentiable; a view for scopes 'model' and 'layer')."""
+        return self.offsets.expand(self.n_layers, self.n_heads)
+
     def set_mode(self, mode: GateMode, *, noise: bool = True, generator: torch.Generator | None = None
                  ) -> GatedModel:
         """'train': sampled gates + straight-through; 'eval': hard gates; 'dense': no gates at all.
-        `generator` (on the model's device) draws the training noise; None: torch's global generator."""
+        `generator` (on the model's device) draws the training noise from now on; not given, the one set
+        before stays (`noise_generator`; None, the initial value: torch's global generator)."""
         if mode not in ("train", "eval", "dense"):
             raise GateError(f"gate mode must be 'train', 'eval' or 'dense', not {mode!r}")
-        self.mode, self.noise, self.noise_generator = mode, noise, generator
+        self.mode, self.noise = mode, noise
+        if generator is not None:
+            self.noise_generator = generator
         return self
 
     def forward(
@@ -198,7 +222,7 @@ class GatedModel(nn.Module):
         if use_cache:
             raise GateError("GatedModel keeps no key/value cache; call it with use_cache=False")
         query_valid = None if attention_mask is None else attention_mask.bool()
-        offsets = list(self.offsets.unbind(0))
+        offsets = list(self.offsets_per_head.unbind(0))
         ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(),
                            self.noise_generator)
         token = _ACTIVE_GATE.set(ctx)
@@ -217,8 +241,9 @@ class GatedModel(nn.Module):
         self.model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-        save_file({"offsets": self.offsets.detach().float().contiguous()}, str(directory / GATE_FILE))
-        meta = {"attention": ATTENTION_NAME, "n_layers": self.n_layers, "n_heads": self.n_heads, **(metadata or {})}
+        save_file({"offsets": self.offsets_per_head.detach().float().contiguous()}, str(directory / GATE_FILE))
+        meta = {"attention": ATTENTION_NAME, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "offset_scope": self.offset_scope, **(metadata or {})}
         (directory / GATE_META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -228,7 +253,10 @@ def gate_mode(model: nn.Module) -> GateMode | None:
 
 
 def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a checkpoint written by GatedModel.save: returns (GatedModel in eval mode, tokenizer)."""
+    """Load a checkpoint written by GatedModel.save: returns (GatedModel in eval mode, tokenizer).
+
+    The file holds offsets per head [layer, head]; gate.json's offset_scope (default 'head') sets the
+    learned shape, and offsets that vary within one scope group are refused."""
     directory = Path(directory)
     gate_path = directory / GATE_FILE
     if not directory.is_dir():
@@ -239,10 +267,17 @@ def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
         offsets = load_file(str(gate_path))["offsets"]
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise GateError(f"{gate_path} is unreadable ({exc}); the checkpoint is corrupted, rerun the stage") from exc
+    meta_path = directory / GATE_META_FILE
+    scope = json.loads(meta_path.read_text()).get("offset_scope", "head") if meta_path.is_file() else "head"
     model, tokenizer = load_model(str(directory), dtype=dtype)
-    gated = GatedModel(model, offset_init=0.0)
-    if offsets.shape != gated.offsets.shape:
-        raise GateError(f"{gate_path} holds offsets {tuple(offsets.shape)}, model needs {tuple(gated.offsets.shape)}")
+    gated = GatedModel(model, offset_init=0.0, offset_scope=scope)
+    if offsets.shape != (gated.n_layers, gated.n_heads):
+        raise GateError(f"{gate_path} holds offsets {tuple(offsets.shape)}, "
+                        f"model needs {(gated.n_layers, gated.n_heads)}")
+    scoped = offsets[: gated.offsets.shape[0], : gated.offsets.shape[1]]
+    if not torch.equal(scoped.expand_as(offsets), offsets):
+        raise GateError(f"{gate_path} holds offsets that differ within one {scope!r} scope group; "
+                        f"{meta_path.name} says offset_scope {scope!r}")
     with torch.no_grad():
-        gated.offsets.copy_(offsets)
+        gated.offsets.copy_(scoped)
     return gated.eval().set_mode("eval"), tokenizer

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from sparse_attention.config import SparsifyConfig
 from sparse_attention.data import load_token_blocks
 from sparse_attention.evaluate import (
     calibrate_offset,
+    compare_on_heldout,
     edge_statistics,
     mean_ce,
     plot_attention_patterns,
@@ -33,6 +35,12 @@ MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "sparsify_config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+OPEN_HEAD_THRESHOLD = 0.2  # metrics list every head open above this fraction ...
+OPEN_HEAD_LENGTH = 512  # ... at this length (the longest compared length when 512 is not among them)
+
+# (original model, gated model in eval mode, tokenizer) -> task-behaviour metrics; the pipeline passes one
+# from prompts.metrics (a package above this one)
+TaskEvaluator = Callable[[torch.nn.Module, GatedModel, Any], dict]
 
 
 def training_fingerprint(config: SparsifyConfig) -> str:
@@ -48,11 +56,44 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def comparison_lengths(lengths: list[int], model_context: int | None) -> list[int]:
+    """The eval lengths, each capped by the model's context (positions it was trained for)."""
+    return sorted({min(length, model_context) if model_context else length for length in lengths})
+
+
+def load_comparison_blocks(config: SparsifyConfig, tokenizer, lengths: list[int]) -> dict[tuple[str, int], torch.Tensor]:
+    """Held-out blocks per (source, length): `long_blocks` at the longest length, as many tokens at the others.
+
+    Loaded before training so that a missing corpus fails at once, not after post-training."""
+    sources = list(dict.fromkeys([config.data.source, *config.eval.heldout_sources]))
+    budget = config.eval.long_blocks * max(lengths, default=0)
+    blocks = {}
+    for source in sources:
+        data = config.data.model_copy(update={"source": source})
+        for length in lengths:
+            heldout = load_token_blocks(data, tokenizer, context_length=length).heldout
+            blocks[(source, length)] = heldout[: max(1, budget // length)]
+    return blocks
+
+
+def open_heads(comparisons: list[dict], source: str) -> dict:
+    """The heads over OPEN_HEAD_THRESHOLD open on `source` at OPEN_HEAD_LENGTH (else the longest length)."""
+    on_source = [c for c in comparisons if c["source"] == source]
+    chosen = next((c for c in on_source if c["context_length"] == OPEN_HEAD_LENGTH), on_source[-1])
+    return {"context_length": chosen["context_length"], "source": source, "threshold": OPEN_HEAD_THRESHOLD,
+            "heads": chosen["heads_over_threshold"]}
+
+
 def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True,
-        on_checkpoint: Callable[[dict, Path | None], None] | None = None) -> dict:
+        on_checkpoint: Callable[[dict, Path | None], None] | None = None,
+        evaluate_tasks: TaskEvaluator | None = None) -> dict:
     """Post-train `config.model` into gated sparse attention; writes model/, metrics.json, plots.
 
-    Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `post_train`."""
+    Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `post_train`.
+    `evaluate_tasks` (needed when eval.task_prompts > 0) measures task behaviour, dense vs sparse."""
+    if config.eval.task_prompts and evaluate_tasks is None:
+        raise ValueError("sparsify.eval.task_prompts > 0 needs a task evaluator: run the stage through the pipeline, "
+                         "or pass evaluate_tasks (e.g. prompts.metrics.task_evaluator), or set task_prompts 0")
     output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -65,12 +106,19 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     reference = copy.deepcopy(model).eval()
     for param in reference.parameters():
         param.requires_grad_(False)
+    model_context = getattr(model.config, "max_position_embeddings", None)
+    if model_context and config.data.context_length > model_context:
+        raise ValueError(f"data.context_length {config.data.context_length} exceeds the model's context "
+                         f"{model_context}; lower it")
     blocks = load_token_blocks(config.data, tokenizer)
     heldout = blocks.heldout[: config.eval.heldout_blocks]
+    lengths = comparison_lengths(config.eval.lengths, model_context) if config.eval.long_blocks else []
+    comparison_blocks = load_comparison_blocks(config, tokenizer, lengths) if is_main_rank() else {}
     eval_bs = config.eval.batch_size
     dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, heldout, eval_bs, device)
 
-    gated = GatedModel(model, offset_init=0.0, learn_offset=config.gate.learn_offset).to(device)
+    gated = GatedModel(model, offset_init=0.0, learn_offset=config.gate.learn_offset,
+                       offset_scope=config.gate.offset_scope).to(device)
     if config.gate.offset_init == "auto":
         offset, trials = calibrate_offset(
             gated, dense_ce, heldout, eval_bs, config.gate.offset_candidates, config.gate.calibration_tolerance
@@ -97,19 +145,21 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs, device)
     control_ce = mean_ce(lambda t: gated.set_mode("dense")(t).logits, heldout, eval_bs, device)
     stats = [edge_statistics(gated, heldout, eval_bs)]
-    if config.eval.long_blocks:
-        long_blocks = load_token_blocks(config.data, tokenizer, context_length=config.eval.long_context_length)
-        long_heldout = long_blocks.heldout[: config.eval.long_blocks]
-        stats.append(edge_statistics(gated, long_heldout, max(1, eval_bs // 4)))
-        long_bs = max(1, eval_bs // 4)
-        long_dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, long_heldout, long_bs, device)
-        long_sparse_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, long_heldout, long_bs, device)
+    comparisons = []
+    for (source, length), length_blocks in comparison_blocks.items():
+        length_bs = max(1, eval_bs * heldout.shape[1] // length)  # about as many tokens per batch as at training length
+        compared = compare_on_heldout(reference, gated, length_blocks, length_bs, source)
+        comparisons.append({**compared.to_json(), "heads_over_threshold": compared.edges.heads_over(OPEN_HEAD_THRESHOLD)})
+        if source == config.data.source and length != heldout.shape[1]:
+            stats.append(compared.edges)
+    tasks = evaluate_tasks(reference, gated.eval().set_mode("eval"), tokenizer) if config.eval.task_prompts else None
     plot_edge_fractions(stats, output_dir / "edge_fractions.png")
     plot_attention_patterns(gated, tokenizer, config.eval.pattern_prompt, output_dir / "attention_patterns.png")
     plot_training_curves(result.history, output_dir / "training_curves.png")
 
     metrics = {
         "model": config.model.name,
+        "data_source": config.data.source,
         "context_length": int(heldout.shape[1]),
         "dense_ce": dense_ce,
         "sparse_ce": sparse_ce,
@@ -120,7 +170,9 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         "edges": stats[0].to_json(),
         "offset_init": offset,
         "offset_calibration": trials,
-        "offset_final_mean": float(gated.offsets.mean()),
+        "offset_scope": config.gate.offset_scope,
+        "offset_final_mean": float(gated.offsets_per_head.mean()),
+        "offset_final_per_head": gated.offsets_per_head.detach().tolist(),
         "heldout_tokens": int(heldout.numel()),
         "train_tokens_seen": result.tokens_seen,
         "train_steps": result.steps,
@@ -129,9 +181,10 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         "peak_rss_gb": peak_rss_gb(),
         "history": result.history,
     }
-    if config.eval.long_blocks:
-        metrics["long_context"] = {**stats[1].to_json(), "dense_ce": long_dense_ce, "sparse_ce": long_sparse_ce,
-                                   "heldout_tokens": int(long_heldout.numel())}
-        metrics["edge_fraction_long"] = stats[1].edge_fraction
+    if comparisons:
+        metrics["heldout_by_length"] = comparisons
+        metrics["open_heads"] = open_heads(comparisons, config.data.source)
+    if tasks is not None:
+        metrics["tasks"] = tasks
     write_json_atomic(output_dir / METRICS_FILE, metrics)
     return metrics

@@ -43,6 +43,22 @@ def select_trainable(gated: GatedModel, which: str, learn_offset: bool) -> list[
     return chosen
 
 
+@torch.no_grad()
+def hard_gate_constraint(gated: GatedModel, tokens: torch.Tensor, reference_logits: torch.Tensor,
+                         reference_ce: torch.Tensor, constraint: str) -> tuple[float, float]:
+    """(CE, constraint value) of the deterministic gates (logit > 0) on `tokens` [batch, pos]: one no-grad
+    eval-mode forward, after which the model is back in the mode and noise setting it had."""
+    mode, noise, training = gated.mode, gated.noise, gated.training
+    gated.eval().set_mode("eval")
+    try:
+        logits = gated(tokens).logits
+    finally:
+        gated.train(training).set_mode(mode, noise=noise)
+    ce = next_token_ce(logits, tokens)
+    value = next_token_kl(reference_logits, logits) if constraint == "kl" else ce - reference_ce
+    return ce.item(), value.item()
+
+
 def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tuple[str, torch.nn.Parameter]],
                 optimizer: torch.optim.Optimizer, base_lrs: list[float], controller: LagrangeController,
                 batches: Iterator[torch.Tensor], train: TrainConfig, step: int, tokens_seen: int) -> dict:
@@ -52,7 +68,9 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * factor
     optimizer.zero_grad(set_to_none=True)
-    totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0}
+    totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0,
+              "hard_ce": 0.0, "hard_excess": 0.0}
+    hard_gates = train.controller_signal == "hard_gates"
     for _ in range(train.grad_accumulation):
         tokens = shard_for_rank(next(batches)).to(gated.offsets.device)
         with torch.no_grad():
@@ -72,6 +90,11 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         totals["reference_ce"] += reference_ce.item() / train.grad_accumulation
         totals["regulariser"] += regulariser.item() / train.grad_accumulation
         totals["excess"] += excess_term.item() / train.grad_accumulation
+        if hard_gates:
+            hard_ce, hard_excess = hard_gate_constraint(gated, tokens, reference_logits, reference_ce,
+                                                        train.constraint)
+            totals["hard_ce"] += hard_ce / train.grad_accumulation
+            totals["hard_excess"] += hard_excess / train.grad_accumulation
         totals["open"] += int(open_edges.sum())
         totals["pairs"] += int(pairs.sum())
         tokens_seen += tokens.numel() * world_size()
@@ -81,7 +104,9 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     torch.nn.utils.clip_grad_norm_([p for _, p in weights], train.grad_clip)
     optimizer.step()
     excess = totals["excess"]
-    lam = controller.update(excess)
+    lam = controller.update(totals["hard_excess"] if hard_gates else excess)
+    hard = {"hard_ce": totals["hard_ce"], "hard_ce_excess": totals["hard_ce"] - totals["reference_ce"],
+            "hard_constraint_value": totals["hard_excess"]} if hard_gates else {}
     return {
         "step": step + 1,
         "tokens": tokens_seen,
@@ -89,11 +114,12 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         "reference_ce": totals["reference_ce"],
         "ce_excess": totals["ce"] - totals["reference_ce"],
         "constraint_value": excess,
+        **hard,
         "smoothed_violation": controller.smoothed,
         "multiplier": lam,
         "regulariser": totals["regulariser"],
         "open_fraction": totals["open"] / max(1, totals["pairs"]),
-        "mean_offset": gated.offsets.detach().mean().item(),
+        "mean_offset": gated.offsets_per_head.detach().mean().item(),
     }
 
 
@@ -112,7 +138,9 @@ def post_train(
 
     The constraint is either KL(reference || gated) per token (default: the fine-tuning gain on our
     corpus cannot be spent on sparsity, so the sparse model stays a faithful copy of the original)
-    or the batch CE difference to the reference.
+    or the batch CE difference to the reference. The loss differentiates it through the noisy training
+    gates; the controller's lambda follows it measured on the deterministic gates (`train.controller_signal`
+    'hard_gates', default) or on the training gates ('train_gates').
 
     `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`.
     """
@@ -153,8 +181,10 @@ def post_train(
                 "gate_noise": noise.get_state()}
 
     def postfix(row: dict) -> dict:
-        return {"ce": f"{row['ce']:.3f}", train.constraint: f"{row['constraint_value']:+.4f}",
-                "open": f"{row['open_fraction']:.3f}", "lam": f"{row['multiplier']:.3g}",
+        shown = {"ce": f"{row['ce']:.3f}", train.constraint: f"{row['constraint_value']:+.4f}"}
+        if "hard_constraint_value" in row:
+            shown["hard"] = f"{row['hard_constraint_value']:+.4f}"
+        return {**shown, "open": f"{row['open_fraction']:.3f}", "lam": f"{row['multiplier']:.3g}",
                 "b": f"{row['mean_offset']:.2f}"}
 
     reference.eval()

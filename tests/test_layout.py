@@ -1,7 +1,8 @@
 """The package layout's dependency direction, checked on the source: every project import (at module top
 or inside a function) points down the stack
 
-    runtime <- sparse_attention <- {transcoders, prompts} <- {attribution, circuits} <- comparison <- pipeline
+    runtime <- sparse_attention <- {transcoders, prompts} <- {attribution, circuits} <- comparison
+        <- {pipeline, viewer} <- cli
 """
 
 import ast
@@ -12,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [["runtime"], ["sparse_attention"], ["transcoders", "prompts"], ["attribution", "circuits"],
-          ["comparison"], ["pipeline"]]
+          ["comparison"], ["pipeline", "viewer"], ["cli"]]
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
 
 

@@ -7,6 +7,7 @@ committed SmolLM2 sets are checked against the real tokenizer in a slow test.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from prompts import tasks
 from prompts.batches import encode_prompts
-from prompts.metrics import logit_diff, task_performance
+from prompts.metrics import dense_vs_sparse, logit_diff, task_evaluator, task_performance
 from prompts.tasks import (
     TASKS,
     TaskError,
@@ -29,6 +30,7 @@ from prompts.tasks import (
     token_ids,
     write_task,
 )
+from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import byte_tokenizer
 
 LEFT_OUT_NAMES = tasks.NAMES[::3]  # never in the training text: multi-token for the trained tokenizer
@@ -199,3 +201,59 @@ def test_committed_sets_are_valid_and_reproducible_with_smollm2_tokenizer():
         committed = load_task(name)
         assert all(invalid_reason(p, tokenizer) is None for p in committed)
         assert generate_task(name, tokenizer, len(committed), seed=tasks.DEFAULT_SEED) == committed
+
+
+@pytest.fixture(scope="module")
+def word_llama(word_tokenizer):
+    """A random 2-layer Llama over word_tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=word_tokenizer.bos_token_id, attn_implementation="eager")
+    return LlamaForCausalLM(config).eval()
+
+
+def test_dense_vs_sparse_task_behaviour_equals_a_hand_computation(word_tokenizer, word_llama):
+    original = word_llama
+    sparse = GatedModel(copy.deepcopy(original), offset_init=0.0).eval()  # about half the gates shut
+    evaluate = task_evaluator(n_prompts=6, seed=1, batch_size=4)
+    result = evaluate(original, sparse, word_tokenizer)
+    assert result["seed"] == 1 and set(result) - {"seed"} == set(TASKS)
+    for task in TASKS:
+        prompts = generate_task(task, word_tokenizer, 6, seed=1)
+        expected = {}
+        for name, model in (("dense", original), ("sparse", sparse)):
+            diffs = []
+            for prompt in prompts:  # one prompt at a time, answers looked up by hand
+                ids = torch.tensor([[word_tokenizer.bos_token_id, *token_ids(word_tokenizer, prompt.clean)]])
+                with torch.no_grad():
+                    last = model(input_ids=ids).logits[0, -1]
+                correct = torch.stack([last[token_ids(word_tokenizer, a)[0]] for a in prompt.correct]).mean()
+                incorrect = torch.stack([last[token_ids(word_tokenizer, a)[0]] for a in prompt.incorrect]).mean()
+                diffs.append((correct - incorrect).item())
+            expected[name] = {"accuracy": sum(d > 0 for d in diffs) / len(diffs), "mean_logit_diff": sum(diffs) / 6}
+        got = result[task]
+        assert got["n_prompts"] == 6
+        for name in ("dense", "sparse"):
+            assert got[name]["accuracy"] == pytest.approx(expected[name]["accuracy"], abs=1e-7)
+            assert got[name]["mean_logit_diff"] == pytest.approx(expected[name]["mean_logit_diff"], abs=1e-5)
+        dense_diff, sparse_diff = expected["dense"]["mean_logit_diff"], expected["sparse"]["mean_logit_diff"]
+        if dense_diff > 0:
+            assert got["logit_diff_ratio"] == pytest.approx(sparse_diff / dense_diff, rel=1e-4)
+        else:
+            assert got["logit_diff_ratio"] is None
+    assert any(result[t]["sparse"] != result[t]["dense"] for t in TASKS)  # the gates changed something
+    json.dumps(result)
+
+
+def test_ratio_is_refused_against_a_non_positive_dense_value(word_tokenizer):
+    prompts = generate_task("ioi", word_tokenizer, 4, seed=0)
+
+    def zeros(ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(ids.shape[0], ids.shape[1], len(word_tokenizer))
+
+    result = dense_vs_sparse(zeros, zeros, word_tokenizer, {"ioi": prompts})["ioi"]
+    assert result["dense"] == {"accuracy": 0.0, "mean_logit_diff": 0.0}
+    assert result["logit_diff_ratio"] is None and result["accuracy_ratio"] is None

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +19,8 @@ from runtime.checkpoint import CheckpointError
 from sparse_attention import stage
 from sparse_attention.config import SparsifyConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig
+from sparse_attention.data import batch_iterator
+from sparse_attention.evaluate import compare_on_heldout, next_token_ce, next_token_kl
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, GateRecord, load_gated_model
 from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
 from sparse_attention.train import post_train
@@ -242,8 +245,127 @@ def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
         assert (tmp_path / "sparsify" / png).stat().st_size > 1000
     loaded, _ = load_gated_model(tmp_path / "sparsify" / stage.MODEL_DIR)
     assert loaded.mode == "eval" and loaded.offsets.shape == (config.model.tiny.n_layers, config.model.tiny.n_heads)
+    sections = on_disk["heldout_by_length"]
+    assert [(s["source"], s["context_length"]) for s in sections] == [("python-docs", 64), ("python-docs", 128)]
+    assert [s["scored_tokens"] for s in sections] == [4 * 2 * 63, 4 * 127]  # as many blocks x 128 tokens each
+    for section in sections:
+        assert section["kl_per_token"] >= 0 and section["ce_excess"] == section["sparse_ce"] - section["dense_ce"]
+        half = (section["context_length"] + 1) / 2  # causal keys per query on average
+        assert section["open_keys_per_query"]["mean"] == pytest.approx(section["edge_fraction"] * half, rel=1e-9)
+    assert on_disk["open_heads"]["context_length"] == 128  # the longest length when 512 is not compared
+    assert on_disk["open_heads"]["heads"] == sections[1]["heads_over_threshold"]
+    history = on_disk["history"]
+    assert all("hard_ce_excess" in row for row in history)
     assert isinstance(SparsifyConfig.model_validate(loaded_config(tmp_path)), SparsifyConfig)
 
 
 def loaded_config(tmp_path):
     return yaml.safe_load((tmp_path / "sparsify" / stage.CONFIG_FILE).read_text())
+
+
+@pytest.mark.parametrize("constraint", ["ce_excess", "kl"])
+def test_hard_gate_signal_equals_a_separate_eval_forward(tmp_path, constraint):
+    """The controller's signal is the deterministic-gate constraint on the step's batch, measured before the
+    update: an eval-mode forward of the untrained model on the first batch gives the same numbers."""
+    torch.manual_seed(0)
+    model, _ = tiny_model(TINY)
+    reference = copy.deepcopy(model).eval()
+    gated = GatedModel(model, offset_init=0.5)
+    untrained = copy.deepcopy(gated).eval().set_mode("eval")
+    blocks = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(5))
+    cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, warmup_steps=0, constraint=constraint)
+    controller = ControllerConfig()
+    row = post_train(gated, reference, blocks, cfg, controller, learn_offset=True, checkpoint_dir=tmp_path,
+                     progress=False).history[0]
+    first = next(batch_iterator(blocks, cfg.batch_size, cfg.seed))
+    with torch.no_grad():
+        logits, reference_logits = untrained(first).logits, reference(input_ids=first).logits
+    ce, reference_ce = next_token_ce(logits, first).item(), next_token_ce(reference_logits, first).item()
+    expected = next_token_kl(reference_logits, logits).item() if constraint == "kl" else ce - reference_ce
+    assert row["hard_ce"] == pytest.approx(ce, abs=1e-6)
+    assert row["hard_ce_excess"] == pytest.approx(ce - reference_ce, abs=1e-6)
+    assert row["hard_constraint_value"] == pytest.approx(expected, abs=1e-6)
+    assert row["smoothed_violation"] == pytest.approx(expected - controller.tolerance, abs=1e-6)  # what lambda saw
+    assert abs(row["ce"] - row["hard_ce"]) > 1e-4  # the noisy training gates give another value
+
+
+def test_train_gate_signal_feeds_the_noisy_constraint(tmp_path):
+    torch.manual_seed(0)
+    model, _ = tiny_model(TINY)
+    reference = copy.deepcopy(model)
+    gated = GatedModel(model, offset_init=0.5)
+    blocks = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(5))
+    cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=0, constraint="ce_excess", controller_signal="train_gates")
+    row = post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=True,
+                     checkpoint_dir=tmp_path, progress=False).history[0]
+    assert "hard_ce" not in row
+    assert row["smoothed_violation"] == pytest.approx(row["constraint_value"] - ControllerConfig().tolerance)
+
+
+@pytest.mark.parametrize("scope, shape", [("model", (1, 1)), ("layer", (2, 1))])
+def test_offset_scope_keeps_one_value_per_group_through_training_and_save_load(tmp_path, scope, shape):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model(TINY)
+    reference = copy.deepcopy(model)
+    gated = GatedModel(model, offset_init=1.0, offset_scope=scope)
+    blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=0, checkpoint_every=2)
+    post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=True, checkpoint_dir=tmp_path / "ck",
+               progress=False)
+    per_head = gated.offsets_per_head
+    assert gated.offsets.shape == shape and per_head.shape == (2, 4)
+    assert not torch.equal(per_head, torch.ones(2, 4))  # the offsets did train
+    assert torch.equal(per_head, per_head[:, :1].expand(2, 4))  # every head of a layer shares one value
+    if scope == "model":
+        assert torch.equal(per_head, per_head[:1, :1].expand(2, 4))
+    gated.save(tmp_path / "m", tokenizer)
+    loaded, _ = load_gated_model(tmp_path / "m")
+    assert loaded.offset_scope == scope and loaded.offsets.shape == shape
+    assert torch.equal(loaded.offsets_per_head, per_head)
+
+
+def test_loading_offsets_that_vary_within_the_scope_is_refused(tmp_path):
+    model, tokenizer = tiny_model(TINY)
+    gated = GatedModel(model, offset_init=1.0)
+    with torch.no_grad():
+        gated.offsets[0, 1] = 2.0
+    gated.save(tmp_path / "m", tokenizer)
+    meta = json.loads((tmp_path / "m" / "gate.json").read_text())
+    (tmp_path / "m" / "gate.json").write_text(json.dumps({**meta, "offset_scope": "model"}))
+    with pytest.raises(GateError, match="differ within one 'model' scope group"):
+        load_gated_model(tmp_path / "m")
+
+
+def test_heldout_comparison_equals_a_hand_computation(model_and_tokens):
+    model, _ = model_and_tokens
+    reference = copy.deepcopy(model).eval()
+    gated = GatedModel(model, offset_init=0.0).eval()  # about half the random-weight gates open
+    blocks = torch.randint(0, 256, (5, 10), generator=torch.Generator().manual_seed(2))
+    result = compare_on_heldout(reference, gated, blocks, batch_size=2, source="text")
+    with torch.no_grad():
+        ref_logp = torch.log_softmax(reference(input_ids=blocks).logits[:, :-1], -1)
+        sparse_logp = torch.log_softmax(gated(blocks).logits[:, :-1], -1)
+        masks = gated(blocks, record_masks=True).gate_record.gate_masks  # per layer [b, h, q, k]
+    targets = blocks[:, 1:, None]
+    assert result.dense_ce == pytest.approx(-ref_logp.gather(-1, targets).mean().item(), abs=1e-5)
+    assert result.sparse_ce == pytest.approx(-sparse_logp.gather(-1, targets).mean().item(), abs=1e-5)
+    kl = (ref_logp.exp() * (ref_logp - sparse_logp)).sum(-1).mean().item()
+    assert result.kl_per_token == pytest.approx(kl, abs=1e-6) and kl > 1e-4
+    assert result.tokens == 5 * 9
+    open_per_head = torch.stack([m.sum(dim=(0, 2, 3)) for m in masks]).numpy()  # [layer, head]
+    assert (result.edges.open_edges == open_per_head).all()
+    section = result.to_json()
+    keys_per_query = open_per_head / (5 * 10)  # open keys / queries
+    np.testing.assert_allclose(section["open_keys_per_query_per_head"], keys_per_query, rtol=1e-12)
+    assert section["open_keys_per_query"]["mean"] == pytest.approx(keys_per_query.mean(), rel=1e-12)
+    assert result.edges.heads_over(0.0) and result.edges.heads_over(1.0) == []
+    over = result.edges.heads_over(0.5)
+    assert {(h["layer"], h["head"]) for h in over} == {tuple(i) for i in np.argwhere(result.edges.fraction_per_head > 0.5)}
+    assert [h["edge_fraction"] for h in over] == sorted((h["edge_fraction"] for h in over), reverse=True)
+
+
+def test_task_prompts_without_an_evaluator_is_refused_before_any_work(tmp_path):
+    config = load_config(preset="tiny", overrides=["sparsify.eval.task_prompts=4"]).sparsify
+    with pytest.raises(ValueError, match="task_prompts > 0 needs a task evaluator"):
+        stage.run(config, tmp_path / "sparsify", progress=False)
+    assert not (tmp_path / "sparsify").exists()

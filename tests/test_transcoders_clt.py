@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,25 @@ def test_jumprelu_threshold_gradient_sums_over_batch_dims():
     expected = (-threshold.detach() * window * grad).sum(0)
     torch.testing.assert_close(threshold.grad, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(pre.grad, grad * (pre.detach() > threshold.detach()), rtol=0, atol=0)
+
+
+def test_training_gradients_come_from_sae_lens_jumprelu_and_inference_needs_no_sae_lens():
+    pre = torch.randn(4, 2, 3, 5, requires_grad=True)  # more than one batch dim: flattened for sae-lens
+    threshold = torch.full((3, 5), 0.2, requires_grad=True)
+    out = jumprelu(pre, threshold, 0.5)
+    assert type(out.grad_fn).__name__ == "ViewBackward0"
+    function = out.grad_fn.next_functions[0][0]._forward_cls
+    assert (function.__module__, function.__name__) == ("sae_lens.saes.jumprelu_sae", "JumpReLU")
+    with torch.no_grad():
+        assert jumprelu(pre, threshold, 0.5).grad_fn is None
+        torch.testing.assert_close(jumprelu(pre, threshold, 0.5), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not match the trailing"):
+        jumprelu(pre, torch.zeros(5, 3, requires_grad=True), 0.5)
+    code = ("import sys, transcoders.clt, transcoders.train, attribution.stage; "
+            "assert 'sae_lens' not in sys.modules, 'sae_lens imported at module import time'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # --- decode --------------------------------------------------------------------------------------------

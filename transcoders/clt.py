@@ -285,12 +285,19 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
 
     A layer file without threshold_i (circuit-tracer's ReLU CLTs) gets threshold 0, which is ReLU.
     Missing, truncated, mis-shaped or non-finite files raise CLTFormatError naming the file.
+    A directory of sae-lens transcoders (no W_enc_* files) loads through transcoders/sae_lens_transcoders.py.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CLTFormatError(f"CLT directory {directory} does not exist; train or export a CLT there first")
     meta = _read_meta(directory)
     enc_files, dec_files = _layer_files(directory, "W_enc"), _layer_files(directory, "W_dec")
+    if not enc_files and meta is None:
+        # here, not at the top: that module imports this one
+        from transcoders.sae_lens_transcoders import load_sae_lens_transcoders, transcoder_dirs
+
+        if transcoder_dirs(directory):
+            return load_sae_lens_transcoders(directory)
     if not enc_files:
         raise CLTFormatError(f"{directory} holds no W_enc_*.safetensors: not a CLT directory")
     n_layers = meta["clt_config"]["n_layers"] if meta else max(enc_files) + 1

@@ -1,0 +1,86 @@
+"""The sparsify stage on SmolLM2 once per gate.offset_scope, same recipe otherwise: open edges and keys per
+query, held-out CE and KL against the original on each evaluated corpus and length, heads over 20% open,
+task behaviour, wall time. Runs the stage directly (no Ray), one thread.
+
+    python bench/sparsify_offset_scope.py --scopes model head --set train.steps=100 --set data.context_length=512
+
+`--set` overrides fields of the demo preset's sparsify config (dotted paths below `sparsify.`). Writes
+bench/results/sparsify_offset_scope_<tag>.json with the command; each run's stage output stays in --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from prompts.metrics import task_evaluator  # noqa: E402
+from sparse_attention import stage  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def summary(metrics: dict) -> dict:
+    """The figures the offset-scope comparison is about, from one stage's metrics.json."""
+    by_length = [{k: s[k] for k in ("source", "context_length", "dense_ce", "sparse_ce", "ce_excess", "kl_per_token",
+                                    "edge_fraction", "scored_tokens")}
+                 | {"open_keys_per_query_mean": s["open_keys_per_query"]["mean"]}
+                 for s in metrics.get("heldout_by_length", [])]
+    history = metrics["history"]
+    last = history[-min(len(history), 10):]
+    return {
+        "offset_scope": metrics["offset_scope"],
+        "offset_final_mean": metrics["offset_final_mean"],
+        "train_context_length": metrics["context_length"],
+        "train_steps": metrics["train_steps"],
+        "train_tokens_seen": metrics["train_tokens_seen"],
+        "train_wall_seconds": metrics["train_wall_seconds"],
+        "stage_wall_seconds": metrics["stage_wall_seconds"],
+        "last_steps_mean": {key: sum(row[key] for row in last) / len(last)
+                            for key in ("ce_excess", "hard_ce_excess", "open_fraction", "multiplier")
+                            if key in last[0]},
+        "heldout_by_length": by_length,
+        "open_heads": metrics.get("open_heads"),
+        "tasks": metrics.get("tasks"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scopes", nargs="+", default=["model", "head"], choices=["model", "layer", "head"])
+    parser.add_argument("--set", action="append", default=[], help="sparsify config override, e.g. train.steps=100")
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-offset-scope")
+    parser.add_argument("--tag", default="smollm2")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = [f"sparsify.{assignment}" for assignment in args.set]
+    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "threads": args.threads, "runs": []}
+    for scope in args.scopes:
+        config = load_config(preset="demo", overrides=[*overrides, f"sparsify.gate.offset_scope={scope}",
+                                                       f"sparsify.train.threads={args.threads}"]).sparsify
+        evaluate = task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
+        load_before, started = os.getloadavg(), time.perf_counter()
+        metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate)
+        result["runs"].append({**summary(metrics), "command_wall_seconds": time.perf_counter() - started,
+                               "load_average_before": load_before, "load_average_after": os.getloadavg()})
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"sparsify_offset_scope_{args.tag}.json").write_text(json.dumps(result, indent=1))  # after each run
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

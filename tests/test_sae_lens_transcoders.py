@@ -1,0 +1,116 @@
+"""sae-lens transcoders saved by sae-lens itself, loaded as the CLT of attribution: the same activations and
+reconstructions as sae-lens computes, exact attribution graphs (perturbation check), and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution.config import GraphConfig
+from attribution.graph import attribute
+from attribution.nodes import build_replacement, transcoder_weights
+from attribution.replacement import extract_weights, freeze_prompt, tokenize_prompt
+from tests.test_attribution import (
+    PROMPT,
+    TINY,
+    closeness_scale,
+    frozen_forward,
+    make_model,
+    source_removal,
+    target_values,
+)
+from transcoders.clt import CLTFormatError, load_clt
+
+sae_lens = pytest.importorskip("sae_lens")
+
+N_FEATURES = 16
+
+
+def make_transcoder(layer: int, kind: str = "jumprelu", seed: int = 0, hook_in: str | None = None):
+    """A random sae-lens transcoder of the tiny model's layer `layer`, scaled so a fair share of features fire."""
+    classes = {"jumprelu": (sae_lens.JumpReLUTranscoder, sae_lens.JumpReLUTranscoderConfig),
+               "relu": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
+               "skip": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig)}
+    cls, config_cls = classes[kind]
+    metadata = sae_lens.saes.sae.SAEMetadata(hook_name=hook_in or f"blocks.{layer}.ln2.hook_normalized",
+                                             hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name="tiny")
+    sae = cls(config_cls(d_in=TINY.d_model, d_sae=N_FEATURES, d_out=TINY.d_model, apply_b_dec_to_input=False,
+                         metadata=metadata))
+    g = torch.Generator().manual_seed(seed + layer)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(TINY.d_model, N_FEATURES, generator=g) / TINY.d_model**0.5)
+        sae.b_enc.copy_(torch.randn(N_FEATURES, generator=g) * 0.1)
+        sae.W_dec.copy_(torch.randn(N_FEATURES, TINY.d_model, generator=g) / N_FEATURES**0.5)
+        sae.b_dec.copy_(torch.randn(TINY.d_model, generator=g) * 0.1)
+        if kind != "relu":  # some thresholds negative: sae-lens' ReLU still zeroes negative pre-activations
+            sae.threshold.copy_(torch.linspace(-0.2, 0.4, N_FEATURES))
+    return sae.eval()
+
+
+def save_set(directory, kinds=("jumprelu", "relu", "jumprelu")):
+    saes = [make_transcoder(layer, kind) for layer, kind in enumerate(kinds)]
+    for layer, sae in enumerate(saes):
+        sae.save_model(directory / f"layer_{layer}")
+    return saes
+
+
+def test_loaded_transcoders_compute_what_sae_lens_computes(tmp_path):
+    saes = save_set(tmp_path)
+    clt = load_clt(tmp_path)
+    x = torch.randn(50, TINY.n_layers, TINY.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        acts = clt.encode(x)  # [50, L, F]
+        for layer, sae in enumerate(saes):
+            expected = sae.encode(x[:, layer])
+            assert 0 < (expected > 0).float().mean() < 0.9
+            assert torch.equal(acts[:, layer] != 0, expected != 0)
+            torch.testing.assert_close(acts[:, layer], expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(clt.forward(x)[:, layer], sae(x[:, layer]), rtol=1e-6, atol=1e-6)
+    assert all(bool((w[:, 1:] == 0).all()) for w in clt.W_dec)  # same-layer decoders only
+
+
+def test_attribution_with_sae_lens_transcoders_is_exact(tmp_path):
+    save_set(tmp_path)
+    model, tokenizer = make_model("gated")
+    weights = extract_weights(model)
+    lrm = build_replacement(weights, transcoder_weights(load_clt(tmp_path), weights),
+                            freeze_prompt(model, tokenize_prompt(tokenizer, PROMPT)))
+    graph = attribute(lrm, GraphConfig())
+    assert graph.n_selected > 10
+    zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
+    base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero_delta))
+    scale = closeness_scale(graph)
+    torch.testing.assert_close(base, graph.node_value, rtol=0, atol=1e-6 * float(scale.max()))
+    is_target = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    is_target[:graph.n_selected] = is_target[graph.logit_start:] = True
+    for source in range(graph.logit_start):
+        moved = target_values(lrm, graph, *frozen_forward(model, lrm, *source_removal(lrm, graph, source))) - base
+        error = (moved + graph.adjacency[:, source])[is_target].abs()
+        assert (error <= 1e-5 * scale[is_target]).all(), f"source {source}: max error {error.max():.3g}"
+
+
+def test_skip_transcoders_load_only_without_a_skip_path(tmp_path):
+    skip = make_transcoder(0, "skip")
+    skip.save_model(tmp_path / "zero" / "layer_0")  # W_skip starts at zero: a plain transcoder
+    x = torch.randn(20, TINY.d_model, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(load_clt(tmp_path / "zero").forward(x[:, None])[:, 0], skip(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        skip.W_skip.copy_(torch.eye(TINY.d_model) * 0.5)
+    skip.save_model(tmp_path / "skip" / "layer_0")
+    with pytest.raises(CLTFormatError, match="skip transcoder with a nonzero W_skip"):
+        load_clt(tmp_path / "skip")
+
+
+def test_transcoders_that_attribution_cannot_use_are_refused(tmp_path):
+    make_transcoder(0, hook_in="blocks.0.hook_mlp_in").save_model(tmp_path / "pre_norm" / "layer_0")
+    with pytest.raises(CLTFormatError, match="reads 'blocks.0.hook_mlp_in'"):
+        load_clt(tmp_path / "pre_norm")
+    for layer in (0, 2):
+        make_transcoder(layer).save_model(tmp_path / "gap" / f"layer_{layer}")
+    with pytest.raises(CLTFormatError, match=r"no transcoder for layers \[1\]"):
+        load_clt(tmp_path / "gap")
+    for name in ("a", "b"):
+        make_transcoder(0).save_model(tmp_path / "twice" / name)
+    with pytest.raises(CLTFormatError, match="both transcoders of layer 0"):
+        load_clt(tmp_path / "twice")
