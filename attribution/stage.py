@@ -6,13 +6,14 @@ heads, QK-attribute the attention edges that carry them, and write everything to
 graph_id. A prompt that cannot be attributed (too long, empty, bad tokens, over the memory budget: an
 AttributionError; or any other error while attributing or writing it) is recorded in the store's
 `failures` table with the error's type and message, and the batch goes on. A prompt whose graph or failure is already stored is skipped
-(unless forced), so a killed batch resumes where it stopped. `run` loops over the batch in-process;
+(unless forced), so a killed batch resumes where it stopped. Graph ids come from contents only (the model's
+and the CLT's files, the prompt, the settings), and a replacing run (`replace`, as in the pipeline) first
+deletes the variant's graphs of other ids, so a changed CLT never leaves stale graphs beside new ones. `run` loops over the batch in-process;
 the pipeline can instead spread the same per-prompt calls over a pool of Ray actors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -51,11 +52,11 @@ from attribution.replacement import (
 )
 from attribution.store import GraphStore, check_variant, open_store
 from prompts.tasks import PROMPT_DIR, load_task
-from sparse_attention.sources import ModelSource, load_source
-from transcoders.clt import META_FILE, load_clt
+from sparse_attention.sources import ModelSource, load_source, source_identity
+from transcoders.clt import clt_content_id, load_clt
 
 __all__ = ["AttributionStageConfig", "ModelSource", "PromptItem", "prompt_items", "run", "Attributor",
-           "batch_items", "summarize", "write_config"]
+           "batch_graph_ids", "batch_items", "remove_other_graphs", "summarize", "write_config"]
 
 CONFIG_FILE = "attribution_config.yaml"
 SUMMARY_KEYS = ("graph_id", "prompt", "task", "prompt_index", "n_pos", "n_active_features", "n_nodes", "n_nodes_kept",
@@ -91,8 +92,9 @@ class Attributor:
     tokenizer: object
     weights: ModelWeights
     clt: TranscoderWeights
-    model_id: str
-    clt_id: str
+    model_id: str  # the model's content identity (canonical JSON)
+    clt_id: str  # the sha256 of the CLT's weight files
+    clt_dir: str  # where the CLT was read from: recorded with each graph (for its labels), not part of its id
     variant: str
 
     @classmethod
@@ -101,14 +103,17 @@ class Attributor:
         weights = extract_weights(model)
         clt_dir = Path(clt_dir).resolve()
         clt = transcoder_weights(load_clt(clt_dir), weights)
-        meta = clt_dir / META_FILE
-        clt_id = json.dumps({"dir": str(clt_dir), "meta": hashlib.sha256(meta.read_bytes()).hexdigest()
-                             if meta.exists() else None})
-        return cls(model, tokenizer, weights, clt, json.dumps(identity, sort_keys=True), clt_id,
-                   check_variant(variant))
+        return cls(model, tokenizer, weights, clt, json.dumps(identity, sort_keys=True), clt_content_id(clt_dir),
+                   str(clt_dir), check_variant(variant))
 
     def graph_id(self, prompt: str, config: AttributionStageConfig) -> str:
+        """The prompt's graph id: from the variant, the model's and the CLT's contents, the prompt and the
+        settings only (no path, no file time), so a copied model or CLT gives the same ids."""
         return make_graph_id(self.variant, self.model_id, self.clt_id, prompt, settings_json(config))
+
+    def clt_record(self) -> str:
+        """The graphs table's `clt` column: the CLT's content hash and the directory it was read from."""
+        return json.dumps({"sha256": self.clt_id, "dir": self.clt_dir})
 
     def record(self, prompt: str | PromptItem, config: AttributionStageConfig) -> GraphRecord:
         """Compute and package the graph of one prompt (raises AttributionError for a bad prompt, its
@@ -141,7 +146,7 @@ class Attributor:
         token_strings = [self.tokenizer.decode([t]) for t in tokens]
         return GraphRecord(graph_id, self.variant, {
             "graphs": graphs_table(graph_id, self.variant, graph, pruned, token_strings=token_strings,
-                                   model=self.model_id, clt=self.clt_id, settings=settings_json(config),
+                                   model=self.model_id, clt=self.clt_record(), settings=settings_json(config),
                                    edges_stored=config.store_edges, seconds=time.perf_counter() - started,
                                    task=item.task, prompt_index=item.index),
             "nodes": nodes_table(graph_id, graph, pruned),
@@ -226,15 +231,41 @@ def summarize(outcomes: Iterable[dict], variant: str, store: GraphStore, total: 
     return summary
 
 
+def batch_graph_ids(config: AttributionStageConfig, items: list[PromptItem], model_source: ModelSource,
+                    clt_dir: str | Path, variant: str) -> set[str]:
+    """The graph ids of a batch, from the model's and the CLT's contents, without loading either
+    (the ids `Attributor.graph_id` gives)."""
+    model_id, clt_id = json.dumps(source_identity(model_source), sort_keys=True), clt_content_id(clt_dir)
+    settings = settings_json(config)
+    return {make_graph_id(check_variant(variant), model_id, clt_id, item.prompt, settings) for item in items}
+
+
+def remove_other_graphs(store: GraphStore, variant: str, keep: set[str]) -> list[str]:
+    """Delete the variant's graphs and recorded failures whose ids are not in `keep` (those of an older model,
+    CLT or settings, or of prompts no longer in the batch); returns the deleted ids, sorted."""
+    graphs = set(store.list_graphs(variant)["graph_id"]) - keep
+    failures = set(store.failures(variant)["failure_id"]) - keep
+    for graph_id in sorted(graphs):
+        store.delete(graph_id, missing_ok=True)
+    for failure_id in sorted(failures):
+        store.delete_failure(variant, failure_id)
+    return sorted(graphs | failures)
+
+
 def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str | Path,
         prompts: list[str | PromptItem] | None, output_store: str | Path | GraphStore, variant: str, *,
-        progress: bool = True, force: bool = False) -> dict:
+        progress: bool = True, force: bool = False, replace: bool = False) -> dict:
     """Attribute `prompts` (None: the config's prompt sets and free prompts) on one model variant ("dense",
     "sparse", ...) into the store at `output_store`, in this process.
 
+    `replace`: the variant is to hold this batch alone. Graphs and failures of other ids (another model, CLT
+    or settings) are deleted before the first new graph is written, so the variant never holds two graphs of
+    one prompt; the pipeline's attribution stage replaces.
+
     Returns a summary: per new graph its id, size and scores; per newly failed prompt the error (also in
     the store's failures table); the ids skipped because the store held their graph or failure (unless
-    `force`); `workers` and `worker_pids` (the processes that attributed: here this one).
+    `force`); `removed`, the ids `replace` deleted; `workers` and `worker_pids` (the processes that
+    attributed: here this one).
     """
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -242,6 +273,9 @@ def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str 
     store = output_store if isinstance(output_store, GraphStore) else open_store(output_store)
     items = batch_items(config, prompts)
     attributor = Attributor.load(model_source, clt_dir, variant)
+    keep = {attributor.graph_id(item.prompt, config) for item in items}
+    removed = remove_other_graphs(store, attributor.variant, keep) if replace else []
     write_config(store, config, attributor.variant)
     outcomes = (attributor.attribute(item, config, store, force) for item in items)
-    return summarize(outcomes, attributor.variant, store, len(items), progress=progress, started=started)
+    summary = summarize(outcomes, attributor.variant, store, len(items), progress=progress, started=started)
+    return {**summary, "removed": removed}

@@ -55,10 +55,10 @@ class AttributionWorker:
 
 def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, store_dir: Path, variant: str,
                   resources: StageResources, *, progress: bool = True, force: bool = False,
-                  work_here: bool = True) -> dict:
+                  work_here: bool = True, replace: bool = False) -> dict:
     """`attribution.stage.run` over the config's batch on `resources.num_workers` workers: this process and
     `num_workers - 1` actors (`work_here=False`: `num_workers` actors and this process only hands out
-    prompts). Same summary."""
+    prompts). Same summary; `replace` as there."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -67,6 +67,10 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
     store = open_store(store_dir)
     todo = deque(attribution.batch_items(config, None))
     total = len(todo)
+    removed = []
+    if replace:  # before any actor writes: the variant never holds graphs of two CLTs
+        keep = attribution.batch_graph_ids(config, list(todo), model_source, clt_dir, variant)
+        removed = attribution.remove_other_graphs(store, check_variant(variant), keep)
     attribution.write_config(store, config, check_variant(variant))
     n_workers = min(resources.num_workers, total)
     n_actors = max(0, n_workers - 1) if work_here else n_workers
@@ -97,7 +101,8 @@ def run_on_actors(config: AttributionStageConfig, model_source, clt_dir: Path, s
                 torch.set_num_threads(config.threads)
             local = attribution.Attributor.load(model_source, clt_dir, variant)
         outcomes = share_batch(todo, local, start_actors if n_actors else None, config, store, force)
-        return attribution.summarize(outcomes, variant, store, total, progress=progress, started=started)
+        summary = attribution.summarize(outcomes, variant, store, total, progress=progress, started=started)
+        return {**summary, "removed": removed}
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -3,7 +3,8 @@
 Each entry adapts one stage's plain `run` function to the same call shape
 `(config, work_dir, input_dirs, progress, force) -> summary`; no math lives here. `force` (from --force)
 matters where a stage keeps finished pieces outside its checkpoints: attribution recomputes stored graphs
-and failures.
+and failures. An attribution stage owns its variant of the graph store: it replaces it (graphs of another
+model, CLT or settings are deleted before new ones are written).
 """
 
 from __future__ import annotations
@@ -217,13 +218,13 @@ def _run_attribution(variant: str):
         if resources.num_workers > 1 and _under_ray():
 
             summary = run_on_actors(config.attribution, source, inputs[f"clt_{variant}"], work_dir, variant,
-                                    resources, progress=progress, force=force)
+                                    resources, progress=progress, force=force, replace=True)
         else:
             summary = attribution.run(config.attribution, source, inputs[f"clt_{variant}"], None,
-                                      work_dir, variant, progress=progress, force=force)
+                                      work_dir, variant, progress=progress, force=force, replace=True)
         return {"graphs": len(summary["graphs"]), "failures": summary["failures"],
                 "failures_in_store": summary["failures_in_store"], "skipped": len(summary["skipped"]),
-                "workers": summary["workers"], "store": summary["store"]}
+                "removed": len(summary["removed"]), "workers": summary["workers"], "store": summary["store"]}
 
     return run
 

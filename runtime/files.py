@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees a file or directory whole, old or new, never half-written.
+"""Atomic writes: a reader sees a file or directory whole, old or new, never half-written; and the content
+key of a set of files (`files_sha256`).
 
 Everything is written under a temporary sibling name and then moved into place with one rename. The
 temporary name starts with '.' (directory listings and globs such as `*.safetensors` skip it) and holds
@@ -7,6 +8,7 @@ the writer's pid and a random uuid, so concurrent writers of the same target nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,3 +81,16 @@ def _swap_in(tmp: Path, path: Path) -> None:
     except OSError:
         if not path.is_dir():  # anything but "a concurrent writer got there first" is a real error
             raise
+
+
+def files_sha256(directory: str | Path, names: list[str]) -> str:
+    """sha256 of the named files of `directory` (each file's name relative to it, its size and its bytes,
+    in sorted name order): a content key that stays the same wherever the directory is copied."""
+    directory, digest = Path(directory), hashlib.sha256()
+    for name in sorted(names):
+        path = directory / name
+        digest.update(json.dumps([name, path.stat().st_size]).encode())
+        with open(path, "rb") as stream:
+            while chunk := stream.read(16 * 2**20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -77,6 +77,7 @@ class _GateContext:
     record_masks: bool
     record: GateRecord
     frozen_masks: list[torch.Tensor] | None = None  # per layer bool [batch, head, q, k]: eval gates given, not computed
+    generator: torch.Generator | None = None  # of the training noise; None: torch's global generator
 
 
 _ACTIVE_GATE: contextvars.ContextVar[_GateContext | None] = contextvars.ContextVar("active_gate", default=None)
@@ -132,7 +133,8 @@ def gated_attention_forward(
     else:
         logits = gate_logits(scores, ctx.offsets[layer].to(scores.dtype))
         if ctx.mode == "train":
-            noise = logistic_noise(logits.shape, like=logits) if ctx.noise else torch.zeros_like(logits)
+            noise = logistic_noise(logits.shape, like=logits, generator=ctx.generator) if ctx.noise \
+                else torch.zeros_like(logits)
             gate = straight_through_gate(logits, noise)
             ctx.record.expected_open.append(expected_open_fraction(logits, allowed))
         elif ctx.frozen_masks is not None:
@@ -192,6 +194,7 @@ class GatedModel(nn.Module):
         self.mode: GateMode = "eval"
         self.noise = True
         self.frozen_masks: list[torch.Tensor] | None = None  # see frozen_gates
+        self.noise_generator: torch.Generator | None = None
 
     @contextlib.contextmanager
     def frozen_gates(self, masks: list[torch.Tensor]) -> Iterator[None]:
@@ -212,11 +215,16 @@ class GatedModel(nn.Module):
         """The offsets broadcast to [layer, head] (differentiable; a view for scopes 'model' and 'layer')."""
         return self.offsets.expand(self.n_layers, self.n_heads)
 
-    def set_mode(self, mode: GateMode, *, noise: bool = True) -> GatedModel:
-        """'train': sampled gates + straight-through; 'eval': hard gates; 'dense': no gates at all."""
+    def set_mode(self, mode: GateMode, *, noise: bool = True, generator: torch.Generator | None = None
+                 ) -> GatedModel:
+        """'train': sampled gates + straight-through; 'eval': hard gates; 'dense': no gates at all.
+        `generator` (on the model's device) draws the training noise from now on; not given, the one set
+        before stays (`noise_generator`; None, the initial value: torch's global generator)."""
         if mode not in ("train", "eval", "dense"):
             raise GateError(f"gate mode must be 'train', 'eval' or 'dense', not {mode!r}")
         self.mode, self.noise = mode, noise
+        if generator is not None:
+            self.noise_generator = generator
         return self
 
     def forward(
@@ -235,7 +243,8 @@ class GatedModel(nn.Module):
             raise GateError("GatedModel keeps no key/value cache; call it with use_cache=False")
         query_valid = None if attention_mask is None else attention_mask.bool()
         offsets = list(self.offsets_per_head.unbind(0))
-        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(), self.frozen_masks)
+        ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(),
+                           self.frozen_masks, self.noise_generator)
         token = _ACTIVE_GATE.set(ctx)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

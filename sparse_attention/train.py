@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from runtime.checkpoint import CheckpointError
 from runtime.distributed import average_gradients, average_scalars, is_distributed, shard_for_rank, world_size
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.config import TrainConfig
@@ -155,8 +156,15 @@ def post_train(
     loop = TrainingLoop(steps=train.steps, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
                         checkpoint_name=CHECKPOINT_NAME, fingerprint=config_fingerprint, what="training",
                         label="sparsify", **options)
+    # the gate noise: its own generator, seeded by the config and checkpointed, so it never depends on what
+    # else drew from torch's global generator (model loading, a first-run conversion) or on the device
+    noise = torch.Generator(device=gated.offsets.device).manual_seed(train.seed)
     state = loop.resume()
     if state is not None:
+        if "gate_noise" not in state:
+            raise CheckpointError("the sparsify checkpoint has no gate-noise generator state (written by a version "
+                                  "that could not resume exactly); delete its checkpoints/ to restart")
+        noise.set_state(state["gate_noise"])
         named = dict(weights)
         with torch.no_grad():
             for name, tensor in state["weights"].items():
@@ -169,7 +177,8 @@ def post_train(
         return {"weights": {name: p.detach().clone() for name, p in weights},
                 "offsets": gated.offsets.detach().clone(),
                 "optimizer": optimizer.state_dict(),
-                "controller": controller.state_dict()}
+                "controller": controller.state_dict(),
+                "gate_noise": noise.get_state()}
 
     def postfix(row: dict) -> dict:
         shown = {"ce": f"{row['ce']:.3f}", train.constraint: f"{row['constraint_value']:+.4f}"}
@@ -179,7 +188,7 @@ def post_train(
                 "b": f"{row['mean_offset']:.2f}"}
 
     reference.eval()
-    gated.train().set_mode("train", noise=train.gate_noise)
+    gated.train().set_mode("train", noise=train.gate_noise, generator=noise)
     batches = batch_iterator(train_blocks, train.batch_size, train.seed,
                              start_batch=loop.start_step * train.grad_accumulation)
     result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, controller, batches,

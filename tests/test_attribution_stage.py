@@ -1,19 +1,23 @@
 """The attribution stage end to end on tiny dense and gated models: store contents, failures (recorded in
-the store, skipped on rerun, retried when forced), resume."""
+the store, skipped on rerun, retried when forced), resume, graph ids from contents, replacing runs."""
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
 
 import pytest
 import torch
 
 from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
-from attribution.stage import run
+from attribution.stage import PromptItem, batch_graph_ids, run
 from attribution.store import open_store
 from sparse_attention.config import ModelSpec
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import tiny_model
 from tests.test_attribution import N_FEATURES, TINY, random_clt
-from transcoders.clt import save_clt
+from transcoders.clt import clt_content_id, save_clt
 
 SMALL = TINY.model_copy(update={"max_position_embeddings": 24})
 PROMPTS = ["The cat sat on", "Hello world", "x" * 40, ""]  # the last two cannot be attributed
@@ -73,7 +77,7 @@ def test_stage_writes_both_variants_and_records_failures(sources):
 
 
 def test_prompt_sets_take_the_first_clean_prompts_and_tag_graphs_with_their_task(sources, tmp_path):
-    from attribution.stage import PromptItem, prompt_items
+    from attribution.stage import prompt_items
     from prompts.tasks import load_task
 
     config = AttributionStageConfig(prompts=["Hello world"], prompt_sets={"antonyms": 2, "induction": 1},
@@ -100,3 +104,43 @@ def test_prompt_sets_take_the_first_clean_prompts_and_tag_graphs_with_their_task
 def test_bad_prompt_sets_are_refused(update, message):
     with pytest.raises(ValueError, match=message):
         AttributionStageConfig(**update)
+
+
+# --------------------------------------------------------------------------------------------------
+# Content keys
+
+
+def test_graph_ids_come_from_contents_not_paths_or_file_times(sources, tmp_path):
+    root, _, sparse, clt = sources
+    config = AttributionStageConfig(attention=AttentionAttributionConfig(enabled=False))
+    first = run(config, sparse, clt, PROMPTS[:2], tmp_path / "graphs", "sparse", progress=False)
+    sparse_copy, clt_copy = tmp_path / "elsewhere" / "model", tmp_path / "elsewhere" / "clt"
+    shutil.copytree(sparse, sparse_copy)  # new paths and new file times, same bytes
+    shutil.copytree(clt, clt_copy)
+    for path in [*sparse_copy.iterdir(), *clt_copy.iterdir()]:
+        os.utime(path, ns=(1, 1))
+    again = run(config, sparse_copy, clt_copy, PROMPTS[:2], tmp_path / "graphs", "sparse", progress=False)
+    assert sorted(again["skipped"]) == sorted(g["graph_id"] for g in first["graphs"]) and not again["graphs"]
+    assert batch_graph_ids(config, [PromptItem(p) for p in PROMPTS[:2]], sparse_copy, clt_copy, "sparse") == \
+        set(again["skipped"])
+
+
+def test_a_replacing_run_after_a_clt_change_leaves_no_stale_or_duplicate_graphs(sources, tmp_path):
+    root, dense, _, clt = sources
+    config = AttributionStageConfig(attention=AttentionAttributionConfig(enabled=False))
+    store_dir = tmp_path / "graphs"
+    old = run(config, dense, clt, PROMPTS, store_dir, "dense", progress=False, replace=True)
+    other = run(config, dense, clt, PROMPTS[:1], store_dir, "other", progress=False)  # another variant stays
+    retrained = tmp_path / "retrained"
+    save_clt(random_clt(SMALL.n_layers, SMALL.d_model, N_FEATURES, seed=1), retrained)
+    new = run(config, dense, retrained, PROMPTS, store_dir, "dense", progress=False, force=True, replace=True)
+    old_ids = {g["graph_id"] for g in old["graphs"]} | {f["graph_id"] for f in old["failures"]}
+    new_ids = {g["graph_id"] for g in new["graphs"]} | {f["graph_id"] for f in new["failures"]}
+    assert set(new["removed"]) == old_ids and not old_ids & new_ids
+    store = open_store(store_dir)
+    graphs = store.list_graphs("dense")
+    assert set(graphs["graph_id"]) == {g["graph_id"] for g in new["graphs"]}
+    assert not graphs.duplicated(["task", "prompt_index"]).any() and len(graphs) == 2
+    assert set(store.failures("dense")["failure_id"]) == {f["graph_id"] for f in new["failures"]}
+    assert list(store.list_graphs("other")["graph_id"]) == [other["graphs"][0]["graph_id"]]
+    assert all(json.loads(c)["sha256"] == clt_content_id(retrained) for c in graphs["clt"])

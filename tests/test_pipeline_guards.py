@@ -1,5 +1,6 @@
 """The pipeline's guards: one run per output (stage locks), finished stages checked against their manifests'
-hashes, one error line per failure, strict config types, and reruns on a read-only finished output."""
+hashes, one error line per failure, strict config types, content keys (a forced attribution replaces its
+variant's graphs), and reruns on a read-only finished output."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from attribution.store import open_store
 from pipeline import run as run_module
 from pipeline.artifacts import MANIFEST
 from pipeline.config import ConfigError, load_config
@@ -240,6 +242,31 @@ def test_stages_sharing_a_directory_check_their_own_files(finished, tmp_path, ca
     assert error_lines(capsys.readouterr().err) == [
         f"error: stage attribution_sparse: 1 of its files changed after it finished: {victim} (size changed); "
         "recompute it with --force attribution (and attribution in --stages)"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Content keys: graph ids from contents, a forced attribution replaces its variant's graphs
+
+
+def test_forced_attribution_in_a_copied_output_gives_the_same_graph_ids(finished, tmp_path):
+    output = copy_of(finished, tmp_path)  # every path differs, every file's content is the same
+    before = open_store(finished / "graphs").list_graphs()
+    assert run_module.main(fast_args(output, "--stages", "attribution", "--force", "attribution")) == 0
+    after = open_store(output / "graphs").list_graphs()
+    assert sorted(after["graph_id"]) == sorted(before["graph_id"]) and len(after) == 6
+
+
+def test_forced_attribution_after_a_clt_change_replaces_the_old_graphs(finished, tmp_path):
+    output = copy_of(finished, tmp_path)
+    before = open_store(output / "graphs").list_graphs()
+    changed = ["--set", "clt.train.steps=21", "--stages", "clt,attribution", "--force", "clt", "--force", "attribution"]
+    assert run_module.main(fast_args(output, *changed)) == 0
+    after = open_store(output / "graphs").list_graphs()
+    assert not after.duplicated(["variant", "task", "prompt_index"]).any()
+    assert len(after) == len(before) and not set(after["graph_id"]) & set(before["graph_id"])
+    summary = {variant: json.loads((output / "graphs" / "_stages" / variant / MANIFEST).read_text())["summary"]
+               for variant in ("dense", "sparse")}
+    assert [summary[v]["removed"] for v in ("dense", "sparse")] == [3, 3]
 
 
 # --------------------------------------------------------------------------------------------------

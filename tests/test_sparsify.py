@@ -2,6 +2,11 @@
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +25,7 @@ from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, G
 from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
 from sparse_attention.train import post_train
 
+REPO = Path(__file__).resolve().parent.parent
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=3)
 
 
@@ -121,8 +127,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(path=tmp_path / "missing.yaml")
 
 
-def _train_run(checkpoint_dir, steps=6, kill_at=None):
-    torch.manual_seed(0)
+def _train_run(checkpoint_dir, steps=6, kill_at=None, global_seed=0):
+    torch.manual_seed(global_seed)  # the gate noise must not depend on it
     model, _ = tiny_model(TINY)
     reference = copy.deepcopy(model)
     gated = GatedModel(model, offset_init=1.0)
@@ -148,6 +154,70 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
     drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in straight_result.history]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed_result.history] == drop_time
+
+
+def test_gate_noise_comes_from_its_own_checkpointed_generator(tmp_path):
+    straight, straight_result = _train_run(tmp_path / "a")
+    other, other_result = _train_run(tmp_path / "b", global_seed=12345)  # the global generator elsewhere
+    assert torch.equal(other.offsets, straight.offsets)
+    assert without_time(other_result.history) == without_time(straight_result.history)
+    state = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+    assert state["gate_noise"].dtype == torch.uint8 and state["gate_noise"].numel() > 0
+    with pytest.raises(KeyboardInterrupt):
+        _train_run(tmp_path / "c", kill_at=3)  # last checkpoint at step 2
+    resumed, resumed_result = _train_run(tmp_path / "c", global_seed=777)
+    assert without_time(resumed_result.history) == without_time(straight_result.history)
+
+
+def without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+# The tiny sparsify stage in a fresh process; "disturb" draws from torch's global generator while the model
+# loads (as a first run's GGUF conversion does with its random init); "kill" SIGKILLs it at its step-4 checkpoint.
+STAGE_SCRIPT = """
+import json, os, signal, sys
+import torch
+from pipeline.config import load_config
+from sparse_attention import stage
+out, mode = sys.argv[1], sys.argv[2]
+config = load_config(preset="tiny", overrides=["sparsify.train.steps=6", "sparsify.train.checkpoint_every=2",
+                                               "sparsify.eval.heldout_blocks=2", "sparsify.eval.long_blocks=0"]).sparsify
+if mode != "plain":
+    load_model = stage.load_model
+    def disturbed_load(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        torch.rand(1000)
+        return loaded
+    stage.load_model = disturbed_load
+def kill(row, directory):
+    if mode == "kill" and row["step"] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+metrics = stage.run(config, out, progress=False, on_checkpoint=kill)
+print(json.dumps([{k: v for k, v in row.items() if k != "seconds"} for row in metrics["history"]]))
+"""
+
+
+def test_fresh_processes_give_identical_histories_and_resume_after_sigkill_exactly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def stage_process(out: str, mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", STAGE_SCRIPT, str(tmp_path / out), mode], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def history(process: subprocess.Popen) -> list[dict]:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-2000:]
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    plain, disturbed = stage_process("a", "plain"), stage_process("b", "disturb")
+    reference = history(plain)
+    assert len(reference) == 6 and history(disturbed) == reference
+    killed = stage_process("c", "kill")
+    killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "c" / stage.CHECKPOINT_DIR / "train_state.pt", weights_only=True)["step"] == 4
+    assert history(stage_process("c", "disturb")) == reference  # resumed at step 4 in a fresh process
 
 
 def test_foreign_or_corrupt_checkpoint_is_a_clear_error(tmp_path):

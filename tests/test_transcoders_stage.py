@@ -185,6 +185,29 @@ def test_stage_resumes_from_the_final_checkpoint_without_training(tmp_path: Path
     assert again["history"] == first["history"] and again["nmse_per_layer"] == first["nmse_per_layer"]
 
 
+class Killed(Exception):
+    """Stands in for a SIGKILL right after a checkpoint."""
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_stage_killed_after_a_checkpoint_resumes_to_the_same_clt(tmp_path: Path, cache: bool):
+    config = stage_config(tmp_path)  # 6 steps, a checkpoint every 3; 2 batches per buffer round
+    config = config.model_copy(update={"cache": config.cache.model_copy(update={"enabled": cache})})
+    source = ModelSpec(name="tiny", tiny=TINY)
+    straight = run(config, source, tmp_path / "straight", progress=False)
+
+    def kill(row: dict, directory: Path | None) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):  # after step 3 (4 normalisation batches + 3): tokens are in the buffer
+        run(config, source, tmp_path / "killed", progress=False, on_checkpoint=kill)
+    resumed = run(config, source, tmp_path / "killed", progress=False)
+    assert without_time(resumed["history"]) == without_time(straight["history"])
+    for name in ("W_enc_0", "W_enc_1", "W_dec_0", "W_dec_1"):  # the exported CLT, bit for bit
+        file = f"{name}.safetensors"
+        assert (tmp_path / "killed" / file).read_bytes() == (tmp_path / "straight" / file).read_bytes(), file
+
+
 def test_stage_refuses_a_clt_too_big_for_the_memory_budget(tmp_path: Path):
     config = stage_config(tmp_path).model_copy(update={"memory_budget_gb": 1e-5})
     with pytest.raises(CLTMemoryError, match="About n_features="):

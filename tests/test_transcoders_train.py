@@ -3,6 +3,8 @@ and the shuffle buffer."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 from pathlib import Path
 
 import pytest
@@ -148,10 +150,47 @@ def test_shuffle_buffer_serves_half_then_refills_half():
     assert not torch.equal(first_round[:20].sort().values, torch.arange(20.0))  # shuffled across chunks
 
 
-def test_shuffle_buffer_reuse_and_restart_state():
+def test_shuffle_buffer_reuse_and_exact_restart_from_its_state():
     buffer = ShuffleBuffer(numbered_chunks, capacity=40, batch_tokens=5, reuse=3, seed=0)
     batches = iter(buffer)
     served = torch.cat([next(batches)[0].flatten() for _ in range(12)])  # one round = 3 * half
     assert buffer.chunks_read == 4 and served.max() < 40
-    restarted = ShuffleBuffer(numbered_chunks, capacity=40, batch_tokens=5, start_chunk=buffer.state()["chunks_read"])
-    assert next(iter(restarted))[0].min() >= 40  # starts at the first unread chunk
+    for taken in (12, 13, 17):  # at a round's end (refill not yet done), one batch in, mid-round
+        while len(served) < 5 * taken:
+            served = torch.cat([served, next(batches)[0].flatten()])
+        state = copy.deepcopy(buffer.state())  # it shares the live buffer's tensors
+        ahead = [next(batches)[0].flatten() for _ in range(30)]  # what the buffer serves next
+        restarted = iter(ShuffleBuffer(numbered_chunks, capacity=40, batch_tokens=5, reuse=3, seed=0, state=state))
+        assert all(torch.equal(next(restarted)[0].flatten(), batch) for batch in ahead)
+        served = torch.cat([served, *ahead])
+        assert buffer.state()["chunks_read"] > state["chunks_read"]  # the stream went on past the saved state
+
+
+def test_clt_training_over_a_shuffle_buffer_resumes_bit_identically(tmp_path: Path):
+    config = train_config(steps=14, checkpoint_every=5)
+
+    def open_source(state):  # chunks of 100 tokens: the 1,024-token buffer keeps part of a chunk pending
+        chunks = lambda start: (planted_batch(k, n=100)[:2] for k in itertools.count(start))  # noqa: E731
+        return ShuffleBuffer(chunks, capacity=1024, batch_tokens=256, seed=3, state=state)
+
+    reference = new_clt(8)
+    expected = train_clt(reference, open_source, config, progress=False)
+
+    def kill_at_step_8(row):
+        if row["step"] == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_clt(new_clt(8), open_source, config, checkpoint_dir=tmp_path, fingerprint="f", progress=False,
+                  on_step=kill_at_step_8)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 5 and saved["source"]["served"] == 1  # mid-round: 4 + 5 batches, 2 per round
+    resumed = new_clt(8)
+    result = train_clt(resumed, open_source, config, checkpoint_dir=tmp_path, fingerprint="f", progress=False)
+    assert without_time(result.history) == without_time(expected.history)
+    for name, param in reference.state_dict().items():
+        assert torch.equal(param, resumed.state_dict()[name]), name
+
+
+def without_time(history: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in history]

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.files import write_atomic, write_json_atomic, write_text_atomic
+from runtime.files import files_sha256, write_atomic, write_json_atomic, write_text_atomic
 from transcoders.decode import decode_dense, decoder_norms, sparse_decode, sparse_decode_with_norms
 from transcoders.jumprelu import jumprelu, jumprelu_forward
 
@@ -333,6 +333,16 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
             dec = _read_tensors(path)
             clt.W_dec[layer].copy_(_expect(path, dec, f"W_dec_{layer}", (n_features, n_layers - layer, d_model)))
     return clt.eval()
+
+
+def clt_content_id(directory: str | Path) -> str:
+    """sha256 of a CLT's layer files (W_enc_*, W_dec_*: every weight attribution reads), by content only: a
+    copy of the directory has the same id, a retrained CLT another."""
+    directory = Path(directory)
+    names = sorted(p.name for prefix in ("W_enc", "W_dec") for p in _layer_files(directory, prefix).values())
+    if not names:
+        raise CLTFormatError(f"{directory} holds no W_enc_*.safetensors: not a CLT directory")
+    return files_sha256(directory, names)
 
 
 def load_clt_metadata(directory: str | Path) -> dict:

@@ -4,7 +4,7 @@ Hooks on the named points `blocks.{l}.ln2.hook_normalized` (the MLP input, after
 gain included: TransformerLens' `blocks.{l}.mlp.hook_in`) and `blocks.{l}.hook_mlp_out` record both.
 Position 0 (the start token, an attention sink with outsized MLP outputs) is dropped. The forward
 stops after the last MLP, so no logits are computed. `ShuffleBuffer` mixes tokens across blocks
-before training.
+before training, and saves its whole state in the training checkpoint (exact resume).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
+from runtime.checkpoint import CheckpointError
 from sparse_attention.data import batch_iterator
 from sparse_attention.hook_points import HookFn, hf_model, hooks, layers
 
@@ -127,44 +128,87 @@ class ShuffleBuffer:
     """Serves random batches from `capacity` buffered tokens: each round serves half the buffer (times
     `reuse`), then refills a random half from `chunks`. Tokens from many blocks mix in every batch.
 
-    `state()` says how many chunks were read; a new buffer opened with `start_chunk` = that number
-    refills from the next unread chunk (tokens buffered at a kill are skipped, not repeated).
+    `state()` is everything the next batches depend on: the buffered tokens, the unread rest of the last
+    chunk read, how many chunks were read, the generator, and this round's order and how much of it was
+    served. A buffer opened with `state=` that state serves exactly the batches the saving buffer would
+    have served next, so training killed after a checkpoint resumes bit-identically. The state holds the
+    buffer: 2 x capacity x L x D float32 in every checkpoint.
     """
 
+    STATE_KEYS = ("chunks_read", "generator", "buffer", "pending", "order", "served")
+
     def __init__(self, open_chunks, capacity: int, batch_tokens: int, *, reuse: int = 1, seed: int = 0,
-                 start_chunk: int = 0):
+                 state: dict | None = None):
         if capacity < 2 * batch_tokens:
             raise ValueError(f"buffer capacity {capacity} must be at least twice batch_tokens {batch_tokens}")
         self.open_chunks = open_chunks  # start_chunk -> iterator of Chunk
         self.capacity, self.batch_tokens, self.reuse = capacity, batch_tokens, reuse
-        self.chunks_read = start_chunk
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + start_chunk)
+        self.per_round = max(1, reuse * (capacity // 2) // batch_tokens)  # batches served between refills
+        self.chunks_read = 0
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003)
+        self.buffer: Chunk | None = None  # ([capacity, L, D], [capacity, L, D]) once filled
+        self.pending: list[Chunk] = []  # read from the stream, not yet in the buffer
+        self.order: torch.Tensor | None = None  # [per_round * batch_tokens] buffer slots of this round's batches
+        self.served = 0  # batches of this round served
+        if state is not None:
+            self._restore(state)
 
     def state(self) -> dict:
-        return {"chunks_read": self.chunks_read}
+        """The state to restart from; it shares the buffer's tensors (no copy of gigabytes), so save or copy it
+        before the next batch is drawn."""
+        return {"chunks_read": self.chunks_read, "generator": self.generator.get_state(),
+                "buffer": None if self.buffer is None else list(self.buffer),
+                "pending": [list(chunk) for chunk in self.pending], "order": self.order, "served": self.served}
 
-    def _take(self, chunks: Iterator[Chunk], pending: list[Chunk], n: int) -> Chunk:
+    def _restore(self, state: dict) -> None:
+        missing = [key for key in self.STATE_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"the CLT checkpoint's shuffle-buffer state lacks {missing} (written by a version "
+                                  "that could not resume exactly); delete the CLT's checkpoints/ to restart")
+        buffer = state["buffer"]
+        if buffer is not None and len(buffer[0]) != self.capacity:
+            raise CheckpointError(f"the CLT checkpoint's shuffle buffer holds {len(buffer[0])} tokens, the config "
+                                  f"{self.capacity}; delete the CLT's checkpoints/ to restart")
+        self.chunks_read, self.served, self.order = state["chunks_read"], state["served"], state["order"]
+        self.generator.set_state(state["generator"])
+        self.buffer = None if buffer is None else (buffer[0], buffer[1])
+        self.pending = [(x, y) for x, y in state["pending"]]
+
+    def _take(self, chunks: Iterator[Chunk], n: int) -> Chunk:
         """The next n tokens of the stream (keeping any remainder of the last chunk in `pending`)."""
-        have = sum(len(x) for x, _ in pending)
+        have = sum(len(x) for x, _ in self.pending)
         while have < n:
             x, y = next(chunks)
             self.chunks_read += 1
-            pending.append((x, y))
+            self.pending.append((x, y))
             have += len(x)
-        mlp_in, mlp_out = torch.cat([x for x, _ in pending]), torch.cat([y for _, y in pending])
-        pending[:] = [(mlp_in[n:], mlp_out[n:])] if have > n else []
+        mlp_in, mlp_out = torch.cat([x for x, _ in self.pending]), torch.cat([y for _, y in self.pending])
+        self.pending = [(mlp_in[n:], mlp_out[n:])] if have > n else []
         return mlp_in[:n], mlp_out[:n]
 
     def __iter__(self) -> Iterator[Chunk]:
-        chunks, pending = self.open_chunks(self.chunks_read), []
-        store_in, store_out = self._take(chunks, pending, self.capacity)
-        store_in, store_out = store_in.clone(), store_out.clone()  # [capacity, L, D]
+        chunks = None
+
+        def take(n: int) -> Chunk:  # the stream opens at the next unread chunk when first needed
+            nonlocal chunks
+            if chunks is None:
+                chunks = self.open_chunks(self.chunks_read)
+            return self._take(chunks, n)
+
+        if self.buffer is None:
+            store_in, store_out = take(self.capacity)
+            self.buffer = (store_in.clone(), store_out.clone())  # [capacity, L, D]
+        store_in, store_out = self.buffer
         half = self.capacity // 2
-        per_round = max(1, self.reuse * half // self.batch_tokens)
         while True:
-            draws = -(-per_round * self.batch_tokens // self.capacity)
-            order = torch.cat([torch.randperm(self.capacity, generator=self.generator) for _ in range(draws)])
-            for index in order[: per_round * self.batch_tokens].split(self.batch_tokens):
+            if self.order is None:
+                draws = -(-self.per_round * self.batch_tokens // self.capacity)
+                order = torch.cat([torch.randperm(self.capacity, generator=self.generator) for _ in range(draws)])
+                self.order, self.served = order[: self.per_round * self.batch_tokens], 0
+            while self.served < self.per_round:
+                index = self.order[self.served * self.batch_tokens:(self.served + 1) * self.batch_tokens]
+                self.served += 1  # counted before the yield: state() is read after the batch is used
                 yield store_in[index], store_out[index]
             slots = torch.randperm(self.capacity, generator=self.generator)[:half]
-            store_in[slots], store_out[slots] = self._take(chunks, pending, half)
+            store_in[slots], store_out[slots] = take(half)
+            self.order = None

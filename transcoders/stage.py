@@ -28,8 +28,7 @@ from runtime.resources import peak_rss_gb
 from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.sources import ModelSource, load_source
 from transcoders.cache import build_cache, cache_chunks
-from transcoders.clt import META_FILE as CLT_META_FILE
-from transcoders.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
+from transcoders.clt import CLTConfig, CrossLayerTranscoder, clt_content_id, load_clt, save_clt
 from transcoders.config import CLTStageConfig, FeaturesConfig
 from transcoders.dashboards import build_dashboards
 from transcoders.evaluate import ce_metrics, plot_per_layer, plot_training, reconstruction_metrics
@@ -45,8 +44,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def training_fingerprint(config: CLTStageConfig, identity: dict) -> str:
-    """Hash of everything that changes the trained CLT (not evaluation, dashboards, threads or logging)."""
+    """Hash of everything that changes the trained CLT (not evaluation, dashboards, threads, logging or where
+    the activation cache lives); `identity` names the model by content (sparse_attention.sources)."""
     payload = {"config": config.model_dump(mode="json", exclude={"eval": True, "memory_budget_gb": True,
+                                                                 "cache": {"directory"},
                                                                  "train": {"threads", "log_every",
                                                                            "keep_checkpoint"}}),
                "model": identity}
@@ -99,7 +100,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
 
     def open_source(state: dict | None) -> ShuffleBuffer:
         return ShuffleBuffer(chunks, harvest.buffer_tokens, config.train.batch_tokens, reuse=harvest.reuse,
-                             seed=harvest.seed, start_chunk=(state or {}).get("chunks_read", 0))
+                             seed=harvest.seed, state=state)
 
     result = train_clt(clt, open_source, config.train, checkpoint_dir=output_dir / CHECKPOINT_DIR,
                        fingerprint=training_fingerprint(config, identity), progress=progress,
@@ -154,6 +155,6 @@ def build_features(clt_dir: str | Path, model: ModelSource, features: FeaturesCo
     lm, tokenizer, _ = load_source(model)
     clt = load_clt(clt_dir)
     blocks = load_token_blocks(data, tokenizer)
-    identity = hashlib.sha256((clt_dir / CLT_META_FILE).read_bytes()).hexdigest()  # the export they describe
+    identity = clt_content_id(clt_dir)  # the weights they describe
     return build_dashboards(lm, clt, tokenizer, blocks.heldout, features or FeaturesConfig(), clt_dir,
                             identity=identity, progress=progress)
