@@ -3,6 +3,8 @@ reconstructions as sae-lens computes, exact attribution graphs (perturbation che
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from tests.test_attribution import (
     source_removal,
     target_values,
 )
-from transcoders.clt import CLTFormatError, load_clt
+from transcoders.clt import CLTFormatError, clt_content_id, load_clt
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -114,3 +116,13 @@ def test_transcoders_that_attribution_cannot_use_are_refused(tmp_path):
         make_transcoder(0).save_model(tmp_path / "twice" / name)
     with pytest.raises(CLTFormatError, match="both transcoders of layer 0"):
         load_clt(tmp_path / "twice")
+
+
+def test_a_set_of_transcoders_has_a_content_id(tmp_path):
+    save_set(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    save_set(tmp_path / "other", kinds=("jumprelu", "jumprelu", "jumprelu"))
+    ids = {name: clt_content_id(tmp_path / name) for name in ("a", "copy", "other")}
+    assert ids["a"] == ids["copy"] != ids["other"]
+    with pytest.raises(CLTFormatError, match="not a CLT directory"):
+        clt_content_id(tmp_path)  # holds sets of transcoders, none itself

@@ -336,10 +336,16 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
 
 
 def clt_content_id(directory: str | Path) -> str:
-    """sha256 of a CLT's layer files (W_enc_*, W_dec_*: every weight attribution reads), by content only: a
-    copy of the directory has the same id, a retrained CLT another."""
+    """sha256 of a CLT's layer files (W_enc_*, W_dec_*: every weight attribution reads; for a directory of
+    sae-lens transcoders, each one's cfg.json and weights), by content only: a copy of the directory has the
+    same id, a retrained CLT another."""
     directory = Path(directory)
     names = sorted(p.name for prefix in ("W_enc", "W_dec") for p in _layer_files(directory, prefix).values())
+    if not names and _read_meta(directory) is None:
+        # here, not at the top: that module imports this one
+        from transcoders.sae_lens_transcoders import transcoder_content_files
+
+        names = transcoder_content_files(directory)
     if not names:
         raise CLTFormatError(f"{directory} holds no W_enc_*.safetensors: not a CLT directory")
     return files_sha256(directory, names)

@@ -39,6 +39,13 @@ def transcoder_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if (p / SAE_LENS_CONFIG).is_file()) if directory.is_dir() else []
 
 
+def transcoder_content_files(directory: Path) -> list[str]:
+    """The files (relative to `directory`) that define its sae-lens transcoders: each one's cfg.json and
+    weights, the content behind the CLT id of attribution's graph ids."""
+    return sorted(str(path.relative_to(directory)) for sub in transcoder_dirs(directory)
+                  for path in sub.iterdir() if path.name == SAE_LENS_CONFIG or path.suffix == ".safetensors")
+
+
 def _layer_of(path: Path, sae) -> int:
     metadata = sae.cfg.metadata
     hook_in, hook_out = metadata.hook_name, metadata.hook_name_out
