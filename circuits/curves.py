@@ -34,6 +34,7 @@ from circuits.stats import bootstrap_ratio
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff
 from prompts.tasks import TaskPrompt
+from runtime.precision import autocast
 
 # --------------------------------------------------------------------------------------------------
 # Counts on a curve
@@ -223,17 +224,18 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
     several prompt sets copy the model once."""
     if not prompts:
         raise CircuitError("component circuits need at least one prompt")
-    prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
-    position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
-    scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores()  # [U, V]
-    metric_clean = prompt_set.mean_metric()
-    return CircuitResult(
-        task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
-        metric_corrupted=prompt_set.metric_corrupted, heads=head_curve(prompt_set, scores, metric_clean, config),
-        edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
-        position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores, metric_clean,
-                                                                      config),
-    )
+    with autocast(config.precision, next(prepared.module.parameters()).device):  # logits come out fp32
+        prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
+        position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
+        scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores()  # [U, V]
+        metric_clean = prompt_set.mean_metric()
+        return CircuitResult(
+            task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
+            metric_corrupted=prompt_set.metric_corrupted, heads=head_curve(prompt_set, scores, metric_clean, config),
+            edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
+            position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores,
+                                                                          metric_clean, config),
+        )
 
 
 def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]

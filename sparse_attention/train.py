@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.distributed import average_gradients, average_scalars, is_distributed, shard_for_rank, world_size
+from runtime.precision import autocast, check_precision
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
@@ -54,10 +55,12 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0}
     for _ in range(train.grad_accumulation):
         tokens = shard_for_rank(next(batches)).to(gated.offsets.device)
+        with autocast(train.precision, tokens.device):  # forward passes only; the losses below are fp32
+            with torch.no_grad():
+                reference_logits = reference(input_ids=tokens).logits
+            out = gated(tokens)
         with torch.no_grad():
-            reference_logits = reference(input_ids=tokens).logits
             reference_ce = next_token_ce(reference_logits, tokens)
-        out = gated(tokens)
         ce = next_token_ce(out.logits, tokens)
         if train.constraint == "kl":
             excess_term = next_token_kl(reference_logits, out.logits)
@@ -117,6 +120,7 @@ def post_train(
     """
     if train.threads:
         torch.set_num_threads(train.threads)
+    check_precision(train.precision, gated.offsets.device)
     weights = select_trainable(gated, train.trainable, learn_offset)
     groups = [{"params": [p for _, p in weights], "lr": train.lr, "weight_decay": train.weight_decay}]
     if learn_offset:

@@ -372,7 +372,7 @@ def test_top_k_mask_ranks_by_magnitude_within_allowed():
 
 
 def test_run_gives_normalised_curves_and_a_comparison(prompts):
-    config = ComponentCircuitConfig(curve_points=4, refine=False)
+    config = ComponentCircuitConfig(curve_points=4, refine=False, precision="fp32")  # exact endpoints
     dense = run(config, make_model("dense"), byte_tokenizer(), prompts)
     sparse = run(config, make_model("gated"), byte_tokenizer(), prompts)
     for result in (dense, sparse):
