@@ -26,12 +26,17 @@ class PrecisionError(RuntimeError):
     """bf16 asked for on a device without bfloat16 hardware support."""
 
 
+def _cpu_has_bf16() -> bool:
+    """oneDNN's probe of the CPU's instruction sets (AVX512-BF16, AMX, ...)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def bf16_supported(device_type: str) -> bool:
     """Whether `device_type` ("cpu" or "cuda") has native bfloat16 arithmetic."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device_type == "cpu":  # oneDNN's probe of the CPU's instruction sets (AVX512-BF16, AMX, ...)
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device_type == "cpu":
+        return _cpu_has_bf16()
     return False
 
 
