@@ -135,13 +135,13 @@ def features_run(lm, clt, heldout, args, precision: str) -> dict:
 
 def circuits_run(model, tokenizer, args) -> dict:
     """Patched forward passes (random head subsets kept) on IOI prompts, in each precision on the same masks."""
-    prepared = prepare(model.eval(), split_qkv=True)
     batch = encode_prompts(load_task("ioi")[: args.circuit_prompts], tokenizer, args.circuit_prompts)[0]
-    layout = prepared.layout
+    layout = prepare(model.eval()).layout
     generator = torch.Generator().manual_seed(0)
     masks = [torch.rand(layout.n_layers, layout.n_heads, generator=generator) < 0.5 for _ in range(args.patches)]
     out, metrics = {}, {}
     for precision in PRECISIONS:
+        prepared = prepare(model.eval(), split_qkv=True, precision=precision)
         with autocast(precision):
             recording, _ = record(prepared, batch.corrupted)
             patched_metric(prepared, batch, recording, keep_heads=masks[0])  # warm-up

@@ -215,7 +215,7 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
 
 def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]) -> CircuitResult:
     """Rank heads and edges by EAP on `prompts`, then trace explained effect against the number kept."""
-    return run_prepared(config, prepare(model, config.split_qkv, config.gate_gradient), tokenizer, prompts)
+    return run_prepared(config, prepare(model, config.split_qkv, config.gate_gradient, config.precision), tokenizer, prompts)
 
 
 def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer, prompts: Sequence[TaskPrompt]
@@ -224,6 +224,9 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
     several prompt sets copy the model once."""
     if not prompts:
         raise CircuitError("component circuits need at least one prompt")
+    if prepared.precision != config.precision:
+        raise CircuitError(f"the model was prepared for precision {prepared.precision!r}, the config asks for "
+                           f"{config.precision!r}; prepare it with precision=config.precision")
     with autocast(config.precision, next(prepared.module.parameters()).device):  # logits come out fp32
         prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
         position_scores = prompt_set.edge_scores(by_position=True) if config.position_edges else None  # [U, V, P]
@@ -242,7 +245,7 @@ def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, 
                    ) -> list[CircuitResult | str]:
     """One circuit per prompt (its own EAP ranking and patching curves): its CircuitResult, or why it has none
     (the corruption does not move that prompt's metric). Per-prompt sizes give intervals over prompts."""
-    return run_prepared_per_prompt(config, prepare(model, config.split_qkv, config.gate_gradient), tokenizer, prompts)
+    return run_prepared_per_prompt(config, prepare(model, config.split_qkv, config.gate_gradient, config.precision), tokenizer, prompts)
 
 
 def run_prepared_per_prompt(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer,

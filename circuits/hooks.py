@@ -35,6 +35,7 @@ from circuits.config import CircuitError
 from circuits.layout import ComponentLayout, head_writes, patch_heads, removed_input
 from prompts.batches import PromptBatch
 from prompts.metrics import logit_diff, logits_fn
+from runtime.precision import Precision, store_linear_weights_in_bf16_
 from sparse_attention import hook_points
 from sparse_attention.gated_attention import gate_mode
 
@@ -222,6 +223,7 @@ class PreparedModel:
     layout: ComponentLayout
     forward: Callable[[torch.Tensor], torch.Tensor]
     gate_gradient: str = "none"
+    precision: Precision = "fp32"  # the forwards it is prepared for (bf16: Linear weights stored in bf16)
 
     @contextlib.contextmanager
     def gradient_gates(self) -> Iterator[None]:
@@ -238,14 +240,18 @@ class PreparedModel:
             module.set_mode("eval")
 
 
-def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none") -> PreparedModel:
-    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits."""
+def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none",
+            precision: Precision = "fp32") -> PreparedModel:
+    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits run in
+    `precision` (under bf16 the copy's Linear weights are stored in bf16: the same numbers under autocast)."""
     if gate_mode(model) == "train":
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
     copied = multi_head_copy(model).eval()
+    if precision == "bf16":
+        store_linear_weights_in_bf16_(copied)
     hf = hook_points.hf_model(copied)
     layout = ComponentLayout(hf.config.num_hidden_layers, hf.config.num_attention_heads, split_qkv)
-    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient)
+    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient, precision)
 
 
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: lis
     prompt, variant and kind; None otherwise), whose dense/sparse ratio of mean counts and its CI join the summary.
     A task whose prompts do not fit a tokenizer, or whose corruption moves no metric, gets a status row."""
     circuit = config.circuit
-    prepared = {variant: prepare(model, circuit.split_qkv, circuit.gate_gradient)
+    prepared = {variant: prepare(model, circuit.split_qkv, circuit.gate_gradient, circuit.precision)
                 for variant, (model, _) in models.items()}  # one copy per model for every task and prompt
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}

@@ -11,10 +11,12 @@ never silently run in fp32.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Literal
 
 import torch
+from torch import nn
 
 Precision = Literal["fp32", "bf16"]
 PRECISION_DESCRIPTION = ("fp32, or bf16: forward passes under torch.autocast (bfloat16 matmuls; fp32 weights, "
@@ -59,3 +61,20 @@ def autocast(precision: Precision, device: str | torch.device = "cpu") -> Iterat
     check_precision(precision, device)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         yield
+
+
+def store_linear_weights_in_bf16_(model: nn.Module) -> nn.Module:
+    """In place: every nn.Linear weight of a frozen `model` becomes a bfloat16 Parameter (a new one, so an
+    lm_head tied to the embedding is untied and the embedding stays fp32); biases and norms stay fp32.
+    Under bf16 autocast this gives the same numbers as fp32 weights (autocast rounds them to bf16 on every
+    call, and caches no cast of a weight without requires_grad) without recasting them per forward."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+    return model
+
+
+def frozen_copy(model: nn.Module, precision: Precision) -> nn.Module:
+    """`model` for forward passes of frozen weights in `precision`: under "bf16" a copy with its Linear
+    weights stored in bfloat16 (`store_linear_weights_in_bf16_`), under "fp32" `model` itself."""
+    return model if precision == "fp32" else store_linear_weights_in_bf16_(copy.deepcopy(model))

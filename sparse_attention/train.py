@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.distributed import average_gradients, average_scalars, is_distributed, shard_for_rank, world_size
-from runtime.precision import autocast, check_precision
+from runtime.precision import autocast, check_precision, frozen_copy
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
@@ -121,6 +121,7 @@ def post_train(
     if train.threads:
         torch.set_num_threads(train.threads)
     check_precision(train.precision, gated.offsets.device)
+    reference = frozen_copy(reference, train.precision)  # its forwards only; bf16 Linear weights under bf16
     weights = select_trainable(gated, train.trainable, learn_offset)
     groups = [{"params": [p for _, p in weights], "lr": train.lr, "weight_decay": train.weight_decay}]
     if learn_offset:

@@ -25,7 +25,7 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from runtime.checkpoint import load_checkpoint, save_checkpoint
-from runtime.precision import autocast, check_precision
+from runtime.precision import autocast, check_precision, frozen_copy
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import FeaturesConfig
 from transcoders.harvest import harvest_batch
@@ -150,6 +150,7 @@ def scan_activations(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.
     context_length = blocks.shape[1]
     device = next(model.parameters()).device
     check_precision(config.precision, device)
+    model = frozen_copy(model, config.precision)
     n_blocks = blocks_to_scan(blocks, config.tokens)
     saved = load_checkpoint(state_path, fingerprint, what="feature scan") if state_path is not None else None
     if saved is not None:

@@ -23,7 +23,7 @@ import yaml
 from runtime.distributed import is_main_rank, wait_for_all_ranks
 from runtime.files import write_json_atomic
 from runtime.outputs import open_output_dir
-from runtime.precision import autocast, check_precision
+from runtime.precision import autocast, check_precision, frozen_copy
 from runtime.resources import peak_rss_gb
 from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.sources import ModelSource, load_source
@@ -82,6 +82,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed).to(device)
 
     harvest = config.harvest
+    harvest_lm = frozen_copy(lm, config.precision)  # `lm` itself evaluates, in fp32
     if config.cache.enabled:
         cache_dir = config.cache.directory or output_dir / "activations"
         cache_identity = {"model": identity, "data": config.data.model_dump(mode="json"),
@@ -89,7 +90,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
                           "precision": config.precision}
         if is_main_rank():
             with autocast(config.precision, "cpu"):  # the LM harvests on the CPU
-                build_cache(lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
+                build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
                             seed=harvest.seed, max_tokens=config.cache.max_tokens,
                             shard_tokens=config.cache.shard_tokens, progress=progress)
         wait_for_all_ranks()  # the other ranks read the cache rank 0 built
@@ -98,7 +99,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
             return cache_chunks(cache_dir, (n_layers, d_model), start)
     else:
         def chunks(start: int):
-            return harvest_stream(lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start,
+            return harvest_stream(harvest_lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start,
                                   precision=config.precision)
 
     def open_source(state: dict | None) -> ShuffleBuffer:
