@@ -6,7 +6,7 @@ fed by harvest_stream) and the trained CLT's held-out nMSE (fp32 evaluation, equ
 tokens/s; component-circuit patched forward passes/s with the patched metric's largest bf16 - fp32
 difference. Then a torch.profiler table (top ops by self CPU time) of one bf16 sparsify step and one bf16
 CLT step. Writes bench/results/precision_smollm2.json with the command and the load (`uptime`).
-Usage: nice -n 5 python bench/precision.py [--steps 6] [--clt-steps 16] [--threads 1]
+Usage: nice -n 5 python bench/precision.py [--steps 4] [--clt-steps 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -61,6 +61,47 @@ def top_ops(prof, n: int = 10) -> list[dict]:
              "self_cpu_share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events]
 
 
+class _ProfileLastStep:
+    """on_step callback: the profiler records exactly the last of `steps` steps."""
+
+    def __init__(self, steps: int):
+        self.steps, self.profiler = steps, profile(activities=[ProfilerActivity.CPU])
+
+    def __call__(self, row: dict) -> None:
+        if row["step"] == self.steps - 1:
+            self.profiler.start()
+        elif row["step"] == self.steps:
+            self.profiler.stop()
+
+
+def profile_sparsify_step(model, blocks, train: TrainConfig) -> list[dict]:
+    """Top ops of the second of two sparsify steps (the first warms up), on a fresh gated copy."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    gated = GatedModel(copy.deepcopy(model), offset_init=4.0)
+    callback = _ProfileLastStep(2)
+    post_train(gated, reference, blocks, train.model_copy(update={"steps": 2, "warmup_steps": 1}),
+               ControllerConfig(), learn_offset=True, progress=False, on_step=callback)
+    return top_ops(callback.profiler)
+
+
+def profile_clt_step(clt, open_source, config: CLTTrainConfig, precision: str) -> list[dict]:
+    """Top ops of one CLT training step (the second of two, on one harvested batch: harvesting not included)."""
+    batch = next(iter(open_source(None)))
+
+    class OneBatch:
+        def __iter__(self):
+            while True:
+                yield batch
+
+        def state(self) -> dict:
+            return {}
+
+    callback = _ProfileLastStep(2)
+    train_clt(copy.deepcopy(clt), lambda state: OneBatch(), config.model_copy(update={"steps": 2}),
+              precision=precision, progress=False, on_step=callback)
+    return top_ops(callback.profiler)
+
+
 def sparsify_run(model, blocks, heldout, args, precision: str, profile_step: bool = False) -> dict:
     """Train a gated copy of `model` for args.steps steps in `precision`; step times and fp32 held-out CE."""
     torch.manual_seed(0)
@@ -76,12 +117,8 @@ def sparsify_run(model, blocks, heldout, args, precision: str, profile_step: boo
     out = {"step_seconds_median": statistics.median(step_seconds), "step_seconds": step_seconds,
            "heldout_ce_fp32_eval": heldout_ce, "final_open_fraction": result.history[-1]["open_fraction"],
            "final_train_ce": result.history[-1]["ce"]}
-    if profile_step:  # one more step of the same loop under the profiler
-        train = train.model_copy(update={"steps": 1, "warmup_steps": 0})
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            post_train(gated, reference, blocks[: args.batch], train, ControllerConfig(), learn_offset=True,
-                       progress=False)
-        out["profile_top_ops"] = top_ops(prof)
+    if profile_step:
+        out["profile_top_ops"] = profile_sparsify_step(model, blocks, train)
     return out
 
 
@@ -105,22 +142,8 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
     out = {"tokens": result.tokens_seen, "seconds_harvest_and_train": seconds,
            "tokens_per_second": result.tokens_seen / seconds, "heldout_nmse_fp32_eval": recon["nmse"],
            "final_train_nmse": result.history[-1]["nmse"], "final_train_l0": result.history[-1]["l0"]}
-    if profile_step:  # one CLT training step on a harvested batch, under the profiler
-        mlp_in, mlp_out = next(iter(open_source(None)))
-        one = config.model_copy(update={"steps": 2, "normalisation_batches": 1})
-        fixed = [(mlp_in, mlp_out)]
-
-        class Fixed:
-            def __iter__(self):
-                while True:
-                    yield fixed[0]
-
-            def state(self):
-                return {}
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            train_clt(copy.deepcopy(clt), lambda state: Fixed(), one, precision=precision, progress=False)
-        out["profile_top_ops"] = top_ops(prof)
+    if profile_step:
+        out["profile_top_ops"] = profile_clt_step(clt, open_source, config, precision)
     return out, clt
 
 
@@ -160,14 +183,14 @@ def circuits_run(model, tokenizer, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=6, help="sparsify steps per precision")
+    parser.add_argument("--steps", type=int, default=4, help="sparsify steps per precision")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--heldout-blocks", type=int, default=8)
     parser.add_argument("--features", type=int, default=512, help="CLT features per layer")
-    parser.add_argument("--clt-steps", type=int, default=16)
+    parser.add_argument("--clt-steps", type=int, default=8)
     parser.add_argument("--clt-batch-tokens", type=int, default=512)
-    parser.add_argument("--feature-tokens", type=int, default=2032)
+    parser.add_argument("--feature-tokens", type=int, default=1016)
     parser.add_argument("--circuit-prompts", type=int, default=8)
     parser.add_argument("--patches", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)

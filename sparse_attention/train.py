@@ -15,7 +15,7 @@ from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
 from sparse_attention.data import batch_iterator
-from sparse_attention.evaluate import next_token_ce, next_token_kl
+from sparse_attention.evaluate import ce_from_log_probs, kl_from_log_probs, next_token_log_probs
 from sparse_attention.gated_attention import GatedModel
 
 if TYPE_CHECKING:
@@ -59,11 +59,13 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
             with torch.no_grad():
                 reference_logits = reference(input_ids=tokens).logits
             out = gated(tokens)
-        with torch.no_grad():
-            reference_ce = next_token_ce(reference_logits, tokens)
-        ce = next_token_ce(out.logits, tokens)
+        with torch.no_grad():  # each log-softmax over the vocabulary once: CE and KL share it
+            reference_log_probs = next_token_log_probs(reference_logits)
+            reference_ce = ce_from_log_probs(reference_log_probs, tokens)
+        log_probs = next_token_log_probs(out.logits)
+        ce = ce_from_log_probs(log_probs, tokens)
         if train.constraint == "kl":
-            excess_term = next_token_kl(reference_logits, out.logits)
+            excess_term = kl_from_log_probs(reference_log_probs, log_probs)
         else:
             excess_term = ce - reference_ce
         regulariser = out.gate_record.regulariser()
