@@ -13,8 +13,10 @@ from pydantic import ValidationError
 
 from attribution.config import AttributionStageConfig
 from attribution.stage import Attributor
-from circuits.config import ComponentCircuitConfig
+from circuits.config import CircuitError, ComponentCircuitConfig
 from circuits.curves import run as run_circuits
+from circuits.curves import run_prepared
+from circuits.hooks import prepare
 from pipeline.config import load_config
 from runtime import precision
 from runtime.precision import PrecisionError, autocast, check_precision
@@ -159,6 +161,9 @@ def test_component_circuits_in_bf16_match_fp32(circuit_prompts):  # noqa: F811 -
         assert a.counts == b.counts
         assert b.effects == pytest.approx(a.effects, abs=0.1)
     assert abs(bf16.heads.count_at_target - fp32.heads.count_at_target) <= 1
+    with pytest.raises(CircuitError, match="prepared for precision 'fp32'"):
+        run_prepared(ComponentCircuitConfig(precision="bf16"), prepare(make_model("dense")), byte_tokenizer(),
+                     circuit_prompts)
 
 
 @needs_bf16
