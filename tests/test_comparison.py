@@ -147,7 +147,8 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
     tokenizer = byte_tokenizer()
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
-    config = CircuitsConfig(prompts_per_task=3, circuit=ComponentCircuitConfig(curve_points=4, batch_size=4))
+    config = CircuitsConfig(prompts_per_task=3, circuit=ComponentCircuitConfig(curve_points=4, batch_size=4,
+                                                                                  precision="fp32"))  # exact endpoints
     curves, summary, prompts = run_circuits(config, models, ["greater_than", "antonyms"], samples=300)
     ok = summary[summary["task"] == "greater_than"].set_index("kind")
     assert (ok["status"] == "ok").all()
