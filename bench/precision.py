@@ -6,7 +6,7 @@ fed by harvest_stream) and the trained CLT's held-out nMSE (fp32 evaluation, equ
 tokens/s; component-circuit patched forward passes/s with the patched metric's largest bf16 - fp32
 difference. Then a torch.profiler table (top ops by self CPU time) of one bf16 sparsify step and one bf16
 CLT step. Writes bench/results/precision_smollm2.json with the command and the load (`uptime`).
-Usage: nice -n 5 python bench/precision.py [--steps 4] [--clt-steps 8] [--threads 1]
+Usage: nice -n 5 python bench/precision.py [--steps 4] [--clt-steps 6] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -84,8 +83,9 @@ def profile_sparsify_step(model, blocks, train: TrainConfig) -> list[dict]:
     return top_ops(callback.profiler)
 
 
-def profile_clt_step(clt, open_source, config: CLTTrainConfig, precision: str) -> list[dict]:
-    """Top ops of one CLT training step (the second of two, on one harvested batch: harvesting not included)."""
+def profile_clt_step(clt_config: CLTConfig, open_source, config: CLTTrainConfig, precision: str) -> list[dict]:
+    """Top ops of one CLT training step of a fresh CLT (the second of two, on one harvested batch: harvesting
+    not included)."""
     batch = next(iter(open_source(None)))
 
     class OneBatch:
@@ -97,8 +97,8 @@ def profile_clt_step(clt, open_source, config: CLTTrainConfig, precision: str) -
             return {}
 
     callback = _ProfileLastStep(2)
-    train_clt(copy.deepcopy(clt), lambda state: OneBatch(), config.model_copy(update={"steps": 2}),
-              precision=precision, progress=False, on_step=callback)
+    train_clt(CrossLayerTranscoder(clt_config, seed=1), lambda state: OneBatch(),
+              config.model_copy(update={"steps": 2}), precision=precision, progress=False, on_step=callback)
     return top_ops(callback.profiler)
 
 
@@ -143,7 +143,7 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
            "tokens_per_second": result.tokens_seen / seconds, "heldout_nmse_fp32_eval": recon["nmse"],
            "final_train_nmse": result.history[-1]["nmse"], "final_train_l0": result.history[-1]["l0"]}
     if profile_step:
-        out["profile_top_ops"] = profile_clt_step(clt, open_source, config, precision)
+        out["profile_top_ops"] = profile_clt_step(clt.config, open_source, config, precision)
     return out, clt
 
 
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--heldout-blocks", type=int, default=8)
     parser.add_argument("--features", type=int, default=512, help="CLT features per layer")
-    parser.add_argument("--clt-steps", type=int, default=8)
+    parser.add_argument("--clt-steps", type=int, default=6)
     parser.add_argument("--clt-batch-tokens", type=int, default=512)
     parser.add_argument("--feature-tokens", type=int, default=1016)
     parser.add_argument("--circuit-prompts", type=int, default=8)
@@ -197,51 +197,60 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    load_before = uptime()
 
     model, tokenizer = load_model(args.model)
     model.requires_grad_(False)
     data = load_token_blocks(DataConfig(max_train_tokens=100_000, max_heldout_tokens=20_000), tokenizer,
                              args.context)
     heldout = data.heldout[: args.heldout_blocks]
-    results: dict = {"sparsify": {}, "clt": {}, "features": {}}
-    clts = {}
-    for precision in PRECISIONS:
-        print(f"sparsify {precision}", flush=True)
-        results["sparsify"][precision] = sparsify_run(model, data.train, heldout, args, precision,
-                                                      profile_step=precision == "bf16")
-        print(f"clt {precision}", flush=True)
-        results["clt"][precision], clts[precision] = clt_run(model, data.train, heldout, args, precision,
-                                                             profile_step=precision == "bf16")
-    for precision in PRECISIONS:  # the same (bf16-trained) CLT, scanned in each precision
-        print(f"features {precision}", flush=True)
-        results["features"][precision] = features_run(model, clts["bf16"], data.heldout, args, precision)
-    print("circuits", flush=True)
-    results["circuits"] = circuits_run(model, tokenizer, args)
-
-    s, c, f, k = results["sparsify"], results["clt"], results["features"], results["circuits"]
-    summary = {
-        "sparsify_step_speedup": s["fp32"]["step_seconds_median"] / s["bf16"]["step_seconds_median"],
-        "sparsify_heldout_ce_bf16_minus_fp32": s["bf16"]["heldout_ce_fp32_eval"] - s["fp32"]["heldout_ce_fp32_eval"],
-        "clt_tokens_per_second_speedup": c["bf16"]["tokens_per_second"] / c["fp32"]["tokens_per_second"],
-        "clt_heldout_nmse_bf16_minus_fp32": c["bf16"]["heldout_nmse_fp32_eval"] - c["fp32"]["heldout_nmse_fp32_eval"],
-        "features_tokens_per_second_speedup": f["bf16"]["tokens_per_second"] / f["fp32"]["tokens_per_second"],
-        "circuits_forward_passes_per_second_speedup": (k["bf16"]["forward_passes_per_second"]
-                                                       / k["fp32"]["forward_passes_per_second"]),
-        "goal": "each speedup >= 2, held-out CE within 0.01 nats, CLT nMSE within 0.01 at equal tokens",
-    }
     payload = {
-        "benchmark": "precision", "command": "nice -n 5 python " + " ".join(sys.argv),
+        "benchmark": "precision", "command": "nice -n 5 python " + " ".join(sys.argv), "complete": False,
         "model": args.model, "args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda": "unrun (no GPU on this machine)",
-        "uptime_before": load_before, "uptime_after": uptime(), "load_average_after": os.getloadavg(),
-        "wall_seconds": time.perf_counter() - started, "summary": summary, **results,
+        "uptime_before": uptime(), "uptime_after_each": {}, "summary": {},
+        "circuits": {}, "sparsify": {}, "clt": {}, "features": {},
     }
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "precision_smollm2.json"
-    out.write_text(json.dumps(payload, indent=2))
-    print(json.dumps({"summary": summary, "wall_seconds": payload["wall_seconds"]}, indent=2))
+    RESULTS.mkdir(exist_ok=True)
 
+    def record(section: str, precision: str | None, result: dict, ratio: tuple[str, str, str, bool] | None = None):
+        """Store a result, the load after it, and (once both precisions are in) a ratio; rewrite the JSON."""
+        if precision is None:
+            payload[section] = result
+        else:
+            payload[section][precision] = result
+        payload["uptime_after_each"][f"{section} {precision or ''}".strip()] = uptime()
+        if ratio is not None and all(p in payload[section] for p in PRECISIONS):
+            name, key, how, bf16_over_fp32 = ratio
+            a, b = payload[section]["bf16"][key], payload[section]["fp32"][key]
+            payload["summary"][name] = (a - b if how == "difference" else a / b if bf16_over_fp32 else b / a)
+        payload["wall_seconds"] = time.perf_counter() - started
+        out.write_text(json.dumps(payload, indent=2))
+        print(section, precision or "", json.dumps(payload["summary"]), flush=True)
+
+    record("circuits", None, circuits_run(model, tokenizer, args))
+    circuits = payload["circuits"]
+    payload["summary"]["circuits_forward_passes_per_second_speedup"] = (
+        circuits["bf16"]["forward_passes_per_second"] / circuits["fp32"]["forward_passes_per_second"])
+    for precision in PRECISIONS:
+        result = sparsify_run(model, data.train, heldout, args, precision, profile_step=precision == "bf16")
+        record("sparsify", precision, result, ("sparsify_step_speedup", "step_seconds_median", "ratio", False))
+        record("sparsify", precision, result, ("sparsify_heldout_ce_bf16_minus_fp32", "heldout_ce_fp32_eval",
+                                               "difference", True))
+    for precision in PRECISIONS:
+        result, clt = clt_run(model, data.train, heldout, args, precision, profile_step=precision == "bf16")
+        record("clt", precision, result, ("clt_tokens_per_second_speedup", "tokens_per_second", "ratio", True))
+        record("clt", precision, result, ("clt_heldout_nmse_bf16_minus_fp32", "heldout_nmse_fp32_eval",
+                                          "difference", True))
+        if precision == "fp32":
+            del clt  # a SmolLM2 CLT is ~0.6 GB; the bf16 one is scanned below
+    for precision in PRECISIONS:  # the same (bf16-trained) CLT, scanned in each precision
+        record("features", precision, features_run(model, clt, data.heldout, args, precision),
+               ("features_tokens_per_second_speedup", "tokens_per_second", "ratio", True))
+    payload["summary"]["goal"] = "each speedup >= 2, held-out CE within 0.01 nats, CLT nMSE within 0.01 at equal tokens"
+    payload["complete"] = True
+    record("uptime_after", None, uptime())
+    print(json.dumps({"summary": payload["summary"], "wall_seconds": payload["wall_seconds"]}, indent=2))
 
 if __name__ == "__main__":
     main()

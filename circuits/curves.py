@@ -215,7 +215,8 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
 
 def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt]) -> CircuitResult:
     """Rank heads and edges by EAP on `prompts`, then trace explained effect against the number kept."""
-    return run_prepared(config, prepare(model, config.split_qkv, config.gate_gradient, config.precision), tokenizer, prompts)
+    prepared = prepare(model, config.split_qkv, config.gate_gradient, config.precision)
+    return run_prepared(config, prepared, tokenizer, prompts)
 
 
 def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer, prompts: Sequence[TaskPrompt]
@@ -245,7 +246,8 @@ def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, 
                    ) -> list[CircuitResult | str]:
     """One circuit per prompt (its own EAP ranking and patching curves): its CircuitResult, or why it has none
     (the corruption does not move that prompt's metric). Per-prompt sizes give intervals over prompts."""
-    return run_prepared_per_prompt(config, prepare(model, config.split_qkv, config.gate_gradient, config.precision), tokenizer, prompts)
+    prepared = prepare(model, config.split_qkv, config.gate_gradient, config.precision)
+    return run_prepared_per_prompt(config, prepared, tokenizer, prompts)
 
 
 def run_prepared_per_prompt(config: ComponentCircuitConfig, prepared: PreparedModel, tokenizer,

@@ -90,8 +90,8 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
                           "precision": config.precision}
         if is_main_rank():
             with autocast(config.precision, "cpu"):  # the LM harvests on the CPU
-                build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
-                            seed=harvest.seed, max_tokens=config.cache.max_tokens,
+                build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity,
+                            batch_size=harvest.batch_size, seed=harvest.seed, max_tokens=config.cache.max_tokens,
                             shard_tokens=config.cache.shard_tokens, progress=progress)
         wait_for_all_ranks()  # the other ranks read the cache rank 0 built
 
@@ -106,9 +106,9 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         return ShuffleBuffer(chunks, harvest.buffer_tokens, config.train.batch_tokens, reuse=harvest.reuse,
                              seed=harvest.seed, start_chunk=(state or {}).get("chunks_read", 0))
 
-    result = train_clt(clt, open_source, config.train, precision=config.precision, checkpoint_dir=output_dir / CHECKPOINT_DIR,
-                       fingerprint=training_fingerprint(config, identity), progress=progress,
-                       on_checkpoint=on_checkpoint)
+    result = train_clt(clt, open_source, config.train, precision=config.precision,
+                       checkpoint_dir=output_dir / CHECKPOINT_DIR, fingerprint=training_fingerprint(config, identity),
+                       progress=progress, on_checkpoint=on_checkpoint)
     if not is_main_rank():  # data-parallel workers: rank 0 exports and evaluates
         return {}
     save_clt(clt, output_dir, model_name=identity["model_name"],
