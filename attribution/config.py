@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prompts.tasks import TASKS
+from runtime.precision import PRECISION_DESCRIPTION, Precision
 
 
 class GraphConfig(BaseModel):
@@ -72,6 +73,8 @@ class AttributionStageConfig(BaseModel):
     prompt_sets: dict[str, int] = Field(
         {}, description="task name -> number of clean prompts taken, in file order, from prompts/data/{task}.jsonl",
     )
+    precision: Precision = Field("fp32", description="the real model's forward that the replacement model "
+                                 "freezes (the graph itself is always computed in fp32): " + PRECISION_DESCRIPTION)
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="GiB one prompt's attribution may hold beyond the loaded model and CLT (head "

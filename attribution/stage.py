@@ -52,6 +52,7 @@ from attribution.replacement import (
 )
 from attribution.store import GraphStore, check_variant, open_store
 from prompts.tasks import PROMPT_DIR, load_task
+from runtime.precision import autocast, check_precision
 from sparse_attention.sources import ModelSource, load_source, source_identity
 from transcoders.clt import clt_content_id, load_clt
 
@@ -127,7 +128,8 @@ class Attributor:
         check_prompt_length(n_pos, self.weights.n_ctx)
         check_fits(f"freezing a {n_pos}-token prompt", frozen_prompt_bytes(self.weights, n_pos, self.clt.n_features),
                    budget)
-        frozen = freeze_prompt(self.model, tokens)
+        with autocast(config.precision, "cpu"):
+            frozen = freeze_prompt(self.model, tokens)
         lrm = build_replacement(self.weights, self.clt, frozen, config.graph.max_n_logits,
                                 config.graph.desired_logit_prob)
         check_fits(f"the graph of {lrm.n_active} active features over {n_pos} positions",
@@ -267,6 +269,7 @@ def run(config: AttributionStageConfig, model_source: ModelSource, clt_dir: str 
     `force`); `removed`, the ids `replace` deleted; `workers` and `worker_pids` (the processes that
     attributed: here this one).
     """
+    check_precision(config.precision, "cpu")
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()

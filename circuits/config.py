@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.precision import PRECISION_DESCRIPTION, Precision
+
 
 class CircuitError(ValueError):
     """A model, prompt set or setting that component circuits cannot use."""
@@ -30,6 +32,8 @@ class ComponentCircuitConfig(BaseModel):
                                         "straight-through sigmoid (ignored for models without gates)")
     position_edges: bool = Field(True, description="also trace edges resolved by token position (counted from "
                                                    "the last token), a third curve")
+    precision: Precision = Field("bf16", description="every forward and gradient pass (recording, EAP, "
+                                 "patching): " + PRECISION_DESCRIPTION)
 
 
     head_ranking: Literal["exact", "eap"] = Field(

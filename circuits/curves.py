@@ -43,6 +43,7 @@ from circuits.stats import bootstrap_ratio, spearman
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff
 from prompts.tasks import TaskPrompt
+from runtime.precision import autocast
 from sparse_attention.gated_attention import gate_mode
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def run(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Se
         gates: str | None = None) -> CircuitResult:
     """Rank heads and edges on `prompts`, then trace explained effect against the number kept, with the
     gates handled as `gates` (default config.gates) in ranking and verification alike."""
-    prepared = prepare(model, config.split_qkv, config.gate_gradient, gates or config.gates)
+    prepared = prepare(model, config.split_qkv, config.gate_gradient, gates or config.gates, config.precision)
     return run_prepared(config, prepared, tokenizer, prompts)
 
 
@@ -371,30 +372,34 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
     corrupted logit diff is under it."""
     if not prompts:
         raise CircuitError("component circuits need at least one prompt")
-    prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
-    metric_clean = prompt_set.prompt_clean.mean().item()
-    gap = metric_clean - prompt_set.metric_corrupted
-    if min_gap is not None and abs(gap) < min_gap:
-        raise CircuitError(f"dropped: clean - corrupted logit diff {gap:.3g} is under the floor {min_gap}")
-    ig_steps = config.ig_steps if config.edge_ranking == "eap_ig" else None
-    position_scores = prompt_set.edge_scores(True, ig_steps) if config.position_edges else None  # [U, V, P]
-    scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
-    layout = prepared.layout
-    eap_heads = head_scores(scores, layout)  # [L, H]
-    exact_heads = prompt_set.head_patching_effects() if config.head_ranking == "exact" or faithfulness else None
-    heads = head_curve(prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config)
-    names = layout.row_names()
-    return CircuitResult(
-        task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
-        metric_corrupted=prompt_set.metric_corrupted, heads=heads,
-        edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
-        position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores, metric_clean,
-                                                                      config),
-        gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
-        dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
-        faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,
-                                          config.seed) if faithfulness else None,
-    )
+    if prepared.precision != config.precision:
+        raise CircuitError(f"the model was prepared for precision {prepared.precision!r}, the config asks for "
+                           f"{config.precision!r}; prepare it with precision=config.precision")
+    with autocast(config.precision, next(prepared.module.parameters()).device):  # logits come out fp32
+        prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
+        metric_clean = prompt_set.prompt_clean.mean().item()
+        gap = metric_clean - prompt_set.metric_corrupted
+        if min_gap is not None and abs(gap) < min_gap:
+            raise CircuitError(f"dropped: clean - corrupted logit diff {gap:.3g} is under the floor {min_gap}")
+        ig_steps = config.ig_steps if config.edge_ranking == "eap_ig" else None
+        position_scores = prompt_set.edge_scores(True, ig_steps) if config.position_edges else None  # [U, V, P]
+        scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
+        layout = prepared.layout
+        eap_heads = head_scores(scores, layout)  # [L, H]
+        exact_heads = prompt_set.head_patching_effects() if config.head_ranking == "exact" or faithfulness else None
+        heads = head_curve(prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config)
+        names = layout.row_names()
+        return CircuitResult(
+            task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
+            metric_corrupted=prompt_set.metric_corrupted, heads=heads,
+            edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
+            position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores, metric_clean,
+                                                                          config),
+            gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
+            dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
+            faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,
+                                              config.seed) if faithfulness else None,
+        )
 
 
 def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, prompts: Sequence[TaskPrompt],
@@ -402,7 +407,7 @@ def run_per_prompt(config: ComponentCircuitConfig, model: nn.Module, tokenizer, 
     """One circuit per prompt (its own ranking and patching curves): its CircuitResult, or why it has none
     (its clean - corrupted gap is under config.min_prompt_gap: "dropped: ...", or the corruption does not
     move that prompt's metric). Per-prompt sizes give intervals over prompts."""
-    prepared = prepare(model, config.split_qkv, config.gate_gradient, gates or config.gates)
+    prepared = prepare(model, config.split_qkv, config.gate_gradient, gates or config.gates, config.precision)
     return run_prepared_per_prompt(config, prepared, tokenizer, prompts)
 
 

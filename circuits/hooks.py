@@ -39,6 +39,7 @@ from circuits.config import CircuitError
 from circuits.layout import ComponentLayout, head_writes, patch_heads, removed_input
 from prompts.batches import PromptBatch
 from prompts.metrics import logit_diff, logits_fn
+from runtime.precision import Precision, store_linear_weights_in_bf16_
 from sparse_attention import hook_points
 from sparse_attention.gated_attention import gate_mode
 
@@ -253,6 +254,7 @@ class PreparedModel:
             return
         with self.module.frozen_gates(masks):
             yield
+    precision: Precision = "fp32"  # the forwards it is prepared for (bf16: Linear weights stored in bf16)
 
     @contextlib.contextmanager
     def gradient_gates(self) -> Iterator[None]:
@@ -271,16 +273,23 @@ class PreparedModel:
 
 
 def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none",
-            gates: GateHandling = "recomputed") -> PreparedModel:
-    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits."""
+            gates: GateHandling = "recomputed", precision: Precision = "fp32") -> PreparedModel:
+    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits with its
+    gates handled as `gates`, run in `precision`: under bf16 the copy's Linear weights are stored in bf16
+    (the numbers autocast gives) and its unembedding runs in fp32."""
     if gate_mode(model) == "train":
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
     if gates not in ("frozen", "recomputed"):
         raise CircuitError(f"gates must be 'frozen' or 'recomputed', not {gates!r}")
     copied = multi_head_copy(model).eval()
     hf = hook_points.hf_model(copied)
+    if precision == "bf16":
+        unembed = hf.lm_head.weight  # fp32, possibly tied to the embedding
+        store_linear_weights_in_bf16_(copied)
+        hf.lm_head.weight = unembed
+        hf.lm_head = _UnembedInFp32(hf.lm_head)
     layout = ComponentLayout(hf.config.num_hidden_layers, hf.config.num_attention_heads, split_qkv)
-    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient, gates)
+    return PreparedModel(copied, hf, layout, logits_fn(copied), gate_gradient, gates, precision)
 
 
 @torch.no_grad()
@@ -292,9 +301,23 @@ def clean_masks(prepared: PreparedModel, ids: torch.Tensor) -> list[torch.Tensor
     return prepared.module(input_ids=ids, record_masks=True).gate_record.gate_masks
 
 
+class _UnembedInFp32(nn.Module):
+    """The unembedding in fp32 also under bf16 autocast: a logit difference of two bf16-rounded logits
+    is off by up to ~0.06 at logit 16, which is what a circuit's metric would see."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, resid: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., vocab] float32
+        with torch.autocast(resid.device.type, enabled=False):
+            return self.linear(resid.float())
+
+
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
     with hooks.attached(prepared.module):
-        return prepared.forward(ids)[:, -1].float()  # [b, vocab]
+        # only the last position is unembedded: all the metric reads
+        return prepared.module(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [b, vocab]
 
 
 @torch.no_grad()

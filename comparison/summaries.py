@@ -184,7 +184,7 @@ def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: lis
     tokenizer, or whose corruption moves no metric, gets a status row."""
     circuit = config.circuit
     modes = gate_modes(circuit, models["sparse"][0]) if "sparse" in models else [circuit.gates]
-    prepared = {(variant, mode): prepare(model, circuit.split_qkv, circuit.gate_gradient, mode)
+    prepared = {(variant, mode): prepare(model, circuit.split_qkv, circuit.gate_gradient, mode, circuit.precision)
                 for variant, (model, _) in models.items()  # one copy per model and mode for every task and prompt
                 for mode in (modes if gate_mode(model) == "eval" else modes[:1])}
     results: dict[str, dict] = {}

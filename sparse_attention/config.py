@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runtime.precision import PRECISION_DESCRIPTION, Precision
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.data import DataConfig
 from sparse_attention.models import TinyModelConfig
@@ -65,6 +66,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = Field("bf16", description="training forward passes: " + PRECISION_DESCRIPTION)
 
 
 class EvalConfig(BaseModel):

@@ -14,16 +14,30 @@ from sparse_attention.data import iterate_blocks
 from sparse_attention.gated_attention import GatedModel
 
 
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """logits [b, pos, vocab] (any float dtype) -> float32 log-probabilities of each next token
+    [b * (pos - 1), vocab]: computed once, they give both the CE and the KL below."""
+    return F.log_softmax(logits[:, :-1].flatten(0, 1).float(), dim=-1)
+
+
+def ce_from_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, nats.  log_probs [b * (pos - 1), vocab]; tokens [b, pos]."""
+    return F.nll_loss(log_probs, tokens[:, 1:].flatten())
+
+
+def kl_from_log_probs(reference_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || model) per next token, nats.  Both [b * (pos - 1), vocab]."""
+    return F.kl_div(log_probs, reference_log_probs, log_target=True, reduction="batchmean")
+
+
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, nats.  logits [b, pos, vocab]; tokens [b, pos]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    return ce_from_log_probs(next_token_log_probs(logits), tokens)
 
 
 def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean KL(reference || model) of the next-token distributions, nats.  Both [b, pos, vocab]."""
-    ref = F.log_softmax(reference_logits[:, :-1].float(), dim=-1).flatten(0, 1)
-    mine = F.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
-    return F.kl_div(mine, ref, log_target=True, reduction="batchmean")
+    return kl_from_log_probs(next_token_log_probs(reference_logits), next_token_log_probs(logits))
 
 
 @torch.no_grad()

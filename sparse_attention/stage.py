@@ -161,6 +161,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         "model": config.model.name,
         "data_source": config.data.source,
         "context_length": int(heldout.shape[1]),
+        "precision": config.train.precision,  # of training; calibration and evaluation run in fp32
         "dense_ce": dense_ce,
         "sparse_ce": sparse_ce,
         "control_ce": control_ce,

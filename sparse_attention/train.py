@@ -11,11 +11,12 @@ import torch
 
 from runtime.checkpoint import CheckpointError
 from runtime.distributed import average_gradients, average_scalars, is_distributed, shard_for_rank, world_size
+from runtime.precision import autocast, check_precision, frozen_copy
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
 from sparse_attention.data import batch_iterator
-from sparse_attention.evaluate import next_token_ce, next_token_kl
+from sparse_attention.evaluate import ce_from_log_probs, kl_from_log_probs, next_token_log_probs
 from sparse_attention.gated_attention import GatedModel
 
 if TYPE_CHECKING:
@@ -44,18 +45,21 @@ def select_trainable(gated: GatedModel, which: str, learn_offset: bool) -> list[
 
 
 @torch.no_grad()
-def hard_gate_constraint(gated: GatedModel, tokens: torch.Tensor, reference_logits: torch.Tensor,
-                         reference_ce: torch.Tensor, constraint: str) -> tuple[float, float]:
+def hard_gate_constraint(gated: GatedModel, tokens: torch.Tensor, reference_log_probs: torch.Tensor,
+                         reference_ce: torch.Tensor, constraint: str, precision: str = "fp32") -> tuple[float, float]:
     """(CE, constraint value) of the deterministic gates (logit > 0) on `tokens` [batch, pos]: one no-grad
-    eval-mode forward, after which the model is back in the mode and noise setting it had."""
+    eval-mode forward (under `precision`'s autocast, losses in fp32), after which the model is back in the
+    mode and noise setting it had. `reference_log_probs` [batch * (pos - 1), vocab]: the original's."""
     mode, noise, training = gated.mode, gated.noise, gated.training
     gated.eval().set_mode("eval")
     try:
-        logits = gated(tokens).logits
+        with autocast(precision, tokens.device):
+            logits = gated(tokens).logits
     finally:
         gated.train(training).set_mode(mode, noise=noise)
-    ce = next_token_ce(logits, tokens)
-    value = next_token_kl(reference_logits, logits) if constraint == "kl" else ce - reference_ce
+    log_probs = next_token_log_probs(logits)
+    ce = ce_from_log_probs(log_probs, tokens)
+    value = kl_from_log_probs(reference_log_probs, log_probs) if constraint == "kl" else ce - reference_ce
     return ce.item(), value.item()
 
 
@@ -73,13 +77,17 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     hard_gates = train.controller_signal == "hard_gates"
     for _ in range(train.grad_accumulation):
         tokens = shard_for_rank(next(batches)).to(gated.offsets.device)
-        with torch.no_grad():
-            reference_logits = reference(input_ids=tokens).logits
-            reference_ce = next_token_ce(reference_logits, tokens)
-        out = gated(tokens)
-        ce = next_token_ce(out.logits, tokens)
+        with autocast(train.precision, tokens.device):  # forward passes only; the losses below are fp32
+            with torch.no_grad():
+                reference_logits = reference(input_ids=tokens).logits
+            out = gated(tokens)
+        with torch.no_grad():  # each log-softmax over the vocabulary once: CE and KL share it
+            reference_log_probs = next_token_log_probs(reference_logits)
+            reference_ce = ce_from_log_probs(reference_log_probs, tokens)
+        log_probs = next_token_log_probs(out.logits)
+        ce = ce_from_log_probs(log_probs, tokens)
         if train.constraint == "kl":
-            excess_term = next_token_kl(reference_logits, out.logits)
+            excess_term = kl_from_log_probs(reference_log_probs, log_probs)
         else:
             excess_term = ce - reference_ce
         regulariser = out.gate_record.regulariser()
@@ -91,8 +99,8 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         totals["regulariser"] += regulariser.item() / train.grad_accumulation
         totals["excess"] += excess_term.item() / train.grad_accumulation
         if hard_gates:
-            hard_ce, hard_excess = hard_gate_constraint(gated, tokens, reference_logits, reference_ce,
-                                                        train.constraint)
+            hard_ce, hard_excess = hard_gate_constraint(gated, tokens, reference_log_probs, reference_ce,
+                                                        train.constraint, train.precision)
             totals["hard_ce"] += hard_ce / train.grad_accumulation
             totals["hard_excess"] += hard_excess / train.grad_accumulation
         totals["open"] += int(open_edges.sum())
@@ -146,6 +154,8 @@ def post_train(
     """
     if train.threads:
         torch.set_num_threads(train.threads)
+    check_precision(train.precision, gated.offsets.device)
+    reference = frozen_copy(reference, train.precision)  # its forwards only; bf16 Linear weights under bf16
     weights = select_trainable(gated, train.trainable, learn_offset)
     groups = [{"params": [p for _, p in weights], "lr": train.lr, "weight_decay": train.weight_decay}]
     if learn_offset:

@@ -410,7 +410,8 @@ DOES_ANY_TASK = {"min_clean_logit_diff": -1e9, "min_clean_accuracy": 0.0}  # tin
 
 
 def test_run_gives_normalised_curves_and_a_comparison(prompts):
-    config = ComponentCircuitConfig(curve_points=4, refine=False, bootstrap_samples=200, **DOES_ANY_TASK)
+    config = ComponentCircuitConfig(curve_points=4, refine=False, bootstrap_samples=200, precision="fp32",
+                                    **DOES_ANY_TASK)  # exact endpoints
     dense = run(config, make_model("dense"), byte_tokenizer(), prompts)
     sparse = run(config, make_model("gated"), byte_tokenizer(), prompts)
     for result in (dense, sparse):

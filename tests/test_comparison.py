@@ -189,7 +189,7 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
     circuit = ComponentCircuitConfig(curve_points=4, batch_size=4, dense_points=2, faithfulness_edges=4,
                                      min_clean_logit_diff=-1e9, min_clean_accuracy=0.0, min_prompt_gap=0.0,
-                                     bootstrap_samples=100)
+                                     bootstrap_samples=100, precision="fp32")  # exact endpoints
     config = CircuitsConfig(prompts_per_task=3, circuit=circuit)
     curves, summary, prompts = run_circuits(config, models, ["greater_than", "antonyms"], samples=300)
     ok = summary[summary["task"] == "greater_than"]

@@ -80,7 +80,8 @@ def test_scan_equals_brute_force_over_all_activations(tiny, tmp_path: Path):
     model, tokenizer = tiny
     blocks = heldout_blocks(tmp_path, tokenizer)
     clt = random_clt()
-    config = FeaturesConfig(tokens=10_000, top_k=6, n_random=3, random_pool=3, window=7, batch_size=3)
+    config = FeaturesConfig(tokens=10_000, top_k=6, n_random=3, random_pool=3, window=7, batch_size=3,
+                            precision="fp32")  # compared exactly with an fp32 brute force
     state = scan_activations(model, clt, blocks, config, progress=False)
     T = blocks.shape[1]
     assert state.blocks_done == len(blocks) and state.tokens_done == len(blocks) * (T - 1)

@@ -104,10 +104,11 @@ class CrossLayerTranscoder(nn.Module):
         return self.config.d_model
 
     def pre_activations(self, mlp_in: torch.Tensor) -> torch.Tensor:
-        """[..., L, D] real MLP inputs -> [..., L, F] pre-activations (stored layer-major underneath)."""
+        """[..., L, D] real MLP inputs -> [..., L, F] pre-activations (stored layer-major underneath), float32
+        also under bf16 autocast: the JumpReLU threshold compares and learns in fp32."""
         lead, (L, D) = mlp_in.shape[:-2], mlp_in.shape[-2:]
         x = (mlp_in / self.input_scale[:, None]).reshape(-1, L, D).transpose(0, 1)  # [L, N, D]
-        pre = torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc.transpose(1, 2))  # [L, N, F]
+        pre = torch.baddbmm(self.b_enc[:, None, :], x, self.W_enc.transpose(1, 2)).float()  # [L, N, F]
         return pre.transpose(0, 1).reshape(*lead, L, self.n_features)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def encode_layer(self, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
         """One layer's features from its MLP input: [..., D] -> [..., F]."""
-        pre = (mlp_in / self.input_scale[layer]) @ self.W_enc[layer].T + self.b_enc[layer]
+        pre = ((mlp_in / self.input_scale[layer]) @ self.W_enc[layer].T).float() + self.b_enc[layer]
         return jumprelu(pre, self.threshold[layer], self.config.bandwidth)
 
     def decode_layer(self, layer: int, acts: list[torch.Tensor]) -> torch.Tensor:

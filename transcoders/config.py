@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from runtime.precision import PRECISION_DESCRIPTION, Precision
 from sparse_attention.data import DataConfig
 
 
@@ -29,10 +30,6 @@ class HarvestConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="token blocks per LM forward")
     buffer_tokens: int = Field(16384, ge=2, description="shuffle buffer size; each round serves half, refills half")
     reuse: int = Field(1, ge=1, description="times each harvested token is served, on average (LM forwards are costly)")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="LM precision while harvesting; bfloat16 is ~3x faster on CPUs with bf16 units. "
-        "Evaluation always runs the LM in float32"
-    )
     seed: int = 0
 
 
@@ -103,6 +100,7 @@ class FeaturesConfig(BaseModel):
     n_tokens_listed: int = Field(10, gt=0, description="promoted, suppressed and input tokens stored per feature")
     batch_size: int = Field(8, gt=0, description="held-out blocks per LM forward")
     checkpoint_tokens: int = Field(20_000, gt=0, description="save the scan state every this many tokens")
+    precision: Precision = Field("bf16", description="LM and encoder forwards of the scan: " + PRECISION_DESCRIPTION)
     seed: int = 0
 
 
@@ -117,6 +115,9 @@ class CLTStageConfig(BaseModel):
     cache: CacheConfig = CacheConfig()
     train: CLTTrainConfig = CLTTrainConfig()
     eval: CLTEvalConfig = CLTEvalConfig()
+    precision: Precision = Field("bf16", description="harvest (LM forwards) and CLT training (its forward, the "
+                                 "encoder matmuls; decoding and the loss stay fp32): " + PRECISION_DESCRIPTION
+                                 + ". Evaluation runs in fp32")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="refuse to start above this estimate; None = the memory available at start"
     )

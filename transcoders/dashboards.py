@@ -178,7 +178,7 @@ def build_dashboards(model: nn.Module, clt: CrossLayerTranscoder, tokenizer, blo
             "blocks_scanned": state.blocks_done, "context_length": int(blocks.shape[1]),
             "n_layers": int(count.shape[0]), "n_features": int(count.shape[1]),
             "n_examples": examples.num_rows, "never_active_fraction": float((count == 0).float().mean()),
-            "scan_seconds": scan_seconds, "seconds": time.perf_counter() - started,
+            "precision": config.precision, "scan_seconds": scan_seconds, "seconds": time.perf_counter() - started,
             "config": config.model_dump(mode="json")}
     meta = write_dashboards(clt_dir, features, examples, meta)
     (directory / STATE_FILE).unlink(missing_ok=True)

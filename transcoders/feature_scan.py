@@ -25,6 +25,7 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.precision import autocast, check_precision, frozen_copy
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import FeaturesConfig
 from transcoders.harvest import harvest_batch
@@ -147,6 +148,9 @@ def scan_activations(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.
                      *, state_path: Path | None = None, fingerprint: str = "", progress: bool = True) -> ScanState:
     """The streaming pass over `blocks` [n, context_length] (see the module docstring); resumes from `state_path`."""
     context_length = blocks.shape[1]
+    device = next(model.parameters()).device
+    check_precision(config.precision, device)
+    model = frozen_copy(model, config.precision)
     n_blocks = blocks_to_scan(blocks, config.tokens)
     saved = load_checkpoint(state_path, fingerprint, what="feature scan") if state_path is not None else None
     if saved is not None:
@@ -159,11 +163,12 @@ def scan_activations(model: nn.Module, clt: CrossLayerTranscoder, blocks: torch.
                dynamic_ncols=True)
     for start in range(state.blocks_done, n_blocks, config.batch_size):
         batch = blocks[start: min(start + config.batch_size, n_blocks)]
-        mlp_in, _ = harvest_batch(model, batch)  # [B * (T - 1), L, D]
-        mlp_in = mlp_in.view(len(batch), context_length - 1, clt.n_layers, clt.d_model)
-        for layer in range(clt.n_layers):
-            acts = clt.encode_layer(layer, mlp_in[:, :, layer])  # [B, T - 1, F]
-            update_layer(state, layer, acts, start, context_length, config.window, config.seed)
+        with autocast(config.precision, device):  # LM and encoder matmuls; activations come out fp32
+            mlp_in, _ = harvest_batch(model, batch)  # [B * (T - 1), L, D]
+            mlp_in = mlp_in.view(len(batch), context_length - 1, clt.n_layers, clt.d_model)
+            for layer in range(clt.n_layers):
+                acts = clt.encode_layer(layer, mlp_in[:, :, layer])  # [B, T - 1, F]
+                update_layer(state, layer, acts, start, context_length, config.window, config.seed)
         before = state.tokens_done
         state.blocks_done = start + len(batch)
         state.tokens_done += mlp_in.shape[0] * mlp_in.shape[1]

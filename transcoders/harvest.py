@@ -17,6 +17,7 @@ from torch import nn
 from typing_extensions import Self
 
 from runtime.checkpoint import CheckpointError
+from runtime.precision import Precision, autocast
 from sparse_attention.data import batch_iterator
 from sparse_attention.hook_points import HookFn, hf_model, hooks, layers
 
@@ -117,11 +118,15 @@ def harvest_batch(model: nn.Module, tokens: torch.Tensor) -> Chunk:
     return mlp_in.flatten(0, 1).float(), mlp_out.flatten(0, 1).float()
 
 
-def harvest_stream(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0
-                   ) -> Iterator[Chunk]:
-    """Endless chunks of activations from shuffled token blocks; chunk k comes from batch k of batch_iterator."""
+def harvest_stream(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int, start_batch: int = 0,
+                   precision: Precision = "fp32") -> Iterator[Chunk]:
+    """Endless chunks of activations from shuffled token blocks; chunk k comes from batch k of batch_iterator.
+    The LM runs in `precision` on the device of its parameters; the chunks are float32."""
+    device = next(model.parameters()).device
     for tokens in batch_iterator(blocks, batch_size, seed, start_batch):
-        yield harvest_batch(model, tokens)
+        with autocast(precision, device):  # not around the yield: the consumer runs in its own precision
+            chunk = harvest_batch(model, tokens)
+        yield chunk
 
 
 class ShuffleBuffer:

@@ -10,7 +10,6 @@ metrics and plots.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import shutil
@@ -24,6 +23,7 @@ import yaml
 from runtime.distributed import is_main_rank, wait_for_all_ranks
 from runtime.files import write_json_atomic
 from runtime.outputs import open_output_dir
+from runtime.precision import autocast, check_precision, frozen_copy
 from runtime.resources import peak_rss_gb
 from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.sources import ModelSource, load_source
@@ -64,6 +64,8 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     trains on `device`; harvesting and evaluation run the LM on the CPU. Data-parallel ranks other than 0
     return {} after training."""
     output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
+    check_precision(config.precision, "cpu")  # harvesting
+    check_precision(config.precision, device)  # training
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     started = time.perf_counter()
@@ -81,30 +83,33 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed).to(device)
 
     harvest = config.harvest
-    harvest_lm = lm if harvest.dtype == "float32" else copy.deepcopy(lm).to(getattr(torch, harvest.dtype))
+    harvest_lm = frozen_copy(lm, config.precision)  # `lm` itself evaluates, in fp32
     if config.cache.enabled:
         cache_dir = config.cache.directory or output_dir / "activations"
         cache_identity = {"model": identity, "data": config.data.model_dump(mode="json"),
-                          "harvest": harvest.model_dump(mode="json", include={"batch_size", "seed", "dtype"})}
+                          "harvest": harvest.model_dump(mode="json", include={"batch_size", "seed"}),
+                          "precision": config.precision}
         if is_main_rank():
-            build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity, batch_size=harvest.batch_size,
-                        seed=harvest.seed, max_tokens=config.cache.max_tokens,
-                        shard_tokens=config.cache.shard_tokens, progress=progress)
+            with autocast(config.precision, "cpu"):  # the LM harvests on the CPU
+                build_cache(harvest_lm, blocks.train, cache_dir, identity=cache_identity,
+                            batch_size=harvest.batch_size, seed=harvest.seed, max_tokens=config.cache.max_tokens,
+                            shard_tokens=config.cache.shard_tokens, progress=progress)
         wait_for_all_ranks()  # the other ranks read the cache rank 0 built
 
         def chunks(start: int):
             return cache_chunks(cache_dir, (n_layers, d_model), start)
     else:
         def chunks(start: int):
-            return harvest_stream(harvest_lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start)
+            return harvest_stream(harvest_lm, blocks.train, harvest.batch_size, harvest.seed, start_batch=start,
+                                  precision=config.precision)
 
     def open_source(state: dict | None) -> ShuffleBuffer:
         return ShuffleBuffer(chunks, harvest.buffer_tokens, config.train.batch_tokens, reuse=harvest.reuse,
                              seed=harvest.seed, state=state)
 
-    result = train_clt(clt, open_source, config.train, checkpoint_dir=output_dir / CHECKPOINT_DIR,
-                       fingerprint=training_fingerprint(config, identity), progress=progress,
-                       on_checkpoint=on_checkpoint)
+    result = train_clt(clt, open_source, config.train, precision=config.precision,
+                       checkpoint_dir=output_dir / CHECKPOINT_DIR, fingerprint=training_fingerprint(config, identity),
+                       progress=progress, on_checkpoint=on_checkpoint)
     if not is_main_rank():  # data-parallel workers: rank 0 exports and evaluates
         return {}
     save_clt(clt, output_dir, model_name=identity["model_name"],
@@ -122,6 +127,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         "d_model": d_model,
         "n_features": clt_config.n_features,
         "clt_parameters": clt_config.n_parameters,
+        "precision": config.precision,  # of harvest and training; evaluation runs in fp32
         **recon,
         **ce,
         "train_dead_fraction": result.dead_fraction,

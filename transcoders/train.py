@@ -32,6 +32,7 @@ from runtime.distributed import (
     true_on_any_rank,
     world_size,
 )
+from runtime.precision import Precision, autocast
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from transcoders.clt import CrossLayerTranscoder
 from transcoders.config import CLTTrainConfig
@@ -132,7 +133,8 @@ class _Counters:
 
 
 def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp_in: torch.Tensor,
-                mlp_out: torch.Tensor, config: CLTTrainConfig, step: int, counters: _Counters) -> dict:
+                mlp_out: torch.Tensor, config: CLTTrainConfig, step: int, counters: _Counters,
+                precision: Precision) -> dict:
     """One optimiser step on one global batch [B, L, D] (this rank's shard of it when data parallel);
     updates `counters` and returns the history row (statistics averaged over ranks: `nmse` is the mean of
     the shards' values, the other terms are means over the global batch)."""
@@ -141,8 +143,9 @@ def _train_step(clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer, mlp
     for group in optimizer.param_groups:
         group["lr"] = config.lr * lr_factor(step, config.warmup_steps, config.steps)
     lambda_s = sparsity_weight(step, config)
-    terms = clt_loss(clt, mlp_in, mlp_out, sparsity_coefficient=lambda_s, sparsity_c=config.sparsity_c,
-                     preact_coefficient=config.preact_coefficient, decode=config.decode)
+    with autocast(precision, device):  # the encoder matmuls; pre-activations come out fp32 (clt.py)
+        terms = clt_loss(clt, mlp_in, mlp_out, sparsity_coefficient=lambda_s, sparsity_c=config.sparsity_c,
+                         preact_coefficient=config.preact_coefficient, decode=config.decode)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
     stats = {"loss": terms.total.item(), "mse": terms.mse_per_layer.sum().item(),
@@ -175,12 +178,14 @@ def train_clt(
     open_source: Callable[[dict | None], BatchSource],
     config: CLTTrainConfig,
     *,
+    precision: Precision = "fp32",
     fingerprint: str = "",
     **options: Unpack[LoopOptions],
 ) -> CLTTrainResult:
     """Train (or resume) `clt` in place, on the device it is on. `open_source(state)` restarts the data
     where `state` left off (None: from the beginning); data parallel, it must serve the same batches on
-    every rank. `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`."""
+    every rank. The loss's forward runs in `precision` (runtime/precision.py); parameters, optimizer state and
+    the JumpReLU thresholds stay fp32. `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`."""
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.batch_tokens % world_size():
@@ -217,7 +222,8 @@ def train_clt(
 
     clt.train()
     with reuse_freed_memory():  # each step's gigabytes of temporaries reuse the last step's pages
-        result = loop.run(lambda step: _train_step(clt, optimizer, *next(batches), config, step, counters),
+        result = loop.run(lambda step: _train_step(clt, optimizer, *next(batches), config, step, counters,
+                                                     precision),
                           trainer_state, postfix)
     clt.eval()
     dead = (counters.silent_tokens >= config.dead_window_tokens).float().mean().item()

@@ -1,0 +1,80 @@
+"""Mixed precision, one mechanism for every stage: `precision: fp32 | bf16` in a stage's config.
+
+Under "bf16" the stage's forward passes run inside `torch.autocast(device_type, dtype=torch.bfloat16)`:
+matmuls and linear layers compute in bfloat16, while parameters (master weights), optimizer state and
+whatever the stage computes outside autocast stay float32. Stages cast logits or pre-activations back to
+float32 before loss reductions (cross-entropy, log-softmax, sums) and before the JumpReLU threshold.
+Hardware without bfloat16 units is refused with `PrecisionError` (emulated bf16 is slower than fp32),
+never silently run in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["fp32", "bf16"]
+PRECISION_DESCRIPTION = ("fp32, or bf16: forward passes under torch.autocast (bfloat16 matmuls; fp32 weights, "
+                         "optimizer state and loss reductions); bf16 needs bfloat16 hardware (CUDA: Ampere or "
+                         "newer; CPU: AVX512-BF16 or AMX)")
+
+
+class PrecisionError(RuntimeError):
+    """bf16 asked for on a device without bfloat16 hardware support."""
+
+
+def _cpu_has_bf16() -> bool:
+    """oneDNN's probe of the CPU's instruction sets (AVX512-BF16, AMX, ...)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether `device_type` ("cpu" or "cuda") has native bfloat16 arithmetic."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        return _cpu_has_bf16()
+    return False
+
+
+def check_precision(precision: Precision, device: str | torch.device = "cpu") -> None:
+    """Raise PrecisionError where `precision` cannot run natively on `device`; fp32 runs everywhere."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "bf16" and not bf16_supported(device_type):
+        raise PrecisionError(
+            f"precision 'bf16' was asked for, but this {device_type} has no native bfloat16 support "
+            f"(torch {torch.__version__}); set precision: fp32 in the stage's config"
+        )
+
+
+@contextlib.contextmanager
+def autocast(precision: Precision, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Run the block's forward passes in `precision` on `device` (checked first). fp32 disables any
+    autocast around the block, so an fp32 stage computes in fp32 wherever it is called from."""
+    check_precision(precision, device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        yield
+
+
+def store_linear_weights_in_bf16_(model: nn.Module) -> nn.Module:
+    """In place: every nn.Linear weight of a frozen `model` becomes a bfloat16 Parameter (a new one, so an
+    lm_head tied to the embedding is untied and the embedding stays fp32); biases and norms stay fp32.
+    Under bf16 autocast this gives the same numbers as fp32 weights (autocast rounds them to bf16 on every
+    call, and caches no cast of a weight without requires_grad) without recasting them per forward."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+    return model
+
+
+def frozen_copy(model: nn.Module, precision: Precision) -> nn.Module:
+    """`model` for forward passes of frozen weights in `precision`: under "bf16" a copy with its Linear
+    weights stored in bfloat16 (`store_linear_weights_in_bf16_`), under "fp32" `model` itself."""
+    return model if precision == "fp32" else store_linear_weights_in_bf16_(copy.deepcopy(model))

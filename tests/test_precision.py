@@ -1,0 +1,191 @@
+"""Mixed precision (runtime/precision.py): configs refuse unknown values, hardware without bf16 is refused
+with one clear error, and each stage under bf16 agrees with fp32 on tiny models within a stated tolerance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from attribution.config import AttributionStageConfig
+from attribution.stage import Attributor
+from circuits.config import CircuitError, ComponentCircuitConfig
+from circuits.curves import run as run_circuits
+from circuits.curves import run_prepared
+from circuits.hooks import prepare
+from pipeline.config import load_config
+from runtime import precision
+from runtime.precision import PrecisionError, autocast, check_precision
+from sparse_attention import stage as sparsify_stage
+from sparse_attention.config import ModelSpec, SparsifyConfig, TrainConfig
+from sparse_attention.constraint import ControllerConfig
+from sparse_attention.gated_attention import GatedModel
+from sparse_attention.models import byte_tokenizer, tiny_model
+from sparse_attention.train import post_train
+from tests.test_attribution import N_FEATURES, random_clt
+from tests.test_attribution_stage import SMALL
+from tests.test_circuits import make_model
+from tests.test_circuits import prompts as circuit_prompts  # noqa: F401 - the fixture
+from tests.test_features import heldout_blocks
+from tests.test_features import random_clt as features_clt
+from tests.test_transcoders_stage import stage_config
+from transcoders import stage as clt_stage
+from transcoders.clt import save_clt
+from transcoders.config import CLTStageConfig, FeaturesConfig
+from transcoders.feature_scan import scan_activations
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_bf16 = pytest.mark.skipif(not precision.bf16_supported("cpu"), reason="this CPU has no bfloat16 units")
+
+
+@pytest.mark.parametrize("make", [
+    lambda value: SparsifyConfig.model_validate({"train": {"precision": value}}),
+    lambda value: CLTStageConfig(precision=value),
+    lambda value: FeaturesConfig(precision=value),
+    lambda value: ComponentCircuitConfig(precision=value),
+    lambda value: AttributionStageConfig(precision=value),
+])
+def test_configs_take_fp32_or_bf16_and_refuse_anything_else(make):
+    for value in ("fp32", "bf16"):
+        make(value)
+    for bad in ("fp16", "float32", "bfloat16", ""):
+        with pytest.raises(ValidationError, match="precision"):
+            make(bad)
+
+
+def test_defaults_bf16_where_results_stay_equal_and_fp32_for_attribution():
+    assert SparsifyConfig().train.precision == "bf16" and CLTStageConfig().precision == "bf16"
+    assert FeaturesConfig().precision == "bf16" and ComponentCircuitConfig().precision == "bf16"
+    assert AttributionStageConfig().precision == "fp32"
+    with pytest.raises(ValidationError, match="dtype"):  # the old harvest setting is folded into `precision`
+        CLTStageConfig.model_validate({"harvest": {"dtype": "bfloat16"}})
+
+
+def test_hardware_without_bf16_is_refused_with_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: False)
+    assert not precision.bf16_supported("cpu")
+    with pytest.raises(PrecisionError, match="no native bfloat16 support.*precision: fp32"):
+        check_precision("bf16", "cpu")
+    with pytest.raises(PrecisionError):
+        with autocast("bf16", "cpu"):
+            pytest.fail("the block must not run")
+    with autocast("fp32", "cpu"):  # fp32 runs everywhere
+        assert not torch.is_autocast_enabled("cpu")
+    model, _ = tiny_model(SMALL)
+    with pytest.raises(PrecisionError):  # before the first step, not a silent fp32 run
+        post_train(GatedModel(model, offset_init=1.0), model, torch.zeros(4, 8, dtype=torch.long), TrainConfig(steps=1),
+                   ControllerConfig(), learn_offset=True, progress=False)
+    with pytest.raises(PrecisionError):
+        clt_stage.run(stage_config(tmp_path), ModelSpec(name="tiny", tiny=SMALL), tmp_path / "clt", progress=False)
+
+
+@needs_bf16
+def test_autocast_computes_matmuls_in_bf16_and_fp32_turns_an_outer_autocast_off():
+    a = torch.randn(8, 8)
+    with autocast("bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+        with autocast("fp32"):
+            assert (a @ a).dtype == torch.float32
+
+
+@needs_bf16
+def test_sparsify_stage_in_bf16_matches_fp32(tmp_path: Path):
+    """Tolerance: held-out CE within 0.02 nats and open-edge fraction within 0.05 after the tiny preset's
+    40 steps (the two runs see the same batches and gate noise)."""
+    metrics = {}
+    for value in ("fp32", "bf16"):
+        config = load_config(preset="tiny").sparsify
+        config = config.model_copy(update={"train": config.train.model_copy(update={"precision": value})})
+        metrics[value] = sparsify_stage.run(config, tmp_path / value, progress=False)
+        on_disk = json.loads((tmp_path / value / sparsify_stage.METRICS_FILE).read_text())
+        saved = yaml.safe_load((tmp_path / value / sparsify_stage.CONFIG_FILE).read_text())
+        assert on_disk["precision"] == saved["train"]["precision"] == value
+    fp32, bf16 = metrics["fp32"], metrics["bf16"]
+    assert bf16["dense_ce"] == fp32["dense_ce"]  # evaluation runs in fp32
+    assert abs(bf16["sparse_ce"] - fp32["sparse_ce"]) < 0.02
+    assert abs(bf16["edge_fraction"] - fp32["edge_fraction"]) < 0.05
+    assert bf16["history"][0]["ce"] == pytest.approx(fp32["history"][0]["ce"], abs=0.01)  # the same first batch
+
+
+@needs_bf16
+def test_clt_stage_in_bf16_matches_fp32(tmp_path: Path):
+    """Tolerance: held-out nMSE per layer within 0.01 (absolute) at equal tokens; fp32 evaluation."""
+    metrics = {}
+    for value in ("fp32", "bf16"):
+        config = stage_config(tmp_path).model_copy(update={"precision": value})
+        metrics[value] = clt_stage.run(config, ModelSpec(name="tiny", tiny=SMALL), tmp_path / value, progress=False)
+        on_disk = json.loads((tmp_path / value / clt_stage.METRICS_FILE).read_text())
+        saved = yaml.safe_load((tmp_path / value / clt_stage.CONFIG_FILE).read_text())
+        assert on_disk["precision"] == saved["precision"] == value
+    fp32, bf16 = metrics["fp32"], metrics["bf16"]
+    assert bf16["train_tokens_seen"] == fp32["train_tokens_seen"]
+    assert bf16["nmse_per_layer"] == pytest.approx(fp32["nmse_per_layer"], abs=0.01)
+    assert bf16["l0_per_layer"] == pytest.approx(fp32["l0_per_layer"], rel=0.1)
+
+
+@needs_bf16
+def test_feature_scan_in_bf16_matches_fp32(tiny, tmp_path: Path):
+    """Tolerance: per-feature active counts within 2% of the tokens scanned, top activations within 0.05
+    (relative); the precision is recorded with the dashboards' config."""
+    model, tokenizer = tiny
+    blocks = heldout_blocks(tmp_path, tokenizer)
+    clt = features_clt()
+    states = {value: scan_activations(model, clt, blocks, FeaturesConfig(tokens=10_000, top_k=4, n_random=0,
+                                                                          window=5, precision=value), progress=False)
+              for value in ("fp32", "bf16")}
+    fp32, bf16 = states["fp32"], states["bf16"]
+    assert bf16.tokens_done == fp32.tokens_done
+    assert (bf16.count - fp32.count).abs().max() <= 0.02 * fp32.tokens_done
+    assert (fp32.count > 0).sum() > 10  # features that fire: the comparison means something
+    torch.testing.assert_close(bf16.top_act[..., 0], fp32.top_act[..., 0], rtol=0.05, atol=0.01)
+
+
+@needs_bf16
+def test_component_circuits_in_bf16_match_fp32(circuit_prompts):  # noqa: F811 - the fixture
+    """Tolerance: the clean and corrupted metrics within 0.02 (logit diff), every curve point's explained
+    effect within 0.1, the heads' count at target within one head; the precision is in the result's config."""
+    results = {value: run_circuits(ComponentCircuitConfig(curve_points=4, refine=False, position_edges=False,
+                                                          precision=value), make_model("dense"), byte_tokenizer(),
+                                   circuit_prompts)
+               for value in ("fp32", "bf16")}
+    fp32, bf16 = results["fp32"], results["bf16"]
+    assert bf16.config["precision"] == "bf16" and fp32.config["precision"] == "fp32"
+    assert bf16.metric_clean == pytest.approx(fp32.metric_clean, abs=0.02)
+    assert bf16.metric_corrupted == pytest.approx(fp32.metric_corrupted, abs=0.02)
+    for kind in ("heads", "edges"):
+        a, b = getattr(fp32, kind), getattr(bf16, kind)
+        assert a.counts == b.counts
+        assert b.effects == pytest.approx(a.effects, abs=0.1)
+    assert abs(bf16.heads.count_at_target - fp32.heads.count_at_target) <= 1
+    with pytest.raises(CircuitError, match="prepared for precision 'fp32'"):
+        run_prepared(ComponentCircuitConfig(precision="bf16"), prepare(make_model("dense")), byte_tokenizer(),
+                     circuit_prompts)
+
+
+@needs_bf16
+def test_attribution_with_a_bf16_forward_matches_fp32(tmp_path: Path):
+    """Tolerance: the same nodes up to 2% (a feature at its threshold may flip), and on the edges between
+    nodes of both graphs, weights within 0.05 of the largest |edge|."""
+    save_clt(random_clt(SMALL.n_layers, SMALL.d_model, N_FEATURES, seed=0), tmp_path / "clt")
+    attributor = Attributor.load(ModelSpec(name="tiny", tiny=SMALL), tmp_path / "clt", "dense")
+    records = {value: attributor.record("The cat sat on", AttributionStageConfig(precision=value))
+               for value in ("fp32", "bf16")}
+    edges = []
+    for value in ("fp32", "bf16"):
+        tables = records[value].tables
+        nodes = tables["nodes"].to_pandas()
+        name = dict(zip(nodes["node_index"], zip(nodes["kind"], nodes["layer"], nodes["pos"], nodes["feature"])))
+        table = tables["edges"].to_pandas()
+        edges.append({(name[t], name[s]): w for t, s, w in zip(table["target"], table["source"], table["weight"])})
+    fp32_nodes = {n for pair in edges[0] for n in pair}
+    bf16_nodes = {n for pair in edges[1] for n in pair}
+    assert len(fp32_nodes ^ bf16_nodes) <= 0.02 * len(fp32_nodes)
+    common = edges[0].keys() & edges[1].keys()
+    assert len(common) >= 0.9 * len(edges[0])
+    scale = max(abs(w) for w in edges[0].values())
+    assert max(abs(edges[0][key] - edges[1][key]) for key in common) <= 0.05 * scale
+    assert json.loads(records["bf16"].tables["graphs"].to_pylist()[0]["settings"])["precision"] == "bf16"
