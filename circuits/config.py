@@ -32,7 +32,9 @@ class ComponentCircuitConfig(BaseModel):
                                         "straight-through sigmoid (ignored for models without gates)")
     position_edges: bool = Field(True, description="also trace edges resolved by token position (counted from "
                                                    "the last token), a third curve")
-    precision: Precision = Field("bf16", description="every forward and gradient pass (recording, EAP, "
+    # fp32 by default: under bf16 near-tied EAP-IG edge scores swap ranks, which moves the first crossing of a
+    # non-monotone edge curve (tests/test_precision.py: 9 -> 11 edges on a tiny model; heads stay equal)
+    precision: Precision = Field("fp32", description="every forward and gradient pass (recording, ranking, "
                                  "patching): " + PRECISION_DESCRIPTION)
 
 

@@ -57,10 +57,10 @@ def test_configs_take_fp32_or_bf16_and_refuse_anything_else(make):
             make(bad)
 
 
-def test_defaults_bf16_where_results_stay_equal_and_fp32_for_attribution():
+def test_defaults_bf16_where_results_stay_equal_and_fp32_for_attribution_and_circuits():
     assert SparsifyConfig().train.precision == "bf16" and CLTStageConfig().precision == "bf16"
-    assert FeaturesConfig().precision == "bf16" and ComponentCircuitConfig().precision == "bf16"
-    assert AttributionStageConfig().precision == "fp32"
+    assert FeaturesConfig().precision == "bf16"
+    assert AttributionStageConfig().precision == "fp32" and ComponentCircuitConfig().precision == "fp32"
     with pytest.raises(ValidationError, match="dtype"):  # the old harvest setting is folded into `precision`
         CLTStageConfig.model_validate({"harvest": {"dtype": "bfloat16"}})
 
@@ -146,8 +146,10 @@ def test_feature_scan_in_bf16_matches_fp32(tiny, tmp_path: Path):
 
 @needs_bf16
 def test_component_circuits_in_bf16_match_fp32(circuit_prompts):  # noqa: F811 - the fixture
-    """Tolerance: the clean and corrupted metrics within 0.02 (logit diff), every curve point's explained
-    effect within 0.1, the heads' count at target within one head; the precision is in the result's config."""
+    """Tolerance: the clean and corrupted metrics within 0.02 (logit diff); heads (ranked by exact patching):
+    every curve point's explained effect within 0.1 and the count at target within one head; edges (EAP-IG
+    ranks, where bf16 swaps near ties): the count from which the curve stays at the target within two edges.
+    The precision is in the result's config."""
     results = {value: run_circuits(ComponentCircuitConfig(curve_points=4, refine=False, position_edges=False,
                                                           precision=value), make_model("dense"), byte_tokenizer(),
                                    circuit_prompts)
@@ -156,11 +158,10 @@ def test_component_circuits_in_bf16_match_fp32(circuit_prompts):  # noqa: F811 -
     assert bf16.config["precision"] == "bf16" and fp32.config["precision"] == "fp32"
     assert bf16.metric_clean == pytest.approx(fp32.metric_clean, abs=0.02)
     assert bf16.metric_corrupted == pytest.approx(fp32.metric_corrupted, abs=0.02)
-    for kind in ("heads", "edges"):
-        a, b = getattr(fp32, kind), getattr(bf16, kind)
-        assert a.counts == b.counts
-        assert b.effects == pytest.approx(a.effects, abs=0.1)
+    assert bf16.heads.counts == fp32.heads.counts
+    assert bf16.heads.effects == pytest.approx(fp32.heads.effects, abs=0.1)
     assert abs(bf16.heads.count_at_target - fp32.heads.count_at_target) <= 1
+    assert abs(bf16.edges.count_stays_above - fp32.edges.count_stays_above) <= 2
     with pytest.raises(CircuitError, match="prepared for precision 'fp32'"):
         run_prepared(ComponentCircuitConfig(precision="bf16"), prepare(make_model("dense")), byte_tokenizer(),
                      circuit_prompts)
