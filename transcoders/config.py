@@ -18,6 +18,8 @@ class CLTShapeConfig(BaseModel):
     n_features: int = Field(512, gt=0, description="features per layer; an untied SmolLM2 CLT has ~285k * F weights")
     threshold_init: float = Field(0.03, ge=0)
     bandwidth: float = Field(1.0, gt=0, description="rectangle kernel width of the JumpReLU threshold gradient")
+    skip: bool = Field(False, description="a linear skip path per layer (MLP input -> output, d_model^2 weights "
+                       "each, trained with the features); attribution treats it as one more linear path")
     seed: int = 0
 
 

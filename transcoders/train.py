@@ -1,7 +1,8 @@
 """CLT training: the loss, per-layer normalisation, and a resumable AdamW loop with a progress bar.
 
 Loss (training units: each layer's input and output divided by its scale, see clt.py):
-  sum_l mean_tokens |y_hat_l - y_l|^2 / D                              reconstruction, summed over layers
+  sum_l mean_tokens |y_hat_l - y_l|^2 / D                              reconstruction (with the skip paths, if
+                                                                       any), summed over layers
   + lambda_s(t) * mean_tokens sum_{l,f} tanh(c * |W_dec,f| * a_f)       |W_dec,f| over all of f's decoders
   + lambda_p * mean_tokens sum_{l,f} relu(-pre_f)                      pushes silent features back up
 lambda_s ramps linearly from 0 to its final value over `sparsity_ramp_fraction` of training.
@@ -72,6 +73,8 @@ def clt_loss(
         recon, norms = clt.decode_with_norms(acts)  # [N, L, D], [L, F]
     else:
         recon, norms = clt.decode_dense(acts), clt.decoder_norms()
+    if clt.W_skip is not None:
+        recon = recon + clt.skip_output(mlp_in)
     scale = clt.output_scale[:, None]
     err = (recon - mlp_out) / scale  # [N, L, D]
     mse_per_layer = err.pow(2).mean(dim=(0, 2))
