@@ -39,7 +39,8 @@ def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0, skip
                ) -> CrossLayerTranscoder:
     """A CLT with weights scaled so that a fair share of features fire on the tiny model, and with
     training-time normalisation scales left unfolded (attribution must fold them); `skip` adds a random
-    skip path whose output is about as large as the features' writes."""
+    skip path whose output is about as large as the tiny model's residual stream (so paths through it
+    weigh about as much as the others: its gain through the frozen norm is about 1)."""
     g = torch.Generator().manual_seed(seed)
     config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, skip=skip)
     clt = CrossLayerTranscoder(config, init=False)
@@ -54,7 +55,7 @@ def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0, skip
             weight.copy_(torch.randn(weight.shape, generator=g) / n_features**0.5)
         clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g) * 0.1)
         if skip:
-            clt.W_skip.copy_(torch.randn(n_layers, d_model, d_model, generator=g) / d_model**0.5)
+            clt.W_skip.copy_(torch.randn(n_layers, d_model, d_model, generator=g) * 0.02 / d_model**0.5)
     return clt.eval()
 
 
