@@ -90,17 +90,38 @@ def clt_loss(
                      active.sum(-1).float().mean(0), active.any(0))
 
 
+SKIP_RIDGE = 1e-3  # ridge of the least-squares skip init, relative to the mean input variance
+
+
+def least_squares_skip(x: torch.Tensor, y: torch.Tensor, ridge: float = SKIP_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the ridge least-squares affine map y ~ x @ W + b.  x, y [N, L, D] -> (W [L, D, D], b [L, D])"""
+    x_mean, y_mean = x.mean(0), y.mean(0)  # [L, D]
+    xc, yc = (x - x_mean).transpose(0, 1).double(), (y - y_mean).transpose(0, 1).double()  # [L, N, D]
+    gram = xc.transpose(1, 2) @ xc  # [L, D, D]
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    gram = gram + torch.diag_embed(ridge * diagonal.mean(1, keepdim=True).expand_as(diagonal))
+    W = torch.linalg.solve(gram, xc.transpose(1, 2) @ yc).float()
+    return W, y_mean - torch.einsum("li,lio->lo", x_mean, W)
+
+
 @torch.no_grad()
 def initialise_from_data(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         firing_fraction: float | None) -> None:
+                         firing_fraction: float | None, skip_init: str = "zero") -> None:
     """Data-dependent start: per-layer scales (a normalised vector has mean square 1 per element),
     b_dec at the mean output, and, if `firing_fraction` is set, b_enc such that each feature fires on
-    that fraction of these tokens. A sparse start keeps early steps cheap: decoding costs grow with L0."""
+    that fraction of these tokens. A sparse start keeps early steps cheap: decoding costs grow with L0.
+    With a skip path and skip_init "least_squares", W_skip and b_dec start at the affine least-squares fit."""
     mlp_in = torch.cat([x for x, _ in batches])  # [N, L, D]
     mlp_out = torch.cat([y for _, y in batches])
     clt.input_scale.copy_(mlp_in.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
     clt.output_scale.copy_(mlp_out.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
     clt.b_dec.copy_(mlp_out.mean(0) / clt.output_scale[:, None])
+    if clt.W_skip is not None:
+        clt.W_skip.zero_()
+        if skip_init == "least_squares":
+            W, b = least_squares_skip(mlp_in / clt.input_scale[:, None], mlp_out / clt.output_scale[:, None])
+            clt.W_skip.copy_(W)
+            clt.b_dec.copy_(b)
     if firing_fraction is not None:
         clt.b_enc.zero_()
         pre = clt.pre_activations(mlp_in)  # [N, L, F]
@@ -207,7 +228,7 @@ def train_clt(
         batches = iter(source)
         initialise_from_data(clt, [(x.to(device), y.to(device)) for x, y in
                                    (next(batches) for _ in range(config.normalisation_batches))],
-                             config.init_firing_fraction)
+                             config.init_firing_fraction, config.skip_init)
     if is_distributed():  # ranks that round the data-dependent init differently would otherwise never converge
         broadcast_from_main(clt)
 
