@@ -353,13 +353,17 @@ def test_parameter_count_matches_the_module():
 
 def test_memory_check_refuses_a_clt_that_does_not_fit():
     config = CLTConfig(n_layers=30, d_model=576, n_features=16384)
-    with pytest.raises(CLTMemoryError, match=r"n_features=16384 .* needs about .* About n_features=\d+ fits"):
+    with pytest.raises(CLTMemoryError, match=r"n_features=16384 .* needs about .* About n_features=\d+ fits") as excinfo:
         check_training_fits(config, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
                             budget_bytes=24 * 1024**3)
     small = config.model_copy(update={"n_features": 256})
     parts = check_training_fits(small, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
                                 budget_bytes=24 * 1024**3)
     assert parts["AdamW moments"] == 2 * parts["CLT weights"]
+    fits = int(str(excinfo.value).split("About n_features=")[1].split()[0])
+    with pytest.raises(CLTMemoryError, match=f"About n_features={fits} fits"):  # the skip path's weights are fixed
+        check_training_fits(config.model_copy(update={"skip": True}), batch_tokens=1024, buffer_tokens=16384,
+                            model_bytes=540_000_000 - 30 * 576 * 576 * 16, budget_bytes=24 * 1024**3)
 
 
 CT_CHECK = """
