@@ -94,13 +94,15 @@ SKIP_RIDGE = 1e-3  # ridge of the least-squares skip init, relative to the mean 
 
 
 def least_squares_skip(x: torch.Tensor, y: torch.Tensor, ridge: float = SKIP_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, the ridge least-squares affine map y ~ x @ W + b.  x, y [N, L, D] -> (W [L, D, D], b [L, D])"""
+    """Per layer, the ridge least-squares affine map y ~ x @ W + b (one layer at a time in float64, so the
+    temporaries are one layer's).  x, y [N, L, D] -> (W [L, D, D], b [L, D])"""
     x_mean, y_mean = x.mean(0), y.mean(0)  # [L, D]
-    xc, yc = (x - x_mean).transpose(0, 1).double(), (y - y_mean).transpose(0, 1).double()  # [L, N, D]
-    gram = xc.transpose(1, 2) @ xc  # [L, D, D]
-    diagonal = gram.diagonal(dim1=1, dim2=2)
-    gram = gram + torch.diag_embed(ridge * diagonal.mean(1, keepdim=True).expand_as(diagonal))
-    W = torch.linalg.solve(gram, xc.transpose(1, 2) @ yc).float()
+    W = torch.empty(x.shape[1], x.shape[2], y.shape[2])
+    for layer in range(x.shape[1]):
+        xc, yc = (x[:, layer] - x_mean[layer]).double(), (y[:, layer] - y_mean[layer]).double()  # [N, D]
+        gram = xc.T @ xc  # [D, D]
+        gram.diagonal().add_(ridge * gram.diagonal().mean())
+        W[layer] = torch.linalg.solve(gram, xc.T @ yc).float()
     return W, y_mean - torch.einsum("li,lio->lo", x_mean, W)
 
 
