@@ -9,7 +9,9 @@ the two nodes, edge = sum_h part[j, h] + skip[j], with
 where z_j[t] = W_O^h^T (d target / d resid_mid[j]) (target side, from a backward sweep) and
 u_j[s, q, h] = sum_k pattern[j, h, q, k] v_j[s, k, h] is head h's output, before W_O, caused by the
 source's whole effect on resid_pre[j] (source side, from a forward sweep). skip[j] = edge - sum_h part.
-For the heads stored, the (query, key) pair carrying most of the part is named too.
+For the heads stored, the (query, key) pair carrying most of the part is named too. A CLT skip path is one
+more linear path inside each MLP: both sweeps run through it (z_j is the whole gradient, u_j the whole
+effect), so the parts stay exact and the paths through skips are split over heads like any other.
 
 Memory is bounded by chunks (`HeadChunks`, planned from a byte budget by `plan_head_chunks`): a chunk
 of targets holds its z for every layer it needs; the sources of its edges are swept forward a chunk at a
@@ -31,7 +33,15 @@ from attribution.budget import FLOAT_BYTES, MemoryBudgetError, default_budget_by
 from attribution.config import AttentionAttributionConfig
 from attribution.graph import AttributionGraph
 from attribution.nodes import LocalReplacementModel
-from attribution.propagate import TargetSet, attention_vjp, feature_targets, logit_targets, position_blocks
+from attribution.propagate import (
+    TargetSet,
+    attention_vjp,
+    feature_targets,
+    logit_targets,
+    position_blocks,
+    skip_forward,
+    skip_vjp,
+)
 
 SKIP_HEAD = -1  # the part of an edge that skips the layer's attention
 OTHER_HEADS = -2  # the parts of the heads below head_min_share, summed
@@ -140,6 +150,9 @@ def head_side_gradients(lrm: LocalReplacementModel, targets: TargetSet, n_pos: i
     z = {}
     n_alive = 0
     for level in reversed(range(keep.start, lrm.n_layers + 1)):
+        if level < lrm.n_layers and lrm.has_skip and n_alive:  # resid_post[level] -> resid_mid[level] via the skip
+            grad[:n_alive] += skip_vjp(grad[:n_alive], lrm.clt.W_skip[level], weights.mlp_norm[level],
+                                       lrm.skip_input_scale(level)[:n_pos])
         new = torch.arange(n_alive, n_alive + int((targets.layer == level).sum()))
         grad[new, targets.pos[new]] += targets.readout[new]
         n_alive += len(new)
@@ -298,6 +311,9 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
                     edge = record.pop("edge")
                     records.append({"target": edges.targets[edge], "source": edges.sources[edge], **record})
             resid[:n_alive] += heads_out.permute(1, 2, 0, 3).flatten(2) @ lrm.model.W_O[layer].T
+            if lrm.has_skip:  # resid_mid[layer] -> MLP-out[layer] via the skip
+                resid[:n_alive] += skip_forward(resid[:n_alive], lrm.clt.W_skip[layer], lrm.model.mlp_norm[layer],
+                                                lrm.skip_input_scale(layer)[start:n_pos])
         writes.add_mlp_writes(resid, layer)
     return records
 

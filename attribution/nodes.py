@@ -1,7 +1,8 @@
 """The nodes of an attribution graph for one prompt, and the vectors they write and read.
 
 `build_replacement` combines the frozen prompt with a CLT: active features (the CLT's activation,
-position 0 excluded), error nodes (true MLP output - reconstruction, zero at position 0), token embeddings,
+position 0 excluded), error nodes (true MLP output - reconstruction - skip output, zero at position 0), token
+embeddings,
 constants (decoder biases; the whole MLP output at position 0) and logit targets (circuit-tracer's
 rule: top tokens until 95% probability, at most 10; demeaned unembedding rows).
 """
@@ -25,6 +26,7 @@ class TranscoderWeights:
     activation: Callable[[torch.Tensor], torch.Tensor]  # pre-activations [..., L, F] -> activations, no gradient
     W_dec: tuple[torch.Tensor, ...]  # per source layer l: [F, L - l, d]; [f, k] writes to MLP-out of l + k
     b_dec: torch.Tensor  # [L, d]
+    W_skip: torch.Tensor | None = None  # [L, d_in, d_out]: MLP-out[l] += mlp_in[l] @ W_skip[l]; None: no skip path
 
     @property
     def n_features(self) -> int:
@@ -37,11 +39,14 @@ def transcoder_weights(clt, model: ModelWeights | None = None) -> TranscoderWeig
     (training-time input/output scales folded in) and its activation."""
     try:
         (W_enc, b_enc), (W_dec, b_dec) = clt.folded_encoder(), clt.folded_decoder()
-        activation = clt.frozen_activation()
+        activation, W_skip = clt.frozen_activation(), clt.folded_skip()
     except AttributeError as err:
         raise AttributionError(f"{type(clt).__name__} is not a cross-layer transcoder ({err})") from None
-    weights = TranscoderWeights(W_enc=W_enc, b_enc=b_enc, activation=activation, W_dec=W_dec, b_dec=b_dec)
+    weights = TranscoderWeights(W_enc=W_enc, b_enc=b_enc, activation=activation, W_dec=W_dec, b_dec=b_dec,
+                                W_skip=W_skip)
     n_layers, n_features, d_model = weights.W_enc.shape
+    if W_skip is not None and tuple(W_skip.shape) != (n_layers, d_model, d_model):
+        raise AttributionError(f"CLT W_skip has shape {tuple(W_skip.shape)}, expected {(n_layers, d_model, d_model)}")
     for name, shape in {"b_enc": (n_layers, n_features), "b_dec": (n_layers, d_model)}.items():
         if tuple(getattr(weights, name).shape) != shape:
             raise AttributionError(f"CLT {name} has shape {tuple(getattr(weights, name).shape)}, expected {shape}")
@@ -105,6 +110,18 @@ class LocalReplacementModel:
         """Demeaned unembedding rows through the frozen final norm, read from the final residual.  [n_logits, d]"""
         return self.logit_vectors * self.model.final_norm * self.prompt.final_inv_rms[-1]
 
+    @property
+    def has_skip(self) -> bool:
+        """Whether the CLT has a linear skip path (MLP input -> output) per layer."""
+        return self.clt.W_skip is not None
+
+    def skip_input_scale(self, layer: int) -> torch.Tensor:
+        """[P] the frozen MLP-norm scale 1 / rms(resid_mid[layer]) where the skip path is a path; 0 at position 0,
+        whose MLP output is a constant. The skip output is (resid_mid * scale * gain) @ W_skip[layer]."""
+        scale = self.prompt.mlp_inv_rms[layer].clone()
+        scale[0] = 0
+        return scale
+
     def feature_pre_activations(self, index: torch.Tensor) -> torch.Tensor:
         """The true pre-activations W_enc . mlp_in + b_enc of active features `index`.  -> [n]"""
         layer, pos, feat = self.features[index].unbind(1)
@@ -161,6 +178,8 @@ def build_replacement(model: ModelWeights, clt: TranscoderWeights, prompt: Froze
     features = acts.nonzero()  # [n, 3] in (layer, pos, feature) order
     activations = acts[features.unbind(1)]
     recon = reconstruction(features, activations, clt, len(prompt.tokens))
+    if clt.W_skip is not None:  # the skip output is no node: it is linear in resid_mid, a path for the sweep
+        recon = recon + torch.bmm(prompt.mlp_in, clt.W_skip)  # [L, P, d]
     errors = prompt.mlp_out - recon
     errors[:, 0] = 0
     constants = clt.b_dec[:, None].repeat(1, len(prompt.tokens), 1)

@@ -8,7 +8,10 @@ block of targets is swept down once: its gradient lives only on the layers below
 join the sweep at their own layer) and on the positions that can reach the targets' positions
 through open attention weights (all earlier positions for dense attention, few for the sparse model).
 At each layer the gradient at resid_post is dotted with every write into that layer's MLP output.
-All blocks in flight step down the layers together, so each layer's decoder writes are gathered once.
+A CLT with a skip path adds one more linear path per layer: MLP-out[k] gets (g * resid_mid[k] / rms) @
+W_skip[k] with the norm scale frozen, so the gradient at resid_post[k] also flows to resid_mid[k] through it
+(at positions > 0: the MLP output at position 0 is a constant). All blocks in flight step down the layers
+together, so each layer's decoder writes are gathered once.
 """
 
 from __future__ import annotations
@@ -117,6 +120,19 @@ def _value_grad_by_head(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Te
     return y
 
 
+def skip_forward(resid_mid: torch.Tensor, W_skip: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor
+                 ) -> torch.Tensor:
+    """What one layer's skip path writes into its MLP output, given (an effect on) resid_mid.
+    resid_mid [..., P, d], W_skip [d_in, d_out], gain [d], scale [P] frozen 1 / rms (0 where no path) -> [..., P, d]"""
+    return (resid_mid * (scale[:, None] * gain)) @ W_skip
+
+
+def skip_vjp(grad: torch.Tensor, W_skip: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Gradient at resid_mid through one layer's skip path, given the gradient at its MLP output (the transpose
+    of `skip_forward`).  grad [..., P, d], W_skip [d_in, d_out], gain [d], scale [P] -> [..., P, d]"""
+    return (grad @ W_skip.T) * (scale[:, None] * gain)
+
+
 def attended_keys(pattern: torch.Tensor, queries: torch.Tensor | slice) -> torch.Tensor:
     """Sorted positions with a nonzero attention weight from any of `queries` in any head.  pattern [H, P, P]"""
     return (pattern[:, queries] != 0).any(0).any(0).nonzero().flatten()
@@ -167,6 +183,14 @@ class BlockSweep:
         errors_and_constants = torch.bmm(g, per_pos)  # [S, n, 2]
         out.index_add_(0, lrm.n_active + k * lrm.n_pos + support, errors_and_constants[..., 0])
         self.constant[:n] += errors_and_constants[..., 1].sum(0)
+
+    def through_skip(self, k: int) -> None:
+        """Add the path from resid_mid[k] through the CLT's skip into MLP-out k (no-op without a skip path)."""
+        if not self.n_alive or not self.lrm.has_skip:
+            return
+        lrm, n, at = self.lrm, self.n_alive, as_index(self.support)
+        self.grad[:n, at] += skip_vjp(self.grad[:n, at], lrm.clt.W_skip[k], lrm.model.mlp_norm[k],
+                                      lrm.skip_input_scale(k)[at])
 
     def through_attention(self, k: int) -> None:
         """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention)."""
@@ -223,6 +247,7 @@ def sweep(lrm: LocalReplacementModel, blocks: list[TargetSet], writes_cache: dic
         for state in states:
             if writes is not None:
                 state.read_writes(k, writes)
+            state.through_skip(k)
             state.inject(k)
             state.through_attention(k)
     for state in states:

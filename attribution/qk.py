@@ -8,6 +8,11 @@ and the key are sums of per-component vectors, so the gate logit of (j, h, q, k)
 
     score + b = sum over (query component c, key component c') of q_c . k_c' / sqrt(d_head)  +  b.
 
+With a CLT skip path each MLP output (at positions > 0) also holds W_skip applied to its frozen-scale input,
+a linear map of resid_mid at the same position; so each component's vector is what it puts into resid_pre[j]
+directly and through the skips of the layers between (`carried_components`), and the components still sum
+to the residual.
+
 Stored per attention edge: the top pairs and the rest (they sum with b to the logit), and each side's
 marginals (a component's total with every partner) with their rest.
 
@@ -28,6 +33,7 @@ import torch
 from attribution.budget import FLOAT_BYTES, MemoryBudgetError, default_budget_bytes
 from attribution.config import AttentionAttributionConfig
 from attribution.nodes import LocalReplacementModel
+from attribution.propagate import skip_forward
 
 QK_COLUMNS = ["layer", "head", "query_pos", "key_pos", "kind", "query_component", "key_component", "value",
               "gate_logit"]
@@ -72,7 +78,7 @@ def qk_chunk_bytes(chunks: QKChunks, n_components: int, lrm: LocalReplacementMod
     d, L, H = lrm.model.d_model, lrm.n_layers, lrm.model.n_heads
     positions = chunks.positions * n_components * d * 5  # components, normed, projected, rotated, padded
     grids = chunks.edges * n_components * (n_components * 4 + 2 * lrm.model.head_dim)  # grid, |grid|, double
-    cache = chunks.cached_positions * L * H * d
+    cache = chunks.cached_positions * (L * H * d if not lrm.has_skip else (L + 1) * n_components * d)
     return (positions + grids + cache) * FLOAT_BYTES + lrm.n_layers * lrm.n_pos * d * FLOAT_BYTES
 
 
@@ -112,6 +118,31 @@ class PositionParts:
     error_ids: list[str]  # per layer k: `{k}_-1_{pos}`
     head_ids: list[str]  # per (layer k, head h), layer-major: `attn_{k}_{h}_{pos}`
     head_outputs: torch.Tensor  # [L * H, d] each head's attention output
+    carried: torch.Tensor | None = None  # with a skip path: [L + 1, n, d] (see carried_components)
+
+
+def carried_components(lrm: LocalReplacementModel, pos: int, writes: torch.Tensor, head_outputs: torch.Tensor
+                       ) -> torch.Tensor:
+    """Every component of position `pos` > 0 carried up the layers through the CLT's skip paths: [j, c] is
+    component c's vector in resid_pre[j]. Rows: token, features (as in `writes` [n_f, L + 1, d], [f, k + 1] the
+    write into MLP-out k), errors (per layer), bias, heads (layer-major; head_outputs [L * H, d]).
+    -> [L + 1, 2 + n_f + L + L * H, d]"""
+    L, H, d = lrm.n_layers, lrm.model.n_heads, lrm.model.d_model
+    n_f = len(writes)
+    errors, bias, heads = 1 + n_f, 1 + n_f + L, 2 + n_f + L
+    out = torch.zeros(L + 1, heads + L * H, d)
+    out[0, 0] = lrm.model.embed[lrm.prompt.tokens[pos]]
+    for k in range(L):
+        live = heads + (k + 1) * H  # heads of later layers are still zero
+        mid = out[k, :live].clone()
+        mid[heads + k * H:live] += head_outputs[k * H:(k + 1) * H]
+        scale = lrm.skip_input_scale(k)[pos].expand(live)  # one position: the same frozen scale on every row
+        post = mid + skip_forward(mid, lrm.clt.W_skip[k], lrm.model.mlp_norm[k], scale)
+        post[1:errors] += writes[:, k + 1]
+        post[errors + k] += lrm.errors[k, pos]
+        post[bias] += lrm.constants[k, pos]
+        out[k + 1, :live] = post
+    return out
 
 
 class ResidualComponents:
@@ -139,13 +170,15 @@ class ResidualComponents:
         for src in source.unique().tolist():
             mask = source == src
             writes[mask, src + 1:] = lrm.clt.W_dec[src][feat[mask]]
+        head_outputs = torch.einsum("lhe,lhed->lhd", self.mixes[:, pos], self.W_O).reshape(-1, d)
         parts = PositionParts(
             feature_ids=[f"{s}_{f}_{pos}" for s, f in zip(source.tolist(), feat.tolist())],
             feature_layer=source,
             feature_writes=writes.cumsum(1) * lrm.activations[index, None, None],
             error_ids=[f"{k}_-1_{pos}" for k in range(L)],
             head_ids=[f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)],
-            head_outputs=torch.einsum("lhe,lhed->lhd", self.mixes[:, pos], self.W_O).reshape(-1, d),
+            head_outputs=head_outputs,
+            carried=carried_components(lrm, pos, writes * lrm.activations[index, None, None], head_outputs) if lrm.has_skip and pos > 0 else None,
         )
         self._parts[pos] = parts
         if len(self._parts) > self.cached_positions:
@@ -175,6 +208,14 @@ class ResidualComponents:
         """Write the component vectors of resid_pre[layer][pos] into out[:n] (in place)."""
         lrm, parts = self.lrm, self.parts(pos)
         n_features, n_errors, n_heads = self._counts(layer, pos)
+        if parts.carried is not None:
+            errors = 1 + len(parts.feature_ids)
+            heads = errors + lrm.n_layers + 1
+            rows = torch.cat([torch.arange(1 + n_features),
+                              torch.arange(errors, errors + n_errors), torch.tensor([heads - 1]),
+                              torch.arange(heads, heads + n_heads)])
+            out[:len(rows)] = parts.carried[layer, rows]
+            return
         out[0] = lrm.model.embed[lrm.prompt.tokens[pos]]
         out[1:1 + n_features] = parts.feature_writes[:n_features, layer]
         at = 1 + n_features

@@ -2,7 +2,9 @@
 
 The perturbation check runs the HF model itself with its attention patterns, norm scales and MLP
 outputs patched to the frozen values (no code shared with attribution.propagate), removes one source
-node, and checks every target moves by minus its edge weight.
+node, and checks every target moves by minus its edge weight. With a CLT skip path the MLP outputs at
+positions > 0 keep it live: the frozen skip output is replaced by W_skip applied to the MLP input of the
+patched forward.
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ PROMPT = "The cat sat on"
 N_FEATURES = 16
 
 
-def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0) -> CrossLayerTranscoder:
+def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0, skip: bool = False
+               ) -> CrossLayerTranscoder:
     """A CLT with weights scaled so that a fair share of features fire on the tiny model, and with
-    training-time normalisation scales left unfolded (attribution must fold them)."""
+    training-time normalisation scales left unfolded (attribution must fold them); `skip` adds a random
+    skip path whose output is about as large as the tiny model's residual stream (so paths through it
+    weigh about as much as the others: its gain through the frozen norm is about 1)."""
     g = torch.Generator().manual_seed(seed)
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features), init=False)
+    config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, skip=skip)
+    clt = CrossLayerTranscoder(config, init=False)
     with torch.no_grad():
         clt.input_scale.copy_(torch.linspace(0.5, 2.0, n_layers))
         clt.output_scale.copy_(torch.linspace(1.5, 0.5, n_layers))
@@ -48,6 +54,8 @@ def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0) -> C
         for weight in clt.W_dec:
             weight.copy_(torch.randn(weight.shape, generator=g) / n_features**0.5)
         clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g) * 0.1)
+        if skip:
+            clt.W_skip.copy_(torch.randn(n_layers, d_model, d_model, generator=g) * 0.02 / d_model**0.5)
     return clt.eval()
 
 
@@ -62,10 +70,10 @@ def make_model(kind: str, config: TinyModelConfig = TINY):
     return gated.set_mode("dense" if kind == "dense" else "eval"), tokenizer
 
 
-def replacement(kind: str, prompt: str = PROMPT, clt_seed: int = 0):
+def replacement(kind: str, prompt: str = PROMPT, clt_seed: int = 0, skip: bool = False):
     model, tokenizer = make_model(kind)
     weights = extract_weights(model)
-    clt = random_clt(TINY.n_layers, TINY.d_model, N_FEATURES, seed=clt_seed)
+    clt = random_clt(TINY.n_layers, TINY.d_model, N_FEATURES, seed=clt_seed, skip=skip)
     frozen = freeze_prompt(model, tokenize_prompt(tokenizer, prompt))
     return model, build_replacement(weights, transcoder_weights(clt, weights), frozen)
 
@@ -83,7 +91,8 @@ def patched_forwards(patches: list[tuple[nn.Module, object]]):
 
 
 def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor, patterns: torch.Tensor | None = None):
-    """The HF model with frozen patterns (default: the prompt's), norm scales and MLP outputs.
+    """The HF model with frozen patterns (default: the prompt's), norm scales and MLP outputs (with a CLT skip
+    path, its part of mlp_out at positions > 0 recomputed from this forward's MLP input).
     -> (mlp_in [L, P, d], logits [V])"""
     hf, frozen = hf_model(model), lrm.prompt
     patterns = frozen.patterns if patterns is None else patterns
@@ -109,12 +118,21 @@ def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor,
             return seen[index]
 
         patches += [(attn, attention), (layer.input_layernorm, norm_in), (layer.post_attention_layernorm, norm_mid),
-                    (layer.mlp, lambda x, index=index: mlp_out[index][None])]
+                    (layer.mlp, lambda x, index=index: mlp_out[index][None] + live_skip(lrm, index, x[0])[None])]
     final = hf.model.norm
     patches.append((final, lambda x: final.weight * (x * frozen.final_inv_rms[None, :, None])))
     with patched_forwards(patches), torch.no_grad():
         logits = hf(input_ids=lrm.prompt.tokens[None], use_cache=False).logits[0, -1]
     return torch.stack([seen[i][0] for i in range(len(seen))]), logits
+
+
+def live_skip(lrm, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
+    """The skip output for MLP input mlp_in [P, d] minus the frozen prompt's, zero at position 0 (0 without skip)."""
+    if lrm.clt.W_skip is None:
+        return torch.zeros_like(mlp_in)
+    change = (mlp_in - lrm.prompt.mlp_in[layer]) @ lrm.clt.W_skip[layer]
+    change[0] = 0
+    return change
 
 
 def target_values(lrm, graph, mlp_in: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -147,9 +165,11 @@ def closeness_scale(graph) -> torch.Tensor:
     return graph.node_value.abs() + graph.adjacency.abs().sum(1) + graph.node_constant.abs()
 
 
-@pytest.mark.parametrize("kind", ["hf", "dense", "gated"])
-def test_perturbing_a_source_moves_targets_by_edge_weight(kind):
-    model, lrm = replacement(kind)
+@pytest.mark.parametrize("kind, skip", [("hf", False), ("dense", False), ("gated", False), ("dense", True),
+                                        ("gated", True)])
+def test_perturbing_a_source_moves_targets_by_edge_weight(kind, skip):
+    model, lrm = replacement(kind, skip=skip)
+    assert lrm.has_skip == skip
     graph = attribute(lrm, GraphConfig())
     assert graph.n_selected > 20 and len(graph.logit_tokens) >= 1
     zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
@@ -173,9 +193,9 @@ def test_gated_model_has_shut_gates_and_sparser_graph():
     assert (gated_graph.adjacency != 0).sum() < (dense_graph.adjacency != 0).sum()
 
 
-@pytest.mark.parametrize("kind", ["dense", "gated"])
-def test_incoming_edges_plus_constants_equal_target_value(kind):
-    _, lrm = replacement(kind, prompt="Hello there, general Kenobi")
+@pytest.mark.parametrize("kind, skip", [("dense", False), ("gated", False), ("dense", True), ("gated", True)])
+def test_incoming_edges_plus_constants_equal_target_value(kind, skip):
+    _, lrm = replacement(kind, prompt="Hello there, general Kenobi", skip=skip)
     graph = attribute(lrm, GraphConfig(min_block_rows=1, max_block_rows=7))  # many small blocks
     total = graph.adjacency.sum(1) + graph.node_constant
     rows = torch.cat([torch.arange(graph.n_selected), torch.arange(graph.logit_start, graph.n_nodes)])

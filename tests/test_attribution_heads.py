@@ -1,5 +1,6 @@
 """Head loadings: per-head parts checked by ablating heads (and single attention edges) in the
-HF model's frozen forward pass; parts plus the skip part sum to the edge."""
+HF model's frozen forward pass; parts plus the skip part sum to the edge. With a CLT skip path too
+(edges then also run through the MLPs' skips)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def strongest_edges(graph, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return flat // graph.n_nodes, flat % graph.n_nodes
 
 
-@pytest.mark.parametrize("kind", ["dense", "gated"])
-def test_head_parts_match_head_ablation(kind):
-    model, lrm = replacement(kind)
+@pytest.mark.parametrize("kind, skip", [("dense", False), ("gated", False), ("gated", True)])
+def test_head_parts_match_head_ablation(kind, skip):
+    model, lrm = replacement(kind, skip=skip)
     graph = attribute(lrm, GraphConfig())
     targets, sources = strongest_edges(graph, 6)
     all_parts = AttentionAttributionConfig(layer_min_share=0.0, head_min_share=0.0)
@@ -53,8 +54,9 @@ def test_head_parts_match_head_ablation(kind):
                 assert abs((weight - ablated) - part) <= tolerance
 
 
-def test_main_pair_matches_single_attention_edge_ablation():
-    model, lrm = replacement("gated")
+@pytest.mark.parametrize("skip", [False, True])
+def test_main_pair_matches_single_attention_edge_ablation(skip):
+    model, lrm = replacement("gated", skip=skip)
     graph = attribute(lrm, GraphConfig())
     targets, sources = strongest_edges(graph, 4)
     loadings = head_loadings(lrm, graph, targets, sources, AttentionAttributionConfig(head_min_share=0.2))

@@ -1,4 +1,5 @@
-"""QK attribution: components rebuild the residual, pairs rebuild the gate logit the model computed."""
+"""QK attribution: components rebuild the residual, pairs rebuild the gate logit the model computed; with a
+CLT skip path each component is also checked against removing it from the residual stream."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ def model_scores(model, lrm, layer: int) -> torch.Tensor:
         return (q @ k.transpose(2, 3))[0] * attn.scaling
 
 
-@pytest.mark.parametrize("kind", ["dense", "gated"])
-def test_components_sum_to_the_residual(kind):
-    _, lrm = replacement(kind)
+@pytest.mark.parametrize("kind, skip", [("dense", False), ("gated", False), ("gated", True)])
+def test_components_sum_to_the_residual(kind, skip):
+    _, lrm = replacement(kind, skip=skip)
     components = ResidualComponents(lrm)
     for layer in range(lrm.n_layers):
         for pos in range(lrm.n_pos):
@@ -41,9 +42,9 @@ def test_components_sum_to_the_residual(kind):
             torch.testing.assert_close(vectors.sum(0), lrm.prompt.resid_pre[layer, pos], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["dense", "gated"])
-def test_pairs_sum_to_the_models_gate_logit(kind):
-    model, lrm = replacement(kind)
+@pytest.mark.parametrize("kind, skip", [("dense", False), ("gated", False), ("dense", True), ("gated", True)])
+def test_pairs_sum_to_the_models_gate_logit(kind, skip):
+    model, lrm = replacement(kind, skip=skip)
     components = ResidualComponents(lrm)
     for layer in range(lrm.n_layers):
         scores = model_scores(model, lrm, layer)
@@ -56,6 +57,46 @@ def test_pairs_sum_to_the_models_gate_logit(kind):
                 if kind == "gated":  # the gate is open exactly when score + b > 0
                     logit = pairs.sum() + lrm.model.gate_offsets[layer, head]
                     assert bool(lrm.prompt.patterns[layer, head, query, key] != 0) == bool(logit > 0)
+
+
+def residual_with_frozen_attention(lrm, pos: int, removed: str) -> torch.Tensor:
+    """resid_pre[j][pos] for every j, recomputed with the attention outputs frozen to the real ones and the MLP
+    outputs to their frozen parts plus the live skip output, with one source `removed` (a component id:
+    token, feature or error node, or bias_{pos}).  -> [L + 1, d] (the last row: the final residual)"""
+    frozen, W_skip = lrm.prompt, lrm.clt.W_skip
+    x = lrm.model.embed[frozen.tokens[pos]] * (removed != f"E_{int(frozen.tokens[pos])}_{pos}")
+    out = []
+    for layer in range(lrm.n_layers):
+        out.append(x)
+        mid = x + frozen.resid_mid[layer, pos] - frozen.resid_pre[layer, pos]
+        mlp_in = lrm.model.mlp_norm[layer] * mid * frozen.mlp_inv_rms[layer, pos]
+        mlp_out = frozen.mlp_out[layer, pos] + (mlp_in - frozen.mlp_in[layer, pos]) @ W_skip[layer]
+        if removed == f"bias_{pos}":
+            mlp_out = mlp_out - lrm.constants[layer, pos]
+        elif removed == f"{layer}_-1_{pos}":
+            mlp_out = mlp_out - lrm.errors[layer, pos]
+        for index in (lrm.features[:, 1] == pos).nonzero().flatten().tolist():
+            source, _, feature = lrm.features[index].tolist()
+            if removed == f"{source}_{feature}_{pos}" and source <= layer:
+                mlp_out = mlp_out - lrm.activations[index] * lrm.clt.W_dec[source][feature, layer - source]
+        x = mid + mlp_out
+    return torch.stack([*out, x])
+
+
+def test_components_through_skip_paths_are_what_removing_them_removes():
+    _, lrm = replacement("gated", skip=True)
+    components = ResidualComponents(lrm)
+    for pos in (1, lrm.n_pos - 1):
+        base = residual_with_frozen_attention(lrm, pos, "")
+        torch.testing.assert_close(base[:-1], lrm.prompt.resid_pre[:, pos], rtol=1e-5, atol=1e-5)
+        layer = lrm.n_layers - 1
+        ids, vectors = components.at(layer, pos)
+        checked = [i for i, name in enumerate(ids) if not name.startswith("attn_")]
+        assert len(checked) > 2 + layer  # the token, features, the errors below the layer, the bias
+        for i in checked:
+            removed = base - residual_with_frozen_attention(lrm, pos, ids[i])
+            scale = float(base[layer].abs().max() + vectors[i].abs().max())
+            torch.testing.assert_close(vectors[i], removed[layer], rtol=0, atol=1e-5 * scale)
 
 
 def test_stored_rows_sum_to_the_gate_logit():

@@ -1,5 +1,6 @@
 """sae-lens transcoders saved by sae-lens itself, loaded as the CLT of attribution: the same activations and
-reconstructions as sae-lens computes, exact attribution graphs (perturbation check), and clear refusals."""
+reconstructions as sae-lens computes, exact attribution graphs (perturbation check, also with skip
+transcoders' W_skip as the CLT's skip path), and clear refusals."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ N_FEATURES = 16
 
 
 def make_transcoder(layer: int, kind: str = "jumprelu", seed: int = 0, hook_in: str | None = None):
-    """A random sae-lens transcoder of the tiny model's layer `layer`, scaled so a fair share of features fire."""
+    """A random sae-lens transcoder of the tiny model's layer `layer`, scaled so a fair share of features fire;
+    a skip transcoder's W_skip stays zero, as sae-lens initialises it."""
     classes = {"jumprelu": (sae_lens.JumpReLUTranscoder, sae_lens.JumpReLUTranscoderConfig),
                "relu": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
                "skip": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig)}
@@ -49,16 +51,24 @@ def make_transcoder(layer: int, kind: str = "jumprelu", seed: int = 0, hook_in: 
     return sae.eval()
 
 
-def save_set(directory, kinds=("jumprelu", "relu", "jumprelu")):
+def save_set(directory, kinds=("jumprelu", "relu", "jumprelu"), skip_layers=()):
+    """Transcoders of `kinds` per layer, saved by sae-lens; those of `skip_layers` (skip transcoders) get a random
+    W_skip whose output is about as large as the tiny model's residual stream."""
     saes = [make_transcoder(layer, kind) for layer, kind in enumerate(kinds)]
+    for layer in skip_layers:
+        g = torch.Generator().manual_seed(10 + layer)
+        with torch.no_grad():
+            saes[layer].W_skip.copy_(torch.randn(TINY.d_model, TINY.d_model, generator=g) * 0.02 / TINY.d_model**0.5)
     for layer, sae in enumerate(saes):
         sae.save_model(directory / f"layer_{layer}")
     return saes
 
 
-def test_loaded_transcoders_compute_what_sae_lens_computes(tmp_path):
-    saes = save_set(tmp_path)
+@pytest.mark.parametrize("skip", [False, True])
+def test_loaded_transcoders_compute_what_sae_lens_computes(tmp_path, skip):
+    saes = save_set(tmp_path, ("skip", "relu", "skip"), skip_layers=(0, 2)) if skip else save_set(tmp_path)
     clt = load_clt(tmp_path)
+    assert clt.config.skip == skip
     x = torch.randn(50, TINY.n_layers, TINY.d_model, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         acts = clt.encode(x)  # [50, L, F]
@@ -71,12 +81,14 @@ def test_loaded_transcoders_compute_what_sae_lens_computes(tmp_path):
     assert all(bool((w[:, 1:] == 0).all()) for w in clt.W_dec)  # same-layer decoders only
 
 
-def test_attribution_with_sae_lens_transcoders_is_exact(tmp_path):
-    save_set(tmp_path)
+@pytest.mark.parametrize("skip", [False, True])
+def test_attribution_with_sae_lens_transcoders_is_exact(tmp_path, skip):
+    save_set(tmp_path, ("skip", "relu", "skip"), skip_layers=(0, 2)) if skip else save_set(tmp_path)
     model, tokenizer = make_model("gated")
     weights = extract_weights(model)
     lrm = build_replacement(weights, transcoder_weights(load_clt(tmp_path), weights),
                             freeze_prompt(model, tokenize_prompt(tokenizer, PROMPT)))
+    assert lrm.has_skip == skip
     graph = attribute(lrm, GraphConfig())
     assert graph.n_selected > 10
     zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
@@ -91,17 +103,14 @@ def test_attribution_with_sae_lens_transcoders_is_exact(tmp_path):
         assert (error <= 1e-5 * scale[is_target]).all(), f"source {source}: max error {error.max():.3g}"
 
 
-def test_skip_transcoders_load_only_without_a_skip_path(tmp_path):
+def test_skip_transcoders_with_zero_w_skip_load_without_a_skip_path(tmp_path):
     skip = make_transcoder(0, "skip")
     skip.save_model(tmp_path / "zero" / "layer_0")  # W_skip starts at zero: a plain transcoder
     x = torch.randn(20, TINY.d_model, generator=torch.Generator().manual_seed(4))
+    clt = load_clt(tmp_path / "zero")
+    assert not clt.config.skip
     with torch.no_grad():
-        torch.testing.assert_close(load_clt(tmp_path / "zero").forward(x[:, None])[:, 0], skip(x), rtol=1e-6, atol=1e-6)
-    with torch.no_grad():
-        skip.W_skip.copy_(torch.eye(TINY.d_model) * 0.5)
-    skip.save_model(tmp_path / "skip" / "layer_0")
-    with pytest.raises(CLTFormatError, match="skip transcoder with a nonzero W_skip"):
-        load_clt(tmp_path / "skip")
+        torch.testing.assert_close(clt.forward(x[:, None])[:, 0], skip(x), rtol=1e-6, atol=1e-6)
 
 
 def test_transcoders_that_attribution_cannot_use_are_refused(tmp_path):

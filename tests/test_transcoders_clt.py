@@ -29,11 +29,14 @@ from transcoders.train import clt_loss
 torch.set_num_threads(1)
 
 
-def make_clt(n_layers=3, d_model=8, n_features=16, seed=0, scaled=True) -> CrossLayerTranscoder:
-    """A random CLT with non-trivial biases, thresholds and (optionally) normalisation scales."""
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features), seed=seed)
+def make_clt(n_layers=3, d_model=8, n_features=16, seed=0, scaled=True, skip=False) -> CrossLayerTranscoder:
+    """A random CLT with non-trivial biases, thresholds, (optionally) normalisation scales and skip path."""
+    config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, skip=skip)
+    clt = CrossLayerTranscoder(config, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        if skip:
+            clt.W_skip.copy_(torch.randn(n_layers, d_model, d_model, generator=g) / d_model**0.5)
         clt.b_enc.copy_(torch.randn(n_layers, n_features, generator=g) * 0.1)
         clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g))
         clt.threshold.copy_(torch.rand(n_layers, n_features, generator=g) * 0.2)
@@ -286,25 +289,81 @@ def test_metadata_records_sizes_and_config(tmp_path: Path):
     assert meta["clt_config"]["n_features"] == 16 and len(meta["files"]) == 6
 
 
+# --- skip path -----------------------------------------------------------------------------------------
+
+
+def test_skip_path_adds_a_linear_map_of_the_input_and_folds_saves_and_loads(tmp_path: Path):
+    clt = make_clt(skip=True)  # unfolded scales
+    x = inputs(clt, 5)
+    expected = clt.decode(clt.encode(x)) + torch.einsum(
+        "nli,lio->nlo", x / clt.input_scale[:, None], clt.W_skip) * clt.output_scale[:, None]
+    torch.testing.assert_close(clt(x), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(clt.skip_layer(1, x[:, 1]), clt.skip_output(x)[:, 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.einsum("nli,lio->nlo", x, clt.folded_skip()), clt.skip_output(x),
+                               rtol=0, atol=1e-5)
+    save_clt(clt, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("W_skip_*")) == [f"W_skip_{i}.safetensors" for i in range(3)]
+    loaded = load_clt(tmp_path)
+    assert loaded.config.skip and torch.all(loaded.output_scale == 1)
+    torch.testing.assert_close(loaded(x), clt(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(clt.fold_normalisation()(x), expected, rtol=0, atol=1e-5)
+    (tmp_path / "clt.json").unlink()  # someone else's export: the W_skip files alone say there is a skip path
+    torch.testing.assert_close(load_clt(tmp_path)(x), expected, rtol=0, atol=1e-5)
+
+
+def test_a_clt_without_skip_path_is_unchanged_and_replaces_old_skip_files(tmp_path: Path):
+    clt = make_clt()
+    assert clt.W_skip is None and clt.folded_skip() is None
+    with pytest.raises(ValueError, match="no skip path"):
+        clt.skip_output(inputs(clt, 2))
+    save_clt(make_clt(skip=True), tmp_path)
+    save_clt(clt, tmp_path)
+    assert not list(tmp_path.glob("W_skip_*")) and not load_clt(tmp_path).config.skip
+
+
+def test_missing_skip_file_is_a_partial_clt(tmp_path: Path):
+    save_clt(make_clt(skip=True), tmp_path)
+    (tmp_path / "W_skip_2.safetensors").unlink()
+    with pytest.raises(CLTFormatError, match=r"partial CLT: missing \['W_skip_2"):
+        load_clt(tmp_path)
+
+
+def test_training_loss_trains_the_skip_path_on_the_reconstruction():
+    clt = make_clt(skip=True)
+    x = inputs(clt, 32)
+    y = clt(x).detach() + 0.1
+    terms = clt_loss(clt, x, y, sparsity_coefficient=0.0, sparsity_c=1.0, preact_coefficient=0.0)
+    expected = ((clt(x) - y) / clt.output_scale[:, None]).pow(2).mean(dim=(0, 2))
+    torch.testing.assert_close(terms.mse_per_layer, expected.detach())
+    terms.total.backward()
+    assert clt.W_skip.grad is not None and clt.W_skip.grad.abs().sum() > 0
+
+
 # --- memory ---------------------------------------------------------------------------------------------
 
 
 def test_parameter_count_matches_the_module():
     clt = make_clt(n_layers=4, d_model=6, n_features=5)
     assert clt.config.n_parameters == sum(p.numel() for p in clt.parameters())
+    skip = make_clt(n_layers=4, d_model=6, n_features=5, skip=True)
+    assert skip.config.n_parameters == sum(p.numel() for p in skip.parameters()) == clt.config.n_parameters + 4 * 36
     smollm2 = CLTConfig(n_layers=30, d_model=576, n_features=1)
     assert 280_000 < smollm2.n_parameters - 576 * 30 < 290_000  # ~285k weights per feature, as the issue says
 
 
 def test_memory_check_refuses_a_clt_that_does_not_fit():
     config = CLTConfig(n_layers=30, d_model=576, n_features=16384)
-    with pytest.raises(CLTMemoryError, match=r"n_features=16384 .* needs about .* About n_features=\d+ fits"):
+    with pytest.raises(CLTMemoryError, match=r"n_features=16384 .* needs about .* About n_features=\d+ fits") as excinfo:
         check_training_fits(config, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
                             budget_bytes=24 * 1024**3)
     small = config.model_copy(update={"n_features": 256})
     parts = check_training_fits(small, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
                                 budget_bytes=24 * 1024**3)
     assert parts["AdamW moments"] == 2 * parts["CLT weights"]
+    fits = int(str(excinfo.value).split("About n_features=")[1].split()[0])
+    with pytest.raises(CLTMemoryError, match=f"About n_features={fits} fits"):  # the skip path's weights are fixed
+        check_training_fits(config.model_copy(update={"skip": True}), batch_tokens=1024, buffer_tokens=16384,
+                            model_bytes=540_000_000 - 30 * 576 * 576 * 16, budget_bytes=24 * 1024**3)
 
 
 CT_CHECK = """

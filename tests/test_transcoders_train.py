@@ -86,6 +86,26 @@ def test_data_dependent_init_sets_scales_output_mean_and_firing_fraction():
     assert (fired - 0.25).abs().max() <= 1.5 / len(x)
 
 
+@pytest.mark.parametrize("skip_init", ["zero", "least_squares"])
+def test_skip_init_is_zero_or_the_least_squares_affine_map(skip_init):
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=D, n_features=32, skip=True), seed=0)
+    g = torch.Generator().manual_seed(1)
+    A, c = torch.randn(L, D, D, generator=g) / D**0.5, torch.randn(L, D, generator=g)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(256, L, D, generator=g) * 2 + 0.5
+        batches.append((x, torch.einsum("nli,lio->nlo", x, A) + c))
+    initialise_from_data(clt, batches, 0.25, skip_init)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        affine = clt.skip_output(x) + clt.b_dec * clt.output_scale[:, None]
+    if skip_init == "zero":
+        assert not clt.W_skip.any()
+        torch.testing.assert_close(clt.b_dec * clt.output_scale[:, None], y.mean(0), rtol=0, atol=1e-5)
+    else:  # exact data: the fit is y up to the small ridge
+        assert float((affine - y).norm() / (y - y.mean(0)).norm()) < 1e-2
+
+
 def test_sparsity_weight_ramps_linearly_then_holds():
     config = train_config(steps=100, sparsity_coefficient=2.0, sparsity_ramp_fraction=0.5)
     assert [sparsity_weight(s, config) for s in (0, 25, 50, 99)] == [0.0, 1.0, 2.0, 2.0]

@@ -3,14 +3,16 @@
 Features of layer l read the MLP input of layer l (after the pre-MLP RMSNorm, gain included) and
 write into the MLP outputs of layers l..L-1; the reconstruction of MLP output t sums the decoders of
 all source layers s <= t, plus b_dec[t]. The activation is JumpReLU with a per-feature threshold
-stored directly in fp32: `act = pre * (pre > threshold)`, as circuit-tracer computes it.
+stored directly in fp32: `act = pre * (pre > threshold)`, as circuit-tracer computes it. With
+`skip=True` each layer also has a linear skip path (a skip transcoder's): MLP output l gets
+`mlp_in[l] @ W_skip[l]` ([d_in, d_out], circuit-tracer's orientation) beside the features' writes.
 
 Training works in normalised units: each layer's input and output are divided by a scalar
 (`input_scale`, `output_scale`, buffers that default to 1). The module always takes and returns
 real (un-normalised) activations; `fold_normalisation()` moves the scales into the weights, after
 which the parameters are in real units and the scales are 1. `save_clt` writes folded weights in
 circuit-tracer's layout (per source layer `W_enc_{i}.safetensors` and `W_dec_{i}.safetensors`, plus
-`config.yaml`) and `load_clt` reads it back.
+`config.yaml`; a skip path as `W_skip_{i}.safetensors`) and `load_clt` reads it back.
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ class CLTConfig(BaseModel):
     n_features: PositiveInt
     threshold_init: float = Field(0.03, ge=0, description="initial JumpReLU threshold of every feature")
     bandwidth: float = Field(1.0, gt=0, description="width of the rectangle kernel in the threshold gradient")
+    skip: bool = Field(False, description="a linear skip path per layer, MLP input -> MLP output (W_skip [L, D, D])")
 
     @property
     def n_parameters(self) -> int:
-        """Encoders, biases, thresholds and decoders: about (n_layers + L(L+1)/2) * F * d_model."""
+        """Encoders, biases, thresholds, decoders (about (n_layers + L(L+1)/2) * F * d_model) and skip paths."""
         L, F, D = self.n_layers, self.n_features, self.d_model
-        return L * F * D + 2 * L * F + F * D * L * (L + 1) // 2 + L * D
+        return L * F * D + 2 * L * F + F * D * L * (L + 1) // 2 + L * D + (L * D * D if self.skip else 0)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -73,6 +76,8 @@ class CrossLayerTranscoder(nn.Module):
         self.threshold = nn.Parameter(torch.full((L, F), float(config.threshold_init)))
         self.W_dec = nn.ParameterList(nn.Parameter(torch.empty(F, L - s, D)) for s in range(L))
         self.b_dec = nn.Parameter(torch.zeros(L, D))
+        # [layer, d_in, d_out]: MLP-out[l] += mlp_in[l] @ W_skip[l] (training units); None without a skip path
+        self.W_skip = nn.Parameter(torch.zeros(L, D, D)) if config.skip else None
         self.register_buffer("input_scale", torch.ones(L))  # [layer] real = normalised * scale
         self.register_buffer("output_scale", torch.ones(L))
         if init:
@@ -80,7 +85,7 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """Uniform init (our choice): encoders in +-1/sqrt(F), decoders in +-1/sqrt(L * D), biases 0."""
+        """Uniform init (our choice): encoders in +-1/sqrt(F), decoders in +-1/sqrt(L * D), biases and skip 0."""
         generator = torch.Generator().manual_seed(seed)
         L, F, D = self.config.n_layers, self.config.n_features, self.config.d_model
         enc_bound, dec_bound = 1 / math.sqrt(F), 1 / math.sqrt(L * D)
@@ -90,6 +95,8 @@ class CrossLayerTranscoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
         self.threshold.fill_(self.config.threshold_init)
+        if self.W_skip is not None:
+            self.W_skip.zero_()
 
     @property
     def n_layers(self) -> int:
@@ -140,9 +147,25 @@ class CrossLayerTranscoder(nn.Module):
         out = (out + self.b_dec) * self.output_scale[:, None]
         return out.reshape(*lead, L, self.d_model), norms
 
+    def skip_output(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        """[..., L, D] real MLP inputs -> [..., L, D] what the skip paths add to the MLP outputs (real units)."""
+        if self.W_skip is None:
+            raise ValueError("this CLT has no skip path (CLTConfig.skip is False)")
+        lead, (L, D) = mlp_in.shape[:-2], mlp_in.shape[-2:]
+        x = (mlp_in / self.input_scale[:, None]).reshape(-1, L, D).transpose(0, 1)  # [L, N, D]
+        out = torch.bmm(x, self.W_skip) * self.output_scale[:, None, None]  # [L, N, D]
+        return out.transpose(0, 1).reshape(*lead, L, D)
+
+    def skip_layer(self, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
+        """One layer's skip output from its real MLP input: [..., D] -> [..., D]."""
+        if self.W_skip is None:
+            raise ValueError("this CLT has no skip path (CLTConfig.skip is False)")
+        return (mlp_in / self.input_scale[layer]) @ self.W_skip[layer] * self.output_scale[layer]
+
     def forward(self, mlp_in: torch.Tensor) -> torch.Tensor:
-        """[..., L, D] MLP inputs -> [..., L, D] reconstructed MLP outputs."""
-        return self.decode(self.encode(mlp_in))
+        """[..., L, D] MLP inputs -> [..., L, D] reconstructed MLP outputs (features' writes, b_dec, skip)."""
+        out = self.decode(self.encode(mlp_in))
+        return out if self.W_skip is None else out + self.skip_output(mlp_in)
 
     def encode_layer(self, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
         """One layer's features from its MLP input: [..., D] -> [..., F]."""
@@ -169,6 +192,8 @@ class CrossLayerTranscoder(nn.Module):
         for source, weight in enumerate(self.W_dec):
             weight.mul_(self.output_scale[source:, None])
         self.b_dec.mul_(self.output_scale[:, None])
+        if self.W_skip is not None:
+            self.W_skip.mul_((self.output_scale / self.input_scale)[:, None, None])
         self.input_scale.fill_(1.0)
         self.output_scale.fill_(1.0)
         return self
@@ -192,6 +217,15 @@ class CrossLayerTranscoder(nn.Module):
             b_dec = b_dec * scale[:, None]
         return tuple(W_dec), b_dec
 
+    @torch.no_grad()
+    def folded_skip(self) -> torch.Tensor | None:
+        """W_skip [L, d_in, d_out] in real units, float32, detached (MLP-out[l] += mlp_in[l] @ W_skip[l]), or
+        None without a skip path."""
+        if self.W_skip is None:
+            return None
+        W_skip, ratio = self.W_skip.detach().float(), (self.output_scale / self.input_scale).float()
+        return W_skip if bool((ratio == 1).all()) else W_skip * ratio[:, None, None]
+
     def frozen_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The value of `activation` as a function of float32 pre-activations [..., L, F] alone, with a copy
         of today's thresholds and no gradient: what a frozen snapshot of this CLT applies."""
@@ -207,6 +241,8 @@ class CrossLayerTranscoder(nn.Module):
             f"b_dec_{layer}": (self.b_dec[layer] * s_out[layer]).float().contiguous(),
             f"threshold_{layer}": self.threshold[layer].float().contiguous(),
             f"W_dec_{layer}": (self.W_dec[layer] * s_out[layer:, None]).float().contiguous(),
+            **({} if self.W_skip is None else
+               {f"W_skip_{layer}": (self.W_skip[layer] * (s_out[layer] / s_in[layer])).float().contiguous()}),
         }
 
 
@@ -220,21 +256,24 @@ def save_clt(clt: CrossLayerTranscoder, directory: str | Path, extra: dict | Non
     """Write `clt` in circuit-tracer's layout (folded into real units; `clt` itself is not changed).
 
     Files: W_enc_{i}.safetensors (W_enc_i [F, D], b_enc_i [F], b_dec_i [D], threshold_i [F]),
-    W_dec_{i}.safetensors (W_dec_i [F, L - i, D]), config.yaml, and our clt.json (config, file sizes,
-    `extra`), written last: a directory without a matching clt.json is an unfinished save.
+    W_dec_{i}.safetensors (W_dec_i [F, L - i, D]), with a skip path W_skip_{i}.safetensors (W_skip_i [D, D],
+    input x output; circuit-tracer's file loader does not read it), config.yaml, and our clt.json (config,
+    file sizes, `extra`), written last: a directory without a matching clt.json is an unfinished save.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
-    for prefix in ("W_enc", "W_dec"):  # a previous, deeper CLT must not leave files circuit-tracer would count
+    for prefix in ("W_enc", "W_dec", "W_skip"):  # a previous, deeper CLT must not leave files circuit-tracer would count
         for index, path in _layer_files(directory, prefix).items():
-            if index >= clt.n_layers:
+            if index >= clt.n_layers or (prefix == "W_skip" and clt.W_skip is None):
                 path.unlink()
     sizes = {}
     for layer in range(clt.n_layers):
         tensors = clt.folded_layer(layer)
-        dec = {f"W_dec_{layer}": tensors.pop(f"W_dec_{layer}")}
-        for name, payload in ((f"W_enc_{layer}.safetensors", tensors), (f"W_dec_{layer}.safetensors", dec)):
+        files = [(f"W_dec_{layer}.safetensors", {f"W_dec_{layer}": tensors.pop(f"W_dec_{layer}")})]
+        if clt.W_skip is not None:
+            files.append((f"W_skip_{layer}.safetensors", {f"W_skip_{layer}": tensors.pop(f"W_skip_{layer}")}))
+        for name, payload in [(f"W_enc_{layer}.safetensors", tensors), *files]:
             write_atomic(directory / name, lambda tmp, payload=payload: save_file(payload, str(tmp)))
             sizes[name] = (directory / name).stat().st_size
     ct_config = {"model_kind": "cross_layer_transcoder", "feature_input_hook": FEATURE_INPUT_HOOK,
@@ -287,6 +326,7 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
     A layer file without threshold_i (circuit-tracer's ReLU CLTs) gets threshold 0, which is ReLU.
     Missing, truncated, mis-shaped or non-finite files raise CLTFormatError naming the file.
     A directory of sae-lens transcoders (no W_enc_* files) loads through transcoders/sae_lens_transcoders.py.
+    The CLT has a skip path when clt.json says so, or, without clt.json, when W_skip_* files are present.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -301,9 +341,12 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
             return load_sae_lens_transcoders(directory)
     if not enc_files:
         raise CLTFormatError(f"{directory} holds no W_enc_*.safetensors: not a CLT directory")
+    skip_files = _layer_files(directory, "W_skip")
     n_layers = meta["clt_config"]["n_layers"] if meta else max(enc_files) + 1
-    expected = [f"{p}_{i}.safetensors" for i in range(n_layers) for p in ("W_enc", "W_dec")]
-    present = {p.name for p in [*enc_files.values(), *dec_files.values()]}
+    skip = meta["clt_config"].get("skip", False) if meta else bool(skip_files)
+    prefixes = ("W_enc", "W_dec", "W_skip") if skip else ("W_enc", "W_dec")
+    expected = [f"{p}_{i}.safetensors" for i in range(n_layers) for p in prefixes]
+    present = {p.name for p in [*enc_files.values(), *dec_files.values(), *skip_files.values()]}
     missing = [name for name in expected if name not in present]
     if missing:
         raise CLTFormatError(f"{directory} is a partial CLT: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
@@ -319,7 +362,7 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
     options = {k: meta["clt_config"][k] for k in ("threshold_init", "bandwidth")} if meta else {}
     if meta and (meta["clt_config"]["n_features"], meta["clt_config"]["d_model"]) != (n_features, d_model):
         raise CLTFormatError(f"{enc_files[0]}: W_enc_0 is {n_features}x{d_model}, {META_FILE} says otherwise")
-    config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, **options)
+    config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, skip=skip, **options)
     clt = CrossLayerTranscoder(config, init=False)
     with torch.no_grad():
         for layer in range(n_layers):
@@ -333,6 +376,9 @@ def load_clt(directory: str | Path) -> CrossLayerTranscoder:
             path = dec_files[layer]
             dec = _read_tensors(path)
             clt.W_dec[layer].copy_(_expect(path, dec, f"W_dec_{layer}", (n_features, n_layers - layer, d_model)))
+            if skip:
+                path = skip_files[layer]
+                clt.W_skip[layer].copy_(_expect(path, _read_tensors(path), f"W_skip_{layer}", (d_model, d_model)))
     return clt.eval()
 
 

@@ -19,6 +19,8 @@ class CLTShapeConfig(BaseModel):
     n_features: int = Field(512, gt=0, description="features per layer; an untied SmolLM2 CLT has ~285k * F weights")
     threshold_init: float = Field(0.03, ge=0)
     bandwidth: float = Field(1.0, gt=0, description="rectangle kernel width of the JumpReLU threshold gradient")
+    skip: bool = Field(False, description="a linear skip path per layer (MLP input -> output, d_model^2 weights "
+                       "each, trained with the features); attribution treats it as one more linear path")
     seed: int = 0
 
 
@@ -63,6 +65,9 @@ class CLTTrainConfig(BaseModel):
     init_firing_fraction: float | None = Field(
         0.05, gt=0, lt=1, description="b_enc starts so each feature fires on this fraction of tokens (None: b_enc=0)"
     )
+    skip_init: Literal["zero", "least_squares"] = Field(
+        "zero", description="with clt.skip: W_skip starts at 0, or at the ridge least-squares map from MLP input to "
+        "output on the normalisation batches (b_dec then at the mean output minus the mean input's skip output)")
     dead_window_tokens: int = Field(100_000, gt=0, description="a feature silent this long in training counts as dead")
     decode: Literal["sparse", "dense"] = Field("sparse", description="dense is the slow reference")
     checkpoint_every: int = Field(100, gt=0)

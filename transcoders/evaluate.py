@@ -39,6 +39,8 @@ def reconstruction_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: 
         mlp_in, mlp_out = harvest_batch(model, tokens)  # [n, L, D]
         acts = clt.encode(mlp_in)  # [n, L, F]
         recon = clt.decode(acts)
+        if clt.W_skip is not None:
+            recon = recon + clt.skip_output(mlp_in)
         sse += (recon - mlp_out).double().pow(2).sum(dim=(0, 2))
         sum_sq += mlp_out.double().pow(2).sum(dim=(0, 2))
         sum_y += mlp_out.double().sum(0)
@@ -62,7 +64,8 @@ def reconstruction_metrics(model: nn.Module, clt: CrossLayerTranscoder, blocks: 
 class MLPReplacement(MLPHooks):
     """Context manager: every MLP's output at positions >= 1 is replaced, in the same forward.
 
-    mode "clt": layer l's output becomes the CLT reconstruction sum_{s <= l} W_dec[s][:, l - s] a_s + b_dec[l],
+    mode "clt": layer l's output becomes the CLT reconstruction sum_{s <= l} W_dec[s][:, l - s] a_s + b_dec[l]
+    (+ x_l @ W_skip[l] with a skip path),
     where a_s = encode_layer(s, x_s) and x_s is the MLP input of layer s *in this replaced forward*
     (so errors compound through the layers, as in a replacement model). When layer s runs, its
     features' writes into layers s..L-1 are added to a running reconstruction (sparse: only active
@@ -101,6 +104,8 @@ class MLPReplacement(MLPHooks):
             self.recon[..., layer:, :] += source_contribution(acts, clt.W_dec[layer]).view_as(
                 self.recon[..., layer:, :])
             out = (self.recon[..., layer, :] + clt.b_dec[layer]) * clt.output_scale[layer]
+            if clt.W_skip is not None:
+                out = out + clt.skip_layer(layer, x)
             new[:, 1:] = out[:, 1:].to(output.dtype)
             return new
         return replace

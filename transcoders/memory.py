@@ -53,10 +53,10 @@ def check_training_fits(config: CLTConfig, *, batch_tokens: int, buffer_tokens: 
     total = sum(parts.values())
     if total <= budget:
         return parts
-    one = training_memory(config.model_copy(update={"n_features": 1}), batch_tokens=batch_tokens,
-                          buffer_tokens=buffer_tokens, model_bytes=model_bytes)
-    fixed = parts["shuffle buffer"] + parts["language model"]
-    per_feature = sum(one.values()) - fixed
+    one, two = (sum(training_memory(config.model_copy(update={"n_features": n}), batch_tokens=batch_tokens,
+                                    buffer_tokens=buffer_tokens, model_bytes=model_bytes).values()) for n in (1, 2))
+    per_feature = two - one
+    fixed = one - per_feature  # what does not grow with n_features: buffer, LM, skip paths
     largest = max(0, (budget - fixed) // per_feature)
     breakdown = ", ".join(f"{name} {size / GB:.2f}" for name, size in parts.items())
     raise CLTMemoryError(

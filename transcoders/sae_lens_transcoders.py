@@ -9,13 +9,14 @@ MLP output l (W_dec[l][:, 0]; the decoders into later layers are zero). It holds
 What is exact, and so accepted:
 - `Transcoder` (ReLU: threshold 0) and `JumpReLUTranscoder`, whose activation relu(pre) * (pre > t) is
   pre * (pre > max(t, 0)): the CLT's JumpReLU with the threshold clamped at 0;
+- their skip variants (`SkipTranscoder`, `JumpReLUSkipTranscoder`): W_skip [d_out, d_in] becomes the CLT's
+  skip path of that layer (W_skip[l] = W_skip.T; layers without one get zero), which attribution treats as one
+  more linear path; a set whose W_skip are all zero loads without a skip path;
 - reading the MLP input after its norm (`blocks.{l}.ln2.hook_normalized`, TransformerLens'
   `blocks.{l}.mlp.hook_in`) and writing the MLP output (`blocks.{l}.hook_mlp_out` / `blocks.{l}.mlp.hook_out`),
   layer l taken from the hook name in `cfg.json`'s metadata; `normalize_activations="none"`.
-Refused with CLTFormatError: skip transcoders with a nonzero W_skip (W_skip x is a linear path from the MLP
-input to its output; the local replacement model freezes every MLP output into feature writes, errors and
-constants, so that path would have to be an error node or a new kind of edge), other hooks, activation
-normalisation, transcoders of different widths, and missing or repeated layers.
+Refused with CLTFormatError: other hooks, activation normalisation, transcoders of different widths, and
+missing or repeated layers.
 """
 
 from __future__ import annotations
@@ -68,14 +69,16 @@ def _check_exact(path: Path, sae) -> None:
 
     if type(sae) not in (Transcoder, JumpReLUTranscoder) and not isinstance(sae, SkipTranscoder):
         raise CLTFormatError(f"{path} holds a sae-lens {type(sae).__name__}, not a ReLU or JumpReLU transcoder")
-    if isinstance(sae, SkipTranscoder) and bool((sae.W_skip != 0).any()):
-        raise CLTFormatError(
-            f"{path} is a skip transcoder with a nonzero W_skip: its skip path W_skip x (MLP input to MLP output) "
-            "cannot be part of the attribution graph exactly (the local replacement model splits each MLP output "
-            "into feature writes, error nodes and constants); use transcoders without a skip connection")
     if sae.cfg.normalize_activations != "none" or sae.cfg.reshape_activations != "none":
         raise CLTFormatError(f"{path}: normalize_activations={sae.cfg.normalize_activations!r}, reshape_activations="
                              f"{sae.cfg.reshape_activations!r}; only 'none' is exact (fold the normalisation first)")
+
+
+def _skip_weight(sae) -> torch.Tensor | None:
+    """A skip transcoder's nonzero W_skip [d_out, d_in], else None."""
+    from sae_lens import SkipTranscoder
+
+    return sae.W_skip if isinstance(sae, SkipTranscoder) and bool((sae.W_skip != 0).any()) else None
 
 
 def load_sae_lens_transcoders(directory: str | Path) -> CrossLayerTranscoder:
@@ -106,11 +109,18 @@ def load_sae_lens_transcoders(directory: str | Path) -> CrossLayerTranscoder:
     if len(shapes) > 1 or d_out != d_model:
         raise CLTFormatError(f"{directory}: transcoders of (d_in, d_sae, d_out) {sorted(shapes)}; a CLT needs one "
                              "width and d_in == d_out")
-    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, threshold_init=0.0),
-                               init=False)
+    skips = {layer: _skip_weight(sae) for layer, (_, sae) in by_layer.items()}
+    skip = any(weight is not None for weight in skips.values())
+    config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features, threshold_init=0.0, skip=skip)
+    clt = CrossLayerTranscoder(config, init=False)
     with torch.no_grad():
         for weight in clt.W_dec:
             weight.zero_()
+        if skip:
+            clt.W_skip.zero_()
+            for layer, weight in skips.items():
+                if weight is not None:
+                    clt.W_skip[layer].copy_(weight.T)  # sae-lens: skip = x @ W_skip.T, W_skip [d_out, d_in]
         for layer, (_, sae) in by_layer.items():
             clt.W_enc[layer].copy_(sae.W_enc.T)  # sae-lens: pre = x @ W_enc [d_in, d_sae] + b_enc
             clt.b_enc[layer].copy_(sae.b_enc)

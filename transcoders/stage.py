@@ -74,7 +74,8 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     blocks = load_token_blocks(config.data, tokenizer)
     n_layers, d_model = model_shape(lm)
     clt_config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=config.clt.n_features,
-                           threshold_init=config.clt.threshold_init, bandwidth=config.clt.bandwidth)
+                           threshold_init=config.clt.threshold_init, bandwidth=config.clt.bandwidth,
+                           skip=config.clt.skip)
     model_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * GB)
     memory = check_training_fits(clt_config, batch_tokens=config.train.batch_tokens,

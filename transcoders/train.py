@@ -1,7 +1,8 @@
 """CLT training: the loss, per-layer normalisation, and a resumable AdamW loop with a progress bar.
 
 Loss (training units: each layer's input and output divided by its scale, see clt.py):
-  sum_l mean_tokens |y_hat_l - y_l|^2 / D                              reconstruction, summed over layers
+  sum_l mean_tokens |y_hat_l - y_l|^2 / D                              reconstruction (with the skip paths, if
+                                                                       any), summed over layers
   + lambda_s(t) * mean_tokens sum_{l,f} tanh(c * |W_dec,f| * a_f)       |W_dec,f| over all of f's decoders
   + lambda_p * mean_tokens sum_{l,f} relu(-pre_f)                      pushes silent features back up
 lambda_s ramps linearly from 0 to its final value over `sparsity_ramp_fraction` of training.
@@ -73,6 +74,8 @@ def clt_loss(
         recon, norms = clt.decode_with_norms(acts)  # [N, L, D], [L, F]
     else:
         recon, norms = clt.decode_dense(acts), clt.decoder_norms()
+    if clt.W_skip is not None:
+        recon = recon + clt.skip_output(mlp_in)
     scale = clt.output_scale[:, None]
     err = (recon - mlp_out) / scale  # [N, L, D]
     mse_per_layer = err.pow(2).mean(dim=(0, 2))
@@ -88,17 +91,40 @@ def clt_loss(
                      active.sum(-1).float().mean(0), active.any(0))
 
 
+SKIP_RIDGE = 1e-3  # ridge of the least-squares skip init, relative to the mean input variance
+
+
+def least_squares_skip(x: torch.Tensor, y: torch.Tensor, ridge: float = SKIP_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the ridge least-squares affine map y ~ x @ W + b (one layer at a time in float64, so the
+    temporaries are one layer's).  x, y [N, L, D] -> (W [L, D, D], b [L, D])"""
+    x_mean, y_mean = x.mean(0), y.mean(0)  # [L, D]
+    W = torch.empty(x.shape[1], x.shape[2], y.shape[2])
+    for layer in range(x.shape[1]):
+        xc, yc = (x[:, layer] - x_mean[layer]).double(), (y[:, layer] - y_mean[layer]).double()  # [N, D]
+        gram = xc.T @ xc  # [D, D]
+        gram.diagonal().add_(ridge * gram.diagonal().mean())
+        W[layer] = torch.linalg.solve(gram, xc.T @ yc).float()
+    return W, y_mean - torch.einsum("li,lio->lo", x_mean, W)
+
+
 @torch.no_grad()
 def initialise_from_data(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         firing_fraction: float | None) -> None:
+                         firing_fraction: float | None, skip_init: str = "zero") -> None:
     """Data-dependent start: per-layer scales (a normalised vector has mean square 1 per element),
     b_dec at the mean output, and, if `firing_fraction` is set, b_enc such that each feature fires on
-    that fraction of these tokens. A sparse start keeps early steps cheap: decoding costs grow with L0."""
+    that fraction of these tokens. A sparse start keeps early steps cheap: decoding costs grow with L0.
+    With a skip path and skip_init "least_squares", W_skip and b_dec start at the affine least-squares fit."""
     mlp_in = torch.cat([x for x, _ in batches])  # [N, L, D]
     mlp_out = torch.cat([y for _, y in batches])
     clt.input_scale.copy_(mlp_in.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
     clt.output_scale.copy_(mlp_out.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
     clt.b_dec.copy_(mlp_out.mean(0) / clt.output_scale[:, None])
+    if clt.W_skip is not None:
+        clt.W_skip.zero_()
+        if skip_init == "least_squares":
+            W, b = least_squares_skip(mlp_in / clt.input_scale[:, None], mlp_out / clt.output_scale[:, None])
+            clt.W_skip.copy_(W)
+            clt.b_dec.copy_(b)
     if firing_fraction is not None:
         clt.b_enc.zero_()
         pre = clt.pre_activations(mlp_in)  # [N, L, F]
@@ -209,7 +235,7 @@ def train_clt(
         batches = iter(source)
         initialise_from_data(clt, [(x.to(device), y.to(device)) for x, y in
                                    (next(batches) for _ in range(config.normalisation_batches))],
-                             config.init_firing_fraction)
+                             config.init_firing_fraction, config.skip_init)
     if is_distributed():  # ranks that round the data-dependent init differently would otherwise never converge
         broadcast_from_main(clt)
 
