@@ -73,6 +73,7 @@ class LocalReplacementModel:
     logit_tokens: torch.Tensor  # [n_logits] long
     logit_probs: torch.Tensor  # [n_logits]
     logit_vectors: torch.Tensor  # [n_logits, d] demeaned unembedding rows
+    attn_constants: torch.Tensor | None = None  # [L, P, d] what value-projection biases write through attention
 
     @property
     def n_layers(self) -> int:
@@ -143,6 +144,18 @@ def _add_writes(out: torch.Tensor, source_layer: int, pos: torch.Tensor, writes:
         out[source_layer + k].index_add_(0, pos, writes[:, k])
 
 
+def value_bias_writes(model: ModelWeights, prompt: FrozenPrompt) -> torch.Tensor | None:
+    """What each layer's attention writes from its value-projection bias alone (a constant: the frozen
+    pattern's row sums times the bias, through W_O); None without biases.  -> [L, P, d]"""
+    if model.b_V is None:
+        return None
+    group = model.n_heads // model.n_kv_heads
+    row_sums = prompt.patterns.sum(-1)  # [L, H, P]
+    bias = model.b_V.unflatten(-1, (model.n_kv_heads, -1)).repeat_interleave(group, 1)  # [L, H, dh]
+    mixed = torch.einsum("lhp,lhe->lphe", row_sums, bias).flatten(2)  # [L, P, H * dh]
+    return mixed @ model.W_O.transpose(1, 2)
+
+
 def select_logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """circuit-tracer's salient logits: top tokens until cumulative probability >= desired_prob, at most
@@ -170,4 +183,5 @@ def build_replacement(model: ModelWeights, clt: TranscoderWeights, prompt: Froze
     return LocalReplacementModel(
         model=model, clt=clt, prompt=prompt, features=features, activations=activations, errors=errors,
         constants=constants, logit_tokens=tokens, logit_probs=probs, logit_vectors=vectors,
+        attn_constants=value_bias_writes(model, prompt),
     )

@@ -169,11 +169,14 @@ class BlockSweep:
         self.constant[:n] += errors_and_constants[..., 1].sum(0)
 
     def through_attention(self, k: int) -> None:
-        """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention)."""
+        """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention), after dotting it
+        with the attention's constant write (value-projection biases) where there is one."""
         if not self.n_alive:
             return
         weights, frozen, n = self.lrm.model, self.lrm.prompt, self.n_alive
         at = as_index(self.support)
+        if self.lrm.attn_constants is not None:
+            self.constant[:n] += torch.einsum("npd,pd->n", self.grad[:n, at], self.lrm.attn_constants[k, at])
         keys = attended_keys(frozen.patterns[k], at)
         if not len(keys):
             return

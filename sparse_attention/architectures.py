@@ -90,8 +90,6 @@ _POST_NORMS = {"blocks.{l}.ln1_post": "model.layers.{l}.post_attention_layernorm
 _OLMO2 = {name: path for name, path in _llama_style(**_QK_NORMS, **_POST_NORMS).items()
           if name not in ("blocks.{l}.ln1", "blocks.{l}.ln2")}
 _GEMMA = _llama_style(**_POST_NORMS, **{"blocks.{l}.ln2": "model.layers.{l}.pre_feedforward_layernorm"})
-_POST_NORM_ATTRIBUTION = ("norms on the attention output (post_attention_layernorm) are not in the replacement "
-                          "model yet")
 _NO_CIRCUITS_POST_NORM = ("component circuits split the attention output into per-head writes, which a norm on "
                           "the attention output (post_attention_layernorm) does not allow")
 _GPT2 = {
@@ -113,14 +111,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", _llama_style()),
     "qwen2": Architecture("qwen2", _llama_style()),
     "qwen3": Architecture("qwen3", _llama_style(**_QK_NORMS), qk_norm="head"),
-    "olmo2": Architecture("olmo2", _OLMO2, qk_norm="whole", refused={
-        "attribution": _POST_NORM_ATTRIBUTION, "circuits": _NO_CIRCUITS_POST_NORM}),
-    "gemma2": Architecture("gemma2", _GEMMA, gain_offset=1.0, refused={
-        "attribution": _POST_NORM_ATTRIBUTION + "; attention and final-logit soft-caps are not linear",
-        "circuits": _NO_CIRCUITS_POST_NORM}),
+    "olmo2": Architecture("olmo2", _OLMO2, qk_norm="whole", refused={"circuits": _NO_CIRCUITS_POST_NORM}),
+    "gemma2": Architecture("gemma2", _GEMMA, gain_offset=1.0, refused={"circuits": _NO_CIRCUITS_POST_NORM}),
     "gemma3_text": Architecture("gemma3_text", {**_GEMMA, **_QK_NORMS}, gain_offset=1.0, qk_norm="head",
-                                refused={"attribution": _POST_NORM_ATTRIBUTION + "; RoPE differs per layer type",
-                                         "circuits": _NO_CIRCUITS_POST_NORM}),
+                                refused={"circuits": _NO_CIRCUITS_POST_NORM}),
     "gpt2": Architecture("gpt2", _GPT2, trainable={"attention": r"\.attn\."}, refused={
         "attribution": "LayerNorm centring and biases, and learned position embeddings, are not in the "
                        "replacement model yet",

@@ -5,10 +5,14 @@ it, and every stage refuses a family outside the table (or one it cannot compute
 from __future__ import annotations
 
 import copy
+import dataclasses
+from functools import partial
 
+import pandas as pd
 import pytest
 import torch
 from transformers import (
+    AttentionInterface,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -26,11 +30,30 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from attribution.config import AttentionAttributionConfig, GraphConfig
+from attribution.graph import attribute
+from attribution.heads import head_loadings
+from attribution.nodes import build_replacement, transcoder_weights
+from attribution.qk import QK_COLUMNS, ResidualComponents, qk_pair_contributions, qk_rows
+from attribution.replacement import AttributionError, extract_weights, freeze_prompt, tokenize_prompt
+from circuits.hooks import patched_metric, prepare, record
+from prompts.batches import encode_prompts
+from prompts.metrics import logit_diff
+from prompts.tasks import generate_task
 from sparse_attention.architectures import ArchitectureError, architecture, require, trainable_pattern
-from sparse_attention.gated_attention import GatedModel
-from sparse_attention.hook_points import HookPointError, hook_names, hooks
+from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel, gated_attention_forward
+from sparse_attention.hook_points import HookPointError, hf_model, hook_names, hooks, module
 from sparse_attention.models import byte_tokenizer
+from tests.test_attribution import (
+    closeness_scale,
+    patched_forwards,
+    random_clt,
+    source_removal,
+    target_values,
+)
+from tests.test_attribution_heads import strongest_edges
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +73,9 @@ FAMILIES = {  # name -> (model class, config)
     "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(
         **SHAPE, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=WINDOW,
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma2-nocap": lambda: (Gemma2ForCausalLM, Gemma2Config(
+        **SHAPE, head_dim=HEAD_DIM, query_pre_attn_scalar=2 * HEAD_DIM, sliding_window=WINDOW,
+        attn_logit_softcapping=None, final_logit_softcapping=None)),
     "gemma3": lambda: (Gemma3ForCausalLM, Gemma3TextConfig(
         **SHAPE, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
@@ -57,7 +83,7 @@ FAMILIES = {  # name -> (model class, config)
         n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, n_positions=64, initializer_range=0.2,
         attn_implementation="eager")),
 }
-ATTRIBUTED = ["llama", "llama3-rope", "qwen2", "qwen3"]  # families whose replacement model is exact
+ATTRIBUTED = ["llama", "llama3-rope", "qwen2", "qwen3", "olmo2", "gemma2-nocap", "gemma3"]  # exact replacement models
 
 
 def tiny_family(name: str, seed: int = 0):
@@ -179,3 +205,219 @@ def test_a_family_outside_the_table_is_one_clear_error():
     with pytest.raises(ArchitectureError, match="'gpt2' cannot run the attribution stage: LayerNorm"):
         require(tiny_family("gpt2")[0], "attribution")
     assert architecture(GatedModel(tiny_family("qwen3")[0], 0.0)).family == "qwen3"
+
+
+# --------------------------------------------------------------------------------------------------
+# Attribution: exact on every family whose replacement model the table does not refuse
+
+def family_replacement(name: str, kind: str, prompt: str = "The cat sat on"):
+    """(model, local replacement model) of a tiny `name` model: 'hf' the plain model, 'dense' a GatedModel
+    with gates off, 'gated' hard gates with offsets that shut some."""
+    model, tokenizer = tiny_family(name)
+    if kind != "hf":
+        model = GatedModel(model, offset_init=0.0).eval()
+        with torch.no_grad():
+            model.offsets.copy_(torch.linspace(-0.3, 0.3, model.offsets.numel()).view_as(model.offsets))
+        model.set_mode("dense" if kind == "dense" else "eval")
+    weights = extract_weights(model)
+    clt = random_clt(N_LAYERS, D_MODEL, 16)
+    frozen = freeze_prompt(model, tokenize_prompt(tokenizer, prompt))
+    return model, build_replacement(weights, transcoder_weights(clt, weights), frozen)
+
+
+def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor, patterns: torch.Tensor | None = None):
+    """The HF model of any family with frozen patterns (default: the prompt's), norm scales and MLP outputs,
+    its modules found by their names in the architecture table.  -> (mlp_in [L, P, d], logits [V])"""
+    arch, frozen = architecture(model), lrm.prompt
+    patterns = frozen.patterns if patterns is None else patterns
+    seen = {}
+
+    def gain(norm):
+        return norm.weight + arch.gain_offset
+
+    def named(name: str, layer: int):
+        return module(model, name.format(l=layer)) if arch.has(name) else None
+
+    embed = module(model, "embed")
+    patches = [(embed, lambda ids, forward=embed.forward: forward(ids) + embed_delta)]
+    for index in range(N_LAYERS):
+        attn = named("blocks.{l}.attn", index)
+        v_proj, o_proj = named("blocks.{l}.attn.v", index), named("blocks.{l}.attn.o", index)
+
+        def attention(hidden_states, *args, attn=attn, v_proj=v_proj, o_proj=o_proj, index=index, **kwargs):
+            n_pos = hidden_states.shape[1]
+            values = v_proj(hidden_states).view(1, n_pos, -1, attn.head_dim).transpose(1, 2)
+            values = values.repeat_interleave(attn.num_key_value_groups, dim=1)  # [1, H, P, dh]
+            mixed = (patterns[index][None] @ values).transpose(1, 2).reshape(1, n_pos, -1)
+            return o_proj(mixed), None
+
+        def mlp(x, index=index):
+            seen.setdefault(("mlp_in", index), x)
+            return x if arch.has("blocks.{l}.ln2_post") else mlp_out[index][None]
+
+        patches.append((attn, attention))
+        for name, scales, key in (("ln1", frozen.attn_inv_rms, None), ("ln1_post", None, None),
+                                  ("ln2", frozen.mlp_inv_rms, "mlp_in")):
+            norm = named(f"blocks.{{l}}.{name}", index)  # ln1_post: its scale is in the patterns
+            if norm is not None:
+                patches.append((norm, partial(frozen_norm, norm=norm, gain=gain(norm), scale=scales, layer=index,
+                                              seen=seen, key=key)))
+        patches.append((named("blocks.{l}.mlp", index), mlp))
+        if arch.has("blocks.{l}.ln2_post"):
+            patches.append((named("blocks.{l}.ln2_post", index), lambda x, index=index: mlp_out[index][None]))
+    final = module(model, "ln_final")
+    patches.append((final, lambda x: gain(final) * (x * frozen.final_inv_rms[None, :, None])))
+    with patched_forwards(patches), torch.no_grad():
+        logits = model(input_ids=lrm.prompt.tokens[None], use_cache=False).logits[0, -1]
+    return torch.stack([seen["mlp_in", i][0] for i in range(N_LAYERS)]), logits
+
+
+def frozen_norm(x, *, norm, gain, scale, layer, seen, key):
+    """A norm with its frozen scale (None: folded elsewhere), its output kept under (key, layer) if key."""
+    out = gain * x if scale is None else gain * (x * scale[layer][None, :, None])
+    if key:
+        seen[key, layer] = out
+    return out
+
+
+def edge_in_forward(model, lrm, graph, target: int, source: int, patterns: torch.Tensor) -> float:
+    """The edge measured by removing the source in a frozen forward with the given patterns."""
+    zero = torch.zeros(graph.n_pos, lrm.model.d_model)
+    base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero, patterns))
+    moved = target_values(lrm, graph, *frozen_forward(model, lrm, *source_removal(lrm, graph, source), patterns))
+    return float(base[target] - moved[target])
+
+
+@pytest.mark.parametrize("kind", ["hf", "gated"])
+@pytest.mark.parametrize("name", ATTRIBUTED)
+def test_perturbation_and_completeness(name, kind):
+    model, lrm = family_replacement(name, kind)
+    graph = attribute(lrm, GraphConfig())
+    assert graph.n_selected > 10 and len(graph.logit_tokens) >= 1
+    scale = closeness_scale(graph)
+    zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
+    base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero_delta))
+    torch.testing.assert_close(base, graph.node_value, rtol=0, atol=1e-6 * float(scale.max()))
+    rows = torch.cat([torch.arange(graph.n_selected), torch.arange(graph.logit_start, graph.n_nodes)])
+    total = graph.adjacency.sum(1) + graph.node_constant  # completeness: edges + constants = value
+    assert ((total - graph.node_value)[rows].abs() <= 1e-5 * scale[rows]).all()
+    for source in range(graph.logit_start):
+        moved = target_values(lrm, graph, *frozen_forward(model, lrm, *source_removal(lrm, graph, source))) - base
+        error = (moved + graph.adjacency[:, source])[rows].abs()
+        assert (error <= 1e-5 * scale[rows]).all(), f"source {source}: max error {error.max():.3g}"
+
+
+@pytest.mark.parametrize("name", ATTRIBUTED)
+def test_head_loadings_sum_to_their_edge_and_match_ablation(name):
+    model, lrm = family_replacement(name, "gated")
+    graph = attribute(lrm, GraphConfig())
+    targets, sources = strongest_edges(graph, 4)
+    loadings = head_loadings(lrm, graph, targets, sources,
+                             AttentionAttributionConfig(layer_min_share=0.0, head_min_share=0.0))
+    scale = closeness_scale(graph)
+    for (target, source, layer), rows in loadings.groupby(["target", "source", "layer"]):
+        weight, tolerance = float(graph.adjacency[target, source]), 1e-5 * float(scale[target])
+        assert abs(rows["weight"].sum() - weight) <= tolerance  # heads + skip = edge
+        head, part = int(rows["head"].iloc[-1]), float(rows["weight"].iloc[-1])  # the largest head index
+        if head >= 0:
+            patterns = lrm.prompt.patterns.clone()
+            patterns[layer, head] = 0
+            assert abs((weight - edge_in_forward(model, lrm, graph, target, source, patterns)) - part) <= tolerance
+
+
+SCORES_NAME = "recorded_gated_scores"
+
+
+def model_scores(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """q.k * scaling of every layer as the gated model's own attention computes it (after its q/k norms,
+    biases and RoPE), recorded on the way into the gated attention function.  -> per layer [H, P, P]"""
+    scores = []
+
+    def record(module, query, key, value, attention_mask, scaling, **kwargs):
+        key_heads = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scores.append((query @ key_heads.transpose(2, 3))[0] * scaling)
+        return gated_attention_forward(module, query, key, value, attention_mask, scaling, **kwargs)
+
+    AttentionInterface.register(SCORES_NAME, record)
+    AttentionMaskInterface.register(SCORES_NAME, partial(sdpa_mask, allow_is_causal_skip=False))
+    hf = hf_model(model)
+    hf.set_attn_implementation(SCORES_NAME)
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens[None])
+    finally:
+        hf.set_attn_implementation(ATTENTION_NAME)
+    return scores
+
+
+@pytest.mark.parametrize("name", ATTRIBUTED)
+def test_qk_pairs_and_rest_equal_the_gate_logit(name):
+    model, lrm = family_replacement(name, "gated")
+    scores = model_scores(model, lrm.prompt.tokens)
+    components = ResidualComponents(lrm)
+    config = AttentionAttributionConfig(qk_top_pairs=4, qk_top_marginals=3)
+    n_pos = lrm.n_pos
+    for layer in range(N_LAYERS):
+        for head in range(N_HEADS):
+            for query, key in [(n_pos - 1, 0), (n_pos - 1, 2), (3, 3), (4, 1)]:
+                _, _, pairs = qk_pair_contributions(components, layer, head, query, key)
+                expected = float(scores[layer][head, query, key])
+                scale = max(float(pairs.abs().sum()), float(scores[layer].abs().max()))
+                assert abs(float(pairs.sum()) - expected) <= 1e-5 * scale
+                logit = expected + float(lrm.model.gate_offsets[layer, head])
+                in_window = getattr(module(model, f"blocks.{layer}.attn"), "sliding_window", None) is None or \
+                    key > query - WINDOW  # a sliding layer sees only its window
+                assert bool(lrm.prompt.patterns[layer, head, query, key] != 0) == (logit > 0 and in_window)
+                rows = pd.DataFrame(qk_rows(components, layer, head, query, key, config), columns=QK_COLUMNS)
+                for kinds in (["pair", "pair_rest", "offset"], ["query_marginal", "query_marginal_rest", "offset"]):
+                    assert abs(rows[rows["kind"].isin(kinds)]["value"].sum() - logit) <= 1e-5 * scale
+
+
+def test_qwen3_query_key_norms_matter():
+    """Without the frozen q/k norm scales the Qwen3 pairs would not sum to the score (the check above can fail)."""
+    model, lrm = family_replacement("qwen3", "gated")
+    scores = model_scores(model, lrm.prompt.tokens)
+    unnormed = dataclasses.replace(lrm, model=dataclasses.replace(lrm.model, q_norm=None, k_norm=None))
+    _, _, pairs = qk_pair_contributions(ResidualComponents(unnormed), 1, 0, lrm.n_pos - 1, 0)
+    assert abs(float(pairs.sum()) - float(scores[1][0, -1, 0])) > 1e-2
+
+
+def test_what_the_replacement_model_cannot_compute_is_refused():
+    with pytest.raises(AttributionError, match="attn_logit_softcapping=2.0 is not linear"):
+        extract_weights(tiny_family("gemma2")[0])
+    model, tokenizer = tiny_family("gpt2")
+    with pytest.raises(ArchitectureError, match="'gpt2' cannot run the attribution stage: LayerNorm"):
+        freeze_prompt(model, tokenize_prompt(tokenizer, "The cat"))
+    with pytest.raises(ArchitectureError, match="model family 'gpt_neox' .* is not supported"):
+        extract_weights(unsupported_model())
+
+
+# --------------------------------------------------------------------------------------------------
+# Component circuits: each head reads its own input, so families with a norm on the attention output or
+# a fused q/k/v projection are refused
+
+CIRCUITS = ["llama", "llama3-rope", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_component_circuits_are_exact_or_refused(name):
+    model = GatedModel(tiny_family(name)[0], offset_init=0.0).eval()
+    with torch.no_grad():
+        model.offsets.copy_(torch.linspace(-0.3, 0.3, model.offsets.numel()).view_as(model.offsets))
+    model.set_mode("eval")
+    if name not in CIRCUITS:
+        with pytest.raises(ArchitectureError, match="cannot run the circuits stage"):
+            prepare(model)
+        return
+    prepared = prepare(model)
+    candidates = generate_task("greater_than", byte_tokenizer(), 40, seed=0)
+    length = max({len(p.clean) for p in candidates}, key=[len(p.clean) for p in candidates].count)
+    batch = encode_prompts([p for p in candidates if len(p.clean) == length][:4], byte_tokenizer(), 4)[0]
+    with torch.no_grad():
+        clean, corrupt = (logit_diff(model(input_ids=ids).logits[:, -1], batch) for ids in (batch.clean, batch.corrupted))
+        torch.testing.assert_close(prepared.forward(batch.clean), model(input_ids=batch.clean).logits, rtol=0, atol=1e-5)
+    corrupted, _ = record(prepared, batch.corrupted)
+    allowed = prepared.layout.allowed()
+    torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=allowed), clean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=~allowed), corrupt,
+                               rtol=0, atol=1e-5)
