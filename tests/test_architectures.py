@@ -32,18 +32,22 @@ from transformers import (
 )
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from attribution.config import AttentionAttributionConfig, GraphConfig
+from attribution import stage as attribution_stage
+from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
 from attribution.graph import attribute
 from attribution.heads import head_loadings
 from attribution.nodes import build_replacement, transcoder_weights
 from attribution.qk import QK_COLUMNS, ResidualComponents, qk_pair_contributions, qk_rows
 from attribution.replacement import AttributionError, extract_weights, freeze_prompt, tokenize_prompt
 from circuits.hooks import patched_metric, prepare, record
+from pipeline.config import load_config
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff
 from prompts.tasks import generate_task
 from sparse_attention import models
+from sparse_attention import stage as sparsify_stage
 from sparse_attention.architectures import ArchitectureError, architecture, require, trainable_pattern
+from sparse_attention.config import ModelSpec
 from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel, gated_attention_forward
 from sparse_attention.hook_points import HookPointError, hf_model, hook_names, hooks, module
 from sparse_attention.models import byte_tokenizer
@@ -55,6 +59,8 @@ from tests.test_attribution import (
     target_values,
 )
 from tests.test_attribution_heads import strongest_edges
+from tests.test_transcoders_stage import stage_config as clt_stage_config
+from transcoders import stage as clt_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -474,3 +480,22 @@ def test_real_gemma3_270m_open_gates_and_qk_pairs_are_exact():
     for layer in (0, 5, weights.n_layers - 1):
         _, _, pairs = qk_pair_contributions(components, layer, 0, len(tokens) - 1, 1)
         assert abs(float(pairs.sum()) - float(scores[layer][0, -1, 1])) <= 1e-4 * float(pairs.abs().sum())
+
+
+def test_every_stage_refuses_a_family_outside_the_table_before_any_work(tmp_path):
+    directory = tmp_path / "neox"
+    unsupported_model().save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    spec = ModelSpec(name=str(directory))
+    refusal = "model family 'gpt_neox' .* is not supported"
+    sparsify = load_config(preset="tiny").sparsify.model_copy(update={"model": spec})
+    with pytest.raises(ArchitectureError, match=refusal):
+        sparsify_stage.run(sparsify, tmp_path / "sparsify", progress=False)
+    with pytest.raises(ArchitectureError, match=refusal):
+        clt_stage.run(clt_stage_config(tmp_path), spec, tmp_path / "clt", progress=False)
+    assert not (tmp_path / "clt" / "checkpoints").exists()
+    with pytest.raises(ArchitectureError, match=refusal):
+        attribution_stage.run(AttributionStageConfig(prompts=["Hello"]), spec, tmp_path / "no_clt", None,
+                              tmp_path / "graphs", "dense", progress=False)
+    with pytest.raises(ArchitectureError, match=refusal):
+        prepare(unsupported_model())
