@@ -2,8 +2,9 @@
 
 The residual entering layer j at position p is a sum of components: the token embedding; each active
 feature f at p with source layer < j (its writes into MLP-outs l_f..j-1); the error nodes of layers
-< j; the constants (decoder biases, or the whole MLP output at the BOS position); and every earlier
-head's attention output. With the frozen norm scales (the input norm, and the norms on queries and keys
+< j; the constants (decoder biases, or the whole MLP output at the BOS position; learned position
+embeddings and output-projection biases where the family has them); and every earlier head's attention
+output (value biases included). With the frozen norm scales (the input norm, and the norms on queries and keys
 where the family has them) and the rotary rotation (all linear), and the projection's bias as one more
 component where it has one, the query and the key are sums of per-component vectors, so the gate logit
 of (j, h, q, k) is exactly
@@ -173,6 +174,17 @@ class ResidualComponents:
         self._fill(layer, pos, vectors)
         return ids, vectors
 
+    def position_constant(self, layer: int, pos: int) -> torch.Tensor:
+        """The constants of resid_pre[layer][pos] that are not MLP-outs: a learned position embedding and the
+        output biases of earlier attention layers (GPT-2); value biases are inside the heads' outputs.  -> [d]"""
+        weights = self.lrm.model
+        out = torch.zeros(weights.d_model)
+        if weights.pos_embed is not None:
+            out += weights.pos_embed[pos]
+        if weights.b_O is not None:
+            out += weights.b_O[:layer].sum(0)
+        return out
+
     def _counts(self, layer: int, pos: int) -> tuple[int, int, int]:
         """How many features (a prefix: sorted by source layer), errors and heads resid_pre[layer][pos] holds."""
         return (int((self.parts(pos).feature_layer < layer).sum()), layer if pos > 0 else 0,
@@ -186,7 +198,7 @@ class ResidualComponents:
         out[1:1 + n_features] = parts.feature_writes[:n_features, layer]
         at = 1 + n_features
         out[at:at + n_errors] = lrm.errors[:n_errors, pos]
-        out[at + n_errors] = lrm.constants[:layer, pos].sum(0)
+        out[at + n_errors] = lrm.constants[:layer, pos].sum(0) + self.position_constant(layer, pos)
         out[at + n_errors + 1:at + n_errors + 1 + n_heads] = parts.head_outputs[:n_heads]
 
     def projected(self, layer: int, positions: list[int], side: str, heads: list[list[int]] | None = None

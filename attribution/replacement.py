@@ -8,7 +8,7 @@ feature writes, error nodes (true output - reconstruction) and constants (decode
 MLP output at the BOS position, which - as in circuit-tracer - is attributed to nothing); value-projection
 biases make a constant attention write too. The family's part (which norms exist, Gemma's (1 + w) gains
 and embedding scale) comes from sparse_attention/architectures.py; `extract_weights` refuses a family or
-setting the replacement model cannot compute exactly (LayerNorm, soft-caps, output-projection biases).
+setting the replacement model cannot compute exactly (soft-caps, per-layer score scaling).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from sparse_attention.architectures import Architecture, require
+from sparse_attention.architectures import Architecture, architecture, require
 from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel
 from sparse_attention.hook_points import hf_model, hooks, layers, module
 
@@ -39,7 +40,7 @@ class ModelWeights:
 
     embed: torch.Tensor  # [vocab, d] what the embedding writes per token (Gemma: times sqrt(d))
     unembed: torch.Tensor  # [vocab, d]
-    attn_norm: torch.Tensor  # [L, d] gain of the pre-attention norm
+    attn_norm: torch.Tensor  # [L, d] gain of the pre-attention norm (LayerNorm: ones, folded into W_Q/K/V)
     mlp_norm: torch.Tensor  # [L, d] gain of the pre-MLP norm
     final_norm: torch.Tensor  # [d]
     W_Q: torch.Tensor  # [L, H * dh, d] (q_proj.weight)
@@ -57,6 +58,11 @@ class ModelWeights:
     attn_scale: float  # the attention's score scaling (1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-1/2)
     n_ctx: int
     gate_offsets: torch.Tensor | None  # [L, H] gate offsets b, None for a dense model
+    b_O: torch.Tensor | None = None  # [L, d] output-projection bias (GPT-2): a constant attention write
+    centred_norms: bool = False  # LayerNorm: the pre-MLP and final norms centre their input
+    mlp_norm_bias: torch.Tensor | None = None  # [L, d] LayerNorm bias of the pre-MLP norm: a constant in mlp_in
+    final_norm_bias: torch.Tensor | None = None  # [d]
+    pos_embed: torch.Tensor | None = None  # [n_ctx, d] learned position embeddings (GPT-2): constants
 
     @property
     def n_layers(self) -> int:
@@ -79,7 +85,7 @@ class FrozenPrompt:
     mlp_out: torch.Tensor  # [L, P, d] true MLP output
     patterns: torch.Tensor  # [L, H, P, P] attention weights applied to values (gated, not renormalised), each
     # query's row times the frozen scale of the norm on the attention output where the family has one
-    attn_inv_rms: torch.Tensor  # [L, P] 1 / rms of resid_pre (frozen pre-attention norm scale)
+    attn_inv_rms: torch.Tensor  # [L, P] 1 / rms of resid_pre (frozen pre-attention norm scale; LayerNorm: 1 / std)
     mlp_inv_rms: torch.Tensor  # [L, P] 1 / rms of resid_mid
     final_inv_rms: torch.Tensor  # [P]
     q_inv_rms: torch.Tensor | None  # [L, P, H] frozen scale of the norm on each head's query (None: no q norm)
@@ -101,7 +107,7 @@ def gate_offsets_of(model: nn.Module) -> torch.Tensor | None:
 
 
 def norm_gain(arch: Architecture, norm: nn.Module) -> torch.Tensor:
-    """What an RMSNorm multiplies the normalised input by: w, or Gemma's (1 + w).  -> [width]"""
+    """What a norm multiplies the normalised input by: w, or Gemma's (1 + w).  -> [width]"""
     return norm.weight.detach().float() + arch.gain_offset
 
 
@@ -109,9 +115,15 @@ def norm_eps(norm: nn.Module) -> float:
     return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
 
 
+def centred(weight: torch.Tensor) -> torch.Tensor:
+    """W C, with C = I - 11^T/d the centring of LayerNorm (symmetric): each row minus its mean.  [..., d]"""
+    return weight - weight.mean(-1, keepdim=True)
+
+
 def extract_weights(model: nn.Module) -> ModelWeights:
     """Read the weights of a HF causal LM (or GatedModel) of a family the replacement model supports into
-    a ModelWeights; AttributionError (ArchitectureError for the family) for what it cannot compute exactly."""
+    a ModelWeights; AttributionError (ArchitectureError for the family) for what it cannot compute exactly.
+    LayerNorm (GPT-2): the pre-attention norm's gain, centring and bias are folded into W_Q/K/V and b_Q/K/V."""
     arch = require(model, "attribution")
     hf = hf_model(model)
     cfg = hf.config
@@ -120,8 +132,9 @@ def extract_weights(model: nn.Module) -> ModelWeights:
         if getattr(cfg, setting, None) is not None:
             raise AttributionError(f"{setting}={getattr(cfg, setting)} is not linear: the replacement model of "
                                    f"model family {arch.family!r} is exact only without soft-caps")
-    if any(module(model, f"blocks.{layer}.attn.o").bias is not None for layer in range(n_layers)):
-        raise AttributionError(f"output projections with biases are not supported (model family {arch.family!r})")
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        raise AttributionError("scale_attn_by_inverse_layer_idx scales scores per layer, which the replacement "
+                               "model does not do")
 
     def per_layer(name: str, read) -> torch.Tensor | None:
         """read(module blocks.{l}.`name`) for every layer, stacked; None where the family has no such module
@@ -136,8 +149,25 @@ def extract_weights(model: nn.Module) -> ModelWeights:
         found = per_layer(name, lambda norm: norm_gain(arch, norm))
         return torch.ones(n_layers, width) if found is None else found
 
-    n_heads, n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    W_O = per_layer("attn.o", lambda o: o.weight)
+    def linear_weight(projection: nn.Module) -> torch.Tensor:
+        """[out, in] whether nn.Linear or GPT-2's Conv1D (which stores [in, out])."""
+        return projection.weight.T if isinstance(projection, Conv1D) else projection.weight
+
+    n_heads = cfg.num_attention_heads
+    n_kv_heads = getattr(cfg, "num_key_value_heads", None) or n_heads
+    if arch.has("blocks.{l}.attn.qkv"):  # one fused projection: [q; k; v]
+        W_Q, W_K, W_V = per_layer("attn.qkv", linear_weight).chunk(3, dim=1)
+        b_Q, b_K, b_V = per_layer("attn.qkv", lambda qkv: qkv.bias).chunk(3, dim=1)
+    else:
+        W_Q, W_K, W_V = (per_layer(f"attn.{side}", linear_weight) for side in "qkv")
+        b_Q, b_K, b_V = (per_layer(f"attn.{side}", lambda p: p.bias) for side in "qkv")
+    attn_norm = gains("ln1", cfg.hidden_size)
+    if arch.norm == "layer":  # fold LayerNorm: W (g * C x * s + beta) + b = (W g) C (x s) + (W beta + b)
+        beta = per_layer("ln1", lambda norm: norm.bias)
+        b_Q, b_K, b_V = (b + torch.einsum("led,ld->le", W, beta) for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
+        W_Q, W_K, W_V = (centred(W * attn_norm[:, None]) for W in (W_Q, W_K, W_V))
+        attn_norm = torch.ones_like(attn_norm)
+    W_O = per_layer("attn.o", linear_weight)
     out_gain = per_layer("ln1_post", lambda norm: norm_gain(arch, norm))
     if out_gain is not None:
         W_O = W_O * out_gain[:, :, None]
@@ -148,16 +178,16 @@ def extract_weights(model: nn.Module) -> ModelWeights:
     return ModelWeights(
         embed=embed.weight.detach().float() * float(getattr(embed, "embed_scale", 1.0)),
         unembed=hf.get_output_embeddings().weight.detach().float(),
-        attn_norm=gains("ln1", cfg.hidden_size),
+        attn_norm=attn_norm,
         mlp_norm=gains("ln2", cfg.hidden_size),
         final_norm=norm_gain(arch, module(model, "ln_final")),
-        W_Q=per_layer("attn.q", lambda q: q.weight),
-        W_K=per_layer("attn.k", lambda k: k.weight),
-        W_V=per_layer("attn.v", lambda v: v.weight),
+        W_Q=W_Q,
+        W_K=W_K,
+        W_V=W_V,
         W_O=W_O,
-        b_Q=per_layer("attn.q", lambda q: q.bias),
-        b_K=per_layer("attn.k", lambda k: k.bias),
-        b_V=per_layer("attn.v", lambda v: v.bias),
+        b_Q=b_Q,
+        b_K=b_K,
+        b_V=b_V,
         q_norm=q_norm,
         k_norm=k_norm,
         n_heads=n_heads,
@@ -166,6 +196,11 @@ def extract_weights(model: nn.Module) -> ModelWeights:
         attn_scale=float(module(model, "blocks.0.attn").scaling),
         n_ctx=cfg.max_position_embeddings,
         gate_offsets=gate_offsets_of(model),
+        b_O=per_layer("attn.o", lambda o: o.bias),
+        centred_norms=arch.norm == "layer",
+        mlp_norm_bias=per_layer("ln2", lambda norm: getattr(norm, "bias", None)),
+        final_norm_bias=getattr(module(model, "ln_final"), "bias", None),
+        pos_embed=module(model, "pos_embed").weight.detach().float() if arch.has("pos_embed") else None,
     )
 
 
@@ -200,11 +235,15 @@ def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_per_layer(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE (cos, sin) of every layer from the model's own rotary module, at `positions` [1, P]; a rotary
     module that takes the layer's type (Gemma-3: local and global) is asked per type.  -> ([L, P, dh], [L, P, dh])"""
+    n_layers = len(layers(model))
+    if not architecture(model).has("rotary"):  # learned positions (GPT-2): no rotation
+        shape = (n_layers, positions.shape[1], module(model, "blocks.0.attn").head_dim)
+        return torch.ones(shape), torch.zeros(shape)
     rotary = module(model, "rotary")
     per_type = "layer_type" in inspect.signature(rotary.forward).parameters
     found: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
     cos, sin = [], []
-    for layer in range(len(layers(model))):
+    for layer in range(n_layers):
         kind = getattr(module(model, f"blocks.{layer}.attn"), "layer_type", None) if per_type else None
         if kind not in found:
             found[kind] = rotary(hidden, positions, kind) if per_type else rotary(hidden, positions)
@@ -247,11 +286,16 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
     if out.attentions is None or len(out.attentions) != n_layers:
         raise AttributionError("the model returned no attention patterns; load it with attn_implementation='eager'")
 
+    def scale(inputs: torch.Tensor, norm: str) -> torch.Tensor:
+        """Frozen scale of norm `norm` over its inputs [..., d]: 1/rms, or LayerNorm's 1/std.  -> [...]"""
+        centre = arch.norm == "layer"
+        return inv_rms(inputs - inputs.mean(-1, keepdim=True) if centre else inputs, norm_eps(module(model, norm)))
+
     def norm_scales(name: str, inputs: torch.Tensor) -> torch.Tensor:
-        """Frozen 1/rms of norm blocks.{l}.`name` over its inputs [L, P, d]; ones where there is no norm.  -> [L, P]"""
+        """Frozen scale of norm blocks.{l}.`name` over its inputs [L, P, d]; ones where there is no norm.  -> [L, P]"""
         if not arch.has(f"blocks.{{l}}.{name}"):
             return torch.ones(inputs.shape[:2])
-        return inv_rms(inputs, norm_eps(module(model, f"blocks.0.{name}")))
+        return scale(inputs, f"blocks.0.{name}")
 
     def head_scales(side: str, n_heads: int) -> torch.Tensor | None:
         """Frozen 1/rms of the norm on queries or keys, per head.  -> [L, P, heads]"""
@@ -279,9 +323,9 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         patterns=patterns,
         attn_inv_rms=norm_scales("ln1", resid_pre),
         mlp_inv_rms=norm_scales("ln2", resid_mid),
-        final_inv_rms=inv_rms(resid_final, norm_eps(module(model, "ln_final"))),
+        final_inv_rms=scale(resid_final, "ln_final"),
         q_inv_rms=head_scales("q", cfg.num_attention_heads),
-        k_inv_rms=head_scales("k", cfg.num_key_value_heads),
+        k_inv_rms=head_scales("k", getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
         rope_cos=cos,
         rope_sin=sin,
         logits=out.logits[0, -1].float(),

@@ -20,12 +20,13 @@ Module names (ours -> HF attribute path; {l} is the layer; absent names: the fam
 | `blocks.{l}.mlp`         | the MLP                                                                |
 | `blocks.{l}.ln2_post`    | the norm on the MLP output before the residual add (OLMo-2, Gemma)      |
 | `ln_final`, `unembed`    | the final norm, the unembedding                                        |
-| `rotary`                 | (hidden, position ids) -> RoPE (cos, sin), HF's own (any rope_type)     |
+| `rotary`                 | (hidden, position ids) -> RoPE (cos, sin), HF's own (any rope_type); GPT-2 has none |
 
 What the replacement model (attribution/) freezes, per prompt: the attention weights applied to values
 (gates included; times the post-attention norm's scale at the query where there is one), the scale of
-every norm (1/rms of its input: pre-attention, pre-MLP, final, and q/k norms per position and head),
-and the MLP outputs (replaced by the CLT). Gains, projection biases and RoPE are exact linear maps.
+every norm (1/rms of its input, or LayerNorm's 1/std: pre-attention, pre-MLP, final, and q/k norms per
+position and head), and the MLP outputs (replaced by the CLT). Gains, LayerNorm's centring, RoPE are
+exact linear maps; biases (projections, LayerNorm's) and learned position embeddings are constants.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Architecture:
 
     family: str
     modules: Mapping[str, str]
+    norm: Literal["rms", "layer"] = "rms"  # RMSNorm, or LayerNorm (centres, and adds a bias)
     gain_offset: float = 0.0  # a norm multiplies by (gain_offset + weight): Gemma's (1 + w)
     qk_norm: Literal["none", "head", "whole"] = "none"  # q/k norms per head, or over the whole projection
     trainable: Mapping[str, str] = field(default_factory=lambda: {"attention": r"self_attn\.",
@@ -115,9 +117,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma2": Architecture("gemma2", _GEMMA, gain_offset=1.0, refused={"circuits": _NO_CIRCUITS_POST_NORM}),
     "gemma3_text": Architecture("gemma3_text", {**_GEMMA, **_QK_NORMS}, gain_offset=1.0, qk_norm="head",
                                 refused={"circuits": _NO_CIRCUITS_POST_NORM}),
-    "gpt2": Architecture("gpt2", _GPT2, trainable={"attention": r"\.attn\."}, refused={
-        "attribution": "LayerNorm centring and biases, and learned position embeddings, are not in the "
-                       "replacement model yet",
+    "gpt2": Architecture("gpt2", _GPT2, norm="layer", trainable={"attention": r"\.attn\."}, refused={
         "circuits": "the fused q/k/v projection (c_attn) cannot give each head its own input"}),
 }
 

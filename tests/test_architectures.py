@@ -90,7 +90,7 @@ FAMILIES = {  # name -> (model class, config)
         n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, n_positions=64, initializer_range=0.2,
         attn_implementation="eager")),
 }
-ATTRIBUTED = ["llama", "llama3-rope", "qwen2", "qwen3", "olmo2", "gemma2-nocap", "gemma3"]  # exact replacement models
+ATTRIBUTED = ["llama", "llama3-rope", "qwen2", "qwen3", "olmo2", "gemma2-nocap", "gemma3", "gpt2"]  # exact replacement models
 
 
 def tiny_family(name: str, seed: int = 0):
@@ -209,8 +209,8 @@ def test_a_family_outside_the_table_is_one_clear_error():
     with pytest.raises(HookPointError, match="model family 'gpt_neox'"):
         with hooks(model, {"hook_embed": lambda x: None}):
             pass
-    with pytest.raises(ArchitectureError, match="'gpt2' cannot run the attribution stage: LayerNorm"):
-        require(tiny_family("gpt2")[0], "attribution")
+    with pytest.raises(ArchitectureError, match="'olmo2' cannot run the circuits stage: component circuits"):
+        require(tiny_family("olmo2")[0], "circuits")
     assert architecture(GatedModel(tiny_family("qwen3")[0], 0.0)).family == "qwen3"
 
 
@@ -250,11 +250,16 @@ def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor,
     for index in range(N_LAYERS):
         attn = named("blocks.{l}.attn", index)
         v_proj, o_proj = named("blocks.{l}.attn.v", index), named("blocks.{l}.attn.o", index)
+        if v_proj is None:  # GPT-2: the values are the last third of the fused projection
+            qkv = named("blocks.{l}.attn.qkv", index)
+
+            def v_proj(x, qkv=qkv):
+                return qkv(x).chunk(3, dim=-1)[2]
 
         def attention(hidden_states, *args, attn=attn, v_proj=v_proj, o_proj=o_proj, index=index, **kwargs):
             n_pos = hidden_states.shape[1]
             values = v_proj(hidden_states).view(1, n_pos, -1, attn.head_dim).transpose(1, 2)
-            values = values.repeat_interleave(attn.num_key_value_groups, dim=1)  # [1, H, P, dh]
+            values = values.repeat_interleave(getattr(attn, "num_key_value_groups", 1), dim=1)  # [1, H, P, dh]
             mixed = (patterns[index][None] @ values).transpose(1, 2).reshape(1, n_pos, -1)
             return o_proj(mixed), None
 
@@ -273,15 +278,21 @@ def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor,
         if arch.has("blocks.{l}.ln2_post"):
             patches.append((named("blocks.{l}.ln2_post", index), lambda x, index=index: mlp_out[index][None]))
     final = module(model, "ln_final")
-    patches.append((final, lambda x: gain(final) * (x * frozen.final_inv_rms[None, :, None])))
+    patches.append((final, partial(frozen_norm, norm=final, gain=gain(final), scale=frozen.final_inv_rms[None],
+                                   layer=0, seen=seen, key=None)))
     with patched_forwards(patches), torch.no_grad():
         logits = model(input_ids=lrm.prompt.tokens[None], use_cache=False).logits[0, -1]
     return torch.stack([seen["mlp_in", i][0] for i in range(N_LAYERS)]), logits
 
 
 def frozen_norm(x, *, norm, gain, scale, layer, seen, key):
-    """A norm with its frozen scale (None: folded elsewhere), its output kept under (key, layer) if key."""
+    """A norm with its frozen scale (None: folded elsewhere), its output kept under (key, layer) if key.
+    LayerNorm centres its input first and adds its bias."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        x = x - x.mean(-1, keepdim=True)
     out = gain * x if scale is None else gain * (x * scale[layer][None, :, None])
+    if getattr(norm, "bias", None) is not None:
+        out = out + norm.bias
     if key:
         seen[key, layer] = out
     return out
@@ -393,8 +404,9 @@ def test_what_the_replacement_model_cannot_compute_is_refused():
     with pytest.raises(AttributionError, match="attn_logit_softcapping=2.0 is not linear"):
         extract_weights(tiny_family("gemma2")[0])
     model, tokenizer = tiny_family("gpt2")
-    with pytest.raises(ArchitectureError, match="'gpt2' cannot run the attribution stage: LayerNorm"):
-        freeze_prompt(model, tokenize_prompt(tokenizer, "The cat"))
+    model.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(AttributionError, match="scale_attn_by_inverse_layer_idx scales scores per layer"):
+        extract_weights(model)
     with pytest.raises(ArchitectureError, match="model family 'gpt_neox' .* is not supported"):
         extract_weights(unsupported_model())
 
