@@ -21,6 +21,8 @@ from transformers import (
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Olmo2Config,
@@ -44,7 +46,7 @@ from pipeline.config import load_config
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff
 from prompts.tasks import generate_task
-from sparse_attention import models
+from sparse_attention import gated_attention, models
 from sparse_attention import stage as sparsify_stage
 from sparse_attention.architectures import ArchitectureError, architecture, require, trainable_pattern
 from sparse_attention.config import ModelSpec
@@ -511,3 +513,27 @@ def test_every_stage_refuses_a_family_outside_the_table_before_any_work(tmp_path
                               tmp_path / "graphs", "dense", progress=False)
     with pytest.raises(ArchitectureError, match=refusal):
         prepare(unsupported_model())
+
+
+def test_gated_attention_honours_attention_sinks(monkeypatch):
+    """GPT-OSS (outside the table: no stage runs it) passes per-head sinks; open gates keep its logits,
+    and dropping the sinks would not."""
+    config = GptOssConfig(vocab_size=300, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=WINDOW, max_position_embeddings=64,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                          layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GptOssForCausalLM(config).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.3)
+    ids = token_ids()
+    with torch.no_grad():
+        original = model(input_ids=ids).logits
+        gated = GatedModel(copy.deepcopy(model), offset_init=1e4).eval().set_mode("eval")
+        torch.testing.assert_close(gated(input_ids=ids).logits, original, rtol=1e-5, atol=1e-5)
+        with_sinks = gated_attention._softmax_with_sinks
+        monkeypatch.setattr(gated_attention, "_softmax_with_sinks", lambda s, a, sinks: with_sinks(s, a, None))
+        assert (gated(input_ids=ids).logits - original).abs().max() > 1e-2
