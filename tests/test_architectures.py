@@ -63,6 +63,7 @@ from tests.test_attribution import (
 from tests.test_attribution_heads import strongest_edges
 from tests.test_transcoders_stage import stage_config as clt_stage_config
 from transcoders import stage as clt_stage
+from transcoders.harvest import harvest_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -536,3 +537,23 @@ def test_gated_attention_honours_attention_sinks(monkeypatch):
         with_sinks = gated_attention._softmax_with_sinks
         monkeypatch.setattr(gated_attention, "_softmax_with_sinks", lambda s, a, sinks: with_sinks(s, a, None))
         assert (gated(input_ids=ids).logits - original).abs().max() > 1e-2
+
+
+def test_clt_harvest_reads_the_mlp_input_in_every_family(family_model):
+    """What the CLT reads (ln2.hook_normalized) is the MLP module's own input (OLMo-2: resid_mid, no
+    norm; Gemma: after pre_feedforward_layernorm; GPT-2: after ln_2); position 0 is dropped."""
+    _, model, _ = family_model
+    ids = token_ids()
+    mlp_in, mlp_out = harvest_batch(model, ids)
+    seen = {}
+    handles = [module(model, f"blocks.{layer}.mlp").register_forward_pre_hook(
+        lambda m, args, layer=layer: seen.__setitem__(layer, args[0])) for layer in range(N_LAYERS)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert mlp_in.shape == mlp_out.shape == (ids.shape[0] * (ids.shape[1] - 1), N_LAYERS, D_MODEL)
+    expected = torch.stack([seen[layer][:, 1:] for layer in range(N_LAYERS)], dim=2).flatten(0, 1)
+    torch.testing.assert_close(mlp_in, expected, rtol=0, atol=0)
