@@ -167,9 +167,12 @@ def layers(model: nn.Module) -> nn.ModuleList:
 
 
 def hook_names(model: nn.Module) -> list[str]:
-    """Every hook point of `model` but the reader inputs, layer by layer: each tensor once."""
+    """Every hook point of `model` but the reader inputs, layer by layer (those its family has: GPT-2's fused
+    projection has no hook_q/k/v): each tensor once."""
     n_layers = len(layers(model))
-    per_layer = [name for name in HOOK_POINTS if name.startswith("blocks.")]
+    arch = _architecture(hf_model(model))
+    points = family_hook_points(arch)
+    per_layer = [name for name in HOOK_POINTS if name.startswith("blocks.") and arch.has(points[name][0])]
     return ["hook_embed",
             *[name.format(l=layer) for layer in range(n_layers) for name in per_layer],
             "hook_resid_final", "ln_final.hook_normalized"]
