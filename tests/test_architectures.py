@@ -63,6 +63,7 @@ from tests.test_attribution import (
 from tests.test_attribution_heads import strongest_edges
 from tests.test_transcoders_stage import stage_config as clt_stage_config
 from transcoders import stage as clt_stage
+from transcoders.feature_labels import weight_evidence
 from transcoders.harvest import harvest_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -557,3 +558,17 @@ def test_clt_harvest_reads_the_mlp_input_in_every_family(family_model):
     assert mlp_in.shape == mlp_out.shape == (ids.shape[0] * (ids.shape[1] - 1), N_LAYERS, D_MODEL)
     expected = torch.stack([seen[layer][:, 1:] for layer in range(N_LAYERS)], dim=2).flatten(0, 1)
     torch.testing.assert_close(mlp_in, expected, rtol=0, atol=0)
+
+
+def test_feature_weight_evidence_uses_each_familys_norms(family_model):
+    """Dashboards' weight evidence reads the family's own embedding and pre-MLP norm (OLMo-2 has none,
+    Gemma scales its embedding and multiplies by 1 + w, GPT-2 centres)."""
+    _, model, tokenizer = family_model
+    clt = random_clt(N_LAYERS, D_MODEL, 16)
+    evidence = weight_evidence(model, clt, 5, len(tokenizer))
+    assert {k: tuple(v.shape) for k, v in evidence.items()} == {k: (N_LAYERS, 16, 5) for k in evidence}
+    with torch.no_grad():
+        embedded = module(model, "embed")(torch.arange(len(tokenizer)))
+        mlp_in = module(model, "blocks.1.ln2")(embedded) if architecture(model).has("blocks.{l}.ln2") else embedded
+        expected = (mlp_in @ (clt.W_enc[1] / clt.input_scale[1]).T).topk(5, dim=0).indices.T  # [F, 5]
+    assert bool((evidence["input"][1] == expected).all())
