@@ -170,7 +170,7 @@ class BlockSweep:
 
     def through_attention(self, k: int) -> None:
         """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention), after dotting it
-        with the attention's constant write (value-projection biases) where there is one."""
+        with the attention's constant write (value and output-projection biases) where there is one."""
         if not self.n_alive:
             return
         weights, frozen, n = self.lrm.model, self.lrm.prompt, self.n_alive
