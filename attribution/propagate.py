@@ -193,11 +193,14 @@ class BlockSweep:
                                       lrm.skip_input_scale(k)[at])
 
     def through_attention(self, k: int) -> None:
-        """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention)."""
+        """Move the gradient from resid_mid[k] to resid_pre[k] (skip + frozen attention), after dotting it
+        with the attention's constant write (value and output-projection biases) where there is one."""
         if not self.n_alive:
             return
         weights, frozen, n = self.lrm.model, self.lrm.prompt, self.n_alive
         at = as_index(self.support)
+        if self.lrm.attn_constants is not None:
+            self.constant[:n] += torch.einsum("npd,pd->n", self.grad[:n, at], self.lrm.attn_constants[k, at])
         keys = attended_keys(frozen.patterns[k], at)
         if not len(keys):
             return
@@ -213,11 +216,15 @@ class BlockSweep:
         self.support = torch.unique(torch.cat([self.support, keys]))
 
     def read_tokens(self) -> None:
-        """Dot the gradient at the embeddings with the token embeddings."""
+        """Dot the gradient at the embeddings with the token embeddings (and learned position embeddings,
+        constants, where the family has them)."""
         lrm, n, support = self.lrm, self.n_alive, self.support
         embeddings = lrm.model.embed[lrm.prompt.tokens[support]]  # [S, d]
         tokens = torch.bmm(self.grad[:n, as_index(support)].transpose(0, 1), embeddings.unsqueeze(-1))
         self.out[:, :n].index_add_(0, lrm.n_active + lrm.n_layers * lrm.n_pos + support, tokens.squeeze(-1))
+        if lrm.model.pos_embed is not None:
+            self.constant[:n] += torch.einsum("npd,pd->n", self.grad[:n, as_index(support)],
+                                              lrm.model.pos_embed[support])
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [T, n_columns], constant [T]) in the order the targets were given."""

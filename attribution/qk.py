@@ -2,11 +2,16 @@
 
 The residual entering layer j at position p is a sum of components: the token embedding; each active
 feature f at p with source layer < j (its writes into MLP-outs l_f..j-1); the error nodes of layers
-< j; the constants (decoder biases, or the whole MLP output at the BOS position); and every earlier
-head's attention output. With the frozen norm scale and the rotary rotation (both linear), the query
-and the key are sums of per-component vectors, so the gate logit of (j, h, q, k) is exactly
+< j; the constants (decoder biases, or the whole MLP output at the BOS position; learned position
+embeddings and output-projection biases where the family has them); and every earlier head's attention
+output (value biases included). With the frozen norm scales (the input norm, and the norms on queries and keys
+where the family has them) and the rotary rotation (all linear), and the projection's bias as one more
+component where it has one, the query and the key are sums of per-component vectors, so the gate logit
+of (j, h, q, k) is exactly
 
-    score + b = sum over (query component c, key component c') of q_c . k_c' / sqrt(d_head)  +  b.
+    score + b = sum over (query component c, key component c') of q_c . k_c' * scaling  +  b
+
+(scaling: the attention's own, 1/sqrt(d_head) or Gemma's query_pre_attn_scalar^-1/2).
 
 With a CLT skip path each MLP output (at positions > 0) also holds W_skip applied to its frozen-scale input,
 a linear map of resid_mid at the same position; so each component's vector is what it puts into resid_pre[j]
@@ -58,7 +63,10 @@ def frozen_head_mixes(lrm: LocalReplacementModel) -> torch.Tensor:
     out = []
     for layer in range(lrm.n_layers):
         normed = frozen.resid_pre[layer] * frozen.attn_inv_rms[layer][:, None] * weights.attn_norm[layer]
-        values = (normed @ weights.W_V[layer].T).unflatten(-1, (n_kv, -1))  # [P, Kv, dh]
+        values = normed @ weights.W_V[layer].T
+        if weights.b_V is not None:
+            values = values + weights.b_V[layer]
+        values = values.unflatten(-1, (n_kv, -1))  # [P, Kv, dh]
         pattern = frozen.patterns[layer].unflatten(0, (n_kv, -1))  # [Kv, G, P, P]
         out.append(torch.einsum("cgqk,kce->qcge", pattern, values).flatten(1, 2))  # [P, H, dh]
     return torch.stack(out)
@@ -105,7 +113,7 @@ def plan_qk_chunks(lrm: LocalReplacementModel, n_edges: int, budget_bytes: int) 
 def max_components(lrm: LocalReplacementModel) -> int:
     """The most components any (layer, position) has: token, features, errors, constants, heads."""
     features_per_pos = int(torch.bincount(lrm.features[:, 1], minlength=1).max()) if lrm.n_active else 0
-    return 2 + features_per_pos + lrm.n_layers + lrm.n_layers * lrm.model.n_heads
+    return 3 + features_per_pos + lrm.n_layers + lrm.n_layers * lrm.model.n_heads  # + the projection's bias
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,17 @@ class ResidualComponents:
         self._fill(layer, pos, vectors)
         return ids, vectors
 
+    def position_constant(self, layer: int, pos: int) -> torch.Tensor:
+        """The constants of resid_pre[layer][pos] that are not MLP-outs: a learned position embedding and the
+        output biases of earlier attention layers (GPT-2); value biases are inside the heads' outputs.  -> [d]"""
+        weights = self.lrm.model
+        out = torch.zeros(weights.d_model)
+        if weights.pos_embed is not None:
+            out += weights.pos_embed[pos]
+        if weights.b_O is not None:
+            out += weights.b_O[:layer].sum(0)
+        return out
+
     def _counts(self, layer: int, pos: int) -> tuple[int, int, int]:
         """How many features (a prefix: sorted by source layer), errors and heads resid_pre[layer][pos] holds."""
         return (int((self.parts(pos).feature_layer < layer).sum()), layer if pos > 0 else 0,
@@ -220,39 +239,47 @@ class ResidualComponents:
         out[1:1 + n_features] = parts.feature_writes[:n_features, layer]
         at = 1 + n_features
         out[at:at + n_errors] = lrm.errors[:n_errors, pos]
-        out[at + n_errors] = lrm.constants[:layer, pos].sum(0)
+        out[at + n_errors] = lrm.constants[:layer, pos].sum(0) + self.position_constant(layer, pos)
         out[at + n_errors + 1:at + n_errors + 1 + n_heads] = parts.head_outputs[:n_heads]
 
     def projected(self, layer: int, positions: list[int], side: str, heads: list[list[int]] | None = None
                   ) -> tuple[list[list[str]], torch.Tensor]:
         """The components of each position through the frozen input norm, the query projection of each
-        head (side "q") or the key projection of each kv head (side "k") and the rotation of that position,
-        padded with zero rows; with `heads`, only those heads of each position (the others stay zero).
-        -> (ids per position, [n_positions, n_max, heads, dh])"""
+        head (side "q") or the key projection of each kv head (side "k") - plus the projection's bias as
+        one more component, `{side}_bias_{pos}`, where it has one - then the frozen norm on queries / keys
+        and the rotation of that position, padded with zero rows; with `heads`, only those heads of each
+        position (the others stay zero).  -> (ids per position, [n_positions, n_max, heads, dh])"""
         lrm, dh = self.lrm, self.lrm.model.head_dim
-        W = (lrm.model.W_Q if side == "q" else lrm.model.W_K)[layer].unflatten(0, (-1, dh))  # [heads, dh, d]
-        ids = [self.ids(layer, pos) for pos in positions]
+        weights, frozen = lrm.model, lrm.prompt
+        W, bias, gain, scale = ((weights.W_Q, weights.b_Q, weights.q_norm, frozen.q_inv_rms) if side == "q" else
+                                (weights.W_K, weights.b_K, weights.k_norm, frozen.k_inv_rms))
+        W = W[layer].unflatten(0, (-1, dh))  # [heads, dh, d]
+        ids = [self.ids(layer, pos) + ([] if bias is None else [f"{side}_bias_{pos}"]) for pos in positions]
         vectors = torch.empty(max(map(len, ids)), lrm.model.d_model)
         out = torch.zeros(len(positions), len(vectors), len(W), dh)
         for row, pos in enumerate(positions):
             chosen = list(range(len(W))) if heads is None else heads[row]
-            n = len(ids[row])
+            n = len(ids[row]) - (bias is not None)
             self._fill(layer, pos, vectors)
-            normed = vectors[:n] * (lrm.model.attn_norm[layer] * lrm.prompt.attn_inv_rms[layer, pos])
+            normed = vectors[:n] * (weights.attn_norm[layer] * frozen.attn_inv_rms[layer, pos])
             projected = (normed @ W[chosen].flatten(0, 1).T).unflatten(-1, (-1, dh))  # [n, chosen, dh]
-            out[row, :n, chosen] = rotary(projected, lrm.prompt.rope_cos[pos], lrm.prompt.rope_sin[pos])
+            if bias is not None:
+                projected = torch.cat([projected, bias[layer].view(-1, dh)[chosen][None]])
+            if gain is not None:
+                projected = projected * (gain[layer].view(-1, dh)[chosen] * scale[layer, pos, chosen][:, None])
+            out[row, :len(projected), chosen] = rotary(projected, frozen.rope_cos[layer, pos], frozen.rope_sin[layer, pos])
         return ids, out
 
 
 def qk_pair_contributions(components: ResidualComponents, layer: int, head: int, query_pos: int,
                           key_pos: int) -> tuple[list[str], list[str], torch.Tensor]:
     """Every (query component, key component) contribution to the score of (layer, head, q, k).
-    -> (query ids, key ids, contributions [n_q, n_k]); they sum to the score s = q.k / sqrt(dh)."""
+    -> (query ids, key ids, contributions [n_q, n_k]); they sum to the score s = q.k * scaling."""
     weights = components.lrm.model
     kv = head // (weights.n_heads // weights.n_kv_heads)
     (query_ids,), queries = components.projected(layer, [query_pos], "q")
     (key_ids,), keys = components.projected(layer, [key_pos], "k")
-    return query_ids, key_ids, (queries[0, :, head] @ keys[0, :, kv].T) * weights.head_dim**-0.5
+    return query_ids, key_ids, (queries[0, :, head] @ keys[0, :, kv].T) * weights.attn_scale
 
 
 def qk_rows(components: ResidualComponents, layer: int, head: int, query_pos: int, key_pos: int,
@@ -322,7 +349,7 @@ def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
     key_ids, keys = components.projected(layer, key_positions.tolist(), "k", key_heads)  # [Pk, nk, Kv, dh]
     query_count, key_count = torch.tensor([len(i) for i in query_ids]), torch.tensor([len(i) for i in key_ids])
     query_ids, key_ids = _padded_ids(query_ids, queries.shape[1]), _padded_ids(key_ids, keys.shape[1])
-    queries = queries * weights.head_dim**-0.5
+    queries = queries * weights.attn_scale
     heads = torch.tensor(heads)
     offsets = weights.gate_offsets[layer].double() if weights.gate_offsets is not None else None
     columns = []
@@ -351,7 +378,7 @@ def _padded_ids(ids: list[list[str]], width: int) -> np.ndarray:
 def _edge_columns(queries: torch.Tensor, keys: torch.Tensor, n_query: torch.Tensor, n_key: torch.Tensor,
                   query_ids: np.ndarray, key_ids: np.ndarray, offset: torch.Tensor, config: AttentionAttributionConfig
                   ) -> dict:
-    """The rows of a batch of edges as columns. queries [B, nq, dh] (scaled by 1/sqrt(dh)) and keys
+    """The rows of a batch of edges as columns. queries [B, nq, dh] (times the attention scaling) and keys
     [B, nk, dh] are zero padded beyond n_query, n_key; query_ids [B, nq], key_ids [B, nk], offset [B]
     -> {edge, slot, kind, query_component, key_component, value, gate_logit}, one entry per row."""
     n_edges, width_q, width_k = len(queries), queries.shape[1], keys.shape[1]

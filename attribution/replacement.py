@@ -1,19 +1,26 @@
 """The local replacement model of one prompt: what is frozen, what is a node, what is a constant.
 
 One forward pass of the real model (dense, or gated sparse) records the attention patterns actually
-applied to values (gates included), every RMSNorm scale, and the MLP inputs and outputs. With those
-frozen and the CLT in place of every MLP, the model is linear in the residual stream: MLP outputs are
-sums of feature writes, error nodes (true output - reconstruction) and constants (decoder biases, and
-the whole MLP output at the BOS position, which - as in circuit-tracer - is attributed to nothing).
+applied to values (gates included), every RMSNorm scale (pre-attention, pre-MLP, final, the norms on
+queries and keys, the norm on the attention output), and the MLP inputs and outputs. With those frozen
+and the CLT in place of every MLP, the model is linear in the residual stream: MLP outputs are sums of
+feature writes, error nodes (true output - reconstruction) and constants (decoder biases, and the whole
+MLP output at the BOS position, which - as in circuit-tracer - is attributed to nothing); value-projection
+biases make a constant attention write too. The family's part (which norms exist, Gemma's (1 + w) gains
+and embedding scale) comes from sparse_attention/architectures.py; `extract_weights` refuses a family or
+setting the replacement model cannot compute exactly (soft-caps, per-layer score scaling).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from sparse_attention.architectures import Architecture, architecture, require
 from sparse_attention.gated_attention import ATTENTION_NAME, GatedModel
 from sparse_attention.hook_points import hf_model, hooks, layers, module
 
@@ -28,22 +35,34 @@ class PromptTooLongError(AttributionError):
 
 @dataclass(frozen=True)
 class ModelWeights:
-    """The weights of a Llama-style model that the linear replacement model needs, in float32."""
+    """The weights of a model that the linear replacement model needs, in float32. Norm gains are what
+    the norm multiplies by (Gemma: 1 + w); a family without a norm there has gain 1 (and frozen scale 1)."""
 
-    embed: torch.Tensor  # [vocab, d]
+    embed: torch.Tensor  # [vocab, d] what the embedding writes per token (Gemma: times sqrt(d))
     unembed: torch.Tensor  # [vocab, d]
-    attn_norm: torch.Tensor  # [L, d] gain of input_layernorm
-    mlp_norm: torch.Tensor  # [L, d] gain of post_attention_layernorm
+    attn_norm: torch.Tensor  # [L, d] gain of the pre-attention norm (LayerNorm: ones, folded into W_Q/K/V)
+    mlp_norm: torch.Tensor  # [L, d] gain of the pre-MLP norm
     final_norm: torch.Tensor  # [d]
     W_Q: torch.Tensor  # [L, H * dh, d] (q_proj.weight)
     W_K: torch.Tensor  # [L, K * dh, d] (k_proj.weight)
     W_V: torch.Tensor  # [L, K * dh, d] (v_proj.weight)
-    W_O: torch.Tensor  # [L, d, H * dh] (o_proj.weight)
+    W_O: torch.Tensor  # [L, d, H * dh] (o_proj.weight, rows times the gain of a norm on the attention output)
+    b_Q: torch.Tensor | None  # [L, H * dh] projection biases (Qwen2), None without
+    b_K: torch.Tensor | None  # [L, K * dh]
+    b_V: torch.Tensor | None  # [L, K * dh]
+    q_norm: torch.Tensor | None  # [L, H * dh] gain of the norm on queries (a per-head gain repeated per head)
+    k_norm: torch.Tensor | None  # [L, K * dh]
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    attn_scale: float  # the attention's score scaling (1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-1/2)
     n_ctx: int
     gate_offsets: torch.Tensor | None  # [L, H] gate offsets b, None for a dense model
+    b_O: torch.Tensor | None = None  # [L, d] output-projection bias (GPT-2): a constant attention write
+    centred_norms: bool = False  # LayerNorm: the pre-MLP and final norms centre their input
+    mlp_norm_bias: torch.Tensor | None = None  # [L, d] LayerNorm bias of the pre-MLP norm: a constant in mlp_in
+    final_norm_bias: torch.Tensor | None = None  # [d]
+    pos_embed: torch.Tensor | None = None  # [n_ctx, d] learned position embeddings (GPT-2): constants
 
     @property
     def n_layers(self) -> int:
@@ -64,12 +83,15 @@ class FrozenPrompt:
     resid_final: torch.Tensor  # [P, d] input of the final norm
     mlp_in: torch.Tensor  # [L, P, d] output of post_attention_layernorm (what the CLT reads)
     mlp_out: torch.Tensor  # [L, P, d] true MLP output
-    patterns: torch.Tensor  # [L, H, P, P] attention weights applied to values (gated, not renormalised)
-    attn_inv_rms: torch.Tensor  # [L, P] 1 / rms of resid_pre (frozen input_layernorm scale)
+    patterns: torch.Tensor  # [L, H, P, P] attention weights applied to values (gated, not renormalised), each
+    # query's row times the frozen scale of the norm on the attention output where the family has one
+    attn_inv_rms: torch.Tensor  # [L, P] 1 / rms of resid_pre (frozen pre-attention norm scale; LayerNorm: 1 / std)
     mlp_inv_rms: torch.Tensor  # [L, P] 1 / rms of resid_mid
     final_inv_rms: torch.Tensor  # [P]
-    rope_cos: torch.Tensor  # [P, dh]
-    rope_sin: torch.Tensor  # [P, dh]
+    q_inv_rms: torch.Tensor | None  # [L, P, H] frozen scale of the norm on each head's query (None: no q norm)
+    k_inv_rms: torch.Tensor | None  # [L, P, K]
+    rope_cos: torch.Tensor  # [L, P, dh] (layers may differ: Gemma-3's local and global RoPE)
+    rope_sin: torch.Tensor  # [L, P, dh]
     logits: torch.Tensor  # [vocab] at the last position
 
 
@@ -84,37 +106,101 @@ def gate_offsets_of(model: nn.Module) -> torch.Tensor | None:
     return model.offsets_per_head.detach().float().clone()
 
 
+def norm_gain(arch: Architecture, norm: nn.Module) -> torch.Tensor:
+    """What a norm multiplies the normalised input by: w, or Gemma's (1 + w).  -> [width]"""
+    return norm.weight.detach().float() + arch.gain_offset
+
+
+def norm_eps(norm: nn.Module) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
+def centred(weight: torch.Tensor) -> torch.Tensor:
+    """W C, with C = I - 11^T/d the centring of LayerNorm (symmetric): each row minus its mean.  [..., d]"""
+    return weight - weight.mean(-1, keepdim=True)
+
+
 def extract_weights(model: nn.Module) -> ModelWeights:
-    """Read the weights of a Llama-style HF model (or GatedModel) into a ModelWeights."""
+    """Read the weights of a HF causal LM (or GatedModel) of a family the replacement model supports into
+    a ModelWeights; AttributionError (ArchitectureError for the family) for what it cannot compute exactly.
+    LayerNorm (GPT-2): the pre-attention norm's gain, centring and bias are folded into W_Q/K/V and b_Q/K/V."""
+    arch = require(model, "attribution")
     hf = hf_model(model)
     cfg = hf.config
     n_layers = len(layers(model))
-    if any(module(model, f"blocks.{layer}.attn.{name}").bias is not None for layer in range(n_layers)
-           for name in "qkvo"):
-        raise AttributionError("attention projections with biases are not supported; use a Llama-style model")
-    if getattr(cfg, "rope_parameters", None) and cfg.rope_parameters.get("rope_type", "default") != "default":
-        raise AttributionError(f"rope_type {cfg.rope_parameters['rope_type']!r} is not supported; only 'default'")
+    for setting in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, setting, None) is not None:
+            raise AttributionError(f"{setting}={getattr(cfg, setting)} is not linear: the replacement model of "
+                                   f"model family {arch.family!r} is exact only without soft-caps")
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        raise AttributionError("scale_attn_by_inverse_layer_idx scales scores per layer, which the replacement "
+                               "model does not do")
 
-    def stack(name: str) -> torch.Tensor:
-        """The weight of module blocks.{l}.`name`, every layer.  -> [L, ...]"""
-        return torch.stack([module(model, f"blocks.{layer}.{name}").weight.detach().float()
-                            for layer in range(n_layers)])
+    def per_layer(name: str, read) -> torch.Tensor | None:
+        """read(module blocks.{l}.`name`) for every layer, stacked; None where the family has no such module
+        or read gives None.  -> [L, ...]"""
+        if not arch.has(f"blocks.{{l}}.{name}"):
+            return None
+        values = [read(module(model, f"blocks.{layer}.{name}")) for layer in range(n_layers)]
+        return None if values[0] is None else torch.stack([v.detach().float() for v in values])
 
+    def gains(name: str, width: int) -> torch.Tensor:
+        """Gains of norm blocks.{l}.`name` ([L, width]); ones where the family has none."""
+        found = per_layer(name, lambda norm: norm_gain(arch, norm))
+        return torch.ones(n_layers, width) if found is None else found
+
+    def linear_weight(projection: nn.Module) -> torch.Tensor:
+        """[out, in] whether nn.Linear or GPT-2's Conv1D (which stores [in, out])."""
+        return projection.weight.T if isinstance(projection, Conv1D) else projection.weight
+
+    n_heads = cfg.num_attention_heads
+    n_kv_heads = getattr(cfg, "num_key_value_heads", None) or n_heads
+    if arch.has("blocks.{l}.attn.qkv"):  # one fused projection: [q; k; v]
+        W_Q, W_K, W_V = per_layer("attn.qkv", linear_weight).chunk(3, dim=1)
+        b_Q, b_K, b_V = per_layer("attn.qkv", lambda qkv: qkv.bias).chunk(3, dim=1)
+    else:
+        W_Q, W_K, W_V = (per_layer(f"attn.{side}", linear_weight) for side in "qkv")
+        b_Q, b_K, b_V = (per_layer(f"attn.{side}", lambda p: p.bias) for side in "qkv")
+    attn_norm = gains("ln1", cfg.hidden_size)
+    if arch.norm == "layer":  # fold LayerNorm: W (g * C x * s + beta) + b = (W g) C (x s) + (W beta + b)
+        beta = per_layer("ln1", lambda norm: norm.bias)
+        b_Q, b_K, b_V = (b + torch.einsum("led,ld->le", W, beta) for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
+        W_Q, W_K, W_V = (centred(W * attn_norm[:, None]) for W in (W_Q, W_K, W_V))
+        attn_norm = torch.ones_like(attn_norm)
+    W_O = per_layer("attn.o", linear_weight)
+    out_gain = per_layer("ln1_post", lambda norm: norm_gain(arch, norm))
+    if out_gain is not None:
+        W_O = W_O * out_gain[:, :, None]
+    q_norm, k_norm = (per_layer(f"attn.{side}_norm", lambda norm: norm_gain(arch, norm)) for side in "qk")
+    if arch.qk_norm == "head":  # one gain [dh] shared by the heads
+        q_norm, k_norm = q_norm.repeat(1, n_heads), k_norm.repeat(1, n_kv_heads)
+    embed = hf.get_input_embeddings()
     return ModelWeights(
-        embed=hf.get_input_embeddings().weight.detach().float(),
+        embed=embed.weight.detach().float() * float(getattr(embed, "embed_scale", 1.0)),
         unembed=hf.get_output_embeddings().weight.detach().float(),
-        attn_norm=stack("ln1"),
-        mlp_norm=stack("ln2"),
-        final_norm=module(model, "ln_final").weight.detach().float(),
-        W_Q=stack("attn.q"),
-        W_K=stack("attn.k"),
-        W_V=stack("attn.v"),
-        W_O=stack("attn.o"),
-        n_heads=cfg.num_attention_heads,
-        n_kv_heads=cfg.num_key_value_heads,
+        attn_norm=attn_norm,
+        mlp_norm=gains("ln2", cfg.hidden_size),
+        final_norm=norm_gain(arch, module(model, "ln_final")),
+        W_Q=W_Q,
+        W_K=W_K,
+        W_V=W_V,
+        W_O=W_O,
+        b_Q=b_Q,
+        b_K=b_K,
+        b_V=b_V,
+        q_norm=q_norm,
+        k_norm=k_norm,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
         head_dim=module(model, "blocks.0.attn").head_dim,
+        attn_scale=float(module(model, "blocks.0.attn").scaling),
         n_ctx=cfg.max_position_embeddings,
         gate_offsets=gate_offsets_of(model),
+        b_O=per_layer("attn.o", lambda o: o.bias),
+        centred_norms=arch.norm == "layer",
+        mlp_norm_bias=per_layer("ln2", lambda norm: getattr(norm, "bias", None)),
+        final_norm_bias=getattr(module(model, "ln_final"), "bias", None),
+        pos_embed=module(model, "pos_embed").weight.detach().float() if arch.has("pos_embed") else None,
     )
 
 
@@ -146,9 +232,30 @@ def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
 
 
+def rope_per_layer(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (cos, sin) of every layer from the model's own rotary module, at `positions` [1, P]; a rotary
+    module that takes the layer's type (Gemma-3: local and global) is asked per type.  -> ([L, P, dh], [L, P, dh])"""
+    n_layers = len(layers(model))
+    if not architecture(model).has("rotary"):  # learned positions (GPT-2): no rotation
+        shape = (n_layers, positions.shape[1], module(model, "blocks.0.attn").head_dim)
+        return torch.ones(shape), torch.zeros(shape)
+    rotary = module(model, "rotary")
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    found: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+    cos, sin = [], []
+    for layer in range(n_layers):
+        kind = getattr(module(model, f"blocks.{layer}.attn"), "layer_type", None) if per_type else None
+        if kind not in found:
+            found[kind] = rotary(hidden, positions, kind) if per_type else rotary(hidden, positions)
+        cos.append(found[kind][0][0].float())
+        sin.append(found[kind][1][0].float())
+    return torch.stack(cos), torch.stack(sin)
+
+
 @torch.no_grad()
 def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenPrompt:
     """Run the real model once on `tokens` and record everything the replacement model freezes."""
+    arch = require(model, "attribution")
     hf = hf_model(model)
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     check_prompt_length(len(tokens), hf.config.max_position_embeddings)
@@ -162,7 +269,11 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
     n_layers = len(layers(model))
     points = {"resid_pre": "blocks.{l}.hook_resid_pre", "resid_mid": "blocks.{l}.hook_resid_mid",
               "mlp_in": "blocks.{l}.ln2.hook_normalized", "mlp_out": "blocks.{l}.hook_mlp_out"}
-    seen: dict[str, list[torch.Tensor]] = {key: [] for key in [*points, "resid_final"]}  # each [P, d] per layer
+    if arch.qk_norm != "none":  # the projections before their norms
+        points |= {"q": "blocks.{l}.attn.hook_q", "k": "blocks.{l}.attn.hook_k"}
+    if arch.has("blocks.{l}.ln1_post"):  # the attention output before its norm
+        points["z"] = "blocks.{l}.attn.hook_z"
+    seen: dict[str, list[torch.Tensor]] = {key: [] for key in [*points, "resid_final"]}  # each [P, ...] per layer
 
     def keep(key: str):
         def fn(tensor: torch.Tensor) -> None:
@@ -175,9 +286,33 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
     if out.attentions is None or len(out.attentions) != n_layers:
         raise AttributionError("the model returned no attention patterns; load it with attn_implementation='eager'")
 
-    positions = torch.arange(len(tokens))[None]
-    cos, sin = module(model, "rotary")(seen["resid_pre"][0][None], positions)
+    def scale(inputs: torch.Tensor, norm: str) -> torch.Tensor:
+        """Frozen scale of norm `norm` over its inputs [..., d]: 1/rms, or LayerNorm's 1/std.  -> [...]"""
+        centre = arch.norm == "layer"
+        return inv_rms(inputs - inputs.mean(-1, keepdim=True) if centre else inputs, norm_eps(module(model, norm)))
+
+    def norm_scales(name: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Frozen scale of norm blocks.{l}.`name` over its inputs [L, P, d]; ones where there is no norm.  -> [L, P]"""
+        if not arch.has(f"blocks.{{l}}.{name}"):
+            return torch.ones(inputs.shape[:2])
+        return scale(inputs, f"blocks.0.{name}")
+
+    def head_scales(side: str, n_heads: int) -> torch.Tensor | None:
+        """Frozen 1/rms of the norm on queries or keys, per head.  -> [L, P, heads]"""
+        if arch.qk_norm == "none":
+            return None
+        projected, eps = torch.stack(seen[side]), norm_eps(module(model, f"blocks.0.attn.{side}_norm"))
+        if arch.qk_norm == "head":
+            return inv_rms(projected.unflatten(-1, (n_heads, -1)), eps)
+        return inv_rms(projected, eps)[..., None].expand(-1, -1, n_heads).contiguous()
+
+    cfg = hf.config
+    patterns = torch.stack([a[0].float() for a in out.attentions])  # [L, H, P, P]
+    if "z" in points:  # rows of a query scaled by its frozen output-norm scale
+        attn_out = torch.stack([module(model, f"blocks.{layer}.attn.o")(z) for layer, z in enumerate(seen["z"])])
+        patterns = patterns * norm_scales("ln1_post", attn_out)[:, None, :, None]
     resid_pre, resid_mid, resid_final = torch.stack(seen["resid_pre"]), torch.stack(seen["resid_mid"]), seen["resid_final"][0]
+    cos, sin = rope_per_layer(model, resid_pre[0][None], torch.arange(len(tokens))[None])
     return FrozenPrompt(
         tokens=tokens,
         resid_pre=resid_pre,
@@ -185,11 +320,13 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         resid_final=resid_final,
         mlp_in=torch.stack(seen["mlp_in"]),
         mlp_out=torch.stack(seen["mlp_out"]),
-        patterns=torch.stack([a[0].float() for a in out.attentions]),
-        attn_inv_rms=inv_rms(resid_pre, module(model, "blocks.0.ln1").variance_epsilon),
-        mlp_inv_rms=inv_rms(resid_mid, module(model, "blocks.0.ln2").variance_epsilon),
-        final_inv_rms=inv_rms(resid_final, module(model, "ln_final").variance_epsilon),
-        rope_cos=cos[0].float(),
-        rope_sin=sin[0].float(),
+        patterns=patterns,
+        attn_inv_rms=norm_scales("ln1", resid_pre),
+        mlp_inv_rms=norm_scales("ln2", resid_mid),
+        final_inv_rms=scale(resid_final, "ln_final"),
+        q_inv_rms=head_scales("q", cfg.num_attention_heads),
+        k_inv_rms=head_scales("k", getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+        rope_cos=cos,
+        rope_sin=sin,
         logits=out.logits[0, -1].float(),
     )

@@ -41,6 +41,7 @@ from prompts.batches import PromptBatch
 from prompts.metrics import logit_diff, logits_fn
 from runtime.precision import Precision, store_linear_weights_in_bf16_
 from sparse_attention import hook_points
+from sparse_attention.architectures import require
 from sparse_attention.gated_attention import gate_mode
 
 # --------------------------------------------------------------------------------------------------
@@ -48,19 +49,23 @@ from sparse_attention.gated_attention import gate_mode
 
 
 def multi_head_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of `model` (GatedModel or HF Llama) whose k / v projections have one KV head per query
-    head (weights repeated per group), so every head can read its own input. Same function exactly."""
+    """A frozen copy of `model` (GatedModel or HF causal LM of a family circuits support) whose k / v
+    projections have one KV head per query head (weights and biases repeated per group), so every head can
+    read its own input. Same function exactly."""
     copied = copy.deepcopy(model).requires_grad_(False)
     cfg = hook_points.hf_model(copied).config
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     for layer in range(len(hook_points.layers(copied))):
-        if any(hook_points.module(copied, f"blocks.{layer}.attn.{kind}").bias is not None for kind in "qkvo"):
-            raise CircuitError("attention projections with biases are not supported; use a Llama-style model")
+        if hook_points.module(copied, f"blocks.{layer}.attn.o").bias is not None:
+            raise CircuitError("an output projection with a bias cannot be split into per-head writes")
         for kind in "kv":
             old = hook_points.module(copied, f"blocks.{layer}.attn.{kind}")
             weight = old.weight.view(n_kv, -1, old.in_features).repeat_interleave(n_heads // n_kv, dim=0)
-            new = nn.Linear(old.in_features, weight.shape[0] * weight.shape[1], bias=False)
+            new = nn.Linear(old.in_features, weight.shape[0] * weight.shape[1], bias=old.bias is not None)
             new.weight = nn.Parameter(weight.flatten(0, 1).clone(), requires_grad=False)
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.view(n_kv, -1).repeat_interleave(n_heads // n_kv, dim=0).flatten(),
+                                        requires_grad=False)
             hook_points.replace_module(copied, f"blocks.{layer}.attn.{kind}", new)
         hook_points.module(copied, f"blocks.{layer}.attn").num_key_value_groups = 1
     cfg.num_key_value_heads = n_heads
@@ -274,9 +279,11 @@ class PreparedModel:
 
 def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none",
             gates: GateHandling = "recomputed", precision: Precision = "fp32") -> PreparedModel:
-    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF Llama) for component circuits with its
-    gates handled as `gates`, run in `precision`: under bf16 the copy's Linear weights are stored in bf16
-    (the numbers autocast gives) and its unembedding runs in fp32."""
+    """Copy `model` (a GatedModel in 'dense' or 'eval' mode, or a HF causal LM) for component circuits with
+    its gates handled as `gates`, run in `precision`: under bf16 the copy's Linear weights are stored in bf16
+    (the numbers autocast gives) and its unembedding runs in fp32. ArchitectureError first for a family
+    component circuits cannot split exactly."""
+    require(model, "circuits")
     if gate_mode(model) == "train":
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
     if gates not in ("frozen", "recomputed"):

@@ -89,13 +89,37 @@ def _expand_kv_heads(states: torch.Tensor, n_heads: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
 
-def _allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
-    """Bool [b|1, 1, q, k]: True where the query may attend the key (causal and not padding)."""
+def _allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """Bool [b|1, 1, q, k]: True where the query may attend the key (causal, not padding, and within the
+    layer's sliding window if it has one: key > query - window, as HF's sliding masks)."""
     if attention_mask is None:
-        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask == 0  # additive float mask: 0 = attend, large negative = masked
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask == 0  # additive float mask: 0 = attend, large negative = masked
+    if sliding_window is not None:
+        query = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        allowed = allowed & (torch.arange(k_len, device=device)[None] > query - sliding_window)
+    return allowed
+
+
+def _attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+    """q.k * scaling, soft-capped (cap * tanh(s / cap)) where the family does so (Gemma-2).  -> [b, h, q, k]"""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _softmax_with_sinks(scores: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over allowed keys; with per-head sink logits [h] (gpt-oss), each sink takes its share of
+    the denominator and attends nothing.  -> [b, h, q, k]"""
+    if sinks is None:
+        return masked_softmax(scores, allowed)
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    with_sink = masked_softmax(torch.cat([scores, sink], -1),
+                               torch.cat([allowed.expand_as(scores), torch.ones_like(sink, dtype=torch.bool)], -1))
+    return with_sink[..., :-1]
 
 
 def gated_attention_forward(
@@ -108,7 +132,9 @@ def gated_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AttentionInterface function: softmax over causal keys, times the gate, not renormalised."""
+    """AttentionInterface function: softmax over causal keys, times the gate, not renormalised. Honours
+    what the family's attention passes: `softcap` (scores soft-capped before softmax and gate),
+    `sliding_window`, and `s_aux` (per-head attention sinks)."""
     ctx = _ACTIVE_GATE.get()
     if ctx is None:
         raise GateError(
@@ -121,11 +147,12 @@ def gated_attention_forward(
     n_heads = query.shape[1]
     key = _expand_kv_heads(key, n_heads)
     value = _expand_kv_heads(value, n_heads)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [b, h, q, k]
-    allowed = _allowed_pairs(attention_mask, scores.shape[2], scores.shape[3], scores.device)
+    scores = _attention_scores(query, key, scaling, kwargs.get("softcap"))  # [b, h, q, k]
+    allowed = _allowed_pairs(attention_mask, scores.shape[2], scores.shape[3], scores.device,
+                             kwargs.get("sliding_window"))
     if ctx.query_valid is not None:
         allowed = allowed & ctx.query_valid[:, None, -scores.shape[2]:, None]
-    probs = masked_softmax(scores, allowed)  # [b, h, q, k]
+    probs = _softmax_with_sinks(scores, allowed, kwargs.get("s_aux"))  # [b, h, q, k]
 
     if ctx.mode == "dense":
         weights = probs

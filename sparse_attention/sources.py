@@ -10,10 +10,10 @@ from torch import nn
 from runtime.files import files_sha256
 from sparse_attention.config import ModelSpec
 from sparse_attention.gated_attention import GATE_FILE, GateError, load_gated_model
-from sparse_attention.models import SMOLLM2_NAME, load_model
+from sparse_attention.models import GEMMA3_NAME, SMOLLM2_NAME, load_model
 
 ModelSource = ModelSpec | str | Path  # a spec (dense original) or a gated checkpoint directory (sparsify's model/)
-HF_NAMES = {SMOLLM2_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HF_NAMES = {SMOLLM2_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct", GEMMA3_NAME: "google/gemma-3-270m"}
 
 
 def load_source(model: ModelSource) -> tuple[nn.Module, object, dict]:

@@ -16,6 +16,7 @@ from runtime.distributed import is_main_rank
 from runtime.files import write_directory_atomic, write_json_atomic
 from runtime.outputs import open_output_dir
 from runtime.resources import peak_rss_gb
+from sparse_attention.architectures import require
 from sparse_attention.config import SparsifyConfig
 from sparse_attention.data import load_token_blocks
 from sparse_attention.evaluate import (
@@ -102,6 +103,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
 
     device = resolve_device(config.train.device)
     model, tokenizer = load_model(config.model.name, tiny=config.model.tiny)
+    require(model, "sparsify")
     model.to(device)
     reference = copy.deepcopy(model).eval()
     for param in reference.parameters():

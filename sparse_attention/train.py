@@ -3,7 +3,6 @@ within a tolerance of a frozen copy of the original model on the same batch (GEC
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ from runtime.checkpoint import CheckpointError
 from runtime.distributed import average_gradients, average_scalars, is_distributed, shard_for_rank, world_size
 from runtime.precision import autocast, check_precision, frozen_copy
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
+from sparse_attention.architectures import trainable_pattern
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController
 from sparse_attention.data import batch_iterator
@@ -22,17 +22,12 @@ from sparse_attention.gated_attention import GatedModel
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-TRAINABLE_PATTERNS = {
-    "all": r".",
-    "attention": r"self_attn\.",
-    "qk": r"self_attn\.(q_proj|k_proj)\.",
-}
 CHECKPOINT_NAME = "train_state.pt"
 
 
 def select_trainable(gated: GatedModel, which: str, learn_offset: bool) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze everything, then unfreeze the weights matching `which`; returns the trainable weights."""
-    pattern = re.compile(TRAINABLE_PATTERNS[which])
+    pattern = trainable_pattern(gated.model, which)  # the family's weight names
     chosen = []
     for name, param in gated.model.named_parameters():
         param.requires_grad_(bool(pattern.search(name)))

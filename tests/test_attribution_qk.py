@@ -26,7 +26,7 @@ def model_scores(model, lrm, layer: int) -> torch.Tensor:
         n_pos = hidden.shape[1]
         q = attn.q_proj(hidden).view(1, n_pos, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(hidden).view(1, n_pos, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, lrm.prompt.rope_cos[None], lrm.prompt.rope_sin[None])
+        q, k = apply_rotary_pos_emb(q, k, lrm.prompt.rope_cos[layer][None], lrm.prompt.rope_sin[layer][None])
         k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
         return (q @ k.transpose(2, 3))[0] * attn.scaling
 

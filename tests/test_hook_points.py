@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.hook_points import (
@@ -137,9 +137,10 @@ def test_unknown_names_and_architectures_are_one_clear_error(model):
     with pytest.raises(HookPointError, match=f"{name} has no module named 'blocks.0.ln3'"):
         module(model, "blocks.0.ln3")
     assert len(layers(model)) == N_LAYERS and layers(model)[1] is module(model, "blocks.1")
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
-    with pytest.raises(HookPointError, match="GPT2LMHeadModel \\(model_type 'gpt2'\\) has no named hook points"):
-        with hooks(gpt2, {"hook_embed": lambda x: None}):
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=16, max_position_embeddings=8))
+    with pytest.raises(HookPointError, match="GPTNeoXForCausalLM has no named hook points: model family 'gpt_neox'"):
+        with hooks(neox, {"hook_embed": lambda x: None}):
             pass
 
 

@@ -149,7 +149,7 @@ def test_byte_tokenizer_ids_are_bytes_and_round_trip() -> None:
 @pytest.mark.parametrize("name", ["nonsense name", "gpt2", "a:b"])
 def test_unknown_name_lists_accepted_forms(name: str) -> None:
     with pytest.raises(
-        ModelLoadError, match='unknown model .*"tiny", "smollm2-135m", a local model directory'
+        ModelLoadError, match='unknown model .*"tiny", "smollm2-135m", "gemma3-270m", a local model directory'
     ):
         load_model(name)
 

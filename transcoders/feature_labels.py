@@ -14,6 +14,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from sparse_attention.architectures import architecture
 from sparse_attention.hook_points import hf_model, module
 from transcoders.clt import CrossLayerTranscoder
 
@@ -40,14 +41,15 @@ def weight_evidence(model: nn.Module, clt: CrossLayerTranscoder, n: int, vocab_s
       path only: it ignores what later layers do with the write and the final norm's division by the
       residual's RMS (a positive scale per token position, which does not change the ranking).
     - input: the largest pre-activations W_enc[l][f] . (g_l * e / rms(e)) + b_enc over token embeddings e,
-      where g_l is layer l's MLP-input (post-attention) RMSNorm weight: as if the residual stream at
+      where g_l is layer l's pre-MLP norm gain (the norm module itself computes it): as if the residual stream at
       layer l's MLP were the token's embedding alone (no attention, no earlier layers). For layer 0 with
       little attention output this is close to the truth; for later layers it is a rough direct-path guess.
     Only token ids below `vocab_size` (the tokenizer's) are considered.
     """
+    arch = architecture(model)
     unembed = hf_model(model).get_output_embeddings().weight[:vocab_size].float()  # [V, D]
-    embed = module(model, "embed").weight[:vocab_size].float()
-    final_gain = module(model, "ln_final").weight.float()
+    embed = module(model, "embed")(torch.arange(vocab_size)).float()  # the module's own output (Gemma: scaled)
+    final_gain = module(model, "ln_final").weight.float() + arch.gain_offset  # Gemma's (1 + w)
     L = clt.n_layers
     promoted, suppressed, inputs = [], [], []
     for layer in range(L):
@@ -56,9 +58,8 @@ def weight_evidence(model: nn.Module, clt: CrossLayerTranscoder, n: int, vocab_s
         most, least = _top_columns(unembed, written, n)
         promoted.append(most)
         suppressed.append(least)
-        norm = module(model, f"blocks.{layer}.ln2")  # the norm in front of the MLP, whose output the CLT reads
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        normed = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + eps) * norm.weight.float()
+        # the norm in front of the MLP, whose output the CLT reads, as the family computes it (none: OLMo-2)
+        normed = module(model, f"blocks.{layer}.ln2")(embed).float() if arch.has("blocks.{l}.ln2") else embed
         encoder = clt.W_enc[layer] / clt.input_scale[layer]  # b_enc shifts every token alike: not needed to rank
         inputs.append(_top_columns(normed, encoder, n)[0])
     return {"promoted": torch.stack(promoted), "suppressed": torch.stack(suppressed), "input": torch.stack(inputs)}

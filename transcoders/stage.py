@@ -25,6 +25,7 @@ from runtime.files import write_json_atomic
 from runtime.outputs import open_output_dir
 from runtime.precision import autocast, check_precision, frozen_copy
 from runtime.resources import peak_rss_gb
+from sparse_attention.architectures import require
 from sparse_attention.data import DataConfig, load_token_blocks
 from sparse_attention.sources import ModelSource, load_source
 from transcoders.cache import build_cache, cache_chunks
@@ -71,6 +72,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     started = time.perf_counter()
 
     lm, tokenizer, identity = load_source(model)
+    require(lm, "harvest")
     blocks = load_token_blocks(config.data, tokenizer)
     n_layers, d_model = model_shape(lm)
     clt_config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=config.clt.n_features,
