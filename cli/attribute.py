@@ -53,7 +53,7 @@ def _settings() -> list[Setting]:
     for name in AttentionAttributionConfig.model_fields:
         found.append(Setting(("attention", name), "--attention" if name == "enabled" else "--" + name.replace("_", "-")))
     return found + [Setting((name,), "--" + name.replace("_", "-")) for name in ("store_edges", "threads",
-                                                                                 "memory_budget_gb")]
+                                                                                 "memory_budget_gb", "precision")]
 
 
 SETTINGS = _settings()
