@@ -132,8 +132,7 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
 
     def open_source(state):
         return ShuffleBuffer(lambda start: harvest_stream(lm, blocks, 4, 0, start_batch=start, precision=precision),
-                             4 * args.clt_batch_tokens, args.clt_batch_tokens,
-                             start_chunk=(state or {}).get("chunks_read", 0))
+                             4 * args.clt_batch_tokens, args.clt_batch_tokens, state=state)
 
     started = time.perf_counter()
     result = train_clt(clt, open_source, config, precision=precision, progress=False)
