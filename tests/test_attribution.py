@@ -172,6 +172,12 @@ def test_perturbing_a_source_moves_targets_by_edge_weight(kind, skip):
     assert lrm.has_skip == skip
     graph = attribute(lrm, GraphConfig())
     assert graph.n_selected > 20 and len(graph.logit_tokens) >= 1
+    assert_removing_each_source_moves_targets_by_its_edges(model, lrm, graph)
+
+
+def assert_removing_each_source_moves_targets_by_its_edges(model, lrm, graph) -> None:
+    """The perturbation check: the frozen forward reproduces every node value, and removing one source at a
+    time moves each target (selected features and logits) by minus that edge's weight."""
     zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
     base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero_delta))
     scale = closeness_scale(graph)

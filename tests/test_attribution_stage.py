@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,15 +24,20 @@ SMALL = TINY.model_copy(update={"max_position_embeddings": 24})
 PROMPTS = ["The cat sat on", "Hello world", "x" * 40, ""]  # the last two cannot be attributed
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage")
+def save_tiny_sources(root: Path) -> None:
+    """A gated SMALL model with spread offsets in `root`/sparse and a random CLT of it in `root`/clt."""
     model, tokenizer = tiny_model(SMALL)
     gated = GatedModel(model, offset_init=0.0)
     with torch.no_grad():
         gated.offsets.copy_(torch.linspace(-0.3, 0.3, gated.offsets.numel()).view_as(gated.offsets))
     gated.save(root / "sparse", tokenizer)
     save_clt(random_clt(SMALL.n_layers, SMALL.d_model, N_FEATURES, seed=0), root / "clt")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    save_tiny_sources(root)
     return root, ModelSpec(name="tiny", tiny=SMALL), root / "sparse", root / "clt"
 
 

@@ -16,11 +16,8 @@ from attribution.replacement import extract_weights, freeze_prompt, tokenize_pro
 from tests.test_attribution import (
     PROMPT,
     TINY,
-    closeness_scale,
-    frozen_forward,
+    assert_removing_each_source_moves_targets_by_its_edges,
     make_model,
-    source_removal,
-    target_values,
 )
 from transcoders.clt import CLTFormatError, clt_content_id, load_clt
 
@@ -91,16 +88,7 @@ def test_attribution_with_sae_lens_transcoders_is_exact(tmp_path, skip):
     assert lrm.has_skip == skip
     graph = attribute(lrm, GraphConfig())
     assert graph.n_selected > 10
-    zero_delta = torch.zeros(graph.n_pos, lrm.model.d_model)
-    base = target_values(lrm, graph, *frozen_forward(model, lrm, lrm.prompt.mlp_out, zero_delta))
-    scale = closeness_scale(graph)
-    torch.testing.assert_close(base, graph.node_value, rtol=0, atol=1e-6 * float(scale.max()))
-    is_target = torch.zeros(graph.n_nodes, dtype=torch.bool)
-    is_target[:graph.n_selected] = is_target[graph.logit_start:] = True
-    for source in range(graph.logit_start):
-        moved = target_values(lrm, graph, *frozen_forward(model, lrm, *source_removal(lrm, graph, source))) - base
-        error = (moved + graph.adjacency[:, source])[is_target].abs()
-        assert (error <= 1e-5 * scale[is_target]).all(), f"source {source}: max error {error.max():.3g}"
+    assert_removing_each_source_moves_targets_by_its_edges(model, lrm, graph)
 
 
 def test_skip_transcoders_with_zero_w_skip_load_without_a_skip_path(tmp_path):

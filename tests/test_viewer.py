@@ -29,11 +29,11 @@ from attribution.config import AttentionAttributionConfig, AttributionStageConfi
 from attribution.stage import run
 from attribution.store import GraphNotFoundError, open_store
 from sparse_attention.config import ModelSpec
-from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import tiny_model
-from tests.test_attribution import N_FEATURES, TINY, random_clt
+from tests.test_attribution import N_FEATURES
+from tests.test_attribution_stage import SMALL, save_tiny_sources
 from tests.test_attribution_store import make_record
-from transcoders.clt import load_clt, save_clt
+from transcoders.clt import load_clt
 from transcoders.config import FeaturesConfig
 from transcoders.dashboards import build_dashboards
 from transcoders.features import open_features
@@ -42,7 +42,6 @@ from viewer.data import ATTENTION_EDGE, BadRequest, NotFound, ViewerData
 from viewer.server import make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = TINY.model_copy(update={"max_position_embeddings": 24})
 PROMPT = "The cat sat on the mat"
 TEXT = "The cat sat on the mat. A dog ran in the park. Then the cat saw the dog and ran up a tree.\n" * 6
 
@@ -58,14 +57,9 @@ def scan_blocks(tokenizer, length: int) -> torch.Tensor:
 def store_dir(tmp_path_factory) -> Path:
     """Dense and sparse graphs of PROMPT (head loadings, QK pairs) whose CLT has dashboards."""
     root = tmp_path_factory.mktemp("viewer")
-    model, tokenizer = tiny_model(SMALL)
-    gated = GatedModel(model, offset_init=0.0)
-    with torch.no_grad():
-        gated.offsets.copy_(torch.linspace(-0.3, 0.3, gated.offsets.numel()).view_as(gated.offsets))
-    gated.save(root / "sparse", tokenizer)
+    save_tiny_sources(root)
     clt_dir = root / "clt"
-    save_clt(random_clt(SMALL.n_layers, SMALL.d_model, N_FEATURES, seed=0), clt_dir)
-    model, tokenizer = tiny_model(SMALL)  # the same dense weights, not wrapped by GatedModel
+    model, tokenizer = tiny_model(SMALL)  # the same dense weights as the gated model's
     build_dashboards(model, load_clt(clt_dir), tokenizer, scan_blocks(tokenizer, 24),
                      FeaturesConfig(top_k=3, n_random=2, window=8, batch_size=4), clt_dir, progress=False)
     config = AttributionStageConfig(graph=GraphConfig(), attention=AttentionAttributionConfig(max_attention_edges=200))
