@@ -105,13 +105,13 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
 
     prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
-    writers' differences; kept [U', C] or, per position, [U', C, p] bool, kept edges into the C readers
+    writers' differences; kept [U', C] or, per token, [U', C, b, p] bool, kept edges into the C readers
     ->  [b, p, C, d].
     """
     rows = kept.flatten(1).any(dim=1).nonzero().squeeze(1)
     if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
         rows = slice(None)
-    pattern = "kbpd,kcp->bpcd" if kept.dim() == 3 else "kbpd,kc->bpcd"
+    pattern = "kbpd,kcbp->bpcd" if kept.dim() == 4 else "kbpd,kc->bpcd"
     kept_part = torch.einsum(pattern, diffs[rows], kept[rows].to(diffs.dtype))
     return prefix_diff[:, :, None, :] - kept_part
 
@@ -192,3 +192,23 @@ def live_edges(kept: torch.Tensor, layout: ComponentLayout, flows: torch.Tensor 
             alive_col[col] = from_output(col, alive[row])
     live = edges & reached[:n_rows, None, :] & alive_col[None, :, :]
     return live if by_position else live[:, :, 0]
+
+
+def live_role_edges(kept: torch.Tensor, layout: ComponentLayout, role_sequences: list[torch.Tensor]) -> torch.Tensor:
+    """The kept role edges on a path from the inputs to the logits in some prompt.  kept [U, V, R] bool,
+    role_sequences: one prompt's token roles [p] (long, indices into R) each  ->  [U, V, R].
+
+    Each prompt patches kept[:, :, roles[t]] at its token t; a role edge carries signal if one of its tokens'
+    edges does in some prompt (`live_edges` by position, causal, the logits reading the last token)."""
+    live = torch.zeros_like(kept)
+    for roles in {tuple(sequence.tolist()) for sequence in role_sequences}:
+        index = torch.tensor(roles)
+        by_position = live_edges(kept[:, :, index], layout)  # [U, V, p]
+        live |= pool_by_role(by_position.float(), index, kept.shape[2]) > 0
+    return live
+
+
+def pool_by_role(by_position: torch.Tensor, roles: torch.Tensor, n_roles: int) -> torch.Tensor:
+    """Sum per-position values into their tokens' roles.  by_position [U, V, p], roles [p] long -> [U, V, R]."""
+    pooled = by_position.new_zeros(*by_position.shape[:2], n_roles)
+    return pooled.index_add_(2, roles, by_position)
