@@ -354,7 +354,8 @@ def _check_token_roles(token_roles: torch.Tensor | None, shape: tuple[int, int],
     if tuple(token_roles.shape) != shape:
         raise CircuitError(f"token_roles has shape {tuple(token_roles.shape)} but this run's tokens are {shape}")
     if token_roles.min() < 0 or token_roles.max() >= n_roles:
-        raise CircuitError(f"token_roles index {n_roles} roles but hold {token_roles.min()}..{token_roles.max()}")
+        raise CircuitError(f"token_roles must be indices of the {n_roles} roles but hold "
+                           f"{token_roles.min().item()}..{token_roles.max().item()}")
 
 
 def integration_points(steps: int) -> list[float]:
@@ -375,6 +376,10 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
     (EAP, `ig_steps` None), or averaged over runs on embeddings interpolated between corrupted and clean
     (EAP-IG, `integration_points(ig_steps)`). `masks`: the clean run's gates, held in every pass when
     `prepared` freezes gates."""
+    if token_roles is not None:
+        if n_roles is None:
+            raise CircuitError("edge scores by token role need n_roles, the number of roles token_roles index")
+        _check_token_roles(token_roles, tuple(batch.clean.shape), n_roles)
     alphas = [None] if ig_steps is None else integration_points(ig_steps)
     grads_sum: dict[int, torch.Tensor] = {}
     clean_writes = None
@@ -393,7 +398,6 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
     diffs = corrupted.writes - clean_writes  # [U, b, p, d]
     by_role = token_roles is not None
     if by_role:
-        _check_token_roles(token_roles, tuple(diffs.shape[1:3]), n_roles or 0)
         role_of_token = nn.functional.one_hot(token_roles, n_roles).to(diffs.dtype)  # [b, p, R]
     shape = (prepared.layout.n_rows, prepared.layout.n_cols) + ((n_roles,) if by_role else ())
     scores = torch.zeros(shape)

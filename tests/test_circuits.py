@@ -324,8 +324,10 @@ def test_role_edges_kept_for_every_role_are_component_edges(kind, prompts):
                                    patched_metric(prepared, batch, corrupted, keep_edges=no_logits), rtol=0, atol=1e-6)
         with pytest.raises(CircuitError, match="need token_roles"):
             patched_metric(prepared, batch, corrupted, keep_edges=early)
-        with pytest.raises(CircuitError, match="token_roles index 3 roles"):
+        with pytest.raises(CircuitError, match=rf"indices of the 3 roles but hold 0\.\.{token_roles.max().item()}$"):
             patched_metric(prepared, batch, corrupted, keep_edges=early[:, :, :3], token_roles=token_roles)
+        with pytest.raises(CircuitError, match="need n_roles"):
+            edge_attribution(prepared, batch, corrupted, token_roles)
 
 
 @pytest.mark.parametrize("kind", ["hf", "gated"])
