@@ -775,8 +775,15 @@ def test_pruned_edges_do_not_change_the_patched_metric(kind, gates, prompts):
         allowed = layout.allowed() if len(shape) == 2 else layout.allowed()[:, :, None].expand(shape)
         for share in (0.05, 0.2):
             keep = allowed & (torch.rand(shape, generator=generator) < share)
-            live = (live_edges(keep, layout) if len(shape) == 2
-                    else live_role_edges(keep, layout, prompt_set.role_sequences()))
+            if len(shape) == 2:
+                live = live_edges(keep, layout)
+            else:  # brute force: each prompt's live token edges, pooled by role
+                live = live_role_edges(keep, layout, prompt_set.role_sequences())
+                expected = torch.zeros_like(live)
+                for roles in prompt_set.role_sequences():
+                    for position, alive in enumerate(live_edges(keep[:, :, roles], layout).unbind(2)):
+                        expected[:, :, roles[position]] |= alive
+                assert torch.equal(live, expected)
             n_pruned += int((keep & ~live).sum())
             assert prompt_set.mean_metric(keep_edges=live) == pytest.approx(prompt_set.mean_metric(keep_edges=keep),
                                                                             abs=1e-5)
