@@ -14,10 +14,10 @@ residual stream is per position, so writer and reader share the token and its ro
 information across positions, inside a head). Roles come from the task generator (`prompts.tasks.token_roles`:
 IOI's S1, IO, S2, ..., every prompt's last token `end`), so prompts of different templates and lengths share
 an edge where their tokens play the same part; a role edge's score is the sum of its tokens' scores, and
-keeping it keeps every one of its tokens' edges in every prompt. Explained effect = (m(kept) - m(none kept)) / (m(all kept) - m(none kept)), m = mean logit
-difference over the prompts; with no edge kept the logits read the corrupted residual, so m(none) is the
-corrupted run's metric. For the heads curve MLPs are always kept and computed freshly; m(none) is
-"every head patched".
+keeping it keeps every one of its tokens' edges in every prompt. Explained effect = (m(kept) - m(none kept))
+/ (m(all kept) - m(none kept)), m = mean logit difference over the prompts; with no edge kept the logits read
+the corrupted residual, so m(none) is the corrupted run's metric. For the heads curve MLPs are always kept
+and computed freshly; m(none) is "every head patched".
 
 Counting what carries signal: a head that writes nothing on every clean and corrupted run (every gate
 closed at every position) is no component: it is always computed and never counted, nor are the edges

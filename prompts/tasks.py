@@ -307,7 +307,8 @@ def template_pieces(template: str, fields: dict[str, str], field_roles: dict[str
     word_roles = word_roles or {}
     pieces: list[tuple[str, str]] = []
     for literal, name, _, _ in string.Formatter().parse(template):
-        pieces += [(word, word_roles.get(word.strip(), "other")) for word in re.findall(r"\s*(?:\w+|[^\w\s]+)|\s+", literal)]
+        words = re.findall(r"\s*(?:\w+|[^\w\s]+)|\s+", literal)  # words and punctuation runs, spaces before
+        pieces += [(word, word_roles.get(word.strip(), "other")) for word in words]
         if name is not None:
             pieces.append((fields[name], field_roles[name]))
     joined: list[tuple[str, str]] = []

@@ -320,8 +320,9 @@ def test_role_edges_kept_for_every_role_are_component_edges(kind, prompts):
         early[:, layout.logits_col, roles.index("end")] = False
         no_logits = allowed.clone()
         no_logits[:, layout.logits_col] = False
-        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=early, token_roles=token_roles),
-                                   patched_metric(prepared, batch, corrupted, keep_edges=no_logits), rtol=0, atol=1e-6)
+        without_end = patched_metric(prepared, batch, corrupted, keep_edges=early, token_roles=token_roles)
+        torch.testing.assert_close(without_end, patched_metric(prepared, batch, corrupted, keep_edges=no_logits),
+                                   rtol=0, atol=1e-6)
         with pytest.raises(CircuitError, match="need token_roles"):
             patched_metric(prepared, batch, corrupted, keep_edges=early)
         with pytest.raises(CircuitError, match=rf"indices of the 3 roles but hold 0\.\.{token_roles.max().item()}$"):

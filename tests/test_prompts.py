@@ -181,7 +181,8 @@ def _check_roles(prompt: TaskPrompt, tokenizer) -> None:
         k = len(ids) - tasks.INDUCTION_LENGTH  # single-token words
         assert roles == (["prefix"] * (k - 1) + ["cue", "answer"] + ["suffix"] * (tasks.INDUCTION_LENGTH - k - 1)
                          + ["repeat"] * (k - 1) + ["end"])
-        assert joined("answer") == prompt.correct[0] and texts[-1] == joined("cue") and joined("repeat") == joined("prefix")
+        assert joined("answer") == prompt.correct[0] and texts[-1] == joined("cue")
+        assert joined("repeat") == joined("prefix")
 
 
 @pytest.mark.parametrize("name", TASKS)
