@@ -28,7 +28,7 @@ def _config(args: argparse.Namespace) -> ComponentCircuitConfig:
         head_ranking=args.head_ranking, edge_ranking=args.edge_ranking, ig_steps=args.ig_steps,
         faithfulness_edges=args.faithfulness_edges, min_prompt_gap=args.min_prompt_gap,
         min_clean_logit_diff=args.min_logit_diff, min_clean_accuracy=args.min_accuracy,
-        position_edges=not args.no_position_edges, batch_size=args.batch_size, bootstrap_samples=args.bootstrap)
+        role_edges=not args.no_role_edges, batch_size=args.batch_size, bootstrap_samples=args.bootstrap)
 
 
 def _ci(pair) -> str:
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                           "corrupted logit diff is under this")
     parser.add_argument("--min-logit-diff", type=float, default=1.0, help="behaviour gate: mean clean logit diff")
     parser.add_argument("--min-accuracy", type=float, default=0.8, help="behaviour gate: clean accuracy")
-    parser.add_argument("--no-position-edges", action="store_true", help="skip the edges-by-position curve")
+    parser.add_argument("--no-role-edges", action="store_true", help="skip the edges-by-token-role curve")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     parser.add_argument("--out", type=Path, required=True, help="JSON file: results, ratios, config")

@@ -30,8 +30,8 @@ class ComponentCircuitConfig(BaseModel):
     gate_gradient: Literal["none", "straight_through"] = Field(
         "straight_through", description="gates' gradient in EAP: none (hard gates, zero) or training's "
                                         "straight-through sigmoid (ignored for models without gates)")
-    position_edges: bool = Field(True, description="also trace edges resolved by token position (counted from "
-                                                   "the last token), a third curve")
+    role_edges: bool = Field(True, description="also trace edges resolved by token role (IOI's S1, IO, S2, ..., "
+                                               "the task generator's roles: prompts.tasks.token_roles), a third curve")
     # fp32 by default: under bf16 near-tied EAP-IG edge scores swap ranks, which moves the first crossing of a
     # non-monotone edge curve (tests/test_precision.py: 9 -> 11 edges on a tiny model; heads stay equal)
     precision: Precision = Field("fp32", description="every forward and gradient pass (recording, ranking, "
@@ -64,4 +64,4 @@ class ComponentCircuitConfig(BaseModel):
 
 
 GATE_MODES = ("frozen", "recomputed")
-CURVE_KINDS = ("heads", "edges", "position_edges")  # what a CircuitResult can hold curves of
+CURVE_KINDS = ("heads", "edges", "role_edges")  # what a CircuitResult can hold curves of

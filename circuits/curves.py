@@ -8,14 +8,16 @@ corrupted and clean (EAP-IG) or taken on the clean run (EAP), summed over positi
 Components are kept in order of |score|. `ranking_faithfulness` reports the Spearman correlation of the
 scores with exact single-component patching.
 
-Edges are traced twice: between components (summed over positions), and resolved by token position
-(`position_edges`): u -> v at position p is u's write at p read by v's input at p (the residual stream
-is per position; only attention moves information across positions, inside a head). Positions count
-from the prompt's last token, so prompts of different lengths share edges by their distance to the
-answer. Explained effect = (m(kept) - m(none kept)) / (m(all kept) - m(none kept)), m = mean logit
-difference over the prompts; with no edge kept the logits read the corrupted residual, so m(none) is the
-corrupted run's metric. For the heads curve MLPs are always kept and computed freshly; m(none) is
-"every head patched".
+Edges are traced twice: between components (summed over positions), and resolved by token role
+(`role_edges`): u@r -> v@r is u's write at the tokens of role r read by v's input at those tokens (the
+residual stream is per position, so writer and reader share the token and its role; only attention moves
+information across positions, inside a head). Roles come from the task generator (`prompts.tasks.token_roles`:
+IOI's S1, IO, S2, ..., every prompt's last token `end`), so prompts of different templates and lengths share
+an edge where their tokens play the same part; a role edge's score is the sum of its tokens' scores, and
+keeping it keeps every one of its tokens' edges in every prompt. Explained effect = (m(kept) - m(none kept))
+/ (m(all kept) - m(none kept)), m = mean logit difference over the prompts; with no edge kept the logits read
+the corrupted residual, so m(none) is the corrupted run's metric. For the heads curve MLPs are always kept
+and computed freshly; m(none) is "every head patched".
 
 Counting what carries signal: a head that writes nothing on every clean and corrupted run (every gate
 closed at every position) is no component: it is always computed and never counted, nor are the edges
@@ -38,7 +40,7 @@ from torch import nn
 
 from circuits.config import CURVE_KINDS, GATE_MODES, CircuitError, ComponentCircuitConfig
 from circuits.hooks import PreparedModel, clean_masks, edge_attribution, patched_metric, prepare, record
-from circuits.layout import ComponentLayout, column_rows, live_edges, top_k_mask
+from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask
 from circuits.stats import bootstrap_ratio, spearman
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff
@@ -165,7 +167,8 @@ class CircuitResult:
     heads: Curve
     edges: Curve
     config: dict
-    position_edges: Curve | None = None  # edges resolved by position (config.position_edges)
+    role_edges: Curve | None = None  # edges resolved by token role (config.role_edges)
+    roles: list[str] = field(default_factory=list)  # the token roles of the prompts, in order of first appearance
     gates: str = "recomputed"  # how the gates were handled ("frozen" / "recomputed"; the same without gates)
     accuracy_clean: float = float("nan")  # share of prompts with clean logit diff > 0
     dead_heads: list[str] = field(default_factory=list)  # heads that write nothing on any clean or corrupted run
@@ -198,7 +201,10 @@ class PromptSet:
                 writes += run.writes[head_rows].abs().flatten(1).amax(1)
         self.order = torch.tensor([i for b in batches for i in b.indices]).argsort()  # batch order -> prompt order
         self.n_prompts = len(self.order)
-        self.n_positions = max(b.clean.shape[1] for b in batches)  # per-position edges count from the end
+        self.roles = list(dict.fromkeys(role for b in batches for prompt in b.roles for role in prompt))
+        index = {role: i for i, role in enumerate(self.roles)}
+        self.token_roles = [torch.tensor([[index[role] for role in prompt] for prompt in b.roles])
+                            for b in batches]  # per batch [b, p] long: each token's index into self.roles
         self.prompt_clean = torch.cat(clean_metrics)[self.order]  # [n]
         self.prompt_corrupted = torch.cat(corrupted_metrics)[self.order]  # [n]
         self.metric_corrupted = self.prompt_corrupted.mean().item()
@@ -206,21 +212,24 @@ class PromptSet:
 
     def prompt_metrics(self, **keep) -> torch.Tensor:
         """Logit diff per prompt [n] (prompt order) with `keep` (see patched_metric); no keep = the clean run."""
-        runs = [patched_metric(self.prepared, b, r, m, **keep)
-                for b, r, m in zip(self.batches, self.recordings, self.masks)]
+        runs = [patched_metric(self.prepared, b, r, m, token_roles=t, **keep)
+                for b, r, m, t in zip(self.batches, self.recordings, self.masks, self.token_roles)]
         return torch.cat(runs)[self.order]
 
     def mean_metric(self, **keep) -> float:
         """Mean logit diff over the prompts with `keep` (see patched_metric); no keep = the clean run."""
         return self.prompt_metrics(**keep).mean().item()
 
-    def edge_scores(self, by_position: bool = False, ig_steps: int | None = None) -> torch.Tensor:
+    def edge_scores(self, by_role: bool = False, ig_steps: int | None = None) -> torch.Tensor:
         """Mean ranking score per edge over the prompts (EAP, or EAP-IG with `ig_steps`): [U, V], or by
-        position [U, V, n_positions] (its sum over positions is the [U, V] score)."""
-        n_positions = self.n_positions if by_position else None
-        total = sum(edge_attribution(self.prepared, b, r, n_positions, m, ig_steps)
-                    for b, r, m in zip(self.batches, self.recordings, self.masks))
+        token role [U, V, R] (R = len(self.roles); its sum over roles is the [U, V] score)."""
+        total = sum(edge_attribution(self.prepared, b, r, t if by_role else None, m, ig_steps, len(self.roles))
+                    for b, r, m, t in zip(self.batches, self.recordings, self.masks, self.token_roles))
         return total / self.n_prompts
+
+    def role_sequences(self) -> list[torch.Tensor]:
+        """Each prompt's token roles [p] (indices into self.roles), in batch order."""
+        return [prompt for roles in self.token_roles for prompt in roles]
 
     def head_patching_effects(self) -> torch.Tensor:
         """Exact single-head patching: mean metric with one head patched minus the clean metric, per head
@@ -292,7 +301,8 @@ def head_curve(prompt_set: PromptSet, scores: torch.Tensor, metric_clean: float,
 def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
                config: ComponentCircuitConfig) -> Curve:
     """Explained effect with the top-k edges by |score| kept (all others patched; edges touching dead heads
-    always computed, never counted).  edge_scores [U, V], or [U, V, P] for edges resolved by position."""
+    always computed, never counted).  edge_scores [U, V], or [U, V, R] for edges resolved by token role
+    (prompt_set.roles)."""
     layout = prompt_set.prepared.layout
     background = layout.allowed() & prompt_set.edges_touching_dead_heads()
     countable = layout.allowed() & ~background
@@ -301,17 +311,22 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
         background = background[:, :, None].expand(edge_scores.shape)
     total = int(countable.sum())
     rows, cols = layout.row_names(), layout.col_names()
-    n_pos = edge_scores.shape[2] if edge_scores.dim() == 3 else 1
+    by_role = edge_scores.dim() == 3
+    roles = prompt_set.roles if by_role else [""]
 
-    def name(i: int) -> str:  # per position: "@-1" is the last token
-        edge, pos = divmod(i, n_pos)
-        where = f" @{pos - n_pos}" if edge_scores.dim() == 3 else ""
-        return f"{rows[edge // layout.n_cols]} -> {cols[edge % layout.n_cols]}{where}"
+    def name(i: int) -> str:  # by role: "blocks.0.head.1@S2 -> blocks.1.mlp@S2"
+        edge, role = divmod(i, len(roles))
+        where = f"@{roles[role]}" if by_role else ""
+        return f"{rows[edge // layout.n_cols]}{where} -> {cols[edge % layout.n_cols]}{where}"
+
+    def carrying(k: int) -> int:
+        kept = top_k_mask(edge_scores, countable, k)
+        live = live_role_edges(kept, layout, prompt_set.role_sequences()) if by_role else live_edges(kept, layout)
+        return int(live.sum())
 
     top = _ranked(edge_scores.masked_fill(~countable, 0).flatten(), min(config.top_stored, total), name)
     return _traced_curve(prompt_set, lambda k: {"keep_edges": top_k_mask(edge_scores, countable, k) | background},
-                         lambda k: int(live_edges(top_k_mask(edge_scores, countable, k), layout).sum()),
-                         total, metric_clean, config, "edge", top)
+                         carrying, total, metric_clean, config, "edge", top)
 
 
 def ranking_faithfulness(prompt_set: PromptSet, edge_scores: torch.Tensor, eap_heads: torch.Tensor,
@@ -382,8 +397,8 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
         if min_gap is not None and abs(gap) < min_gap:
             raise CircuitError(f"dropped: clean - corrupted logit diff {gap:.3g} is under the floor {min_gap}")
         ig_steps = config.ig_steps if config.edge_ranking == "eap_ig" else None
-        position_scores = prompt_set.edge_scores(True, ig_steps) if config.position_edges else None  # [U, V, P]
-        scores = position_scores.sum(-1) if config.position_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
+        role_scores = prompt_set.edge_scores(True, ig_steps) if config.role_edges else None  # [U, V, R]
+        scores = role_scores.sum(-1) if config.role_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
         layout = prepared.layout
         eap_heads = head_scores(scores, layout)  # [L, H]
         exact_heads = prompt_set.head_patching_effects() if config.head_ranking == "exact" or faithfulness else None
@@ -393,8 +408,8 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
             task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
             metric_corrupted=prompt_set.metric_corrupted, heads=heads,
             edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
-            position_edges=None if position_scores is None else edge_curve(prompt_set, position_scores, metric_clean,
-                                                                          config),
+            role_edges=None if role_scores is None else edge_curve(prompt_set, role_scores, metric_clean, config),
+            roles=prompt_set.roles,
             gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
             dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
             faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,

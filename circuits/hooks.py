@@ -93,7 +93,8 @@ class ComponentHooks:
     corrupted: Recording | None = None
     keep_heads: torch.Tensor | None = None  # [L, H] bool
     keep_mlps: torch.Tensor | None = None  # [L] bool
-    keep_edges: torch.Tensor | None = None  # [U, V] bool, or [U, V, P] per position (the last p of P are a run's p)
+    keep_edges: torch.Tensor | None = None  # [U, V] bool, or [U, V, R] per token role (with token_roles)
+    token_roles: torch.Tensor | None = None  # [b, p] long: each token's role, an index into keep_edges' last dim
     track_grads: bool = False
     embed_mix: float | None = None  # EAP-IG: the run reads corrupted + embed_mix * (clean - corrupted) embeddings
     writes: torch.Tensor | None = None  # [U, b, p, d], filled during the forward
@@ -151,8 +152,8 @@ class ComponentHooks:
                 f"{tuple(output.shape)}: clean and corrupted batches must have the same shape"
             )
         if self.keep_edges is not None:
-            if self.keep_edges.dim() == 3 and self.keep_edges.shape[2] < p:
-                raise CircuitError(f"per-position edges cover {self.keep_edges.shape[2]} positions but this run has {p}")
+            if self.keep_edges.dim() == 3:
+                _check_token_roles(self.token_roles, (b, p), self.keep_edges.shape[2])
             self._diffs = torch.zeros_like(self.writes)
             self._prefix_diff = output.new_zeros(b, p, d)
         if self.embed_mix is not None:
@@ -184,7 +185,7 @@ class ComponentHooks:
             n_rows = int(self.layout.rows_read()[cols.start])
             keep = self.keep_edges[:n_rows, cols]
             if keep.dim() == 3:
-                keep = keep[:, :, keep.shape[2] - self._prefix_diff.shape[1]:]  # positions counted from the end
+                keep = keep[:, :, self.token_roles]  # [U', C, b, p]: each token's edges are its role's
             return removed_input(self._prefix_diff, self._diffs[:n_rows], keep)
         if self.track_grads:
             b, p, d = shape_like.shape
@@ -346,6 +347,17 @@ def patched_metric(prepared: PreparedModel, batch: PromptBatch, corrupted: Recor
         return logit_diff(_last_logits(prepared, hooks, batch.clean), batch)
 
 
+def _check_token_roles(token_roles: torch.Tensor | None, shape: tuple[int, int], n_roles: int) -> None:
+    """Role-resolved edges need every token's role [b, p], each an index below the number of roles."""
+    if token_roles is None:
+        raise CircuitError("edges resolved by token role need token_roles, each token's role index [batch, pos]")
+    if tuple(token_roles.shape) != shape:
+        raise CircuitError(f"token_roles has shape {tuple(token_roles.shape)} but this run's tokens are {shape}")
+    if token_roles.min() < 0 or token_roles.max() >= n_roles:
+        raise CircuitError(f"token_roles must be indices of the {n_roles} roles but hold "
+                           f"{token_roles.min().item()}..{token_roles.max().item()}")
+
+
 def integration_points(steps: int) -> list[float]:
     """EAP-IG's interpolation points: the midpoints (k - 1/2) / steps of `steps` equal parts of [0, 1]
     (0 = the corrupted embedding, 1 = the clean one)."""
@@ -355,15 +367,19 @@ def integration_points(steps: int) -> list[float]:
 
 
 def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording,
-                     n_positions: int | None = None, masks: list[torch.Tensor] | None = None,
-                     ig_steps: int | None = None) -> torch.Tensor:
-    """Edge scores summed over the batch's prompts: [U, V], or with `n_positions` per position [U, V, P]
-    (the batch's p positions are the last p of P); zero where no edge exists.
+                     token_roles: torch.Tensor | None = None, masks: list[torch.Tensor] | None = None,
+                     ig_steps: int | None = None, n_roles: int | None = None) -> torch.Tensor:
+    """Edge scores summed over the batch's prompts: [U, V], or per token role [U, V, n_roles] with
+    `token_roles` [b, p] (each token's role index; a role's score sums its tokens'); zero where no edge exists.
 
     score(u, v) = (corrupted - clean write of u) . g_v, g_v = d metric / d (input of v): on the clean run
     (EAP, `ig_steps` None), or averaged over runs on embeddings interpolated between corrupted and clean
     (EAP-IG, `integration_points(ig_steps)`). `masks`: the clean run's gates, held in every pass when
     `prepared` freezes gates."""
+    if token_roles is not None:
+        if n_roles is None:
+            raise CircuitError("edge scores by token role need n_roles, the number of roles token_roles index")
+        _check_token_roles(token_roles, tuple(batch.clean.shape), n_roles)
     alphas = [None] if ig_steps is None else integration_points(ig_steps)
     grads_sum: dict[int, torch.Tensor] = {}
     clean_writes = None
@@ -380,17 +396,18 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
         with prepared.gates_of(masks):
             clean_writes = record(prepared, batch.clean)[0].writes
     diffs = corrupted.writes - clean_writes  # [U, b, p, d]
-    n_pos = diffs.shape[2]
-    if n_positions is not None and n_positions < n_pos:
-        raise CircuitError(f"n_positions={n_positions} is shorter than this batch's {n_pos} positions")
-    shape = (prepared.layout.n_rows, prepared.layout.n_cols) + (() if n_positions is None else (n_positions,))
+    by_role = token_roles is not None
+    if by_role:
+        role_of_token = nn.functional.one_hot(token_roles, n_roles).to(diffs.dtype)  # [b, p, R]
+    shape = (prepared.layout.n_rows, prepared.layout.n_cols) + ((n_roles,) if by_role else ())
     scores = torch.zeros(shape)
     for start, grads in grads_sum.items():
         grads = grads / len(alphas)
         cols = slice(start, start + grads.shape[0])
-        if n_positions is None:
-            scores[:, cols] = torch.einsum("ubpd,cbpd->uc", diffs, grads)
+        if by_role:
+            per_token = torch.einsum("ubpd,cbpd->ucbp", diffs, grads)
+            scores[:, cols] = torch.einsum("ucbp,bpr->ucr", per_token, role_of_token)
         else:
-            scores[:, cols, n_positions - n_pos:] = torch.einsum("ubpd,cbpd->ucp", diffs, grads)
+            scores[:, cols] = torch.einsum("ubpd,cbpd->uc", diffs, grads)
     allowed = prepared.layout.allowed()
-    return scores * (allowed if n_positions is None else allowed[:, :, None])
+    return scores * (allowed[:, :, None] if by_role else allowed)

@@ -105,13 +105,13 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
 
     prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
-    writers' differences; kept [U', C] or, per position, [U', C, p] bool, kept edges into the C readers
+    writers' differences; kept [U', C] or, per token, [U', C, b, p] bool, kept edges into the C readers
     ->  [b, p, C, d].
     """
     rows = kept.flatten(1).any(dim=1).nonzero().squeeze(1)
     if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
         rows = slice(None)
-    pattern = "kbpd,kcp->bpcd" if kept.dim() == 3 else "kbpd,kc->bpcd"
+    pattern = "kbpd,kcbp->bpcd" if kept.dim() == 4 else "kbpd,kc->bpcd"
     kept_part = torch.einsum(pattern, diffs[rows], kept[rows].to(diffs.dtype))
     return prefix_diff[:, :, None, :] - kept_part
 
@@ -146,7 +146,7 @@ def causal_flows(n_positions: int) -> torch.Tensor:
 
 
 def live_edges(kept: torch.Tensor, layout: ComponentLayout, flows: torch.Tensor | None = None,
-               answer_position: int = -1) -> torch.Tensor:
+               answer_position: int | torch.Tensor = -1) -> torch.Tensor:
     """The kept edges on a path from the inputs to the logits: writer reached from the embedding, reader's
     component reaching the logits, through kept edges only.  kept [U, V] or per position [U, V, P] -> same shape.
 
@@ -154,7 +154,8 @@ def live_edges(kept: torch.Tensor, layout: ComponentLayout, flows: torch.Tensor 
     reads only corrupted writes, so it writes its corrupted output, which is what a removed edge feeds; a
     component whose output reaches no kept edge to the logits cannot move them. Per position, a write at p
     is read at p; inside a head, its k / v inputs at k reach its output at q where flows[k, q] (default
-    causal, k <= q), its q input only at q; the logits read `answer_position` only."""
+    causal, k <= q), its q input only at q; the logits read `answer_position` only (one, or a tensor of
+    several)."""
     by_position = kept.dim() == 3
     edges = kept if by_position else kept[:, :, None]  # [U, V, P]
     n_rows, n_cols, n_pos = edges.shape
@@ -192,3 +193,24 @@ def live_edges(kept: torch.Tensor, layout: ComponentLayout, flows: torch.Tensor 
             alive_col[col] = from_output(col, alive[row])
     live = edges & reached[:n_rows, None, :] & alive_col[None, :, :]
     return live if by_position else live[:, :, 0]
+
+
+def live_role_edges(kept: torch.Tensor, layout: ComponentLayout, role_sequences: list[torch.Tensor]) -> torch.Tensor:
+    """The kept role edges on a path from the inputs to the logits in some prompt.  kept [U, V, R] bool,
+    role_sequences: one prompt's token roles [p] (long, indices into R) each  ->  [U, V, R].
+
+    Each prompt patches kept[:, :, roles[t]] at its token t; a role edge carries signal if one of its tokens'
+    edges does in some prompt (`live_edges` by position, causal, the logits reading the last token). The
+    distinct sequences are traced in one pass, laid end to end with attention flowing inside each only."""
+    sequences = [torch.tensor(roles) for roles in dict.fromkeys(tuple(s.tolist()) for s in role_sequences)]
+    index = torch.cat(sequences)  # [sum p]
+    flows = torch.block_diag(*(causal_flows(len(s)) for s in sequences))
+    last = torch.tensor([len(s) for s in sequences]).cumsum(0) - 1
+    by_position = live_edges(kept[:, :, index], layout, flows, last)  # [U, V, sum p]
+    return pool_by_role(by_position.float(), index, kept.shape[2]) > 0
+
+
+def pool_by_role(by_position: torch.Tensor, roles: torch.Tensor, n_roles: int) -> torch.Tensor:
+    """Sum per-position values into their tokens' roles.  by_position [U, V, p], roles [p] long -> [U, V, R]."""
+    pooled = by_position.new_zeros(*by_position.shape[:2], n_roles)
+    return pooled.index_add_(2, roles, by_position)

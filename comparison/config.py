@@ -26,8 +26,8 @@ CONFIG_FILE = "compare_config.yaml"
 RATIO = "dense/sparse"
 # The paper's component-circuit ratios at ~0.9 explained effect (arXiv 2512.05865: Greater-Than and IOI on GPT-2,
 # Docstring and long IOI on OLMo-7B). Only the range over its tasks is known to us, not each task's value.
-# Whether its edges are resolved by position is not known to us, so both our edge kinds sit beside its range.
-PAPER_RATIOS = {"heads": (1.4, 4.5), "edges": (5.4, 97.0), "position_edges": (5.4, 97.0)}
+# Whether its edges are resolved by token is not known to us, so both our edge kinds sit beside its range.
+PAPER_RATIOS = {"heads": (1.4, 4.5), "edges": (5.4, 97.0), "role_edges": (5.4, 97.0)}
 PAPER_TASKS = "Greater-Than, IOI (GPT-2); Docstring, long IOI (OLMo-7B)"
 PAPER_EXAMPLE = 'The opposite of "large" is "'  # the paper's attention-attribution example: the report always shows it
 

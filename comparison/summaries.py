@@ -69,7 +69,7 @@ def _faithfulness(result, kind: str) -> float | None:
     """The Spearman correlation of a curve kind's ranking with exact patching (edges: the sampled edges)."""
     found = result.faithfulness or {}
     value = found.get("heads_eap_vs_exact" if kind == "heads" else "edges_vs_exact")
-    return None if kind == "position_edges" or value is None else float(value)
+    return None if kind == "role_edges" or value is None else float(value)
 
 
 def circuit_tables(results: dict[str, dict[str, dict[str, object]]], errors: dict[str, str], config: ComponentCircuitConfig,
@@ -77,7 +77,7 @@ def circuit_tables(results: dict[str, dict[str, dict[str, object]]], errors: dic
     """(curves, summary) from component circuit results {task: {gates: {variant: CircuitResult}}} and per-task
     errors.
 
-    curves: task, gates, variant, kind (heads | edges | position_edges), count (ranked components kept),
+    curves: task, gates, variant, kind (heads | edges | role_edges), count (ranked components kept),
     carrying (those on a path to the logits; heads: live heads kept), explained_effect, total, n_prompts.
     summary: per task, gate mode and kind the counts reaching the target (first crossing and stays-above, in
     carrying units) with their dense/sparse ratios and bootstrap CIs (`circuits.curves.compare`), the behaviour

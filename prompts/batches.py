@@ -1,5 +1,5 @@
 """Prompt sets as model input: prompts of one token length encoded together, bos prefixed, with the
-answers of the logit-difference metric as weights."""
+answers of the logit-difference metric as weights and each token's role (`prompts.tasks.token_roles`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prompts.tasks import TaskError, TaskPrompt, invalid_reason, token_ids
+from prompts.tasks import BOS_ROLE, TaskError, TaskPrompt, invalid_reason, token_ids, token_roles
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class PromptBatch:
     answer_ids: torch.Tensor  # [batch, n_answers] long, zero-padded
     answer_weights: torch.Tensor  # [batch, n_answers]: +1/|correct|, -1/|incorrect|, 0 for padding
     indices: tuple[int, ...]  # positions of these prompts in the list given to encode_prompts
+    roles: tuple[tuple[str, ...], ...]  # [batch][pos] each token's role, BOS_ROLE first
 
 
 def encode_prompts(prompts: Sequence[TaskPrompt], tokenizer, batch_size: int = 32) -> list[PromptBatch]:
@@ -43,7 +44,8 @@ def encode_prompts(prompts: Sequence[TaskPrompt], tokenizer, batch_size: int = 3
         weights = [1 / len(prompt.correct)] * len(prompt.correct) + [-1 / len(prompt.incorrect)] * len(
             prompt.incorrect
         )
-        encoded.append((clean, corrupted, answers, weights))
+        roles = (BOS_ROLE, *token_roles(prompt, tokenizer))  # the clean text's roles label both runs
+        encoded.append((clean, corrupted, answers, weights, roles))
         by_length.setdefault(len(clean), []).append(index)
     batches = []
     for indices in by_length.values():
@@ -56,6 +58,7 @@ def encode_prompts(prompts: Sequence[TaskPrompt], tokenizer, batch_size: int = 3
                 answer_ids=torch.tensor([_pad(encoded[i][2], width, 0) for i in chunk]),
                 answer_weights=torch.tensor([_pad(encoded[i][3], width, 0.0) for i in chunk]),
                 indices=tuple(chunk),
+                roles=tuple(encoded[i][4] for i in chunk),
             ))
     return batches
 

@@ -10,22 +10,43 @@ prompts/data/{task}.jsonl; `--performance N` measures the dense model on N promp
 Token conventions (SmolLM2's tokenizer; our code prefixes bos to every sequence): names and words
 after a space carry the leading space (" Mary"); SmolLM2 splits numbers into single digits, so
 Greater-Than predicts the tens digit of the end year (see `greater_than_candidate`).
+
+Token roles: each generator cuts the clean text into (text, role) pieces (`TaskPrompt.role_pieces`, roles
+in `TASK_ROLES`), so a token position means the same thing in every prompt of a task, whatever its template
+or length. `token_roles` labels the tokens after tokenizing: a token takes the role of the piece holding
+its first non-space character (whitespace joins the piece after it), every token of a piece split into
+several tokens takes the piece's role, and the last token, which the metric reads, is always `end`. A
+token whose characters fall in pieces of two roles makes the prompt invalid for that tokenizer.
 """
 
 from __future__ import annotations
 
 import random
+import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROMPT_DIR = Path(resources.files("prompts") / "data")  # package data: ships in the wheel
 TASKS = ("ioi", "greater_than", "docstring", "antonyms", "induction")
 DEFAULT_N_PROMPTS = 300
 DEFAULT_SEED = 0
+BOS_ROLE = "bos"  # the role of the bos token that encode_prompts prefixes
+END_ROLE = "end"  # the role of every prompt's last token, the position the metric reads
+# Each task's token roles (besides bos), in prompt order where the templates agree; the generators' docstrings
+# say which words carry which role.
+TASK_ROLES = {
+    "ioi": ("IO", "S1", "S2", "place", "object", "verb", "other", END_ROLE),
+    "greater_than": ("noun", "start_century", "start_tens", "start_units", "end_century", "other", END_ROLE),
+    "docstring": ("func", "arg0", "arg1", "arg2", "arg3", "description", "param", "param_arg0", "param_arg1",
+                  "other", END_ROLE),
+    "antonyms": ("opposite", "quote", "cue", "other", END_ROLE),
+    "induction": ("prefix", "cue", "answer", "suffix", "repeat", END_ROLE),
+}
 
 
 class TaskError(ValueError):
@@ -43,6 +64,19 @@ class TaskPrompt(BaseModel):
     corrupted: str = Field(min_length=1)
     correct: tuple[str, ...] = Field(min_length=1, description="answers the clean prompt should predict")
     incorrect: tuple[str, ...] = Field(min_length=1, description="contrast answers (what corruption favours)")
+    role_pieces: tuple[tuple[str, str], ...] = Field(
+        min_length=1, description="the clean text cut into (text, role) pieces, in order (see `token_roles`)")
+
+    @model_validator(mode="after")
+    def _pieces_are_the_clean_text(self) -> TaskPrompt:
+        joined = "".join(text for text, _ in self.role_pieces)
+        if joined != self.clean:
+            raise ValueError(f"role_pieces join to {joined!r}, not the clean text {self.clean!r}")
+        unknown = {role for _, role in self.role_pieces} - set(TASK_ROLES.get(self.task, ()))
+        if unknown:
+            raise ValueError(f"roles {sorted(unknown)} are not roles of task {self.task!r} "
+                             f"({', '.join(TASK_ROLES.get(self.task, ()))})")
+        return self
 
     @field_validator("incorrect")
     @classmethod
@@ -105,6 +139,7 @@ IOI_TEMPLATES = (
     "The {place} {X} and {Y} went to had a {object}. {S} gave it to",
     "Friends {X} and {Y} found a {object} at the {place}. {S} gave it to",
 )
+IOI_WORD_ROLES = {"gave": "verb", "give": "verb", "said": "verb"}
 
 # Hanna et al. (2023) Greater-Than nouns (a subset).
 GT_NOUNS = _words(
@@ -167,6 +202,7 @@ ANTONYM_TEMPLATES = (
     'The antonym of "{word}" is "',
     'The opposite of the word "{word}" is the word "',
 )
+ANTONYM_WORD_ROLES = {'"': "quote", "opposite": "opposite", "antonym": "opposite"}
 
 INDUCTION_WORDS = tuple(sorted(set(DOC_WORDS + DOC_DESCRIPTIONS + IOI_PLACES + IOI_OBJECTS + GT_NOUNS)))
 INDUCTION_LENGTH = 10  # tokens in the first copy
@@ -206,7 +242,36 @@ def invalid_reason(prompt: TaskPrompt, tokenizer) -> str | None:
         return f"clean is {n_clean} tokens but corrupted is {n_corrupted}"
     if prompt.clean == prompt.corrupted:
         return "clean and corrupted texts are identical"
+    try:
+        token_roles(prompt, tokenizer)
+    except TaskError as error:
+        return str(error)
     return None
+
+
+def token_roles(prompt: TaskPrompt, tokenizer) -> list[str]:
+    """The role of each token of the clean text (no bos), aligned to `tokenizer`'s tokens: the role of the
+    piece holding the token's first non-space character (a whitespace-only token: of its first character);
+    the last token's role is END_ROLE. TaskError if a token's characters fall in pieces of two roles, or the
+    tokenizer gives no character offsets (a slow tokenizer)."""
+    char_roles = [role for text, role in prompt.role_pieces for _ in text]
+    try:
+        encoded = tokenizer(prompt.clean, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise TaskError("token roles need a tokenizer with character offsets (a fast tokenizer)") from None
+    roles = []
+    for index, (start, end) in enumerate(encoded["offset_mapping"]):
+        text = prompt.clean[start:end]
+        letters = [start + i for i, char in enumerate(text) if not char.isspace()] or [start]
+        found = sorted({char_roles[i] for i in letters})
+        if len(found) != 1:
+            raise TaskError(f"token {index} ({text!r}) of {prompt.clean!r} spans the roles {found}: this "
+                            "tokenizer does not split the prompt at its role boundaries")
+        roles.append(found[0])
+    if len(roles) != len(encoded["input_ids"]) or not roles:
+        raise TaskError(f"the tokenizer gave {len(roles)} offsets for {len(encoded['input_ids'])} tokens")
+    roles[-1] = END_ROLE
+    return roles
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,11 +299,38 @@ def vocab_for(tokenizer) -> Vocab:
     )
 
 
+def template_pieces(template: str, fields: dict[str, str], field_roles: dict[str, str],
+                    word_roles: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """`template.format(**fields)` cut into (text, role) pieces: each field is one piece with its role in
+    `field_roles`; the literal text is cut into words and punctuation runs, each with its role in
+    `word_roles` (looked up without spaces) or "other"; whitespace joins the piece after it."""
+    word_roles = word_roles or {}
+    pieces: list[tuple[str, str]] = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        words = re.findall(r"\s*(?:\w+|[^\w\s]+)|\s+", literal)  # words and punctuation runs, spaces before
+        pieces += [(word, word_roles.get(word.strip(), "other")) for word in words]
+        if name is not None:
+            pieces.append((fields[name], field_roles[name]))
+    joined: list[tuple[str, str]] = []
+    spaces = ""
+    for text, role in pieces:
+        if text.isspace():
+            spaces += text
+        elif text:
+            joined.append((spaces + text, role))
+            spaces = ""
+    if spaces:  # trailing whitespace joins the last piece
+        joined[-1] = (joined[-1][0] + spaces, joined[-1][1])
+    return joined
+
+
 def ioi_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     """IOI (Wang et al.): "When A and B went to the store, B gave a drink to" -> " A" over " B".
 
     Both name orders (ABBA, BABA). Corrupted: the same sentence with three unrelated names (the "ABC"
-    distribution), where neither answer is in context.
+    distribution), where neither answer is in context. Roles: IO (the answer's name) and S1 (the subject's
+    first mention), S2 (its second mention), place, object, verb (" gave", " give", " said"), end (the final
+    " to"), other.
     """
     template_index = rng.randrange(len(IOI_TEMPLATES))
     a, b, c, d, e = rng.sample(vocab.names, 5)
@@ -247,8 +339,12 @@ def ioi_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     template = IOI_TEMPLATES[template_index]
     clean = template.format(X=first, Y=second, S=b, place=place, object=obj)
     corrupted = template.format(X=c, Y=d, S=e, place=place, object=obj)
+    roles = {"X": "IO" if first == a else "S1", "Y": "S1" if first == a else "IO", "S": "S2", "place": "place",
+             "object": "object"}
+    pieces = template_pieces(template, {"X": first, "Y": second, "S": b, "place": place, "object": obj}, roles,
+                             IOI_WORD_ROLES)
     return TaskPrompt(task="ioi", template=template_index, clean=clean, corrupted=corrupted,
-                      correct=(" " + a,), incorrect=(" " + b,))
+                      correct=(" " + a,), incorrect=(" " + b,), role_pieces=pieces)
 
 
 def greater_than_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
@@ -257,7 +353,8 @@ def greater_than_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     SmolLM2 writes years digit by digit, so the next token is the tens digit d of the end year. With
     start year CC t u, d > t means a later year and d < t an earlier one; d = t is ambiguous and is in
     neither set (t is drawn from 1..8 so both sets are non-empty). Corrupted: start year CC 0 u, the
-    analogue of Hanna et al.'s "01", after which no end decade is earlier.
+    analogue of Hanna et al.'s "01", after which no end decade is earlier. Roles: noun, start_century,
+    start_tens, start_units (the start year's digits), end_century (the end year's), end, other.
     """
     template_index = rng.randrange(len(GT_TEMPLATES))
     noun, century = rng.choice(GT_NOUNS), str(rng.randint(11, 17))
@@ -265,9 +362,14 @@ def greater_than_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     template = GT_TEMPLATES[template_index]
     clean = template.format(noun=noun, century=century, start=f"{tens}{units}")
     corrupted = template.format(noun=noun, century=century, start=f"0{units}")
+    by_digit = template.replace("{century}", "{start_century}", 1).replace("{century}", "{end_century}")
+    by_digit = by_digit.replace("{start}", "{start_tens}{start_units}")
+    fields = {"noun": noun, "start_century": century, "end_century": century, "start_tens": str(tens),
+              "start_units": str(units)}
     return TaskPrompt(task="greater_than", template=template_index, clean=clean, corrupted=corrupted,
                       correct=tuple(str(d) for d in range(tens + 1, 10)),
-                      incorrect=tuple(str(d) for d in range(tens)))
+                      incorrect=tuple(str(d) for d in range(tens)),
+                      role_pieces=template_pieces(by_digit, fields, {name: name for name in fields}))
 
 
 def docstring_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
@@ -275,7 +377,9 @@ def docstring_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
 
     Contrast: the def's other arguments (the two already documented and the fourth). Corrupted: the
     def's arguments replaced by four other names, the docstring unchanged, so the next parameter is
-    no longer readable from the def.
+    no longer readable from the def. Roles: func, arg0..arg3 (the def's arguments; arg2 is the answer),
+    description (the docstring's words), param (each ":param" word), param_arg0, param_arg1 (the documented
+    arguments), end (the last "param"), other.
     """
     args = rng.sample(vocab.doc_words, 8)
     clean_args, corrupt_args = args[:4], args[4:]
@@ -284,9 +388,16 @@ def docstring_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     doc_args = {f"a{i}": arg for i, arg in enumerate(clean_args)}
     clean = _with_def_args(DOC_TEMPLATE, func, doc_args, doc_args, words)
     corrupted = _with_def_args(DOC_TEMPLATE, func, dict(zip(doc_args, corrupt_args)), doc_args, words)
+    signature, body = DOC_TEMPLATE.split("\n", 1)
+    pieces = (template_pieces(signature, {"func": func, **doc_args},
+                              {"func": "func", **{name: f"arg{i}" for i, name in enumerate(doc_args)}})
+              + template_pieces("\n" + body, {**doc_args, **words},
+                                {**{name: f"param_arg{i}" for i, name in enumerate(doc_args)},
+                                 **dict.fromkeys(words, "description")}, {"param": "param"}))
     return TaskPrompt(task="docstring", template=0, clean=clean, corrupted=corrupted,
                       correct=(" " + clean_args[2],),
-                      incorrect=tuple(" " + a for a in (clean_args[0], clean_args[1], clean_args[3])))
+                      incorrect=tuple(" " + a for a in (clean_args[0], clean_args[1], clean_args[3])),
+                      role_pieces=pieces)
 
 
 def _with_def_args(template: str, func: str, def_args: dict, doc_args: dict, words: dict) -> str:
@@ -297,27 +408,34 @@ def _with_def_args(template: str, func: str, def_args: dict, doc_args: dict, wor
 
 def antonyms_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     """Antonyms: 'The opposite of "large" is "' -> "small". Corrupted: another word, whose antonym is
-    the contrast answer. Either word of a pair can be the cue."""
+    the contrast answer. Either word of a pair can be the cue. Roles: cue (the word), quote (the quote
+    marks), opposite (" opposite" / " antonym"), end (the last quote mark), other."""
     template_index = rng.randrange(len(ANTONYM_TEMPLATES))
     (cue, answer), (other_cue, other_answer) = (
         pair if rng.random() < 0.5 else pair[::-1] for pair in rng.sample(vocab.antonyms, 2)
     )
     template = ANTONYM_TEMPLATES[template_index]
     return TaskPrompt(task="antonyms", template=template_index, clean=template.format(word=cue),
-                      corrupted=template.format(word=other_cue), correct=(answer,), incorrect=(other_answer,))
+                      corrupted=template.format(word=other_cue), correct=(answer,), incorrect=(other_answer,),
+                      role_pieces=template_pieces(template, {"word": cue}, {"word": "cue"}, ANTONYM_WORD_ROLES))
 
 
 def induction_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     """Induction: random words w_1..w_n then w_1..w_k -> w_{k+1}. Corrupted: w_{k+1} in the first copy
-    replaced by another word z, which becomes the contrast answer (same second copy, same length)."""
+    replaced by another word z, which becomes the contrast answer (same second copy, same length).
+    Roles, first copy: prefix (w_1..w_{k-1}), cue (w_k), answer (w_{k+1}), suffix (the rest); second copy:
+    repeat (w_1..w_{k-1}), end (w_k)."""
     words = rng.sample(vocab.induction_words, INDUCTION_LENGTH + 1)
     sequence, replacement = words[:INDUCTION_LENGTH], words[INDUCTION_LENGTH]
     k = rng.randint(2, INDUCTION_LENGTH - 2)  # the second copy has k words, the answer is word k+1
     corrupt_sequence = [*sequence[:k], replacement, *sequence[k + 1:]]
     repeat = "".join(" " + w for w in sequence[:k])
+    first_roles = ["prefix"] * (k - 1) + ["cue", "answer"] + ["suffix"] * (INDUCTION_LENGTH - k - 1)
+    pieces = [(" " + w, role) for w, role in zip(sequence, first_roles)] + [
+        (" " + w, "repeat" if i < k - 1 else END_ROLE) for i, w in enumerate(sequence[:k])]
     return TaskPrompt(task="induction", template=0, clean="".join(" " + w for w in sequence) + repeat,
                       corrupted="".join(" " + w for w in corrupt_sequence) + repeat,
-                      correct=(" " + sequence[k],), incorrect=(" " + replacement,))
+                      correct=(" " + sequence[k],), incorrect=(" " + replacement,), role_pieces=pieces)
 
 
 TASK_NOTES = {

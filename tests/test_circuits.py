@@ -29,11 +29,11 @@ from circuits.curves import (
     run_per_prompt,
 )
 from circuits.hooks import ComponentHooks, edge_attribution, patched_metric, prepare, record
-from circuits.layout import ComponentLayout, column_rows, live_edges, top_k_mask
+from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask
 from circuits.stats import spearman
-from prompts.batches import encode_prompts
+from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff, logits_fn
-from prompts.tasks import TaskPrompt, generate_task
+from prompts.tasks import TASK_ROLES, TaskPrompt, generate_task
 from sparse_attention.gated_attention import GatedModel, GateError
 from sparse_attention.hook_points import hf_model
 from sparse_attention.models import TinyModelConfig, byte_tokenizer, tiny_model
@@ -284,56 +284,106 @@ def mixed_length_prompts(prompts):
     return prompts[:3] + others[:3]
 
 
+def role_ids(batch, roles: list[str]) -> torch.Tensor:
+    """[b, p] each token's index into `roles`."""
+    return torch.tensor([[roles.index(role) for role in prompt] for prompt in batch.roles])
+
+
 @pytest.mark.parametrize("kind", ["hf", "gated"])
-def test_position_edges_kept_at_every_position_are_component_edges(kind, prompts):
-    """A per-position mask that repeats one [U, V] mask at every position patches exactly as that mask;
-    dropping one reader's edges at a single position changes only what that position reads."""
+def test_role_edges_kept_for_every_role_are_component_edges(kind, prompts):
+    """A per-role mask that repeats one [U, V] mask for every role patches exactly as that mask; a role mask
+    patches exactly as the per-position mask it gives each prompt; the logits read only the `end` token."""
     prepared = prepare(make_model(kind))
     layout = prepared.layout
     allowed = layout.allowed()
     keep = allowed & (torch.rand(allowed.shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    roles = ["bos", *TASK_ROLES["greater_than"]]
+    by_role = allowed[:, :, None] & (torch.rand(*allowed.shape, len(roles), generator=torch.Generator().manual_seed(1))
+                                     < 0.5)
     for batch in batches_of(mixed_length_prompts(prompts)):
         corrupted, _ = record(prepared, batch.corrupted)
-        n_pos = batch.clean.shape[1] + 3  # longer than this batch: its positions are the last ones
-        by_position = keep[:, :, None].expand(-1, -1, n_pos)
-        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=by_position),
+        token_roles = role_ids(batch, roles)
+        repeated = keep[:, :, None].expand(-1, -1, len(roles))
+        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=repeated,
+                                                  token_roles=token_roles),
                                    patched_metric(prepared, batch, corrupted, keep_edges=keep), rtol=0, atol=1e-6)
-        # the logits read only the last position: removing logits edges elsewhere changes nothing
-        early = allowed[:, :, None].expand(-1, -1, n_pos).clone()
-        early[:, layout.logits_col, :-1] = False
-        full = patched_metric(prepared, batch, corrupted, keep_edges=allowed)
-        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=early), full,
-                                   rtol=0, atol=1e-6)
-        last = early.clone()
-        last[:, layout.logits_col, -1] = False
+        metric = patched_metric(prepared, batch, corrupted, keep_edges=by_role, token_roles=token_roles)
+        for i, prompt_roles in enumerate(token_roles):  # brute force: one prompt, its positions as the roles
+            one = PromptBatch(batch.clean[i:i + 1], batch.corrupted[i:i + 1], batch.answer_ids[i:i + 1],
+                              batch.answer_weights[i:i + 1], batch.indices[i:i + 1], batch.roles[i:i + 1])
+            one_corrupted, _ = record(prepared, one.corrupted)
+            positions = torch.arange(len(prompt_roles))[None]
+            torch.testing.assert_close(patched_metric(prepared, one, one_corrupted,
+                                                      keep_edges=by_role[:, :, prompt_roles], token_roles=positions),
+                                       metric[i:i + 1], rtol=0, atol=1e-6)
+        early = allowed[:, :, None].expand(-1, -1, len(roles)).clone()
+        early[:, layout.logits_col, roles.index("end")] = False
         no_logits = allowed.clone()
         no_logits[:, layout.logits_col] = False
-        torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=last),
-                                   patched_metric(prepared, batch, corrupted, keep_edges=no_logits), rtol=0, atol=1e-6)
-        with pytest.raises(CircuitError, match="positions"):
-            patched_metric(prepared, batch, corrupted, keep_edges=by_position[:, :, :batch.clean.shape[1] - 1])
+        without_end = patched_metric(prepared, batch, corrupted, keep_edges=early, token_roles=token_roles)
+        torch.testing.assert_close(without_end, patched_metric(prepared, batch, corrupted, keep_edges=no_logits),
+                                   rtol=0, atol=1e-6)
+        with pytest.raises(CircuitError, match="need token_roles"):
+            patched_metric(prepared, batch, corrupted, keep_edges=early)
+        with pytest.raises(CircuitError, match=rf"indices of the 3 roles but hold 0\.\.{token_roles.max().item()}$"):
+            patched_metric(prepared, batch, corrupted, keep_edges=early[:, :, :3], token_roles=token_roles)
+        with pytest.raises(CircuitError, match="need n_roles"):
+            edge_attribution(prepared, batch, corrupted, token_roles)
 
 
 @pytest.mark.parametrize("kind", ["hf", "gated"])
-def test_eap_by_position_sums_to_component_eap_and_matches_patching_where_linear(kind, prompts):
+def test_role_scores_are_the_sum_of_the_position_scores_they_pool(kind, prompts):
+    """Brute force: each prompt alone, scored per token position, its positions summed into their roles and
+    averaged over prompts, is the prompt set's role-resolved score (EAP and EAP-IG); where the metric is
+    linear the logits' edges at `end` equal patching them."""
     prepared = prepare(make_model(kind, linear_after_last_heads))
     layout = prepared.layout
-    prompt_set = PromptSet(prepared, batches_of(mixed_length_prompts(prompts)))
-    assert len({b.clean.shape[1] for b in prompt_set.batches}) > 1
-    by_position = prompt_set.edge_scores(by_position=True)  # [U, V, P]
-    assert by_position.shape == (layout.n_rows, layout.n_cols, prompt_set.n_positions)
-    torch.testing.assert_close(by_position.sum(-1), prompt_set.edge_scores(), rtol=1e-5, atol=1e-6)
-    assert by_position[:, layout.logits_col, :-1].abs().max() == 0  # the metric reads the last position only
-    assert by_position[:, layout.head_cols(1), :-1].abs().max() > 0  # heads read every position
+    mixed = mixed_length_prompts(prompts)
+    prompt_set = PromptSet(prepared, batches_of(mixed))
+    assert len({b.clean.shape[1] for b in prompt_set.batches}) > 1 and len({p.template for p in mixed}) > 1
+    roles = prompt_set.roles
+    assert roles[0] == "bos" and set(roles) == {"bos", *TASK_ROLES["greater_than"]}
+    for ig_steps in (None, 2):
+        by_role = prompt_set.edge_scores(by_role=True, ig_steps=ig_steps)  # [U, V, R]
+        assert by_role.shape == (layout.n_rows, layout.n_cols, len(roles))
+        expected = torch.zeros_like(by_role)
+        for one in batches_of(mixed, batch_size=1):
+            corrupted, _ = record(prepared, one.corrupted)
+            positions = torch.arange(one.clean.shape[1])
+            per_position = edge_attribution(prepared, one, corrupted, positions[None], ig_steps=ig_steps,
+                                            n_roles=len(positions))  # [U, V, p]
+            for position, role in enumerate(one.roles[0]):
+                expected[:, :, roles.index(role)] += per_position[:, :, position]
+        torch.testing.assert_close(by_role, expected / len(mixed), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(by_role.sum(-1), prompt_set.edge_scores(ig_steps=ig_steps), rtol=1e-5, atol=1e-6)
+    end = roles.index("end")
+    others = [i for i in range(len(roles)) if i != end]
+    assert by_role[:, layout.logits_col, others].abs().max() == 0  # the metric reads the last token only
+    assert by_role[:, layout.head_cols(1), others].abs().max() > 0  # heads read every token
     clean = prompt_set.mean_metric()
-    allowed = layout.allowed()[:, :, None].expand(by_position.shape)
+    allowed = layout.allowed()[:, :, None].expand(by_role.shape)
     effects = []
     for row in (0, layout.head_row(1, 2), layout.mlp_row(0)):  # the metric is linear in what the logits read
         keep = allowed.clone()
-        keep[row, layout.logits_col, -1] = False
+        keep[row, layout.logits_col, end] = False
         effects.append(prompt_set.mean_metric(keep_edges=keep) - clean)
-        assert by_position[row, layout.logits_col, -1].item() == pytest.approx(effects[-1], abs=2e-5)
+        assert by_role[row, layout.logits_col, end].item() == pytest.approx(effects[-1], abs=2e-5)
     assert max(map(abs, effects)) > 1e-3
+
+
+def test_mixed_templates_share_role_labels(prompts):
+    """Greater-Than prompts of different templates and lengths: the same role is the same index in every
+    prompt, on the tokens that play that part (the start year's tens digit, the last token)."""
+    mixed = mixed_length_prompts(prompts)
+    assert len({p.template for p in mixed}) > 1
+    prompt_set = PromptSet(prepare(make_model("hf")), batches_of(mixed))
+    tens, end = prompt_set.roles.index("start_tens"), prompt_set.roles.index("end")
+    for batch, token_roles in zip(prompt_set.batches, prompt_set.token_roles):
+        for i, index in enumerate(batch.indices):
+            prompt = mixed[index]
+            assert token_roles[i, -1] == end and (token_roles[i] == tens).sum() == 1
+            digit = byte_tokenizer().decode(batch.clean[i, token_roles[i] == tens])
+            assert digit == str(int(prompt.correct[0]) - 1)  # the correct answers are the digits above the tens
 
 
 def test_layout_indices():
@@ -424,20 +474,21 @@ def test_run_gives_normalised_curves_and_a_comparison(prompts):
         dead = torch.tensor([name in result.dead_heads for name in layout.row_names()])
         touching = dead[:, None] | torch.cat([dead, torch.tensor([False])])[column_rows(layout)][None, :]
         assert result.edges.total == int((layout.allowed() & ~touching).sum())
-        n_positions = len(prompts[0].clean) + 1  # bos
-        assert result.position_edges.total == result.edges.total * n_positions
-        effects = dict(zip(result.position_edges.counts, result.position_edges.effects))
-        assert effects[0] == 0.0 and effects[result.position_edges.total] == pytest.approx(1.0, abs=1e-4)
-        assert " @-" in result.position_edges.top[0][0]
+        assert result.roles[0] == "bos" and set(result.roles) <= {"bos", *TASK_ROLES["greater_than"]}
+        assert result.role_edges.total == result.edges.total * len(result.roles)
+        effects = dict(zip(result.role_edges.counts, result.role_edges.effects))
+        assert effects[0] == 0.0 and effects[result.role_edges.total] == pytest.approx(1.0, abs=1e-4)
+        writer, reader = result.role_edges.top[0][0].split(" -> ")
+        assert writer.split("@")[1] == reader.split("@")[1] in result.roles
     comparison = compare(dense, sparse)
     assert comparison["behaviour_gate"] == "passed" and comparison["gates"] == "frozen"
     assert comparison["heads"]["ratio"] == dense.heads.count_at_target / sparse.heads.count_at_target
     low, high = comparison["edges"]["dense_first_ci"]
     assert low <= dense.edges.count_at_target <= high
     assert comparison["edges"]["sparse_stays_above"] == sparse.edges.count_stays_above
-    assert comparison["position_edges"]["dense"] == dense.position_edges.count_at_target
-    without = run(config.model_copy(update={"position_edges": False}), make_model("dense"), byte_tokenizer(), prompts)
-    assert without.position_edges is None and "position_edges" not in compare(without, without)
+    assert comparison["role_edges"]["dense"] == dense.role_edges.count_at_target
+    without = run(config.model_copy(update={"role_edges": False}), make_model("dense"), byte_tokenizer(), prompts)
+    assert without.role_edges is None and "role_edges" not in compare(without, without)
     assert without.edges.counts == dense.edges.counts and without.edges.effects == pytest.approx(dense.edges.effects)
     assert set(result.to_json()) >= {"heads", "edges", "config", "metric_clean"}
 
@@ -445,7 +496,7 @@ def test_run_gives_normalised_curves_and_a_comparison(prompts):
 def test_behaviour_gate_keeps_a_task_out_of_the_ratios(prompts):
     """Tiny random models do not do Greater-Than: with the default thresholds no ratio is given, and the
     gate says which model failed and why; the counts stay reported."""
-    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False, faithfulness_edges=0,
+    config = ComponentCircuitConfig(curve_points=3, refine=False, role_edges=False, faithfulness_edges=0,
                                     bootstrap_samples=50)
     dense = run(config, make_model("dense"), byte_tokenizer(), prompts)
     sparse = run(config, make_model("gated"), byte_tokenizer(), prompts)
@@ -497,7 +548,7 @@ def test_command_line_compares_dense_and_sparse_per_task(tmp_path):
     out = tmp_path / "circuits.json"
     main(["--tasks", "greater_than", "--n", "3", "--dense", "tiny", "--sparse", str(tmp_path / "sparse"),
           "--points", "3", "--dense-points", "2", "--faithfulness-edges", "2", "--bootstrap", "50",
-          "--no-position-edges", "--out", str(out)])
+          "--no-role-edges", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["headline_gates"] == "frozen" and set(saved["tasks"]["greater_than"]) == {"frozen", "recomputed"}
     for mode, result in saved["tasks"]["greater_than"].items():
@@ -521,7 +572,7 @@ def test_compare_per_prompt_pairs_prompts_and_bootstraps_the_ratio_of_means():
     dense = [sized(4, 40), sized(6, 60), "no effect", sized(None, 10)]
     sparse = [sized(2, 10), sized(2, 20), sized(1, 1), sized(3, 5)]
     summary = compare_per_prompt(dense, sparse, samples=500)
-    assert summary["n_prompts"] == 4 and "position_edges" not in summary
+    assert summary["n_prompts"] == 4 and "role_edges" not in summary
     heads, edges = summary["heads"], summary["edges"]
     assert heads["n_pairs"] == 2 and heads["dense_counts"] == [4, 6] and heads["sparse_counts"] == [2, 2]
     assert heads["ratio"] == 5 / 2 and heads["ci_low"] <= 2.5 <= heads["ci_high"]
@@ -532,7 +583,7 @@ def test_compare_per_prompt_pairs_prompts_and_bootstraps_the_ratio_of_means():
 
 
 def test_run_per_prompt_is_one_circuit_per_prompt(prompts):
-    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False, min_prompt_gap=0)
+    config = ComponentCircuitConfig(curve_points=3, refine=False, role_edges=False, min_prompt_gap=0)
     model = make_model("gated")
     results = run_per_prompt(config, model, byte_tokenizer(), prompts[:2])
     assert [r.n_prompts for r in results] == [1, 1]
@@ -621,7 +672,8 @@ def test_eap_ig_integrates_a_nonlinear_path_where_eap_does_not(prompts):
     prepared = prepare(make_model("hf", embed_to_logits_only))
     layout = prepared.layout
     pairs = [TaskPrompt(task="greater_than", template=0, clean=f"year 1{a}", corrupted=f"year 1{b}",
-                        correct=("7",), incorrect=("2",)) for a, b in ("37", "58", "90")]
+                        correct=("7",), incorrect=("2",), role_pieces=(("year", "other"), (f" 1{a}", "end_century")))
+             for a, b in ("37", "58", "90")]
     batch = batches_of(pairs)[0]  # the last token differs: the logits read the embedding's difference there
     corrupted, _ = record(prepared, batch.corrupted)
     keep = layout.allowed().clone()
@@ -720,11 +772,19 @@ def test_pruned_edges_do_not_change_the_patched_metric(kind, gates, prompts):
     prompt_set = PromptSet(prepared, batches_of(mixed_length_prompts(prompts)))
     generator = torch.Generator().manual_seed(1)
     n_pruned = 0
-    for shape in ((layout.n_rows, layout.n_cols), (layout.n_rows, layout.n_cols, prompt_set.n_positions)):
+    for shape in ((layout.n_rows, layout.n_cols), (layout.n_rows, layout.n_cols, len(prompt_set.roles))):
         allowed = layout.allowed() if len(shape) == 2 else layout.allowed()[:, :, None].expand(shape)
         for share in (0.05, 0.2):
             keep = allowed & (torch.rand(shape, generator=generator) < share)
-            live = live_edges(keep, layout)
+            if len(shape) == 2:
+                live = live_edges(keep, layout)
+            else:  # brute force: each prompt's live token edges, pooled by role
+                live = live_role_edges(keep, layout, prompt_set.role_sequences())
+                expected = torch.zeros_like(live)
+                for roles in prompt_set.role_sequences():
+                    for position, alive in enumerate(live_edges(keep[:, :, roles], layout).unbind(2)):
+                        expected[:, :, roles[position]] |= alive
+                assert torch.equal(live, expected)
             n_pruned += int((keep & ~live).sum())
             assert prompt_set.mean_metric(keep_edges=live) == pytest.approx(prompt_set.mean_metric(keep_edges=keep),
                                                                             abs=1e-5)
@@ -735,7 +795,7 @@ def test_spearman_and_ranking_faithfulness(prompts):
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 25, 100.0])) == pytest.approx(1.0)
     assert spearman(np.array([1, 2, 2, 3.0]), np.array([3, 2, 2, 1.0])) == pytest.approx(-1.0)
     assert np.isnan(spearman(np.array([1.0, 1.0]), np.array([1.0, 2.0])))
-    config = ComponentCircuitConfig(curve_points=3, refine=False, position_edges=False, faithfulness_edges=8)
+    config = ComponentCircuitConfig(curve_points=3, refine=False, role_edges=False, faithfulness_edges=8)
     result = run(config, make_model("hf", linear_after_last_heads), byte_tokenizer(), prompts)
     assert result.faithfulness["n_edges"] == 8 and result.faithfulness["n_heads"] == 8
     assert -1 <= result.faithfulness["edges_vs_exact"] <= 1 and -1 <= result.faithfulness["heads_eap_vs_exact"] <= 1

@@ -197,12 +197,12 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
     assert sorted(set(ok["gates"])) == ["frozen", "recomputed"] and ok.loc[ok["headline"], "gates"].eq("frozen").all()
     for gates in ("frozen", "recomputed"):
         rows = ok[ok["gates"] == gates].set_index("kind")
-        assert list(rows.index) == ["heads", "edges", "position_edges"]
-        for kind in ("heads", "edges", "position_edges"):
+        assert list(rows.index) == ["heads", "edges", "role_edges"]
+        for kind in ("heads", "edges", "role_edges"):
             row = rows.loc[kind]
             assert row["ratio"] == pytest.approx(row["dense_count"] / row["sparse_count"])
             assert row["ratio_ci_low"] <= row["ratio"] <= row["ratio_ci_high"]
-            assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4, "position_edges": 5.4}[kind]
+            assert row["paper_ratio_min"] == {"heads": 1.4, "edges": 5.4, "role_edges": 5.4}[kind]
             for variant in ("dense", "sparse"):
                 curve = curves[(curves["variant"] == variant) & (curves["kind"] == kind)
                                & (curves["gates"] == gates)].set_index("count")
@@ -225,7 +225,7 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
         alone = circuits.curves.run(config.circuit, model, tokenizer, task_prompts[1:2], "recomputed")
         rows = prompts[(prompts["variant"] == variant) & (prompts["prompt_index"] == 1)
                        & (prompts["gates"] == "recomputed")].set_index("kind")
-        for kind in ("heads", "edges", "position_edges"):
+        for kind in ("heads", "edges", "role_edges"):
             assert rows.loc[kind, "count_at_target"] == getattr(alone, kind).count_at_target
             assert rows.loc[kind, "metric_clean"] == pytest.approx(alone.metric_clean)
     for (gates, kind), row in ok.set_index(["gates", "kind"]).iterrows():
@@ -247,7 +247,7 @@ def test_run_circuits_behaviour_gate_and_prompt_floor():
     tokenizer = byte_tokenizer()
     models = {"dense": (make_model("dense"), tokenizer), "sparse": (make_model("gated"), tokenizer)}
     circuit = ComponentCircuitConfig(curve_points=3, batch_size=4, dense_points=0, faithfulness_edges=0,
-                                     position_edges=False, other_gates=False, bootstrap_samples=50)
+                                     role_edges=False, other_gates=False, bootstrap_samples=50)
     curves, summary, prompts = run_circuits(CircuitsConfig(prompts_per_task=2, circuit=circuit), models,
                                             ["greater_than"], samples=50)
     assert summary["behaviour_gate"].str.startswith("dense: mean clean logit diff").all()

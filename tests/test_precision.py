@@ -150,7 +150,7 @@ def test_component_circuits_in_bf16_match_fp32(circuit_prompts):  # noqa: F811 -
     every curve point's explained effect within 0.1 and the count at target within one head; edges (EAP-IG
     ranks, where bf16 swaps near ties): the count from which the curve stays at the target within two edges.
     The precision is in the result's config."""
-    results = {value: run_circuits(ComponentCircuitConfig(curve_points=4, refine=False, position_edges=False,
+    results = {value: run_circuits(ComponentCircuitConfig(curve_points=4, refine=False, role_edges=False,
                                                           precision=value), make_model("dense"), byte_tokenizer(),
                                    circuit_prompts)
                for value in ("fp32", "bf16")}

@@ -28,6 +28,7 @@ from prompts.tasks import (
     invalid_reason,
     load_task,
     token_ids,
+    token_roles,
     write_task,
 )
 from sparse_attention.gated_attention import GatedModel
@@ -125,7 +126,9 @@ def test_byte_tokenizer_greater_than_works_and_ioi_says_why_not():
 def test_invalid_reason_catches_bad_pairs(word_tokenizer):
     a, b, c, d = [name for name in tasks.NAMES if name not in LEFT_OUT_NAMES][:4]
     good = TaskPrompt(task="ioi", template=0, clean=f"Then, {a} and {b} went", corrupted=f"Then, {c} and {d} went",
-                      correct=(" " + a,), incorrect=(" " + b,))
+                      correct=(" " + a,), incorrect=(" " + b,),
+                      role_pieces=(("Then,", "other"), (f" {a}", "IO"), (" and", "other"), (f" {b}", "S1"),
+                                   (" went", "other")))
     assert invalid_reason(good, word_tokenizer) is None
     longer = good.model_copy(update={"corrupted": f"Then, {c} and {d} and {a} went"})
     assert "tokens" in invalid_reason(longer, word_tokenizer)
@@ -134,7 +137,92 @@ def test_invalid_reason_catches_bad_pairs(word_tokenizer):
     same = good.model_copy(update={"corrupted": good.clean})
     assert "identical" in invalid_reason(same, word_tokenizer)
     with pytest.raises(ValidationError, match="both correct and incorrect"):
-        TaskPrompt(task="ioi", template=0, clean="a", corrupted="b", correct=(" Mary",), incorrect=(" Mary",))
+        TaskPrompt(task="ioi", template=0, clean="a", corrupted="b", correct=(" Mary",), incorrect=(" Mary",),
+                   role_pieces=(("a", "other"),))
+
+
+def _check_roles(prompt: TaskPrompt, tokenizer) -> None:
+    """Token roles line up with the tokens: every non-space character of a token lies in a piece of the token's
+    role (the last token is `end`), and each role holds the words the task says, read back from the tokens."""
+    ids = token_ids(tokenizer, prompt.clean)
+    roles = token_roles(prompt, tokenizer)
+    texts = [tokenizer.decode([i]) for i in ids]
+    assert len(roles) == len(ids) and "".join(texts) == prompt.clean and roles[-1] == tasks.END_ROLE
+    char_roles = [role for text, role in prompt.role_pieces for _ in text]
+    start = 0
+    for text, role in zip(texts[:-1], roles[:-1]):
+        assert {char_roles[start + i] for i, c in enumerate(text) if not c.isspace()} <= {role}
+        start += len(text)
+
+    def joined(role: str) -> str:
+        return "".join(t for t, r in zip(texts, roles) if r == role)
+
+    if prompt.task == "ioi":
+        assert roles.count("IO") == roles.count("S1") == roles.count("S2") == 1
+        assert joined("IO") == prompt.correct[0] and joined("S1") == joined("S2") == prompt.incorrect[0]
+        assert joined("verb").strip() in {"gave", "give", "said"} and " to".endswith(texts[-1])
+        assert roles.index("S1") < roles.index("S2") and roles.index("IO") < roles.index("S2")
+    elif prompt.task == "greater_than":
+        assert joined("start_tens") == str(int(prompt.correct[0]) - 1) and joined("start_units").isdigit()
+        assert joined("start_century") == joined("end_century") + texts[-1] and joined("noun").strip().isalpha()
+        year = joined("start_century").strip() + joined("start_tens") + joined("start_units")
+        assert re.search(rf"\b{year}\b", prompt.clean)
+    elif prompt.task == "docstring":
+        assert joined("arg2") == prompt.correct[0]
+        assert tuple(joined(f"arg{i}") for i in (0, 1, 3)) == prompt.incorrect
+        assert joined("param_arg0") == joined("arg0") and joined("param_arg1") == joined("arg1")
+        assert "param".endswith(texts[-1]) and joined("param").count("param") == 2
+        assert joined("func").strip() in tasks.DOC_WORDS
+    elif prompt.task == "antonyms":
+        assert joined("cue") == re.search(r'"(\w+)"', prompt.clean).group(1)
+        assert [t.strip() for t, r in zip(texts, roles) if r in ("quote", "end")] == ['"'] * 3
+        assert joined("opposite").strip() in {"opposite", "antonym"}
+    elif prompt.task == "induction":
+        k = len(ids) - tasks.INDUCTION_LENGTH  # single-token words
+        assert roles == (["prefix"] * (k - 1) + ["cue", "answer"] + ["suffix"] * (tasks.INDUCTION_LENGTH - k - 1)
+                         + ["repeat"] * (k - 1) + ["end"])
+        assert joined("answer") == prompt.correct[0] and texts[-1] == joined("cue")
+        assert joined("repeat") == joined("prefix")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_token_roles_line_up_with_the_tokens_of_every_template(word_tokenizer, name):
+    prompts = generate_task(name, word_tokenizer, 150, seed=0)
+    n_templates = {"ioi": len(tasks.IOI_TEMPLATES), "greater_than": len(tasks.GT_TEMPLATES),
+                   "antonyms": len(tasks.ANTONYM_TEMPLATES)}.get(name, 1)
+    assert {p.template for p in prompts} == set(range(n_templates))  # the set mixes every template
+    seen = set()
+    for prompt in prompts:
+        _check_roles(prompt, word_tokenizer)
+        seen |= set(token_roles(prompt, word_tokenizer))
+    assert seen == set(tasks.TASK_ROLES[name])  # every role occurs, and no other
+    batch = encode_prompts(prompts[:5], word_tokenizer, batch_size=1)
+    for b in batch:
+        assert b.roles == ((tasks.BOS_ROLE, *token_roles(prompts[b.indices[0]], word_tokenizer)),)
+        assert len(b.roles[0]) == b.clean.shape[1]
+
+
+def test_every_token_of_a_split_word_takes_its_role_and_a_token_across_roles_is_refused(word_tokenizer):
+    split = next(n for n in LEFT_OUT_NAMES if len(token_ids(word_tokenizer, " " + n)) > 1)
+    a, c, d = [name for name in tasks.NAMES if name not in LEFT_OUT_NAMES][:3]
+    prompt = TaskPrompt(task="ioi", template=0, clean=f"Then, {split} and {a} went", role_pieces=(
+        ("Then,", "other"), (f" {split}", "IO"), (" and", "other"), (f" {a}", "S1"), (" went", "other")),
+        corrupted=f"Then, {c} and {d} went", correct=(" " + a,), incorrect=(" " + c,))
+    by_piece = [[role] * len(token_ids(word_tokenizer, text)) for text, role in prompt.role_pieces]
+    assert len(by_piece[1]) > 1  # the name is several tokens, each labelled IO
+    assert token_roles(prompt, word_tokenizer) == [*sum(by_piece, [])[:-1], "end"]
+    assert len(token_ids(word_tokenizer, f" {a}")) == 1
+    cut = prompt.model_copy(update={"role_pieces": (*prompt.role_pieces[:3], (f" {a[:2]}", "S1"), (a[2:], "IO"),
+                                                    (" went", "other"))})  # one token, two roles
+    n_before = len(sum(by_piece[:3], []))
+    with pytest.raises(TaskError, match=rf"token {n_before} \(' {a}'\) .* spans the roles \['IO', 'S1'\]"):
+        token_roles(cut, word_tokenizer)
+    same_length = cut.model_copy(update={"corrupted": cut.clean.replace("Then", "When")})
+    assert "spans the roles" in invalid_reason(same_length, word_tokenizer)  # such a prompt is never generated
+    with pytest.raises(ValidationError, match="join to"):
+        TaskPrompt.model_validate({**prompt.model_dump(), "role_pieces": prompt.role_pieces[:-1]})
+    with pytest.raises(ValidationError, match=r"roles \['cue'\] are not roles of task 'ioi'"):
+        TaskPrompt.model_validate({**prompt.model_dump(), "role_pieces": (*prompt.role_pieces[:-1], (" went", "cue"))})
 
 
 def test_write_and_load_round_trip(tmp_path, word_tokenizer):
@@ -147,7 +235,7 @@ def test_write_and_load_round_trip(tmp_path, word_tokenizer):
     path.write_text(path.read_text() + '{"task": "antonyms"}\n')
     with pytest.raises(TaskError, match=r"antonyms.jsonl:11 is not a valid prompt"):
         load_task("antonyms", tmp_path)
-    path.write_text(prompts[0].model_copy(update={"task": "ioi"}).model_dump_json() + "\n")
+    path.write_text(generate_task("ioi", word_tokenizer, 1, seed=0)[0].model_dump_json() + "\n")
     with pytest.raises(TaskError, match="holds a 'ioi' prompt"):
         load_task("antonyms", tmp_path)
 
@@ -201,6 +289,8 @@ def test_committed_sets_are_valid_and_reproducible_with_smollm2_tokenizer():
         committed = load_task(name)
         assert all(invalid_reason(p, tokenizer) is None for p in committed)
         assert generate_task(name, tokenizer, len(committed), seed=tasks.DEFAULT_SEED) == committed
+        for prompt in committed:  # token roles line up with SmolLM2's tokens in every template
+            _check_roles(prompt, tokenizer)
 
 
 @pytest.fixture(scope="module")
