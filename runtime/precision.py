@@ -95,5 +95,12 @@ def frozen_linear_weights_in_bf16(model: nn.Module, precision: Precision) -> Ite
 
 def frozen_copy(model: nn.Module, precision: Precision) -> nn.Module:
     """`model` for forward passes of frozen weights in `precision`: under "bf16" a copy with its Linear
-    weights stored in bfloat16 (`store_linear_weights_in_bf16_`), under "fp32" `model` itself."""
-    return model if precision == "fp32" else store_linear_weights_in_bf16_(copy.deepcopy(model))
+    weights stored in bfloat16 (`store_linear_weights_in_bf16_`), under "fp32" `model` itself. The Linear
+    weights are cast straight into the copy, never first copied in fp32 (a weight that a module other than
+    a Linear also holds, as an embedding tied to the lm_head, is copied in fp32 and stays so there)."""
+    if precision == "fp32":
+        return model
+    held_elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    memo = {id(m.weight): nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+            for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in held_elsewhere}
+    return store_linear_weights_in_bf16_(copy.deepcopy(model, memo))

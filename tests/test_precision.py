@@ -21,7 +21,13 @@ from circuits.curves import run_prepared
 from circuits.hooks import prepare
 from pipeline.config import load_config
 from runtime import precision
-from runtime.precision import PrecisionError, autocast, check_precision, frozen_linear_weights_in_bf16
+from runtime.precision import (
+    PrecisionError,
+    autocast,
+    check_precision,
+    frozen_copy,
+    frozen_linear_weights_in_bf16,
+)
 from sparse_attention import stage as sparsify_stage
 from sparse_attention import train as sparsify_train
 from sparse_attention.config import ModelSpec, SparsifyConfig, TrainConfig
@@ -112,6 +118,26 @@ def test_sparsify_stage_in_bf16_matches_fp32(tmp_path: Path):
     assert abs(bf16["sparse_ce"] - fp32["sparse_ce"]) < 0.02
     assert abs(bf16["edge_fraction"] - fp32["edge_fraction"]) < 0.05
     assert bf16["history"][0]["ce"] == pytest.approx(fp32["history"][0]["ce"], abs=0.01)  # the same first batch
+
+
+def test_frozen_copy_holds_bf16_linear_weights_equal_to_the_cast_of_the_originals_and_leaves_the_model_alone():
+    model, _ = tiny_model(SMALL)
+    model.requires_grad_(False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert frozen_copy(model, "fp32") is model
+    copied = frozen_copy(model, "bf16")
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name])
+    linear = {f"{name}.weight" for name, module in copied.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert "lm_head.weight" in linear
+    for name, tensor in copied.state_dict().items():
+        expected = before[name].to(torch.bfloat16) if name in linear else before[name]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the original's tie is untouched
+    assert copied.model.embed_tokens.weight.dtype == torch.float32  # the copy's embedding stays fp32
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the numbers autocast gives with the fp32 weights
+        assert torch.equal(copied(input_ids=tokens).logits, model(input_ids=tokens).logits)
 
 
 def test_frozen_linear_weights_are_bf16_inside_the_block_and_the_untouched_fp32_originals_after_it():
