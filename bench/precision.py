@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from circuits.hooks import patched_metric, prepare, record  # noqa: E402
 from prompts.batches import encode_prompts  # noqa: E402
 from prompts.tasks import load_task  # noqa: E402
-from runtime.precision import autocast  # noqa: E402
+from runtime.precision import autocast, frozen_copy  # noqa: E402
 from sparse_attention.config import TrainConfig  # noqa: E402
 from sparse_attention.constraint import ControllerConfig  # noqa: E402
 from sparse_attention.data import DataConfig, load_token_blocks  # noqa: E402
@@ -130,8 +130,11 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
     config = CLTTrainConfig(steps=args.clt_steps, batch_tokens=args.clt_batch_tokens, warmup_steps=1,
                             checkpoint_every=10_000, normalisation_batches=2, lr=2e-4)
 
+    harvest_lm = frozen_copy(lm, precision)  # as the CLT stage harvests: bf16 Linear weights under bf16
+
     def open_source(state):
-        return ShuffleBuffer(lambda start: harvest_stream(lm, blocks, 4, 0, start_batch=start, precision=precision),
+        return ShuffleBuffer(lambda start: harvest_stream(harvest_lm, blocks, 4, 0, start_batch=start,
+                                                          precision=precision),
                              4 * args.clt_batch_tokens, args.clt_batch_tokens, state=state)
 
     started = time.perf_counter()
@@ -146,13 +149,19 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
     return out, clt
 
 
-def features_run(lm, clt, heldout, args, precision: str) -> dict:
+def features_run(lm, clt, heldout, args, precision: str, profile_step: bool = False) -> dict:
     config = FeaturesConfig(tokens=args.feature_tokens, top_k=5, n_random=2, batch_size=4, precision=precision)
     started = time.perf_counter()
     state = scan_activations(lm, clt, heldout, config, progress=False)
     seconds = time.perf_counter() - started
-    return {"tokens": state.tokens_done, "seconds": seconds, "tokens_per_second": state.tokens_done / seconds,
-            "n_active": int(state.count.sum())}
+    out = {"tokens": state.tokens_done, "seconds": seconds, "tokens_per_second": state.tokens_done / seconds,
+           "n_active": int(state.count.sum())}
+    if profile_step:  # one scan batch (4 blocks), the copy of the LM included as in every scan
+        one_batch = config.model_copy(update={"tokens": 4 * (heldout.shape[1] - 1)})
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            scan_activations(lm, clt, heldout, one_batch, progress=False)
+        out["profile_top_ops"] = top_ops(prof)
+    return out
 
 
 def circuits_run(model, tokenizer, args) -> dict:
@@ -174,6 +183,11 @@ def circuits_run(model, tokenizer, args) -> dict:
         out[precision] = {"forward_passes": len(masks), "prompts_per_pass": int(batch.clean.shape[0]),
                           "tokens_per_prompt": int(batch.clean.shape[1]), "seconds": seconds,
                           "forward_passes_per_second": len(masks) / seconds}
+        if precision == "bf16":  # the top ops of 4 patched passes
+            with autocast(precision), profile(activities=[ProfilerActivity.CPU]) as prof:
+                for m in masks[:4]:
+                    patched_metric(prepared, batch, recording, keep_heads=m)
+            out["bf16_profile_top_ops"] = top_ops(prof)
     out["metric_max_abs_difference"] = float((metrics["bf16"] - metrics["fp32"]).abs().max())
     out["metric_mean_abs_fp32"] = float(metrics["fp32"].abs().mean())
     return out
@@ -244,7 +258,8 @@ def main() -> None:
         if precision == "fp32":
             del clt  # a SmolLM2 CLT is ~0.6 GB; the bf16 one is scanned below
     for precision in PRECISIONS:  # the same (bf16-trained) CLT, scanned in each precision
-        record("features", precision, features_run(model, clt, data.heldout, args, precision),
+        record("features", precision, features_run(model, clt, data.heldout, args, precision,
+                                                   profile_step=precision == "bf16"),
                ("features_tokens_per_second_speedup", "tokens_per_second", "ratio", True))
     payload["summary"]["goal"] = "each speedup >= 2, held-out CE within 0.01 nats, CLT nMSE within 0.01 at equal tokens"
     payload["complete"] = True

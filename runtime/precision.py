@@ -74,7 +74,33 @@ def store_linear_weights_in_bf16_(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def frozen_linear_weights_in_bf16(model: nn.Module, precision: Precision) -> Iterator[None]:
+    """Inside the block, under "bf16", every nn.Linear weight of `model` that requires no gradient is a
+    bfloat16 copy, so autocast does not recast the frozen weights of a partly trained model on every forward
+    (an lm_head tied to the embedding is untied for the block). On exit the original fp32 Parameters are put
+    back: they are never written, so saved weights stay bit-identical and ties are restored. fp32: no change."""
+    originals: list[tuple[nn.Linear, nn.Parameter]] = []
+    if precision == "bf16":
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+                originals.append((module, module.weight))
+                module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, weight in originals:
+            module.weight = weight
+
+
 def frozen_copy(model: nn.Module, precision: Precision) -> nn.Module:
     """`model` for forward passes of frozen weights in `precision`: under "bf16" a copy with its Linear
-    weights stored in bfloat16 (`store_linear_weights_in_bf16_`), under "fp32" `model` itself."""
-    return model if precision == "fp32" else store_linear_weights_in_bf16_(copy.deepcopy(model))
+    weights stored in bfloat16 (`store_linear_weights_in_bf16_`), under "fp32" `model` itself. The Linear
+    weights are cast straight into the copy, never first copied in fp32 (a weight that a module other than
+    a Linear also holds, as an embedding tied to the lm_head, is copied in fp32 and stays so there)."""
+    if precision == "fp32":
+        return model
+    held_elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    memo = {id(m.weight): nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+            for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in held_elsewhere}
+    return store_linear_weights_in_bf16_(copy.deepcopy(model, memo))

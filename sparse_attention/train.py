@@ -10,7 +10,7 @@ import torch
 
 from runtime.checkpoint import CheckpointError
 from runtime.distributed import average_gradients, average_scalars, is_distributed, shard_for_rank, world_size
-from runtime.precision import autocast, check_precision, frozen_copy
+from runtime.precision import autocast, check_precision, frozen_copy, frozen_linear_weights_in_bf16
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.architectures import trainable_pattern
 from sparse_attention.config import TrainConfig
@@ -196,9 +196,10 @@ def post_train(
     gated.train().set_mode("train", noise=train.gate_noise, generator=noise)
     batches = batch_iterator(train_blocks, train.batch_size, train.seed,
                              start_batch=loop.start_step * train.grad_accumulation)
-    result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, controller, batches,
-                                               train, step, loop.tokens_seen),
-                      trainer_state, postfix)
+    with frozen_linear_weights_in_bf16(gated.model, train.precision):  # the fp32 originals are back after it
+        result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, controller,
+                                                   batches, train, step, loop.tokens_seen),
+                          trainer_state, postfix)
     gated.eval().set_mode("eval")
     for param in gated.parameters():
         param.requires_grad_(False)

@@ -3,6 +3,7 @@ with one clear error, and each stage under bf16 agrees with fp32 on tiny models 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from attribution.config import AttributionStageConfig
 from attribution.stage import Attributor
@@ -19,8 +21,15 @@ from circuits.curves import run_prepared
 from circuits.hooks import prepare
 from pipeline.config import load_config
 from runtime import precision
-from runtime.precision import PrecisionError, autocast, check_precision
+from runtime.precision import (
+    PrecisionError,
+    autocast,
+    check_precision,
+    frozen_copy,
+    frozen_linear_weights_in_bf16,
+)
 from sparse_attention import stage as sparsify_stage
+from sparse_attention import train as sparsify_train
 from sparse_attention.config import ModelSpec, SparsifyConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.gated_attention import GatedModel
@@ -109,6 +118,82 @@ def test_sparsify_stage_in_bf16_matches_fp32(tmp_path: Path):
     assert abs(bf16["sparse_ce"] - fp32["sparse_ce"]) < 0.02
     assert abs(bf16["edge_fraction"] - fp32["edge_fraction"]) < 0.05
     assert bf16["history"][0]["ce"] == pytest.approx(fp32["history"][0]["ce"], abs=0.01)  # the same first batch
+
+
+def test_frozen_copy_holds_bf16_linear_weights_equal_to_the_cast_of_the_originals_and_leaves_the_model_alone():
+    model, _ = tiny_model(SMALL)
+    model.requires_grad_(False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert frozen_copy(model, "fp32") is model
+    copied = frozen_copy(model, "bf16")
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name])
+    linear = {f"{name}.weight" for name, module in copied.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert "lm_head.weight" in linear
+    for name, tensor in copied.state_dict().items():
+        expected = before[name].to(torch.bfloat16) if name in linear else before[name]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the original's tie is untouched
+    assert copied.model.embed_tokens.weight.dtype == torch.float32  # the copy's embedding stays fp32
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the numbers autocast gives with the fp32 weights
+        assert torch.equal(copied(input_ids=tokens).logits, model(input_ids=tokens).logits)
+
+
+def test_frozen_linear_weights_are_bf16_inside_the_block_and_the_untouched_fp32_originals_after_it():
+    model, _ = tiny_model(SMALL)
+    model.requires_grad_(False)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.weight.requires_grad_(True)  # trained: stays the fp32 master
+    frozen = {name: (module, module.weight) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not q_proj}
+    values = {name: weight.detach().clone() for name, (_, weight) in frozen.items()}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with frozen_linear_weights_in_bf16(model, "bf16"):
+        for module, weight in frozen.values():
+            assert module.weight.dtype == torch.bfloat16 and not module.weight.requires_grad
+            assert torch.equal(module.weight, weight.detach().to(torch.bfloat16))
+        assert q_proj.weight.dtype == torch.float32 and q_proj.weight.requires_grad
+        assert model.model.embed_tokens.weight.dtype == torch.float32  # the lm_head is untied, not the embedding
+    for name, (module, weight) in frozen.items():
+        assert module.weight is weight and torch.equal(weight, values[name]) and weight.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie is back
+    with frozen_linear_weights_in_bf16(model, "fp32"):
+        assert all(module.weight is weight for module, weight in frozen.values())
+
+
+@needs_bf16
+def test_bf16_sparsify_on_bf16_frozen_weights_equals_autocast_recasting_them_and_saves_them_unchanged(
+        monkeypatch, tmp_path: Path):
+    """Exact: bf16 copies of the frozen weights round as autocast does, so the training history is the one
+    of fp32 frozen weights under autocast; the saved model's frozen tensors are the fp32 originals."""
+    blocks = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    train = TrainConfig(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=10_000, precision="bf16")
+
+    def train_gated() -> tuple[GatedModel, list[dict]]:
+        model, _ = tiny_model(SMALL)
+        gated = GatedModel(model, offset_init=1.0)
+        result = post_train(gated, tiny_model(SMALL)[0], blocks, train, ControllerConfig(), learn_offset=True,
+                            progress=False)
+        return gated, [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+
+    original = tiny_model(SMALL)[0].state_dict()
+    gated, history = train_gated()
+    with monkeypatch.context() as patch:  # autocast recasts the fp32 frozen weights on every forward
+        patch.setattr(sparsify_train, "frozen_linear_weights_in_bf16", lambda model, precision: contextlib.nullcontext())
+        recast, recast_history = train_gated()
+    assert history == recast_history
+    assert gated.model.lm_head.weight is gated.model.model.embed_tokens.weight
+    gated.save(tmp_path / "gated")
+    saved = load_file(str(tmp_path / "gated" / "model.safetensors"))
+    trained = [name for name in saved if "self_attn." in name]
+    assert trained and not all(torch.equal(saved[name], original[name]) for name in trained)
+    for name, tensor in saved.items():
+        assert tensor.dtype == torch.float32
+        if "self_attn." not in name:
+            assert torch.equal(tensor, original[name]), name
+    for name, tensor in gated.model.state_dict().items():
+        assert torch.equal(tensor, recast.model.state_dict()[name]), name
 
 
 @needs_bf16

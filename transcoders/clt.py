@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from runtime.files import files_sha256, write_atomic, write_json_atomic, write_text_atomic
-from transcoders.decode import decode_dense, decoder_norms, sparse_decode, sparse_decode_with_norms
+from transcoders.decode import decode_dense, decode_with_norms, decoder_norms, sparse_decode
 from transcoders.jumprelu import jumprelu, jumprelu_forward
 
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ class CrossLayerTranscoder(nn.Module):
     def decode_with_norms(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(`decode(acts)`, `decoder_norms()`) from one sparse Function, as the training loss wants them."""
         lead, (L, F) = acts.shape[:-2], acts.shape[-2:]
-        out, norms = sparse_decode_with_norms(acts.reshape(-1, L, F), list(self.W_dec))
+        out, norms = decode_with_norms(acts.reshape(-1, L, F), list(self.W_dec))
         out = (out + self.b_dec) * self.output_scale[:, None]
         return out.reshape(*lead, L, self.d_model), norms
 

@@ -9,6 +9,10 @@ matrix to multiply by: one matmul per source layer.
 cost grows with L0, not with F. Its gradient with respect to `acts` is defined on the active entries
 only (zero elsewhere): that is the point of decoding sparsely, and it means the JumpReLU threshold
 gets its reconstruction gradient from active positions only. `decode_dense` is the plain reference.
+
+Training under bf16 autocast decodes with dense bfloat16 matmuls instead (`_DenseBf16Decode`, same map and
+gradient semantics, fp32 master decoders and gradients) once enough activations are non-zero that this is
+the cheaper kernel: `decode_with_norms` picks.
 """
 
 from __future__ import annotations
@@ -130,6 +134,61 @@ class _SparseDecode(torch.autograd.Function):
         return (grad_acts, None, *grad_weights)
 
 
+class _DenseBf16Decode(torch.autograd.Function):
+    """`_SparseDecode`'s map and gradients, computed with dense bfloat16 matmuls: each matmul accumulates in
+    fp32 and rounds its product to bf16, the source layers are summed in fp32. The decoders stay fp32 masters
+    (their bf16 copies are made once per call) and get fp32 gradients; `acts` gets its gradient on the active
+    entries only, as from the sparse decode. With AMX bf16 units this beats the sparse fp32 decode once more
+    than `DENSE_BF16_MIN_DENSITY` of the activations are non-zero. Memory: the bf16 copies of the decoders
+    live from the forward to the backward, half the decoders' fp32 bytes (transcoders/memory.py does not
+    count them)."""
+
+    @staticmethod
+    def forward(ctx, acts: torch.Tensor, with_norms: bool, *W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_tokens, n_layers, n_features = acts.shape
+        d_model = W_dec[0].shape[-1]
+        by_layer = acts.transpose(0, 1).to(torch.bfloat16).contiguous()  # [L, N, F]
+        flat = [weight.reshape(n_features, -1).to(torch.bfloat16) for weight in W_dec]  # [F, (L - s) * D]
+        out = acts.new_zeros(n_tokens, n_layers * d_model, dtype=torch.float32)  # [N, L * D]
+        for source, weight in enumerate(flat):
+            out[:, source * d_model:] += by_layer[source] @ weight
+        norms = decoder_norms(W_dec) if with_norms else acts.new_zeros(n_layers, n_features)  # [L, F]
+        ctx.save_for_backward(norms, by_layer, acts != 0, *W_dec)
+        ctx.flat, ctx.shape = flat, acts.shape
+        ctx.set_materialize_grads(False)
+        return out.view(n_tokens, n_layers, d_model), norms
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_norms: torch.Tensor | None):
+        norms, by_layer, active, *W_dec = ctx.saved_tensors
+        n_tokens, n_layers, n_features = ctx.shape
+        d_model = W_dec[0].shape[-1]
+        want_acts = ctx.needs_input_grad[0] and grad_out is not None
+        grad_rows = grad_out.reshape(n_tokens, n_layers * d_model).to(torch.bfloat16) if grad_out is not None \
+            else None  # [N, L * D]
+        grad_acts = by_layer.new_zeros(n_layers, n_tokens, n_features, dtype=torch.float32) if want_acts else None
+        grad_weights: list[torch.Tensor | None] = []
+        for source, (weight, flat) in enumerate(zip(W_dec, ctx.flat)):
+            grad_source = grad_rows[:, source * d_model:] if grad_rows is not None else None  # [N, (L - s) * D]
+            if ctx.needs_input_grad[2 + source]:
+                flat32 = weight.reshape(n_features, -1)  # [F, (L - s) * D]
+                product = by_layer[source].t() @ grad_source if grad_source is not None \
+                    else torch.zeros((), dtype=torch.bfloat16)  # acts^T @ grad_out, bf16
+                if grad_norms is not None:  # + d|w_f| / dw_f = w_f / |w_f|: one fp32 pass that promotes the product
+                    scale = grad_norms[source] / norms[source].clamp_min(1e-30)  # [F]
+                    grad = torch.addcmul(product, flat32, scale[:, None])
+                else:
+                    grad = product.float().expand_as(flat32).contiguous()
+                grad_weights.append(grad.view_as(weight))
+            else:
+                grad_weights.append(None)
+            if want_acts:
+                grad_acts[source] = grad_source @ flat.t()  # [N, F]
+        if want_acts:
+            grad_acts = grad_acts.transpose(0, 1) * active  # d out / d a[n, f] only where a[n, f] != 0
+        return (grad_acts, None, *grad_weights)
+
+
 def sparse_decode(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor:
     """Decode from active features only, no bias: acts [N, L, F], W_dec[s] [F, L - s, D] -> [N, L, D].
 
@@ -140,10 +199,20 @@ def sparse_decode(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> torch.Tensor
     return _SparseDecode.apply(acts, False, *W_dec)[0]
 
 
-def sparse_decode_with_norms(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sparse_decode` plus each feature's decoder norm over all its target layers, [L, F], in one Function
-    (the training loss needs both; their decoder gradients are then summed in place)."""
+# the active fraction above which the dense bf16 decode is the cheaper one: at SmolLM2 sizes (N = F = 512, L = 30,
+# D = 576), one thread of an AMX CPU, forward + backward cross over between 0.8% and 1.6% active
+DENSE_BF16_MIN_DENSITY = 0.01
+
+
+def decode_with_norms(acts: torch.Tensor, W_dec: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training decode, (`decode_dense(acts, W_dec)`, `decoder_norms(W_dec)`) from one Function, by the cheaper kernel: inside
+    bf16 autocast with at least `DENSE_BF16_MIN_DENSITY` of `acts` [N, L, F] non-zero, dense bf16 matmuls
+    (`_DenseBf16Decode`); otherwise the sparse fp32 decode. Both give `acts` gradients on active entries only."""
     _check_dense(acts)
+    device = acts.device.type
+    if (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+            and torch.count_nonzero(acts).item() >= DENSE_BF16_MIN_DENSITY * acts.numel()):
+        return _DenseBf16Decode.apply(acts, True, *W_dec)
     return _SparseDecode.apply(acts, True, *W_dec)
 
 
