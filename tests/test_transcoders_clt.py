@@ -360,6 +360,10 @@ def test_memory_check_refuses_a_clt_that_does_not_fit():
     parts = check_training_fits(small, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
                                 budget_bytes=24 * 1024**3)
     assert parts["AdamW moments"] == 2 * parts["CLT weights"]
+    bf16 = check_training_fits(small, batch_tokens=1024, buffer_tokens=16384, model_bytes=540_000_000,
+                               budget_bytes=24 * 1024**3, precision="bf16")
+    assert bf16["bf16 decoder copies"] == 256 * 576 * 30 * 31 // 2 * 2  # half the decoders' fp32 bytes
+    assert sum(bf16.values()) - sum(parts.values()) == bf16["bf16 decoder copies"]
     fits = int(str(excinfo.value).split("About n_features=")[1].split()[0])
     with pytest.raises(CLTMemoryError, match=f"About n_features={fits} fits"):  # the skip path's weights are fixed
         check_training_fits(config.model_copy(update={"skip": True}), batch_tokens=1024, buffer_tokens=16384,

@@ -140,8 +140,7 @@ class _DenseBf16Decode(torch.autograd.Function):
     (their bf16 copies are made once per call) and get fp32 gradients; `acts` gets its gradient on the active
     entries only, as from the sparse decode. With AMX bf16 units this beats the sparse fp32 decode once more
     than `DENSE_BF16_MIN_DENSITY` of the activations are non-zero. Memory: the bf16 copies of the decoders
-    live from the forward to the backward, half the decoders' fp32 bytes (transcoders/memory.py does not
-    count them)."""
+    live from the forward to the backward, half the decoders' fp32 bytes (transcoders/memory.py counts them)."""
 
     @staticmethod
     def forward(ctx, acts: torch.Tensor, with_norms: bool, *W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

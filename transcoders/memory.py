@@ -30,10 +30,13 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def training_memory(config: CLTConfig, *, batch_tokens: int, buffer_tokens: int, model_bytes: int) -> dict[str, int]:
-    """Bytes per component of a training run (float32 everywhere; AdamW keeps two moments per weight)."""
+def training_memory(config: CLTConfig, *, batch_tokens: int, buffer_tokens: int, model_bytes: int,
+                    precision: str = "fp32") -> dict[str, int]:
+    """Bytes per component of a training run (float32 masters; AdamW keeps two moments per weight). Under bf16
+    the dense decode (transcoders/decode.py) keeps bf16 copies of the decoders from forward to backward."""
     L, F, D = config.n_layers, config.n_features, config.d_model
     weights = config.n_parameters * 4
+    decoder_weights = F * D * L * (L + 1) // 2
     return {
         "CLT weights": weights,
         "gradients": weights,
@@ -42,19 +45,21 @@ def training_memory(config: CLTConfig, *, batch_tokens: int, buffer_tokens: int,
         "shuffle buffer": buffer_tokens * 2 * L * D * 4,
         "batch activations": BATCH_TENSORS * batch_tokens * L * F * 4,
         "language model": model_bytes,
-    }
+    } | ({"bf16 decoder copies": decoder_weights * 2} if precision == "bf16" else {})
 
 
 def check_training_fits(config: CLTConfig, *, batch_tokens: int, buffer_tokens: int, model_bytes: int,
-                        budget_bytes: int | None = None) -> dict[str, int]:
+                        budget_bytes: int | None = None, precision: str = "fp32") -> dict[str, int]:
     """Raise CLTMemoryError if the estimate exceeds `budget_bytes` (default: memory available now)."""
     budget = available_bytes() if budget_bytes is None else budget_bytes
-    parts = training_memory(config, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, model_bytes=model_bytes)
+    parts = training_memory(config, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, model_bytes=model_bytes,
+                            precision=precision)
     total = sum(parts.values())
     if total <= budget:
         return parts
     one, two = (sum(training_memory(config.model_copy(update={"n_features": n}), batch_tokens=batch_tokens,
-                                    buffer_tokens=buffer_tokens, model_bytes=model_bytes).values()) for n in (1, 2))
+                                    buffer_tokens=buffer_tokens, model_bytes=model_bytes, precision=precision).values())
+                  for n in (1, 2))
     per_feature = two - one
     fixed = one - per_feature  # what does not grow with n_features: buffer, LM, skip paths
     largest = max(0, (budget - fixed) // per_feature)

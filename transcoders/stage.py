@@ -82,7 +82,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * GB)
     memory = check_training_fits(clt_config, batch_tokens=config.train.batch_tokens,
                                  buffer_tokens=config.harvest.buffer_tokens, model_bytes=model_bytes,
-                                 budget_bytes=budget)
+                                 budget_bytes=budget, precision=config.precision)
     clt = CrossLayerTranscoder(clt_config, seed=config.clt.seed).to(device)
 
     harvest = config.harvest
