@@ -76,7 +76,8 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
         models = {variant: load_source(source)[:2] for variant, source in (("dense", dense_model),
                                                                             ("sparse", Path(sparse_model)))}
         curves, circuit_summary, prompt_circuits = run_circuits(config.circuits, models, circuit_tasks,
-                                                                config.bootstrap_samples, config.confidence, config.seed)
+                                                                config.bootstrap_samples, config.confidence, config.seed,
+                                                                progress)
         written["circuit_curves"], written["circuit_summary"] = curves, circuit_summary
         if prompt_circuits is not None:
             written["circuit_prompts"] = prompt_circuits

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from circuits.config import CURVE_KINDS, CircuitError, ComponentCircuitConfig
 from circuits.curves import compare, gate_modes, run_prepared, run_prepared_per_prompt
@@ -175,13 +176,15 @@ def prompt_circuit_ratios(prompts: pd.DataFrame, samples: int, confidence: float
 
 
 def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: list[str], samples: int = 2000,
-                 confidence: float = 0.95, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+                 confidence: float = 0.95, seed: int = 0, progress: bool = False
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
     """Component circuits of each task on each model {variant: (model, tokenizer)}: (curves, summary, prompts).
     Per gate mode (`circuits.curves.gate_modes` of the sparse model: the headline first; a model without gates
     is traced once and serves every mode): one circuit per task over its prompts; with `config.per_prompt`
     also one per prompt (`prompts`, one row per prompt, mode, variant and kind; None otherwise), whose
     dense/sparse ratio of mean counts and its CI join the summary. A task whose prompts do not fit a
-    tokenizer, or whose corruption moves no metric, gets a status row."""
+    tokenizer, or whose corruption moves no metric, gets a status row. `progress` shows a bar over the
+    (task, model, gate mode) circuits traced."""
     circuit = config.circuit
     modes = gate_modes(circuit, models["sparse"][0]) if "sparse" in models else [circuit.gates]
     prepared = {(variant, mode): prepare(model, circuit.split_qkv, circuit.gate_gradient, mode, circuit.precision)
@@ -190,6 +193,7 @@ def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: lis
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     prompt_rows: list[tuple] = []
+    bar = tqdm(total=len(tasks) * len(prepared), desc="component circuits", unit="circuit", disable=not progress)
     for task in tasks:
         try:
             by_mode: dict[str, dict] = {mode: {} for mode in modes}
@@ -202,9 +206,11 @@ def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: lis
                 for mode in modes:
                     key = (variant, mode) if (variant, mode) in prepared else (variant, modes[0])
                     if key not in done:
+                        bar.set_postfix_str(f"{task} {variant} {mode}")
                         done[key] = run_prepared(circuit, prepared[key], tokenizer, prompts), (
                             run_prepared_per_prompt(circuit, prepared[key], tokenizer, prompts)
                             if config.per_prompt else None)
+                        bar.update()
                     pooled, per_prompt = done[key]
                     by_mode[mode][variant] = pooled
                     if per_prompt is not None:
@@ -213,6 +219,7 @@ def run_circuits(config: CircuitsConfig, models: Mapping[str, tuple], tasks: lis
             prompt_rows += rows
         except (CircuitError, TaskError) as error:
             errors[task] = f"{variant}: {error}"
+    bar.close()
     curves, summary = circuit_tables(results, errors, circuit, samples, confidence)
     if not config.per_prompt:
         return curves, summary, None

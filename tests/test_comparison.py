@@ -182,7 +182,7 @@ def test_bad_compare_config_is_refused(update, message):
 # Component circuits per task
 
 
-def test_run_circuits_gives_curves_ratios_and_status_rows():
+def test_run_circuits_gives_curves_ratios_and_status_rows(capsys):
     """Greater-Than (digits are single bytes) on a tiny dense model and its gated copy, in both gate modes;
     antonyms' answers are words, so no prompt fits the byte tokenizer: a status row says so instead of numbers."""
     tokenizer = byte_tokenizer()
@@ -237,8 +237,12 @@ def test_run_circuits_gives_curves_ratios_and_status_rows():
         assert row["dense_prompts_dropped"] == row["sparse_prompts_dropped"] == 0
     again = run_circuits(config, models, ["greater_than"], samples=300)[1]
     pd.testing.assert_frame_equal(again, summary[summary["task"] == "greater_than"].reset_index(drop=True))
-    pooled_only = run_circuits(config.model_copy(update={"per_prompt": False}), models, ["greater_than"])
+    capsys.readouterr()
+    pooled_only = run_circuits(config.model_copy(update={"per_prompt": False}), models, ["greater_than"], progress=True)
     assert pooled_only[2] is None and "prompt_ratio" not in pooled_only[1].columns
+    # one step per traced circuit: the dense model once, the sparse one per gate mode
+    err = capsys.readouterr().err
+    assert "component circuits: 100%" in err and "3/3" in err
 
 
 def test_run_circuits_behaviour_gate_and_prompt_floor():
