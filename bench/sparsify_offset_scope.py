@@ -6,6 +6,10 @@ task behaviour, wall time. Runs the stage directly (no Ray), one thread.
 
 `--set` overrides fields of the demo preset's sparsify config (dotted paths below `sparsify.`). Writes
 bench/results/sparsify_offset_scope_<tag>.json with the command; each run's stage output stays in --output.
+
+    python bench/sparsify_offset_scope.py --record runs/faithful/sparsify runs/bench-offset-scope/model --tag x
+
+summarises finished sparsify stage outputs instead (e.g. a pipeline run beside a run of this script), same figures.
 """
 
 from __future__ import annotations
@@ -56,6 +60,23 @@ def summary(metrics: dict) -> dict:
     }
 
 
+def record(stage_dirs: list[Path], tag: str) -> int:
+    """Write the summary of each finished stage in `stage_dirs` as sparsify_offset_scope_<tag>.json."""
+    runs = []
+    for stage_dir in stage_dirs:
+        try:
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            sys.exit(f"no finished sparsify stage in {stage_dir}: {err}")
+        runs.append({"recorded_from": str(stage_dir), **summary(metrics)})
+    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"sparsify_offset_scope_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scopes", nargs="+", default=["model", "head"], choices=["model", "layer", "head"])
@@ -63,7 +84,11 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench-offset-scope")
     parser.add_argument("--tag", default="smollm2")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--record", type=Path, nargs="+", default=None,
+                        help="finished sparsify stage directories (holding metrics.json) to summarise instead of running")
     args = parser.parse_args()
+    if args.record:
+        return record(args.record, args.tag)
     torch.set_num_threads(args.threads)
     overrides = [f"sparsify.{assignment}" for assignment in args.set]
     result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
