@@ -321,10 +321,17 @@ class _UnembedInFp32(nn.Module):
             return self.linear(resid.float())
 
 
+def _unembed_last(prepared: PreparedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position [b, vocab] (float32) of a forward on ids [b, p]: all the metric reads. The
+    position is given as an index, which HF gathers into a contiguous [b, 1, d]; the slice `logits_to_keep=1`
+    is strided, and the unembedding then runs as a batched matmul over a broadcast weight (about 7x slower)."""
+    last = torch.tensor([ids.shape[1] - 1], device=ids.device)
+    return prepared.module(input_ids=ids, use_cache=False, logits_to_keep=last).logits[:, -1].float()
+
+
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
     with hooks.attached(prepared.module):
-        # only the last position is unembedded: all the metric reads
-        return prepared.module(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [b, vocab]
+        return _unembed_last(prepared, ids)  # [b, vocab]
 
 
 @torch.no_grad()
@@ -440,7 +447,7 @@ def clean_residuals(prepared: PreparedModel, ids: torch.Tensor, masks: list[torc
     resids: list[torch.Tensor] = []
     fns = {f"blocks.{layer}.hook_resid_pre": resids.append for layer in range(prepared.layout.n_layers)}
     with hook_points.hooks(prepared.module, fns), prepared.gates_of(masks):
-        prepared.module(input_ids=ids, use_cache=False, logits_to_keep=1)
+        _unembed_last(prepared, ids)
     return torch.stack(resids)
 
 
@@ -479,6 +486,5 @@ def _patched_from_layer(prepared: PreparedModel, batch: PromptBatch, layer: int,
     if masks is not None:  # layers below `layer` do not run
         masks = [mask if index < layer else mask.repeat(n_copies, 1, 1, 1) for index, mask in enumerate(masks)]
     with _layers_skipped(prepared.module, layer), hook_points.hooks(prepared.module, fns), prepared.gates_of(masks):
-        logits = prepared.module(input_ids=batch.clean.repeat(n_copies, 1), use_cache=False, logits_to_keep=1).logits
-    logits = logits[:, -1].float().view(n_copies, len(batch.clean), -1)  # [K, b, vocab]
+        logits = _unembed_last(prepared, batch.clean.repeat(n_copies, 1)).view(n_copies, len(batch.clean), -1)  # [K, b, vocab]
     return torch.stack([logit_diff(copy, batch) for copy in logits])
