@@ -8,12 +8,20 @@ import torch
 
 from circuits.config import CircuitError
 from circuits.curves import PromptSet
-from circuits.hooks import clean_residuals, head_patched_metrics, patch_head_per_copy, patched_metric, prepare
+from circuits.hooks import (
+    clean_residuals,
+    head_patched_metrics,
+    patch_head_per_copy,
+    patched_metric,
+    prepare,
+    record,
+)
 from circuits.layout import patch_heads
 from prompts.batches import PromptBatch
 from sparse_attention import hook_points
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import TinyModelConfig, tiny_model
+from tests.test_architectures import CIRCUITS, tiny_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +100,28 @@ def test_head_patching_effects_are_the_mean_effects_of_one_pass_per_head(kind, g
     live = ~prompt_set.dead_heads
     assert expected[live].abs().min() > 5e-4 and expected.abs().max() > 1e-2
     torch.testing.assert_close(prompt_set.head_patching_effects(max_tokens=60), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CIRCUITS)
+def test_batched_head_patching_in_every_family_circuits_support(name, batches):
+    """The layers below the patched one are swapped out of each family's decoder loop (Qwen picks a layer's mask
+    type by its index there): the same per-prompt metrics as one pass per head."""
+    model = GatedModel(tiny_family(name)[0], offset_init=0.0).eval()
+    with torch.no_grad():
+        model.offsets.copy_(torch.linspace(-0.3, 0.3, model.offsets.numel()).view_as(model.offsets))
+    prepared = prepare(model.set_mode("eval"))
+    n_layers, n_heads = prepared.layout.n_layers, prepared.layout.n_heads
+    heads = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads))
+    batch = batches[0]
+    corrupted, _ = record(prepared, batch.corrupted)
+    expected = []
+    for layer, head in heads.tolist():
+        keep = torch.ones(n_layers, n_heads, dtype=torch.bool)
+        keep[layer, head] = False
+        expected.append(patched_metric(prepared, batch, corrupted, keep_heads=keep))
+    expected = torch.stack(expected)
+    assert (expected - patched_metric(prepared, batch, corrupted)).abs().max() > 1e-3
+    torch.testing.assert_close(head_patched_metrics(prepared, batch, corrupted, heads), expected, rtol=0, atol=1e-6)
 
 
 def test_gate_modes_differ_under_batched_patching(batches):
