@@ -403,7 +403,6 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
     return scores * (allowed if n_positions is None else allowed[:, :, None])
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Single-head patching, many heads per forward
 
