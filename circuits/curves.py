@@ -39,7 +39,15 @@ import torch
 from torch import nn
 
 from circuits.config import CURVE_KINDS, GATE_MODES, CircuitError, ComponentCircuitConfig
-from circuits.hooks import PreparedModel, clean_masks, edge_attribution, patched_metric, prepare, record
+from circuits.hooks import (
+    PreparedModel,
+    clean_masks,
+    edge_attribution,
+    head_patched_metrics,
+    patched_metric,
+    prepare,
+    record,
+)
 from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask
 from circuits.stats import bootstrap_ratio, spearman
 from prompts.batches import PromptBatch, encode_prompts
@@ -231,16 +239,19 @@ class PromptSet:
         """Each prompt's token roles [p] (indices into self.roles), in batch order."""
         return [prompt for roles in self.token_roles for prompt in roles]
 
-    def head_patching_effects(self) -> torch.Tensor:
+    def head_patching_effects(self, max_tokens: int = 16384) -> torch.Tensor:
         """Exact single-head patching: mean metric with one head patched minus the clean metric, per head
-        [L, H]; 0 for dead heads (patching them changes nothing on these runs)."""
+        [L, H]; 0 for dead heads (patching them changes nothing on these runs). Many heads per forward, at
+        most `max_tokens` tokens each (`head_patched_metrics`)."""
         layout = self.prepared.layout
         clean = self.mean_metric()
+        live = (~self.dead_heads).nonzero()  # [K, 2] (layer, head)
+        runs = [head_patched_metrics(self.prepared, b, r, live, m, max_tokens)
+                for b, r, m in zip(self.batches, self.recordings, self.masks)]
+        patched = torch.cat(runs, dim=1)[:, self.order]  # [K, n] prompt order
         effects = torch.zeros(layout.n_layers, layout.n_heads)
-        for layer, head in (~self.dead_heads).nonzero().tolist():
-            keep = torch.ones(layout.n_layers, layout.n_heads, dtype=torch.bool)
-            keep[layer, head] = False
-            effects[layer, head] = self.mean_metric(keep_heads=keep) - clean
+        for (layer, head), metrics in zip(live.tolist(), patched):
+            effects[layer, head] = metrics.mean().item() - clean
         return effects
 
     def edges_touching_dead_heads(self) -> torch.Tensor:

@@ -322,10 +322,17 @@ class _UnembedInFp32(nn.Module):
             return self.linear(resid.float())
 
 
+def _unembed_last(prepared: PreparedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position [b, vocab] (float32) of a forward on ids [b, p]: all the metric reads. The
+    position is given as an index, which HF gathers into a contiguous [b, 1, d]; the slice `logits_to_keep=1`
+    is strided, and the unembedding then runs as a batched matmul over a broadcast weight (about 7x slower)."""
+    last = torch.tensor([ids.shape[1] - 1], device=ids.device)
+    return prepared.module(input_ids=ids, use_cache=False, logits_to_keep=last).logits[:, -1].float()
+
+
 def _last_logits(prepared: PreparedModel, hooks: ComponentHooks, ids: torch.Tensor) -> torch.Tensor:
     with hooks.attached(prepared.module):
-        # only the last position is unembedded: all the metric reads
-        return prepared.module(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [b, vocab]
+        return _unembed_last(prepared, ids)  # [b, vocab]
 
 
 @torch.no_grad()
@@ -411,3 +418,89 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
             scores[:, cols] = torch.einsum("ubpd,cbpd->uc", diffs, grads)
     allowed = prepared.layout.allowed()
     return scores * (allowed[:, :, None] if by_role else allowed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-head patching, many heads per forward
+
+
+def patch_head_per_copy(z: torch.Tensor, z_corrupted: torch.Tensor, heads: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Copy k of a batch stacked K times takes head heads[k]'s corrupted output, every other head keeps its
+    own (per copy, what `patch_heads` gives with heads[k] alone not kept).
+    z [K * b, p, H * dh] (copy-major), z_corrupted [b, p, H * dh], heads [K] long  ->  [K * b, p, H * dh]."""
+    b, p, _ = z_corrupted.shape
+    patched = nn.functional.one_hot(heads, n_heads).bool()[:, None, None, :, None]  # [K, 1, 1, H, 1]
+    z = torch.where(patched, z_corrupted.view(1, b, p, n_heads, -1), z.view(len(heads), b, p, n_heads, -1))
+    return z.flatten(3).flatten(0, 1)
+
+
+class _SkippedLayer(nn.Module):
+    """Stands in for a decoder layer below the patched one: the residual it passes on is replaced by the clean
+    run's at the first layer that runs."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _layers_skipped(model: nn.Module, n_layers: int) -> Iterator[None]:
+    """Layers 0 .. n_layers - 1 of `model` pass their input through while the block runs."""
+    originals = [hook_points.module(model, f"blocks.{layer}") for layer in range(n_layers)]
+    try:
+        for layer in range(n_layers):
+            hook_points.replace_module(model, f"blocks.{layer}", _SkippedLayer())
+        yield
+    finally:
+        for layer, original in enumerate(originals):
+            hook_points.replace_module(model, f"blocks.{layer}", original)
+
+
+@torch.no_grad()
+def clean_residuals(prepared: PreparedModel, ids: torch.Tensor, masks: list[torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+    """The residual stream entering each layer on the run of `ids` (`masks` held when gates are frozen):
+    [L, b, p, d]."""
+    resids: list[torch.Tensor] = []
+    fns = {f"blocks.{layer}.hook_resid_pre": resids.append for layer in range(prepared.layout.n_layers)}
+    with hook_points.hooks(prepared.module, fns), prepared.gates_of(masks):
+        _unembed_last(prepared, ids)
+    return torch.stack(resids)
+
+
+@torch.no_grad()
+def head_patched_metrics(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording, heads: torch.Tensor,
+                         masks: list[torch.Tensor] | None = None, max_tokens: int = 16384) -> torch.Tensor:
+    """Per-prompt logit diff [K, b] of the clean batch with head heads[k] = (layer, head) alone patched from
+    the corrupted recording: `patched_metric` with keep_heads False at that head only, many heads per forward.
+
+    The heads of one layer patch copies of the batch stacked along the batch dimension, one head per copy, at
+    most `max_tokens` tokens (copies x prompts x positions, at least one copy) per forward; the forward starts
+    at that layer from the clean run's residual (a patch at layer l changes nothing below it). Frozen gates:
+    every copy holds the clean run's masks; recomputed: every copy computes its own."""
+    if heads.dim() != 2 or heads.shape[1] != 2:
+        raise CircuitError(f"heads must be [K, 2] (layer, head) rows, got shape {tuple(heads.shape)}")
+    b, p = batch.clean.shape
+    resid = clean_residuals(prepared, batch.clean, masks)  # [L, b, p, d]
+    metrics = torch.empty(len(heads), b)
+    copies_per_forward = max(1, max_tokens // (b * p))
+    for layer in heads[:, 0].unique().tolist():
+        for rows in (heads[:, 0] == layer).nonzero().squeeze(1).split(copies_per_forward):
+            metrics[rows] = _patched_from_layer(prepared, batch, layer, heads[rows, 1], resid[layer],
+                                                corrupted.z[layer], masks)
+    return metrics
+
+
+def _patched_from_layer(prepared: PreparedModel, batch: PromptBatch, layer: int, heads: torch.Tensor,
+                        resid: torch.Tensor, z_corrupted: torch.Tensor, masks: list[torch.Tensor] | None
+                        ) -> torch.Tensor:
+    """Per-prompt logit diff [K, b]: copy k of the batch with head (layer, heads[k]) patched, run from `layer`
+    on with the clean residual resid [b, p, d] as its input; z_corrupted [b, p, H * dh] that layer's."""
+    n_copies = len(heads)
+    fns = {f"blocks.{layer}.hook_resid_pre": lambda _: resid.repeat(n_copies, 1, 1),
+           f"blocks.{layer}.attn.hook_z": partial(patch_head_per_copy, z_corrupted=z_corrupted, heads=heads,
+                                                  n_heads=prepared.layout.n_heads)}
+    if masks is not None:  # layers below `layer` do not run
+        masks = [mask if index < layer else mask.repeat(n_copies, 1, 1, 1) for index, mask in enumerate(masks)]
+    with _layers_skipped(prepared.module, layer), hook_points.hooks(prepared.module, fns), prepared.gates_of(masks):
+        logits = _unembed_last(prepared, batch.clean.repeat(n_copies, 1)).view(n_copies, len(batch.clean), -1)  # [K, b, vocab]
+    return torch.stack([logit_diff(copy, batch) for copy in logits])
