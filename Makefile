@@ -40,8 +40,13 @@ corpus:
 browser:
 	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null 2>&1))) || echo "chromium not installed: the viewer's browser test will be skipped"
 
+# Two pytest-xdist workers, one per core here (more: `make test TEST_WORKERS=4`), each on one torch thread
+# (tests/conftest.py); a module's tests share a worker, and the tests that start Ray or Chromium share one.
+# `pytest -q` alone still runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) corpus browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 demo: $(STAMP) corpus
 	$(PY) pipeline/run.py --preset demo --output runs/demo
