@@ -53,10 +53,10 @@ def amplify(model) -> None:
             linear.weight.mul_(scale)
 
 
-def make_model(kind: str, edit=None):
+def make_model(kind: str, edit=None, config: TinyModelConfig = TINY):
     """'hf': the HF model; 'dense': GatedModel with gates off; 'gated': hard gates, offsets -0.3..0.3.
     Weights are amplified, then `edit(hf_model)` changes them before wrapping."""
-    model, _ = tiny_model(TINY)
+    model, _ = tiny_model(config)
     with torch.no_grad():
         amplify(model)
         if edit is not None:

@@ -20,8 +20,9 @@ from circuits.layout import patch_heads
 from prompts.batches import PromptBatch
 from sparse_attention import hook_points
 from sparse_attention.gated_attention import GatedModel
-from sparse_attention.models import TinyModelConfig, tiny_model
+from sparse_attention.models import TinyModelConfig
 from tests.test_architectures import CIRCUITS, tiny_family
+from tests.test_circuits import make_model as circuits_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,20 +31,9 @@ CASES = [("dense", "recomputed"), ("gated", "recomputed"), ("gated", "frozen")]
 
 
 def make_model(kind: str):
-    """'dense': the HF Llama; 'gated': hard gates with offsets -0.3..0.3 (about half shut). Attention and
-    writes are scaled up so patching one head moves the metric."""
-    model, _ = tiny_model(TINY)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for linear, scale in ((layer.self_attn.q_proj, 2.0), (layer.self_attn.k_proj, 2.0),
-                                  (layer.self_attn.o_proj, 8.0), (layer.mlp.down_proj, 8.0)):
-                linear.weight.mul_(scale)
-    if kind == "dense":
-        return model
-    gated = GatedModel(model, offset_init=0.0).eval()
-    with torch.no_grad():
-        gated.offsets.copy_(torch.linspace(-0.3, 0.3, gated.offsets.numel()).view_as(gated.offsets))
-    return gated.set_mode("eval")
+    """'dense': the HF Llama; 'gated': hard gates with offsets -0.3..0.3 (about half shut); weights amplified
+    as in test_circuits so patching one head moves the metric."""
+    return circuits_model("hf" if kind == "dense" else "gated", config=TINY)
 
 
 @pytest.fixture(scope="module")
