@@ -10,6 +10,7 @@ Writes bench/results/sparsify_train_step_<tag>.json with the command and the loa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -40,11 +41,8 @@ def shape(text: str) -> tuple[int, int]:
     return int(batch), int(context)
 
 
-def step_seconds(model, batch: int, context: int, steps: int, config: SparsifyConfig) -> list[float]:
+def step_seconds(model, tokenizer, batch: int, context: int, steps: int, config: SparsifyConfig) -> list[float]:
     """Seconds of each of `steps` post-training steps of a fresh gated copy of `model` on `batch` x `context`."""
-    import copy
-
-    _, tokenizer = load_model(config.model.name)
     blocks = load_token_blocks(config.data.model_copy(update={"max_train_tokens": 200_000}), tokenizer, context).train
     gated = GatedModel(copy.deepcopy(model), offset_init=4.0, learn_offset=True, offset_scope=config.gate.offset_scope)
     train = config.train.model_copy(update={"steps": steps, "batch_size": batch, "checkpoint_every": 10 * steps})
@@ -65,14 +63,14 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     config = SparsifyConfig(data=DataConfig(source="python-docs"),
                             train={"precision": args.precision, "threads": args.threads, "constraint": "ce_excess"})
-    model, _ = load_model(config.model.name)
+    model, tokenizer = load_model(config.model.name)
     model.eval()
     result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": args.threads, "precision": args.precision,
               "controller_signal": config.train.controller_signal, "shapes": []}
     for batch, context in args.shapes:
         load_before = os.getloadavg()
-        seconds = step_seconds(model, batch, context, args.steps, config)
+        seconds = step_seconds(model, tokenizer, batch, context, args.steps, config)
         result["shapes"].append({"batch": batch, "context": context, "tokens_per_step": batch * context,
                                  "first_step_seconds": seconds[0],
                                  "median_later_step_seconds": statistics.median(seconds[1:]) if len(seconds) > 1 else None,
