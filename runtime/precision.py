@@ -63,6 +63,11 @@ def autocast(precision: Precision, device: str | torch.device = "cpu") -> Iterat
         yield
 
 
+def bf16_frozen(weight: torch.Tensor) -> nn.Parameter:
+    """A new frozen bfloat16 Parameter holding `weight`'s values (the original is left as it is)."""
+    return nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+
+
 def store_linear_weights_in_bf16_(model: nn.Module) -> nn.Module:
     """In place: every nn.Linear weight of a frozen `model` becomes a bfloat16 Parameter (a new one, so an
     lm_head tied to the embedding is untied and the embedding stays fp32); biases and norms stay fp32.
@@ -70,7 +75,7 @@ def store_linear_weights_in_bf16_(model: nn.Module) -> nn.Module:
     call, and caches no cast of a weight without requires_grad) without recasting them per forward."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+            module.weight = bf16_frozen(module.weight)
     return model
 
 
@@ -85,7 +90,7 @@ def frozen_linear_weights_in_bf16(model: nn.Module, precision: Precision) -> Ite
         for module in model.modules():
             if isinstance(module, nn.Linear) and not module.weight.requires_grad:
                 originals.append((module, module.weight))
-                module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+                module.weight = bf16_frozen(module.weight)
     try:
         yield
     finally:
@@ -101,6 +106,6 @@ def frozen_copy(model: nn.Module, precision: Precision) -> nn.Module:
     if precision == "fp32":
         return model
     held_elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    memo = {id(m.weight): nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+    memo = {id(m.weight): bf16_frozen(m.weight)
             for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in held_elsewhere}
     return store_linear_weights_in_bf16_(copy.deepcopy(model, memo))
