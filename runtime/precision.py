@@ -1,11 +1,15 @@
-"""Mixed precision, one mechanism for every stage: `precision: fp32 | bf16` in a stage's config.
+"""Mixed precision, one mechanism for every stage: `precision: auto | fp32 | bf16` in a stage's config.
 
 Under "bf16" the stage's forward passes run inside `torch.autocast(device_type, dtype=torch.bfloat16)`:
 matmuls and linear layers compute in bfloat16, while parameters (master weights), optimizer state and
 whatever the stage computes outside autocast stay float32. Stages cast logits or pre-activations back to
 float32 before loss reductions (cross-entropy, log-softmax, sums) and before the JumpReLU threshold.
-Hardware without bfloat16 units is refused with `PrecisionError` (emulated bf16 is slower than fp32),
-never silently run in fp32.
+Hardware without bfloat16 units is refused with `PrecisionError` (emulated bf16 is slower than fp32:
+on an AVX2-only CPU a bf16 matmul ran ~40x slower than fp32), never silently run in fp32.
+
+"auto", the default of the stages that default to bf16, is resolved when the config is validated
+(`AutoPrecision`): bf16 where every device this process can use has bfloat16 units, fp32 elsewhere. The
+validated config, and so the saved config and metrics.json, hold the resolved value, never "auto".
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
 Precision = Literal["fp32", "bf16"]
 PRECISION_DESCRIPTION = ("fp32, or bf16: forward passes under torch.autocast (bfloat16 matmuls; fp32 weights, "
                          "optimizer state and loss reductions); bf16 needs bfloat16 hardware (CUDA: Ampere or "
                          "newer; CPU: AVX512-BF16 or AMX)")
+AUTO_DESCRIPTION = ("; auto (validated into one of them): bf16 where the CPU, and the GPU when torch sees one, "
+                    "have bfloat16 units, else fp32")
 
 
 class PrecisionError(RuntimeError):
@@ -42,15 +49,32 @@ def bf16_supported(device_type: str) -> bool:
     return False
 
 
+def auto_precision() -> Precision:
+    """What "auto" means on this machine: bf16 where every device this process can use (the CPU, and CUDA
+    when torch sees a GPU) has bfloat16 units, else fp32."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return "bf16" if all(bf16_supported(device) for device in devices) else "fp32"
+
+
+def resolve_precision(setting: Literal["auto", "fp32", "bf16"]) -> Precision:
+    """"auto" -> `auto_precision()`; "fp32" and "bf16" as they are (bf16 is checked where a stage starts)."""
+    return auto_precision() if setting == "auto" else setting
+
+
+# a config field's type: accepts auto, fp32 or bf16 and holds fp32 or bf16 once validated
+AutoPrecision = Annotated[Literal["auto", "fp32", "bf16"], AfterValidator(resolve_precision)]
+
+
 def check_precision(precision: Precision, device: str | torch.device = "cpu") -> None:
     """Raise PrecisionError where `precision` cannot run natively on `device`; fp32 runs everywhere."""
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r} ('auto' is resolved when a "
+                         "config is validated: resolve_precision)")
     device_type = torch.device(device).type
     if precision == "bf16" and not bf16_supported(device_type):
         raise PrecisionError(
             f"precision 'bf16' was asked for, but this {device_type} has no native bfloat16 support "
-            f"(torch {torch.__version__}); set precision: fp32 in the stage's config"
+            f"(torch {torch.__version__}); set precision: fp32 (or auto) in the stage's config"
         )
 
 

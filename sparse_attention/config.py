@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runtime.precision import PRECISION_DESCRIPTION, Precision
+from runtime.precision import AUTO_DESCRIPTION, PRECISION_DESCRIPTION, AutoPrecision
 from sparse_attention.constraint import ControllerConfig
 from sparse_attention.data import DataConfig
 from sparse_attention.models import TinyModelConfig
@@ -66,7 +66,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Precision = Field("bf16", description="training forward passes: " + PRECISION_DESCRIPTION)
+    precision: AutoPrecision = Field("auto", validate_default=True, description="training forward passes: "
+                                     + PRECISION_DESCRIPTION + AUTO_DESCRIPTION)
 
 
 class EvalConfig(BaseModel):

@@ -66,9 +66,38 @@ def test_configs_take_fp32_or_bf16_and_refuse_anything_else(make):
             make(bad)
 
 
-def test_defaults_bf16_where_results_stay_equal_and_fp32_for_attribution_and_circuits():
-    assert SparsifyConfig().train.precision == "bf16" and CLTStageConfig().precision == "bf16"
-    assert FeaturesConfig().precision == "bf16"
+AUTO_CONFIGS = [  # the stages that default to "auto": (config from a precision value, its precision)
+    (lambda **value: SparsifyConfig.model_validate({"train": value}), lambda config: config.train.precision),
+    (lambda **value: CLTStageConfig(**value), lambda config: config.precision),
+    (lambda **value: FeaturesConfig(**value), lambda config: config.precision),
+]
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_is_validated_into_bf16_where_the_cpu_has_bf16_units_and_fp32_elsewhere(monkeypatch, has_bf16):
+    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = "bf16" if has_bf16 else "fp32"
+    assert precision.auto_precision() == expected
+    for make, precision_of in AUTO_CONFIGS:
+        assert precision_of(make()) == precision_of(make(precision="auto")) == expected  # the default is auto
+        assert precision_of(make(precision="fp32")) == "fp32" and precision_of(make(precision="bf16")) == "bf16"
+        saved = make().model_dump(mode="json")  # what the stage writes beside its outputs: the resolved value
+        assert f'"precision": "{expected}"' in json.dumps(saved) and '"precision": "auto"' not in json.dumps(saved)
+
+
+def test_auto_needs_bf16_on_every_device_the_process_can_use(monkeypatch):
+    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: device == "cpu")  # a GPU without bf16
+    assert precision.auto_precision() == "fp32"
+    with pytest.raises(ValueError, match="'auto' is resolved when a config is validated"):
+        check_precision("auto", "cpu")
+
+
+def test_defaults_auto_where_results_stay_equal_and_fp32_for_attribution_and_circuits():
+    for make, precision_of in AUTO_CONFIGS:
+        assert precision_of(make()) == precision.auto_precision()
     assert AttributionStageConfig().precision == "fp32" and ComponentCircuitConfig().precision == "fp32"
     with pytest.raises(ValidationError, match="dtype"):  # the old harvest setting is folded into `precision`
         CLTStageConfig.model_validate({"harvest": {"dtype": "bfloat16"}})
@@ -86,10 +115,11 @@ def test_hardware_without_bf16_is_refused_with_one_clear_error(monkeypatch, tmp_
         assert not torch.is_autocast_enabled("cpu")
     model, _ = tiny_model(SMALL)
     with pytest.raises(PrecisionError):  # before the first step, not a silent fp32 run
-        post_train(GatedModel(model, offset_init=1.0), model, torch.zeros(4, 8, dtype=torch.long), TrainConfig(steps=1),
-                   ControllerConfig(), learn_offset=True, progress=False)
+        post_train(GatedModel(model, offset_init=1.0), model, torch.zeros(4, 8, dtype=torch.long),
+                   TrainConfig(steps=1, precision="bf16"), ControllerConfig(), learn_offset=True, progress=False)
     with pytest.raises(PrecisionError):
-        clt_stage.run(stage_config(tmp_path), ModelSpec(name="tiny", tiny=SMALL), tmp_path / "clt", progress=False)
+        clt_stage.run(stage_config(tmp_path).model_copy(update={"precision": "bf16"}),
+                      ModelSpec(name="tiny", tiny=SMALL), tmp_path / "clt", progress=False)
 
 
 @needs_bf16

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.precision import PRECISION_DESCRIPTION, Precision
+from runtime.precision import AUTO_DESCRIPTION, PRECISION_DESCRIPTION, AutoPrecision
 from sparse_attention.data import DataConfig
 
 
@@ -105,7 +105,8 @@ class FeaturesConfig(BaseModel):
     n_tokens_listed: int = Field(10, gt=0, description="promoted, suppressed and input tokens stored per feature")
     batch_size: int = Field(8, gt=0, description="held-out blocks per LM forward")
     checkpoint_tokens: int = Field(20_000, gt=0, description="save the scan state every this many tokens")
-    precision: Precision = Field("bf16", description="LM and encoder forwards of the scan: " + PRECISION_DESCRIPTION)
+    precision: AutoPrecision = Field("auto", validate_default=True, description="LM and encoder forwards of the "
+                                     "scan: " + PRECISION_DESCRIPTION + AUTO_DESCRIPTION)
     seed: int = 0
 
 
@@ -120,9 +121,9 @@ class CLTStageConfig(BaseModel):
     cache: CacheConfig = CacheConfig()
     train: CLTTrainConfig = CLTTrainConfig()
     eval: CLTEvalConfig = CLTEvalConfig()
-    precision: Precision = Field("bf16", description="harvest (LM forwards) and CLT training (its forward, the "
-                                 "encoder matmuls; decoding and the loss stay fp32): " + PRECISION_DESCRIPTION
-                                 + ". Evaluation runs in fp32")
+    precision: AutoPrecision = Field("auto", validate_default=True, description="harvest (LM forwards) and CLT "
+                                     "training (its forward, the encoder matmuls; decoding and the loss stay fp32): "
+                                     + PRECISION_DESCRIPTION + AUTO_DESCRIPTION + ". Evaluation runs in fp32")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="refuse to start above this estimate; None = the memory available at start"
     )
