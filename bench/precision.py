@@ -4,9 +4,13 @@ Per precision: sparsify training step time (post_train, `--steps` steps of `--ba
 and the held-out CE of the trained model (evaluated in fp32); CLT harvest + training tokens/s (train_clt
 fed by harvest_stream) and the trained CLT's held-out nMSE (fp32 evaluation, equal tokens); feature scan
 tokens/s; component-circuit patched forward passes/s with the patched metric's largest bf16 - fp32
-difference. Then a torch.profiler table (top ops by self CPU time) of one bf16 sparsify step and one bf16
-CLT step. Writes bench/results/precision_smollm2.json with the command and the load (`uptime`).
-Usage: nice -n 5 python bench/precision.py [--steps 4] [--clt-steps 6] [--threads 1]
+difference. Each timing is kept as wall seconds and as process CPU seconds (`time.process_time()`, all
+threads of this process), and each speedup as both ratios: under load from other processes the CPU-second
+ratio is the steadier one. Then a torch.profiler table (top ops by self CPU time) of one bf16 sparsify step,
+one bf16 CLT step, a bf16 scan batch and 4 bf16 patched passes. Writes bench/results/<--out> (default
+precision_smollm2.json) with the command and the load (`uptime`). Refuses to start, with PrecisionError,
+where the CPU has no bfloat16 units (bf16 would be emulated, ~40x slower than fp32 on an AVX2 CPU).
+Usage: nice -n 5 python bench/precision.py [--steps 4] [--clt-steps 6] [--threads 1] [--out NAME.json]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from circuits.hooks import patched_metric, prepare, record  # noqa: E402
 from prompts.batches import encode_prompts  # noqa: E402
 from prompts.tasks import load_task  # noqa: E402
-from runtime.precision import autocast, frozen_copy  # noqa: E402
+from runtime.precision import autocast, bf16_supported, frozen_copy  # noqa: E402
 from sparse_attention.config import TrainConfig  # noqa: E402
 from sparse_attention.constraint import ControllerConfig  # noqa: E402
 from sparse_attention.data import DataConfig, load_token_blocks  # noqa: E402
@@ -109,12 +113,14 @@ def sparsify_run(model, blocks, heldout, args, precision: str, profile_step: boo
     gated = GatedModel(copy.deepcopy(model), offset_init=4.0)
     train = TrainConfig(steps=args.steps, batch_size=args.batch, warmup_steps=1, lr=1e-4,
                         checkpoint_every=10_000, precision=precision)
-    stamps = [time.perf_counter()]
+    stamps = [(time.perf_counter(), time.process_time())]
     result = post_train(gated, reference, blocks, train, ControllerConfig(), learn_offset=True, progress=False,
-                        on_step=lambda row: stamps.append(time.perf_counter()))
-    step_seconds = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first step warms up
+                        on_step=lambda row: stamps.append((time.perf_counter(), time.process_time())))
+    step_seconds = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][1:]  # the first step warms up
+    step_cpu_seconds = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][1:]
     heldout_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, 4)
     out = {"step_seconds_median": statistics.median(step_seconds), "step_seconds": step_seconds,
+           "step_cpu_seconds_median": statistics.median(step_cpu_seconds), "step_cpu_seconds": step_cpu_seconds,
            "heldout_ce_fp32_eval": heldout_ce, "final_open_fraction": result.history[-1]["open_fraction"],
            "final_train_ce": result.history[-1]["ce"]}
     if profile_step:
@@ -137,12 +143,13 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
                                                           precision=precision),
                              4 * args.clt_batch_tokens, args.clt_batch_tokens, state=state)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = train_clt(clt, open_source, config, precision=precision, progress=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recon = reconstruction_metrics(lm, clt, heldout, 4)
     out = {"tokens": result.tokens_seen, "seconds_harvest_and_train": seconds,
-           "tokens_per_second": result.tokens_seen / seconds, "heldout_nmse_fp32_eval": recon["nmse"],
+           "tokens_per_second": result.tokens_seen / seconds, "cpu_seconds_harvest_and_train": cpu_seconds,
+           "tokens_per_cpu_second": result.tokens_seen / cpu_seconds, "heldout_nmse_fp32_eval": recon["nmse"],
            "final_train_nmse": result.history[-1]["nmse"], "final_train_l0": result.history[-1]["l0"]}
     if profile_step:
         out["profile_top_ops"] = profile_clt_step(clt.config, open_source, config, precision)
@@ -151,10 +158,11 @@ def clt_run(lm, blocks, heldout, args, precision: str, profile_step: bool = Fals
 
 def features_run(lm, clt, heldout, args, precision: str, profile_step: bool = False) -> dict:
     config = FeaturesConfig(tokens=args.feature_tokens, top_k=5, n_random=2, batch_size=4, precision=precision)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     state = scan_activations(lm, clt, heldout, config, progress=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     out = {"tokens": state.tokens_done, "seconds": seconds, "tokens_per_second": state.tokens_done / seconds,
+           "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": state.tokens_done / cpu_seconds,
            "n_active": int(state.count.sum())}
     if profile_step:  # one scan batch (4 blocks), the copy of the LM included as in every scan
         one_batch = config.model_copy(update={"tokens": 4 * (heldout.shape[1] - 1)})
@@ -176,13 +184,14 @@ def circuits_run(model, tokenizer, args) -> dict:
         with autocast(precision):
             recording, _ = record(prepared, batch.corrupted)
             patched_metric(prepared, batch, recording, keep_heads=masks[0])  # warm-up
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             metrics[precision] = torch.stack([patched_metric(prepared, batch, recording, keep_heads=m)
                                               for m in masks])  # [patches, prompts]
-            seconds = time.perf_counter() - started
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         out[precision] = {"forward_passes": len(masks), "prompts_per_pass": int(batch.clean.shape[0]),
                           "tokens_per_prompt": int(batch.clean.shape[1]), "seconds": seconds,
-                          "forward_passes_per_second": len(masks) / seconds}
+                          "forward_passes_per_second": len(masks) / seconds, "cpu_seconds": cpu_seconds,
+                          "forward_passes_per_cpu_second": len(masks) / cpu_seconds}
         if precision == "bf16":  # the top ops of 4 patched passes
             with autocast(precision), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for m in masks[:4]:
@@ -207,7 +216,12 @@ def main() -> None:
     parser.add_argument("--circuit-prompts", type=int, default=8)
     parser.add_argument("--patches", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="precision_smollm2.json",
+                        help="file in bench/results/ (name a noisy run by its load, e.g. precision_smollm2_under_load6.json)")
     args = parser.parse_args()
+    if not bf16_supported("cpu"):  # before loading anything: emulated bf16 measures nothing worth keeping
+        raise SystemExit("bench/precision.py compares bf16 with fp32 and needs a CPU with bfloat16 units (AVX512-BF16 "
+                         f"or AMX); this one has none (torch cpu capability {torch.backends.cpu.get_cpu_capability()})")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -223,7 +237,7 @@ def main() -> None:
         "uptime_before": uptime(), "uptime_after_each": {}, "summary": {},
         "circuits": {}, "sparsify": {}, "clt": {}, "features": {},
     }
-    out = RESULTS / "precision_smollm2.json"
+    out = RESULTS / args.out
     RESULTS.mkdir(exist_ok=True)
 
     def record(section: str, precision: str | None, result: dict, ratio: tuple[str, str, str, bool] | None = None):
@@ -243,24 +257,27 @@ def main() -> None:
 
     record("circuits", None, circuits_run(model, tokenizer, args))
     circuits = payload["circuits"]
-    payload["summary"]["circuits_forward_passes_per_second_speedup"] = (
-        circuits["bf16"]["forward_passes_per_second"] / circuits["fp32"]["forward_passes_per_second"])
+    for key in ("forward_passes_per_second", "forward_passes_per_cpu_second"):
+        payload["summary"][f"circuits_{key}_speedup"] = circuits["bf16"][key] / circuits["fp32"][key]
     for precision in PRECISIONS:
         result = sparsify_run(model, data.train, heldout, args, precision, profile_step=precision == "bf16")
         record("sparsify", precision, result, ("sparsify_step_speedup", "step_seconds_median", "ratio", False))
+        record("sparsify", precision, result, ("sparsify_step_cpu_speedup", "step_cpu_seconds_median", "ratio", False))
         record("sparsify", precision, result, ("sparsify_heldout_ce_bf16_minus_fp32", "heldout_ce_fp32_eval",
                                                "difference", True))
     for precision in PRECISIONS:
         result, clt = clt_run(model, data.train, heldout, args, precision, profile_step=precision == "bf16")
         record("clt", precision, result, ("clt_tokens_per_second_speedup", "tokens_per_second", "ratio", True))
+        record("clt", precision, result, ("clt_tokens_per_cpu_second_speedup", "tokens_per_cpu_second", "ratio", True))
         record("clt", precision, result, ("clt_heldout_nmse_bf16_minus_fp32", "heldout_nmse_fp32_eval",
                                           "difference", True))
         if precision == "fp32":
             del clt  # a SmolLM2 CLT is ~0.6 GB; the bf16 one is scanned below
     for precision in PRECISIONS:  # the same (bf16-trained) CLT, scanned in each precision
-        record("features", precision, features_run(model, clt, data.heldout, args, precision,
-                                                   profile_step=precision == "bf16"),
-               ("features_tokens_per_second_speedup", "tokens_per_second", "ratio", True))
+        result = features_run(model, clt, data.heldout, args, precision, profile_step=precision == "bf16")
+        record("features", precision, result, ("features_tokens_per_second_speedup", "tokens_per_second", "ratio", True))
+        record("features", precision, result, ("features_tokens_per_cpu_second_speedup", "tokens_per_cpu_second",
+                                               "ratio", True))
     payload["summary"]["goal"] = "each speedup >= 2, held-out CE within 0.01 nats, CLT nMSE within 0.01 at equal tokens"
     payload["complete"] = True
     record("uptime_after", None, uptime())
