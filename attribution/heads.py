@@ -297,7 +297,8 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
     writes = SourceWrites(lrm, graph, chunk_sources, start)
     resid = writes.embedded(len(chunk_sources), n_pos - start)
     records = []
-    for layer in range(int(last.max()) + 1):  # no edge crosses a higher layer
+    top = int(last.max())  # no edge crosses a higher layer
+    for layer in range(top + 1):
         n_alive = int((source_write < layer).sum())
         if n_alive:
             values, heads_out = head_outputs(lrm, layer, resid[:n_alive], start)  # [Kv, S, P', dh], [H, S, P', dh]
@@ -310,6 +311,8 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
                 if record is not None:
                     edge = record.pop("edge")
                     records.append({"target": edges.targets[edge], "source": edges.sources[edge], **record})
+            if layer == top:  # no later layer reads the residual
+                break
             resid[:n_alive] += heads_out.permute(1, 2, 0, 3).flatten(2) @ lrm.model.W_O[layer].T
             if lrm.has_skip:  # resid_mid[layer] -> MLP-out[layer] via the skip
                 resid[:n_alive] += skip_forward(resid[:n_alive], lrm.clt.W_skip[layer], lrm.model.mlp_norm[layer],
