@@ -22,8 +22,9 @@ Stored per attention edge: the top pairs and the rest (they sum with b to the lo
 marginals (a component's total with every partner) with their rest.
 
 The edges are attributed layer by layer: the components of every position a layer's edges need are
-projected in one matmul per side (all heads at once), and the pair grids of many edges are formed in
-one batched matmul; `QKChunks` bounds how many positions and grids are held at once.
+projected through the heads those edges use (one product per head, so the numbers do not depend on which
+positions and heads are chunked together), and the pair grids of many edges are formed in one batched
+matmul; `QKChunks` bounds how many positions and grids are held at once.
 """
 
 from __future__ import annotations
@@ -278,8 +279,10 @@ class ResidualComponents:
             n = len(ids[row]) - (bias is not None)
             self._fill(layer, pos, vectors)
             normed = vectors[:n] * (weights.attn_norm[layer] * frozen.attn_inv_rms[layer, pos])
-            chosen_W = W[chosen].mT  # [chosen, d, dh]: one product per head, the same whichever heads are chosen
-            projected = torch.bmm(normed.expand(len(chosen), -1, -1), chosen_W).transpose(0, 1)  # [n, chosen, dh]
+            projected = torch.empty(len(chosen), n, dh)  # one product per head: the same whichever are chosen
+            for slot, head in enumerate(chosen):
+                torch.mm(normed, W[head].T, out=projected[slot])
+            projected = projected.transpose(0, 1)  # [n, chosen, dh]
             if bias is not None:
                 projected = torch.cat([projected, bias[layer].view(-1, dh)[chosen][None]])
             if gain is not None:
