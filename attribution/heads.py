@@ -297,7 +297,8 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
     writes = SourceWrites(lrm, graph, chunk_sources, start)
     resid = writes.embedded(len(chunk_sources), n_pos - start)
     records = []
-    for layer in range(int(last.max()) + 1):  # no edge crosses a higher layer
+    top = int(last.max())  # no edge crosses a higher layer
+    for layer in range(top + 1):
         n_alive = int((source_write < layer).sum())
         if n_alive:
             values, heads_out = head_outputs(lrm, layer, resid[:n_alive], start)  # [Kv, S, P', dh], [H, S, P', dh]
@@ -310,6 +311,8 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
                 if record is not None:
                     edge = record.pop("edge")
                     records.append({"target": edges.targets[edge], "source": edges.sources[edge], **record})
+            if layer == top:  # no later layer reads the residual
+                break
             resid[:n_alive] += heads_out.permute(1, 2, 0, 3).flatten(2) @ lrm.model.W_O[layer].T
             if lrm.has_skip:  # resid_mid[layer] -> MLP-out[layer] via the skip
                 resid[:n_alive] += skip_forward(resid[:n_alive], lrm.clt.W_skip[layer], lrm.model.mlp_norm[layer],
@@ -366,21 +369,22 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
                 target_row: torch.Tensor, source_row: torch.Tensor, head: torch.Tensor, part: torch.Tensor,
                 start: int, max_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each (edge, head) entry, the (query, key) pair carrying most of the head's part, and its share:
-    pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k], formed head by head, max_pairs
-    entries at a time.  z [H, T, P', dh], values [Kv, S, P', dh] -> (query [B], key [B], share [B])"""
+    pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k], formed max_pairs entries of any
+    heads at a time.
+    z [H, T, P', dh], values [Kv, S, P', dh] -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads
     n_pos = z.shape[2]
     window = slice(start, start + n_pos)
+    patterns = lrm.prompt.patterns[layer, :, window, window]  # [H, P', P']
+    kv_head = torch.div(head, group, rounding_mode="floor")
     query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
     share = torch.empty(len(head))
-    for h in torch.unique(head).tolist():
-        pattern = lrm.prompt.patterns[layer, h, window, window]  # [P', P']
-        for rows in (head == h).nonzero().flatten().split(max_pairs):
-            pair = torch.bmm(z[h, target_row[rows]], values[h // group, source_row[rows]].transpose(1, 2))
-            pair = pair.mul_(pattern).flatten(1)  # [B, P'*P']
-            flat = pair.abs().argmax(1)  # [B]
-            query[rows], key[rows] = flat // n_pos + start, flat % n_pos + start
-            share[rows] = pair.gather(1, flat[:, None])[:, 0] / part[rows]
+    for rows in torch.arange(len(head)).split(max_pairs):
+        pair = torch.bmm(z[head[rows], target_row[rows]], values[kv_head[rows], source_row[rows]].mT)
+        pair = pair.mul_(patterns[head[rows]]).flatten(1)  # [B, P'*P']
+        flat = pair.abs().argmax(1)  # [B]
+        query[rows], key[rows] = flat // n_pos + start, flat % n_pos + start
+        share[rows] = pair.gather(1, flat[:, None])[:, 0] / part[rows]
     return query, key, share
 
 

@@ -22,8 +22,9 @@ Stored per attention edge: the top pairs and the rest (they sum with b to the lo
 marginals (a component's total with every partner) with their rest.
 
 The edges are attributed layer by layer: the components of every position a layer's edges need are
-projected in one matmul per side (all heads at once), and the pair grids of many edges are formed in
-one batched matmul; `QKChunks` bounds how many positions and grids are held at once.
+projected through the heads those edges use (one product per head, so the numbers do not depend on which
+positions and heads are chunked together), and the pair grids of many edges are formed in one batched
+matmul; `QKChunks` bounds how many positions and grids are held at once.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class PositionParts:
     error_ids: list[str]  # per layer k: `{k}_-1_{pos}`
     head_ids: list[str]  # per (layer k, head h), layer-major: `attn_{k}_{h}_{pos}`
     head_outputs: torch.Tensor  # [L * H, d] each head's attention output
+    id_array: np.ndarray  # every component id of the position (object): token, features, errors, bias, heads, q and k biases
     carried: torch.Tensor | None = None  # with a skip path: [L + 1, n, d] (see carried_components)
 
 
@@ -179,13 +181,19 @@ class ResidualComponents:
             mask = source == src
             writes[mask, src + 1:] = lrm.clt.W_dec[src][feat[mask]]
         head_outputs = torch.einsum("lhe,lhed->lhd", self.mixes[:, pos], self.W_O).reshape(-1, d)
+        feature_ids = [f"{s}_{f}_{pos}" for s, f in zip(source.tolist(), feat.tolist())]
+        error_ids = [f"{k}_-1_{pos}" for k in range(L)]
+        head_ids = [f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)]
+        id_array = np.array([f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *feature_ids, *error_ids, f"bias_{pos}",
+                             *head_ids, f"q_bias_{pos}", f"k_bias_{pos}"], dtype=object)
         parts = PositionParts(
-            feature_ids=[f"{s}_{f}_{pos}" for s, f in zip(source.tolist(), feat.tolist())],
+            feature_ids=feature_ids,
             feature_layer=source,
             feature_writes=writes.cumsum(1) * lrm.activations[index, None, None],
-            error_ids=[f"{k}_-1_{pos}" for k in range(L)],
-            head_ids=[f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)],
+            error_ids=error_ids,
+            head_ids=head_ids,
             head_outputs=head_outputs,
+            id_array=id_array,
             carried=carried_components(lrm, pos, writes * lrm.activations[index, None, None], head_outputs) if lrm.has_skip and pos > 0 else None,
         )
         self._parts[pos] = parts
@@ -195,10 +203,18 @@ class ResidualComponents:
 
     def ids(self, layer: int, pos: int) -> list[str]:
         """The ids of the components of resid_pre[layer][pos], in their order."""
-        lrm, parts = self.lrm, self.parts(pos)
+        return self.id_array(layer, pos).tolist()
+
+    def id_array(self, layer: int, pos: int, side: str | None = None) -> np.ndarray:
+        """`ids` as an object array, with the `side` projection's bias id last where given."""
+        parts = self.parts(pos)
         n_features, n_errors, n_heads = self._counts(layer, pos)
-        return [f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *parts.feature_ids[:n_features],
-                *parts.error_ids[:n_errors], f"bias_{pos}", *parts.head_ids[:n_heads]]
+        errors = 1 + len(parts.feature_ids)
+        heads = errors + self.lrm.n_layers + 1
+        rows = np.r_[0:1 + n_features, errors:errors + n_errors, heads - 1:heads + n_heads]
+        if side is not None:
+            rows = np.append(rows, heads + len(parts.head_ids) + (side == "k"))
+        return parts.id_array[rows]
 
     def at(self, layer: int, pos: int) -> tuple[list[str], torch.Tensor]:
         """The components of resid_pre[layer][pos].  -> (ids, vectors [n, d]); the vectors sum to it."""
@@ -243,31 +259,35 @@ class ResidualComponents:
         out[at + n_errors + 1:at + n_errors + 1 + n_heads] = parts.head_outputs[:n_heads]
 
     def projected(self, layer: int, positions: list[int], side: str, heads: list[list[int]] | None = None
-                  ) -> tuple[list[list[str]], torch.Tensor]:
+                  ) -> tuple[list[np.ndarray], torch.Tensor]:
         """The components of each position through the frozen input norm, the query projection of each
         head (side "q") or the key projection of each kv head (side "k") - plus the projection's bias as
         one more component, `{side}_bias_{pos}`, where it has one - then the frozen norm on queries / keys
-        and the rotation of that position, padded with zero rows; with `heads`, only those heads of each
-        position (the others stay zero).  -> (ids per position, [n_positions, n_max, heads, dh])"""
+        and the rotation of that position, padded with zero rows. Slot i holds head i; with `heads`, slot i of
+        position row holds head heads[row][i] (the slots beyond stay zero).
+        -> (ids per position (object arrays), [n_positions, n_max, slots, dh])"""
         lrm, dh = self.lrm, self.lrm.model.head_dim
         weights, frozen = lrm.model, lrm.prompt
         W, bias, gain, scale = ((weights.W_Q, weights.b_Q, weights.q_norm, frozen.q_inv_rms) if side == "q" else
                                 (weights.W_K, weights.b_K, weights.k_norm, frozen.k_inv_rms))
         W = W[layer].unflatten(0, (-1, dh))  # [heads, dh, d]
-        ids = [self.ids(layer, pos) + ([] if bias is None else [f"{side}_bias_{pos}"]) for pos in positions]
+        ids = [self.id_array(layer, pos, None if bias is None else side) for pos in positions]
         vectors = torch.empty(max(map(len, ids)), lrm.model.d_model)
-        out = torch.zeros(len(positions), len(vectors), len(W), dh)
+        out = torch.zeros(len(positions), len(vectors), len(W) if heads is None else max(map(len, heads)), dh)
         for row, pos in enumerate(positions):
             chosen = list(range(len(W))) if heads is None else heads[row]
             n = len(ids[row]) - (bias is not None)
             self._fill(layer, pos, vectors)
             normed = vectors[:n] * (weights.attn_norm[layer] * frozen.attn_inv_rms[layer, pos])
-            projected = (normed @ W[chosen].flatten(0, 1).T).unflatten(-1, (-1, dh))  # [n, chosen, dh]
+            projected = torch.empty(len(chosen), n, dh)  # one product per head: the same whichever are chosen
+            for slot, head in enumerate(chosen):
+                torch.mm(normed, W[head].T, out=projected[slot])
+            projected = projected.transpose(0, 1)  # [n, chosen, dh]
             if bias is not None:
                 projected = torch.cat([projected, bias[layer].view(-1, dh)[chosen][None]])
             if gain is not None:
                 projected = projected * (gain[layer].view(-1, dh)[chosen] * scale[layer, pos, chosen][:, None])
-            out[row, :len(projected), chosen] = rotary(projected, frozen.rope_cos[layer, pos], frozen.rope_sin[layer, pos])
+            out[row, :len(projected), :len(chosen)] = rotary(projected, frozen.rope_cos[layer, pos], frozen.rope_sin[layer, pos])
         return ids, out
 
 
@@ -279,7 +299,7 @@ def qk_pair_contributions(components: ResidualComponents, layer: int, head: int,
     kv = head // (weights.n_heads // weights.n_kv_heads)
     (query_ids,), queries = components.projected(layer, [query_pos], "q")
     (key_ids,), keys = components.projected(layer, [key_pos], "k")
-    return query_ids, key_ids, (queries[0, :, head] @ keys[0, :, kv].T) * weights.attn_scale
+    return query_ids.tolist(), key_ids.tolist(), (queries[0, :, head] @ keys[0, :, kv].T) * weights.attn_scale
 
 
 def qk_rows(components: ResidualComponents, layer: int, head: int, query_pos: int, key_pos: int,
@@ -345,8 +365,9 @@ def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
     heads = edges["head"].to_numpy()
     query_heads = [np.unique(heads[query_index == i]).tolist() for i in range(len(query_positions))]
     key_heads = [np.unique(heads[key_index == i] // group).tolist() for i in range(len(key_positions))]
-    query_ids, queries = components.projected(layer, query_positions.tolist(), "q", query_heads)  # [Pq, nq, H, dh]
-    key_ids, keys = components.projected(layer, key_positions.tolist(), "k", key_heads)  # [Pk, nk, Kv, dh]
+    query_ids, queries = components.projected(layer, query_positions.tolist(), "q", query_heads)  # [Pq, nq, slots, dh]
+    key_ids, keys = components.projected(layer, key_positions.tolist(), "k", key_heads)  # [Pk, nk, slots, dh]
+    query_slot, key_slot = _slots(query_heads, weights.n_heads), _slots(key_heads, weights.n_kv_heads)
     query_count, key_count = torch.tensor([len(i) for i in query_ids]), torch.tensor([len(i) for i in key_ids])
     query_ids, key_ids = _padded_ids(query_ids, queries.shape[1]), _padded_ids(key_ids, keys.shape[1])
     queries = queries * weights.attn_scale
@@ -356,8 +377,8 @@ def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
     for rows in torch.arange(len(edges)).split(chunks.edges):
         q, k, h = query_index[rows.numpy()], key_index[rows.numpy()], heads[rows]
         offset = offsets[h] if offsets is not None else torch.zeros(len(rows), dtype=torch.float64)
-        batch = _edge_columns(queries[q, :, h], keys[k, :, h // group], query_count[q], key_count[k],
-                              query_ids[q], key_ids[k], offset, config)
+        batch = _edge_columns(queries[q, :, query_slot[q, h]], keys[k, :, key_slot[k, h // group]], query_count[q],
+                              key_count[k], query_ids[q], key_ids[k], offset, config)
         batch["edge"] = rows.numpy()[batch["edge"]]
         columns.append(batch)
     frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
@@ -367,7 +388,15 @@ def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
     return frame
 
 
-def _padded_ids(ids: list[list[str]], width: int) -> np.ndarray:
+def _slots(heads: list[list[int]], n_heads: int) -> torch.Tensor:
+    """[row, head] -> the slot of `head` at position row in `projected`'s output (heads[row] in slot order)."""
+    slots = torch.zeros(len(heads), n_heads, dtype=torch.long)
+    for row, chosen in enumerate(heads):
+        slots[row, chosen] = torch.arange(len(chosen))
+    return slots
+
+
+def _padded_ids(ids: list[np.ndarray], width: int) -> np.ndarray:
     """Component ids per position as an array [n_positions, width], padded with ""."""
     out = np.full((len(ids), width), "", dtype=object)
     for i, row in enumerate(ids):
