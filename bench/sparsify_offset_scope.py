@@ -27,16 +27,43 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from prompts.metrics import task_evaluator  # noqa: E402
 from sparse_attention import stage  # noqa: E402
+from sparse_attention.config import SparsifyConfig  # noqa: E402
+from sparse_attention.data import draw_schedule  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
 
-def summary(metrics: dict) -> dict:
-    """The figures the offset-scope comparison is about, from one stage's metrics.json."""
+def by_stream(history: list[dict], config: SparsifyConfig) -> list[dict]:
+    """Mean CE excess over the original (deterministic and noisy gates) and lambda per (source, length) of the
+    step's batches, over the second half of training: which corpus and length the constraint binds on."""
+    draws = config.train.grad_accumulation
+    schedule = draw_schedule(config.data, draws)
+    steps = [tuple(next(schedule) for _ in range(draws)) for _ in history]
+    groups: dict[str, list[dict]] = {}
+    for row, stream in zip(history, steps):
+        if row["step"] > len(history) // 2:
+            groups.setdefault(" + ".join(f"{source}@{length}" for source, length in stream), []).append(row)
+    return [{"stream": name, "steps": len(rows)} | {key: sum(r[key] for r in rows) / len(rows)
+                                                    for key in ("hard_ce_excess", "ce_excess", "multiplier")
+                                                    if key in rows[0]}
+            for name, rows in groups.items()]
+
+
+def trajectory(history: list[dict], every: int = 10) -> list[dict]:
+    """Every `every`-th step's offset, open fraction (noisy gates), CE excesses and lambda: what moves when."""
+    keys = ("step", "context_length", "mean_offset", "open_fraction", "ce_excess", "hard_ce_excess", "multiplier")
+    return [{key: row[key] for key in keys if key in row} for row in history
+            if row["step"] % every == 0 or row["step"] == len(history)]
+
+
+def summary(metrics: dict, config: SparsifyConfig | None = None) -> dict:
+    """The figures the offset-scope comparison is about, from one stage's metrics.json (and its config, for the
+    per-stream breakdown)."""
     by_length = [{k: s[k] for k in ("source", "context_length", "dense_ce", "sparse_ce", "ce_excess", "kl_per_token",
                                     "edge_fraction", "scored_tokens")}
                  | {"open_keys_per_query_mean": s["open_keys_per_query"]["mean"]}
@@ -51,9 +78,15 @@ def summary(metrics: dict) -> dict:
         "train_tokens_seen": metrics["train_tokens_seen"],
         "train_wall_seconds": metrics["train_wall_seconds"],
         "stage_wall_seconds": metrics["stage_wall_seconds"],
+        **{key: metrics[key] for key in ("train_cpu_seconds", "stage_cpu_seconds", "threads") if key in metrics},
+        **({"train_cpu_seconds_per_step": metrics["train_cpu_seconds"] / max(1, metrics["train_steps"])}
+           if "train_cpu_seconds" in metrics else {}),
         "last_steps_mean": {key: sum(row[key] for row in last) / len(last)
                             for key in ("ce_excess", "hard_ce_excess", "open_fraction", "multiplier")
                             if key in last[0]},
+        **({"train_mix": metrics["train_mix"], "train_lengths": metrics["train_lengths"]} if "train_mix" in metrics else {}),
+        **({"last_half_by_stream": by_stream(history, config)} if config is not None else {}),
+        "trajectory": trajectory(history),
         "heldout_by_length": by_length,
         "open_heads": metrics.get("open_heads"),
         "tasks": metrics.get("tasks"),
@@ -68,7 +101,8 @@ def record(stage_dirs: list[Path], tag: str) -> int:
             metrics = json.loads((stage_dir / "metrics.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             sys.exit(f"no finished sparsify stage in {stage_dir}: {err}")
-        runs.append({"recorded_from": str(stage_dir), **summary(metrics)})
+        config = SparsifyConfig.model_validate(yaml.safe_load((stage_dir / stage.CONFIG_FILE).read_text()))
+        runs.append({"recorded_from": str(stage_dir), **summary(metrics, config)})
     result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -97,9 +131,10 @@ def main() -> int:
         config = load_config(preset="demo", overrides=[*overrides, f"sparsify.gate.offset_scope={scope}",
                                                        f"sparsify.train.threads={args.threads}"]).sparsify
         evaluate = task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
-        load_before, started = os.getloadavg(), time.perf_counter()
+        load_before, started, cpu_started = os.getloadavg(), time.perf_counter(), time.process_time()
         metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate)
-        result["runs"].append({**summary(metrics), "command_wall_seconds": time.perf_counter() - started,
+        result["runs"].append({**summary(metrics, config), "command_wall_seconds": time.perf_counter() - started,
+                               "command_cpu_seconds": time.process_time() - cpu_started,
                                "load_average_before": load_before, "load_average_after": os.getloadavg()})
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"sparsify_offset_scope_{args.tag}.json").write_text(json.dumps(result, indent=1))  # after each run

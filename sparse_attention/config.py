@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from runtime.precision import AUTO_DESCRIPTION, PRECISION_DESCRIPTION, AutoPrecision
 from sparse_attention.constraint import ControllerConfig
-from sparse_attention.data import DataConfig
+from sparse_attention.data import TrainDataConfig
 from sparse_attention.models import TinyModelConfig
 
 
@@ -105,7 +105,7 @@ class SparsifyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelSpec = ModelSpec()
-    data: DataConfig = DataConfig()
+    data: TrainDataConfig = TrainDataConfig()
     gate: GateConfig = GateConfig()
     train: TrainConfig = TrainConfig()
     controller: ControllerConfig = ControllerConfig()

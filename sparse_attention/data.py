@@ -9,6 +9,10 @@ Each split's documents are joined with the end-of-text token between them and cu
 under ``$SPARSE_ATTN_CACHE/tokens`` (default ``~/.cache/sparse-attention-interp/tokens``), keyed by the
 source's identity, the tokenizer and ``CLEANING_VERSION``. Batches for training and evaluation are
 drawn from the blocks here too (``batch_iterator``, ``iterate_blocks``).
+
+The sparsify stage's training may mix sources and lengths (``TrainDataConfig``: ``mix`` weights, every
+``long_every``-th step at ``long_context_length``); ``load_training_data`` loads the train split of each
+(source, length) and ``mixed_batches`` interleaves them in a fixed order that resumes exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -295,3 +300,152 @@ def iterate_blocks(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tens
     _check_batching(blocks, batch_size)
     for begin in range(0, len(blocks), batch_size):
         yield blocks[begin : begin + batch_size]
+
+
+class TrainDataConfig(DataConfig, extra="forbid"):
+    """The sparsify stage's data: `DataConfig` plus the sources and lengths its training batches mix.
+
+    `source` stays the corpus the stage calibrates and reports at `context_length`; with `mix`, training
+    batches come from each named source in proportion to its weight (each source's train split only).
+    With `long_context_length`, every `long_every`-th optimiser step trains on blocks of that length, in
+    batches of `max(1, batch_size * context_length // long_context_length)` (about as many tokens as a
+    short step); the other steps use `context_length`.
+    """
+
+    mix: dict[str, float] | None = None  # source -> relative weight of its training batches; None = `source` only
+    long_context_length: int | None = None  # tokens per block of the long steps (None: every step at context_length)
+    long_every: int = 1  # every long_every-th step is long (1 = every step)
+
+    @pydantic.field_validator("mix")
+    @classmethod
+    def _weights_positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("data.mix is empty: name at least one source, e.g. {python-docs: 1.0}, or leave it unset")
+            bad = {name: weight for name, weight in value.items() if not (math.isfinite(weight) and weight > 0)}
+            if bad:
+                raise ValueError(f"data.mix weights must be positive and finite, got {bad}")
+        return value
+
+    @pydantic.field_validator("long_every")
+    @classmethod
+    def _every_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"long_every must be >= 1 (1 = every step long), got {value}")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _mix_and_lengths_consistent(self) -> TrainDataConfig:
+        if self.mix is not None:
+            if self.source not in self.mix:
+                raise ValueError(f"data.source {self.source!r} must be one of data.mix's sources {list(self.mix)}: "
+                                 "it is the corpus the stage calibrates and reports on")
+            for name in self.mix:
+                if name.startswith("hf:"):
+                    parse_hf_source(name)
+                    if self.max_train_tokens is None or self.max_heldout_tokens is None:
+                        raise ValueError(f"data.mix source {name!r} is streamed: set max_train_tokens and "
+                                         "max_heldout_tokens")
+        if self.long_context_length is None:
+            if self.long_every != 1:
+                raise ValueError(f"data.long_every is {self.long_every} but data.long_context_length is unset; "
+                                 "give the long steps' length or drop long_every")
+        elif self.long_context_length < 2 or self.long_context_length == self.context_length:
+            raise ValueError(f"data.long_context_length must be >= 2 and differ from data.context_length "
+                             f"{self.context_length}, got {self.long_context_length}; leave it unset for one length")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """Each training source's share of the batches, summing to 1 (in `mix` order; `source` alone without mix)."""
+        mix = self.mix or {self.source: 1.0}
+        total = sum(mix.values())
+        return {name: weight / total for name, weight in mix.items()}
+
+    def step_length(self, step: int) -> int:
+        """The block length optimiser step `step` (from 0) trains on."""
+        if self.long_context_length is not None and (step + 1) % self.long_every == 0:
+            return self.long_context_length
+        return self.context_length
+
+    def batch_size_at(self, length: int, batch_size: int) -> int:
+        """Blocks per batch at `length`: `batch_size` at context_length, as many tokens (at least 1) otherwise."""
+        return batch_size if length == self.context_length else max(1, batch_size * self.context_length // length)
+
+
+@dataclass
+class TrainingData:
+    """The train-split blocks of every (source, length) the training mixes, and how batches are drawn from them."""
+
+    config: TrainDataConfig
+    blocks: dict[tuple[str, int], torch.Tensor]  # (source, length) -> [n_blocks, length] int64
+    batch_size: int  # blocks per batch at config.context_length
+    seed: int
+
+    def stream_seed(self, source: str, length: int) -> int:
+        """The shuffling seed of one (source, length): `seed` itself for (data.source, context_length), so a run
+        without mix or long steps draws the batches `batch_iterator(train, batch_size, seed)` draws."""
+        if (source, length) == (self.config.source, self.config.context_length):
+            return self.seed
+        digest = hashlib.sha256(f"{self.seed}\0{source}\0{length}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+
+def load_training_data(config: TrainDataConfig, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                       seed: int) -> TrainingData:
+    """The train split of each mixed source at each training length; too few blocks for one batch is an error here."""
+    lengths = [config.context_length] + ([config.long_context_length] if config.long_context_length else [])
+    blocks = {}
+    for source in config.weights():
+        for length in lengths:
+            train = load_token_blocks(config.model_copy(update={"source": source}), tokenizer, length).train
+            needed = config.batch_size_at(length, batch_size)
+            if len(train) < needed:
+                raise ValueError(f"the train split of {source!r} has {len(train)} blocks of {length} tokens but a "
+                                 f"batch needs {needed}; add text, raise data.max_train_tokens or lower the batch size")
+            blocks[(source, length)] = train
+    return TrainingData(config, blocks, batch_size, seed)
+
+
+def _weighted_round_robin(weights: dict[str, float], counts: dict[str, int]) -> str:
+    """The source whose count lags its share most (first in order on ties); after n picks each source has
+    been picked within one of n x its weight."""
+    total = sum(counts.values()) + 1
+    return max(weights, key=lambda name: weights[name] * total - counts[name])
+
+
+def draw_schedule(config: TrainDataConfig, draws_per_step: int = 1) -> Iterator[tuple[str, int]]:
+    """Endless (source, length) of each training draw: draw d belongs to step d // draws_per_step, whose length is
+    `config.step_length(step)`; among the draws of one length the sources take turns by weighted round robin."""
+    if draws_per_step < 1:
+        raise ValueError(f"draws_per_step must be >= 1, got {draws_per_step}")
+    weights = config.weights()
+    picked: dict[int, dict[str, int]] = {}  # draws so far per length and source
+    draw = 0
+    while True:
+        length = config.step_length(draw // draws_per_step)
+        counts = picked.setdefault(length, dict.fromkeys(weights, 0))
+        source = _weighted_round_robin(weights, counts)
+        counts[source] += 1
+        yield source, length
+        draw += 1
+
+
+def mixed_batches(data: TrainingData, draws_per_step: int = 1, start_draw: int = 0) -> Iterator[torch.Tensor]:
+    """Endless training batches in `draw_schedule` order, each (source, length) yielding the batches of its own
+    `batch_iterator`.
+
+    Draw `start_draw` onwards equals a fresh iterator's (the skipped draws are counted, not produced), so
+    training resumes exactly after a kill.
+    """
+    if start_draw < 0:
+        raise ValueError(f"start_draw must be >= 0, got {start_draw}")
+    config = data.config
+    schedule = draw_schedule(config, draws_per_step)
+    skipped = {key: 0 for key in data.blocks}
+    for _ in range(start_draw):
+        skipped[next(schedule)] += 1
+    streams = {(source, length): batch_iterator(blocks, config.batch_size_at(length, data.batch_size),
+                                                data.stream_seed(source, length), start_batch=skipped[(source, length)])
+               for (source, length), blocks in data.blocks.items()}
+    for key in schedule:
+        yield next(streams[key])

@@ -18,7 +18,7 @@ from runtime.outputs import open_output_dir
 from runtime.resources import peak_rss_gb
 from sparse_attention.architectures import require
 from sparse_attention.config import SparsifyConfig
-from sparse_attention.data import load_token_blocks
+from sparse_attention.data import load_token_blocks, load_training_data, mixed_batches
 from sparse_attention.evaluate import (
     calibrate_offset,
     compare_on_heldout,
@@ -63,10 +63,11 @@ def comparison_lengths(lengths: list[int], model_context: int | None) -> list[in
 
 
 def load_comparison_blocks(config: SparsifyConfig, tokenizer, lengths: list[int]) -> dict[tuple[str, int], torch.Tensor]:
-    """Held-out blocks per (source, length): `long_blocks` at the longest length, as many tokens at the others.
+    """Held-out blocks per (source, length): `long_blocks` at the longest length, as many tokens at the others;
+    for data.source, every source training mixes, then eval.heldout_sources.
 
     Loaded before training so that a missing corpus fails at once, not after post-training."""
-    sources = list(dict.fromkeys([config.data.source, *config.eval.heldout_sources]))
+    sources = list(dict.fromkeys([config.data.source, *config.data.weights(), *config.eval.heldout_sources]))
     budget = config.eval.long_blocks * max(lengths, default=0)
     blocks = {}
     for source in sources:
@@ -99,7 +100,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
 
     device = resolve_device(config.train.device)
     model, tokenizer = load_model(config.model.name, tiny=config.model.tiny)
@@ -109,10 +110,12 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     for param in reference.parameters():
         param.requires_grad_(False)
     model_context = getattr(model.config, "max_position_embeddings", None)
-    if model_context and config.data.context_length > model_context:
-        raise ValueError(f"data.context_length {config.data.context_length} exceeds the model's context "
-                         f"{model_context}; lower it")
+    for field in ("context_length", "long_context_length"):
+        length = getattr(config.data, field)
+        if model_context and length is not None and length > model_context:
+            raise ValueError(f"data.{field} {length} exceeds the model's context {model_context}; lower it")
     blocks = load_token_blocks(config.data, tokenizer)
+    training = load_training_data(config.data, tokenizer, config.train.batch_size, config.train.seed)
     heldout = blocks.heldout[: config.eval.heldout_blocks]
     lengths = comparison_lengths(config.eval.lengths, model_context) if config.eval.long_blocks else []
     comparison_blocks = load_comparison_blocks(config, tokenizer, lengths) if is_main_rank() else {}
@@ -131,14 +134,17 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
             gated.offsets.fill_(offset)
     untrained_ce = mean_ce(lambda t: gated.set_mode("eval")(t).logits, heldout, eval_bs, device)
 
+    train_cpu_started = time.process_time()
     result = post_train(
-        gated, reference, blocks.train, config.train, config.controller,
+        gated, reference, lambda start: mixed_batches(training, config.train.grad_accumulation, start),
+        config.train, config.controller,
         learn_offset=config.gate.learn_offset,
         checkpoint_dir=output_dir / CHECKPOINT_DIR,
         config_fingerprint=training_fingerprint(config),
         progress=progress,
         on_checkpoint=on_checkpoint,
     )
+    train_cpu_seconds = time.process_time() - train_cpu_started  # all threads of this process: the quiet-machine cost
     if not is_main_rank():  # data-parallel workers: rank 0 saves and evaluates
         return {}
     metadata = {"offset_init": offset, "sparsify_config": config.model_dump(mode="json")}
@@ -162,6 +168,8 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     metrics = {
         "model": config.model.name,
         "data_source": config.data.source,
+        "train_mix": config.data.weights(),
+        "train_lengths": sorted({length for _, length in training.blocks}),
         "context_length": int(heldout.shape[1]),
         "precision": config.train.precision,  # of training; calibration and evaluation run in fp32
         "dense_ce": dense_ce,
@@ -180,7 +188,10 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         "train_tokens_seen": result.tokens_seen,
         "train_steps": result.steps,
         "train_wall_seconds": result.wall_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "stage_wall_seconds": time.perf_counter() - started,
+        "stage_cpu_seconds": time.process_time() - started_cpu,
+        "threads": torch.get_num_threads(),
         "peak_rss_gb": peak_rss_gb(),
         "history": result.history,
     }

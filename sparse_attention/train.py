@@ -3,7 +3,7 @@ within a tolerance of a frozen copy of the original model on the same batch (GEC
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -113,6 +113,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     return {
         "step": step + 1,
         "tokens": tokens_seen,
+        "context_length": int(tokens.shape[1]),  # of this step's (last) batch: mixed-length training varies it
         "ce": totals["ce"],
         "reference_ce": totals["reference_ce"],
         "ce_excess": totals["ce"] - totals["reference_ce"],
@@ -129,7 +130,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
 def post_train(
     gated: GatedModel,
     reference: torch.nn.Module,
-    train_blocks: torch.Tensor,  # [n_blocks, context]
+    train_blocks: torch.Tensor | Callable[[int], Iterator[torch.Tensor]],  # [n_blocks, context], or first batch -> batches
     train: TrainConfig,
     controller_config: ControllerConfig,
     *,
@@ -144,6 +145,9 @@ def post_train(
     or the batch CE difference to the reference. The loss differentiates it through the noisy training
     gates; the controller's lambda follows it measured on the deterministic gates (`train.controller_signal`
     'hard_gates', default) or on the training gates ('train_gates').
+
+    `train_blocks` is shuffled by `batch_iterator`; a callable instead gives the batch iterator that starts at
+    a batch index (e.g. `data.mixed_batches` over several sources and lengths), so a resumed run continues exactly.
 
     `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`.
     """
@@ -194,8 +198,9 @@ def post_train(
 
     reference.eval()
     gated.train().set_mode("train", noise=train.gate_noise, generator=noise)
-    batches = batch_iterator(train_blocks, train.batch_size, train.seed,
-                             start_batch=loop.start_step * train.grad_accumulation)
+    start_batch = loop.start_step * train.grad_accumulation
+    batches = (train_blocks(start_batch) if callable(train_blocks)
+               else batch_iterator(train_blocks, train.batch_size, train.seed, start_batch=start_batch))
     with frozen_linear_weights_in_bf16(gated.model, train.precision):  # the fp32 originals are back after it
         result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, controller,
                                                    batches, train, step, loop.tokens_seen),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import types
@@ -402,3 +403,93 @@ def test_austen_source_reads_the_six_novels_by_chapter(tokenizer) -> None:
     config = DataConfig(source="austen", context_length=64, max_train_tokens=20_000, max_heldout_tokens=5_000)
     blocks = load_token_blocks(config, tokenizer)
     assert blocks.heldout.shape == (5_000 // 63, 64)
+
+
+@pytest.fixture
+def two_corpora(tmp_path: Path) -> tuple[Path, Path]:
+    """Two folder sources with disjoint markers: 'a' documents (doc000..) and 'b' documents (bbb000..)."""
+    roots = tmp_path / "a", tmp_path / "b"
+    for i in range(40):
+        for root, text in zip(roots, (doc_text(i), f"bbb{i:03d} " * (5 + i % 5) + "fin.\n")):
+            root.mkdir(exist_ok=True)
+            (root / f"{i:03d}.txt").write_text(text)
+    return roots
+
+
+def _rows(blocks: torch.Tensor) -> set[tuple[int, ...]]:
+    return {tuple(row) for row in blocks.tolist()}
+
+
+def test_mixed_batches_follow_the_weights_lengths_and_train_splits(two_corpora, tokenizer) -> None:
+    a, b = (str(root) for root in two_corpora)
+    config = data.TrainDataConfig(source=a, context_length=8, heldout_fraction=0.25, mix={a: 3.0, b: 1.0},
+                                  long_context_length=16, long_every=3)
+    assert config.weights() == {a: 0.75, b: 0.25}
+    training = data.load_training_data(config, tokenizer, batch_size=4, seed=5)
+    assert sorted(training.blocks) == sorted([(a, 8), (a, 16), (b, 8), (b, 16)])
+    train_rows = {key: _rows(blocks) for key, blocks in training.blocks.items()}
+    heldout_markers = {f"{prefix}{i:03d}" for prefix in ("doc", "bbb") for i in range(40)
+                       if is_heldout(f"{i:03d}.txt", 0.25, 0)}
+    assert 0 < len(heldout_markers) < 40
+    batches = [batch for batch, _ in zip(data.mixed_batches(training, draws_per_step=2), range(48))]
+    sources = []
+    for draw, batch in enumerate(batches):
+        long = (draw // 2 + 1) % 3 == 0  # steps 2, 5, 8, ... are long
+        assert batch.shape == ((2, 16) if long else (4, 8))  # 4 x 8 tokens -> 2 x 16 on long steps
+        found = [key for key, rows in train_rows.items() if _rows(batch) <= rows]
+        assert len(found) == 1 and found[0][1] == batch.shape[1]
+        markers = {marker for row in batch for marker in re.findall(r"(?:doc|bbb)\d{3}", body_text(row[None], tokenizer))}
+        assert not markers & heldout_markers  # whole markers only: a block may cut one
+        sources.append((found[0][0], long))
+    short = [source for source, long in sources if not long]
+    assert short[:8] == [a, a, b, a, a, a, b, a] and short.count(a) == 24 and short.count(b) == 8  # 3:1, in turn
+    assert [source for source, long in sources if long] == [a, a, b, a, a, a, b, a, a, a, b, a, a, a, b, a][:16]
+
+
+def test_mixed_batches_resume_exactly_across_epochs(two_corpora, tokenizer) -> None:
+    a, b = (str(root) for root in two_corpora)
+    config = data.TrainDataConfig(source=a, context_length=8, heldout_fraction=0.25, mix={a: 1.0, b: 1.0},
+                                  long_context_length=32, long_every=2)
+    training = data.load_training_data(config, tokenizer, batch_size=8, seed=0)
+    per_epoch = min(len(blocks) // config.batch_size_at(n, 8) for (_, n), blocks in training.blocks.items())
+    total = 4 * per_epoch + 7  # several epochs of every stream
+    fresh = [batch for batch, _ in zip(data.mixed_batches(training, draws_per_step=3), range(total))]
+    for start in (1, 5, 6, 2 * per_epoch + 1, total - 1):
+        resumed = [batch for batch, _ in zip(data.mixed_batches(training, 3, start), range(total - start))]
+        assert all(torch.equal(x, y) for x, y in zip(resumed, fresh[start:], strict=True))
+
+
+def test_one_source_one_length_draws_what_batch_iterator_draws(corpus: Path, tokenizer) -> None:
+    config = data.TrainDataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
+    training = data.load_training_data(config, tokenizer, batch_size=3, seed=11)
+    train = load_token_blocks(config, tokenizer).train
+    expected = [batch for batch, _ in zip(batch_iterator(train, 3, seed=11, start_batch=2), range(20))]
+    got = [batch for batch, _ in zip(data.mixed_batches(training, 1, 2), range(20))]
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mix": {}}, "data.mix is empty"),
+        ({"mix": {"python-docs": 1.0, "brown": 0.0}}, "positive and finite"),
+        ({"mix": {"python-docs": float("nan")}}, "positive and finite"),
+        ({"mix": {"brown": 1.0}}, "data.source 'python-docs' must be one of data.mix's sources"),
+        ({"mix": {"python-docs": 1.0, "hf:x": 1.0}, "max_train_tokens": None}, "streamed"),
+        ({"long_every": 4}, "long_context_length is unset"),
+        ({"long_every": 0, "long_context_length": 512}, "long_every must be >= 1"),
+        ({"long_context_length": 128}, "differ from data.context_length 128"),
+        ({"long_context_length": 1}, "must be >= 2"),
+        ({"mixture": {"brown": 1.0}}, "mixture"),
+    ],
+)
+def test_bad_mix_or_length_settings_are_one_clear_error(fields: dict, message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        data.TrainDataConfig(**fields)
+
+
+def test_too_few_blocks_for_a_long_batch_is_an_error_at_load(corpus: Path, tokenizer) -> None:
+    config = data.TrainDataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25,
+                                  long_context_length=32, max_train_tokens=200)
+    with pytest.raises(ValueError, match="has 6 blocks of 32 tokens but a batch needs 7"):
+        data.load_training_data(config, tokenizer, batch_size=28, seed=0)

@@ -370,3 +370,37 @@ def test_task_prompts_without_an_evaluator_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="task_prompts > 0 needs a task evaluator"):
         stage.run(config, tmp_path / "sparsify", progress=False)
     assert not (tmp_path / "sparsify").exists()
+
+
+def test_mixed_sources_and_lengths_train_resume_exactly_and_are_evaluated(tmp_path):
+    """Training that mixes python-docs with a second corpus and puts every 2nd step at 128 tokens: the steps
+    alternate lengths, a run killed after its step-4 checkpoint resumes to the uninterrupted history, the
+    config keeps the mix, and every mixed source is compared on its held-out split."""
+    second = tmp_path / "second"
+    second.mkdir()
+    for i in range(30):
+        (second / f"{i:02d}.txt").write_text(f"Story {i}: the quick brown fox jumps over the lazy dog. " * 20)
+    overrides = ["sparsify.train.steps=6", "sparsify.train.checkpoint_every=2", "sparsify.train.precision=fp32",
+                 "sparsify.eval.heldout_blocks=2", "sparsify.eval.long_blocks=1", "sparsify.eval.lengths=[128]",
+                 f"sparsify.data.mix={{python-docs: 1.0, {second}: 1.0}}", "sparsify.data.long_context_length=128",
+                 "sparsify.data.long_every=2"]
+    config = load_config(preset="tiny", overrides=overrides).sparsify
+
+    def kill_at_4(row, directory):
+        if row["step"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+
+    straight = stage.run(config, tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(config, tmp_path / "b", progress=False, on_checkpoint=kill_at_4)
+    resumed = stage.run(config, tmp_path / "b", progress=False)
+    assert without_time(resumed["history"]) == without_time(straight["history"])
+    assert [row["context_length"] for row in straight["history"]] == [64, 128] * 3
+    assert [row["tokens"] for row in straight["history"]] == [512, 1024, 1536, 2048, 2560, 3072]  # 8x64 = 4x128
+    assert straight["train_mix"] == {"python-docs": 0.5, str(second): 0.5} and straight["train_lengths"] == [64, 128]
+    assert [(s["source"], s["context_length"]) for s in straight["heldout_by_length"]] == [
+        ("python-docs", 128), (str(second), 128)]
+    saved = SparsifyConfig.model_validate(yaml.safe_load((tmp_path / "a" / stage.CONFIG_FILE).read_text()))
+    assert saved.data.mix == {"python-docs": 1.0, str(second): 1.0} and saved.data.long_every == 2
+    other = load_config(preset="tiny", overrides=[*overrides, f"sparsify.data.mix={{python-docs: 3.0, {second}: 1.0}}"])
+    assert stage.training_fingerprint(other.sparsify) != stage.training_fingerprint(config)  # the mix is trained on
