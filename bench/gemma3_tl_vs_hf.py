@@ -7,6 +7,7 @@ residual. Run with the circuit-tracer venv's python after bench/gemma3_vs_circui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -31,9 +32,11 @@ def main() -> int:
     tokens = torch.tensor(job["tokens"])[None]
     with torch.no_grad():
         hf_run = hf(tokens, output_hidden_states=True)
-    tl = HookedTransformer.from_pretrained(TL_NAME, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(str(model_dir)),
-                                           fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                           device="cpu", dtype=torch.float32, default_prepend_bos=False)
+    with contextlib.redirect_stdout(sys.stderr):  # TransformerLens reports the load on stdout; stdout is the JSON
+        tl = HookedTransformer.from_pretrained(TL_NAME, hf_model=hf,
+                                               tokenizer=AutoTokenizer.from_pretrained(str(model_dir)), fold_ln=False,
+                                               center_writing_weights=False, center_unembed=False, device="cpu",
+                                               dtype=torch.float32, default_prepend_bos=False)
     with torch.no_grad():
         logits, cache = tl.run_with_cache(tokens)
     layers = range(tl.cfg.n_layers - 1)  # HF's last hidden state is past the final norm
