@@ -21,6 +21,14 @@ Every place read or patched is a named hook point (sparse_attention/hook_points.
 `hook_{q,k,v}_input` (one input per head), `hook_mlp_in` and `hook_resid_final` (the logits).
 Each head must get its own input, and grouped-query heads share k/v projections, so the model is
 copied with its k / v projections expanded to one KV head per query head (an exactly equivalent model).
+
+Families with a norm on the attention output (Gemma's post_attention_layernorm, `blocks.{l}.ln1_post`) add
+N(sum_h w_h) to the residual, not the heads' writes w_h, so removed edges out of a layer's heads are not a sum
+of per-head terms. A reader then sees, per earlier layer, N(A + sum over its removed heads of (corrupted -
+actual w_h)) - N(A) (A = the layer's attention output before the norm in this run) besides the sum over its
+removed embedding and MLP writes (those are added as they are). This is exact; node patching (a head's z)
+runs through the model's own norm anyway. EAP scores a head's edge by N(A + corrupted - clean w_h) - N(A)
+(the single-head patch through the norm) against the reader's gradient (`post_norm_diffs`).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from prompts.batches import PromptBatch
 from prompts.metrics import logit_diff, logits_fn
 from runtime.precision import Precision, store_linear_weights_in_bf16_
 from sparse_attention import hook_points
-from sparse_attention.architectures import require
+from sparse_attention.architectures import architecture, require
 from sparse_attention.gated_attention import gate_mode
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +78,27 @@ def multi_head_copy(model: nn.Module) -> nn.Module:
         hook_points.module(copied, f"blocks.{layer}.attn").num_key_value_groups = 1
     cfg.num_key_value_heads = n_heads
     return copied
+
+
+def post_attention_norms(model: nn.Module) -> list[nn.Module] | None:
+    """Per layer the norm on the attention output (Gemma's post_attention_layernorm), or None for a family that
+    adds the attention output to the residual as it is."""
+    if not architecture(model).has("blocks.{l}.ln1_post"):
+        return None
+    return [hook_points.module(model, f"blocks.{layer}.ln1_post") for layer in range(len(hook_points.layers(model)))]
+
+
+def post_norm_diffs(diffs: torch.Tensor, clean_writes: torch.Tensor, layout: ComponentLayout,
+                    norms: list[nn.Module]) -> torch.Tensor:
+    """Each head's corrupted - clean write as it reaches the residual through its layer's attention-output norm:
+    N(A + diff_h) - N(A), A the clean attention output before the norm; other rows unchanged.
+    diffs, clean_writes [U, b, p, d] -> [U, b, p, d]."""
+    diffs = diffs.clone()
+    for layer, norm in enumerate(norms):
+        rows = slice(layout.head_row(layer, 0), layout.mlp_row(layer))
+        attn = clean_writes[rows].sum(0)  # [b, p, d]
+        diffs[rows] = norm(attn[None] + diffs[rows]) - norm(attn)[None]
+    return diffs
 
 
 @dataclass
@@ -103,6 +132,9 @@ class ComponentHooks:
     _diffs: torch.Tensor | None = None  # [U, b, p, d] corrupted - actual (edge patching)
     _prefix_diff: torch.Tensor | None = None  # [b, p, d] sum of _diffs over rows written so far
     _head_delta: torch.Tensor | None = None  # [b, p, H, n_inputs, d] current layer's head-input perturbation
+    post_norms: list[nn.Module] | None = None  # per layer the norm on the attention output, if the family has one
+    _attn_pre: list[torch.Tensor] = field(default_factory=list)  # post-norm edge patching: per layer A [b, p, d]
+    _head_diffs: list[torch.Tensor] = field(default_factory=list)  # and its heads' corrupted - actual [H, b, p, d]
 
     def __post_init__(self):
         patches = (self.keep_heads is not None or self.keep_mlps is not None) + (self.keep_edges is not None)
@@ -114,6 +146,7 @@ class ComponentHooks:
     def hook_fns(self, model: nn.Module) -> dict[str, hook_points.HookFn]:
         """Hook point -> function, for `model` (the multi-head copy: a GatedModel or HF causal LM)."""
         fns: dict[str, hook_points.HookFn] = {"hook_embed": self._on_embed}
+        self.post_norms = post_attention_norms(model)
         for layer in range(self.layout.n_layers):
             o_weight = hook_points.module(model, f"blocks.{layer}.attn.o").weight
             fns[f"blocks.{layer}.hook_resid_pre"] = partial(self._on_resid_pre, layer)
@@ -133,13 +166,18 @@ class ComponentHooks:
 
     # -- writers
 
-    def _record(self, rows: slice | int, write: torch.Tensor) -> None:
-        """Store a write ([b, p, d] or [b, p, k, d]) and, when edge patching, its corrupted - actual."""
+    def _record(self, rows: slice | int, write: torch.Tensor, post_norm: bool = False) -> None:
+        """Store a write ([b, p, d] or [b, p, k, d]) and, when edge patching, its corrupted - actual; `post_norm`:
+        heads whose layer's sum passes a norm, kept apart from the additive rows (`_post_norm_delta`)."""
         write = write.detach()
         block = write.movedim(2, 0) if write.dim() == 4 else write
         self.writes[rows] = block
         if self.keep_edges is not None:
             diff = self.corrupted.writes[rows] - block
+            if post_norm:
+                self._attn_pre.append(block.sum(0))
+                self._head_diffs.append(diff)
+                return  # their rows of _diffs stay zero: not part of the additive sum
             self._diffs[rows] = diff
             self._prefix_diff = self._prefix_diff + (diff.sum(0) if diff.dim() == 4 else diff)
 
@@ -156,6 +194,7 @@ class ComponentHooks:
                 _check_token_roles(self.token_roles, (b, p), self.keep_edges.shape[2])
             self._diffs = torch.zeros_like(self.writes)
             self._prefix_diff = output.new_zeros(b, p, d)
+            self._attn_pre, self._head_diffs = [], []
         if self.embed_mix is not None:
             corrupted = self.corrupted.writes[0].to(output.dtype)
             output = corrupted + self.embed_mix * (output - corrupted)
@@ -167,7 +206,7 @@ class ComponentHooks:
             z = patch_heads(z, self.corrupted.z[layer], self.keep_heads[layer])
         self.z.append(z.detach())
         rows = slice(self.layout.head_row(layer, 0), self.layout.mlp_row(layer))
-        self._record(rows, head_writes(z, o_weight, self.layout.n_heads))
+        self._record(rows, head_writes(z, o_weight, self.layout.n_heads), post_norm=self.post_norms is not None)
         return z
 
     def _on_mlp_out(self, layer: int, output: torch.Tensor) -> torch.Tensor:
@@ -186,13 +225,27 @@ class ComponentHooks:
             keep = self.keep_edges[:n_rows, cols]
             if keep.dim() == 3:
                 keep = keep[:, :, self.token_roles]  # [U', C, b, p]: each token's edges are its role's
-            return removed_input(self._prefix_diff, self._diffs[:n_rows], keep)
+            delta = removed_input(self._prefix_diff, self._diffs[:n_rows], keep)
+            return delta if self.post_norms is None else delta + self._post_norm_delta(keep)
         if self.track_grads:
             b, p, d = shape_like.shape
             delta = shape_like.new_zeros(b, p, n_cols, d, requires_grad=True)
             self.perturbations[cols.start] = delta
             return delta
         return None
+
+    def _post_norm_delta(self, keep: torch.Tensor) -> torch.Tensor:
+        """What removed head edges add to the readers' inputs through each earlier layer's attention-output norm:
+        sum over layers of N(A + D) - N(A), D the sum of the removed heads' corrupted - actual.
+        keep [U', C] or [U', C, b, p] (the rows the readers read)  ->  [b, p, C, d]."""
+        total = 0
+        pattern = "hbpd,hcbp->bpcd" if keep.dim() == 4 else "hbpd,hc->bpcd"
+        for layer, (attn, diffs) in enumerate(zip(self._attn_pre, self._head_diffs)):
+            rows = slice(self.layout.head_row(layer, 0), self.layout.mlp_row(layer))
+            removed = torch.einsum(pattern, diffs, (~keep[rows]).to(diffs.dtype))  # [b, p, C, d]
+            norm = self.post_norms[layer]
+            total = total + norm(attn[:, :, None] + removed) - norm(attn)[:, :, None]
+        return total
 
     def _on_resid_pre(self, layer: int, resid: torch.Tensor) -> None:
         """Before the layer's heads read: their perturbation, computed from the rows written so far."""
@@ -403,6 +456,10 @@ def edge_attribution(prepared: PreparedModel, batch: PromptBatch, corrupted: Rec
         with prepared.gates_of(masks):
             clean_writes = record(prepared, batch.clean)[0].writes
     diffs = corrupted.writes - clean_writes  # [U, b, p, d]
+    norms = post_attention_norms(prepared.module)
+    if norms is not None:
+        with torch.no_grad():
+            diffs = post_norm_diffs(diffs, clean_writes, prepared.layout, norms)
     by_role = token_roles is not None
     if by_role:
         role_of_token = nn.functional.one_hot(token_roles, n_roles).to(diffs.dtype)  # [b, p, R]

@@ -85,10 +85,10 @@ def _read(output_dir: Path, name: str) -> pd.DataFrame | None:
 
 
 def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
-                 labels: Mapping[str, Labels] | None = None) -> Path:
+                 labels: Mapping[str, Labels] | None = None, left_out: list[str] | None = None) -> Path:
     """Render report.html (and report_files/*.png) from the comparison tables in `output_dir` and the settings
-    saved beside them; the example graphs are drawn from the store at `store_uri` when given. Returns the HTML
-    path."""
+    saved beside them; the example graphs are drawn from the store at `store_uri` when given; `left_out`: parts
+    not computed, each with why, listed under the heading. Returns the HTML path."""
     output_dir = Path(output_dir)
     metrics, summary = _read(output_dir, "graph_metrics"), _read(output_dir, "task_summary")
     if metrics is None or summary is None:
@@ -101,6 +101,8 @@ def write_report(output_dir: str | Path, store_uri: str | Path | None = None,
     counts = metrics.groupby(["task", "variant"]).size().unstack(fill_value=0)
     parts = [f"<h1>Dense vs sparse circuits</h1><p>{len(metrics)} graphs; per task and variant:</p>",
              table_html(["task", *counts.columns], [[t, *map(fmt, r)] for t, r in counts.iterrows()])]
+    if left_out:
+        parts.append("<p class=note>Not in this report: " + "; ".join(html.escape(s) for s in left_out) + ".</p>")
 
     sparsity = _read(output_dir, "sparsity")
     if sparsity is not None:

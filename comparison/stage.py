@@ -25,6 +25,7 @@ from comparison.graph_metrics import metric_columns, store_metrics
 from comparison.inputs import attention_pattern, example_tables, sparsity_table
 from comparison.report import write_report
 from comparison.summaries import run_circuits, summarize
+from sparse_attention.architectures import architecture
 from sparse_attention.sources import load_source
 
 
@@ -45,7 +46,8 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
 
     dense_model: a ModelSpec (or gated checkpoint) for component circuits; sparse_model: the sparsify stage's
     gated model directory (component circuits and the attention-pattern figure); sparsify_metrics: its
-    metrics.json (the sparsity figure). Without them those parts are left out and the summary says so.
+    metrics.json (the sparsity figure). Without them those parts are left out, and so are component circuits on a
+    family that refuses them (sparse_attention/architectures.py); the summary and the report say which and why.
     labels: optional feature labels per variant, {variant: {(layer, feature): text}}, for the report. Returns a summary dict.
     """
     config = config or CompareConfig()
@@ -72,7 +74,10 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
     else:
         left_out.append("attention pattern (no sparse model given)")
     circuit_tasks = config.circuits.tasks or sorted(t for t in metrics["task"].unique() if t != "custom")
-    if config.circuits.enabled and circuit_tasks and dense_model is not None and sparse_model is not None:
+    refusal = architecture(gated).refused.get("circuits") if sparse_model is not None else None
+    if config.circuits.enabled and refusal is not None:
+        left_out.append(f"component circuits: refused for model family {architecture(gated).family!r}: {refusal}")
+    elif config.circuits.enabled and circuit_tasks and dense_model is not None and sparse_model is not None:
         models = {variant: load_source(source)[:2] for variant, source in (("dense", dense_model),
                                                                             ("sparse", Path(sparse_model)))}
         curves, circuit_summary, prompt_circuits = run_circuits(config.circuits, models, circuit_tasks,
@@ -87,7 +92,7 @@ def compare_store(store_uri: str | Path, output_dir: str | Path, config: Compare
         write_table(frame, output_dir, name)
     report = None
     if config.report:
-        report = str(write_report(output_dir, store_uri=store_uri, labels=labels))
+        report = str(write_report(output_dir, store_uri=store_uri, labels=labels, left_out=left_out))
     ratios = summary_table[(summary_table["variant"] == RATIO) & (summary_table["task"] != "all")]
     return {
         "graphs": len(metrics), "tasks": sorted(metrics["task"].unique()), "tables": sorted(OUTPUT_FILES[n] for n in written),

@@ -92,8 +92,8 @@ _POST_NORMS = {"blocks.{l}.ln1_post": "model.layers.{l}.post_attention_layernorm
 _OLMO2 = {name: path for name, path in _llama_style(**_QK_NORMS, **_POST_NORMS).items()
           if name not in ("blocks.{l}.ln1", "blocks.{l}.ln2")}
 _GEMMA = _llama_style(**_POST_NORMS, **{"blocks.{l}.ln2": "model.layers.{l}.pre_feedforward_layernorm"})
-_NO_CIRCUITS_POST_NORM = ("component circuits split the attention output into per-head writes, which a norm on "
-                          "the attention output (post_attention_layernorm) does not allow")
+_NO_CIRCUITS_WHOLE_QK_NORM = ("its q/k norms normalise the whole projection (every head together), so patching one "
+                              "head's input would change every head's query and key: no edge reaches one head alone")
 _GPT2 = {
     "embed": "transformer.wte",
     "pos_embed": "transformer.wpe",
@@ -113,10 +113,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", _llama_style()),
     "qwen2": Architecture("qwen2", _llama_style()),
     "qwen3": Architecture("qwen3", _llama_style(**_QK_NORMS), qk_norm="head"),
-    "olmo2": Architecture("olmo2", _OLMO2, qk_norm="whole", refused={"circuits": _NO_CIRCUITS_POST_NORM}),
-    "gemma2": Architecture("gemma2", _GEMMA, gain_offset=1.0, refused={"circuits": _NO_CIRCUITS_POST_NORM}),
-    "gemma3_text": Architecture("gemma3_text", {**_GEMMA, **_QK_NORMS}, gain_offset=1.0, qk_norm="head",
-                                refused={"circuits": _NO_CIRCUITS_POST_NORM}),
+    "olmo2": Architecture("olmo2", _OLMO2, qk_norm="whole", refused={"circuits": _NO_CIRCUITS_WHOLE_QK_NORM}),
+    "gemma2": Architecture("gemma2", _GEMMA, gain_offset=1.0),
+    "gemma3_text": Architecture("gemma3_text", {**_GEMMA, **_QK_NORMS}, gain_offset=1.0, qk_norm="head"),
     "gpt2": Architecture("gpt2", _GPT2, norm="layer", trainable={"attention": r"\.attn\."}, refused={
         "circuits": "the fused q/k/v projection (c_attn) cannot give each head its own input"}),
 }

@@ -41,7 +41,7 @@ from attribution.heads import head_loadings
 from attribution.nodes import build_replacement, transcoder_weights
 from attribution.qk import QK_COLUMNS, ResidualComponents, qk_pair_contributions, qk_rows
 from attribution.replacement import AttributionError, extract_weights, freeze_prompt, tokenize_prompt
-from circuits.hooks import patched_metric, prepare, record
+from circuits.hooks import edge_attribution, patched_metric, prepare, record
 from pipeline.config import load_config
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff
@@ -213,7 +213,7 @@ def test_a_family_outside_the_table_is_one_clear_error():
     with pytest.raises(HookPointError, match="model family 'gpt_neox'"):
         with hooks(model, {"hook_embed": lambda x: None}):
             pass
-    with pytest.raises(ArchitectureError, match="'olmo2' cannot run the circuits stage: component circuits"):
+    with pytest.raises(ArchitectureError, match="'olmo2' cannot run the circuits stage: its q/k norms"):
         require(tiny_family("olmo2")[0], "circuits")
     assert architecture(GatedModel(tiny_family("qwen3")[0], 0.0)).family == "qwen3"
 
@@ -416,10 +416,10 @@ def test_what_the_replacement_model_cannot_compute_is_refused():
 
 
 # --------------------------------------------------------------------------------------------------
-# Component circuits: each head reads its own input, so families with a norm on the attention output or
-# a fused q/k/v projection are refused
+# Component circuits: each head reads its own input, so families whose q/k norms mix heads (OLMo-2) or with a
+# fused q/k/v projection (GPT-2) are refused; a norm on the attention output (Gemma) is patched through
 
-CIRCUITS = ["llama", "llama3-rope", "qwen2", "qwen3"]
+CIRCUITS = ["llama", "llama3-rope", "qwen2", "qwen3", "gemma2", "gemma2-nocap", "gemma3"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -444,6 +444,110 @@ def test_component_circuits_are_exact_or_refused(name):
     torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=allowed), clean, rtol=0, atol=1e-5)
     torch.testing.assert_close(patched_metric(prepared, batch, corrupted, keep_edges=~allowed), corrupt,
                                rtol=0, atol=1e-5)
+
+
+def _brute_force_reader_input(prepared, clean_ids, corrupted_ids, removed: torch.Tensor) -> torch.Tensor:
+    """A reader's input minus its clean input when the writers in `removed` [U] bool feed it their corrupted
+    write and every other reader keeps every edge: per layer, the model's own output projection and post-attention
+    norm on z with the removed heads' taken from the corrupted run, minus the same on the clean z; the removed
+    embedding and MLP outputs' corrupted - clean. [b, p, d]"""
+    layout, model = prepared.layout, prepared.module
+    runs = []
+    for ids in (clean_ids, corrupted_ids):
+        seen = {}
+        fns = {"hook_embed": partial(seen.__setitem__, "embed")}
+        for layer in range(layout.n_layers):
+            fns[f"blocks.{layer}.attn.hook_z"] = partial(seen.__setitem__, ("z", layer))
+            fns[f"blocks.{layer}.hook_mlp_out"] = partial(seen.__setitem__, ("mlp", layer))
+        with torch.no_grad(), hooks(model, fns):
+            model(input_ids=ids)
+        runs.append(seen)
+    clean, corrupt = runs
+    delta = (corrupt["embed"] - clean["embed"]) * removed[0]
+    for layer in range(layout.n_layers):
+        heads = removed[layout.head_row(layer, 0):layout.mlp_row(layer)]
+        mixed = torch.where(heads.repeat_interleave(clean[("z", layer)].shape[-1] // layout.n_heads),
+                            corrupt[("z", layer)], clean[("z", layer)])
+        o_proj, norm = module(model, f"blocks.{layer}.attn.o"), module(model, f"blocks.{layer}.ln1_post")
+        with torch.no_grad():
+            delta = delta + norm(o_proj(mixed)) - norm(o_proj(clean[("z", layer)]))
+        delta = delta + (corrupt[("mlp", layer)] - clean[("mlp", layer)]) * removed[layout.mlp_row(layer)]
+    return delta
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_edge_patching_through_the_post_attention_norm_equals_brute_force(name):
+    """Random edges into one reader removed (a head's q, k or v input, an MLP, the logits), every other edge kept:
+    the patched metric equals the model run with that reader's input moved by `_brute_force_reader_input`."""
+    model = GatedModel(tiny_family(name)[0], offset_init=0.0).eval()
+    with torch.no_grad():
+        model.offsets.copy_(torch.linspace(-0.3, 0.3, model.offsets.numel()).view_as(model.offsets))
+    model.set_mode("eval")
+    prepared = prepare(model)
+    layout = prepared.layout
+    candidates = generate_task("greater_than", byte_tokenizer(), 40, seed=0)
+    length = max({len(p.clean) for p in candidates}, key=[len(p.clean) for p in candidates].count)
+    batch = encode_prompts([p for p in candidates if len(p.clean) == length][:4], byte_tokenizer(), 4)[0]
+    corrupted, _ = record(prepared, batch.corrupted)
+    allowed = layout.allowed()
+    generator = torch.Generator().manual_seed(1)
+    last = layout.n_layers - 1
+    head_col = layout.head_cols(last).start + 1 * layout.n_inputs + 1  # the k input of head 1 of the last layer
+    for col, reader in ((layout.logits_col, "hook_resid_final"), (layout.mlp_col(1), "blocks.1.hook_mlp_in"),
+                        (head_col, f"blocks.{last}.hook_k_input")):
+        removed = allowed[:, col] & (torch.rand(layout.n_rows, generator=generator) < 0.5)
+        assert removed[1:].any() and (allowed[:, col] & ~removed).any()
+        keep = allowed.clone()
+        keep[removed, col] = False
+        delta = _brute_force_reader_input(prepared, batch.clean, batch.corrupted, removed)
+        if reader.endswith("k_input"):
+            def move(resid, delta=delta):  # [b, p, H, d]: only head 1 reads the moved input
+                resid = resid.clone()
+                resid[:, :, 1] += delta
+                return resid
+        else:
+            def move(resid, delta=delta):
+                return resid + delta
+        with torch.no_grad(), hooks(prepared.module, {reader: move}):
+            expected = logit_diff(prepared.module(input_ids=batch.clean).logits[:, -1], batch)
+        patched = patched_metric(prepared, batch, corrupted, keep_edges=keep)
+        torch.testing.assert_close(patched, expected, rtol=0, atol=1e-5)
+        assert (patched - patched_metric(prepared, batch, corrupted, keep_edges=allowed)).abs().max() > 1e-3
+        roles = torch.randint(0, 2, tuple(batch.clean.shape), generator=torch.Generator().manual_seed(col))  # same edges per role
+        by_role = patched_metric(prepared, batch, corrupted, keep_edges=keep[:, :, None].expand(-1, -1, 2).clone(),
+                                 token_roles=roles)
+        torch.testing.assert_close(by_role, patched, rtol=0, atol=1e-6)
+
+
+def test_eap_scores_a_head_edge_through_the_post_attention_norm():
+    """EAP's score of head u -> logits: the single-head patch through its layer's norm (brute force), dotted with
+    the metric's gradient at the final residual, summed over prompts and positions."""
+    model = GatedModel(tiny_family("gemma3")[0], offset_init=1e4).eval().set_mode("eval")
+    prepared = prepare(model)
+    layout = prepared.layout
+    candidates = generate_task("greater_than", byte_tokenizer(), 40, seed=0)
+    length = max({len(p.clean) for p in candidates}, key=[len(p.clean) for p in candidates].count)
+    batch = encode_prompts([p for p in candidates if len(p.clean) == length][:4], byte_tokenizer(), 4)[0]
+    corrupted, _ = record(prepared, batch.corrupted)
+    scores = edge_attribution(prepared, batch, corrupted)
+    seen = {}
+
+    def keep_grad(resid):
+        resid = resid.detach().requires_grad_(True)
+        seen["resid"] = resid
+        return resid
+
+    with torch.enable_grad(), hooks(prepared.module, {"hook_resid_final": keep_grad}):
+        logit_diff(prepared.module(input_ids=batch.clean).logits[:, -1], batch).sum().backward()
+    grad = seen["resid"].grad  # [b, p, d]
+    for layer in range(layout.n_layers):
+        for head in range(layout.n_heads):
+            removed = torch.zeros(layout.n_rows, dtype=torch.bool)
+            removed[layout.head_row(layer, head)] = True
+            delta = _brute_force_reader_input(prepared, batch.clean, batch.corrupted, removed)
+            expected = (delta * grad).sum()
+            torch.testing.assert_close(scores[layout.head_row(layer, head), layout.logits_col], expected,
+                                       rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ per task on tiny models, and the compare stage and its report on a tiny pipeline
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -34,6 +35,8 @@ from comparison.summaries import run_circuits, summarize
 from pipeline.config import load_config
 from pipeline.orchestrate import run_pipeline
 from prompts.tasks import load_task
+from runtime.precision import bf16_supported
+from sparse_attention import architectures
 from sparse_attention.models import byte_tokenizer
 from tests.test_circuits import make_model
 
@@ -267,6 +270,8 @@ def test_run_circuits_behaviour_gate_and_prompt_floor():
 # the tiny preset, shortened: 4 sparsify steps leave most gates open, which is all these tests need
 FAST = ["sparsify.train.steps=4", "sparsify.train.checkpoint_every=4", "sparsify.eval.heldout_blocks=4",
         "sparsify.eval.long_blocks=1", "clt.train.steps=30", "clt.eval.heldout_blocks=4"]
+if not bf16_supported("cpu"):  # the stages' bf16 default is refused on a CPU without bfloat16 units
+    FAST += ["sparsify.train.precision=fp32", "clt.precision=fp32", "features.precision=fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +379,24 @@ def test_compare_stage_is_skipped_when_done_and_runs_as_a_plain_function(tiny_ru
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "graph_metrics.parquet"),
                                   pd.read_parquet(root / "comparison" / "graph_metrics.parquet"))
     assert json.loads(json.dumps(summary))["graphs"] == 14
+
+
+def test_a_family_refusing_circuits_gets_the_feature_comparison_and_one_statement(tiny_run, tmp_path, monkeypatch):
+    """Component circuits on a family that refuses them (Gemma, OLMo-2, GPT-2): no crash, no circuit tables; the
+    summary's left_out and the report say so once, with the family's reason, and the rest is written."""
+    root, config, _ = tiny_run
+    llama = architectures.ARCHITECTURES["llama"]
+    monkeypatch.setitem(architectures.ARCHITECTURES, "llama",
+                        dataclasses.replace(llama, refused={"circuits": "a reason <given> here"}))
+    summary = compare_store(root / "graphs", tmp_path, CompareConfig(bootstrap_samples=200),
+                            dense_model=config.sparsify.model, sparse_model=root / "sparsify" / "model",
+                            sparsify_metrics=root / "sparsify" / "metrics.json", progress=False)
+    statement = "component circuits: refused for model family 'llama': a reason <given> here"
+    assert summary["left_out"] == [statement]
+    assert not (tmp_path / "circuit_summary.parquet").exists() and (tmp_path / "attention_pattern.parquet").exists()
+    page = (tmp_path / REPORT_FILE).read_text()
+    assert page.count(html.escape(statement)) == 1 and "<h2>Component circuits</h2>" not in page
+    assert "<h2>Feature-level circuits</h2>" in page
 
 
 def test_empty_store_is_a_clear_error(tmp_path):

@@ -62,7 +62,7 @@ def test_the_installed_wheel_has_its_command_presets_and_prompt_files(installed,
     preset_dir, prompt_dir, presets, counts = found.stdout.splitlines()
     site_packages = installed.parent / "lib"
     assert Path(preset_dir).is_relative_to(site_packages) and Path(prompt_dir).is_relative_to(site_packages)
-    assert presets == "demo,tiny" and counts == "300 300"
+    assert presets == "demo,gemma3,tiny" and counts == "300 300"
 
 
 @pytest.mark.slow
