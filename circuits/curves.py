@@ -43,6 +43,7 @@ from circuits.hooks import (
     PreparedModel,
     clean_masks,
     edge_attribution,
+    edge_patched_metrics,
     head_patched_metrics,
     patched_metric,
     prepare,
@@ -90,18 +91,22 @@ def count_staying_above(effects: dict[int, float], target: float) -> int | None:
 
 
 def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: float, dense_points: int = 0,
-               refine: bool = True) -> tuple[int | None, int | None, dict[int, float]]:
+               refine: bool = True, evaluate_many: Callable[[list[int]], list[float]] | None = None
+               ) -> tuple[int | None, int | None, dict[int, float]]:
     """(first crossing, stays-above count, every evaluated {count: effect}).
 
     Evaluates the grid, then `dense_points` counts evenly between the grid count before the first crossing
     and the stays-above count, then (`refine`) bisects the gap below each reading down to one count: the
     first crossing's gap holds only counts below it, the stays-above count's gap ends at the last count
-    under the target. Both readings are over every evaluated count."""
-    effects = {count: evaluate(count) for count in grid}
+    under the target. Both readings are over every evaluated count. `evaluate_many` (counts -> effects), when
+    given, evaluates the grid and the dense counts, each set in one call."""
+    many = evaluate_many or (lambda counts: [evaluate(count) for count in counts])
+    effects = dict(zip(grid, many(list(grid))))
 
-    def add(count: int) -> None:
-        if count not in effects:
-            effects[count] = evaluate(count)
+    def add_all(counts: list[int]) -> None:
+        new = [count for count in counts if count not in effects]
+        if new:
+            effects.update(zip(new, many(new)))
 
     first, stays = first_crossing(effects, target), count_staying_above(effects, target)
     if first is None:
@@ -109,8 +114,7 @@ def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: fl
     below = [k for k in effects if k < first]
     low = max(below) if below else first
     high = stays if stays is not None else max(effects)
-    for count in np.unique(np.linspace(low, high, dense_points + 2).round().astype(int)).tolist():
-        add(count)
+    add_all(np.unique(np.linspace(low, high, dense_points + 2).round().astype(int)).tolist())
     if refine:
         for reading in (first_crossing, count_staying_above):
             while True:
@@ -120,7 +124,7 @@ def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: fl
                 gap = [k for k in effects if k < reached]
                 if not gap or reached - max(gap) <= 1:
                     break
-                add((max(gap) + reached) // 2)
+                add_all([(max(gap) + reached) // 2])
     return first_crossing(effects, target), count_staying_above(effects, target), dict(sorted(effects.items()))
 
 
@@ -224,6 +228,13 @@ class PromptSet:
                 for b, r, m, t in zip(self.batches, self.recordings, self.masks, self.token_roles)]
         return torch.cat(runs)[self.order]
 
+    def edge_metrics(self, keeps: torch.Tensor, max_tokens: int = 512) -> torch.Tensor:
+        """Logit diff per mask and prompt [K, n] (prompt order) with the edges of keeps[k] kept: [K, U, V], or by
+        token role [K, U, V, R]; several masks per forward, at most `max_tokens` tokens each (`edge_patched_metrics`)."""
+        runs = [edge_patched_metrics(self.prepared, b, r, keeps, m, t if keeps.dim() == 4 else None, max_tokens)
+                for b, r, m, t in zip(self.batches, self.recordings, self.masks, self.token_roles)]
+        return torch.cat(runs, dim=1)[:, self.order]
+
     def mean_metric(self, **keep) -> float:
         """Mean logit diff over the prompts with `keep` (see patched_metric); no keep = the clean run."""
         return self.prompt_metrics(**keep).mean().item()
@@ -275,26 +286,31 @@ def _check_effect(kind: str, full: float, empty: float) -> None:
                            "change this model's answer on these prompts, so no effect can be explained")
 
 
-def _traced_curve(prompt_set: PromptSet, keep_for: Callable[[int], dict], carrying_of: Callable[[int], int],
-                  total: int, metric_full: float, config: ComponentCircuitConfig, kind: str,
-                  top: list[tuple[str, float]]) -> Curve:
-    """Evaluate a curve (keep_for(k): the patching arguments with the top k kept) and read it."""
+def _traced_curve(prompt_set: PromptSet, metrics_for: Callable[[list[int]], torch.Tensor],
+                  carrying_of: Callable[[int], int], total: int, metric_full: float, config: ComponentCircuitConfig,
+                  kind: str, top: list[tuple[str, float]]) -> Curve:
+    """Evaluate a curve (metrics_for(counts): per-prompt metrics [K, n] with the top k kept, for each count) and
+    read it."""
     per_prompt: dict[int, torch.Tensor] = {}
 
-    def metrics(k: int) -> torch.Tensor:
-        if k not in per_prompt:
-            per_prompt[k] = prompt_set.prompt_metrics(**keep_for(k))
-        return per_prompt[k]
+    def metrics(counts: list[int]) -> list[torch.Tensor]:
+        new = [k for k in dict.fromkeys(counts) if k not in per_prompt]
+        if new:
+            per_prompt.update(zip(new, metrics_for(new)))
+        return [per_prompt[k] for k in counts]
 
-    empty = metrics(0).mean().item()
+    empty = metrics([0])[0].mean().item()
     _check_effect(kind, metric_full, empty)
-    first, stays, effects = read_curve(lambda k: explained_effect(metrics(k).mean().item(), metric_full, empty),
-                                       count_grid(total, config.curve_points), config.target, config.dense_points,
-                                       config.refine)
+
+    def effects_of(counts: list[int]) -> list[float]:
+        return [explained_effect(m.mean().item(), metric_full, empty) for m in metrics(counts)]
+
+    first, stays, effects = read_curve(lambda k: effects_of([k])[0], count_grid(total, config.curve_points),
+                                       config.target, config.dense_points, config.refine, effects_of)
     carrying = {k: carrying_of(k) for k in effects}
     return Curve(total, list(effects), list(effects.values()), None if first is None else carrying[first],
                  None if stays is None else carrying[stays], metric_full, empty, top, list(carrying.values()),
-                 [metrics(k).tolist() for k in effects])
+                 [m.tolist() for m in metrics(list(effects))])
 
 
 def head_curve(prompt_set: PromptSet, scores: torch.Tensor, metric_clean: float,
@@ -305,8 +321,10 @@ def head_curve(prompt_set: PromptSet, scores: torch.Tensor, metric_clean: float,
     live = ~prompt_set.dead_heads
     names = [f"blocks.{layer}.head.{h}" for layer in range(layout.n_layers) for h in range(layout.n_heads)]
     top = _ranked(scores.masked_fill(~live, 0).flatten(), min(config.top_stored, int(live.sum())), names.__getitem__)
-    return _traced_curve(prompt_set, lambda k: {"keep_heads": top_k_mask(scores, live, k) | ~live}, lambda k: k,
-                         int(live.sum()), metric_clean, config, "head", top)
+    def metrics_for(counts: list[int]) -> torch.Tensor:
+        return torch.stack([prompt_set.prompt_metrics(keep_heads=top_k_mask(scores, live, k) | ~live) for k in counts])
+
+    return _traced_curve(prompt_set, metrics_for, lambda k: k, int(live.sum()), metric_clean, config, "head", top)
 
 
 def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
@@ -336,15 +354,19 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
         return int(live.sum())
 
     top = _ranked(edge_scores.masked_fill(~countable, 0).flatten(), min(config.top_stored, total), name)
-    return _traced_curve(prompt_set, lambda k: {"keep_edges": top_k_mask(edge_scores, countable, k) | background},
-                         carrying, total, metric_clean, config, "edge", top)
+    def metrics_for(counts: list[int]) -> torch.Tensor:  # many curve points per forward
+        keeps = torch.stack([top_k_mask(edge_scores, countable, k) | background for k in counts])
+        return prompt_set.edge_metrics(keeps, config.edge_batch_tokens)
+
+    return _traced_curve(prompt_set, metrics_for, carrying, total, metric_clean, config, "edge", top)
 
 
 def ranking_faithfulness(prompt_set: PromptSet, edge_scores: torch.Tensor, eap_heads: torch.Tensor,
-                         exact_heads: torch.Tensor, n_edges: int, seed: int) -> dict:
+                         exact_heads: torch.Tensor, n_edges: int, seed: int, max_tokens: int = 512) -> dict:
     """Spearman correlation of ranking scores with exact single-component patching effects: EAP node scores
     of the live heads against exact head patching, and the edge scores of `n_edges` edges (half the
-    top-ranked by |score|, half drawn from the rest, seeded) against patching each edge alone."""
+    top-ranked by |score|, half drawn from the rest, seeded) against patching each edge alone (several edges
+    per forward, at most `max_tokens` tokens each)."""
     layout = prompt_set.prepared.layout
     live = ~prompt_set.dead_heads
     result = {"heads_eap_vs_exact": spearman(eap_heads[live].numpy(), exact_heads[live].numpy()),
@@ -359,11 +381,9 @@ def ranking_faithfulness(prompt_set: PromptSet, edge_scores: torch.Tensor, eap_h
     drawn = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[: n_edges - n_top]]
     sample = torch.cat([order[:n_top], drawn])
     clean = prompt_set.mean_metric()
-    exact = []
-    for index in sample.tolist():
-        keep = layout.allowed().clone()
-        keep.view(-1)[index] = False
-        exact.append(prompt_set.mean_metric(keep_edges=keep) - clean)
+    keeps = layout.allowed().expand(len(sample), -1, -1).clone()  # [K, U, V]: copy k removes sample[k] alone
+    keeps.view(len(sample), -1)[torch.arange(len(sample)), sample] = False
+    exact = (prompt_set.edge_metrics(keeps, max_tokens).mean(1) - clean).tolist()
     scores = edge_scores.flatten()[sample].numpy()
     result.update(edges_vs_exact=spearman(scores, np.array(exact)), n_edges=len(sample),
                   edges_top_vs_exact=spearman(scores[:n_top], np.array(exact[:n_top])), n_edges_top=n_top)
@@ -424,7 +444,7 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
             gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
             dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
             faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,
-                                              config.seed) if faithfulness else None,
+                                              config.seed, config.edge_batch_tokens) if faithfulness else None,
         )
 
 

@@ -101,19 +101,39 @@ def patch_heads(z: torch.Tensor, z_corrupted: torch.Tensor, keep: torch.Tensor) 
     return torch.where(keep.repeat_interleave(head_dim), z, z_corrupted)
 
 
-def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
+def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual),
+    for K patched copies of a run at once.
 
-    prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
-    writers' differences; kept [U', C] or, per token, [U', C, b, p] bool, kept edges into the C readers
-    ->  [b, p, C, d].
-    """
-    rows = kept.flatten(1).any(dim=1).nonzero().squeeze(1)
-    if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
-        rows = slice(None)
-    pattern = "kbpd,kcbp->bpcd" if kept.dim() == 4 else "kbpd,kc->bpcd"
-    kept_part = torch.einsum(pattern, diffs[rows], kept[rows].to(diffs.dtype))
-    return prefix_diff[:, :, None, :] - kept_part
+    prefix_diff [K, n, d]: the sum over every writer the readers can read (n tokens); diffs [K, U', n, d] those
+    writers' differences; kept [K, U', C] bool, kept edges into the C readers  ->  [K, C, n, d], or None
+    when no edge is removed (every input unchanged).
+
+    One matmul over the flattened (n d) per copy, over whichever of the kept or the removed edges are fewer:
+    prefix - (kept^T diffs) or (removed^T diffs); only the columns and (when few) the rows that hold one of
+    them enter it, the other columns read the prefix (none kept) or nothing (none removed)."""
+    n_copies, n_rows, n_cols = kept.shape
+    n_kept = int(kept.sum())
+    n_removed = kept.numel() - n_kept
+    if n_removed == 0:
+        return None
+    from_kept = n_kept <= n_removed
+    terms = kept if from_kept else ~kept  # [K, U', C]
+    shape = (n_copies, n_cols, *prefix_diff.shape[1:])
+    out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
+    cols = terms.any(1).any(0).nonzero().squeeze(1)
+    if len(cols) == 0:
+        return out
+    rows = terms[:, :, cols].any(2).any(0).nonzero().squeeze(1)
+    terms, source = terms[:, :, cols], diffs.flatten(2)  # [K, U', C'], [K, U', n * d]
+    if (n_rows - len(rows)) * len(cols) > 4 * len(rows):  # a copy of the few rows costs less than their zeros
+        terms, source = terms[:, rows], source[:, rows]
+    part = torch.matmul(terms.transpose(1, 2).to(source.dtype), source).view(n_copies, len(cols), *shape[2:])
+    if from_kept:
+        out[:, cols] -= part.to(out.dtype)
+    else:
+        out[:, cols] = part.to(out.dtype)
+    return out
 
 
 def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
