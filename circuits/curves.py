@@ -31,6 +31,7 @@ bootstrap CIs over prompts and a behaviour gate (both models must do the task).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -185,6 +186,7 @@ class CircuitResult:
     accuracy_clean: float = float("nan")  # share of prompts with clean logit diff > 0
     dead_heads: list[str] = field(default_factory=list)  # heads that write nothing on any clean or corrupted run
     faithfulness: dict | None = None  # Spearman of ranking scores with exact patching (see ranking_faithfulness)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per phase: record, edge_ranking, head_patching, ...
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -421,30 +423,44 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
     if prepared.precision != config.precision:
         raise CircuitError(f"the model was prepared for precision {prepared.precision!r}, the config asks for "
                            f"{config.precision!r}; prepare it with precision=config.precision")
+    seconds: dict[str, float] = {}  # CPU seconds per phase
+
+    def timed(phase: str, fn: Callable):
+        start = time.process_time()
+        out = fn()
+        seconds[phase] = seconds.get(phase, 0.0) + time.process_time() - start
+        return out
+
     with autocast(config.precision, next(prepared.module.parameters()).device):  # logits come out fp32
-        prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
+        prompt_set = timed("record", lambda: PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size)))
         metric_clean = prompt_set.prompt_clean.mean().item()
         gap = metric_clean - prompt_set.metric_corrupted
         if min_gap is not None and abs(gap) < min_gap:
             raise CircuitError(f"dropped: clean - corrupted logit diff {gap:.3g} is under the floor {min_gap}")
         ig_steps = config.ig_steps if config.edge_ranking == "eap_ig" else None
-        role_scores = prompt_set.edge_scores(True, ig_steps) if config.role_edges else None  # [U, V, R]
-        scores = role_scores.sum(-1) if config.role_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
+        role_scores = timed("edge_ranking", lambda: prompt_set.edge_scores(True, ig_steps)) if config.role_edges else None
+        scores = role_scores.sum(-1) if config.role_edges else timed(
+            "edge_ranking", lambda: prompt_set.edge_scores(False, ig_steps))  # [U, V]
         layout = prepared.layout
         eap_heads = head_scores(scores, layout)  # [L, H]
-        exact_heads = prompt_set.head_patching_effects() if config.head_ranking == "exact" or faithfulness else None
-        heads = head_curve(prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config)
+        exact_heads = (timed("head_patching", prompt_set.head_patching_effects)
+                       if config.head_ranking == "exact" or faithfulness else None)
+        heads = timed("heads_curve", lambda: head_curve(
+            prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config))
+        edges = timed("edges_curve", lambda: edge_curve(prompt_set, scores, metric_clean, config))
+        role_edges = None if role_scores is None else timed(
+            "role_edges_curve", lambda: edge_curve(prompt_set, role_scores, metric_clean, config))
+        checked = timed("faithfulness", lambda: ranking_faithfulness(
+            prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges, config.seed,
+            config.edge_batch_tokens)) if faithfulness else None
         names = layout.row_names()
         return CircuitResult(
             task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
-            metric_corrupted=prompt_set.metric_corrupted, heads=heads,
-            edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
-            role_edges=None if role_scores is None else edge_curve(prompt_set, role_scores, metric_clean, config),
-            roles=prompt_set.roles,
+            metric_corrupted=prompt_set.metric_corrupted, heads=heads, edges=edges, config=config.model_dump(),
+            role_edges=role_edges, roles=prompt_set.roles,
             gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
             dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
-            faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,
-                                              config.seed, config.edge_batch_tokens) if faithfulness else None,
+            faithfulness=checked, cpu_seconds=seconds,
         )
 
 

@@ -201,9 +201,9 @@ class ComponentHooks:
             self._group_tokens.append(None)
             self._group_keep.append(keep)
         n_copies, n_rows = keep.shape[0], self.layout.n_rows
-        for tokens in self._group_tokens:
+        for tokens in self._group_tokens:  # a row's differences are written before any reader reads them
             n = b * p if tokens is None else len(tokens)
-            self._diffs.append(torch.zeros(n_copies, n_rows, n, d, dtype=dtype))
+            self._diffs.append(torch.empty(n_copies, n_rows, n, d, dtype=dtype))
             self._prefix_diff.append(torch.zeros(n_copies, n, d, dtype=dtype))
 
     def _on_z(self, layer: int, o_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -227,7 +227,7 @@ class ComponentHooks:
         n_cols = cols.stop - cols.start
         if self.keep_edges is not None:
             n_rows = self._rows_read[cols.start]
-            parts = [removed_input(prefix, diffs[:, :n_rows], keep[:, :n_rows, cols])
+            parts = [removed_input(prefix, diffs, keep[:, :n_rows, cols])
                      for prefix, diffs, keep in zip(self._prefix_diff, self._diffs, self._group_keep)]
             if all(part is None for part in parts):
                 return None

@@ -105,13 +105,14 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual),
     for K patched copies of a run at once.
 
-    prefix_diff [K, n, d]: the sum over every writer the readers can read (n tokens); diffs [K, U', n, d] those
-    writers' differences; kept [K, U', C] bool, kept edges into the C readers  ->  [K, C, n, d], or None
-    when no edge is removed (every input unchanged).
+    prefix_diff [K, n, d]: the sum over the U' writers the readers can read (n tokens); diffs [K, U, n, d]
+    (U >= U', contiguous) every writer's difference; kept [K, U', C] bool, kept edges from the first U' writers
+    into the C readers  ->  [K, C, n, d], or None when no edge is removed (every input unchanged).
 
-    One matmul over the flattened (n d) per copy, over whichever of the kept or the removed edges are fewer:
-    prefix - (kept^T diffs) or (removed^T diffs); only the columns and (when few) the rows that hold one of
-    them enter it, the other columns read the prefix (none kept) or nothing (none removed)."""
+    Sums whichever of the kept or the removed edges are fewer: prefix - (kept^T diffs) or (removed^T diffs),
+    over the flattened (n d): a sparse matmul when they are few against the columns x rows that hold one,
+    else one dense matmul per copy over those columns and (when few) rows; the other columns read the
+    prefix (none kept) or nothing (none removed)."""
     n_copies, n_rows, n_cols = kept.shape
     n_kept = int(kept.sum())
     n_removed = kept.numel() - n_kept
@@ -120,12 +121,20 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     from_kept = n_kept <= n_removed
     terms = kept if from_kept else ~kept  # [K, U', C]
     shape = (n_copies, n_cols, *prefix_diff.shape[1:])
-    out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
     cols = terms.any(1).any(0).nonzero().squeeze(1)
+    rows = terms[:, :, cols].any(2).any(0).nonzero().squeeze(1)
+    source = diffs.flatten(2)  # [K, U, n * d]
+    if 4 * min(n_kept, n_removed) < n_copies * len(cols) * len(rows):  # sparse: ~4x a dense product's cost per term
+        copy, row, col = terms.nonzero().unbind(1)
+        matrix = torch.sparse_coo_tensor(torch.stack([copy * n_cols + col, copy * diffs.shape[1] + row]),
+                                         torch.ones(len(row), dtype=source.dtype),
+                                         (n_copies * n_cols, n_copies * diffs.shape[1]))
+        part = torch.sparse.mm(matrix, source.reshape(-1, source.shape[-1])).view(shape)
+        return prefix_diff[:, None] - part if from_kept else part
+    out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
     if len(cols) == 0:
         return out
-    rows = terms[:, :, cols].any(2).any(0).nonzero().squeeze(1)
-    terms, source = terms[:, :, cols], diffs.flatten(2)  # [K, U', C'], [K, U', n * d]
+    terms, source = terms[:, :, cols], source[:, :n_rows]  # [K, U', C'], [K, U', n * d]
     if (n_rows - len(rows)) * len(cols) > 4 * len(rows):  # a copy of the few rows costs less than their zeros
         terms, source = terms[:, rows], source[:, rows]
     part = torch.matmul(terms.transpose(1, 2).to(source.dtype), source).view(n_copies, len(cols), *shape[2:])

@@ -52,6 +52,11 @@ def test_removed_input_is_the_sum_of_the_removed_writers_differences():
         kept[0, :, 0] = True  # a column with nothing removed in one copy
         expected = torch.einsum("kubd,kuc->kcbd", diffs, (~kept).double())  # brute force: sum over removed rows
         got = removed_input(prefix, diffs, kept)
+        # the first U' = 7 writers only (diffs holds more rows: later writers the readers cannot read)
+        first = removed_input(diffs[:, :7].sum(1), diffs, kept[:, :7])
+        if not bool(kept[:, :7].all()):
+            torch.testing.assert_close(first, torch.einsum("kubd,kuc->kcbd", diffs[:, :7], (~kept[:, :7]).double()),
+                                       rtol=0, atol=1e-12)
         if bool(kept.all()):
             assert got is None  # nothing removed: every input unchanged
         else:
