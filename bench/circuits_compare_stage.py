@@ -2,7 +2,8 @@
 
 Reads `compare.circuits` of pipeline/presets/demo.yaml (prompts per task, per_prompt, the circuit config) and
 traces each task's circuit on the dense model and on `--sparse` (a gated checkpoint, both gate modes), or on
-the dense model twice (`--sparse dense`: a model without gates is traced once per variant) -- the work
+the dense model twice (`--sparse dense`: a model without gates is traced once per variant) or once (`--sparse
+none`) -- the work
 `comparison.summaries.run_circuits` does. Per circuit: CPU seconds per phase (`CircuitResult.cpu_seconds`:
 record, edge_ranking, head_patching, heads_curve, edges_curve, role_edges_curve, faithfulness), wall seconds,
 and the counts at the target. Writes bench/results/circuits_compare_stage.json with the command and the load.
@@ -35,7 +36,8 @@ from sparse_attention.models import load_model  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "docstring", "antonyms", "induction"])
-    parser.add_argument("--sparse", default="dense", help="gated checkpoint directory, or 'dense' (dense twice)")
+    parser.add_argument("--sparse", default="dense", help="gated checkpoint directory, 'dense' (dense twice) or "
+                                                          "'none' (the dense circuits alone)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset", type=Path, default=ROOT / "pipeline/presets/demo.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/circuits_compare_stage.json")
@@ -47,10 +49,10 @@ def main() -> None:
     models = {"dense": load_model("smollm2-135m")}
     if args.sparse == "dense":
         models["sparse"] = models["dense"]
-    else:
+    elif args.sparse != "none":
         sparse, tokenizer = load_gated_model(Path(args.sparse))
         models["sparse"] = (sparse.set_mode("eval"), tokenizer)
-    modes = gate_modes(config, models["sparse"][0])
+    modes = gate_modes(config, models["sparse"][0]) if "sparse" in models else [config.gates]
     record: dict = {
         "command": "nice -n 5 python bench/circuits_compare_stage.py " + " ".join(sys.argv[1:]),
         "preset": str(args.preset.relative_to(ROOT)), "circuits_config": circuits.model_dump(mode="json"),
