@@ -128,7 +128,7 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
         copy, row, col = terms.nonzero().unbind(1)
         matrix = torch.sparse_coo_tensor(torch.stack([copy * n_cols + col, copy * diffs.shape[1] + row]),
                                          torch.ones(len(row), dtype=source.dtype),
-                                         (n_copies * n_cols, n_copies * diffs.shape[1]))
+                                         (n_copies * n_cols, n_copies * diffs.shape[1]), check_invariants=False)
         part = torch.sparse.mm(matrix, source.reshape(-1, source.shape[-1])).view(shape)
         return prefix_diff[:, None] - part if from_kept else part
     out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
