@@ -59,6 +59,18 @@ def main() -> None:
         "sparse": args.sparse, "threads": args.threads, "loadavg_start": load_start, "circuits": [],
     }
     wall_start, cpu_start = time.perf_counter(), time.process_time()
+
+    def save() -> None:  # after every circuit, so an interrupted run keeps what it measured
+        phases: dict[str, float] = {}
+        for entry in record["circuits"]:
+            for phase, seconds in entry["cpu_s"].items():
+                phases[phase] = phases.get(phase, 0.0) + seconds
+        record.update(cpu_s_per_phase=phases, cpu_s_total=time.process_time() - cpu_start,
+                      wall_s_total=time.perf_counter() - wall_start,
+                      loadavg_end=Path("/proc/loadavg").read_text().split()[:3])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
     for variant, (model, tokenizer) in models.items():
         for mode in modes if gate_mode(model) == "eval" else modes[:1]:
             prepared = prepare(model, config.split_qkv, config.gate_gradient, mode, config.precision)
@@ -77,16 +89,8 @@ def main() -> None:
                                                if (curve := getattr(result, kind)) is not None}}
                 record["circuits"].append(entry)
                 print(json.dumps(entry), flush=True)
-    phases = {}
-    for entry in record["circuits"]:
-        for phase, seconds in entry["cpu_s"].items():
-            phases[phase] = phases.get(phase, 0.0) + seconds
-    record.update(cpu_s_per_phase=phases, cpu_s_total=time.process_time() - cpu_start,
-                  wall_s_total=time.perf_counter() - wall_start,
-                  loadavg_end=Path("/proc/loadavg").read_text().split()[:3])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}: {json.dumps(phases)}")
+                save()
+    print(f"wrote {args.out}: {json.dumps(record['cpu_s_per_phase'])}")
 
 
 if __name__ == "__main__":

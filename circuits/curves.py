@@ -30,6 +30,7 @@ bootstrap CIs over prompts and a behaviour gate (both models must do the task).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +51,7 @@ from circuits.hooks import (
     prepare,
     record,
 )
-from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask
+from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask, top_k_masks
 from circuits.stats import bootstrap_ratio, spearman
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff
@@ -350,14 +351,16 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
         where = f"@{roles[role]}" if by_role else ""
         return f"{rows[edge // layout.n_cols]}{where} -> {cols[edge % layout.n_cols]}{where}"
 
+    mask_of = functools.lru_cache(maxsize=None)(top_k_masks(edge_scores, countable))  # sorted once, each k built once
+
     def carrying(k: int) -> int:
-        kept = top_k_mask(edge_scores, countable, k)
+        kept = mask_of(k)
         live = live_role_edges(kept, layout, prompt_set.role_sequences()) if by_role else live_edges(kept, layout)
         return int(live.sum())
 
     top = _ranked(edge_scores.masked_fill(~countable, 0).flatten(), min(config.top_stored, total), name)
     def metrics_for(counts: list[int]) -> torch.Tensor:  # many curve points per forward
-        keeps = torch.stack([top_k_mask(edge_scores, countable, k) | background for k in counts])
+        keeps = torch.stack([mask_of(k) | background for k in counts])
         return prompt_set.edge_metrics(keeps, config.edge_batch_tokens)
 
     return _traced_curve(prompt_set, metrics_for, carrying, total, metric_clean, config, "edge", top)

@@ -8,6 +8,7 @@ the sum of the writes before it, so an edge is one term of that sum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -147,11 +148,20 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
 
 def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k allowed entries with the largest |score| (ties: lower flat index first)."""
+    return top_k_masks(scores, allowed)(k)
+
+
+def top_k_masks(scores: torch.Tensor, allowed: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """k -> `top_k_mask(scores, allowed, k)`, the entries sorted once for every k (a curve asks for many)."""
     flat = scores.abs().flatten().masked_fill(~allowed.flatten(), -1.0)
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    mask = torch.zeros(flat.shape, dtype=torch.bool)
-    mask[order] = True
-    return mask.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries
+    order = torch.sort(flat, descending=True, stable=True).indices
+
+    def mask(k: int) -> torch.Tensor:
+        kept = torch.zeros(flat.shape, dtype=torch.bool)
+        kept[order[:k]] = True
+        return kept.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries
+
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------

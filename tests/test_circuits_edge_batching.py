@@ -10,7 +10,7 @@ import torch
 from circuits.config import CircuitError, ComponentCircuitConfig
 from circuits.curves import PromptSet, edge_curve, read_curve
 from circuits.hooks import edge_patched_metrics, patched_metric, prepare, record
-from circuits.layout import removed_input
+from circuits.layout import removed_input, top_k_mask, top_k_masks
 from prompts.batches import encode_prompts
 from prompts.tasks import TASK_ROLES, generate_task
 from sparse_attention.models import byte_tokenizer
@@ -135,3 +135,14 @@ def test_edge_curve_is_the_same_for_any_number_of_copies_per_forward(by_role, pr
     assert curves[0].count_at_target == curves[1].count_at_target
     torch.testing.assert_close(torch.tensor(curves[0].prompt_metrics), torch.tensor(curves[1].prompt_metrics),
                                rtol=0, atol=1e-6)
+
+
+def test_top_k_masks_sorts_once_for_every_k():
+    scores = torch.tensor([[0.5, -2.0, 0.5], [1.0, 0.0, -0.5]])
+    allowed = torch.tensor([[True, True, False], [True, True, True]])
+    masks = top_k_masks(scores, allowed)
+    for k in range(8):
+        assert torch.equal(masks(k), top_k_mask(scores, allowed, k))
+    assert masks(2).tolist() == [[False, True, False], [True, False, False]]
+    assert masks(4).tolist() == [[True, True, False], [True, False, True]]  # ties: lower flat index first
+    assert torch.equal(masks(7), allowed)
