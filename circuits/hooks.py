@@ -179,7 +179,7 @@ class ComponentHooks:
                     + (f" ({self.copies} copies of it)" if self.stacked else "")
                 )
         if self.keep_edges is not None:
-            self._start_edge_patching(batch // self.copies, p, d, output.dtype)
+            self._start_edge_patching(batch // self.copies, p, d, output.dtype, output.device)
         else:
             self.writes = output.new_zeros(self.layout.n_rows, batch, p, d)
         if self.embed_mix is not None:
@@ -188,7 +188,7 @@ class ComponentHooks:
         self._record(0, output)
         return output if self.embed_mix is not None else None
 
-    def _start_edge_patching(self, b: int, p: int, d: int, dtype: torch.dtype) -> None:
+    def _start_edge_patching(self, b: int, p: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
         """Token groups (all tokens, or one per role present) with their kept edges and empty differences."""
         keep = self.keep_edges if self.stacked else self.keep_edges[None]  # [K, U, V(, R)]
         if keep.dim() == 4:
@@ -203,8 +203,8 @@ class ComponentHooks:
         n_copies, n_rows = keep.shape[0], self.layout.n_rows
         for tokens in self._group_tokens:  # a row's differences are written before any reader reads them
             n = b * p if tokens is None else len(tokens)
-            self._diffs.append(torch.empty(n_copies, n_rows, n, d, dtype=dtype))
-            self._prefix_diff.append(torch.zeros(n_copies, n, d, dtype=dtype))
+            self._diffs.append(torch.empty(n_copies, n_rows, n, d, dtype=dtype, device=device))
+            self._prefix_diff.append(torch.zeros(n_copies, n, d, dtype=dtype, device=device))
 
     def _on_z(self, layer: int, o_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.keep_heads is not None:

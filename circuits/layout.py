@@ -128,7 +128,7 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     if 4 * min(n_kept, n_removed) < n_copies * len(cols) * len(rows):  # sparse: ~4x a dense product's cost per term
         copy, row, col = terms.nonzero().unbind(1)
         matrix = torch.sparse_coo_tensor(torch.stack([copy * n_cols + col, copy * diffs.shape[1] + row]),
-                                         torch.ones(len(row), dtype=source.dtype),
+                                         torch.ones(len(row), dtype=source.dtype, device=source.device),
                                          (n_copies * n_cols, n_copies * diffs.shape[1]), check_invariants=False)
         part = torch.sparse.mm(matrix, source.reshape(-1, source.shape[-1])).view(shape)
         return prefix_diff[:, None] - part if from_kept else part
