@@ -21,6 +21,10 @@ class ComponentCircuitConfig(BaseModel):
     split_qkv: bool = Field(True, description="edges into a head end at its q, k or v input (else one input)")
     target: float = Field(0.9, gt=0, le=1, description="explained effect whose head / edge count is reported")
     batch_size: int = Field(16, gt=0, description="prompts per forward pass")
+    edge_batch_tokens: int = Field(512, gt=0, description="edge patching runs several masks (curve points, "
+                                   "faithfulness edges) per forward as stacked copies of a batch, at most this many "
+                                   "tokens per forward (at least one copy); each token holds every writer's "
+                                   "difference: SmolLM2, 301 x 576 floats, 0.7 MB")
     curve_points: int = Field(20, ge=2, description="counts on each curve (geometric grid, plus 0 and all)")
     refine: bool = Field(True, description="bisect the last gaps below the first crossing and the stays-above count")
     dense_points: int = Field(16, ge=0, description="counts evaluated evenly between the grid count before the "

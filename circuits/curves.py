@@ -30,7 +30,9 @@ bootstrap CIs over prompts and a behaviour gate (both models must do the task).
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -43,12 +45,13 @@ from circuits.hooks import (
     PreparedModel,
     clean_masks,
     edge_attribution,
+    edge_patched_metrics,
     head_patched_metrics,
     patched_metric,
     prepare,
     record,
 )
-from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask
+from circuits.layout import ComponentLayout, column_rows, live_edges, live_role_edges, top_k_mask, top_k_masks
 from circuits.stats import bootstrap_ratio, spearman
 from prompts.batches import PromptBatch, encode_prompts
 from prompts.metrics import logit_diff
@@ -90,18 +93,22 @@ def count_staying_above(effects: dict[int, float], target: float) -> int | None:
 
 
 def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: float, dense_points: int = 0,
-               refine: bool = True) -> tuple[int | None, int | None, dict[int, float]]:
+               refine: bool = True, evaluate_many: Callable[[list[int]], list[float]] | None = None
+               ) -> tuple[int | None, int | None, dict[int, float]]:
     """(first crossing, stays-above count, every evaluated {count: effect}).
 
     Evaluates the grid, then `dense_points` counts evenly between the grid count before the first crossing
     and the stays-above count, then (`refine`) bisects the gap below each reading down to one count: the
     first crossing's gap holds only counts below it, the stays-above count's gap ends at the last count
-    under the target. Both readings are over every evaluated count."""
-    effects = {count: evaluate(count) for count in grid}
+    under the target. Both readings are over every evaluated count. `evaluate_many` (counts -> effects), when
+    given, evaluates the grid and the dense counts, each set in one call."""
+    many = evaluate_many or (lambda counts: [evaluate(count) for count in counts])
+    effects = dict(zip(grid, many(list(grid))))
 
-    def add(count: int) -> None:
-        if count not in effects:
-            effects[count] = evaluate(count)
+    def add_all(counts: list[int]) -> None:
+        new = [count for count in counts if count not in effects]
+        if new:
+            effects.update(zip(new, many(new)))
 
     first, stays = first_crossing(effects, target), count_staying_above(effects, target)
     if first is None:
@@ -109,8 +116,7 @@ def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: fl
     below = [k for k in effects if k < first]
     low = max(below) if below else first
     high = stays if stays is not None else max(effects)
-    for count in np.unique(np.linspace(low, high, dense_points + 2).round().astype(int)).tolist():
-        add(count)
+    add_all(np.unique(np.linspace(low, high, dense_points + 2).round().astype(int)).tolist())
     if refine:
         for reading in (first_crossing, count_staying_above):
             while True:
@@ -120,7 +126,7 @@ def read_curve(evaluate: Callable[[int], float], grid: Sequence[int], target: fl
                 gap = [k for k in effects if k < reached]
                 if not gap or reached - max(gap) <= 1:
                     break
-                add((max(gap) + reached) // 2)
+                add_all([(max(gap) + reached) // 2])
     return first_crossing(effects, target), count_staying_above(effects, target), dict(sorted(effects.items()))
 
 
@@ -181,6 +187,7 @@ class CircuitResult:
     accuracy_clean: float = float("nan")  # share of prompts with clean logit diff > 0
     dead_heads: list[str] = field(default_factory=list)  # heads that write nothing on any clean or corrupted run
     faithfulness: dict | None = None  # Spearman of ranking scores with exact patching (see ranking_faithfulness)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per phase: record, edge_ranking, head_patching, ...
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -223,6 +230,13 @@ class PromptSet:
         runs = [patched_metric(self.prepared, b, r, m, token_roles=t, **keep)
                 for b, r, m, t in zip(self.batches, self.recordings, self.masks, self.token_roles)]
         return torch.cat(runs)[self.order]
+
+    def edge_metrics(self, keeps: torch.Tensor, max_tokens: int = 512) -> torch.Tensor:
+        """Logit diff per mask and prompt [K, n] (prompt order) with the edges of keeps[k] kept: [K, U, V], or by
+        token role [K, U, V, R]; several masks per forward, at most `max_tokens` tokens each (`edge_patched_metrics`)."""
+        runs = [edge_patched_metrics(self.prepared, b, r, keeps, m, t if keeps.dim() == 4 else None, max_tokens)
+                for b, r, m, t in zip(self.batches, self.recordings, self.masks, self.token_roles)]
+        return torch.cat(runs, dim=1)[:, self.order]
 
     def mean_metric(self, **keep) -> float:
         """Mean logit diff over the prompts with `keep` (see patched_metric); no keep = the clean run."""
@@ -275,26 +289,31 @@ def _check_effect(kind: str, full: float, empty: float) -> None:
                            "change this model's answer on these prompts, so no effect can be explained")
 
 
-def _traced_curve(prompt_set: PromptSet, keep_for: Callable[[int], dict], carrying_of: Callable[[int], int],
-                  total: int, metric_full: float, config: ComponentCircuitConfig, kind: str,
-                  top: list[tuple[str, float]]) -> Curve:
-    """Evaluate a curve (keep_for(k): the patching arguments with the top k kept) and read it."""
+def _traced_curve(prompt_set: PromptSet, metrics_for: Callable[[list[int]], torch.Tensor],
+                  carrying_of: Callable[[int], int], total: int, metric_full: float, config: ComponentCircuitConfig,
+                  kind: str, top: list[tuple[str, float]]) -> Curve:
+    """Evaluate a curve (metrics_for(counts): per-prompt metrics [K, n] with the top k kept, for each count) and
+    read it."""
     per_prompt: dict[int, torch.Tensor] = {}
 
-    def metrics(k: int) -> torch.Tensor:
-        if k not in per_prompt:
-            per_prompt[k] = prompt_set.prompt_metrics(**keep_for(k))
-        return per_prompt[k]
+    def metrics(counts: list[int]) -> list[torch.Tensor]:
+        new = [k for k in dict.fromkeys(counts) if k not in per_prompt]
+        if new:
+            per_prompt.update(zip(new, metrics_for(new)))
+        return [per_prompt[k] for k in counts]
 
-    empty = metrics(0).mean().item()
+    empty = metrics([0])[0].mean().item()
     _check_effect(kind, metric_full, empty)
-    first, stays, effects = read_curve(lambda k: explained_effect(metrics(k).mean().item(), metric_full, empty),
-                                       count_grid(total, config.curve_points), config.target, config.dense_points,
-                                       config.refine)
+
+    def effects_of(counts: list[int]) -> list[float]:
+        return [explained_effect(m.mean().item(), metric_full, empty) for m in metrics(counts)]
+
+    first, stays, effects = read_curve(lambda k: effects_of([k])[0], count_grid(total, config.curve_points),
+                                       config.target, config.dense_points, config.refine, effects_of)
     carrying = {k: carrying_of(k) for k in effects}
     return Curve(total, list(effects), list(effects.values()), None if first is None else carrying[first],
                  None if stays is None else carrying[stays], metric_full, empty, top, list(carrying.values()),
-                 [metrics(k).tolist() for k in effects])
+                 [m.tolist() for m in metrics(list(effects))])
 
 
 def head_curve(prompt_set: PromptSet, scores: torch.Tensor, metric_clean: float,
@@ -305,8 +324,10 @@ def head_curve(prompt_set: PromptSet, scores: torch.Tensor, metric_clean: float,
     live = ~prompt_set.dead_heads
     names = [f"blocks.{layer}.head.{h}" for layer in range(layout.n_layers) for h in range(layout.n_heads)]
     top = _ranked(scores.masked_fill(~live, 0).flatten(), min(config.top_stored, int(live.sum())), names.__getitem__)
-    return _traced_curve(prompt_set, lambda k: {"keep_heads": top_k_mask(scores, live, k) | ~live}, lambda k: k,
-                         int(live.sum()), metric_clean, config, "head", top)
+    def metrics_for(counts: list[int]) -> torch.Tensor:
+        return torch.stack([prompt_set.prompt_metrics(keep_heads=top_k_mask(scores, live, k) | ~live) for k in counts])
+
+    return _traced_curve(prompt_set, metrics_for, lambda k: k, int(live.sum()), metric_clean, config, "head", top)
 
 
 def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: float,
@@ -330,21 +351,27 @@ def edge_curve(prompt_set: PromptSet, edge_scores: torch.Tensor, metric_clean: f
         where = f"@{roles[role]}" if by_role else ""
         return f"{rows[edge // layout.n_cols]}{where} -> {cols[edge % layout.n_cols]}{where}"
 
+    mask_of = functools.lru_cache(maxsize=None)(top_k_masks(edge_scores, countable))  # sorted once, each k built once
+
     def carrying(k: int) -> int:
-        kept = top_k_mask(edge_scores, countable, k)
+        kept = mask_of(k)
         live = live_role_edges(kept, layout, prompt_set.role_sequences()) if by_role else live_edges(kept, layout)
         return int(live.sum())
 
     top = _ranked(edge_scores.masked_fill(~countable, 0).flatten(), min(config.top_stored, total), name)
-    return _traced_curve(prompt_set, lambda k: {"keep_edges": top_k_mask(edge_scores, countable, k) | background},
-                         carrying, total, metric_clean, config, "edge", top)
+    def metrics_for(counts: list[int]) -> torch.Tensor:  # many curve points per forward
+        keeps = torch.stack([mask_of(k) | background for k in counts])
+        return prompt_set.edge_metrics(keeps, config.edge_batch_tokens)
+
+    return _traced_curve(prompt_set, metrics_for, carrying, total, metric_clean, config, "edge", top)
 
 
 def ranking_faithfulness(prompt_set: PromptSet, edge_scores: torch.Tensor, eap_heads: torch.Tensor,
-                         exact_heads: torch.Tensor, n_edges: int, seed: int) -> dict:
+                         exact_heads: torch.Tensor, n_edges: int, seed: int, max_tokens: int = 512) -> dict:
     """Spearman correlation of ranking scores with exact single-component patching effects: EAP node scores
     of the live heads against exact head patching, and the edge scores of `n_edges` edges (half the
-    top-ranked by |score|, half drawn from the rest, seeded) against patching each edge alone."""
+    top-ranked by |score|, half drawn from the rest, seeded) against patching each edge alone (several edges
+    per forward, at most `max_tokens` tokens each)."""
     layout = prompt_set.prepared.layout
     live = ~prompt_set.dead_heads
     result = {"heads_eap_vs_exact": spearman(eap_heads[live].numpy(), exact_heads[live].numpy()),
@@ -359,11 +386,9 @@ def ranking_faithfulness(prompt_set: PromptSet, edge_scores: torch.Tensor, eap_h
     drawn = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[: n_edges - n_top]]
     sample = torch.cat([order[:n_top], drawn])
     clean = prompt_set.mean_metric()
-    exact = []
-    for index in sample.tolist():
-        keep = layout.allowed().clone()
-        keep.view(-1)[index] = False
-        exact.append(prompt_set.mean_metric(keep_edges=keep) - clean)
+    keeps = layout.allowed().expand(len(sample), -1, -1).clone()  # [K, U, V]: copy k removes sample[k] alone
+    keeps.view(len(sample), -1)[torch.arange(len(sample)), sample] = False
+    exact = (prompt_set.edge_metrics(keeps, max_tokens).mean(1) - clean).tolist()
     scores = edge_scores.flatten()[sample].numpy()
     result.update(edges_vs_exact=spearman(scores, np.array(exact)), n_edges=len(sample),
                   edges_top_vs_exact=spearman(scores[:n_top], np.array(exact[:n_top])), n_edges_top=n_top)
@@ -401,30 +426,44 @@ def run_prepared(config: ComponentCircuitConfig, prepared: PreparedModel, tokeni
     if prepared.precision != config.precision:
         raise CircuitError(f"the model was prepared for precision {prepared.precision!r}, the config asks for "
                            f"{config.precision!r}; prepare it with precision=config.precision")
+    seconds: dict[str, float] = {}  # CPU seconds per phase
+
+    def timed(phase: str, fn: Callable):
+        start = time.process_time()
+        out = fn()
+        seconds[phase] = seconds.get(phase, 0.0) + time.process_time() - start
+        return out
+
     with autocast(config.precision, next(prepared.module.parameters()).device):  # logits come out fp32
-        prompt_set = PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size))
+        prompt_set = timed("record", lambda: PromptSet(prepared, encode_prompts(prompts, tokenizer, config.batch_size)))
         metric_clean = prompt_set.prompt_clean.mean().item()
         gap = metric_clean - prompt_set.metric_corrupted
         if min_gap is not None and abs(gap) < min_gap:
             raise CircuitError(f"dropped: clean - corrupted logit diff {gap:.3g} is under the floor {min_gap}")
         ig_steps = config.ig_steps if config.edge_ranking == "eap_ig" else None
-        role_scores = prompt_set.edge_scores(True, ig_steps) if config.role_edges else None  # [U, V, R]
-        scores = role_scores.sum(-1) if config.role_edges else prompt_set.edge_scores(False, ig_steps)  # [U, V]
+        role_scores = timed("edge_ranking", lambda: prompt_set.edge_scores(True, ig_steps)) if config.role_edges else None
+        scores = role_scores.sum(-1) if config.role_edges else timed(
+            "edge_ranking", lambda: prompt_set.edge_scores(False, ig_steps))  # [U, V]
         layout = prepared.layout
         eap_heads = head_scores(scores, layout)  # [L, H]
-        exact_heads = prompt_set.head_patching_effects() if config.head_ranking == "exact" or faithfulness else None
-        heads = head_curve(prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config)
+        exact_heads = (timed("head_patching", prompt_set.head_patching_effects)
+                       if config.head_ranking == "exact" or faithfulness else None)
+        heads = timed("heads_curve", lambda: head_curve(
+            prompt_set, exact_heads if config.head_ranking == "exact" else eap_heads, metric_clean, config))
+        edges = timed("edges_curve", lambda: edge_curve(prompt_set, scores, metric_clean, config))
+        role_edges = None if role_scores is None else timed(
+            "role_edges_curve", lambda: edge_curve(prompt_set, role_scores, metric_clean, config))
+        checked = timed("faithfulness", lambda: ranking_faithfulness(
+            prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges, config.seed,
+            config.edge_batch_tokens)) if faithfulness else None
         names = layout.row_names()
         return CircuitResult(
             task=prompts[0].task, n_prompts=prompt_set.n_prompts, metric_clean=metric_clean,
-            metric_corrupted=prompt_set.metric_corrupted, heads=heads,
-            edges=edge_curve(prompt_set, scores, metric_clean, config), config=config.model_dump(),
-            role_edges=None if role_scores is None else edge_curve(prompt_set, role_scores, metric_clean, config),
-            roles=prompt_set.roles,
+            metric_corrupted=prompt_set.metric_corrupted, heads=heads, edges=edges, config=config.model_dump(),
+            role_edges=role_edges, roles=prompt_set.roles,
             gates=prepared.gates, accuracy_clean=(prompt_set.prompt_clean > 0).float().mean().item(),
             dead_heads=[names[layout.head_row(layer, h)] for layer, h in prompt_set.dead_heads.nonzero().tolist()],
-            faithfulness=ranking_faithfulness(prompt_set, scores, eap_heads, exact_heads, config.faithfulness_edges,
-                                              config.seed) if faithfulness else None,
+            faithfulness=checked, cpu_seconds=seconds,
         )
 
 

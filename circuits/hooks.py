@@ -115,26 +115,38 @@ class ComponentHooks:
 
     Exactly one of: nothing (record), `keep_heads`/`keep_mlps` (node patching from `corrupted`),
     `keep_edges` (edge patching from `corrupted`), `track_grads` (zero input perturbations whose
-    gradients are d metric / d reader input).
+    gradients are d metric / d reader input). With `stacked`, keep_edges has a leading copy dimension
+    [K, ...] and the run's batch is K copies of the corrupted recording's batch (copy-major), copy k
+    patched with keep_edges[k].
     """
 
     layout: ComponentLayout
     corrupted: Recording | None = None
     keep_heads: torch.Tensor | None = None  # [L, H] bool
     keep_mlps: torch.Tensor | None = None  # [L] bool
-    keep_edges: torch.Tensor | None = None  # [U, V] bool, or [U, V, R] per token role (with token_roles)
+    keep_edges: torch.Tensor | None = None  # [(K,) U, V] bool, or [(K,) U, V, R] per token role (with token_roles)
     token_roles: torch.Tensor | None = None  # [b, p] long: each token's role, an index into keep_edges' last dim
+    stacked: bool = False  # keep_edges [K, ...]: K patched copies of the batch in one run
     track_grads: bool = False
     embed_mix: float | None = None  # EAP-IG: the run reads corrupted + embed_mix * (clean - corrupted) embeddings
-    writes: torch.Tensor | None = None  # [U, b, p, d], filled during the forward
+    writes: torch.Tensor | None = None  # [U, b, p, d], filled during the forward (not when edge patching)
     z: list[torch.Tensor] = field(default_factory=list)  # per layer [b, p, H * dh]
-    perturbations: dict[int, torch.Tensor] = field(default_factory=dict)  # first column -> [b, p, C, d]
-    _diffs: torch.Tensor | None = None  # [U, b, p, d] corrupted - actual (edge patching)
-    _prefix_diff: torch.Tensor | None = None  # [b, p, d] sum of _diffs over rows written so far
-    _head_delta: torch.Tensor | None = None  # [b, p, H, n_inputs, d] current layer's head-input perturbation
+    perturbations: dict[int, torch.Tensor] = field(default_factory=dict)  # first column -> [C, b, p, d]
+    # edge patching, per token group (all tokens, or the tokens of one role): its tokens (indices into the
+    # flattened [b * p], None = all), its kept edges [K, U, V], the differences corrupted - actual [K, U, n, d]
+    # of the rows written so far, and their sum [K, n, d]
+    _group_tokens: list[torch.Tensor | None] = field(default_factory=list)
+    _group_keep: list[torch.Tensor] = field(default_factory=list)
+    _diffs: list[torch.Tensor] = field(default_factory=list)
+    _prefix_diff: list[torch.Tensor] = field(default_factory=list)
+    _rows_read: list[int] = field(default_factory=list)
+    _head_delta: torch.Tensor | None = None  # [K, H, n_inputs, b, p, d] current layer's head-input perturbation
+    _head_changed: list[bool] = field(default_factory=list)  # per input kind: does some head's input change
     post_norms: list[nn.Module] | None = None  # per layer the norm on the attention output, if the family has one
-    _attn_pre: list[torch.Tensor] = field(default_factory=list)  # post-norm edge patching: per layer A [b, p, d]
-    _head_diffs: list[torch.Tensor] = field(default_factory=list)  # and its heads' corrupted - actual [H, b, p, d]
+    # post-norm edge patching, per token group: per layer written so far, the attention output before the norm
+    # A [K, n, d] and its heads' corrupted - actual [K, H, n, d] (their rows of _diffs stay zero)
+    _attn_pre: list[list[torch.Tensor]] = field(default_factory=list)
+    _head_diffs: list[list[torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self):
         patches = (self.keep_heads is not None or self.keep_mlps is not None) + (self.keep_edges is not None)
@@ -142,6 +154,14 @@ class ComponentHooks:
             raise CircuitError("ComponentHooks does one of node patching, edge patching or gradient tracking")
         if (patches or self.embed_mix is not None) and self.corrupted is None:
             raise CircuitError("patching and embedding interpolation need the corrupted run's Recording")
+        if self.stacked and self.keep_edges is None:
+            raise CircuitError("stacked copies are for edge patching: give keep_edges [K, U, V(, R)]")
+        self._rows_read = self.layout.rows_read().tolist()
+
+    @property
+    def copies(self) -> int:
+        """How many patched copies of the batch this run holds."""
+        return self.keep_edges.shape[0] if self.stacked else 1
 
     def hook_fns(self, model: nn.Module) -> dict[str, hook_points.HookFn]:
         """Hook point -> function, for `model` (the multi-head copy: a GatedModel or HF causal LM)."""
@@ -167,39 +187,69 @@ class ComponentHooks:
     # -- writers
 
     def _record(self, rows: slice | int, write: torch.Tensor, post_norm: bool = False) -> None:
-        """Store a write ([b, p, d] or [b, p, k, d]) and, when edge patching, its corrupted - actual; `post_norm`:
-        heads whose layer's sum passes a norm, kept apart from the additive rows (`_post_norm_delta`)."""
+        """Store a write ([B, p, d] or [B, p, k, d]) or, when edge patching, its corrupted - actual per group;
+        `post_norm`: heads whose layer's sum passes a norm, kept apart from the additive rows (`_post_norm_delta`)."""
         write = write.detach()
         block = write.movedim(2, 0) if write.dim() == 4 else write
-        self.writes[rows] = block
-        if self.keep_edges is not None:
-            diff = self.corrupted.writes[rows] - block
+        if self.keep_edges is None:
+            self.writes[rows] = block
+            return
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        block = block[None] if write.dim() == 3 else block  # [k, B, p, d]
+        corrupted = self.corrupted.writes[rows]  # [k, b, p, d]
+        k, b, p, d = corrupted.shape
+        actual = block.reshape(k, self.copies, b * p, d)  # [k, K, b * p, d]
+        diff = corrupted.flatten(1, 2)[:, None] - actual  # [k, K, b * p, d]
+        for group, tokens in enumerate(self._group_tokens):
+            part = diff if tokens is None else diff[:, :, tokens]  # [k, K, n, d]
             if post_norm:
-                self._attn_pre.append(block.sum(0))
-                self._head_diffs.append(diff)
-                return  # their rows of _diffs stay zero: not part of the additive sum
-            self._diffs[rows] = diff
-            self._prefix_diff = self._prefix_diff + (diff.sum(0) if diff.dim() == 4 else diff)
+                self._diffs[group][:, rows] = 0  # not part of the additive sum
+                attn = actual.sum(0) if tokens is None else actual.sum(0)[:, tokens]  # [K, n, d]
+                self._attn_pre[group].append(attn)
+                self._head_diffs[group].append(part.transpose(0, 1))  # [K, H, n, d]
+                continue
+            self._diffs[group][:, rows] = part.transpose(0, 1)
+            self._prefix_diff[group] += part.sum(0)
 
     def _on_embed(self, output: torch.Tensor) -> torch.Tensor | None:
-        b, p, d = output.shape
-        self.writes = output.new_zeros(self.layout.n_rows, b, p, d)
-        if self.corrupted is not None and self.corrupted.writes.shape[1:] != output.shape:
-            raise CircuitError(
-                f"the corrupted recording has writes {tuple(self.corrupted.writes.shape[1:])} but this run "
-                f"{tuple(output.shape)}: clean and corrupted batches must have the same shape"
-            )
+        batch, p, d = output.shape
+        if self.corrupted is not None:
+            b = self.corrupted.writes.shape[1]
+            if self.corrupted.writes.shape[2:] != output.shape[1:] or batch != b * self.copies:
+                raise CircuitError(
+                    f"the corrupted recording has writes {tuple(self.corrupted.writes.shape[1:])} but this run "
+                    f"{tuple(output.shape)}: clean and corrupted batches must have the same shape"
+                    + (f" ({self.copies} copies of it)" if self.stacked else "")
+                )
         if self.keep_edges is not None:
-            if self.keep_edges.dim() == 3:
-                _check_token_roles(self.token_roles, (b, p), self.keep_edges.shape[2])
-            self._diffs = torch.zeros_like(self.writes)
-            self._prefix_diff = output.new_zeros(b, p, d)
-            self._attn_pre, self._head_diffs = [], []
+            self._start_edge_patching(batch // self.copies, p, d, output.dtype, output.device)
+        else:
+            self.writes = output.new_zeros(self.layout.n_rows, batch, p, d)
         if self.embed_mix is not None:
             corrupted = self.corrupted.writes[0].to(output.dtype)
             output = corrupted + self.embed_mix * (output - corrupted)
         self._record(0, output)
         return output if self.embed_mix is not None else None
+
+    def _start_edge_patching(self, b: int, p: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Token groups (all tokens, or one per role present) with their kept edges and empty differences."""
+        keep = self.keep_edges if self.stacked else self.keep_edges[None]  # [K, U, V(, R)]
+        if keep.dim() == 4:
+            _check_token_roles(self.token_roles, (b, p), keep.shape[3])
+            roles = self.token_roles.flatten()
+            for role in roles.unique().tolist():
+                self._group_tokens.append((roles == role).nonzero().squeeze(1))
+                self._group_keep.append(keep[..., role])
+        else:
+            self._group_tokens.append(None)
+            self._group_keep.append(keep)
+        n_copies, n_rows = keep.shape[0], self.layout.n_rows
+        for tokens in self._group_tokens:  # a row's differences are written before any reader reads them
+            n = b * p if tokens is None else len(tokens)
+            self._diffs.append(torch.empty(n_copies, n_rows, n, d, dtype=dtype, device=device))
+            self._prefix_diff.append(torch.zeros(n_copies, n, d, dtype=dtype, device=device))
+            self._attn_pre.append([])
+            self._head_diffs.append([])
 
     def _on_z(self, layer: int, o_weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.keep_heads is not None:
@@ -218,64 +268,87 @@ class ComponentHooks:
     # -- readers
 
     def _reader_delta(self, cols: slice, shape_like: torch.Tensor) -> torch.Tensor | None:
-        """The perturbation added to the inputs of columns `cols`: [b, p, C, d], or None."""
+        """The perturbation added to the inputs of columns `cols`: [K, C, b, p, d], or None (inputs unchanged)."""
         n_cols = cols.stop - cols.start
         if self.keep_edges is not None:
-            n_rows = int(self.layout.rows_read()[cols.start])
-            keep = self.keep_edges[:n_rows, cols]
-            if keep.dim() == 3:
-                keep = keep[:, :, self.token_roles]  # [U', C, b, p]: each token's edges are its role's
-            delta = removed_input(self._prefix_diff, self._diffs[:n_rows], keep)
-            return delta if self.post_norms is None else delta + self._post_norm_delta(keep)
+            n_rows = self._rows_read[cols.start]
+            parts = [removed_input(prefix, diffs, keep[:, :n_rows, cols])
+                     for prefix, diffs, keep in zip(self._prefix_diff, self._diffs, self._group_keep)]
+            if self.post_norms is not None:
+                parts = [self._post_norm_delta(part, group, cols) for group, part in enumerate(parts)]
+            if all(part is None for part in parts):
+                return None
+            b, p = shape_like.shape[0] // self.copies, shape_like.shape[1]
+            if self._group_tokens[0] is None:
+                return parts[0].unflatten(2, (b, p))
+            delta = shape_like.new_zeros(self.copies, n_cols, b * p, shape_like.shape[-1])
+            for tokens, part in zip(self._group_tokens, parts):
+                if part is not None:
+                    delta[:, :, tokens] = part
+            return delta.unflatten(2, (b, p))
         if self.track_grads:
             b, p, d = shape_like.shape
-            delta = shape_like.new_zeros(b, p, n_cols, d, requires_grad=True)
+            delta = shape_like.new_zeros(n_cols, b, p, d, requires_grad=True)
             self.perturbations[cols.start] = delta
-            return delta
+            return delta[None]
         return None
 
-    def _post_norm_delta(self, keep: torch.Tensor) -> torch.Tensor:
-        """What removed head edges add to the readers' inputs through each earlier layer's attention-output norm:
-        sum over layers of N(A + D) - N(A), D the sum of the removed heads' corrupted - actual.
-        keep [U', C] or [U', C, b, p] (the rows the readers read)  ->  [b, p, C, d]."""
-        total = 0
-        pattern = "hbpd,hcbp->bpcd" if keep.dim() == 4 else "hbpd,hc->bpcd"
-        for layer, (attn, diffs) in enumerate(zip(self._attn_pre, self._head_diffs)):
+    def _post_norm_delta(self, part: torch.Tensor | None, group: int, cols: slice) -> torch.Tensor | None:
+        """`part` [K, C, n, d] (or None) plus what removed head edges add to the inputs of columns `cols` through
+        each earlier layer's attention-output norm: sum over layers of N(A + D) - N(A), D the sum of the removed
+        heads' corrupted - actual, for token group `group`."""
+        keep = self._group_keep[group]
+        for layer, (attn, diffs) in enumerate(zip(self._attn_pre[group], self._head_diffs[group])):
             rows = slice(self.layout.head_row(layer, 0), self.layout.mlp_row(layer))
-            removed = torch.einsum(pattern, diffs, (~keep[rows]).to(diffs.dtype))  # [b, p, C, d]
+            removed_edges = ~keep[:, rows, cols]  # [K, H, C]
+            if not removed_edges.any():
+                continue
+            removed = torch.einsum("khnd,khc->kcnd", diffs, removed_edges.to(diffs.dtype))  # [K, C, n, d]
             norm = self.post_norms[layer]
-            total = total + norm(attn[:, :, None] + removed) - norm(attn)[:, :, None]
-        return total
+            through = norm(attn[:, None] + removed) - norm(attn)[:, None]
+            part = through if part is None else part + through
+        return part
+
+    def _changed(self, cols: slice) -> torch.Tensor:
+        """[C] bool: the columns some removed edge feeds (in some copy or token group)."""
+        n_rows = self._rows_read[cols.start]
+        return torch.stack([(~keep[:, :n_rows, cols]).any(1).any(0) for keep in self._group_keep]).any(0)
 
     def _on_resid_pre(self, layer: int, resid: torch.Tensor) -> None:
         """Before the layer's heads read: their perturbation, computed from the rows written so far."""
-        delta = self._reader_delta(self.layout.head_cols(layer), resid)
+        cols = self.layout.head_cols(layer)
+        delta = self._reader_delta(cols, resid)
         if delta is not None:
-            delta = delta.unflatten(2, (self.layout.n_heads, self.layout.n_inputs))
+            delta = delta.unflatten(1, (self.layout.n_heads, self.layout.n_inputs))  # [K, H, n_inputs, b, p, d]
+            changed = (self._changed(cols).view(self.layout.n_heads, -1).any(0).tolist()
+                       if self.keep_edges is not None else [True] * self.layout.n_inputs)
+            self._head_changed = changed
         self._head_delta = delta
 
     def _on_head_input(self, kind: int, resid: torch.Tensor) -> torch.Tensor | None:
-        """resid [b, p, H, d]: the residual each head's q (kind 0), k (1) or v (2) reads."""
-        if self._head_delta is None:
+        """resid [B, p, H, d]: the residual each head's q (kind 0), k (1) or v (2) reads."""
+        kind = kind if self.layout.split_qkv else 0
+        if self._head_delta is None or not self._head_changed[kind]:
             return None
-        return resid + self._head_delta[:, :, :, kind if self.layout.split_qkv else 0]
+        delta = self._head_delta[:, :, kind]  # [K, H, b, p, d]
+        return resid + delta.permute(0, 2, 3, 1, 4).reshape(resid.shape)
+
+    def _single_reader(self, col: int, resid: torch.Tensor) -> torch.Tensor | None:
+        delta = self._reader_delta(slice(col, col + 1), resid)
+        return None if delta is None else resid + delta[:, 0].reshape(resid.shape)
 
     def _on_mlp_in(self, layer: int, resid: torch.Tensor) -> torch.Tensor | None:
-        col = self.layout.mlp_col(layer)
-        delta = self._reader_delta(slice(col, col + 1), resid)
-        return None if delta is None else resid + delta[:, :, 0]
+        return self._single_reader(self.layout.mlp_col(layer), resid)
 
     def _on_logits_in(self, resid: torch.Tensor) -> torch.Tensor | None:
-        col = self.layout.logits_col
-        delta = self._reader_delta(slice(col, col + 1), resid)
-        return None if delta is None else resid + delta[:, :, 0]
+        return self._single_reader(self.layout.logits_col, resid)
 
     def input_grads(self) -> Iterator[tuple[int, torch.Tensor]]:
         """After backward: (first column, d metric / d input [C, b, p, d]) per reader group."""
         for start, delta in self.perturbations.items():
             if delta.grad is None:
                 raise CircuitError("no gradient reached a reader input; call backward on the metric first")
-            yield start, delta.grad.movedim(2, 0)
+            yield start, delta.grad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,6 +478,32 @@ def patched_metric(prepared: PreparedModel, batch: PromptBatch, corrupted: Recor
     hooks = ComponentHooks(prepared.layout, corrupted=corrupted, **keep)
     with prepared.gates_of(masks):
         return logit_diff(_last_logits(prepared, hooks, batch.clean), batch)
+
+
+@torch.no_grad()
+def edge_patched_metrics(prepared: PreparedModel, batch: PromptBatch, corrupted: Recording, keeps: torch.Tensor,
+                         masks: list[torch.Tensor] | None = None, token_roles: torch.Tensor | None = None,
+                         max_tokens: int = 512) -> torch.Tensor:
+    """Per-prompt logit diff [K, b] of the clean batch with the edges of keeps[k] kept and every other edge
+    patched from the corrupted recording: `patched_metric(keep_edges=keeps[k])` for each k, several masks per
+    forward. keeps [K, U, V] bool, or [K, U, V, R] by token role with token_roles [b, p].
+
+    Copies of the batch are stacked along the batch dimension, copy k patched with keeps[k], at most
+    `max_tokens` tokens (copies x prompts x positions, at least one copy) per forward: each copy holds every
+    writer's difference [U, b, p, d]. Frozen gates: every copy holds the clean run's masks."""
+    if keeps.dim() not in (3, 4):
+        raise CircuitError(f"keeps must be [K, U, V] or [K, U, V, R] bool masks, got shape {tuple(keeps.shape)}")
+    b, p = batch.clean.shape
+    metrics = []
+    for chunk in keeps.split(max(1, max_tokens // (b * p))):
+        n_copies = len(chunk)
+        hooks = ComponentHooks(prepared.layout, corrupted=corrupted, keep_edges=chunk, token_roles=token_roles,
+                               stacked=True)
+        stacked_masks = None if masks is None else [mask.repeat(n_copies, 1, 1, 1) for mask in masks]
+        with prepared.gates_of(stacked_masks):
+            logits = _last_logits(prepared, hooks, batch.clean.repeat(n_copies, 1)).view(n_copies, b, -1)
+        metrics += [logit_diff(copy, batch) for copy in logits]
+    return torch.stack(metrics)
 
 
 def _check_token_roles(token_roles: torch.Tensor | None, shape: tuple[int, int], n_roles: int) -> None:

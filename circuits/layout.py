@@ -8,6 +8,7 @@ the sum of the writes before it, so an edge is one term of that sum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,28 +102,66 @@ def patch_heads(z: torch.Tensor, z_corrupted: torch.Tensor, keep: torch.Tensor) 
     return torch.where(keep.repeat_interleave(head_dim), z, z_corrupted)
 
 
-def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual).
+def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """What removed edges add to each reader's input: the sum over removed writers of (corrupted - actual),
+    for K patched copies of a run at once.
 
-    prefix_diff [b, p, d]: the sum over every writer the readers can read; diffs [U', b, p, d] those
-    writers' differences; kept [U', C] or, per token, [U', C, b, p] bool, kept edges into the C readers
-    ->  [b, p, C, d].
-    """
-    rows = kept.flatten(1).any(dim=1).nonzero().squeeze(1)
-    if rows.numel() > diffs.shape[0] // 2:  # gathering most rows costs more than multiplying by zeros
-        rows = slice(None)
-    pattern = "kbpd,kcbp->bpcd" if kept.dim() == 4 else "kbpd,kc->bpcd"
-    kept_part = torch.einsum(pattern, diffs[rows], kept[rows].to(diffs.dtype))
-    return prefix_diff[:, :, None, :] - kept_part
+    prefix_diff [K, n, d]: the sum over the U' writers the readers can read (n tokens); diffs [K, U, n, d]
+    (U >= U', contiguous) every writer's difference; kept [K, U', C] bool, kept edges from the first U' writers
+    into the C readers  ->  [K, C, n, d], or None when no edge is removed (every input unchanged).
+
+    Sums whichever of the kept or the removed edges are fewer: prefix - (kept^T diffs) or (removed^T diffs),
+    over the flattened (n d): a sparse matmul when they are few against the columns x rows that hold one,
+    else one dense matmul per copy over those columns and (when few) rows; the other columns read the
+    prefix (none kept) or nothing (none removed)."""
+    n_copies, n_rows, n_cols = kept.shape
+    n_kept = int(kept.sum())
+    n_removed = kept.numel() - n_kept
+    if n_removed == 0:
+        return None
+    from_kept = n_kept <= n_removed
+    terms = kept if from_kept else ~kept  # [K, U', C]
+    shape = (n_copies, n_cols, *prefix_diff.shape[1:])
+    cols = terms.any(1).any(0).nonzero().squeeze(1)
+    rows = terms[:, :, cols].any(2).any(0).nonzero().squeeze(1)
+    source = diffs.flatten(2)  # [K, U, n * d]
+    if 4 * min(n_kept, n_removed) < n_copies * len(cols) * len(rows):  # sparse: ~4x a dense product's cost per term
+        copy, row, col = terms.nonzero().unbind(1)
+        matrix = torch.sparse_coo_tensor(torch.stack([copy * n_cols + col, copy * diffs.shape[1] + row]),
+                                         torch.ones(len(row), dtype=source.dtype, device=source.device),
+                                         (n_copies * n_cols, n_copies * diffs.shape[1]), check_invariants=False)
+        part = torch.sparse.mm(matrix, source.reshape(-1, source.shape[-1])).view(shape)
+        return prefix_diff[:, None] - part if from_kept else part
+    out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
+    if len(cols) == 0:
+        return out
+    terms, source = terms[:, :, cols], source[:, :n_rows]  # [K, U', C'], [K, U', n * d]
+    if (n_rows - len(rows)) * len(cols) > 4 * len(rows):  # a copy of the few rows costs less than their zeros
+        terms, source = terms[:, rows], source[:, rows]
+    part = torch.matmul(terms.transpose(1, 2).to(source.dtype), source).view(n_copies, len(cols), *shape[2:])
+    if from_kept:
+        out[:, cols] -= part.to(out.dtype)
+    else:
+        out[:, cols] = part.to(out.dtype)
+    return out
 
 
 def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k allowed entries with the largest |score| (ties: lower flat index first)."""
+    return top_k_masks(scores, allowed)(k)
+
+
+def top_k_masks(scores: torch.Tensor, allowed: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """k -> `top_k_mask(scores, allowed, k)`, the entries sorted once for every k (a curve asks for many)."""
     flat = scores.abs().flatten().masked_fill(~allowed.flatten(), -1.0)
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    mask = torch.zeros(flat.shape, dtype=torch.bool)
-    mask[order] = True
-    return mask.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries
+    order = torch.sort(flat, descending=True, stable=True).indices
+
+    def mask(k: int) -> torch.Tensor:
+        kept = torch.zeros(flat.shape, dtype=torch.bool)
+        kept[order[:k]] = True
+        return kept.view(scores.shape) & allowed  # k beyond the allowed count must not pick disallowed entries
+
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------

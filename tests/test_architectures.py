@@ -41,7 +41,7 @@ from attribution.heads import head_loadings
 from attribution.nodes import build_replacement, transcoder_weights
 from attribution.qk import QK_COLUMNS, ResidualComponents, qk_pair_contributions, qk_rows
 from attribution.replacement import AttributionError, extract_weights, freeze_prompt, tokenize_prompt
-from circuits.hooks import edge_attribution, patched_metric, prepare, record
+from circuits.hooks import edge_attribution, edge_patched_metrics, patched_metric, prepare, record
 from pipeline.config import load_config
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff
@@ -492,6 +492,7 @@ def test_edge_patching_through_the_post_attention_norm_equals_brute_force(name):
     allowed = layout.allowed()
     generator = torch.Generator().manual_seed(1)
     last = layout.n_layers - 1
+    keeps = []
     head_col = layout.head_cols(last).start + 1 * layout.n_inputs + 1  # the k input of head 1 of the last layer
     for col, reader in ((layout.logits_col, "hook_resid_final"), (layout.mlp_col(1), "blocks.1.hook_mlp_in"),
                         (head_col, f"blocks.{last}.hook_k_input")):
@@ -517,6 +518,10 @@ def test_edge_patching_through_the_post_attention_norm_equals_brute_force(name):
         by_role = patched_metric(prepared, batch, corrupted, keep_edges=keep[:, :, None].expand(-1, -1, 2).clone(),
                                  token_roles=roles)
         torch.testing.assert_close(by_role, patched, rtol=0, atol=1e-6)
+        keeps.append((keep, patched))
+    # several masks per forward (stacked copies of the batch) give each mask's own patched metric
+    stacked = edge_patched_metrics(prepared, batch, corrupted, torch.stack([keep for keep, _ in keeps]))
+    torch.testing.assert_close(stacked, torch.stack([patched for _, patched in keeps]), rtol=0, atol=1e-5)
 
 
 def test_eap_scores_a_head_edge_through_the_post_attention_norm():
