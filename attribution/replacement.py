@@ -252,6 +252,20 @@ def rope_per_layer(model: nn.Module, hidden: torch.Tensor, positions: torch.Tens
     return torch.stack(cos), torch.stack(sin)
 
 
+def stack_patterns(out) -> torch.Tensor:
+    """The model output's attention patterns as one float32 [L, H, P, P] tensor, each layer's own tensor
+    released as soon as it is copied (and the output's logits and tuple with them), so at most about one
+    copy of the patterns is held, not two.  `out`: the model's output, emptied of its attentions."""
+    attentions = list(out.attentions)
+    out.attentions = None
+    n_heads, n_pos = attentions[0].shape[1], attentions[0].shape[-1]
+    patterns = torch.empty(len(attentions), n_heads, n_pos, n_pos)
+    for layer in range(len(attentions)):
+        patterns[layer] = attentions[layer][0]
+        attentions[layer] = None
+    return patterns
+
+
 @torch.no_grad()
 def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenPrompt:
     """Run the real model once on `tokens` and record everything the replacement model freezes."""
@@ -307,10 +321,11 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         return inv_rms(projected, eps)[..., None].expand(-1, -1, n_heads).contiguous()
 
     cfg = hf.config
-    patterns = torch.stack([a[0].float() for a in out.attentions])  # [L, H, P, P]
+    logits = out.logits[0, -1].float()
+    patterns = stack_patterns(out)
     if "z" in points:  # rows of a query scaled by its frozen output-norm scale
         attn_out = torch.stack([module(model, f"blocks.{layer}.attn.o")(z) for layer, z in enumerate(seen["z"])])
-        patterns = patterns * norm_scales("ln1_post", attn_out)[:, None, :, None]
+        patterns.mul_(norm_scales("ln1_post", attn_out)[:, None, :, None])
     resid_pre, resid_mid, resid_final = torch.stack(seen["resid_pre"]), torch.stack(seen["resid_mid"]), seen["resid_final"][0]
     cos, sin = rope_per_layer(model, resid_pre[0][None], torch.arange(len(tokens))[None])
     return FrozenPrompt(
@@ -328,5 +343,5 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         k_inv_rms=head_scales("k", getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
         rope_cos=cos,
         rope_sin=sin,
-        logits=out.logits[0, -1].float(),
+        logits=logits,
     )

@@ -43,6 +43,7 @@ TINY_CLT = {
     "train": {"steps": 60, "batch_tokens": 256, "lr": 2e-3, "warmup_steps": 5, "checkpoint_every": 60,
               "sparsity_coefficient": 0.005, "threads": 1},
     "eval": {"heldout_blocks": 4, "batch_size": 2},
+    "precision": "fp32",  # this CPU has no native bf16 (the stage refuses it)
 }
 
 
