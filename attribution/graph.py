@@ -163,7 +163,7 @@ def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, co
         filled += len(pending)
     order = torch.argsort(row_to_node[n_logits:])
     selected = row_to_node[n_logits:][order]
-    rows = edge_rows[(order + n_logits)[:, None], graph_columns(lrm, selected)[None, :]]  # one gather, no copy of all
+    rows = edge_rows.index_select(1, graph_columns(lrm, selected))[order + n_logits]  # the graph's columns first: small
     return selected, rows, constants[n_logits:][order]
 
 

@@ -159,8 +159,11 @@ def graph_scores(adjacency: torch.Tensor, logit_probs: torch.Tensor, n_features:
     return float(replacement), float(completeness)
 
 
+PARTIAL_CHUNK_ROWS = 64  # rows of |edge_rows| formed together by partial_influences
+
+
 def partial_influences(edge_rows: torch.Tensor, logit_probs: torch.Tensor, row_to_node: torch.Tensor,
-                       max_iter: int = 128, chunk_rows: int = 64) -> torch.Tensor:
+                       max_iter: int = 128, chunk_rows: int = PARTIAL_CHUNK_ROWS) -> torch.Tensor:
     """Influence from the rows computed so far (circuit-tracer's compute_partial_influences), used to
     pick which features to visit next when max_feature_nodes caps the graph.
 

@@ -81,10 +81,13 @@ def nodes_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult) -> 
 def edges_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult, which: str) -> pa.Table:
     """Nonzero edges (all, or only those kept by pruning): kept edges first, each part sorted by |weight|
     descending, so the top kept edges are the first rows."""
-    target, source, weight = graph.nonzero_edges()
-    kept = pruned.kept(target, source)
+    edge_rows = pruned.edge_rows(graph.row_nodes)  # the graph's rows only: errors and tokens have no incoming edges
+    mask = graph.rows != 0
     if which == "pruned":
-        target, source, weight, kept = target[kept], source[kept], weight[kept], kept[kept]
+        mask &= edge_rows
+    row, source = mask.nonzero().unbind(1)
+    del mask
+    target, weight, kept = graph.row_nodes[row], graph.rows[row, source], edge_rows[row, source]
     order = torch.argsort(weight.abs(), descending=True, stable=True)
     order = order[torch.argsort(~kept[order], stable=True)]  # kept first, |weight| order kept within
     return _table("edges", {

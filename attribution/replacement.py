@@ -252,18 +252,27 @@ def rope_per_layer(model: nn.Module, hidden: torch.Tensor, positions: torch.Tens
     return torch.stack(cos), torch.stack(sin)
 
 
-def stack_patterns(out) -> torch.Tensor:
-    """The model output's attention patterns as one float32 [L, H, P, P] tensor, each layer's own tensor
-    released as soon as it is copied (and the output's logits and tuple with them), so at most about one
-    copy of the patterns is held, not two.  `out`: the model's output, emptied of its attentions."""
-    attentions = list(out.attentions)
-    out.attentions = None
-    n_heads, n_pos = attentions[0].shape[1], attentions[0].shape[-1]
-    patterns = torch.empty(len(attentions), n_heads, n_pos, n_pos)
-    for layer in range(len(attentions)):
-        patterns[layer] = attentions[layer][0]
-        attentions[layer] = None
-    return patterns
+def pattern_recorder(model: nn.Module, n_pos: int):
+    """Forward hooks that copy each layer's attention weights (the second output of its attention module, what
+    eager and the gated attention apply to values) into one preallocated float32 [L, H, P, P] tensor as the
+    layer runs, so the forward pass never holds every layer's weights beside the patterns (as
+    output_attentions would).  -> (patterns, layers recorded: a set, handles to remove)"""
+    n_layers, n_heads = len(layers(model)), hf_model(model).config.num_attention_heads
+    patterns = torch.empty(n_layers, n_heads, n_pos, n_pos)
+    recorded: set[int] = set()
+
+    def keep(layer: int):
+        def hook(attention, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise AttributionError("the model's attention returned no attention weights; load it with "
+                                       "attn_implementation='eager'")
+            patterns[layer].copy_(weights[0])
+            recorded.add(layer)
+        return hook
+
+    handles = [module(model, f"blocks.{layer}.attn").register_forward_hook(keep(layer)) for layer in range(n_layers)]
+    return patterns, recorded, handles
 
 
 @torch.no_grad()
@@ -295,9 +304,14 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         return fn
 
     named = {point.format(l=layer): keep(key) for layer in range(n_layers) for key, point in points.items()}
-    with hooks(model, {**named, "hook_resid_final": keep("resid_final")}):
-        out = model(input_ids=tokens[None], output_attentions=True, use_cache=False)
-    if out.attentions is None or len(out.attentions) != n_layers:
+    patterns, recorded, handles = pattern_recorder(model, len(tokens))
+    try:
+        with hooks(model, {**named, "hook_resid_final": keep("resid_final")}):
+            out = model(input_ids=tokens[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(recorded) != n_layers:
         raise AttributionError("the model returned no attention patterns; load it with attn_implementation='eager'")
 
     def scale(inputs: torch.Tensor, norm: str) -> torch.Tensor:
@@ -322,7 +336,6 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
 
     cfg = hf.config
     logits = out.logits[0, -1].float()
-    patterns = stack_patterns(out)
     if "z" in points:  # rows of a query scaled by its frozen output-norm scale
         attn_out = torch.stack([module(model, f"blocks.{layer}.attn.o")(z) for layer, z in enumerate(seen["z"])])
         patterns.mul_(norm_scales("ln1_post", attn_out)[:, None, :, None])
