@@ -335,7 +335,7 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         return inv_rms(projected, eps)[..., None].expand(-1, -1, n_heads).contiguous()
 
     cfg = hf.config
-    logits = out.logits[0, -1].float()
+    logits = out.logits[0, -1].float().clone()  # not a view: the logits of every position are freed with `out`
     if "z" in points:  # rows of a query scaled by its frozen output-norm scale
         attn_out = torch.stack([module(model, f"blocks.{layer}.attn.o")(z) for layer, z in enumerate(seen["z"])])
         patterns.mul_(norm_scales("ln1_post", attn_out)[:, None, :, None])
