@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from attribution.config import GraphConfig
+from attribution.propagate import WRITES_CHUNK_ROWS
+from attribution.prune import PARTIAL_CHUNK_ROWS
 from attribution.replacement import AttributionError, ModelWeights
 
 FLOAT_BYTES = 4
@@ -109,11 +111,13 @@ def tensor_bytes(*objects: object) -> int:
 
 
 def frozen_prompt_bytes(weights: ModelWeights, n_pos: int, n_features: int) -> int:
-    """Freezing the prompt and building its replacement model: the forward pass's attention patterns
-    (kept for every layer, then stacked) and logits, the residuals the prompt keeps, the CLT's
-    pre-activations, errors and constants."""
+    """Freezing the prompt and building its replacement model: the attention patterns (one float32 [L, H, P, P]
+    tensor that each layer's weights are copied into as it runs, plus one layer's scores, mask, softmax and
+    weights in flight: about six [H, P, P], measured on the tiny model), logits of every position, the
+    residuals the prompt keeps (and their per-layer lists while stacked), the CLT's pre-activations, errors
+    and constants."""
     L, H, d = weights.n_layers, weights.n_heads, weights.d_model
-    patterns = 3 * L * H * n_pos * n_pos
+    patterns = (L + 6) * H * n_pos * n_pos
     logits = n_pos * weights.unembed.shape[0]
     residuals = 10 * L * n_pos * d + 8 * n_pos * d  # resid_pre, mid, mlp in/out, errors, ...; one MLP's width
     clt = 2 * L * n_pos * n_features
@@ -121,22 +125,28 @@ def frozen_prompt_bytes(weights: ModelWeights, n_pos: int, n_features: int) -> i
 
 
 def graph_bytes(weights: ModelWeights, n_pos: int, n_active: int, n_logits: int, config: GraphConfig) -> int:
-    """The graph of a prompt with `n_active` active features, the larger of its two phases: computing
-    it (every feature's rows, or max_feature_nodes visited features' with the decoder writes of every
-    layer cached; the swept blocks' gradients and outputs; the adjacency assembled from the rows) and
-    pruning it (the adjacency and about nine [N, N] temporaries: |A|, its normalised and pruned
-    copies, edge scores, their sort with its int64 indices and cumulative sum; measured on the tiny model)."""
+    """The graph of a prompt with `n_active` active features, the larger of its two phases.
+
+    Computing it: the rows computed (every active feature's, or with max_feature_nodes the visited features'
+    over every source column, plus one visit's batch), the swept blocks (gradients [B, P, d] and attention's
+    temporaries, their outputs [n_columns, B]), one chunk of decoder writes, partial influences' chunks, and the
+    graph's rows gathered from them ([R, N], R = selected features + logits, N = nodes: linear in positions).
+    Pruning and storing it: about ten [R, N] temporaries (|rows|, its pruned and normalised copies, edge
+    scores, their sort with its int64 indices and cumulative sum, the edge list)."""
     L, d = weights.n_layers, weights.d_model
     n_columns = n_active + (L + 1) * n_pos
-    if config.max_feature_nodes is None or config.max_feature_nodes >= n_active:
-        n_rows, writes = n_active + n_logits, n_active * d
-    else:
-        n_rows, writes = config.max_feature_nodes + n_logits, n_active * d * (L + 1) // 2
     grad_rows = config.max_grad_mib * 2**20 // (n_pos * d * FLOAT_BYTES)  # rows swept together (one block at least)
-    swept = min(n_rows, max(grad_rows, config.max_block_rows))
-    sweep = swept * (2 * n_pos * d + n_columns)  # their gradients, attention's temporaries, their outputs
-    n_nodes = n_rows + (L + 1) * n_pos
-    adjacency = n_nodes * n_nodes
-    computing = n_rows * (n_columns + n_logits) + sweep + writes + adjacency
-    pruning = 10 * adjacency
+    if config.max_feature_nodes is None or config.max_feature_nodes >= n_active:
+        n_selected = n_active
+        swept = min(n_active + n_logits, max(grad_rows, config.max_block_rows))
+        held = (n_active + n_logits) * n_columns
+    else:
+        n_selected = config.max_feature_nodes
+        queue = config.update_interval * config.batch_size
+        swept = min(queue, max(grad_rows, config.max_block_rows))
+        held = (n_selected + n_logits) * (n_columns + n_logits) + queue * n_columns + 2 * PARTIAL_CHUNK_ROWS * n_columns
+    sweep = swept * (5 * n_pos * d + 2 * n_columns) + WRITES_CHUNK_ROWS * d
+    graph_rows = (n_selected + n_logits) * (n_selected + (L + 1) * n_pos + n_logits)
+    computing = held + sweep + 2 * graph_rows
+    pruning = 10 * graph_rows
     return max(computing, pruning) * FLOAT_BYTES

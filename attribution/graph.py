@@ -3,6 +3,10 @@
 Nodes: selected features (in (layer, pos, feature) order), error nodes (layer-major: n_sel + l * P + p),
 token embeddings (P), logit targets. adjacency[t, s] is the exact direct effect of source s on target
 t in the local replacement model: a feature's pre-activation readout, or a demeaned logit.
+
+Only features and logits have incoming edges, so the graph keeps just their rows (`rows`, [n_sel +
+n_logits, N]): linear in positions, where the [N, N] matrix (N = n_sel + (L + 1) P + n_logits, mostly the
+rows of error and token nodes, all zero) is quadratic. `adjacency` builds the dense matrix on demand.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from attribution.config import GraphConfig
 from attribution.nodes import LocalReplacementModel
 from attribution.propagate import attribution_rows, feature_targets, logit_targets, n_source_columns
-from attribution.prune import partial_influences
+from attribution.prune import partial_influences, row_index
 
 NODE_KINDS = ("feature", "error", "token", "logit")
 
@@ -31,7 +35,7 @@ class AttributionGraph:
     selected: torch.Tensor  # [n_sel] long, indices into active_features, ascending
     logit_tokens: torch.Tensor  # [n_logits] long
     logit_probs: torch.Tensor  # [n_logits]
-    adjacency: torch.Tensor  # [N, N] rows = targets, columns = sources
+    rows: torch.Tensor  # [n_sel + n_logits, N] the rows of the nodes `row_nodes` (selected features, logits)
     node_constant: torch.Tensor  # [N] part of a target's value due to no node (b_enc, b_dec, BOS MLP, biases)
     node_value: torch.Tensor  # [N] feature pre-activation / demeaned logit; 0 for errors and tokens
 
@@ -45,7 +49,33 @@ class AttributionGraph:
 
     @property
     def n_nodes(self) -> int:
-        return self.adjacency.shape[0]
+        return self.rows.shape[1]
+
+    @property
+    def row_nodes(self) -> torch.Tensor:
+        """[n_sel + n_logits] the node of each row of `rows`: the selected features, then the logits."""
+        return torch.cat([torch.arange(self.n_selected), torch.arange(self.logit_start, self.n_nodes)])
+
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """The dense [N, N] matrix, rows = targets (zero rows for errors and tokens). O(N^2) memory: for
+        small graphs and tests; the stage works on `rows`."""
+        dense = torch.zeros(self.n_nodes, self.n_nodes)
+        dense[self.row_nodes] = self.rows
+        return dense
+
+    def edge_weights(self, targets: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """adjacency[targets, sources] without the dense matrix (0 where the target has no row).  -> [E]"""
+        row = row_index(self.row_nodes, self.n_nodes)[targets]
+        weights = torch.zeros(len(targets))
+        has_row = row >= 0
+        weights[has_row] = self.rows[row[has_row], sources[has_row]]
+        return weights
+
+    def nonzero_edges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets, sources, weights) of every nonzero edge, in (target, source) order."""
+        row, source = self.rows.nonzero().unbind(1)
+        return self.row_nodes[row], source, self.rows[row, source]
 
     @property
     def error_start(self) -> int:
@@ -102,9 +132,15 @@ def _sweep_options(config: GraphConfig) -> dict:
             "max_grad_bytes": config.max_grad_mib * 2**20}
 
 
+def graph_columns(lrm: LocalReplacementModel, selected: torch.Tensor) -> torch.Tensor:
+    """The source columns a graph keeps, in node order: the selected features, then errors and tokens."""
+    return torch.cat([selected, torch.arange(lrm.n_active, n_source_columns(lrm))])
+
+
 def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, config: GraphConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """circuit-tracer's feature selection: visit features in order of estimated logit influence,
-    refreshed after every update_interval * batch_size features. -> (selected, rows, constants), sorted."""
+    refreshed after every update_interval * batch_size features.
+    -> (selected, rows [n_sel, graph columns], constants), sorted"""
     n_active, n_columns, n_logits = lrm.n_active, n_source_columns(lrm), len(logit_rows)
     budget = config.max_feature_nodes
     edge_rows = torch.zeros(budget + n_logits, n_columns + n_logits)
@@ -113,35 +149,35 @@ def _visit_by_influence(lrm: LocalReplacementModel, logit_rows: torch.Tensor, co
     row_to_node[:n_logits] = torch.arange(n_logits) + n_columns
     constants = torch.zeros(budget + n_logits)
     visited = torch.zeros(n_active, dtype=torch.bool)
-    writes_cache: dict = {}
     filled = n_logits
     while filled - n_logits < budget:
         scores = partial_influences(edge_rows[:filled], lrm.logit_probs, row_to_node[:filled])
         rank = torch.argsort(scores[:n_active], descending=True)
         queue = min(config.update_interval * config.batch_size, budget - (filled - n_logits))
         pending = rank[~visited[rank]][:queue]
-        rows, constant = attribution_rows(lrm, feature_targets(lrm, pending), writes_cache=writes_cache,
-                                          **_sweep_options(config))
+        rows, constant = attribution_rows(lrm, feature_targets(lrm, pending), **_sweep_options(config))
         edge_rows[filled:filled + len(pending), :n_columns] = rows
         constants[filled:filled + len(pending)] = constant
         row_to_node[filled:filled + len(pending)] = pending
         visited[pending] = True
         filled += len(pending)
     order = torch.argsort(row_to_node[n_logits:])
-    return (row_to_node[n_logits:][order], edge_rows[n_logits:, :n_columns][order],
-            constants[n_logits:][order])
+    selected = row_to_node[n_logits:][order]
+    rows = edge_rows.index_select(1, graph_columns(lrm, selected))[order + n_logits]  # the graph's columns first: small
+    return selected, rows, constants[n_logits:][order]
 
 
 def _assemble(lrm: LocalReplacementModel, prompt: str, selected: torch.Tensor, feature_rows: torch.Tensor,
               feature_constant: torch.Tensor, logit_rows: torch.Tensor, logit_constant: torch.Tensor
               ) -> AttributionGraph:
-    """Keep the selected features' columns and lay rows and columns out in node order."""
-    n_active, n_sel, n_logits = lrm.n_active, len(selected), len(logit_rows)
-    columns = torch.cat([selected, torch.arange(n_active, n_source_columns(lrm))])
+    """The rows of the selected features and the logits over the graph's columns, in node order.
+    feature_rows: [n_sel, graph columns] (or, with every feature selected, all source columns, the same)."""
+    n_sel, n_logits = len(selected), len(logit_rows)
+    columns = graph_columns(lrm, selected)
     n_nodes = len(columns) + n_logits
-    adjacency = torch.zeros(n_nodes, n_nodes)
-    adjacency[:n_sel, :len(columns)] = feature_rows[:, columns]
-    adjacency[n_nodes - n_logits:, :len(columns)] = logit_rows[:, columns]
+    rows = torch.zeros(n_sel + n_logits, n_nodes)
+    rows[:n_sel, :len(columns)] = feature_rows
+    rows[n_sel:, :len(columns)] = logit_rows[:, columns]
     layer, feat = lrm.features[selected, 0], lrm.features[selected, 2]
     node_constant = torch.zeros(n_nodes)
     node_constant[:n_sel] = feature_constant + lrm.clt.b_enc[layer, feat] + lrm.feature_norm_constants(selected)
@@ -152,6 +188,6 @@ def _assemble(lrm: LocalReplacementModel, prompt: str, selected: torch.Tensor, f
     return AttributionGraph(
         prompt=prompt, tokens=lrm.prompt.tokens.clone(), n_layers=lrm.n_layers,
         active_features=lrm.features.clone(), activations=lrm.activations.clone(), selected=selected.clone(),
-        logit_tokens=lrm.logit_tokens.clone(), logit_probs=lrm.logit_probs.clone(), adjacency=adjacency,
+        logit_tokens=lrm.logit_tokens.clone(), logit_probs=lrm.logit_probs.clone(), rows=rows,
         node_constant=node_constant, node_value=node_value,
     )

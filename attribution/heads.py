@@ -229,7 +229,7 @@ def head_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, targets: 
     `chunks` fixes how much is held at once; else they are planned to fit `memory_budget` bytes (None:
     the machine's default budget), and MemoryBudgetError is raised if nothing fits."""
     write, read = node_layers(graph)
-    weight = graph.adjacency[targets, sources]
+    weight = graph.edge_weights(targets, sources)
     keep = (write[sources] < read[targets].clamp(max=graph.n_layers)) & (weight != 0)
     targets, sources, weight = targets[keep], sources[keep], weight[keep]
     if not len(targets):

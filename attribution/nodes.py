@@ -165,12 +165,15 @@ def reconstruction(features: torch.Tensor, activations: torch.Tensor, clt: Trans
     n_layers = clt.b_dec.shape[0]
     out = clt.b_dec[:, None].repeat(1, n_pos, 1)
     for source_layer in range(n_layers):
-        mask = features[:, 0] == source_layer
-        if mask.any():
-            pos, feat = features[mask, 1], features[mask, 2]
-            writes = clt.W_dec[source_layer][feat] * activations[mask, None, None]  # [n, L - l, d]
+        index = (features[:, 0] == source_layer).nonzero().flatten()
+        for chunk in index.split(RECONSTRUCTION_CHUNK):  # [n, L - l, d] writes: bounded, not every feature's at once
+            pos, feat = features[chunk, 1], features[chunk, 2]
+            writes = clt.W_dec[source_layer][feat].mul_(activations[chunk, None, None])  # [n, L - l, d]
             _add_writes(out, source_layer, pos, writes)
     return out
+
+
+RECONSTRUCTION_CHUNK = 1024  # features whose decoder writes (to every later layer) are formed together
 
 
 def _add_writes(out: torch.Tensor, source_layer: int, pos: torch.Tensor, writes: torch.Tensor) -> None:

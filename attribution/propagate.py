@@ -11,11 +11,13 @@ At each layer the gradient at resid_post is dotted with every write into that la
 A CLT with a skip path adds one more linear path per layer: MLP-out[k] gets (g * resid_mid[k] / rms) @
 W_skip[k] with the norm scale frozen, so the gradient at resid_post[k] also flows to resid_mid[k] through it
 (at positions > 0: the MLP output at position 0 is a constant). All blocks in flight step down the layers
-together, so each layer's decoder writes are gathered once.
+together, so each layer's decoder writes are gathered once per sweep, a chunk of positions at a time
+(never all layers' writes at once: that cache would be n_active x d x (L + 1) / 2 floats).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,23 +56,42 @@ def n_source_columns(lrm: LocalReplacementModel) -> int:
     return lrm.n_active + (lrm.n_layers + 1) * lrm.n_pos
 
 
+WRITES_CHUNK_ROWS = 16384  # decoder writes gathered together at most (16,384 x d floats: 36 MiB at d 576)
+
+
 @dataclass(frozen=True)
 class LayerWrites:
-    """The writes into MLP-out of one layer by all active features with source layer <= it, sorted by
-    position: those at position p are rows offsets[p]:offsets[p + 1]."""
+    """Which active features write into MLP-out of one layer (source layer <= it), sorted by position: those
+    at position p are rows offsets[p]:offsets[p + 1]. The write vectors themselves are gathered from the
+    CLT's decoder a chunk of positions at a time (`chunks`), never for the whole layer at once."""
 
-    writes: torch.Tensor  # [n, d]
+    layer: int
     columns: torch.Tensor  # [n] long, source column (= active feature index)
     offsets: list[int]  # [P + 1]
 
+    def chunks(self, lrm: LocalReplacementModel, max_rows: int = WRITES_CHUNK_ROWS
+               ) -> Iterator[tuple[range, torch.Tensor]]:
+        """(positions, writes [rows of those positions, d]) over consecutive positions, each chunk at most
+        max_rows rows (or one position's)."""
+        n_pos = len(self.offsets) - 1
+        first = 0
+        while first < n_pos:
+            last = first + 1
+            while last < n_pos and self.offsets[last + 1] - self.offsets[first] <= max_rows:
+                last += 1
+            start, end = self.offsets[first], self.offsets[last]
+            if end > start:
+                yield range(first, last), lrm.feature_writes(self.columns[start:end], self.layer)
+            first = last
+
 
 def layer_writes(lrm: LocalReplacementModel, layer: int) -> LayerWrites:
-    """The writes into MLP-out `layer` of every active feature that reaches it, grouped by position."""
+    """The active features that write into MLP-out `layer`, grouped by position."""
     index = (lrm.features[:, 0] <= layer).nonzero().flatten()
     index = index[torch.argsort(lrm.features[index, 1], stable=True)]
     counts = torch.bincount(lrm.features[index, 1], minlength=lrm.n_pos)
     offsets = [0, *torch.cumsum(counts, 0).tolist()]
-    return LayerWrites(lrm.feature_writes(index, layer), index, offsets)
+    return LayerWrites(layer, index, offsets)
 
 
 def attention_vjp(grad: torch.Tensor, pattern: torch.Tensor, W_O: torch.Tensor, W_V_gain: torch.Tensor,
@@ -167,21 +188,31 @@ class BlockSweep:
         self.grad[new, self.pos[new]] += self.readout[new]
         self.n_alive += len(new)
 
-    def read_writes(self, k: int, writes: LayerWrites) -> None:
-        """Dot the gradient at resid_post[k] with every write into MLP-out k: features, errors, constants."""
+    def read_feature_writes(self, positions: range, writes: torch.Tensor, columns: torch.Tensor,
+                            offsets: list[int]) -> None:
+        """Dot the gradient at resid_post with the feature writes of one chunk of positions: writes [n, d] are
+        the rows offsets[positions[0]]:offsets[positions[-1] + 1] of the layer's LayerWrites, columns theirs."""
+        if not self.n_alive:
+            return
+        n, base = self.n_alive, offsets[positions.start]
+        out = self.out[:, :n]
+        support = self.support
+        inside = support[(support >= positions.start) & (support < positions.stop)]
+        for p in inside.tolist():
+            start, end = offsets[p] - base, offsets[p + 1] - base
+            if end > start:
+                out.index_add_(0, columns[start:end], writes[start:end] @ self.grad[:n, p].T)
+
+    def read_other_writes(self, k: int) -> None:
+        """Dot the gradient at resid_post[k] with the error nodes and constants of MLP-out k."""
         if not self.n_alive:
             return
         lrm, n, support = self.lrm, self.n_alive, self.support
         at = as_index(support)
-        out = self.out[:, :n]
-        for p in support.tolist():
-            start, end = writes.offsets[p], writes.offsets[p + 1]
-            if end > start:
-                out.index_add_(0, writes.columns[start:end], writes.writes[start:end] @ self.grad[:n, p].T)
         g = self.grad[:n, at].transpose(0, 1)  # [S, n, d]
         per_pos = torch.stack([lrm.errors[k, at], lrm.constants[k, at]], -1)  # [S, d, 2]
         errors_and_constants = torch.bmm(g, per_pos)  # [S, n, 2]
-        out.index_add_(0, lrm.n_active + k * lrm.n_pos + support, errors_and_constants[..., 0])
+        self.out[:, :n].index_add_(0, lrm.n_active + k * lrm.n_pos + support, errors_and_constants[..., 0])
         self.constant[:n] += errors_and_constants[..., 1].sum(0)
 
     def through_skip(self, k: int) -> None:
@@ -233,27 +264,26 @@ class BlockSweep:
         return self.out[:, unsorted].T, self.constant[unsorted]
 
 
-def sweep(lrm: LocalReplacementModel, blocks: list[TargetSet], writes_cache: dict | None = None
-          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sweep(lrm: LocalReplacementModel, blocks: list[TargetSet]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Direct effects of every source on each block of targets, all blocks stepping down together.
 
     Per block: (rows [T, n_columns], constant [T]); rows[t, c] is the edge from source column c into
     target t, constant[t] the effect of everything that is no node (b_dec, the BOS-position MLP).
-    `writes_cache` (a dict) keeps each layer's LayerWrites for later calls on the same prompt.
+    Each layer's decoder writes are gathered once for all blocks, a chunk of positions at a time.
     """
     states = [BlockSweep(lrm, block) for block in blocks]
     for state in states:
         state.inject(lrm.n_layers)
     for k in reversed(range(lrm.n_layers)):
-        writes = None
-        if any(state.n_alive for state in states):
-            if writes_cache is None:
-                writes = layer_writes(lrm, k)
-            else:
-                writes = writes_cache.get(k) or writes_cache.setdefault(k, layer_writes(lrm, k))
+        alive = [state for state in states if state.n_alive]
+        if alive:
+            writes = layer_writes(lrm, k)
+            for positions, chunk in writes.chunks(lrm):
+                first, last = writes.offsets[positions.start], writes.offsets[positions.stop]
+                for state in alive:
+                    state.read_feature_writes(positions, chunk, writes.columns[first:last], writes.offsets)
         for state in states:
-            if writes is not None:
-                state.read_writes(k, writes)
+            state.read_other_writes(k)
             state.through_skip(k)
             state.inject(k)
             state.through_attention(k)
@@ -279,12 +309,10 @@ def position_blocks(pos: torch.Tensor, min_rows: int, max_rows: int) -> list[tor
 
 
 def attribution_rows(lrm: LocalReplacementModel, targets: TargetSet, *, min_block_rows: int = 32,
-                     max_block_rows: int = 512, max_grad_bytes: int = 2**30, writes_cache: dict | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_block_rows: int = 512, max_grad_bytes: int = 2**30) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the adjacency matrix for `targets` (all source columns), and their constant parts.
 
-    Blocks are swept together as long as their gradients fit in `max_grad_bytes`; pass the same
-    `writes_cache` dict to repeated calls on one prompt to gather decoder writes once.
+    Blocks are swept together as long as their gradients fit in `max_grad_bytes`.
     -> (rows [T, n_active + (L + 1) * P], constant [T])
     """
     rows = torch.zeros(len(targets), n_source_columns(lrm))
@@ -295,7 +323,7 @@ def attribution_rows(lrm: LocalReplacementModel, targets: TargetSet, *, min_bloc
     for i, block in enumerate(blocks):
         group.append(block)
         if i + 1 == len(blocks) or sum(map(len, group)) + len(blocks[i + 1]) > max_grad_bytes // row_bytes:
-            swept = sweep(lrm, [targets.subset(b) for b in group], writes_cache)
+            swept = sweep(lrm, [targets.subset(b) for b in group])
             for index, (block_rows, block_constant) in zip(group, swept):
                 rows[index], constant[index] = block_rows, block_constant
             group = []

@@ -81,12 +81,13 @@ def nodes_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult) -> 
 def edges_table(graph_id: str, graph: AttributionGraph, pruned: PruneResult, which: str) -> pa.Table:
     """Nonzero edges (all, or only those kept by pruning): kept edges first, each part sorted by |weight|
     descending, so the top kept edges are the first rows."""
-    adjacency = graph.adjacency
-    mask = adjacency != 0
+    edge_rows = pruned.edge_rows(graph.row_nodes)  # the graph's rows only: errors and tokens have no incoming edges
+    mask = graph.rows != 0
     if which == "pruned":
-        mask &= pruned.edge_mask
-    target, source = mask.nonzero().unbind(1)
-    weight, kept = adjacency[target, source], pruned.edge_mask[target, source]
+        mask &= edge_rows
+    row, source = mask.nonzero().unbind(1)
+    del mask
+    target, weight, kept = graph.row_nodes[row], graph.rows[row, source], edge_rows[row, source]
     order = torch.argsort(weight.abs(), descending=True, stable=True)
     order = order[torch.argsort(~kept[order], stable=True)]  # kept first, |weight| order kept within
     return _table("edges", {
@@ -102,11 +103,14 @@ def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: P
                  token_strings: list[str], model: str, clt: str, settings: str, edges_stored: str,
                  seconds: float, task: str = "custom", prompt_index: int = 0) -> pa.Table:
     """The one-row commit record of a graph, with its unpruned and pruned scores."""
-    replacement, completeness = graph_scores(graph.adjacency, graph.logit_probs, graph.n_selected,
-                                             graph.n_layers, graph.n_pos)
-    kept = graph.adjacency * pruned.edge_mask * pruned.node_mask[:, None] * pruned.node_mask[None, :]
+    rows, row_nodes = graph.rows, graph.row_nodes  # the graph's nonzero rows (features, logits): no [N, N] matrix
+    replacement, completeness = graph_scores(rows, graph.logit_probs, graph.n_selected, graph.n_layers, graph.n_pos,
+                                             row_nodes=row_nodes)
+    edge_rows = pruned.edge_rows(row_nodes)
+    kept = rows * (edge_rows & pruned.node_mask[row_nodes, None] & pruned.node_mask[None, :])
     pruned_replacement, pruned_completeness = graph_scores(kept, graph.logit_probs, graph.n_selected,
-                                                           graph.n_layers, graph.n_pos)
+                                                           graph.n_layers, graph.n_pos, row_nodes=row_nodes)
+    n_edges_kept = int((edge_rows & (rows != 0)).sum())
     return _table("graphs", {
         "graph_id": [graph_id], "variant": [variant], "prompt": [graph.prompt],
         "task": [task], "prompt_index": [prompt_index], "tokens": [graph.tokens.tolist()], "token_strings": [token_strings],
@@ -114,9 +118,9 @@ def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: P
         "n_layers": [graph.n_layers], "n_pos": [graph.n_pos],
         "n_active_features": [len(graph.active_features)], "n_selected_features": [graph.n_selected],
         "n_logits": [len(graph.logit_tokens)], "n_nodes": [graph.n_nodes],
-        "n_edges": [int((graph.adjacency != 0).sum())],
+        "n_edges": [int((rows != 0).sum())],
         "n_nodes_kept": [int(pruned.node_mask.sum())],
-        "n_edges_kept": [int((pruned.edge_mask & (graph.adjacency != 0)).sum())],
+        "n_edges_kept": [n_edges_kept],
         "edges_stored": [edges_stored],
         "logit_tokens": [graph.logit_tokens.tolist()], "logit_probs": [graph.logit_probs.tolist()],
         "replacement_score": [replacement], "completeness_score": [completeness],

@@ -252,6 +252,29 @@ def rope_per_layer(model: nn.Module, hidden: torch.Tensor, positions: torch.Tens
     return torch.stack(cos), torch.stack(sin)
 
 
+def pattern_recorder(model: nn.Module, n_pos: int):
+    """Forward hooks that copy each layer's attention weights (the second output of its attention module, what
+    eager and the gated attention apply to values) into one preallocated float32 [L, H, P, P] tensor as the
+    layer runs, so the forward pass never holds every layer's weights beside the patterns (as
+    output_attentions would).  -> (patterns, layers recorded: a set, handles to remove)"""
+    n_layers, n_heads = len(layers(model)), hf_model(model).config.num_attention_heads
+    patterns = torch.empty(n_layers, n_heads, n_pos, n_pos)
+    recorded: set[int] = set()
+
+    def keep(layer: int):
+        def hook(attention, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise AttributionError("the model's attention returned no attention weights; load it with "
+                                       "attn_implementation='eager'")
+            patterns[layer].copy_(weights[0])
+            recorded.add(layer)
+        return hook
+
+    handles = [module(model, f"blocks.{layer}.attn").register_forward_hook(keep(layer)) for layer in range(n_layers)]
+    return patterns, recorded, handles
+
+
 @torch.no_grad()
 def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenPrompt:
     """Run the real model once on `tokens` and record everything the replacement model freezes."""
@@ -281,9 +304,14 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         return fn
 
     named = {point.format(l=layer): keep(key) for layer in range(n_layers) for key, point in points.items()}
-    with hooks(model, {**named, "hook_resid_final": keep("resid_final")}):
-        out = model(input_ids=tokens[None], output_attentions=True, use_cache=False)
-    if out.attentions is None or len(out.attentions) != n_layers:
+    patterns, recorded, handles = pattern_recorder(model, len(tokens))
+    try:
+        with hooks(model, {**named, "hook_resid_final": keep("resid_final")}):
+            out = model(input_ids=tokens[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(recorded) != n_layers:
         raise AttributionError("the model returned no attention patterns; load it with attn_implementation='eager'")
 
     def scale(inputs: torch.Tensor, norm: str) -> torch.Tensor:
@@ -307,10 +335,10 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         return inv_rms(projected, eps)[..., None].expand(-1, -1, n_heads).contiguous()
 
     cfg = hf.config
-    patterns = torch.stack([a[0].float() for a in out.attentions])  # [L, H, P, P]
+    logits = out.logits[0, -1].float().clone()  # not a view: the logits of every position are freed with `out`
     if "z" in points:  # rows of a query scaled by its frozen output-norm scale
         attn_out = torch.stack([module(model, f"blocks.{layer}.attn.o")(z) for layer, z in enumerate(seen["z"])])
-        patterns = patterns * norm_scales("ln1_post", attn_out)[:, None, :, None]
+        patterns.mul_(norm_scales("ln1_post", attn_out)[:, None, :, None])
     resid_pre, resid_mid, resid_final = torch.stack(seen["resid_pre"]), torch.stack(seen["resid_mid"]), seen["resid_final"][0]
     cos, sin = rope_per_layer(model, resid_pre[0][None], torch.arange(len(tokens))[None])
     return FrozenPrompt(
@@ -328,5 +356,5 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         k_inv_rms=head_scales("k", getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
         rope_cos=cos,
         rope_sin=sin,
-        logits=out.logits[0, -1].float(),
+        logits=logits,
     )

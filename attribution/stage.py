@@ -136,8 +136,8 @@ class Attributor:
                    tensor_bytes(frozen, lrm) + graph_bytes(self.weights, n_pos, lrm.n_active, len(lrm.logit_tokens),
                                                            config.graph), budget)
         graph = attribute(lrm, config.graph, prompt=prompt)
-        pruned = prune(graph.adjacency, graph.logit_probs, graph.n_selected, graph.n_pos,
-                       config.graph.node_threshold, config.graph.edge_threshold)
+        pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos,
+                       config.graph.node_threshold, config.graph.edge_threshold, row_nodes=graph.row_nodes)
         loadings = qk = None
         if config.attention.enabled:
             targets, sources = kept_edges(graph, pruned)
@@ -192,8 +192,8 @@ def settings_json(config: AttributionStageConfig) -> str:
 
 def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, sources) of the nonzero edges pruning keeps."""
-    target, source = (pruned.edge_mask & (graph.adjacency != 0)).nonzero().unbind(1)
-    return target, source
+    row, source = (pruned.edge_rows(graph.row_nodes) & (graph.rows != 0)).nonzero().unbind(1)
+    return graph.row_nodes[row], source
 
 
 def write_config(store: GraphStore, config: AttributionStageConfig, variant: str) -> None:

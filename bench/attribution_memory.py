@@ -43,6 +43,7 @@ TINY_CLT = {
     "train": {"steps": 60, "batch_tokens": 256, "lr": 2e-3, "warmup_steps": 5, "checkpoint_every": 60,
               "sparsity_coefficient": 0.005, "threads": 1},
     "eval": {"heldout_blocks": 4, "batch_size": 2},
+    "precision": "fp32",  # this CPU has no native bf16 (the stage refuses it)
 }
 
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget-gb", type=float, default=6.0,
                         help="the stage's memory_budget_gb: what a prompt may hold beyond the model and CLT")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per length (its process is killed then)")
+    parser.add_argument("--no-attention", action="store_true",
+                        help="the graph alone (freeze, graph, prune, write): no head loadings or QK attribution")
     parser.add_argument("--work", type=Path, default=Path("/tmp/attribution-memory-bench"))
     parser.add_argument("--output", type=Path,
                         default=ROOT / "bench" / "results" / "attribution_memory_smollm2.json")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                     "memory_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
                     "load_average_before": os.getloadavg()},
         "settings": {"model": args.model, "max_feature_nodes": args.max_feature_nodes,
-                     "memory_budget_gb": args.memory_budget_gb, "timeout_s": args.timeout, "variant": "dense"},
+                     "memory_budget_gb": args.memory_budget_gb, "timeout_s": args.timeout, "variant": "dense",
+                     "attention": not args.no_attention},
     }
     if args.clt is None:
         clt_dir = args.work / "clt"
@@ -110,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         prompt = prompt_of_length(tokenizer, n_tokens)
         job = {"model": args.model, "max_feature_nodes": args.max_feature_nodes,
                "memory_budget_gb": args.memory_budget_gb, "clt_dir": str(clt_dir), "code_root": str(ROOT),
-               "prompt": prompt, "repeats": 0, "out_dir": str(args.work / f"length_{n_tokens}")}
+               "prompt": prompt, "repeats": 0, "out_dir": str(args.work / f"length_{n_tokens}"),
+               "attention": not args.no_attention}
         load_before = os.getloadavg()
         result = run_worker(job, args.work, args.timeout)
         entry = {"n_tokens_asked": n_tokens, "n_tokens": len(tokenize_prompt(tokenizer, prompt)),
-                 "command": report["command"], "memory_budget_gb": args.memory_budget_gb,
+                 "command": report["command"], "code": report["code"], "memory_budget_gb": args.memory_budget_gb,
+                 "attention": not args.no_attention, "clt_dir": str(clt_dir),
                  "load_average_before": load_before, "load_average_after": os.getloadavg(), **result}
         report["lengths"] = sorted([*report["lengths"], entry], key=lambda e: e["n_tokens_asked"])
         outcome = result.get("runs", [{}])[-1].get("outcome", {})

@@ -62,6 +62,7 @@ def worker(job: dict) -> None:
     load_seconds = time.perf_counter() - started
     rss_after_load_mb = rss_mb()
     spent: dict[str, list[float]] = {}
+    peak_after: dict[str, float] = {}  # peak RSS (MB) of the process when each timed function returned
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
@@ -72,6 +73,7 @@ def worker(job: dict) -> None:
                 total = spent.setdefault(name, [0.0, 0.0])
                 total[0] += time.process_time() - cpu
                 total[1] += time.perf_counter() - wall
+                peak_after[name] = rss_mb(peak=True)
         return wrapper
 
     for name in (*GRAPH_FUNCTIONS, "head_loadings", "qk_attribution"):
@@ -85,6 +87,8 @@ def worker(job: dict) -> None:
     settings = {"graph": GraphConfig(max_feature_nodes=job["max_feature_nodes"])}
     if job.get("memory_budget_gb"):
         settings["memory_budget_gb"] = job["memory_budget_gb"]
+    if job.get("attention") is False:  # the graph alone (bench/attribution_memory.py --no-attention)
+        settings["attention"] = {"enabled": False}
     config = AttributionStageConfig(prompts=[job["prompt"]], **settings)
 
     def step() -> dict:
@@ -99,7 +103,8 @@ def worker(job: dict) -> None:
             qk = spent.get("qk_attribution", [0.0, 0.0])[clock]
             phases[kind] = {"graph": graph, "head_loadings": heads, "qk": qk,
                             "write": total[clock] - graph - heads - qk, "step": total[clock]}
-        return {"phases": phases, "outcome": {k: v for k, v in outcome.items() if k not in ("worker",)}}
+        return {"phases": phases, "peak_rss_mb_after": dict(peak_after),
+                "outcome": {k: v for k, v in outcome.items() if k not in ("worker",)}}
 
     runs = [step() for _ in range(job["repeats"] + 1)][1:] if job["repeats"] else [step()]
     result = {"load_seconds": load_seconds, "rss_after_load_mb": rss_after_load_mb, "runs": runs,

@@ -4,6 +4,12 @@ stored."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from attribution import stage
@@ -109,3 +115,61 @@ def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
     assert available_memory_bytes(meminfo, cgroup) == 3 * 2**30  # 4 GiB limit, 1 GiB in use beyond the cache
     (cgroup / "memory.max").write_text("max\n")
     assert available_memory_bytes(meminfo, cgroup) == 8 * 2**30
+
+
+MEASURE_PEAK = """
+import json, os, resource, sys
+import torch
+torch.set_num_threads(1)
+from attribution.budget import frozen_prompt_bytes, graph_bytes
+from attribution.config import GraphConfig
+from attribution.graph import attribute
+from attribution.nodes import build_replacement, transcoder_weights
+from attribution.prune import prune
+from attribution.records import edges_table, graphs_table
+from attribution.replacement import extract_weights, freeze_prompt, tokenize_prompt
+from sparse_attention.models import tiny_model
+from tests.test_attribution import TINY
+from transcoders.clt import load_clt
+
+model, tokenizer = tiny_model(TINY)
+weights = extract_weights(model)
+clt = transcoder_weights(load_clt(sys.argv[1]), weights)
+config = GraphConfig(max_feature_nodes=int(sys.argv[3]))
+
+
+def step(prompt):
+    lrm = build_replacement(weights, clt, freeze_prompt(model, tokenize_prompt(tokenizer, prompt)))
+    graph = attribute(lrm, config)
+    pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
+    graphs_table("g", "dense", graph, pruned, token_strings=[""] * graph.n_pos, model="", clt="", settings="",
+                 edges_stored="all", seconds=0.0)
+    edges_table("g", graph, pruned, "all")
+    return lrm
+
+
+step("The cat sat on the mat.")  # warm-up: every lazily allocated buffer and import
+before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+lrm = step(sys.argv[2])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+estimate = frozen_prompt_bytes(weights, lrm.n_pos, clt.n_features) + graph_bytes(
+    weights, lrm.n_pos, lrm.n_active, len(lrm.logit_tokens), config)
+print(json.dumps({"added": peak - before, "estimate": estimate, "n_pos": lrm.n_pos, "n_active": lrm.n_active}))
+"""
+
+
+@pytest.mark.parametrize("max_feature_nodes", [64, 100_000])
+def test_the_estimates_bound_the_memory_the_graph_takes(sources, max_feature_nodes):
+    """Freezing a long prompt, its graph (capped, or every active feature), pruning and the stored tables,
+    in a fresh process on the tiny model: the resident memory they add stays within the stage's estimates,
+    and the estimates are not so loose that they would refuse prompts that fit several times over."""
+    _, _, clt = sources
+    root = Path(__file__).resolve().parent.parent
+    prompt = "The cat sat on the mat. " * (30 if max_feature_nodes == 64 else 8)
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(clt), prompt, str(max_feature_nodes)],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["added"] <= measured["estimate"], measured
+    assert measured["estimate"] <= 6 * max(measured["added"], 2**20 * 50), measured
