@@ -37,7 +37,10 @@ class AttributionGraph:
     logit_probs: torch.Tensor  # [n_logits]
     rows: torch.Tensor  # [n_sel + n_logits, N] the rows of the nodes `row_nodes` (selected features, logits)
     node_constant: torch.Tensor  # [N] part of a target's value due to no node (b_enc, b_dec, BOS MLP, biases)
-    node_value: torch.Tensor  # [N] feature pre-activation / demeaned logit; 0 for errors and tokens
+    node_value: torch.Tensor  # [N] feature pre-activation / demeaned (pre-cap) logit; 0 for errors and tokens
+    attn_softcap: float | None = None  # the model's attention soft-cap: gate logit = cap * tanh(score / cap) + b
+    final_softcap: float | None = None  # the model's final-logit soft-cap: logit nodes are the pre-cap logits z,
+    # logit_probs are from the model's output cap * tanh(z / cap)
 
     @property
     def n_pos(self) -> int:
@@ -190,4 +193,5 @@ def _assemble(lrm: LocalReplacementModel, prompt: str, selected: torch.Tensor, f
         active_features=lrm.features.clone(), activations=lrm.activations.clone(), selected=selected.clone(),
         logit_tokens=lrm.logit_tokens.clone(), logit_probs=lrm.logit_probs.clone(), rows=rows,
         node_constant=node_constant, node_value=node_value,
+        attn_softcap=lrm.model.attn_softcap, final_softcap=lrm.model.final_softcap,
     )

@@ -4,7 +4,8 @@
 position 0 excluded), error nodes (true MLP output - reconstruction - skip output, zero at position 0), token
 embeddings,
 constants (decoder biases; the whole MLP output at position 0) and logit targets (circuit-tracer's
-rule: top tokens until 95% probability, at most 10; demeaned unembedding rows).
+rule: top tokens until 95% probability of the model's own (soft-capped) logits, at most 10; demeaned
+unembedding rows, so a logit node is the demeaned pre-cap logit).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class LocalReplacementModel:
         return (self.clt.W_enc[layer, feat] * mlp_in).sum(-1) + self.clt.b_enc[layer, feat]
 
     def demeaned_logits(self) -> torch.Tensor:
-        """logit[t] - mean over the vocabulary, for each logit target.  [n_logits]"""
+        """logit[t] - mean over the vocabulary, for each logit target: the pre-cap logit z where the model
+        soft-caps its output (z is linear in the final residual; the output cap * tanh(z / cap) is not).  [n_logits]"""
         logits = self.prompt.logits
         return logits[self.logit_tokens] - logits.mean()
 
@@ -222,7 +224,7 @@ def build_replacement(model: ModelWeights, clt: TranscoderWeights, prompt: Froze
     errors[:, 0] = 0
     constants = clt.b_dec[:, None].repeat(1, len(prompt.tokens), 1)
     constants[:, 0] = prompt.mlp_out[:, 0]
-    tokens, probs = select_logit_targets(prompt.logits, max_n_logits, desired_logit_prob)
+    tokens, probs = select_logit_targets(prompt.output_logits, max_n_logits, desired_logit_prob)  # capped: the model's
     vectors = model.unembed[tokens] - model.unembed.mean(0)
     return LocalReplacementModel(
         model=model, clt=clt, prompt=prompt, features=features, activations=activations, errors=errors,

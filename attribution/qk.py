@@ -11,14 +11,17 @@ of (j, h, q, k) is exactly
 
     score + b = sum over (query component c, key component c') of q_c . k_c' * scaling  +  b
 
-(scaling: the attention's own, 1/sqrt(d_head) or Gemma's query_pre_attn_scalar^-1/2).
+(scaling: the attention's own, 1/sqrt(d_head) or Gemma's query_pre_attn_scalar^-1/2). With an attention
+soft-cap (Gemma-2) the pairs split the pre-cap score s and the gate logit is cap * tanh(s / cap) + b: the
+stored `gate_logit` is that capped logit, and the cap is in the graph's `attn_logit_softcap`, so
+pairs + pair_rest = s, and cap * tanh(s / cap) + offset = gate_logit.
 
 With a CLT skip path each MLP output (at positions > 0) also holds W_skip applied to its frozen-scale input,
 a linear map of resid_mid at the same position; so each component's vector is what it puts into resid_pre[j]
 directly and through the skips of the layers between (`carried_components`), and the components still sum
 to the residual.
 
-Stored per attention edge: the top pairs and the rest (they sum with b to the logit), and each side's
+Stored per attention edge: the top pairs and the rest (they sum with b to the logit, before any cap), and each side's
 marginals (a component's total with every partner) with their rest.
 
 The edges are attributed layer by layer: the components of every position a layer's edges need are
@@ -40,6 +43,7 @@ from attribution.budget import FLOAT_BYTES, MemoryBudgetError, default_budget_by
 from attribution.config import AttentionAttributionConfig
 from attribution.nodes import LocalReplacementModel
 from attribution.propagate import skip_forward
+from attribution.replacement import capped
 
 QK_COLUMNS = ["layer", "head", "query_pos", "key_pos", "kind", "query_component", "key_component", "value",
               "gate_logit"]
@@ -378,7 +382,7 @@ def _layer_rows(components: ResidualComponents, layer: int, edges: pd.DataFrame,
         q, k, h = query_index[rows.numpy()], key_index[rows.numpy()], heads[rows]
         offset = offsets[h] if offsets is not None else torch.zeros(len(rows), dtype=torch.float64)
         batch = _edge_columns(queries[q, :, query_slot[q, h]], keys[k, :, key_slot[k, h // group]], query_count[q],
-                              key_count[k], query_ids[q], key_ids[k], offset, config)
+                              key_count[k], query_ids[q], key_ids[k], offset, config, weights.attn_softcap)
         batch["edge"] = rows.numpy()[batch["edge"]]
         columns.append(batch)
     frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in columns[0]})
@@ -405,10 +409,11 @@ def _padded_ids(ids: list[np.ndarray], width: int) -> np.ndarray:
 
 
 def _edge_columns(queries: torch.Tensor, keys: torch.Tensor, n_query: torch.Tensor, n_key: torch.Tensor,
-                  query_ids: np.ndarray, key_ids: np.ndarray, offset: torch.Tensor, config: AttentionAttributionConfig
-                  ) -> dict:
+                  query_ids: np.ndarray, key_ids: np.ndarray, offset: torch.Tensor, config: AttentionAttributionConfig,
+                  softcap: float | None = None) -> dict:
     """The rows of a batch of edges as columns. queries [B, nq, dh] (times the attention scaling) and keys
-    [B, nk, dh] are zero padded beyond n_query, n_key; query_ids [B, nq], key_ids [B, nk], offset [B]
+    [B, nk, dh] are zero padded beyond n_query, n_key; query_ids [B, nq], key_ids [B, nk], offset [B]; the
+    gate logit is cap * tanh(score / cap) + offset with an attention soft-cap `softcap`
     -> {edge, slot, kind, query_component, key_component, value, gate_logit}, one entry per row."""
     n_edges, width_q, width_k = len(queries), queries.shape[1], keys.shape[1]
     real_q = torch.arange(width_q)[None] < n_query[:, None]  # [B, nq]
@@ -417,7 +422,7 @@ def _edge_columns(queries: torch.Tensor, keys: torch.Tensor, n_query: torch.Tens
     query_marginal = torch.bmm(exact_q, exact_k.sum(1)[:, :, None])[..., 0]  # [B, nq]: sums over keys, exactly
     key_marginal = torch.bmm(exact_k, exact_q.sum(1)[:, :, None])[..., 0]  # [B, nk]
     score = query_marginal.sum(1)
-    logit = score + offset
+    logit = capped(score, softcap) + offset
     kinds, query_comp, key_comp, values, valid = [], [], [], [], []
     batch = np.arange(n_edges)[:, None]
 

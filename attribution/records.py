@@ -123,6 +123,7 @@ def graphs_table(graph_id: str, variant: str, graph: AttributionGraph, pruned: P
         "n_edges_kept": [n_edges_kept],
         "edges_stored": [edges_stored],
         "logit_tokens": [graph.logit_tokens.tolist()], "logit_probs": [graph.logit_probs.tolist()],
+        "attn_logit_softcap": [graph.attn_softcap], "final_logit_softcap": [graph.final_softcap],
         "replacement_score": [replacement], "completeness_score": [completeness],
         "pruned_replacement_score": [pruned_replacement], "pruned_completeness_score": [pruned_completeness],
         "seconds": [seconds], "created": [datetime.now(timezone.utc)],

@@ -8,7 +8,13 @@ feature writes, error nodes (true output - reconstruction) and constants (decode
 MLP output at the BOS position, which - as in circuit-tracer - is attributed to nothing); value-projection
 biases make a constant attention write too. The family's part (which norms exist, Gemma's (1 + w) gains
 and embedding scale) comes from sparse_attention/architectures.py; `extract_weights` refuses a family or
-setting the replacement model cannot compute exactly (soft-caps, per-layer score scaling).
+setting the replacement model cannot compute exactly (per-layer score scaling).
+
+Soft-caps (Gemma-2): the attention soft-cap acts inside the frozen patterns, so the graph stays linear
+and exact; QK attribution splits the pre-cap score, and the gate logit is cap * tanh(score / cap) + offset.
+The final-logit soft-cap is left out of the logit nodes: their values and incoming edges are for the
+pre-cap logit z (linear in the final residual); the model outputs cap * tanh(z / cap), monotone in z, and
+the logit targets' probabilities come from those capped logits.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class ModelWeights:
     mlp_norm_bias: torch.Tensor | None = None  # [L, d] LayerNorm bias of the pre-MLP norm: a constant in mlp_in
     final_norm_bias: torch.Tensor | None = None  # [d]
     pos_embed: torch.Tensor | None = None  # [n_ctx, d] learned position embeddings (GPT-2): constants
+    attn_softcap: float | None = None  # scores -> cap * tanh(score / cap) before softmax and gate (Gemma-2)
+    final_softcap: float | None = None  # output logits -> cap * tanh(z / cap) (Gemma-2); logit nodes are z
 
     @property
     def n_layers(self) -> int:
@@ -92,7 +100,8 @@ class FrozenPrompt:
     k_inv_rms: torch.Tensor | None  # [L, P, K]
     rope_cos: torch.Tensor  # [L, P, dh] (layers may differ: Gemma-3's local and global RoPE)
     rope_sin: torch.Tensor  # [L, P, dh]
-    logits: torch.Tensor  # [vocab] at the last position
+    logits: torch.Tensor  # [vocab] pre-cap logits z at the last position (what logit nodes are)
+    output_logits: torch.Tensor  # [vocab] the model's logits there: cap * tanh(z / cap) with a final soft-cap, else z
 
 
 def gate_offsets_of(model: nn.Module) -> torch.Tensor | None:
@@ -128,10 +137,6 @@ def extract_weights(model: nn.Module) -> ModelWeights:
     hf = hf_model(model)
     cfg = hf.config
     n_layers = len(layers(model))
-    for setting in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(cfg, setting, None) is not None:
-            raise AttributionError(f"{setting}={getattr(cfg, setting)} is not linear: the replacement model of "
-                                   f"model family {arch.family!r} is exact only without soft-caps")
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
         raise AttributionError("scale_attn_by_inverse_layer_idx scales scores per layer, which the replacement "
                                "model does not do")
@@ -201,7 +206,20 @@ def extract_weights(model: nn.Module) -> ModelWeights:
         mlp_norm_bias=per_layer("ln2", lambda norm: getattr(norm, "bias", None)),
         final_norm_bias=getattr(module(model, "ln_final"), "bias", None),
         pos_embed=module(model, "pos_embed").weight.detach().float() if arch.has("pos_embed") else None,
+        attn_softcap=softcap(cfg, "attn_logit_softcapping"),
+        final_softcap=softcap(cfg, "final_logit_softcapping"),
     )
+
+
+def softcap(cfg, setting: str) -> float | None:
+    """The config's soft-cap `setting` as a float, None where the family has none or it is off."""
+    cap = getattr(cfg, setting, None)
+    return None if cap is None else float(cap)
+
+
+def capped(values: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(values / cap), as Gemma-2 soft-caps scores and logits; values unchanged without a cap."""
+    return values if cap is None else torch.tanh(values / cap) * cap
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
@@ -335,7 +353,12 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         return inv_rms(projected, eps)[..., None].expand(-1, -1, n_heads).contiguous()
 
     cfg = hf.config
-    logits = out.logits[0, -1].float().clone()  # not a view: the logits of every position are freed with `out`
+    output_logits = out.logits[0, -1].float().clone()  # not a view: the logits of every position are freed with `out`
+    logits = output_logits  # pre-cap z: recomputed through the model's own final norm and unembedding where capped
+    if softcap(cfg, "final_logit_softcapping") is not None:
+        final_norm = module(model, "ln_final")
+        final_hidden = final_norm(seen["resid_final"][0][-1:].to(final_norm.weight.dtype))
+        logits = hf.get_output_embeddings()(final_hidden)[0].float()
     if "z" in points:  # rows of a query scaled by its frozen output-norm scale
         attn_out = torch.stack([module(model, f"blocks.{layer}.attn.o")(z) for layer, z in enumerate(seen["z"])])
         patterns.mul_(norm_scales("ln1_post", attn_out)[:, None, :, None])
@@ -357,4 +380,5 @@ def freeze_prompt(model: nn.Module, tokens: list[int] | torch.Tensor) -> FrozenP
         rope_cos=cos,
         rope_sin=sin,
         logits=logits,
+        output_logits=output_logits,
     )

@@ -25,6 +25,10 @@ directory discovery skips them.
 - qk_pairs: per attention edge (layer, head, query_pos, key_pos), the gate logit split into
   (query component, key component) pairs: kinds `pair` + `pair_rest` + `offset` sum to the logit, and so
   do `query_marginal` + `query_marginal_rest` + `offset`, and `key_marginal` + `key_marginal_rest` + `offset`.
+  With an attention soft-cap (graphs `attn_logit_softcap`, Gemma-2) the pairs (and each side's marginals) sum
+  to the pre-cap score s, and gate_logit = cap * tanh(s / cap) + offset.
+- graphs `final_logit_softcap` (Gemma-2): logit nodes' values and incoming edges are for the pre-cap logit z
+  (linear in the final residual); `logit_probs` come from the model's output cap * tanh(z / cap), monotone in z.
 
 Beside them, one table that is not part of any graph (never packed):
 
@@ -40,7 +44,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 3: graphs rows record each table's row count (rows_{table})
+SCHEMA_VERSION = 4  # 3: graphs rows record each table's row count (rows_{table}); 4: and the model's soft-caps
 SCHEMA_KEY = b"sparse_attention_interp.attribution"  # Parquet metadata key: "{table}:{version}"
 
 GRAPHS = pa.schema([
@@ -65,7 +69,10 @@ GRAPHS = pa.schema([
     ("n_edges_kept", pa.int64()),
     ("edges_stored", pa.string()),  # "pruned" or "all"
     ("logit_tokens", pa.list_(pa.int32())),
-    ("logit_probs", pa.list_(pa.float32())),
+    ("logit_probs", pa.list_(pa.float32())),  # from the model's output logits (soft-capped where it caps them)
+    ("attn_logit_softcap", pa.float64()),  # attention soft-cap (Gemma-2): gate logit = cap * tanh(score / cap) + b;
+    # null without one
+    ("final_logit_softcap", pa.float64()),  # final-logit soft-cap: logit nodes are pre-cap logits z; null without
     ("replacement_score", pa.float64()),
     ("completeness_score", pa.float64()),
     ("pruned_replacement_score", pa.float64()),
@@ -87,7 +94,7 @@ NODES = pa.schema([
     ("pos", pa.int32()),
     ("feature", pa.int32()),  # feature id; token id for tokens and logits; -1 for errors
     ("activation", pa.float32()),  # features only
-    ("value", pa.float32()),  # pre-activation (features), demeaned logit (logits)
+    ("value", pa.float32()),  # pre-activation (features), demeaned pre-cap logit (logits)
     ("constant", pa.float32()),  # the part of value due to no node (b_enc, b_dec, BOS-position MLP)
     ("token_prob", pa.float32()),  # logits only
     ("influence", pa.float32()),

@@ -132,17 +132,21 @@ QK_KEYS = ["layer", "head", "query_pos", "key_pos"]
 
 
 def qk_edge_scores(qk_pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per QK-attributed attention edge (index QK_KEYS, sorted): its gate logit, its offset and
-    score = gate logit - offset (= pairs + pair_rest), as float64. qk_pairs: rows of the qk_pairs table."""
+    """Per QK-attributed attention edge (index QK_KEYS, sorted): its gate logit, its offset and the score
+    the pairs split, score = pairs + pair_rest (= gate logit - offset; the pre-cap score where the model
+    soft-caps attention scores, gate logit = cap * tanh(score / cap) + offset), as float64. qk_pairs: rows
+    of the qk_pairs table."""
     edges = qk_pairs.groupby(QK_KEYS, sort=True)["gate_logit"].first().astype(np.float64).to_frame()
     offsets = qk_pairs[qk_pairs["kind"] == "offset"].groupby(QK_KEYS)["value"].sum()
     edges["offset"] = offsets.reindex(edges.index, fill_value=0.0).astype(np.float64)
-    edges["score"] = edges["gate_logit"] - edges["offset"]
+    split = qk_pairs[qk_pairs["kind"].isin(["pair", "pair_rest"])]
+    edges["score"] = split["value"].astype(np.float64).groupby([split[k] for k in QK_KEYS]).sum().reindex(
+        edges.index, fill_value=0.0)
     return edges
 
 
 def qk_edge_shares(qk_pairs: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
-    """Per QK-attributed attention edge: its gate logit, offset, score = logit - offset (= pairs + pair_rest),
+    """Per QK-attributed attention edge: its gate logit, offset, score = pairs + pair_rest (pre-cap),
     and top{k}_share = (sum of its k pairs of largest |value|) / score. The offset is left out: no pair can
     explain it, and the dense model has none. One row per (layer, head, query_pos, key_pos), sorted."""
     columns = [*QK_KEYS, "gate_logit", "offset", "score", "n_pairs", "top_query", "top_key", "top_value",

@@ -27,6 +27,9 @@ What the replacement model (attribution/) freezes, per prompt: the attention wei
 every norm (1/rms of its input, or LayerNorm's 1/std: pre-attention, pre-MLP, final, and q/k norms per
 position and head), and the MLP outputs (replaced by the CLT). Gains, LayerNorm's centring, RoPE are
 exact linear maps; biases (projections, LayerNorm's) and learned position embeddings are constants.
+Gemma-2's soft-caps keep it exact: the attention soft-cap acts inside the frozen patterns (QK attribution
+splits the pre-cap score; gate logit = cap * tanh(score / cap) + offset), and logit nodes are the pre-cap
+logits z (the model outputs cap * tanh(z / cap), monotone in z; logit probabilities come from that output).
 """
 
 from __future__ import annotations

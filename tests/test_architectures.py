@@ -39,8 +39,10 @@ from attribution.config import AttentionAttributionConfig, AttributionStageConfi
 from attribution.graph import attribute
 from attribution.heads import head_loadings
 from attribution.nodes import build_replacement, transcoder_weights
+from attribution.prune import prune
 from attribution.qk import QK_COLUMNS, ResidualComponents, qk_pair_contributions, qk_rows
-from attribution.replacement import AttributionError, extract_weights, freeze_prompt, tokenize_prompt
+from attribution.records import graphs_table
+from attribution.replacement import AttributionError, capped, extract_weights, freeze_prompt, tokenize_prompt
 from circuits.hooks import edge_attribution, edge_patched_metrics, patched_metric, prepare, record
 from pipeline.config import load_config
 from prompts.batches import encode_prompts
@@ -94,7 +96,7 @@ FAMILIES = {  # name -> (model class, config)
         n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, n_positions=64, initializer_range=0.2,
         attn_implementation="eager")),
 }
-ATTRIBUTED = ["llama", "llama3-rope", "qwen2", "qwen3", "olmo2", "gemma2-nocap", "gemma3", "gpt2"]  # exact replacement models
+ATTRIBUTED = ["llama", "llama3-rope", "qwen2", "qwen3", "olmo2", "gemma2", "gemma2-nocap", "gemma3", "gpt2"]  # exact replacement models
 
 
 def tiny_family(name: str, seed: int = 0):
@@ -238,7 +240,8 @@ def family_replacement(name: str, kind: str, prompt: str = "The cat sat on"):
 
 def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor, patterns: torch.Tensor | None = None):
     """The HF model of any family with frozen patterns (default: the prompt's), norm scales and MLP outputs,
-    its modules found by their names in the architecture table.  -> (mlp_in [L, P, d], logits [V])"""
+    its modules found by their names in the architecture table.  -> (mlp_in [L, P, d], logits [V]), the logits
+    before any final soft-cap (what the unembedding writes: what logit nodes are)"""
     arch, frozen = architecture(model), lrm.prompt
     patterns = frozen.patterns if patterns is None else patterns
     seen = {}
@@ -284,9 +287,11 @@ def frozen_forward(model, lrm, mlp_out: torch.Tensor, embed_delta: torch.Tensor,
     final = module(model, "ln_final")
     patches.append((final, partial(frozen_norm, norm=final, gain=gain(final), scale=frozen.final_inv_rms[None],
                                    layer=0, seen=seen, key=None)))
+    unembed = hf_model(model).get_output_embeddings()
+    patches.append((unembed, lambda x, forward=unembed.forward: seen.setdefault("logits", forward(x))))
     with patched_forwards(patches), torch.no_grad():
-        logits = model(input_ids=lrm.prompt.tokens[None], use_cache=False).logits[0, -1]
-    return torch.stack([seen["mlp_in", i][0] for i in range(N_LAYERS)]), logits
+        model(input_ids=lrm.prompt.tokens[None], use_cache=False)
+    return torch.stack([seen["mlp_in", i][0] for i in range(N_LAYERS)]), seen["logits"][0, -1]
 
 
 def frozen_norm(x, *, norm, gain, scale, layer, seen, key):
@@ -350,14 +355,18 @@ def test_head_loadings_sum_to_their_edge_and_match_ablation(name):
 SCORES_NAME = "recorded_gated_scores"
 
 
-def model_scores(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+def model_scores(model, tokens: torch.Tensor, capped_scores: list | None = None) -> list[torch.Tensor]:
     """q.k * scaling of every layer as the gated model's own attention computes it (after its q/k norms,
-    biases and RoPE), recorded on the way into the gated attention function.  -> per layer [H, P, P]"""
+    biases and RoPE), recorded on the way into the gated attention function.  -> per layer [H, P, P];
+    `capped_scores` gets the scores the gate adds its offset to (the gated attention's own, soft-capped
+    where the family caps them)."""
     scores = []
 
     def record(module, query, key, value, attention_mask, scaling, **kwargs):
         key_heads = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         scores.append((query @ key_heads.transpose(2, 3))[0] * scaling)
+        if capped_scores is not None:
+            capped_scores.append(gated_attention._attention_scores(query, key_heads, scaling, kwargs.get("softcap"))[0])
         return gated_attention_forward(module, query, key, value, attention_mask, scaling, **kwargs)
 
     AttentionInterface.register(SCORES_NAME, record)
@@ -375,7 +384,9 @@ def model_scores(model, tokens: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", ATTRIBUTED)
 def test_qk_pairs_and_rest_equal_the_gate_logit(name):
     model, lrm = family_replacement(name, "gated")
-    scores = model_scores(model, lrm.prompt.tokens)
+    gate_scores = []
+    scores = model_scores(model, lrm.prompt.tokens, gate_scores)
+    assert (lrm.model.attn_softcap is not None) == (name == "gemma2")
     components = ResidualComponents(lrm)
     config = AttentionAttributionConfig(qk_top_pairs=4, qk_top_marginals=3)
     n_pos = lrm.n_pos
@@ -385,14 +396,46 @@ def test_qk_pairs_and_rest_equal_the_gate_logit(name):
                 _, _, pairs = qk_pair_contributions(components, layer, head, query, key)
                 expected = float(scores[layer][head, query, key])
                 scale = max(float(pairs.abs().sum()), float(scores[layer].abs().max()))
-                assert abs(float(pairs.sum()) - expected) <= 1e-5 * scale
-                logit = expected + float(lrm.model.gate_offsets[layer, head])
+                assert abs(float(pairs.sum()) - expected) <= 1e-5 * scale  # the pre-cap score
+                offset = float(lrm.model.gate_offsets[layer, head])
+                logit = float(gate_scores[layer][head, query, key]) + offset  # the model's gate logit
+                assert abs(float(capped(pairs.sum(), lrm.model.attn_softcap)) + offset - logit) <= 1e-5 * scale
                 in_window = getattr(module(model, f"blocks.{layer}.attn"), "sliding_window", None) is None or \
                     key > query - WINDOW  # a sliding layer sees only its window
                 assert bool(lrm.prompt.patterns[layer, head, query, key] != 0) == (logit > 0 and in_window)
                 rows = pd.DataFrame(qk_rows(components, layer, head, query, key, config), columns=QK_COLUMNS)
-                for kinds in (["pair", "pair_rest", "offset"], ["query_marginal", "query_marginal_rest", "offset"]):
-                    assert abs(rows[rows["kind"].isin(kinds)]["value"].sum() - logit) <= 1e-5 * scale
+                assert (rows["gate_logit"] - logit).abs().max() <= 1e-5 * scale
+                for kinds in (["pair", "pair_rest"], ["query_marginal", "query_marginal_rest"],
+                              ["key_marginal", "key_marginal_rest"]):
+                    score = torch.tensor(rows[rows["kind"].isin(kinds)]["value"].sum())
+                    assert abs(float(score) - expected) <= 1e-5 * scale
+                    stored = float(capped(score, lrm.model.attn_softcap)) + rows[rows["kind"] == "offset"]["value"].sum()
+                    assert abs(stored - logit) <= 1e-5 * scale
+
+
+def test_gemma2_soft_caps_are_stated_and_matter():
+    """The attention soft-cap changes the gate logits and the final one the output logits (so the checks above
+    and the completeness against the pre-cap logits can fail); probabilities come from the capped output."""
+    model, lrm = family_replacement("gemma2", "gated")
+    assert (lrm.model.attn_softcap, lrm.model.final_softcap) == (2.0, 3.0)
+    gate_scores = []
+    scores = model_scores(model, lrm.prompt.tokens, gate_scores)
+    assert max(float((capped - score).abs().max()) for capped, score in zip(gate_scores, scores)) > 1e-2
+    z, output = lrm.prompt.logits, lrm.prompt.output_logits
+    torch.testing.assert_close(output, capped(z, 3.0), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(output, model(input_ids=lrm.prompt.tokens[None]).logits[0, -1], rtol=0, atol=1e-6)
+    assert float((output - z).abs().max()) > 1e-2
+    torch.testing.assert_close(lrm.logit_probs, torch.softmax(output, -1)[lrm.logit_tokens], rtol=0, atol=1e-7)
+    graph = attribute(lrm, GraphConfig())
+    assert (graph.attn_softcap, graph.final_softcap) == (2.0, 3.0)
+    values = graph.node_value[graph.logit_start:]
+    torch.testing.assert_close(values, z[graph.logit_tokens] - z.mean(), rtol=0, atol=1e-6)
+    assert float((values - (output[graph.logit_tokens] - output.mean())).abs().max()) > 1e-2
+    pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
+    row = graphs_table("g", "gated", graph, pruned, token_strings=[], model="m", clt="c", settings="{}",
+                       edges_stored="all", seconds=0.0).to_pylist()[0]
+    assert (row["attn_logit_softcap"], row["final_logit_softcap"]) == (2.0, 3.0)
 
 
 def test_qwen3_query_key_norms_matter():
@@ -405,8 +448,6 @@ def test_qwen3_query_key_norms_matter():
 
 
 def test_what_the_replacement_model_cannot_compute_is_refused():
-    with pytest.raises(AttributionError, match="attn_logit_softcapping=2.0 is not linear"):
-        extract_weights(tiny_family("gemma2")[0])
     model, tokenizer = tiny_family("gpt2")
     model.config.scale_attn_by_inverse_layer_idx = True
     with pytest.raises(AttributionError, match="scale_attn_by_inverse_layer_idx scales scores per layer"):

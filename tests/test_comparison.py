@@ -25,6 +25,7 @@ from comparison.graph_metrics import (
     edge_influence,
     head_metrics,
     head_part_influence,
+    qk_edge_scores,
     qk_edge_shares,
     weighted_median,
 )
@@ -402,3 +403,19 @@ def test_a_family_refusing_circuits_gets_the_feature_comparison_and_one_statemen
 def test_empty_store_is_a_clear_error(tmp_path):
     with pytest.raises(CompareError, match="holds no graphs; run the attribution stage first"):
         compare_store(tmp_path / "no_graphs", tmp_path / "out", CompareConfig(report=False), progress=False)
+
+
+def test_qk_edge_score_is_what_the_pairs_split_under_a_soft_cap():
+    """With an attention soft-cap (Gemma-2) the gate logit is cap * tanh(s / cap) + offset; the score whose
+    shares the pairs explain is the pre-cap s = pairs + pair_rest, not gate logit - offset."""
+    cap, offset, pairs, rest = 2.0, -0.25, [1.5, 0.75], 0.5
+    logit = cap * np.tanh(sum(pairs, rest) / cap) + offset
+    rows = pd.DataFrame({"layer": 0, "head": 1, "query_pos": 3, "key_pos": 1,
+                         "kind": ["pair", "pair", "pair_rest", "offset"], "query_component": ["a", "b", "*", "b"],
+                         "key_component": ["c", "d", "*", "b"], "value": [*pairs, rest, offset],
+                         "gate_logit": logit})
+    scored = qk_edge_scores(rows).iloc[0]
+    assert scored["score"] == pytest.approx(2.75, abs=1e-12)
+    assert scored["offset"] == offset and scored["gate_logit"] == pytest.approx(logit)
+    assert abs(scored["gate_logit"] - scored["offset"] - scored["score"]) > 0.5  # the cap matters here
+    assert qk_edge_shares(rows, [1])["top1_share"].iloc[0] == pytest.approx(1.5 / 2.75)

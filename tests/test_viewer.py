@@ -159,6 +159,7 @@ def test_qk_pairs_of_an_attention_edge_sum_to_its_gate_logit(data, ids):
     qk = data.attention_edge(graph_id, head["layer"], head["head"], head["query_pos"], head["key_pos"])
     json.dumps(qk, allow_nan=False)
     logit = qk["gate_logit"]
+    assert qk["attn_logit_softcap"] is None  # the tiny Llama has no soft-cap: the rows sum to the logit itself
     assert logit > 0  # sparse: an attention edge that carries a graph edge is open
     close = dict(rel=1e-4, abs=1e-5)
     assert sum(p["value"] for p in qk["pairs"]) + qk["pair_rest"] + qk["offset"] == pytest.approx(logit, **close)

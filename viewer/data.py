@@ -186,7 +186,8 @@ class ViewerData:
     def attention_edge(self, graph_id: str, layer: int, head: int, query_pos: int, key_pos: int) -> dict:
         """The QK attribution of one attention edge: its gate logit split into the top (query component,
         key component) pairs + the rest + the offset, and per side the top marginals + rest; each component
-        with a readable name (feature components with their dashboard label)."""
+        with a readable name (feature components with their dashboard label). With an attention soft-cap
+        (`attn_logit_softcap`, Gemma-2) the pairs split the pre-cap score s: gate logit = cap * tanh(s / cap) + offset."""
         graph_id = graph_id_of(graph_id)
         rows = self.store.qk_pairs(graph_id, layer, head, query_pos, key_pos)
         if rows.empty:
@@ -218,6 +219,7 @@ class ViewerData:
         return {"graph_id": graph_id, "layer": layer, "head": head, "query_pos": query_pos, "key_pos": key_pos,
                 "name": f"L{layer}H{head} {query_pos}->{key_pos}", "gate_logit": plain(rows["gate_logit"].iloc[0]),
                 "pairs": part("pair"), "pair_rest": total("pair_rest"), "offset": total("offset"),
+                "attn_logit_softcap": plain(info.get("attn_logit_softcap")),
                 "query_marginals": part("query_marginal", "query"), "query_marginal_rest": total("query_marginal_rest"),
                 "key_marginals": part("key_marginal", "key"), "key_marginal_rest": total("key_marginal_rest")}
 

@@ -395,6 +395,9 @@ function qkPanel(qk) {
   const pairRows = qk.pairs.map((p) => el("tr", { "data-pair": `${p.query}|${p.key}` },
     el("td", {}, p.query_name), el("td", {}, p.key_name), el("td", { className: "num" }, fmt(p.value))));
   pairRows.push(el("tr", {}, el("td", { colspan: 2 }, "all other pairs"), el("td", { className: "num" }, fmt(qk.pair_rest))));
+  if (qk.attn_logit_softcap !== null && qk.attn_logit_softcap !== undefined) {  // Gemma-2: pairs split the pre-cap score s
+    pairRows.push(el("tr", {}, el("td", { colspan: 3 }, `soft-cap: gate logit = ${fmt(qk.attn_logit_softcap)} * tanh(s / ${fmt(qk.attn_logit_softcap)}) + offset`)));
+  }
   pairRows.push(el("tr", {}, el("td", { colspan: 2 }, "offset (gate bias)"), el("td", { className: "num" }, fmt(qk.offset))));
   const marginal = (side, list, rest) => el("div", {}, el("h3", {}, `${side} marginals`),
     table([["component"], ["value", "num"]], [
