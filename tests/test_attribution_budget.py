@@ -118,7 +118,7 @@ def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
 
 
 MEASURE_PEAK = """
-import json, os, resource, sys
+import json, sys
 import torch
 torch.set_num_threads(1)
 from attribution.budget import frozen_prompt_bytes, graph_bytes
@@ -148,10 +148,16 @@ def step(prompt):
     return lrm
 
 
+def status_bytes(field):  # a memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak), bytes
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 step("The cat sat on the mat.")  # warm-up: every lazily allocated buffer and import
-before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+open("/proc/self/clear_refs", "w").write("5")  # the peak restarts here: earlier transients do not count
+before = status_bytes("VmRSS")
 lrm = step(sys.argv[2])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_bytes("VmHWM")
 estimate = frozen_prompt_bytes(weights, lrm.n_pos, clt.n_features) + graph_bytes(
     weights, lrm.n_pos, lrm.n_active, len(lrm.logit_tokens), config)
 print(json.dumps({"added": peak - before, "estimate": estimate, "n_pos": lrm.n_pos, "n_active": lrm.n_active}))
