@@ -47,7 +47,6 @@ from circuits.hooks import edge_attribution, edge_patched_metrics, patched_metri
 from pipeline.config import load_config
 from prompts.batches import encode_prompts
 from prompts.metrics import logit_diff
-from prompts.tasks import generate_task
 from sparse_attention import gated_attention, models
 from sparse_attention import stage as sparsify_stage
 from sparse_attention.architectures import ArchitectureError, architecture, require, trainable_pattern
@@ -63,6 +62,7 @@ from tests.test_attribution import (
     target_values,
 )
 from tests.test_attribution_heads import strongest_edges
+from tests.test_circuits import one_length_prompts
 from tests.test_transcoders_stage import stage_config as clt_stage_config
 from transcoders import stage as clt_stage
 from transcoders.feature_labels import weight_evidence
@@ -474,9 +474,7 @@ def test_component_circuits_are_exact_or_refused(name):
             prepare(model)
         return
     prepared = prepare(model)
-    candidates = generate_task("greater_than", byte_tokenizer(), 40, seed=0)
-    length = max({len(p.clean) for p in candidates}, key=[len(p.clean) for p in candidates].count)
-    batch = encode_prompts([p for p in candidates if len(p.clean) == length][:4], byte_tokenizer(), 4)[0]
+    batch = encode_prompts(one_length_prompts(40, 4), byte_tokenizer(), 4)[0]
     with torch.no_grad():
         clean, corrupt = (logit_diff(model(input_ids=ids).logits[:, -1], batch) for ids in (batch.clean, batch.corrupted))
         torch.testing.assert_close(prepared.forward(batch.clean), model(input_ids=batch.clean).logits, rtol=0, atol=1e-5)
@@ -526,9 +524,7 @@ def test_edge_patching_through_the_post_attention_norm_equals_brute_force(name):
     model.set_mode("eval")
     prepared = prepare(model)
     layout = prepared.layout
-    candidates = generate_task("greater_than", byte_tokenizer(), 40, seed=0)
-    length = max({len(p.clean) for p in candidates}, key=[len(p.clean) for p in candidates].count)
-    batch = encode_prompts([p for p in candidates if len(p.clean) == length][:4], byte_tokenizer(), 4)[0]
+    batch = encode_prompts(one_length_prompts(40, 4), byte_tokenizer(), 4)[0]
     corrupted, _ = record(prepared, batch.corrupted)
     allowed = layout.allowed()
     generator = torch.Generator().manual_seed(1)
@@ -571,9 +567,7 @@ def test_eap_scores_a_head_edge_through_the_post_attention_norm():
     model = GatedModel(tiny_family("gemma3")[0], offset_init=1e4).eval().set_mode("eval")
     prepared = prepare(model)
     layout = prepared.layout
-    candidates = generate_task("greater_than", byte_tokenizer(), 40, seed=0)
-    length = max({len(p.clean) for p in candidates}, key=[len(p.clean) for p in candidates].count)
-    batch = encode_prompts([p for p in candidates if len(p.clean) == length][:4], byte_tokenizer(), 4)[0]
+    batch = encode_prompts(one_length_prompts(40, 4), byte_tokenizer(), 4)[0]
     corrupted, _ = record(prepared, batch.corrupted)
     scores = edge_attribution(prepared, batch, corrupted)
     seen = {}

@@ -69,13 +69,19 @@ def make_model(kind: str, edit=None, config: TinyModelConfig = TINY):
     return gated.set_mode("dense" if kind == "dense" else "eval")
 
 
+def one_length_prompts(n_candidates: int, n: int) -> list[TaskPrompt]:
+    """The first `n` of `n_candidates` Greater-Than prompts (seed 0) that have the most common byte length, so a
+    batch holds several prompts."""
+    candidates = generate_task("greater_than", byte_tokenizer(), n_candidates, seed=0)
+    lengths = [len(p.clean) for p in candidates]
+    common = max(set(lengths), key=lengths.count)
+    return [p for p in candidates if len(p.clean) == common][:n]
+
+
 @pytest.fixture(scope="module")
 def prompts():
     """Six Greater-Than prompts of one byte length (so batches hold several prompts)."""
-    candidates = generate_task("greater_than", byte_tokenizer(), 60, seed=0)
-    lengths = [len(p.clean) for p in candidates]
-    common = max(set(lengths), key=lengths.count)
-    return [p for p in candidates if len(p.clean) == common][:6]
+    return one_length_prompts(60, 6)
 
 
 def batches_of(prompts, batch_size: int = 4):

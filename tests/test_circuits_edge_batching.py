@@ -12,9 +12,9 @@ from circuits.curves import PromptSet, edge_curve, read_curve
 from circuits.hooks import edge_patched_metrics, patched_metric, prepare, record
 from circuits.layout import removed_input, top_k_mask, top_k_masks
 from prompts.batches import encode_prompts
-from prompts.tasks import TASK_ROLES, generate_task
+from prompts.tasks import TASK_ROLES
 from sparse_attention.models import byte_tokenizer
-from tests.test_circuits import batches_of, make_model, mixed_length_prompts, role_ids
+from tests.test_circuits import batches_of, make_model, mixed_length_prompts, one_length_prompts, role_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +24,7 @@ CASES = [("hf", "recomputed"), ("gated", "recomputed"), ("gated", "frozen")]
 @pytest.fixture(scope="module")
 def prompts():
     """Six Greater-Than prompts of one byte length, as in test_circuits."""
-    candidates = generate_task("greater_than", byte_tokenizer(), 60, seed=0)
-    lengths = [len(p.clean) for p in candidates]
-    common = max(set(lengths), key=lengths.count)
-    return [p for p in candidates if len(p.clean) == common][:6]
+    return one_length_prompts(60, 6)
 
 
 def masks_of(allowed: torch.Tensor, seed: int) -> torch.Tensor:
