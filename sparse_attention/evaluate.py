@@ -218,6 +218,9 @@ def plot_edge_fractions(stats: list[EdgeStats], path) -> None:
     plt.close(fig)
 
 
+MAX_TOKEN_LABELS = 32  # token labels per axis of an attention-pattern figure; longer prompts label every k-th token
+
+
 @torch.no_grad()
 def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_heads_shown: int = 4) -> None:
     """Dense (softmax) vs sparse (gated) attention for one prompt, on the heads the gates changed most."""
@@ -237,14 +240,20 @@ def plot_attention_patterns(gated: GatedModel, tokenizer, prompt: str, path, n_h
     removed_mass = [(float(np.abs(d - s).sum()), layer, head)
                     for layer, (d, s) in enumerate(zip(dense, sparse)) for head in range(d.shape[0])]
     chosen = sorted(removed_mass, reverse=True)[:n_heads_shown]  # heads the gates changed most
-    fig, axes = plt.subplots(2, len(chosen), figsize=(3.6 * len(chosen), 7.5), squeeze=False)
+    # One shared token axis, labelled on the outer panels only, at most MAX_TOKEN_LABELS labels: matplotlib makes
+    # every tick label an object, and at 60 tokens on 8 panels the labels cost ~3x the rest of the figure.
+    step = -(-len(labels) // MAX_TOKEN_LABELS)
+    ticks = list(range(0, len(labels), step))
+    fig, axes = plt.subplots(2, len(chosen), figsize=(3.6 * len(chosen), 7.5), squeeze=False, sharex=True, sharey=True)
     for col, (_, layer, head) in enumerate(chosen):
         for row, (name, weights) in enumerate((("dense", dense), ("sparse", sparse))):
             ax = axes[row][col]
             ax.imshow(weights[layer][head], cmap="Blues", vmin=0, vmax=1)
             ax.set_title(f"{name} L{layer} H{head}", fontsize=9)
-            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+            ax.tick_params(axis="x", labelrotation=90, labelsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+    axes[0][0].set_xticks(ticks, [labels[i] for i in ticks])
+    axes[0][0].set_yticks(ticks, [labels[i] for i in ticks])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,6 +15,7 @@ import pytest
 
 from attribution.frontend import to_networkx
 from attribution.store import open_store
+from pipeline import run as run_module
 from pipeline.artifacts import MANIFEST, ArtifactError
 from pipeline.config import load_config
 from pipeline.orchestrate import run_pipeline
@@ -136,19 +137,20 @@ def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path):
         (["--preset", "tiny", "--set", "sparsify.model.name=not-a-model", "--executor", "local"], "not-a-model"),
     ],
 )
-def test_bad_input_gives_one_clear_error(tmp_path, args, message):
-    result = subprocess.run(RUN + args + ["--output", str(tmp_path / "out")], env=ENV, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_input_gives_one_clear_error(tmp_path, args, message, capsys):
+    """In-process (the command line's `main`): a real process's exit and its stderr are
+    test_pipeline_guards.test_stage_exception_is_one_error_line's."""
+    assert run_module.main(args + ["--output", str(tmp_path / "out")]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1, stderr
 
 
-def test_unwritable_output_is_a_clear_error(tmp_path):
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = subprocess.run(RUN + ["--preset", "tiny", "--output", str(blocker / "out")], env=ENV,
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "not writable" in result.stderr
+    assert run_module.main(["--preset", "tiny", "--output", str(blocker / "out")]) == 2
+    assert "not writable" in capsys.readouterr().err
 
 
 def test_unreachable_ray_address_is_a_clear_error(tmp_path):
@@ -160,7 +162,8 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path):
 
 def test_ray_job_submit_on_a_local_head(tmp_path):
     """`ray job submit --working-dir .` against a head on loopback, on free ports, with token authentication
-    (a client without the token is refused). The head runs in its own process group (`ray start --block`),
+    (a client without the token is refused). The job runs one short stage: every stage through Ray is
+    test_tiny_preset_with_embedded_ray's. The head runs in its own process group (`ray start --block`),
     which the test kills: `ray stop` would kill every Ray on the machine."""
     ray_bin = Path(sys.executable).parent / "ray"
     token = secrets.token_hex(32)
@@ -185,7 +188,8 @@ def test_ray_job_submit_on_a_local_head(tmp_path):
         while True:  # the dashboard answers before its job agent is up: "No available agent", retried
             submit = subprocess.run(
                 [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO),
-                 "--", "python", "pipeline/run.py", "--preset", "tiny", "--quiet", "--output", str(output)],
+                 "--", "python", "pipeline/run.py", "--preset", "tiny", "--stages", "sparsify", "--quiet",
+                 "--set", "sparsify.train.steps=10", "--output", str(output)],
                 env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
             )
             if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
