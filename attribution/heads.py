@@ -393,7 +393,7 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     low, width = source_pos - start, target_pos - source_pos + 1  # [B] each entry's window, from low
 
     def grid_bytes(n: int, w: int) -> int:
-        return n * w * (3 * w + 2 * head_dim) * FLOAT_BYTES  # grids, pattern slices, z and values slices
+        return n * w * (3 * w + 3 * head_dim) * FLOAT_BYTES  # grids, pattern slices; z, values slices, a copy
 
     max_bytes = max_pairs * grid_bytes(1, n_pos)
     query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
