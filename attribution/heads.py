@@ -17,8 +17,9 @@ Memory is bounded by chunks (`HeadChunks`, planned from a byte budget by `plan_h
 of targets holds its z for every layer it needs; the sources of its edges are swept forward a chunk at a
 time, on positions from the chunk's first source to the targets' last (causal attention: nothing else
 reaches the targets); per layer the parts of all (target, source) pairs of the two chunks are one
-matmul per head, or per-edge dot products when few pairs are edges; the (query, key) grids of the
-stored heads are formed a bounded number at a time. The numbers do not depend on the chunking.
+matmul per head, or per-edge dot products when few pairs are edges; the (query, key) grid of a stored
+head is formed only between its edge's source and target positions, a bounded number of bytes at a time.
+The numbers do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -276,13 +277,14 @@ def _target_chunk_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, 
         chunk_sources = sources[rows]
         block = in_chunk[torch.isin(edges.sources[in_chunk], chunk_sources)]
         records += _block_loadings(lrm, graph, edges, block, chunk_targets, chunk_sources, z, n_pos,
-                                   int(position[chunk_sources].min()), config, chunks)
+                                   int(position[chunk_sources].min()), position, config, chunks)
     return records
 
 
 def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: EdgeSet, block: torch.Tensor,
                     chunk_targets: torch.Tensor, chunk_sources: torch.Tensor, z: dict[int, torch.Tensor],
-                    n_pos: int, start: int, config: AttentionAttributionConfig, chunks: HeadChunks) -> list[dict]:
+                    n_pos: int, start: int, position: torch.Tensor, config: AttentionAttributionConfig,
+                    chunks: HeadChunks) -> list[dict]:
     """Head loadings of the edges `block` (indices into `edges`), all between the two chunks: the sources
     swept forward layer by layer on positions [start, n_pos), live rows first."""
     write, _ = node_layers(graph)
@@ -306,8 +308,10 @@ def _block_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, edges: 
             if len(here):
                 z_window = z[layer][:, :, start:]  # [H, T, P', dh]
                 parts = _head_parts(z_window, heads_out, target_row[here], source_row[here])  # [E, H]
-                record = _layer_rows(lrm, layer, block[here], parts, edges.weight[block[here]], z_window, values,
-                                     target_row[here], source_row[here], start, config, chunks.pairs)
+                crossing = block[here]
+                ends = position[edges.sources[crossing]], position[edges.targets[crossing]]
+                record = _layer_rows(lrm, layer, crossing, parts, edges.weight[crossing], z_window, values,
+                                     target_row[here], source_row[here], *ends, start, config, chunks.pairs)
                 if record is not None:
                     edge = record.pop("edge")
                     records.append({"target": edges.targets[edge], "source": edges.sources[edge], **record})
@@ -336,20 +340,23 @@ def _head_parts(z: torch.Tensor, heads_out: torch.Tensor, target_row: torch.Tens
 
 def _layer_rows(lrm: LocalReplacementModel, layer: int, edges: torch.Tensor, parts: torch.Tensor,
                 weight: torch.Tensor, z: torch.Tensor, values: torch.Tensor, target_row: torch.Tensor,
-                source_row: torch.Tensor, start: int, config: AttentionAttributionConfig, max_pairs: int
-                ) -> dict | None:
+                source_row: torch.Tensor, source_pos: torch.Tensor, target_pos: torch.Tensor, start: int,
+                config: AttentionAttributionConfig, max_pairs: int) -> dict | None:
     """Rows for the edges this layer carries: big heads (with their main pair), other heads, skip.
-    z [H, T, P', dh] and values [Kv, S, P', dh] on positions [start, start + P')."""
+    z [H, T, P', dh] and values [Kv, S, P', dh] on positions [start, start + P'); the edges' source and
+    target positions [E] absolute."""
     scale = weight.abs()
     carried = parts.abs().sum(1) >= config.layer_min_share * scale
     if not carried.any():
         return None
     edges, parts, weight, scale = edges[carried], parts[carried], weight[carried], scale[carried]
     target_row, source_row = target_row[carried], source_row[carried]
+    source_pos, target_pos = source_pos[carried], target_pos[carried]
     big = parts.abs() >= config.head_min_share * scale[:, None]  # [E, H]
     edge_index, head = big.nonzero().unbind(1)
     query, key, share = _main_pairs(lrm, layer, z, values, target_row[edge_index], source_row[edge_index], head,
-                                    parts[edge_index, head], start, max_pairs)
+                                    parts[edge_index, head], source_pos[edge_index], target_pos[edge_index], start,
+                                    max_pairs)
     other = (parts * ~big).sum(1)
     has_other = (~big).any(1) & (other != 0)
     n_other, n_edges = int(has_other.sum()), len(edges)
@@ -367,25 +374,59 @@ def _layer_rows(lrm: LocalReplacementModel, layer: int, edges: torch.Tensor, par
 
 def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values: torch.Tensor,
                 target_row: torch.Tensor, source_row: torch.Tensor, head: torch.Tensor, part: torch.Tensor,
-                start: int, max_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                source_pos: torch.Tensor, target_pos: torch.Tensor, start: int, max_pairs: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each (edge, head) entry, the (query, key) pair carrying most of the head's part, and its share:
-    pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k], formed max_pairs entries of any
-    heads at a time.
-    z [H, T, P', dh], values [Kv, S, P', dh] -> (query [B], key [B], share [B])"""
+    pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k].
+
+    Only the positions the edge connects are formed: z is zero after the target's position, the source's
+    values before its own, so the grid is zero outside [source_pos, target_pos]^2 and its first largest
+    |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are formed
+    together, padded to the widest, in batches of at most the bytes of `max_pairs` whole grids. An all-zero
+    grid (a head with no path between the two) names the window's first position, `start`.
+    z [H, T, P', dh], values [Kv, S, P', dh] on positions [start, start + P'); positions absolute
+    -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads
-    n_pos = z.shape[2]
-    window = slice(start, start + n_pos)
-    patterns = lrm.prompt.patterns[layer, :, window, window]  # [H, P', P']
+    n_pos, head_dim = z.shape[2], z.shape[3]
+    patterns = lrm.prompt.patterns[layer, :, start:start + n_pos, start:start + n_pos]  # [H, P', P']
     kv_head = torch.div(head, group, rounding_mode="floor")
+    low, width = source_pos - start, target_pos - source_pos + 1  # [B] each entry's window, from low
+
+    def grid_bytes(n: int, w: int) -> int:
+        return n * w * (3 * w + 3 * head_dim) * FLOAT_BYTES  # grids, pattern slices; z, values slices, a copy
+
+    max_bytes = max_pairs * grid_bytes(1, n_pos)
     query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
     share = torch.empty(len(head))
-    for rows in torch.arange(len(head)).split(max_pairs):
-        pair = torch.bmm(z[head[rows], target_row[rows]], values[kv_head[rows], source_row[rows]].mT)
-        pair = pair.mul_(patterns[head[rows]]).flatten(1)  # [B, P'*P']
-        flat = pair.abs().argmax(1)  # [B]
-        query[rows], key[rows] = flat // n_pos + start, flat % n_pos + start
-        share[rows] = pair.gather(1, flat[:, None])[:, 0] / part[rows]
+    bucket = torch.ceil(2 * torch.log2(width.double())).long()  # widths within a factor sqrt(2) together
+    for level in bucket.unique().tolist():
+        entries = (bucket == level).nonzero().flatten()
+        w = int(width[entries].max())
+        for rows in entries.split(max(1, max_bytes // grid_bytes(1, w))):
+            offset = low[rows].clamp(max=n_pos - w)  # [B] a window of width w holding the entry's own
+            z_rows = z.unfold(2, w, 1)[head[rows], target_row[rows], offset]  # [B, dh, w]
+            value_rows = values.unfold(2, w, 1)[kv_head[rows], source_row[rows], offset]  # [B, dh, w]
+            pair = torch.bmm(z_rows.mT, value_rows)  # [B, w, w]
+            pair = pair.mul_(patterns.unfold(1, w, 1).unfold(2, w, 1)[head[rows], offset, offset])
+            q, k, value = _first_largest(pair)
+            found = value != 0
+            offset = torch.where(found, offset, 0)
+            query[rows] = torch.where(found, q, 0) + offset + start
+            key[rows] = torch.where(found, k, 0) + offset + start
+            share[rows] = value / part[rows]
     return query, key, share
+
+
+def _first_largest(grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per grid, the first (row-major) cell of largest |value|: the first row holding the largest, then its first
+    such column (vectorised row maxima; a flat argmax over every cell is several times slower on CPU).
+    grids [B, R, C] -> (row [B], column [B], value [B])"""
+    row_size = torch.maximum(grids.amax(2), grids.amin(2).neg_())  # [B, R] the largest |value| per row, exactly
+    largest = row_size.amax(1, keepdim=True)  # [B, 1]
+    row = (row_size == largest).to(torch.uint8).argmax(1)  # [B] the first row holding it
+    cells = grids[torch.arange(len(grids)), row]  # [B, C]
+    column = cells.abs().argmax(1)  # [B]
+    return row, column, cells.gather(1, column[:, None])[:, 0]
 
 
 def _loadings_frame(records: list[dict]) -> pd.DataFrame:

@@ -1,78 +1,147 @@
-"""Head-loading time against prompt length on the tiny model (fixed node cap: 64 features), split by
-function (cProfile cumulative seconds and calls; profiling inflates them, read them as shares), beside the
-graph's time: a cheap check of how each phase scales with positions.
+"""Head-loading time and memory against prompt length on the tiny model (fixed node cap: 64 features), this
+checkout beside an earlier revision, each length in a fresh process per side: a cheap check of how head
+loadings scale with positions.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/attribution_heads_scaling.py 4,8,16,32 64
+    PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/attribution_heads_scaling.py 4,8,16,32 64 \\
+        --before 28118c3 --output bench/results/attribution_heads_scaling_tiny_amd.json
 
 Arguments: repeats of "The cat sat on the mat. " (97, 193, 385, 769 tokens with the tiny tokenizer), and the
-head-loading memory budget in MiB. Writes bench/results/attribution_heads_scaling_tiny.json.
+head-loading memory budget in MiB. Per (length, side): the graph's CPU seconds, head loadings' CPU seconds
+(time.process_time, no profiler), the peak RSS head loadings add over the RSS before them (the high-water
+mark reset through /proc/self/clear_refs just before), and the edges, targets, sources and chunk plan.
+`--profile` adds, for this checkout only, a second, profiled call's cumulative seconds and calls per heads.py
+function (profiling inflates them: read them as shares). "before" runs the same worker with the revision's
+tree (git archive) first on sys.path, so each side runs its own attribution code.
 """
 
 from __future__ import annotations
 
-import cProfile
+import argparse
 import json
 import os
-import pstats
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from attribution.config import AttentionAttributionConfig, GraphConfig  # noqa: E402
-from attribution.graph import attribute  # noqa: E402
-from attribution.heads import LoadingShape, head_loadings, plan_head_chunks  # noqa: E402
-from attribution.nodes import build_replacement, transcoder_weights  # noqa: E402
-from attribution.prune import prune  # noqa: E402
-from attribution.replacement import extract_weights, freeze_prompt, tokenize_prompt  # noqa: E402
-from attribution.stage import kept_edges  # noqa: E402
-from sparse_attention.models import tiny_model  # noqa: E402
-from tests.test_attribution import N_FEATURES, TINY, random_clt  # noqa: E402
-
+PROMPT = "The cat sat on the mat. "
 FUNCTIONS = ("head_side_gradients", "head_outputs", "_head_parts", "_main_pairs", "_layer_rows", "_block_loadings",
              "add_mlp_writes")
 
+WORKER = r"""
+import cProfile, json, pstats, sys, time
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(1, sys.argv[2])  # this checkout's tests (the tiny model and CLT)
+import torch
+torch.set_num_threads(1)
+from attribution.config import AttentionAttributionConfig, GraphConfig
+from attribution.graph import attribute
+from attribution.heads import LoadingShape, head_loadings, plan_head_chunks
+from attribution.nodes import build_replacement, transcoder_weights
+from attribution.prune import prune
+from attribution.replacement import extract_weights, freeze_prompt, tokenize_prompt
+from attribution.stage import kept_edges
+from sparse_attention.models import tiny_model
+from tests.test_attribution import N_FEATURES, TINY, random_clt
+
+def status_bytes(field):
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+count, budget, profiled = int(sys.argv[3]), int(sys.argv[4]) * 2**20, sys.argv[5] == "1"
+model, tokenizer = tiny_model(TINY)
+weights = extract_weights(model)
+clt = transcoder_weights(random_clt(TINY.n_layers, TINY.d_model, N_FEATURES, seed=0), weights)
+tokens = tokenize_prompt(tokenizer, sys.argv[6] * count)
+lrm = build_replacement(weights, clt, freeze_prompt(model, tokens))
+started = time.process_time()
+graph = attribute(lrm, GraphConfig(max_feature_nodes=64))
+graph_cpu = time.process_time() - started
+pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
+targets, sources = kept_edges(graph, pruned)
+shape = LoadingShape(graph.n_pos, weights.d_model, lrm.n_layers, weights.n_heads)
+chunks = plan_head_chunks(shape, len(targets.unique()), len(sources.unique()), budget)
+config = AttentionAttributionConfig()
+open("/proc/self/clear_refs", "w").write("5")  # the peak restarts here
+rss_before = status_bytes("VmRSS")
+started = time.process_time()
+loadings = head_loadings(lrm, graph, targets, sources, config, memory_budget=budget)
+heads_cpu = time.process_time() - started
+added = status_bytes("VmHWM") - rss_before
+result = {"n_pos": graph.n_pos, "graph_cpu": round(graph_cpu, 3), "heads_cpu": round(heads_cpu, 3),
+          "heads_added_peak_rss_mb": round(added / 2**20, 1), "rss_before_heads_mb": round(rss_before / 2**20, 1),
+          "edges": len(targets), "targets": len(targets.unique()), "sources": len(sources.unique()),
+          "rows": len(loadings), "chunks": str(chunks)}
+if profiled:
+    profile = cProfile.Profile()
+    profile.enable()
+    head_loadings(lrm, graph, targets, sources, config, memory_budget=budget)
+    profile.disable()
+    result["profiled_cumulative_s_and_calls"] = {
+        name: [round(stats[3], 2), stats[1]] for (path, _, name), stats in pstats.Stats(profile).stats.items()
+        if path.endswith("heads.py") and name in {names}}
+print(json.dumps(result))
+""".replace("{names}", repr(set(FUNCTIONS)))
+
+
+def code_root(before: str, work: Path) -> str:
+    """A directory holding the code `before` names: itself if it is one, else that git revision extracted."""
+    if Path(before).is_dir():
+        return str(Path(before).resolve())
+    out = work / f"code_{before}"
+    out.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", before], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return str(out)
+
+
+def git_head() -> str:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def run_side(code: str, count: int, budget_mib: int, profiled: bool) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", WORKER, code, str(ROOT), str(count), str(budget_mib),
+                           "1" if profiled else "0", PROMPT], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        return {"error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 def main() -> None:
-    torch.set_num_threads(1)
-    repeats, budget_mib = [int(r) for r in sys.argv[1].split(",")], int(sys.argv[2])
-    model, tokenizer = tiny_model(TINY)
-    weights = extract_weights(model)
-    clt = transcoder_weights(random_clt(TINY.n_layers, TINY.d_model, N_FEATURES, seed=0), weights)
-    budget = budget_mib * 2**20
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("repeats", help="comma-separated repeats of the prompt sentence")
+    parser.add_argument("budget_mib", type=int, help="head-loading memory budget (MiB)")
+    parser.add_argument("--before", default="none", help="a git revision or checkout to run beside this one "
+                        "('none': this checkout only)")
+    parser.add_argument("--profile", action="store_true", help="add a profiled split for this checkout")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "attribution_heads_scaling_tiny.json"))
+    args = parser.parse_args()
     report = {"command": " ".join(["nice", "-n", str(os.nice(0)), "python", *sys.argv]),
-              "load_average_before": os.getloadavg(), "model": "tiny (tests.test_attribution.TINY)",
-              "clt": "tests.test_attribution.random_clt, seed 0", "max_feature_nodes": 64,
-              "head_budget_mib": budget_mib, "lengths": []}
-    for count in repeats:
-        tokens = tokenize_prompt(tokenizer, "The cat sat on the mat. " * count)
-        lrm = build_replacement(weights, clt, freeze_prompt(model, tokens))
-        started = time.process_time()
-        graph = attribute(lrm, GraphConfig(max_feature_nodes=64))
-        graph_cpu = time.process_time() - started
-        pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
-        targets, sources = kept_edges(graph, pruned)
-        shape = LoadingShape(graph.n_pos, weights.d_model, lrm.n_layers, weights.n_heads)
-        chunks = plan_head_chunks(shape, len(targets.unique()), len(sources.unique()), budget)
-        profile = cProfile.Profile()
-        started = time.process_time()
-        profile.enable()
-        head_loadings(lrm, graph, targets, sources, AttentionAttributionConfig(), memory_budget=budget)
-        profile.disable()
-        heads_cpu = time.process_time() - started
-        split = {name: [round(stats[3], 2), stats[1]] for (path, _, name), stats in pstats.Stats(profile).stats.items()
-                 if path.endswith("heads.py") and name in FUNCTIONS}
-        report["lengths"].append({"n_pos": graph.n_pos, "graph_cpu": round(graph_cpu, 2), "heads_cpu": round(heads_cpu, 2),
-                                  "edges": len(targets), "targets": len(targets.unique()),
-                                  "sources": len(sources.unique()), "chunks": str(chunks),
-                                  "cumulative_s_and_calls": split})
-        print(json.dumps(report["lengths"][-1]), flush=True)
+              "machine": "AMD EPYC 2-core AVX2, fp32", "load_average_before": os.getloadavg(),
+              "model": "tiny (tests.test_attribution.TINY)", "clt": "tests.test_attribution.random_clt, seed 0",
+              "max_feature_nodes": 64, "head_budget_mib": args.budget_mib, "after": f"{ROOT} at {git_head()}",
+              "before": args.before, "lengths": []}
+    with tempfile.TemporaryDirectory() as work:
+        sides = [("after", str(ROOT))]
+        if args.before != "none":
+            sides.insert(0, ("before", code_root(args.before, Path(work))))
+        for count in [int(r) for r in args.repeats.split(",")]:
+            entry = {"repeats": count}
+            for side, code in sides:
+                entry[side] = run_side(code, count, args.budget_mib, args.profile and side == "after")
+                entry[side]["load_average"] = os.getloadavg()[0]
+            if "before" in entry and "heads_cpu" in entry["before"] and "heads_cpu" in entry["after"]:
+                entry["heads_speedup_cpu"] = round(entry["before"]["heads_cpu"] / entry["after"]["heads_cpu"], 2)
+            report["lengths"].append(entry)
+            print(json.dumps(entry), flush=True)
+            Path(args.output).write_text(json.dumps(report, indent=2))
     report["load_average_after"] = os.getloadavg()
-    (ROOT / "bench" / "results" / "attribution_heads_scaling_tiny.json").write_text(json.dumps(report, indent=2))
+    Path(args.output).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

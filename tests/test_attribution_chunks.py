@@ -120,3 +120,38 @@ def test_rows_of_one_edge_match_its_pair_grid():
     marginal = pairs.double().sum(0)  # per key component
     keys = rows[rows["kind"] == "key_marginal"]
     assert keys["key_component"].tolist() == [key_ids[i] for i in marginal.abs().topk(3).indices.tolist()]
+
+
+def test_main_pairs_on_edge_windows_equal_the_whole_grid():
+    """Each (edge, head) grid formed only on [source pos, target pos] gives the first largest |pair| of the
+    whole (query, key) grid, ties and all-zero grids included, at every batch size."""
+    from types import SimpleNamespace
+
+    from attribution.heads import _main_pairs
+
+    generator = torch.Generator().manual_seed(0)
+    n_heads, n_kv, n_pos, head_dim, n_entries, start = 4, 2, 23, 5, 60, 3
+    patterns = torch.rand(1, n_heads, n_pos + start, n_pos + start, generator=generator).tril()
+    patterns[patterns < 0.3] = 0  # closed gates
+    lrm = SimpleNamespace(model=SimpleNamespace(n_heads=n_heads, n_kv_heads=n_kv),
+                          prompt=SimpleNamespace(patterns=patterns))
+    source_pos = torch.randint(start, start + n_pos, (n_entries,), generator=generator)
+    target_pos = source_pos + (torch.rand(n_entries, generator=generator) * (start + n_pos - source_pos)).long()
+    z = torch.randn(n_heads, n_entries, n_pos, head_dim, generator=generator).round()  # integers: ties
+    values = torch.randn(n_kv, n_entries, n_pos, head_dim, generator=generator).round()
+    relative = torch.arange(n_pos) + start
+    z[:, relative[None, :] > target_pos[:, None]] = 0  # nothing after the target reaches it
+    values[:, relative[None, :] < source_pos[:, None]] = 0  # the source writes nothing before its position
+    head = torch.randint(0, n_heads, (n_entries,), generator=generator)
+    z[head[0], 0] = 0  # an all-zero grid
+    rows = torch.arange(n_entries)
+    grids = torch.einsum("bqe,bke->bqk", z[head, rows], values[head // 2, rows])
+    grids = grids * patterns[0, head][:, start:, start:]
+    flat = grids.flatten(1).abs().argmax(1)
+    part = grids.flatten(1).sum(1) + 1
+    assert (grids.flatten(1).abs() == grids.flatten(1).abs().amax(1, keepdim=True)).sum(1).max() > 1  # ties
+    for max_pairs in (1, 2, 1000):
+        query, key, share = _main_pairs(lrm, 0, z, values, rows, rows, head, part, source_pos, target_pos, start,
+                                        max_pairs)
+        assert query.tolist() == (flat // n_pos + start).tolist() and key.tolist() == (flat % n_pos + start).tolist()
+        assert torch.equal(share, grids.flatten(1).gather(1, flat[:, None])[:, 0] / part)
