@@ -137,6 +137,7 @@ def _execute(config: PipelineConfig, stages: list[Stage], store: ArtifactStore, 
     config_json = config.model_dump(mode="json")
     results: dict[str, dict] = {}
     if executor == "local":
+        threads = torch.get_num_threads()
         for stage in stages:
             try:
                 results[stage.name] = execute_stage(stage.name, config_json, store.root, keys, stage.group in force,
@@ -145,6 +146,8 @@ def _execute(config: PipelineConfig, stages: list[Stage], store: ArtifactStore, 
                 raise
             except Exception as error:  # what Ray reports for a stage task, said the same way
                 raise StageError(f"stage {stage.name} failed: {describe_error(error)}") from error
+            finally:  # a stage's thread count is its own, not the calling process's (a notebook, a test)
+                torch.set_num_threads(threads)
         return results
 
     import ray

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from attribution.frontend import to_networkx
 from attribution.store import open_store
@@ -73,8 +74,11 @@ def test_done_stage_is_skipped_and_foreign_key_is_refused(tmp_path):
     run_pipeline(config, ["sparsify"], str(tmp_path), executor="local", progress=False)
     metrics = tmp_path / "sparsify" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
-    again = run_pipeline(config, ["sparsify"], str(tmp_path), executor="local", progress=False)
+    threads = torch.get_num_threads()
+    two_cpus = load_config(preset="tiny", overrides=["sparsify.train.steps=10", "resources.stages.sparsify.num_cpus=2"])
+    again = run_pipeline(two_cpus, ["sparsify"], str(tmp_path), executor="local", progress=False)
     assert again["sparsify"]["skipped"] is True and metrics.stat().st_mtime_ns == stamp
+    assert torch.get_num_threads() == threads  # the stage's thread count does not outlive it in the caller
     changed = load_config(preset="tiny", overrides=["sparsify.train.steps=5"])
     with pytest.raises(ArtifactError, match="different config"):
         run_pipeline(changed, ["sparsify"], str(tmp_path), executor="local", progress=False)
