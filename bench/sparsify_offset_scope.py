@@ -10,6 +10,14 @@ bench/results/sparsify_offset_scope_<tag>.json with the command; each run's stag
     python bench/sparsify_offset_scope.py --record runs/faithful/sparsify runs/bench-offset-scope/model --tag x
 
 summarises finished sparsify stage outputs instead (e.g. a pipeline run beside a run of this script), same figures.
+
+    python bench/sparsify_offset_scope.py --scopes model --set train.steps=96 ... --truncate runs/x/model --tag y
+
+evaluates an unfinished run at its last checkpoint (step N of a longer schedule; the learning rate followed the
+longer schedule's cosine up to N): the same --set arguments as the run, whose config must match the one saved in the
+run's directory in everything but eval; the checkpoint is copied into --output under the fingerprint of the config
+with train.steps=N, and the stage there trains no step, then saves and evaluates. The JSON records the run and its
+planned steps under "truncated_from".
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from prompts.metrics import task_evaluator  # noqa: E402
 from sparse_attention import stage  # noqa: E402
 from sparse_attention.config import SparsifyConfig  # noqa: E402
 from sparse_attention.data import draw_schedule  # noqa: E402
+from sparse_attention.train import CHECKPOINT_NAME  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -111,6 +120,25 @@ def record(stage_dirs: list[Path], tag: str) -> int:
     return 0
 
 
+def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> tuple[SparsifyConfig, dict]:
+    """The config of `run_dir`'s run cut at its last checkpoint (train.steps = that step), with the checkpoint
+    copied into `output_dir` under that config's fingerprint; refuses a run whose saved config differs from
+    `config` in anything but eval, or whose checkpoint another config wrote."""
+    saved = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    if saved.model_dump(exclude={"eval"}) != config.model_dump(exclude={"eval"}):
+        sys.exit(f"{run_dir} was trained with another config than the --set arguments give; pass the run's own")
+    checkpoint = run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != stage.training_fingerprint(saved):
+        sys.exit(f"{checkpoint} was not written by the config saved in {run_dir}")
+    steps = int(state["step"])
+    truncated = config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
+    state["fingerprint"] = stage.training_fingerprint(truncated)
+    (output_dir / stage.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(state, output_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME)
+    return truncated, {"run": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": steps}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scopes", nargs="+", default=["model", "head"], choices=["model", "layer", "head"])
@@ -120,9 +148,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", type=Path, nargs="+", default=None,
                         help="finished sparsify stage directories (holding metrics.json) to summarise instead of running")
+    parser.add_argument("--truncate", type=Path, default=None,
+                        help="an unfinished run's stage directory (one scope): evaluate it at its last checkpoint")
     args = parser.parse_args()
     if args.record:
         return record(args.record, args.tag)
+    if args.truncate and len(args.scopes) != 1:
+        parser.error("--truncate evaluates one run: give the one scope it was trained with in --scopes")
     torch.set_num_threads(args.threads)
     overrides = [f"sparsify.{assignment}" for assignment in args.set]
     result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -130,10 +162,15 @@ def main() -> int:
     for scope in args.scopes:
         config = load_config(preset="demo", overrides=[*overrides, f"sparsify.gate.offset_scope={scope}",
                                                        f"sparsify.train.threads={args.threads}"]).sparsify
+        truncated_from = None
+        if args.truncate:
+            config, truncated_from = truncated_copy(args.truncate, config, args.output / scope)
         evaluate = task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
         load_before, started, cpu_started = os.getloadavg(), time.perf_counter(), time.process_time()
         metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate)
-        result["runs"].append({**summary(metrics, config), "command_wall_seconds": time.perf_counter() - started,
+        result["runs"].append({**summary(metrics, config),
+                               **({"truncated_from": truncated_from} if truncated_from else {}),
+                               "command_wall_seconds": time.perf_counter() - started,
                                "command_cpu_seconds": time.process_time() - cpu_started,
                                "load_average_before": load_before, "load_average_after": os.getloadavg()})
         RESULTS.mkdir(parents=True, exist_ok=True)
