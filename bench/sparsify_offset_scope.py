@@ -81,6 +81,7 @@ def summary(metrics: dict, config: SparsifyConfig | None = None) -> dict:
     last = history[-min(len(history), 10):]
     return {
         "offset_scope": metrics["offset_scope"],
+        "precision": metrics.get("precision"),
         "offset_final_mean": metrics["offset_final_mean"],
         "train_context_length": metrics["context_length"],
         "train_steps": metrics["train_steps"],
@@ -102,6 +103,23 @@ def summary(metrics: dict, config: SparsifyConfig | None = None) -> dict:
     }
 
 
+def machine() -> str:
+    """CPU model, cores and the widest x86 vector extension (bf16 is emulated without AVX-512 BF16 or AMX)."""
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    vector = next((name for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if name in flags), "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {vector}"
+
+
 def record(stage_dirs: list[Path], tag: str) -> int:
     """Write the summary of each finished stage in `stage_dirs` as sparsify_offset_scope_<tag>.json."""
     runs = []
@@ -112,7 +130,7 @@ def record(stage_dirs: list[Path], tag: str) -> int:
             sys.exit(f"no finished sparsify stage in {stage_dir}: {err}")
         config = SparsifyConfig.model_validate(yaml.safe_load((stage_dir / stage.CONFIG_FILE).read_text()))
         runs.append({"recorded_from": str(stage_dir), **summary(metrics, config)})
-    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"sparsify_offset_scope_{tag}.json").write_text(json.dumps(result, indent=1))
@@ -157,7 +175,7 @@ def main() -> int:
         parser.error("--truncate evaluates one run: give the one scope it was trained with in --scopes")
     torch.set_num_threads(args.threads)
     overrides = [f"sparsify.{assignment}" for assignment in args.set]
-    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "threads": args.threads, "runs": []}
     for scope in args.scopes:
         config = load_config(preset="demo", overrides=[*overrides, f"sparsify.gate.offset_scope={scope}",
