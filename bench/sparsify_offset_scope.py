@@ -18,6 +18,11 @@ longer schedule's cosine up to N): the same --set arguments as the run, whose co
 run's directory in everything but eval; the checkpoint is copied into --output under the fingerprint of the config
 with train.steps=N, and the stage there trains no step, then saves and evaluates. The JSON records the run and its
 planned steps under "truncated_from".
+
+    python bench/sparsify_offset_scope.py --stopped runs/x/model --tag y
+
+records a run stopped before its end without evaluating it: its checkpoint's history (every step), the last steps'
+means and the per-stream breakdown.
 """
 
 from __future__ import annotations
@@ -157,6 +162,29 @@ def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> t
     return truncated, {"run": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": steps}
 
 
+def stopped(run_dir: Path, tag: str) -> int:
+    """Write the training history of the run in `run_dir` (a stage directory) up to its last checkpoint."""
+    config = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    state = torch.load(run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME, map_location="cpu", weights_only=True,
+                       mmap=True)
+    if state["fingerprint"] != stage.training_fingerprint(config):
+        sys.exit(f"{run_dir}'s checkpoint was not written by the config saved beside it")
+    history = state["history"]
+    last = history[-min(len(history), 10):]
+    run = {"stopped_from": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": int(state["step"]),
+           "offset_scope": config.gate.offset_scope, "precision": config.train.precision,
+           "train_wall_seconds_to_checkpoint": history[-1]["seconds"],
+           "last_steps_mean": {key: sum(row[key] for row in last) / len(last)
+                               for key in ("ce_excess", "hard_ce_excess", "open_fraction", "multiplier")},
+           "last_half_by_stream": by_stream(history, config),
+           "trajectory": trajectory(history, every=1)}
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine(), "runs": [run]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"sparsify_offset_scope_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scopes", nargs="+", default=["model", "head"], choices=["model", "layer", "head"])
@@ -168,7 +196,11 @@ def main() -> int:
                         help="finished sparsify stage directories (holding metrics.json) to summarise instead of running")
     parser.add_argument("--truncate", type=Path, default=None,
                         help="an unfinished run's stage directory (one scope): evaluate it at its last checkpoint")
+    parser.add_argument("--stopped", type=Path, default=None,
+                        help="a stopped run's stage directory: record its checkpoint's history, no evaluation")
     args = parser.parse_args()
+    if args.stopped:
+        return stopped(args.stopped, args.tag)
     if args.record:
         return record(args.record, args.tag)
     if args.truncate and len(args.scopes) != 1:
