@@ -177,7 +177,8 @@ def stopped(run_dir: Path, tag: str) -> int:
            "last_steps_mean": {key: sum(row[key] for row in last) / len(last)
                                for key in ("ce_excess", "hard_ce_excess", "open_fraction", "multiplier")},
            "last_half_by_stream": by_stream(history, config),
-           "trajectory": trajectory(history, every=1)}
+           "trajectory": trajectory(history, every=1),
+           "config": config.model_dump(mode="json", exclude={"eval"})}
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(), "runs": [run]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"sparsify_offset_scope_{tag}.json").write_text(json.dumps(result, indent=1))
