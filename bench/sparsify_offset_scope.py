@@ -10,6 +10,19 @@ bench/results/sparsify_offset_scope_<tag>.json with the command; each run's stag
     python bench/sparsify_offset_scope.py --record runs/faithful/sparsify runs/bench-offset-scope/model --tag x
 
 summarises finished sparsify stage outputs instead (e.g. a pipeline run beside a run of this script), same figures.
+
+    python bench/sparsify_offset_scope.py --scopes model --set train.steps=96 ... --truncate runs/x/model --tag y
+
+evaluates an unfinished run at its last checkpoint (step N of a longer schedule; the learning rate followed the
+longer schedule's cosine up to N): the same --set arguments as the run, whose config must match the one saved in the
+run's directory in everything but eval; the checkpoint is copied into --output under the fingerprint of the config
+with train.steps=N, and the stage there trains no step, then saves and evaluates. The JSON records the run and its
+planned steps under "truncated_from".
+
+    python bench/sparsify_offset_scope.py --stopped runs/x/model --tag y
+
+records a run stopped before its end without evaluating it: its checkpoint's history (every step), the last steps'
+means and the per-stream breakdown.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from prompts.metrics import task_evaluator  # noqa: E402
 from sparse_attention import stage  # noqa: E402
 from sparse_attention.config import SparsifyConfig  # noqa: E402
 from sparse_attention.data import draw_schedule  # noqa: E402
+from sparse_attention.train import CHECKPOINT_NAME  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -72,6 +86,7 @@ def summary(metrics: dict, config: SparsifyConfig | None = None) -> dict:
     last = history[-min(len(history), 10):]
     return {
         "offset_scope": metrics["offset_scope"],
+        "precision": metrics.get("precision"),
         "offset_final_mean": metrics["offset_final_mean"],
         "train_context_length": metrics["context_length"],
         "train_steps": metrics["train_steps"],
@@ -93,6 +108,23 @@ def summary(metrics: dict, config: SparsifyConfig | None = None) -> dict:
     }
 
 
+def machine() -> str:
+    """CPU model, cores and the widest x86 vector extension (bf16 is emulated without AVX-512 BF16 or AMX)."""
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    vector = next((name for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if name in flags), "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {vector}"
+
+
 def record(stage_dirs: list[Path], tag: str) -> int:
     """Write the summary of each finished stage in `stage_dirs` as sparsify_offset_scope_<tag>.json."""
     runs = []
@@ -103,8 +135,51 @@ def record(stage_dirs: list[Path], tag: str) -> int:
             sys.exit(f"no finished sparsify stage in {stage_dir}: {err}")
         config = SparsifyConfig.model_validate(yaml.safe_load((stage_dir / stage.CONFIG_FILE).read_text()))
         runs.append({"recorded_from": str(stage_dir), **summary(metrics, config)})
-    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"sparsify_offset_scope_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> tuple[SparsifyConfig, dict]:
+    """The config of `run_dir`'s run cut at its last checkpoint (train.steps = that step), with the checkpoint
+    copied into `output_dir` under that config's fingerprint; refuses a run whose saved config differs from
+    `config` in anything but eval, or whose checkpoint another config wrote."""
+    saved = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    if saved.model_dump(exclude={"eval"}) != config.model_dump(exclude={"eval"}):
+        sys.exit(f"{run_dir} was trained with another config than the --set arguments give; pass the run's own")
+    checkpoint = run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != stage.training_fingerprint(saved):
+        sys.exit(f"{checkpoint} was not written by the config saved in {run_dir}")
+    steps = int(state["step"])
+    truncated = config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
+    state["fingerprint"] = stage.training_fingerprint(truncated)
+    (output_dir / stage.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(state, output_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME)
+    return truncated, {"run": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": steps}
+
+
+def stopped(run_dir: Path, tag: str) -> int:
+    """Write the training history of the run in `run_dir` (a stage directory) up to its last checkpoint."""
+    config = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    state = torch.load(run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME, map_location="cpu", weights_only=True,
+                       mmap=True)
+    if state["fingerprint"] != stage.training_fingerprint(config):
+        sys.exit(f"{run_dir}'s checkpoint was not written by the config saved beside it")
+    history = state["history"]
+    last = history[-min(len(history), 10):]
+    run = {"stopped_from": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": int(state["step"]),
+           "offset_scope": config.gate.offset_scope, "precision": config.train.precision,
+           "train_wall_seconds_to_checkpoint": history[-1]["seconds"],
+           "last_steps_mean": {key: sum(row[key] for row in last) / len(last)
+                               for key in ("ce_excess", "hard_ce_excess", "open_fraction", "multiplier")},
+           "last_half_by_stream": by_stream(history, config),
+           "trajectory": trajectory(history, every=1),
+           "config": config.model_dump(mode="json", exclude={"eval"})}
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine(), "runs": [run]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"sparsify_offset_scope_{tag}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
@@ -120,20 +195,33 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", type=Path, nargs="+", default=None,
                         help="finished sparsify stage directories (holding metrics.json) to summarise instead of running")
+    parser.add_argument("--truncate", type=Path, default=None,
+                        help="an unfinished run's stage directory (one scope): evaluate it at its last checkpoint")
+    parser.add_argument("--stopped", type=Path, default=None,
+                        help="a stopped run's stage directory: record its checkpoint's history, no evaluation")
     args = parser.parse_args()
+    if args.stopped:
+        return stopped(args.stopped, args.tag)
     if args.record:
         return record(args.record, args.tag)
+    if args.truncate and len(args.scopes) != 1:
+        parser.error("--truncate evaluates one run: give the one scope it was trained with in --scopes")
     torch.set_num_threads(args.threads)
     overrides = [f"sparsify.{assignment}" for assignment in args.set]
-    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "threads": args.threads, "runs": []}
     for scope in args.scopes:
         config = load_config(preset="demo", overrides=[*overrides, f"sparsify.gate.offset_scope={scope}",
                                                        f"sparsify.train.threads={args.threads}"]).sparsify
+        truncated_from = None
+        if args.truncate:
+            config, truncated_from = truncated_copy(args.truncate, config, args.output / scope)
         evaluate = task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
         load_before, started, cpu_started = os.getloadavg(), time.perf_counter(), time.process_time()
         metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate)
-        result["runs"].append({**summary(metrics, config), "command_wall_seconds": time.perf_counter() - started,
+        result["runs"].append({**summary(metrics, config),
+                               **({"truncated_from": truncated_from} if truncated_from else {}),
+                               "command_wall_seconds": time.perf_counter() - started,
                                "command_cpu_seconds": time.process_time() - cpu_started,
                                "load_average_before": load_before, "load_average_after": os.getloadavg()})
         RESULTS.mkdir(parents=True, exist_ok=True)
