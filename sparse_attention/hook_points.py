@@ -190,26 +190,50 @@ def per_head_projection(normed: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 class _SplitInput:
     """One split-input hook point: keeps the norm's input when the norm runs, shows it to `fn` once per
-    head of the projection, and recomputes the projection from a replacement."""
+    head of the projection before the projection runs, and, given a replacement, computes the projection
+    per head from it instead of the shared one (each projection computed once)."""
 
     def __init__(self, fn: HookFn, norm: nn.Module, head_dim: int):
         self.fn, self.norm, self.head_dim = fn, norm, head_dim
         self.resid: torch.Tensor | None = None  # [b, p, d] the norm's latest input
+        self.replacement: torch.Tensor | None = None  # [b, p, n, d] fn's replacement for the projection's next run
 
-    def attach(self, projection: nn.Module) -> list[RemovableHandle]:
+    def attach(self, projection: nn.Module) -> list[RemovableHandle | _ForwardOverride]:
         return [self.norm.register_forward_pre_hook(self._keep_input),
-                projection.register_forward_hook(self._project)]
+                projection.register_forward_pre_hook(self._ask),
+                _ForwardOverride(projection, self._project)]
 
     def _keep_input(self, module, args):
         self.resid = args[0]
 
-    def _project(self, module, args, output):
+    def _ask(self, module, args):
         b, p, d = self.resid.shape
-        new = self.fn(self.resid[:, :, None, :].expand(b, p, output.shape[-1] // self.head_dim, d))
+        self.replacement = self.fn(self.resid[:, :, None, :].expand(b, p, module.weight.shape[0] // self.head_dim, d))
+
+    def _project(self, module: nn.Module, forward: Callable, normed: torch.Tensor) -> torch.Tensor:
+        new, self.replacement = self.replacement, None
         if new is None:
-            return None
-        normed = self.norm.forward(new)  # [b, p, n, d]; .forward skips the norm's own hooks
-        return per_head_projection(normed, module.weight, module.bias).to(output.dtype)
+            return forward(normed)
+        per_head = self.norm.forward(new)  # [b, p, n, d]; .forward skips the norm's own hooks
+        device = normed.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else normed.dtype
+        return per_head_projection(per_head, module.weight, module.bias).to(dtype)  # the dtype forward gives
+
+
+class _ForwardOverride:
+    """Runs `project(module, forward, x)` in place of `module`'s forward (its own hooks still run around it)
+    until removed; `forward` is what ran before."""
+
+    def __init__(self, module: nn.Module, project: Callable):
+        self.module, self.previous = module, module.__dict__.get("forward")
+        forward = module.forward
+        module.forward = lambda x: project(module, forward, x)
+
+    def remove(self) -> None:
+        if self.previous is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous
 
 
 def _head_dim(hf: nn.Module) -> int:

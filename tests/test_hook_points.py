@@ -38,10 +38,11 @@ def token_ids() -> torch.Tensor:
 
 
 def no_hooks_left(model) -> bool:
-    """No hook of hook_points is attached (transformers attaches its own output-capturing hooks)."""
+    """No hook of hook_points is attached, no forward replaced (transformers attaches its own output-capturing hooks)."""
     attached = [fn for m in hf_model(model).modules() for fn in [*m._forward_hooks.values(),
                                                                   *m._forward_pre_hooks.values()]]
-    return all(fn.__module__ != "sparse_attention.hook_points" for fn in attached)
+    overridden = [m for m in hf_model(model).modules() if "forward" in m.__dict__]  # a split input's projection
+    return all(fn.__module__ != "sparse_attention.hook_points" for fn in attached) and not overridden
 
 
 def record_all(model, ids: torch.Tensor):
