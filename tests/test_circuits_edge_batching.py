@@ -149,7 +149,7 @@ def test_top_k_masks_sorts_once_for_every_k():
 
 class SharedThenPerHead:
     """The split input as it was: the projection runs on the shared input, then a replacement's per-head
-    projection takes its place (the reference the patched forward must keep matching)."""
+    projection of every head takes its place (the reference the patched forward must keep matching)."""
 
     def __init__(self, fn, norm, head_dim):
         self.fn, self.norm, self.head_dim, self.resid = fn, norm, head_dim, None
@@ -162,9 +162,13 @@ class SharedThenPerHead:
 
     def _replace(self, module, args, output):
         b, p, d = self.resid.shape
-        new = self.fn(self.resid[:, :, None, :].expand(b, p, output.shape[-1] // self.head_dim, d))
+        resid = self.resid[:, :, None, :].expand(b, p, output.shape[-1] // self.head_dim, d)
+        new = self.fn(resid)
         if new is None:
             return None
+        if isinstance(new, hook_points.HeadInputs):  # some heads' inputs: every head's, the others unchanged
+            new, some = resid.clone(), new
+            new[:, :, some.heads] = some.inputs
         return hook_points.per_head_projection(self.norm.forward(new), module.weight, module.bias).to(output.dtype)
 
 
