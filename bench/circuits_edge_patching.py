@@ -9,7 +9,7 @@ this checkout's, one mask per forward (unless --skip-one-mask) and many masks pe
 curve's grid (top-k by EAP score, component edges and edges by token role) and single-edge removals (the
 faithfulness check). Also the largest |metric difference| between before and after. Writes --out
 (bench/results/circuits_edge_patching.json) with the command, the load and the machine.
-Usage: nice -n 5 python bench/circuits_edge_patching.py [--n 8] [--points 10] [--faithfulness 16] [--before REV]
+Usage: nice -n 5 python bench/circuits_edge_patching.py [--n 8] [--points 10] [--faithfulness 16] [--before REV] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--faithfulness", type=int, default=16, help="single-edge removals")
     parser.add_argument("--before", default="45196e9", help="git revision of the 'before' circuits package")
     parser.add_argument("--edge-batch-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="time before and after this often, alternating "
+                                                                   "(medians reported)")
     parser.add_argument("--skip-one-mask", action="store_true", help="do not time this checkout one mask per forward")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/circuits_edge_patching.json")
     args = parser.parse_args()
@@ -100,12 +103,17 @@ def main() -> None:
 
     results = {}
     for name, (counts, keeps) in cases.items():
-        if old_batched:
-            old_seconds, old_metrics = timed(lambda keeps=keeps: old.edge_metrics(keeps, args.edge_batch_tokens))
-        else:
-            old_seconds, old_metrics = timed(lambda keeps=keeps: torch.stack([old.prompt_metrics(keep_edges=k)
-                                                                                  for k in keeps]))
-        many_seconds, many_metrics = timed(lambda keeps=keeps: new.edge_metrics(keeps, args.edge_batch_tokens))
+        old_times, many_times = [], []
+        for _ in range(args.repeats):  # before and after alternate, so a change of load hits both alike
+            if old_batched:
+                old_seconds, old_metrics = timed(lambda keeps=keeps: old.edge_metrics(keeps, args.edge_batch_tokens))
+            else:
+                old_seconds, old_metrics = timed(lambda keeps=keeps: torch.stack([old.prompt_metrics(keep_edges=k)
+                                                                                      for k in keeps]))
+            many_seconds, many_metrics = timed(lambda keeps=keeps: new.edge_metrics(keeps, args.edge_batch_tokens))
+            old_times.append(old_seconds)
+            many_times.append(many_seconds)
+        old_seconds, many_seconds = statistics.median(old_times), statistics.median(many_times)
         passes = len(keeps)
         results[name] = {
             "passes": passes, "counts" if name != "faithfulness" else "removed_edges": counts,
@@ -113,6 +121,9 @@ def main() -> None:
             "speedup_batched": old_seconds / many_seconds,
             "max_abs_metric_diff_vs_before": (many_metrics - old_metrics).abs().max().item(),
         }
+        if args.repeats > 1:  # per pass: the median above, each repeat here
+            results[name] |= {"before_cpu_s_per_pass_each": [t / passes for t in old_times],
+                              "after_batched_cpu_s_per_pass_each": [t / passes for t in many_times]}
         if not args.skip_one_mask:
             one_seconds, one_metrics = timed(lambda keeps=keeps: torch.cat([new.edge_metrics(k[None], args.edge_batch_tokens)
                                                                            for k in keeps]))
