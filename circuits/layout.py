@@ -128,13 +128,10 @@ def removed_input(prefix_diff: torch.Tensor, diffs: torch.Tensor, kept: torch.Te
     if 4 * min(n_kept, n_removed) < n_copies * len(cols) * len(rows):  # sparse: ~4x a dense product's cost per term
         copy, row, col = terms.nonzero().unbind(1)
         matrix = torch.sparse_coo_tensor(torch.stack([copy * n_cols + col, copy * diffs.shape[1] + row]),
-                                         torch.full((len(row),), -1.0 if from_kept else 1.0, dtype=source.dtype,
-                                                    device=source.device),
+                                         torch.ones(len(row), dtype=source.dtype, device=source.device),
                                          (n_copies * n_cols, n_copies * diffs.shape[1]), check_invariants=False)
-        # accumulated in place into the prefix (or zeros): one output tensor, no separate zero fill and subtraction
-        out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
-        out.view(n_copies * n_cols, -1).addmm_(matrix, source.reshape(-1, source.shape[-1]))
-        return out
+        part = torch.sparse.mm(matrix, source.reshape(-1, source.shape[-1])).view(shape)
+        return prefix_diff[:, None] - part if from_kept else part
     out = prefix_diff[:, None].expand(shape).clone() if from_kept else prefix_diff.new_zeros(shape)
     if len(cols) == 0:
         return out
