@@ -1,13 +1,14 @@
 """The compare stage's component circuits in the demo's configuration, timed per phase (CPU seconds).
 
-Reads `compare.circuits` of pipeline/presets/demo.yaml (prompts per task, per_prompt, the circuit config) and
+Reads `compare.circuits` of pipeline/presets/demo.yaml (its tasks, prompts per task, the circuit config) and
 traces each task's circuit on the dense model and on `--sparse` (a gated checkpoint, both gate modes), or on
 the dense model twice (`--sparse dense`: a model without gates is traced once per variant) or once (`--sparse
 none`) -- the work
 `comparison.summaries.run_circuits` does. Per circuit: CPU seconds per phase (`CircuitResult.cpu_seconds`:
 record, edge_ranking, head_patching, heads_curve, edges_curve, role_edges_curve, faithfulness), wall seconds,
-and the counts at the target. Writes bench/results/circuits_compare_stage.json with the command and the load.
-Usage: nice -n 5 python bench/circuits_compare_stage.py --tasks ioi antonyms --sparse dense [--threads 1]
+and the counts at the target. Writes --out (bench/results/circuits_compare_stage.json) with the command, the
+load, the machine and the sparse checkpoint's gate.json (bench/gated_untrained.py marks an untrained one).
+Usage: nice -n 5 python bench/circuits_compare_stage.py [--tasks ioi antonyms] --sparse DIR [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from circuits.curves import gate_modes, run_prepared  # noqa: E402
 from circuits.hooks import prepare  # noqa: E402
 from comparison.config import CompareConfig  # noqa: E402
 from comparison.summaries import task_prompts  # noqa: E402
-from sparse_attention.gated_attention import gate_mode, load_gated_model  # noqa: E402
+from sparse_attention.gated_attention import GATE_META_FILE, gate_mode, load_gated_model  # noqa: E402
 from sparse_attention.models import load_model  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["ioi", "greater_than", "docstring", "antonyms", "induction"])
+    parser.add_argument("--tasks", nargs="+", help="default: the preset's compare.circuits.tasks, else all five")
     parser.add_argument("--sparse", default="dense", help="gated checkpoint directory, 'dense' (dense twice) or "
                                                           "'none' (the dense circuits alone)")
     parser.add_argument("--threads", type=int, default=1)
@@ -45,18 +46,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     circuits = CompareConfig.model_validate(yaml.safe_load(args.preset.read_text())["compare"]).circuits
+    tasks = args.tasks or circuits.tasks or ["ioi", "greater_than", "docstring", "antonyms", "induction"]
     config = circuits.circuit
     models = {"dense": load_model("smollm2-135m")}
+    sparse_meta = None
     if args.sparse == "dense":
         models["sparse"] = models["dense"]
     elif args.sparse != "none":
         sparse, tokenizer = load_gated_model(Path(args.sparse))
         models["sparse"] = (sparse.set_mode("eval"), tokenizer)
+        meta_path = Path(args.sparse) / GATE_META_FILE
+        sparse_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     modes = gate_modes(config, models["sparse"][0]) if "sparse" in models else [config.gates]
     record: dict = {
         "command": "nice -n 5 python bench/circuits_compare_stage.py " + " ".join(sys.argv[1:]),
         "preset": str(args.preset.relative_to(ROOT)), "circuits_config": circuits.model_dump(mode="json"),
-        "sparse": args.sparse, "threads": args.threads, "loadavg_start": load_start, "circuits": [],
+        "sparse": args.sparse, "sparse_gate_meta": sparse_meta,
+        "tasks": tasks, "threads": args.threads, "machine": "AMD EPYC 2-core AVX2, fp32", "loadavg_start": load_start,
+        "circuits": [],
     }
     wall_start, cpu_start = time.perf_counter(), time.process_time()
 
@@ -74,7 +81,7 @@ def main() -> None:
     for variant, (model, tokenizer) in models.items():
         for mode in modes if gate_mode(model) == "eval" else modes[:1]:
             prepared = prepare(model, config.split_qkv, config.gate_gradient, mode, config.precision)
-            for task in args.tasks:
+            for task in tasks:
                 _, prompts, reason = task_prompts(task, tokenizer, circuits.prompts_per_task)
                 if reason:
                     raise SystemExit(reason)

@@ -141,7 +141,8 @@ class ComponentHooks:
     _prefix_diff: list[torch.Tensor] = field(default_factory=list)
     _rows_read: list[int] = field(default_factory=list)
     _head_delta: torch.Tensor | None = None  # [K, H, n_inputs, b, p, d] current layer's head-input perturbation
-    _head_changed: list[bool] = field(default_factory=list)  # per input kind: does some head's input change
+    _head_changed: list[torch.Tensor | None] = field(default_factory=list)  # per input kind: the heads [m] whose
+    # input changes (in some copy), None if none does
     post_norms: list[nn.Module] | None = None  # per layer the norm on the attention output, if the family has one
     # post-norm edge patching, per token group: per layer written so far, the attention output before the norm
     # A [K, n, d] and its heads' corrupted - actual [K, H, n, d] (their rows of _diffs stay zero)
@@ -320,18 +321,25 @@ class ComponentHooks:
         delta = self._reader_delta(cols, resid)
         if delta is not None:
             delta = delta.unflatten(1, (self.layout.n_heads, self.layout.n_inputs))  # [K, H, n_inputs, b, p, d]
-            changed = (self._changed(cols).view(self.layout.n_heads, -1).any(0).tolist()
-                       if self.keep_edges is not None else [True] * self.layout.n_inputs)
-            self._head_changed = changed
+            changed = (self._changed(cols).view(self.layout.n_heads, -1) if self.keep_edges is not None
+                       else torch.ones(self.layout.n_heads, self.layout.n_inputs, dtype=torch.bool))
+            self._head_changed = [heads if len(heads := column.nonzero().squeeze(1)) else None
+                                  for column in changed.unbind(1)]
         self._head_delta = delta
 
-    def _on_head_input(self, kind: int, resid: torch.Tensor) -> torch.Tensor | None:
-        """resid [B, p, H, d]: the residual each head's q (kind 0), k (1) or v (2) reads."""
+    def _on_head_input(self, kind: int, resid: torch.Tensor) -> torch.Tensor | hook_points.HeadInputs | None:
+        """resid [B, p, H, d]: the residual each head's q (kind 0), k (1) or v (2) reads. Every head's new input,
+        or only those of the heads whose input changes (the others read resid)."""
         kind = kind if self.layout.split_qkv else 0
-        if self._head_delta is None or not self._head_changed[kind]:
+        if self._head_delta is None or self._head_changed[kind] is None:
             return None
+        heads = self._head_changed[kind]  # [m]
         delta = self._head_delta[:, :, kind]  # [K, H, b, p, d]
-        return resid + delta.permute(0, 2, 3, 1, 4).reshape(resid.shape)
+        if len(heads) == resid.shape[2]:
+            return resid + delta.permute(0, 2, 3, 1, 4).reshape(resid.shape)
+        b, p, _, d = resid.shape
+        inputs = resid[:, :, heads] + delta[:, heads].permute(0, 2, 3, 1, 4).reshape(b, p, len(heads), d)
+        return hook_points.HeadInputs(heads, inputs)
 
     def _single_reader(self, col: int, resid: torch.Tensor) -> torch.Tensor | None:
         delta = self._reader_delta(slice(col, col + 1), resid)

@@ -31,7 +31,9 @@ to the residual. `hook_mlp_in` is the name that says so.)
 
 `hooks(model, {name: fn})` attaches functions while a `with` block runs and always removes them. A
 function gets the tensor and returns None (it only reads) or a new tensor that replaces it downstream
-(never write into the split inputs: they are broadcast views of one residual).
+(never write into the split inputs: they are broadcast views of one residual). A split input's function may
+return `HeadInputs` instead: new inputs for some heads, the others reading the residual. A replaced split
+input's projection runs once: per head from the new inputs (shared for the heads `HeadInputs` leaves out).
 Modules have names too (`embed`, `blocks`, `blocks.{l}.ln2`, `ln_final`, `rotary`, ...) for code that
 reads weights (`module(model, name)`) or swaps a module (`replace_module`). The per-family part (module
 paths, and which modules a family lacks) is sparse_attention/architectures.py; where a family has a norm
@@ -46,6 +48,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -188,28 +191,76 @@ def per_head_projection(normed: torch.Tensor, weight: torch.Tensor, bias: torch.
     return out if bias is None else out + bias
 
 
+@dataclass
+class HeadInputs:
+    """What a split-input function may return instead of every head's input: new inputs for some heads only,
+    the others reading the shared one. heads [m] long (distinct, indices into the projection's heads),
+    inputs [b, p, m, d]."""
+
+    heads: torch.Tensor
+    inputs: torch.Tensor
+
+
 class _SplitInput:
     """One split-input hook point: keeps the norm's input when the norm runs, shows it to `fn` once per
-    head of the projection, and recomputes the projection from a replacement."""
+    head of the projection before the projection runs, and, given a replacement, computes the projection
+    per head from it instead of the shared one; given `HeadInputs`, per head for those heads, shared for the
+    others (each head's projection computed once)."""
 
     def __init__(self, fn: HookFn, norm: nn.Module, head_dim: int):
         self.fn, self.norm, self.head_dim = fn, norm, head_dim
         self.resid: torch.Tensor | None = None  # [b, p, d] the norm's latest input
+        self.replacement: torch.Tensor | HeadInputs | None = None  # fn's answer for the projection's next run
 
-    def attach(self, projection: nn.Module) -> list[RemovableHandle]:
+    def attach(self, projection: nn.Module) -> list[RemovableHandle | _ForwardOverride]:
         return [self.norm.register_forward_pre_hook(self._keep_input),
-                projection.register_forward_hook(self._project)]
+                projection.register_forward_pre_hook(self._ask),
+                _ForwardOverride(projection, self._project)]
 
     def _keep_input(self, module, args):
         self.resid = args[0]
 
-    def _project(self, module, args, output):
+    def _ask(self, module, args):
         b, p, d = self.resid.shape
-        new = self.fn(self.resid[:, :, None, :].expand(b, p, output.shape[-1] // self.head_dim, d))
+        self.replacement = self.fn(self.resid[:, :, None, :].expand(b, p, module.weight.shape[0] // self.head_dim, d))
+
+    def _project(self, module: nn.Module, forward: Callable, normed: torch.Tensor) -> torch.Tensor:
+        new, self.replacement = self.replacement, None
         if new is None:
-            return None
-        normed = self.norm.forward(new)  # [b, p, n, d]; .forward skips the norm's own hooks
-        return per_head_projection(normed, module.weight, module.bias).to(output.dtype)
+            return forward(normed)
+        device = normed.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else normed.dtype
+        if not isinstance(new, HeadInputs):  # every head's input: [b, p, n, d]
+            # .forward skips the norm's own hooks
+            return per_head_projection(self.norm.forward(new), module.weight, module.bias).to(dtype)
+        weight = module.weight.view(-1, self.head_dim, module.weight.shape[1])  # [n, dh, d]
+        bias = None if module.bias is None else module.bias.view(-1, self.head_dim)  # [n, dh]
+        shared = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
+        shared[new.heads] = False
+        out = normed.new_empty(*normed.shape[:-1], len(weight), self.head_dim, dtype=dtype)  # [b, p, n, dh]
+        out[..., shared, :] = nn.functional.linear(
+            normed, weight[shared].flatten(0, 1), None if bias is None else bias[shared].flatten()
+        ).unflatten(-1, (-1, self.head_dim)).to(dtype)
+        out[..., new.heads, :] = per_head_projection(
+            self.norm.forward(new.inputs), weight[new.heads].flatten(0, 1),
+            None if bias is None else bias[new.heads].flatten()).unflatten(-1, (-1, self.head_dim)).to(dtype)
+        return out.flatten(-2)
+
+
+class _ForwardOverride:
+    """Runs `project(module, forward, x)` in place of `module`'s forward (its own hooks still run around it)
+    until removed; `forward` is what ran before."""
+
+    def __init__(self, module: nn.Module, project: Callable):
+        self.module, self.previous = module, module.__dict__.get("forward")
+        forward = module.forward
+        module.forward = lambda x: project(module, forward, x)
+
+    def remove(self) -> None:
+        if self.previous is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous
 
 
 def _head_dim(hf: nn.Module) -> int:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from circuits.config import CircuitError, ComponentCircuitConfig
 from circuits.curves import PromptSet, edge_curve, read_curve
-from circuits.hooks import edge_patched_metrics, patched_metric, prepare, record
+from circuits.hooks import edge_attribution, edge_patched_metrics, patched_metric, prepare, record
 from circuits.layout import removed_input, top_k_mask, top_k_masks
 from prompts.batches import encode_prompts
 from prompts.tasks import TASK_ROLES
+from sparse_attention import hook_points
 from sparse_attention.models import byte_tokenizer
 from tests.test_circuits import batches_of, make_model, mixed_length_prompts, one_length_prompts, role_ids
 
@@ -143,3 +145,77 @@ def test_top_k_masks_sorts_once_for_every_k():
     assert masks(2).tolist() == [[False, True, False], [True, False, False]]
     assert masks(4).tolist() == [[True, True, False], [True, False, True]]  # ties: lower flat index first
     assert torch.equal(masks(7), allowed)
+
+
+class SharedThenPerHead:
+    """The split input as it was: the projection runs on the shared input, then a replacement's per-head
+    projection of every head takes its place (the reference the patched forward must keep matching)."""
+
+    def __init__(self, fn, norm, head_dim):
+        self.fn, self.norm, self.head_dim, self.resid = fn, norm, head_dim, None
+
+    def attach(self, projection):
+        return [self.norm.register_forward_pre_hook(self._keep_input), projection.register_forward_hook(self._replace)]
+
+    def _keep_input(self, module, args):
+        self.resid = args[0]
+
+    def _replace(self, module, args, output):
+        b, p, d = self.resid.shape
+        resid = self.resid[:, :, None, :].expand(b, p, output.shape[-1] // self.head_dim, d)
+        new = self.fn(resid)
+        if new is None:
+            return None
+        if isinstance(new, hook_points.HeadInputs):  # some heads' inputs: every head's, the others unchanged
+            new, some = resid.clone(), new
+            new[:, :, some.heads] = some.inputs
+        return hook_points.per_head_projection(self.norm.forward(new), module.weight, module.bias).to(output.dtype)
+
+
+@pytest.mark.parametrize("kind,gates", CASES)
+def test_patched_forward_equals_the_shared_then_per_head_projection(kind, gates, prompts, monkeypatch):
+    """Edge-patched metrics (by component and by role) and EAP-IG scores equal those of the old split input to 1e-6."""
+    prepared = prepare(make_model(kind), gates=gates)
+    roles = ["bos", *TASK_ROLES["greater_than"]]
+    keeps = masks_of(prepared.layout.allowed(), seed=3)
+    role_keeps = masks_of(prepared.layout.allowed()[:, :, None].expand(-1, -1, len(roles)), seed=4)
+
+    def outputs():
+        got = []
+        for batch in batches_of(mixed_length_prompts(prompts)):
+            token_roles = role_ids(batch, roles)
+            masks = PromptSet(prepared, [batch]).masks[0]
+            with prepared.gates_of(masks):
+                corrupted, _ = record(prepared, batch.corrupted)
+            got += [edge_patched_metrics(prepared, batch, corrupted, keeps, masks),
+                    edge_patched_metrics(prepared, batch, corrupted, role_keeps, masks, token_roles),
+                    edge_attribution(prepared, batch, corrupted, masks=masks, ig_steps=2)]
+        return got
+
+    new = outputs()
+    monkeypatch.setattr(hook_points, "_SplitInput", SharedThenPerHead)
+    old = outputs()
+    assert (old[0][0] - old[0][1]).abs().max() > 1e-3  # informative
+    for got, expected in zip(new, old, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_replaced_split_input_computes_its_projection_once(prompts, monkeypatch):
+    """With every edge removed every head's q, k and v input is replaced: the shared projections never run."""
+    prepared = prepare(make_model("hf"))
+    projections = {id(hook_points.module(prepared.module, f"blocks.{layer}.attn.{kind}"))
+                   for layer in range(prepared.layout.n_layers) for kind in "qkv"}
+    calls = []
+    linear_forward = nn.Linear.forward
+
+    def counted(self, x):
+        calls.append(id(self) in projections)
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counted)
+    batch = batches_of(prompts)[0]
+    corrupted, _ = record(prepared, batch.corrupted)
+    assert sum(calls) == len(projections)  # recording: each projection once, on the shared input
+    calls.clear()
+    patched_metric(prepared, batch, corrupted, keep_edges=torch.zeros_like(prepared.layout.allowed()))
+    assert calls and not any(calls)

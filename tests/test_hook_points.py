@@ -11,6 +11,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.hook_points import (
+    HeadInputs,
     HookPointError,
     hf_model,
     hook_names,
@@ -38,10 +39,11 @@ def token_ids() -> torch.Tensor:
 
 
 def no_hooks_left(model) -> bool:
-    """No hook of hook_points is attached (transformers attaches its own output-capturing hooks)."""
+    """No hook of hook_points is attached, no forward replaced (transformers attaches its own output-capturing hooks)."""
     attached = [fn for m in hf_model(model).modules() for fn in [*m._forward_hooks.values(),
                                                                   *m._forward_pre_hooks.values()]]
-    return all(fn.__module__ != "sparse_attention.hook_points" for fn in attached)
+    overridden = [m for m in hf_model(model).modules() if "forward" in m.__dict__]  # a split input's projection
+    return all(fn.__module__ != "sparse_attention.hook_points" for fn in attached) and not overridden
 
 
 def record_all(model, ids: torch.Tensor):
@@ -186,6 +188,10 @@ def test_reader_inputs_read_the_residual_and_replace_only_their_reader(model):
         expected = k_proj(ln1(clean["blocks.1.hook_resid_pre"]))
         expected[..., HEAD_DIM:2 * HEAD_DIM] = k_proj(ln1(other))[..., HEAD_DIM:2 * HEAD_DIM]
     torch.testing.assert_close(patched["blocks.1.attn.hook_k"], expected, rtol=0, atol=1e-6)
+    only_head_1 = run_with(model, ids, {"blocks.1.hook_k_input": lambda x: HeadInputs(torch.tensor([1]),
+                                                                                       other[:, :, None])}, read)
+    for name in read:  # the same run, head 0 projected from the shared input
+        torch.testing.assert_close(only_head_1[name], patched[name], rtol=0, atol=1e-6)
     for name in ("blocks.1.hook_resid_pre", "blocks.1.attn.hook_q", "blocks.1.attn.hook_v"):
         assert torch.equal(patched[name], clean[name])
     assert not torch.equal(patched["blocks.1.hook_resid_mid"], clean["blocks.1.hook_resid_mid"])
