@@ -38,6 +38,7 @@ VARIANTS = {
     "no_firing_init": ["clt.train.init_firing_fraction=null"],
     "encoder_transpose": ["clt.train.encoder_init=decoder_transpose"],
     "skip_reuse4": ["clt.clt.skip=true", "clt.harvest.reuse=4"],
+    "baseline_seed1": ["clt.harvest.seed=1"],  # another shuffle order: the run-to-run noise of the table
 }
 CALIBRATION_STEPS = 6  # timed steps per variant, after one untimed
 
