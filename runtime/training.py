@@ -37,6 +37,7 @@ class TrainResult:
     steps: int
     tokens_seen: int
     wall_seconds: float
+    cpu_seconds: float  # this process's CPU time over the steps run now (all its threads; not since a resume)
 
 
 class LoopOptions(TypedDict, total=False):
@@ -93,7 +94,7 @@ class TrainingLoop:
         """Steps `start_step`..`steps - 1`. `take_step(step)` trains one step and returns its history row,
         with "step" (step + 1) and "tokens" (tokens seen so far, all ranks); "seconds" is added here.
         `trainer_state()` is what the trainer saves in a checkpoint; `postfix(row)` the progress-bar fields."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         bar = tqdm(total=self.steps, initial=self.start_step, desc=self.label,
                    disable=not (self.progress and is_main_rank()), dynamic_ncols=True)
         for step in range(self.start_step, self.steps):
@@ -120,4 +121,5 @@ class TrainingLoop:
             if self.on_step is not None:
                 self.on_step(row)
         bar.close()
-        return TrainResult(self.history, self.steps, self.tokens_seen, time.perf_counter() - started)
+        return TrainResult(self.history, self.steps, self.tokens_seen, time.perf_counter() - started,
+                           time.process_time() - cpu_started)

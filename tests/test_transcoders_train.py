@@ -106,6 +106,23 @@ def test_skip_init_is_zero_or_the_least_squares_affine_map(skip_init):
         assert float((affine - y).norm() / (y - y.mean(0)).norm()) < 1e-2
 
 
+def test_encoder_init_from_the_decoder_transpose_then_the_firing_fraction():
+    clt, uniform = new_clt(32), new_clt(32)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(256, L, D, generator=g), torch.randn(256, L, D, generator=g)) for _ in range(4)]
+    initialise_from_data(clt, batches, 0.25, encoder_init="decoder_transpose")
+    own = torch.nn.functional.normalize(torch.stack([w[:, 0].detach() for w in clt.W_dec]), dim=-1)  # [L, F, D]
+    enc = clt.W_enc.detach()
+    torch.testing.assert_close(enc.norm(dim=-1), torch.full((L, 32), (D / (3 * 32)) ** 0.5))
+    torch.testing.assert_close(torch.nn.functional.normalize(enc, dim=-1), own)
+    fired = (clt.encode(torch.cat([b[0] for b in batches])) > 0).float().mean(0)  # b_enc set after W_enc
+    assert (fired - 0.25).abs().max() <= 1.5 / 1024
+    initialise_from_data(uniform, batches, 0.25)  # the default keeps the uniform draw
+    assert torch.equal(uniform.W_enc, new_clt(32).W_enc)
+    with pytest.raises(ValueError, match="encoder_init"):
+        initialise_from_data(new_clt(32), batches, 0.25, encoder_init="transpose")
+
+
 def test_sparsity_weight_ramps_linearly_then_holds():
     config = train_config(steps=100, sparsity_coefficient=2.0, sparsity_ramp_fraction=0.5)
     assert [sparsity_weight(s, config) for s in (0, 25, 50, 99)] == [0.0, 1.0, 2.0, 2.0]

@@ -65,6 +65,10 @@ class CLTTrainConfig(BaseModel):
     init_firing_fraction: float | None = Field(
         0.05, gt=0, lt=1, description="b_enc starts so each feature fires on this fraction of tokens (None: b_enc=0)"
     )
+    encoder_init: Literal["uniform", "decoder_transpose"] = Field(
+        "uniform", description="W_enc starts as drawn (uniform), or each feature's encoder row along its own-layer "
+        "decoder row (W_dec[l][f, 0]) at the uniform draw's expected norm sqrt(d_model / (3 n_features)); applied "
+        "before init_firing_fraction sets b_enc")
     skip_init: Literal["zero", "least_squares"] = Field(
         "zero", description="with clt.skip: W_skip starts at 0, or at the ridge least-squares map from MLP input to "
         "output on the normalisation batches (b_dec then at the mean output minus the mean input's skip output)")

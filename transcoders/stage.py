@@ -137,6 +137,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
         "train_steps": result.steps,
         "train_tokens_seen": result.tokens_seen,
         "train_wall_seconds": result.wall_seconds,
+        "train_cpu_seconds": result.cpu_seconds,  # harvest included: the LM forwards run inside the steps
         "memory_estimate_gb": {name: size / GB for name, size in memory.items()},
         "stage_wall_seconds": time.perf_counter() - started,
         "peak_rss_gb": peak_rss_gb(),

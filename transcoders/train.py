@@ -18,6 +18,7 @@ step, which dominates at real sizes, is what gets split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -108,12 +109,27 @@ def least_squares_skip(x: torch.Tensor, y: torch.Tensor, ridge: float = SKIP_RID
 
 
 @torch.no_grad()
+def encoder_from_decoder(clt: CrossLayerTranscoder) -> None:
+    """W_enc[l, f] along W_dec[l][f, 0] (feature f's write into its own layer), every row at the uniform
+    init's expected norm sqrt(D / (3 F)): the encoder starts as the own-layer decoders' transpose, rescaled."""
+    own = torch.stack([weight[:, 0] for weight in clt.W_dec])  # [L, F, D]
+    norm = math.sqrt(clt.d_model / (3 * clt.n_features))
+    clt.W_enc.copy_(torch.nn.functional.normalize(own, dim=-1) * norm)
+
+
+@torch.no_grad()
 def initialise_from_data(clt: CrossLayerTranscoder, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         firing_fraction: float | None, skip_init: str = "zero") -> None:
+                         firing_fraction: float | None, skip_init: str = "zero",
+                         encoder_init: str = "uniform") -> None:
     """Data-dependent start: per-layer scales (a normalised vector has mean square 1 per element),
     b_dec at the mean output, and, if `firing_fraction` is set, b_enc such that each feature fires on
     that fraction of these tokens. A sparse start keeps early steps cheap: decoding costs grow with L0.
-    With a skip path and skip_init "least_squares", W_skip and b_dec start at the affine least-squares fit."""
+    With a skip path and skip_init "least_squares", W_skip and b_dec start at the affine least-squares fit.
+    encoder_init "decoder_transpose" first sets W_enc from the decoders (`encoder_from_decoder`)."""
+    if encoder_init == "decoder_transpose":
+        encoder_from_decoder(clt)
+    elif encoder_init != "uniform":
+        raise ValueError(f"encoder_init {encoder_init!r}: use 'uniform' or 'decoder_transpose'")
     mlp_in = torch.cat([x for x, _ in batches])  # [N, L, D]
     mlp_out = torch.cat([y for _, y in batches])
     clt.input_scale.copy_(mlp_in.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-8))
@@ -235,7 +251,7 @@ def train_clt(
         batches = iter(source)
         initialise_from_data(clt, [(x.to(device), y.to(device)) for x, y in
                                    (next(batches) for _ in range(config.normalisation_batches))],
-                             config.init_firing_fraction, config.skip_init)
+                             config.init_firing_fraction, config.skip_init, config.encoder_init)
     if is_distributed():  # ranks that round the data-dependent init differently would otherwise never converge
         broadcast_from_main(clt)
 
