@@ -192,6 +192,14 @@ class CircuitResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> CircuitResult:
+        """The inverse of `to_json` (JSON's lists stand for the curves' tuples)."""
+        curves = {kind: None if data.get(kind) is None else Curve(**{**data[kind], "top": [tuple(t) for t in
+                                                                                         data[kind]["top"]]})
+                  for kind in CURVE_KINDS}
+        return cls(**{**data, **curves})
+
 
 class PromptSet:
     """Encoded batches with their corrupted recordings (and, when gates are frozen, the clean runs' gate

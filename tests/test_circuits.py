@@ -805,3 +805,44 @@ def test_spearman_and_ranking_faithfulness(prompts):
     result = run(config, make_model("hf", linear_after_last_heads), byte_tokenizer(), prompts)
     assert result.faithfulness["n_edges"] == 8 and result.faithfulness["n_heads"] == 8
     assert -1 <= result.faithfulness["edges_vs_exact"] <= 1 and -1 <= result.faithfulness["heads_eap_vs_exact"] <= 1
+
+
+def test_command_line_reuses_an_earlier_dense_trace_and_refuses_a_mismatched_one(tmp_path, capsys):
+    """`--reuse-dense` takes the dense circuits of an earlier dense-only run: the comparison equals one run that
+    traces both; another circuit config, other prompts or another dense model is one error line, exit 2."""
+    import json
+
+    from circuits.__main__ import main
+
+    model, tokenizer = tiny_model(TinyModelConfig())
+    gated = GatedModel(model, offset_init=0.0)
+    with torch.no_grad():
+        gated.offsets.copy_(torch.linspace(-0.2, 0.2, gated.offsets.numel()).view_as(gated.offsets))
+    gated.save(tmp_path / "sparse", tokenizer)
+    common = ["--tasks", "greater_than", "--dense", "tiny", "--points", "3", "--dense-points", "2",
+              "--faithfulness-edges", "2", "--bootstrap", "50", "--no-role-edges", "--headline-only"]
+    main([*common, "--n", "3", "--out", str(tmp_path / "dense.json")])
+    main([*common, "--n", "3", "--sparse", str(tmp_path / "sparse"), "--out", str(tmp_path / "both.json")])
+    main([*common, "--n", "3", "--sparse", str(tmp_path / "sparse"), "--reuse-dense", str(tmp_path / "dense.json"),
+          "--out", str(tmp_path / "reused.json")])
+    both = json.loads((tmp_path / "both.json").read_text())["tasks"]["greater_than"]["frozen"]
+    reused = json.loads((tmp_path / "reused.json").read_text())
+    assert reused["dense_reused_from"] == str(tmp_path / "dense.json")
+    assert reused["tasks"]["greater_than"]["frozen"]["dense"]["cpu_seconds"] == json.loads(
+        (tmp_path / "dense.json").read_text())["tasks"]["greater_than"]["frozen"]["dense"]["cpu_seconds"]
+    for key in ("dense", "sparse", "comparison"):
+        a, b = both[key], reused["tasks"]["greater_than"]["frozen"][key]
+        if key != "comparison":
+            a, b = ({k: v for k, v in r.items() if k != "cpu_seconds"} for r in (a, b))
+        assert a == b
+    capsys.readouterr()
+    for changed, message in ((["--n", "2"], "other greater_than prompts"),
+                             (["--n", "3", "--ig-steps", "3"], "ig_steps 5 there, 3 here"),
+                             (["--n", "3", "--per-prompt"], "no per-prompt dense circuit")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, *changed, "--sparse", str(tmp_path / "sparse"), "--reuse-dense",
+                  str(tmp_path / "dense.json"), "--out", str(tmp_path / "refused.json")])
+        assert exit_info.value.code == 2
+        error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(error_lines) == 1 and message in error_lines[0], error_lines
+    assert not (tmp_path / "refused.json").exists()
