@@ -19,6 +19,14 @@ run's directory in everything but eval; the checkpoint is copied into --output u
 with train.steps=N, and the stage there trains no step, then saves and evaluates. The JSON records the run and its
 planned steps under "truncated_from".
 
+    python bench/sparsify_offset_scope.py --scopes model ... --set controller.lambda_min=0.1 \
+        --branch runs/x/model --branch-checkpoint saved/train_state.pt --tag z
+
+continues a run from one of its checkpoints (a copy kept at the step wanted; default its last) under a changed
+controller: the --set arguments may differ from the run's saved config only in `controller`, `eval` and
+train.steps, so the data, learning-rate schedule and gate noise go on exactly as the run's own. The JSON records
+the run and the step under "branched_from".
+
     python bench/sparsify_offset_scope.py --stopped runs/x/model --tag y
 
 records a run stopped before its end without evaluating it: its checkpoint's history (every step), the last steps'
@@ -162,6 +170,27 @@ def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> t
     return truncated, {"run": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": steps}
 
 
+def branched_copy(run_dir: Path, checkpoint: Path, config: SparsifyConfig, output_dir: Path) -> dict:
+    """Copy `checkpoint` (written by the run in `run_dir`) into `output_dir` under `config`'s fingerprint, so the
+    stage resumes from it; refuses a config that differs from the run's in anything but controller, eval and
+    train.steps, a checkpoint another config wrote, and a step at or past `config.train.steps`."""
+    saved = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    kept = {"controller": True, "eval": True, "train": {"steps"}}
+    if saved.model_dump(exclude=kept) != config.model_dump(exclude=kept):
+        sys.exit(f"{run_dir} was trained with another config than the --set arguments give in more than "
+                 "controller, eval and train.steps")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != stage.training_fingerprint(saved):
+        sys.exit(f"{checkpoint} was not written by the config saved in {run_dir}")
+    if int(state["step"]) >= config.train.steps:
+        sys.exit(f"{checkpoint} is at step {state['step']}: give train.steps beyond it")
+    state["fingerprint"] = stage.training_fingerprint(config)
+    (output_dir / stage.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(state, output_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME)
+    return {"run": str(run_dir), "checkpoint": str(checkpoint), "checkpoint_step": int(state["step"]),
+            "run_controller": saved.controller.model_dump()}
+
+
 def stopped(run_dir: Path, tag: str) -> int:
     """Write the training history of the run in `run_dir` (a stage directory) up to its last checkpoint."""
     config = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
@@ -197,6 +226,11 @@ def main() -> int:
                         help="finished sparsify stage directories (holding metrics.json) to summarise instead of running")
     parser.add_argument("--truncate", type=Path, default=None,
                         help="an unfinished run's stage directory (one scope): evaluate it at its last checkpoint")
+    parser.add_argument("--branch", type=Path, default=None,
+                        help="a run's stage directory (one scope): continue it from a checkpoint under another controller")
+    parser.add_argument("--branch-checkpoint", type=Path, default=None,
+                        help="with --branch: a copy of the run's train_state.pt at the step to branch at (default "
+                             "the run's last checkpoint)")
     parser.add_argument("--stopped", type=Path, default=None,
                         help="a stopped run's stage directory: record its checkpoint's history, no evaluation")
     args = parser.parse_args()
@@ -206,6 +240,10 @@ def main() -> int:
         return record(args.record, args.tag)
     if args.truncate and len(args.scopes) != 1:
         parser.error("--truncate evaluates one run: give the one scope it was trained with in --scopes")
+    if args.branch and (len(args.scopes) != 1 or args.truncate):
+        parser.error("--branch continues one run: give the one scope it was trained with in --scopes, no --truncate")
+    if args.branch_checkpoint and not args.branch:
+        parser.error("--branch-checkpoint needs --branch (the run that wrote it)")
     torch.set_num_threads(args.threads)
     overrides = [f"sparsify.{assignment}" for assignment in args.set]
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
@@ -213,14 +251,18 @@ def main() -> int:
     for scope in args.scopes:
         config = load_config(preset="demo", overrides=[*overrides, f"sparsify.gate.offset_scope={scope}",
                                                        f"sparsify.train.threads={args.threads}"]).sparsify
-        truncated_from = None
+        truncated_from = branched_from = None
         if args.truncate:
             config, truncated_from = truncated_copy(args.truncate, config, args.output / scope)
+        if args.branch:
+            branched_from = branched_copy(args.branch, args.branch_checkpoint or (
+                args.branch / stage.CHECKPOINT_DIR / CHECKPOINT_NAME), config, args.output / scope)
         evaluate = task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
         load_before, started, cpu_started = os.getloadavg(), time.perf_counter(), time.process_time()
         metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate)
         result["runs"].append({**summary(metrics, config),
                                **({"truncated_from": truncated_from} if truncated_from else {}),
+                               **({"branched_from": branched_from} if branched_from else {}),
                                "command_wall_seconds": time.perf_counter() - started,
                                "command_cpu_seconds": time.process_time() - cpu_started,
                                "load_average_before": load_before, "load_average_after": os.getloadavg()})

@@ -10,6 +10,11 @@ So, as in PID Lagrangian methods (Stooke et al. 2020), log-lambda follows a PI l
 The proportional term reacts at once when the violation grows; the integral term removes the
 steady-state error. In velocity form nothing winds up at a clamp: from the floor, lambda rises as soon
 as the violation does. The loss is normalised by 1 + lambda so its scale stays bounded whatever lambda is.
+
+With `per_stream`, the constraint holds per training stream (source, length): one multiplier per stream, fed
+only that stream's batches and weighting only their CE (a Lagrangian with one term per constraint). One
+multiplier over the mix lets a stream that gains (in-domain text at the short length) pay for one that loses
+(general English at the long length): the mix stays within tolerance while the worst stream does not.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class ControllerConfig(BaseModel):
     rate: float = Field(0.02, ge=0, description="integral gain: log-lambda change per step per unit of error")
     proportional: float = Field(0.5, ge=0, description="proportional gain: log-lambda offset per unit of error")
     max_log_step: float = Field(0.2, gt=0, description="bound on the integral's change in one step")
+    per_stream: bool = Field(False, description="one multiplier per training stream (source, length), each "
+                                                "holding that stream's CE within tolerance; off: one for the mix")
 
     @model_validator(mode="after")
     def _ordered(self) -> ControllerConfig:
@@ -78,3 +85,45 @@ class LagrangeController:
 
     def load_state_dict(self, state: dict) -> None:
         self.log_lambda, self.smoothed = float(state["log_lambda"]), state["smoothed"]
+
+
+class StreamMultipliers:
+    """The LagrangeController of each training stream ((source, length) of a batch) when `config.per_stream`,
+    else one controller for every batch; created at lambda_init on a stream's first batch."""
+
+    def __init__(self, config: ControllerConfig):
+        self.config = config
+        self.controllers: dict[str, LagrangeController] = {}
+        self._seed: dict | None = None  # a single controller's state that new streams start from (load_state_dict)
+
+    def key(self, stream: tuple[str, int]) -> str:
+        return f"{stream[0]}@{stream[1]}" if self.config.per_stream else "all"
+
+    def __getitem__(self, stream: tuple[str, int]) -> LagrangeController:
+        key = self.key(stream)
+        if key not in self.controllers:
+            self.controllers[key] = LagrangeController(self.config)
+            if self._seed is not None:
+                self.controllers[key].load_state_dict(self._seed)
+        return self.controllers[key]
+
+    def multipliers(self) -> dict[str, float]:
+        return {key: controller.multiplier for key, controller in self.controllers.items()}
+
+    def state_dict(self) -> dict:
+        return {"per_stream": self.config.per_stream,
+                "controllers": {key: c.state_dict() for key, c in self.controllers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output; a single LagrangeController's state (a run with one multiplier,
+        continued with per-stream multipliers) becomes every stream's starting state."""
+        self.controllers = {}
+        if "controllers" not in state:
+            self._seed = dict(state)
+            return
+        if bool(state["per_stream"]) != self.config.per_stream:
+            raise ValueError(f"the checkpoint's multipliers are {'per stream' if state['per_stream'] else 'one'}; "
+                             f"controller.per_stream is {self.config.per_stream}")
+        for key, controller_state in state["controllers"].items():
+            self.controllers[key] = LagrangeController(self.config)
+            self.controllers[key].load_state_dict(controller_state)

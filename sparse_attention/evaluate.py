@@ -287,7 +287,14 @@ def plot_training_curves(history: list[dict], path) -> None:
     axes[1].plot(tokens, [row["open_fraction"] for row in history], lw=1)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("open-edge fraction (train gates)")
-    axes[2].plot(tokens, [row["multiplier"] for row in history], lw=1)
+    streams = sorted({key for row in history for key in row.get("multipliers", {})})
+    for stream in streams:  # per-stream multipliers (controller.per_stream), from each stream's first batch on
+        seen = [(row["tokens"], row["multipliers"][stream]) for row in history if stream in row.get("multipliers", {})]
+        axes[2].plot([t for t, _ in seen], [m for _, m in seen], lw=1, label=stream)
+    if streams:
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].plot(tokens, [row["multiplier"] for row in history], lw=1)
     axes[2].set_yscale("log")
     axes[2].set_ylabel("multiplier lambda")
     axes[2].set_xlabel("training tokens")

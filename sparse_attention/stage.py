@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from runtime.outputs import open_output_dir
 from runtime.resources import peak_rss_gb
 from sparse_attention.architectures import require
 from sparse_attention.config import SparsifyConfig
-from sparse_attention.data import load_token_blocks, load_training_data, mixed_batches
+from sparse_attention.data import draw_schedule, load_token_blocks, load_training_data, mixed_batches
 from sparse_attention.evaluate import (
     calibrate_offset,
     compare_on_heldout,
@@ -44,9 +45,17 @@ OPEN_HEAD_LENGTH = 512  # ... at this length (the longest compared length when 5
 TaskEvaluator = Callable[[torch.nn.Module, GatedModel, Any], dict]
 
 
+# options added after runs were fingerprinted, whose value here trains exactly as before they existed: left out of
+# the fingerprint at that value, so the checkpoints of those runs still resume
+LATER_OPTIONS_AT_OLD_BEHAVIOUR = {("controller", "per_stream"): False}
+
+
 def training_fingerprint(config: SparsifyConfig) -> str:
     """Hash of everything that changes the trained weights (not evaluation or thread settings)."""
     payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
+    for (section, option), old_behaviour in LATER_OPTIONS_AT_OLD_BEHAVIOUR.items():
+        if payload[section][option] == old_behaviour:
+            del payload[section][option]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -139,6 +148,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         gated, reference, lambda start: mixed_batches(training, config.train.grad_accumulation, start),
         config.train, config.controller,
         learn_offset=config.gate.learn_offset,
+        streams=lambda start: itertools.islice(draw_schedule(config.data, config.train.grad_accumulation), start, None),
         checkpoint_dir=output_dir / CHECKPOINT_DIR,
         config_fingerprint=training_fingerprint(config),
         progress=progress,

@@ -3,6 +3,7 @@ within a tolerance of a frozen copy of the original model on the same batch (GEC
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from runtime.precision import autocast, check_precision, frozen_copy, frozen_lin
 from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.architectures import trainable_pattern
 from sparse_attention.config import TrainConfig
-from sparse_attention.constraint import ControllerConfig, LagrangeController
+from sparse_attention.constraint import ControllerConfig, StreamMultipliers
 from sparse_attention.data import batch_iterator
 from sparse_attention.evaluate import ce_from_log_probs, kl_from_log_probs, next_token_log_probs
 from sparse_attention.gated_attention import GatedModel
@@ -59,10 +60,12 @@ def hard_gate_constraint(gated: GatedModel, tokens: torch.Tensor, reference_log_
 
 
 def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tuple[str, torch.nn.Parameter]],
-                optimizer: torch.optim.Optimizer, base_lrs: list[float], controller: LagrangeController,
-                batches: Iterator[torch.Tensor], train: TrainConfig, step: int, tokens_seen: int) -> dict:
+                optimizer: torch.optim.Optimizer, base_lrs: list[float], multipliers: StreamMultipliers,
+                batches: Iterator[torch.Tensor], streams: Iterator[tuple[str, int]], train: TrainConfig, step: int,
+                tokens_seen: int) -> dict:
     """One optimiser step over `grad_accumulation` global batches (this rank's shard of each when data
-    parallel); returns the history row (statistics averaged over ranks, "tokens" counted over all ranks)."""
+    parallel), each weighted by its stream's multiplier (`streams`: the (source, length) of each batch);
+    returns the history row (statistics averaged over ranks, "tokens" counted over all ranks)."""
     factor = lr_factor(step, train.warmup_steps, train.steps)
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * factor
@@ -70,7 +73,10 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0,
               "hard_ce": 0.0, "hard_excess": 0.0}
     hard_gates = train.controller_signal == "hard_gates"
+    signals: dict[str, list[float]] = {}  # per multiplier: the constraint value of each of its batches
     for _ in range(train.grad_accumulation):
+        stream = next(streams)
+        controller = multipliers[stream]
         tokens = shard_for_rank(next(batches)).to(gated.offsets.device)
         with autocast(train.precision, tokens.device):  # forward passes only; the losses below are fp32
             with torch.no_grad():
@@ -93,34 +99,41 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         totals["reference_ce"] += reference_ce.item() / train.grad_accumulation
         totals["regulariser"] += regulariser.item() / train.grad_accumulation
         totals["excess"] += excess_term.item() / train.grad_accumulation
+        signal = excess_term.item()
         if hard_gates:
-            hard_ce, hard_excess = hard_gate_constraint(gated, tokens, reference_log_probs, reference_ce,
-                                                        train.constraint, train.precision)
+            hard_ce, signal = hard_gate_constraint(gated, tokens, reference_log_probs, reference_ce,
+                                                   train.constraint, train.precision)
             totals["hard_ce"] += hard_ce / train.grad_accumulation
-            totals["hard_excess"] += hard_excess / train.grad_accumulation
+            totals["hard_excess"] += signal / train.grad_accumulation
+        signals.setdefault(multipliers.key(stream), []).append(signal)
         totals["open"] += int(open_edges.sum())
         totals["pairs"] += int(pairs.sum())
         tokens_seen += tokens.numel() * world_size()
     if is_distributed():
         average_gradients([p for _, p in weights] + [gated.offsets])
         totals = average_scalars(totals)
+        signals = {key: [value] for key, value in average_scalars(
+            {key: sum(values) / len(values) for key, values in signals.items()}).items()}
     torch.nn.utils.clip_grad_norm_([p for _, p in weights], train.grad_clip)
     optimizer.step()
     excess = totals["excess"]
-    lam = controller.update(totals["hard_excess"] if hard_gates else excess)
+    for key, values in signals.items():
+        multipliers.controllers[key].update(sum(values) / len(values))
     hard = {"hard_ce": totals["hard_ce"], "hard_ce_excess": totals["hard_ce"] - totals["reference_ce"],
             "hard_constraint_value": totals["hard_excess"]} if hard_gates else {}
     return {
         "step": step + 1,
         "tokens": tokens_seen,
         "context_length": int(tokens.shape[1]),  # of this step's (last) batch: mixed-length training varies it
+        "stream": f"{stream[0]}@{stream[1]}",  # (source, length) of this step's last batch
         "ce": totals["ce"],
         "reference_ce": totals["reference_ce"],
         "ce_excess": totals["ce"] - totals["reference_ce"],
         "constraint_value": excess,
         **hard,
-        "smoothed_violation": controller.smoothed,
-        "multiplier": lam,
+        "smoothed_violation": controller.smoothed,  # of the last batch's multiplier
+        "multiplier": controller.multiplier,
+        **({"multipliers": multipliers.multipliers()} if multipliers.config.per_stream else {}),
         "regulariser": totals["regulariser"],
         "open_fraction": totals["open"] / max(1, totals["pairs"]),
         "mean_offset": gated.offsets_per_head.detach().mean().item(),
@@ -135,6 +148,7 @@ def post_train(
     controller_config: ControllerConfig,
     *,
     learn_offset: bool,
+    streams: Callable[[int], Iterator[tuple[str, int]]] | None = None,
     config_fingerprint: str = "",
     **options: Unpack[LoopOptions],
 ) -> TrainResult:
@@ -148,6 +162,9 @@ def post_train(
 
     `train_blocks` is shuffled by `batch_iterator`; a callable instead gives the batch iterator that starts at
     a batch index (e.g. `data.mixed_batches` over several sources and lengths), so a resumed run continues exactly.
+    `streams` gives, from a batch index, the (source, length) of each batch (e.g. `data.draw_schedule`): the
+    history names them, and with `controller_config.per_stream` each has its own multiplier. Without it every
+    batch is one stream, ("train", block length).
 
     `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`.
     """
@@ -161,7 +178,14 @@ def post_train(
         groups.append({"params": [gated.offsets], "lr": train.offset_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
     base_lrs = [g["lr"] for g in groups]
-    controller = LagrangeController(controller_config)
+    if streams is None:
+        if controller_config.per_stream:
+            raise ValueError("controller.per_stream needs the stream of each batch (post_train's `streams`)")
+        one_stream = ("train", 0 if callable(train_blocks) else int(train_blocks.shape[1]))
+
+        def streams(start: int) -> Iterator[tuple[str, int]]:
+            return itertools.repeat(one_stream)
+    multipliers = StreamMultipliers(controller_config)
     loop = TrainingLoop(steps=train.steps, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
                         checkpoint_name=CHECKPOINT_NAME, fingerprint=config_fingerprint, what="training",
                         label="sparsify", **options)
@@ -180,13 +204,13 @@ def post_train(
                 named[name].copy_(tensor)
             gated.offsets.copy_(state["offsets"])
         optimizer.load_state_dict(state["optimizer"])
-        controller.load_state_dict(state["controller"])
+        multipliers.load_state_dict(state["controller"])
 
     def trainer_state() -> dict:
         return {"weights": {name: p.detach().clone() for name, p in weights},
                 "offsets": gated.offsets.detach().clone(),
                 "optimizer": optimizer.state_dict(),
-                "controller": controller.state_dict(),
+                "controller": multipliers.state_dict(),
                 "gate_noise": noise.get_state()}
 
     def postfix(row: dict) -> dict:
@@ -201,9 +225,10 @@ def post_train(
     start_batch = loop.start_step * train.grad_accumulation
     batches = (train_blocks(start_batch) if callable(train_blocks)
                else batch_iterator(train_blocks, train.batch_size, train.seed, start_batch=start_batch))
+    batch_streams = streams(start_batch)
     with frozen_linear_weights_in_bf16(gated.model, train.precision):  # the fp32 originals are back after it
-        result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, controller,
-                                                   batches, train, step, loop.tokens_seen),
+        result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, multipliers,
+                                                   batches, batch_streams, train, step, loop.tokens_seen),
                           trainer_state, postfix)
     gated.eval().set_mode("eval")
     for param in gated.parameters():

@@ -1,6 +1,7 @@
 """The gated model on a tiny Llama, save/load, resume after a kill, and the sparsify stage end to end."""
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -18,9 +19,9 @@ from pipeline.config import ConfigError, load_config, parse_config
 from runtime.checkpoint import CheckpointError
 from sparse_attention import stage
 from sparse_attention.config import SparsifyConfig, TrainConfig
-from sparse_attention.constraint import ControllerConfig
+from sparse_attention.constraint import ControllerConfig, LagrangeController, StreamMultipliers
 from sparse_attention.data import batch_iterator
-from sparse_attention.evaluate import compare_on_heldout, next_token_ce, next_token_kl
+from sparse_attention.evaluate import compare_on_heldout, next_token_ce, next_token_kl, plot_training_curves
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, GateRecord, load_gated_model
 from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
 from sparse_attention.train import post_train
@@ -404,3 +405,99 @@ def test_mixed_sources_and_lengths_train_resume_exactly_and_are_evaluated(tmp_pa
     assert saved.data.mix == {"python-docs": 1.0, str(second): 1.0} and saved.data.long_every == 2
     other = load_config(preset="tiny", overrides=[*overrides, f"sparsify.data.mix={{python-docs: 3.0, {second}: 1.0}}"])
     assert stage.training_fingerprint(other.sparsify) != stage.training_fingerprint(config)  # the mix is trained on
+
+
+def _two_stream_run(checkpoint_dir, per_stream, steps=6, kill_at=None):
+    """A tiny run whose batches alternate between two streams (16- and 12-token blocks, lengths as names)."""
+    torch.manual_seed(0)
+    model, _ = tiny_model(TINY)
+    reference = copy.deepcopy(model).eval()
+    gated = GatedModel(model, offset_init=0.5)
+    long = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
+    short = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(6))
+    keys = [("a", 16), ("b", 12)]
+
+    def batches(start):
+        iterators = [batch_iterator(long, 4, 0), batch_iterator(short, 4, 1)]
+        for draw in itertools.count():
+            batch = next(iterators[draw % 2])
+            if draw >= start:
+                yield batch
+
+    def streams(start):
+        return (keys[draw % 2] for draw in itertools.count(start))
+
+    def maybe_kill(row):
+        if row["step"] == kill_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=0, checkpoint_every=2,
+                      constraint="ce_excess", precision="fp32")
+    controller = ControllerConfig(per_stream=per_stream, rate=0.5, lambda_init=2.0)
+    result = post_train(gated, reference, batches, cfg, controller, learn_offset=True, streams=streams,
+                        checkpoint_dir=checkpoint_dir, config_fingerprint="fp", progress=False, on_step=maybe_kill)
+    return gated, result, controller
+
+
+@pytest.mark.parametrize("per_stream", [False, True])
+def test_per_stream_multipliers_follow_their_own_streams_only(tmp_path, per_stream):
+    """Each stream's multiplier equals a controller fed only that stream's deterministic-gate CE excess; with one
+    multiplier it is fed every batch. The history names each step's stream."""
+    _, result, controller = _two_stream_run(tmp_path, per_stream)
+    history = result.history
+    assert [row["stream"] for row in history] == ["a@16", "b@12"] * 3
+    fed = {}
+    for row in history:
+        key = row["stream"] if per_stream else "all"
+        expected = fed.setdefault(key, LagrangeController(controller))
+        assert row["multiplier"] == pytest.approx(expected.update(row["hard_constraint_value"]), rel=1e-12)
+        if per_stream:
+            assert row["multipliers"][key] == row["multiplier"]
+        else:
+            assert "multipliers" not in row
+    assert set(fed) == ({"a@16", "b@12"} if per_stream else {"all"})
+    if per_stream:
+        assert history[-1]["multipliers"]["a@16"] != history[-1]["multipliers"]["b@12"]
+        plot_training_curves(history, tmp_path / "curves.png")  # one line per stream's multiplier
+        assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_per_stream_run_resumes_exactly_after_a_kill(tmp_path):
+    straight, straight_result, _ = _two_stream_run(tmp_path / "a", per_stream=True)
+    with pytest.raises(KeyboardInterrupt):
+        _two_stream_run(tmp_path / "b", per_stream=True, kill_at=5)
+    resumed, resumed_result, _ = _two_stream_run(tmp_path / "b", per_stream=True)
+    assert [r["multipliers"] for r in resumed_result.history] == [r["multipliers"] for r in straight_result.history]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_one_multiplier_state_seeds_every_stream_and_a_mismatch_is_refused():
+    single = LagrangeController(ControllerConfig(lambda_init=3.0))
+    single.update(0.5)
+    multipliers = StreamMultipliers(ControllerConfig(per_stream=True))
+    multipliers.load_state_dict(single.state_dict())
+    for stream in (("docs", 128), ("brown", 512)):
+        assert multipliers[stream].state_dict() == single.state_dict()
+    state = multipliers.state_dict()
+    assert set(state["controllers"]) == {"docs@128", "brown@512"}
+    with pytest.raises(ValueError, match="per stream"):
+        StreamMultipliers(ControllerConfig(per_stream=False)).load_state_dict(state)
+    with pytest.raises(ValueError, match="per_stream needs the stream"):
+        post_train(GatedModel(tiny_model(TINY)[0], offset_init=1.0), tiny_model(TINY)[0],
+                   torch.zeros(4, 8, dtype=torch.long), TrainConfig(steps=1, batch_size=2),
+                   ControllerConfig(per_stream=True), learn_offset=True, progress=False)
+
+
+def test_per_stream_changes_the_training_fingerprint_and_its_old_behaviour_is_left_out():
+    """controller.per_stream=False trains as before the option existed: the fingerprint is the hash of the config
+    without it, so checkpoints written before it resume; True is another training."""
+    import hashlib
+
+    config = SparsifyConfig()
+    payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
+    del payload["controller"]["per_stream"]
+    before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert stage.training_fingerprint(config) == before
+    per_stream = config.model_copy(update={"controller": config.controller.model_copy(update={"per_stream": True})})
+    assert stage.training_fingerprint(per_stream) != before
