@@ -53,6 +53,10 @@ LOADING_DTYPES = {"target": "int32", "source": "int32", "layer": "int32", "head"
 
 MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (each block from its first position)
 MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
+FULL_WIDTH = 32  # (query, key) windows up to this width are formed whole; wider ones searched under a bound
+FIRST_ROWS = 16  # rows of a wide window computed first (then four times as many, until the bound settles it)
+BOUND_MARGIN = 1e-3  # relative: float32 rounding of a dh-term dot product is below dh * 2^-24 of the bound
+BOUND_SLACK = 2.0**-100  # absolute: float32 underflow in the products
 
 
 @dataclass(frozen=True)
@@ -379,11 +383,12 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     """For each (edge, head) entry, the (query, key) pair carrying most of the head's part, and its share:
     pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k].
 
-    Only the positions the edge connects are formed: z is zero after the target's position, the source's
+    Only the positions the edge connects are searched: z is zero after the target's position, the source's
     values before its own, so the grid is zero outside [source_pos, target_pos]^2 and its first largest
-    |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are formed
-    together, padded to the widest, in batches of at most the bytes of `max_pairs` whole grids. An all-zero
-    grid (a head with no path between the two) names the window's first position, `start`.
+    |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are taken
+    together, padded to the widest, in batches of at most the bytes of `max_pairs` whole grids; windows wider
+    than FULL_WIDTH are searched row by row under a bound (`_largest_pairs`), narrower ones formed whole. An
+    all-zero grid (a head with no path between the two) names the window's first position, `start`.
     z [H, T, P', dh], values [Kv, S, P', dh] on positions [start, start + P'); positions absolute
     -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads
@@ -399,22 +404,85 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
     share = torch.empty(len(head))
     bucket = torch.ceil(2 * torch.log2(width.double())).long()  # widths within a factor sqrt(2) together
+    row_peak = None  # [H, P', P'] max_{k >= j} pattern[h, q, k] at [h, q, j], once a wide window needs it
     for level in bucket.unique().tolist():
         entries = (bucket == level).nonzero().flatten()
         w = int(width[entries].max())
+        if w > FULL_WIDTH and row_peak is None:
+            row_peak = _suffix_maxima(patterns)
         for rows in entries.split(max(1, max_bytes // grid_bytes(1, w))):
             offset = low[rows].clamp(max=n_pos - w)  # [B] a window of width w holding the entry's own
             z_rows = z.unfold(2, w, 1)[head[rows], target_row[rows], offset]  # [B, dh, w]
             value_rows = values.unfold(2, w, 1)[kv_head[rows], source_row[rows], offset]  # [B, dh, w]
-            pair = torch.bmm(z_rows.mT, value_rows)  # [B, w, w]
-            pair = pair.mul_(patterns.unfold(1, w, 1).unfold(2, w, 1)[head[rows], offset, offset])
-            q, k, value = _first_largest(pair)
+            if w <= FULL_WIDTH:
+                pair = torch.bmm(z_rows.mT, value_rows)  # [B, w, w]
+                pair = pair.mul_(patterns.unfold(1, w, 1).unfold(2, w, 1)[head[rows], offset, offset])
+                q, k, value = _first_largest(pair)
+            else:
+                peak = row_peak[head[rows, None], offset[:, None] + torch.arange(w), offset[:, None]]  # [B, w]
+                q, k, value = _largest_pairs(z_rows, value_rows, patterns.unfold(2, w, 1), head[rows], offset, peak)
             found = value != 0
             offset = torch.where(found, offset, 0)
             query[rows] = torch.where(found, q, 0) + offset + start
             key[rows] = torch.where(found, k, 0) + offset + start
             share[rows] = value / part[rows]
     return query, key, share
+
+
+def _suffix_maxima(patterns: torch.Tensor) -> torch.Tensor:
+    """max_{k >= j} patterns[h, q, k] at [h, q, j], one head at a time.  [H, P, P] -> [H, P, P]"""
+    peak = torch.empty_like(patterns)
+    for h in range(len(patterns)):
+        peak[h] = patterns[h].flip(-1).cummax(-1).values.flip(-1)
+    return peak
+
+
+def _largest_pairs(z_rows: torch.Tensor, value_rows: torch.Tensor, pattern_windows: torch.Tensor, head: torch.Tensor,
+                   offset: torch.Tensor, peak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `_first_largest` gives on the grids pair[b, q, k] = pattern[head[b], offset[b] + q, offset[b] + k] *
+    (z_rows[b, :, q] . value_rows[b, :, k]), without forming every row. Each row's cells are bounded by
+    |pair[q, k]| <= ||z[q]|| * peak[q] * max_k ||value[k]|| (Cauchy-Schwarz, peak[q] >= every pattern
+    weight of the row); rows are computed exactly, most promising first (FIRST_ROWS, then four times as many),
+    until no row left out has a bound reaching the largest |pair| found: every row holding the largest is
+    then computed, so the first such row and its first such column are the grid's. The cells are products
+    by the same bmm as the whole grid's (rows of at least FULL_WIDTH x FULL_WIDTH grids: the same values,
+    bit for bit, with this MKL), so the values are identical; bounds are in float64, with BOUND_MARGIN for
+    float32 rounding of the dot products.
+    z_rows, value_rows [B, dh, w]; pattern_windows [H, P', P' - w + 1, w]; head, offset [B]; peak [B, w]
+    -> (row [B], column [B], value [B])"""
+    n_entries, head_dim, w = z_rows.shape
+    bound = (torch.linalg.vector_norm(z_rows, dim=1, dtype=torch.float64) * peak.double()
+             * torch.linalg.vector_norm(value_rows, dim=1, dtype=torch.float64).amax(1, keepdim=True))  # [B, w]
+    bound = bound * (1 + BOUND_MARGIN) + BOUND_SLACK
+    order = torch.argsort(bound, dim=1, descending=True, stable=True)  # [B, w]
+    next_bound = bound.gather(1, order)  # [B, w] descending
+    row, column = torch.empty(n_entries, dtype=torch.long), torch.empty(n_entries, dtype=torch.long)
+    value = torch.empty(n_entries)
+    pending, n_rows = torch.arange(n_entries), FIRST_ROWS
+    while len(pending):
+        if n_rows >= w:  # every row: the whole grid
+            grids = torch.bmm(z_rows[pending].mT, value_rows[pending])  # [b, w, w]
+            grids = grids.mul_(pattern_windows[head[pending, None], offset[pending, None] + torch.arange(w),
+                                               offset[pending, None]])
+            row[pending], column[pending], value[pending] = _first_largest(grids)
+            break
+        chosen = order[pending, :n_rows]  # [b, r]
+        z_chosen = z_rows[pending].gather(2, chosen[:, None, :].expand(-1, head_dim, -1))  # [b, dh, r]
+        cells = torch.bmm(z_chosen.mT, value_rows[pending])  # [b, r, w]
+        cells = cells.mul_(pattern_windows[head[pending, None], offset[pending, None] + chosen, offset[pending, None]])
+        row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, r]
+        largest = row_size.amax(1)  # [b]
+        done = (next_bound[pending, n_rows] < largest).nonzero().flatten()  # no row left out can reach it
+        first = torch.where(row_size[done] == largest[done, None], chosen[done], w).argmin(1)  # [d] index into r
+        found = cells[done, first]  # [d, w]
+        entries = pending[done]
+        row[entries] = chosen[done, first]
+        column[entries] = found.abs().argmax(1)
+        value[entries] = found.gather(1, column[entries, None])[:, 0]
+        keep = torch.ones(len(pending), dtype=torch.bool)
+        keep[done] = False
+        pending, n_rows = pending[keep], n_rows * 4
+    return row, column, value
 
 
 def _first_largest(grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
