@@ -386,9 +386,10 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     Only the positions the edge connects are searched: z is zero after the target's position, the source's
     values before its own, so the grid is zero outside [source_pos, target_pos]^2 and its first largest
     |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are taken
-    together, padded to the widest, in batches of at most the bytes of `max_pairs` whole grids; windows wider
-    than FULL_WIDTH are searched row by row under a bound (`_largest_pairs`), narrower ones formed whole. An
-    all-zero grid (a head with no path between the two) names the window's first position, `start`.
+    together, padded to the widest; windows up to FULL_WIDTH are formed whole, in batches of at most the
+    bytes of `max_pairs` whole grids; wider ones are searched row by row under a bound (`_bounded_pairs`),
+    within the same bytes. An all-zero grid (a head with no path between the two) names the window's first
+    position, `start`.
     z [H, T, P', dh], values [Kv, S, P', dh] on positions [start, start + P'); positions absolute
     -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads
@@ -396,31 +397,27 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     patterns = lrm.prompt.patterns[layer, :, start:start + n_pos, start:start + n_pos]  # [H, P', P']
     kv_head = torch.div(head, group, rounding_mode="floor")
     low, width = source_pos - start, target_pos - source_pos + 1  # [B] each entry's window, from low
-
-    def grid_bytes(n: int, w: int) -> int:
-        return n * w * (3 * w + 3 * head_dim) * FLOAT_BYTES  # grids, pattern slices; z, values slices, a copy
-
-    max_bytes = max_pairs * grid_bytes(1, n_pos)
+    max_bytes = max_pairs * _grid_bytes(n_pos, head_dim)
     query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
     share = torch.empty(len(head))
     bucket = torch.ceil(2 * torch.log2(width.double())).long()  # widths within a factor sqrt(2) together
-    row_peak = None  # [H, P', P'] max_{k >= j} pattern[h, q, k] at [h, q, j], once a wide window needs it
+    bounds = None
     for level in bucket.unique().tolist():
         entries = (bucket == level).nonzero().flatten()
         w = int(width[entries].max())
-        if w > FULL_WIDTH and row_peak is None:
-            row_peak = _suffix_maxima(patterns)
-        for rows in entries.split(max(1, max_bytes // grid_bytes(1, w))):
+        if w > FULL_WIDTH and bounds is None:
+            bounds = GridBounds.of(z, values, patterns)
+        per_entry = _grid_bytes(w, head_dim) if w <= FULL_WIDTH else _search_bytes(w, head_dim)
+        for rows in entries.split(max(1, max_bytes // per_entry)):
             offset = low[rows].clamp(max=n_pos - w)  # [B] a window of width w holding the entry's own
-            z_rows = z.unfold(2, w, 1)[head[rows], target_row[rows], offset]  # [B, dh, w]
             value_rows = values.unfold(2, w, 1)[kv_head[rows], source_row[rows], offset]  # [B, dh, w]
             if w <= FULL_WIDTH:
-                pair = torch.bmm(z_rows.mT, value_rows)  # [B, w, w]
-                pair = pair.mul_(patterns.unfold(1, w, 1).unfold(2, w, 1)[head[rows], offset, offset])
+                pair = _grid_rows(z, value_rows, patterns, head[rows], target_row[rows], offset,
+                                  torch.arange(w).expand(len(rows), -1))
                 q, k, value = _first_largest(pair)
             else:
-                peak = row_peak[head[rows, None], offset[:, None] + torch.arange(w), offset[:, None]]  # [B, w]
-                q, k, value = _largest_pairs(z_rows, value_rows, patterns.unfold(2, w, 1), head[rows], offset, peak)
+                q, k, value = _bounded_pairs(z, value_rows, patterns, bounds, head[rows], kv_head[rows],
+                                             target_row[rows], source_row[rows], offset, max_bytes)
             found = value != 0
             offset = torch.where(found, offset, 0)
             query[rows] = torch.where(found, q, 0) + offset + start
@@ -429,31 +426,70 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     return query, key, share
 
 
-def _suffix_maxima(patterns: torch.Tensor) -> torch.Tensor:
-    """max_{k >= j} patterns[h, q, k] at [h, q, j], one head at a time.  [H, P, P] -> [H, P, P]"""
-    peak = torch.empty_like(patterns)
-    for h in range(len(patterns)):
-        peak[h] = patterns[h].flip(-1).cummax(-1).values.flip(-1)
-    return peak
+def _grid_bytes(w: int, head_dim: int) -> int:
+    """Bytes one entry's whole w x w grid takes: grids, pattern slices; z, values slices, a copy."""
+    return w * (3 * w + 3 * head_dim) * FLOAT_BYTES
 
 
-def _largest_pairs(z_rows: torch.Tensor, value_rows: torch.Tensor, pattern_windows: torch.Tensor, head: torch.Tensor,
-                   offset: torch.Tensor, peak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What `_first_largest` gives on the grids pair[b, q, k] = pattern[head[b], offset[b] + q, offset[b] + k] *
-    (z_rows[b, :, q] . value_rows[b, :, k]), without forming every row. Each row's cells are bounded by
-    |pair[q, k]| <= ||z[q]|| * peak[q] * max_k ||value[k]|| (Cauchy-Schwarz, peak[q] >= every pattern
-    weight of the row); rows are computed exactly, most promising first (FIRST_ROWS, then four times as many),
-    until no row left out has a bound reaching the largest |pair| found: every row holding the largest is
-    then computed, so the first such row and its first such column are the grid's. The cells are products
-    by the same bmm as the whole grid's (rows of at least FULL_WIDTH x FULL_WIDTH grids: the same values,
-    bit for bit, with this MKL), so the values are identical; bounds are in float64, with BOUND_MARGIN for
-    float32 rounding of the dot products.
-    z_rows, value_rows [B, dh, w]; pattern_windows [H, P', P' - w + 1, w]; head, offset [B]; peak [B, w]
-    -> (row [B], column [B], value [B])"""
-    n_entries, head_dim, w = z_rows.shape
-    bound = (torch.linalg.vector_norm(z_rows, dim=1, dtype=torch.float64) * peak.double()
-             * torch.linalg.vector_norm(value_rows, dim=1, dtype=torch.float64).amax(1, keepdim=True))  # [B, w]
-    bound = bound * (1 + BOUND_MARGIN) + BOUND_SLACK
+def _search_bytes(w: int, head_dim: int) -> int:
+    """Bytes one entry of a bounded search holds besides its rounds' rows: its values slice, bounds
+    (float64), their order, and the first round's rows (cells, pattern slices)."""
+    return w * (2 * head_dim + 8 + 3 * FIRST_ROWS) * FLOAT_BYTES
+
+
+def _grid_rows(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor, head: torch.Tensor,
+               target_row: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of each entry's (query, key) grid on its window [offset, offset + w):
+    pair[b, i, k] = pattern[head, offset + rows[b, i], offset + k] * z[head, target, offset + rows[b, i]] .
+    value_rows[b, :, k] (one bmm: a row's cells are the same bit for bit whichever rows are formed with it,
+    with this MKL, for at least FULL_WIDTH rows or the whole grid).
+    z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], rows [B, r] -> [B, r, w]"""
+    w = value_rows.shape[2]
+    query = offset[:, None] + rows  # [B, r]
+    pair = torch.bmm(z[head[:, None], target_row[:, None], query], value_rows)  # [B, r, w]
+    return pair.mul_(patterns.unfold(2, w, 1)[head[:, None], query, offset[:, None]])
+
+
+@dataclass(frozen=True)
+class GridBounds:
+    """What bounds one layer's (query, key) cells: |pair[q, k]| <= ||z[h, t, q]|| * peak[h, q, j] *
+    ||values[kv, s, k]|| for every key k >= j (Cauchy-Schwarz; peak the largest pattern weight from key j on).
+    Norms in float64 (no underflow, rounding far below BOUND_MARGIN)."""
+
+    z_norm: torch.Tensor  # [H, T, P'] float64
+    value_norm: torch.Tensor  # [Kv, S, P'] float64
+    peak: torch.Tensor  # [H, P', P'] max_{k >= j} pattern[h, q, k] at [h, q, j]
+
+    @staticmethod
+    def of(z: torch.Tensor, values: torch.Tensor, patterns: torch.Tensor) -> GridBounds:
+        peak = torch.empty_like(patterns)
+        for h in range(len(patterns)):  # one head at a time: cummax's indices are int64
+            peak[h] = patterns[h].flip(-1).cummax(-1).values.flip(-1)
+        return GridBounds(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64),
+                          torch.linalg.vector_norm(values, dim=-1, dtype=torch.float64), peak)
+
+    def rows(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+             offset: torch.Tensor, w: int) -> torch.Tensor:
+        """Per entry, a bound on every |pair| of each row of its window [offset, offset + w), with
+        BOUND_MARGIN and BOUND_SLACK for float32 rounding and underflow in the cells.  -> [B, w] float64"""
+        query = offset[:, None] + torch.arange(w)  # [B, w]
+        z_norm = self.z_norm[head[:, None], target_row[:, None], query]
+        value_norm = self.value_norm[kv_head[:, None], source_row[:, None], query].amax(1, keepdim=True)
+        bound = z_norm * self.peak[head[:, None], query, offset[:, None]] * value_norm
+        return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
+
+
+def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor, bounds: GridBounds,
+                   head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+                   offset: torch.Tensor, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `_first_largest` gives on each entry's whole grid (`_grid_rows` of every row), without forming
+    every row: rows are formed most promising (highest bound) first, FIRST_ROWS, then four times as many,
+    until no row left out has a bound reaching the largest |pair| found; every row holding the largest is
+    then formed, so the first such row and its first such column are the grid's, and the cells, formed by the
+    same bmm, are the same values. Rounds hold at most `max_bytes` of rows at once.
+    z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], the rest [B] -> (row, column, value) [B]"""
+    n_entries, head_dim, w = value_rows.shape
+    bound = bounds.rows(head, kv_head, target_row, source_row, offset, w)  # [B, w]
     order = torch.argsort(bound, dim=1, descending=True, stable=True)  # [B, w]
     next_bound = bound.gather(1, order)  # [B, w] descending
     row, column = torch.empty(n_entries, dtype=torch.long), torch.empty(n_entries, dtype=torch.long)
@@ -461,27 +497,27 @@ def _largest_pairs(z_rows: torch.Tensor, value_rows: torch.Tensor, pattern_windo
     pending, n_rows = torch.arange(n_entries), FIRST_ROWS
     while len(pending):
         if n_rows >= w:  # every row: the whole grid
-            grids = torch.bmm(z_rows[pending].mT, value_rows[pending])  # [b, w, w]
-            grids = grids.mul_(pattern_windows[head[pending, None], offset[pending, None] + torch.arange(w),
-                                               offset[pending, None]])
-            row[pending], column[pending], value[pending] = _first_largest(grids)
+            for piece in pending.split(max(1, max_bytes // _grid_bytes(w, head_dim))):
+                grids = _grid_rows(z, value_rows[piece], patterns, head[piece], target_row[piece], offset[piece],
+                                   torch.arange(w).expand(len(piece), -1))
+                row[piece], column[piece], value[piece] = _first_largest(grids)
             break
-        chosen = order[pending, :n_rows]  # [b, r]
-        z_chosen = z_rows[pending].gather(2, chosen[:, None, :].expand(-1, head_dim, -1))  # [b, dh, r]
-        cells = torch.bmm(z_chosen.mT, value_rows[pending])  # [b, r, w]
-        cells = cells.mul_(pattern_windows[head[pending, None], offset[pending, None] + chosen, offset[pending, None]])
-        row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, r]
-        largest = row_size.amax(1)  # [b]
-        done = (next_bound[pending, n_rows] < largest).nonzero().flatten()  # no row left out can reach it
-        first = torch.where(row_size[done] == largest[done, None], chosen[done], w).argmin(1)  # [d] index into r
-        found = cells[done, first]  # [d, w]
-        entries = pending[done]
-        row[entries] = chosen[done, first]
-        column[entries] = found.abs().argmax(1)
-        value[entries] = found.gather(1, column[entries, None])[:, 0]
-        keep = torch.ones(len(pending), dtype=torch.bool)
-        keep[done] = False
-        pending, n_rows = pending[keep], n_rows * 4
+        unsettled = []
+        for piece in pending.split(max(1, max_bytes // (n_rows * (3 * w + head_dim) * FLOAT_BYTES))):
+            chosen = order[piece, :n_rows]  # [b, r]
+            cells = _grid_rows(z, value_rows[piece], patterns, head[piece], target_row[piece], offset[piece],
+                               chosen)  # [b, r, w]
+            row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, r]
+            largest = row_size.amax(1)  # [b]
+            settled = next_bound[piece, n_rows] < largest  # no row left out can reach the largest
+            first = torch.where(row_size == largest[:, None], chosen, w).argmin(1)[settled]  # [d] index into r
+            found = cells[settled.nonzero().flatten(), first]  # [d, w]
+            done = piece[settled]
+            row[done] = chosen[settled, first]
+            column[done] = found.abs().argmax(1)
+            value[done] = found.gather(1, column[done, None])[:, 0]
+            unsettled.append(piece[~settled])
+        pending, n_rows = torch.cat(unsettled), n_rows * 4
     return row, column, value
 
 
