@@ -54,7 +54,7 @@ LOADING_DTYPES = {"target": "int32", "source": "int32", "layer": "int32", "head"
 MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (each block from its first position)
 MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
 FULL_WIDTH = 32  # (query, key) windows up to this width are formed whole; wider ones searched under a bound
-FIRST_ROWS = 16  # rows of a wide window computed first (then four times as many, until the bound settles it)
+FIRST_ROWS = 16  # rows of a wide window formed first (per bound; then four times as many, until the bound settles it)
 BOUND_MARGIN = 1e-3  # relative: float32 rounding of a dh-term dot product is below dh * 2^-24 of the bound
 BOUND_SLACK = 2.0**-100  # absolute: float32 underflow in the products
 
@@ -452,13 +452,16 @@ def _grid_rows(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor
 
 @dataclass(frozen=True)
 class GridBounds:
-    """What bounds one layer's (query, key) cells: |pair[q, k]| <= ||z[h, t, q]|| * peak[h, q, j] *
-    ||values[kv, s, k]|| for every key k >= j (Cauchy-Schwarz; peak the largest pattern weight from key j on).
-    Norms in float64 (no underflow, rounding far below BOUND_MARGIN)."""
+    """What bounds one layer's (query, key) cells: |pair[q, k]| <= ||z[h, t, q]|| * pattern[h, q, k] *
+    ||values[kv, s, k]|| (Cauchy-Schwarz). Loose per row, O(w) an entry: the pattern's largest weight from
+    the window's first key on (`peak`) times the window's largest value norm; tight per row, O(w^2) an entry:
+    the largest pattern weight times value norm over the row's keys. Norms and products in float64 (no
+    underflow, rounding far below BOUND_MARGIN)."""
 
     z_norm: torch.Tensor  # [H, T, P'] float64
     value_norm: torch.Tensor  # [Kv, S, P'] float64
     peak: torch.Tensor  # [H, P', P'] max_{k >= j} pattern[h, q, k] at [h, q, j]
+    patterns: torch.Tensor  # [H, P', P']
 
     @staticmethod
     def of(z: torch.Tensor, values: torch.Tensor, patterns: torch.Tensor) -> GridBounds:
@@ -466,10 +469,10 @@ class GridBounds:
         for h in range(len(patterns)):  # one head at a time: cummax's indices are int64
             peak[h] = patterns[h].flip(-1).cummax(-1).values.flip(-1)
         return GridBounds(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64),
-                          torch.linalg.vector_norm(values, dim=-1, dtype=torch.float64), peak)
+                          torch.linalg.vector_norm(values, dim=-1, dtype=torch.float64), peak, patterns)
 
-    def rows(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
-             offset: torch.Tensor, w: int) -> torch.Tensor:
+    def loose(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+              offset: torch.Tensor, w: int) -> torch.Tensor:
         """Per entry, a bound on every |pair| of each row of its window [offset, offset + w), with
         BOUND_MARGIN and BOUND_SLACK for float32 rounding and underflow in the cells.  -> [B, w] float64"""
         query = offset[:, None] + torch.arange(w)  # [B, w]
@@ -478,23 +481,31 @@ class GridBounds:
         bound = z_norm * self.peak[head[:, None], query, offset[:, None]] * value_norm
         return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
 
+    def tight(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+              offset: torch.Tensor, w: int) -> torch.Tensor:
+        """As `loose`, with each row's own largest pattern weight times value norm.  -> [B, w] float64"""
+        query = offset[:, None] + torch.arange(w)  # [B, w]
+        pattern = self.patterns.unfold(2, w, 1)[head[:, None], query, offset[:, None]]  # [B, w, w]
+        value_norm = self.value_norm[kv_head[:, None], source_row[:, None], query]  # [B, w] (keys)
+        bound = self.z_norm[head[:, None], target_row[:, None], query] * (pattern * value_norm[:, None]).amax(2)
+        return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
+
 
 def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor, bounds: GridBounds,
                    head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
                    offset: torch.Tensor, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `_first_largest` gives on each entry's whole grid (`_grid_rows` of every row), without forming
-    every row: rows are formed most promising (highest bound) first, FIRST_ROWS, then four times as many,
-    until no row left out has a bound reaching the largest |pair| found; every row holding the largest is
-    then formed, so the first such row and its first such column are the grid's, and the cells, formed by the
-    same bmm, are the same values. Rounds hold at most `max_bytes` of rows at once.
+    every row: rows are formed highest bound first, FIRST_ROWS under the loose bound, then FIRST_ROWS under
+    the tight one, then four times as many each round, until no row left out has a bound reaching the largest
+    |pair| found; every row holding the largest is then formed, so the first such row and its first such
+    column are the grid's, and the cells, formed by the same bmm, are the same values. A round holds at most
+    `max_bytes` of rows at once.
     z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], the rest [B] -> (row, column, value) [B]"""
     n_entries, head_dim, w = value_rows.shape
-    bound = bounds.rows(head, kv_head, target_row, source_row, offset, w)  # [B, w]
-    order = torch.argsort(bound, dim=1, descending=True, stable=True)  # [B, w]
-    next_bound = bound.gather(1, order)  # [B, w] descending
+    bound = bounds.loose(head, kv_head, target_row, source_row, offset, w)  # [B, w]
     row, column = torch.empty(n_entries, dtype=torch.long), torch.empty(n_entries, dtype=torch.long)
     value = torch.empty(n_entries)
-    pending, n_rows = torch.arange(n_entries), FIRST_ROWS
+    pending, n_rows, tight = torch.arange(n_entries), FIRST_ROWS, False
     while len(pending):
         if n_rows >= w:  # every row: the whole grid
             for piece in pending.split(max(1, max_bytes // _grid_bytes(w, head_dim))):
@@ -504,12 +515,13 @@ def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Te
             break
         unsettled = []
         for piece in pending.split(max(1, max_bytes // (n_rows * (3 * w + head_dim) * FLOAT_BYTES))):
-            chosen = order[piece, :n_rows]  # [b, r]
+            order = torch.argsort(bound[piece], dim=1, descending=True, stable=True)  # [b, w]
+            chosen = order[:, :n_rows]  # [b, r]
             cells = _grid_rows(z, value_rows[piece], patterns, head[piece], target_row[piece], offset[piece],
                                chosen)  # [b, r, w]
             row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, r]
             largest = row_size.amax(1)  # [b]
-            settled = next_bound[piece, n_rows] < largest  # no row left out can reach the largest
+            settled = bound[piece].gather(1, order[:, n_rows:n_rows + 1])[:, 0] < largest  # no row left can reach it
             first = torch.where(row_size == largest[:, None], chosen, w).argmin(1)[settled]  # [d] index into r
             found = cells[settled.nonzero().flatten(), first]  # [d, w]
             done = piece[settled]
@@ -517,7 +529,14 @@ def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Te
             column[done] = found.abs().argmax(1)
             value[done] = found.gather(1, column[done, None])[:, 0]
             unsettled.append(piece[~settled])
-        pending, n_rows = torch.cat(unsettled), n_rows * 4
+        pending = torch.cat(unsettled)
+        if tight:
+            n_rows *= 4
+        else:
+            for piece in pending.split(max(1, max_bytes // (w * w * 5 * FLOAT_BYTES))):  # pattern, float64 product
+                bound[piece] = torch.minimum(bound[piece], bounds.tight(head[piece], kv_head[piece], target_row[piece],
+                                                                        source_row[piece], offset[piece], w))
+            tight = True
     return row, column, value
 
 
