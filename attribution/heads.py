@@ -55,6 +55,7 @@ MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (eac
 MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
 FULL_WIDTH = 32  # (query, key) windows up to this width are formed whole; wider ones searched under a bound
 FIRST_ROWS = 16  # rows of a wide window formed first (per bound; then four times as many, until the bound settles it)
+KEY_BLOCK = 16  # keys per block of the blocked bound
 BOUND_MARGIN = 1e-3  # relative: float32 rounding of a dh-term dot product is below dh * 2^-24 of the bound
 BOUND_SLACK = 2.0**-100  # absolute: float32 underflow in the products
 
@@ -454,22 +455,27 @@ def _grid_rows(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor
 class GridBounds:
     """What bounds one layer's (query, key) cells: |pair[q, k]| <= ||z[h, t, q]|| * pattern[h, q, k] *
     ||values[kv, s, k]|| (Cauchy-Schwarz). Loose per row, O(w) an entry: the pattern's largest weight from
-    the window's first key on (`peak`) times the window's largest value norm; tight per row, O(w^2) an entry:
-    the largest pattern weight times value norm over the row's keys. Norms and products in float64 (no
-    underflow, rounding far below BOUND_MARGIN)."""
+    the window's first key on (`peak`) times the window's largest value norm; blocked per row, O(w^2 /
+    KEY_BLOCK) an entry: over blocks of KEY_BLOCK keys, the block's largest pattern weight times its largest
+    value norm. Norms and products in float64 (no underflow, rounding far below BOUND_MARGIN)."""
 
     z_norm: torch.Tensor  # [H, T, P'] float64
     value_norm: torch.Tensor  # [Kv, S, P'] float64
     peak: torch.Tensor  # [H, P', P'] max_{k >= j} pattern[h, q, k] at [h, q, j]
-    patterns: torch.Tensor  # [H, P', P']
+    block_peak: torch.Tensor  # [H, P', nb] max_{k in block b} pattern[h, q, k]
+    block_value_norm: torch.Tensor  # [Kv, S, nb] float64 max_{k in block b} ||values[kv, s, k]||
 
     @staticmethod
     def of(z: torch.Tensor, values: torch.Tensor, patterns: torch.Tensor) -> GridBounds:
         peak = torch.empty_like(patterns)
         for h in range(len(patterns)):  # one head at a time: cummax's indices are int64
             peak[h] = patterns[h].flip(-1).cummax(-1).values.flip(-1)
-        return GridBounds(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64),
-                          torch.linalg.vector_norm(values, dim=-1, dtype=torch.float64), peak, patterns)
+        value_norm = torch.linalg.vector_norm(values, dim=-1, dtype=torch.float64)
+        pad = -patterns.shape[-1] % KEY_BLOCK  # zeros: no pattern weight, no value
+        block_peak = torch.nn.functional.pad(patterns, (0, pad)).unflatten(-1, (-1, KEY_BLOCK)).amax(-1)
+        block_value_norm = torch.nn.functional.pad(value_norm, (0, pad)).unflatten(-1, (-1, KEY_BLOCK)).amax(-1)
+        return GridBounds(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64), value_norm, peak, block_peak,
+                          block_value_norm)
 
     def loose(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
               offset: torch.Tensor, w: int) -> torch.Tensor:
@@ -481,13 +487,13 @@ class GridBounds:
         bound = z_norm * self.peak[head[:, None], query, offset[:, None]] * value_norm
         return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
 
-    def tight(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
-              offset: torch.Tensor, w: int) -> torch.Tensor:
-        """As `loose`, with each row's own largest pattern weight times value norm.  -> [B, w] float64"""
+    def blocked(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+                offset: torch.Tensor, w: int) -> torch.Tensor:
+        """As `loose`, per block of keys (every block: keys outside the window have no value or no weight).
+        -> [B, w] float64"""
         query = offset[:, None] + torch.arange(w)  # [B, w]
-        pattern = self.patterns.unfold(2, w, 1)[head[:, None], query, offset[:, None]]  # [B, w, w]
-        value_norm = self.value_norm[kv_head[:, None], source_row[:, None], query]  # [B, w] (keys)
-        bound = self.z_norm[head[:, None], target_row[:, None], query] * (pattern * value_norm[:, None]).amax(2)
+        keys = self.block_peak[head[:, None], query] * self.block_value_norm[kv_head, source_row][:, None]  # [B, w, nb]
+        bound = self.z_norm[head[:, None], target_row[:, None], query] * keys.amax(2)
         return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
 
 
@@ -496,7 +502,7 @@ def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Te
                    offset: torch.Tensor, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `_first_largest` gives on each entry's whole grid (`_grid_rows` of every row), without forming
     every row: rows are formed highest bound first, FIRST_ROWS under the loose bound, then FIRST_ROWS under
-    the tight one, then four times as many each round, until no row left out has a bound reaching the largest
+    the blocked one, then four times as many each round, until no row left out has a bound reaching the largest
     |pair| found; every row holding the largest is then formed, so the first such row and its first such
     column are the grid's, and the cells, formed by the same bmm, are the same values. A round holds at most
     `max_bytes` of rows at once.
@@ -505,7 +511,7 @@ def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Te
     bound = bounds.loose(head, kv_head, target_row, source_row, offset, w)  # [B, w]
     row, column = torch.empty(n_entries, dtype=torch.long), torch.empty(n_entries, dtype=torch.long)
     value = torch.empty(n_entries)
-    pending, n_rows, tight = torch.arange(n_entries), FIRST_ROWS, False
+    pending, n_rows, blocked = torch.arange(n_entries), FIRST_ROWS, False
     while len(pending):
         if n_rows >= w:  # every row: the whole grid
             for piece in pending.split(max(1, max_bytes // _grid_bytes(w, head_dim))):
@@ -530,13 +536,15 @@ def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Te
             value[done] = found.gather(1, column[done, None])[:, 0]
             unsettled.append(piece[~settled])
         pending = torch.cat(unsettled)
-        if tight:
+        if blocked:
             n_rows *= 4
         else:
-            for piece in pending.split(max(1, max_bytes // (w * w * 5 * FLOAT_BYTES))):  # pattern, float64 product
-                bound[piece] = torch.minimum(bound[piece], bounds.tight(head[piece], kv_head[piece], target_row[piece],
-                                                                        source_row[piece], offset[piece], w))
-            tight = True
+            n_blocks = bounds.block_peak.shape[-1]
+            for piece in pending.split(max(1, max_bytes // (w * n_blocks * 5 * FLOAT_BYTES))):  # float64 products
+                bound[piece] = torch.minimum(bound[piece], bounds.blocked(head[piece], kv_head[piece],
+                                                                          target_row[piece], source_row[piece],
+                                                                          offset[piece], w))
+            blocked = True
     return row, column, value
 
 
