@@ -501,50 +501,48 @@ def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Te
                    head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
                    offset: torch.Tensor, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `_first_largest` gives on each entry's whole grid (`_grid_rows` of every row), without forming
-    every row: rows are formed highest bound first, FIRST_ROWS under the loose bound, then FIRST_ROWS under
-    the blocked one, then four times as many each round, until no row left out has a bound reaching the largest
-    |pair| found; every row holding the largest is then formed, so the first such row and its first such
-    column are the grid's, and the cells, formed by the same bmm, are the same values. A round holds at most
-    `max_bytes` of rows at once.
+    every row: rows are formed highest bound first, FIRST_ROWS under the loose bound, then under the blocked
+    one FIRST_ROWS more, then four times as many each round, until no row left unformed has a bound reaching
+    the largest |pair| found. Every row holding the largest is then formed; the first of them (and its first
+    such column) is kept across rounds, so the answer is the grid's, and the cells, formed by the same bmm, are
+    the same values. A round holds at most `max_bytes` of rows at once.
     z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], the rest [B] -> (row, column, value) [B]"""
     n_entries, head_dim, w = value_rows.shape
-    bound = bounds.loose(head, kv_head, target_row, source_row, offset, w)  # [B, w]
-    row, column = torch.empty(n_entries, dtype=torch.long), torch.empty(n_entries, dtype=torch.long)
-    value = torch.empty(n_entries)
+    bound = bounds.loose(head, kv_head, target_row, source_row, offset, w)  # [B, w]; -1 once a row is formed
+    largest = torch.full((n_entries,), -1.0)  # the largest |pair| formed so far
+    row, column = torch.full((n_entries,), w), torch.zeros(n_entries, dtype=torch.long)
+    value = torch.zeros(n_entries)
     pending, n_rows, blocked = torch.arange(n_entries), FIRST_ROWS, False
     while len(pending):
-        if n_rows >= w:  # every row: the whole grid
-            for piece in pending.split(max(1, max_bytes // _grid_bytes(w, head_dim))):
-                grids = _grid_rows(z, value_rows[piece], patterns, head[piece], target_row[piece], offset[piece],
-                                   torch.arange(w).expand(len(piece), -1))
-                row[piece], column[piece], value[piece] = _first_largest(grids)
-            break
+        n = min(n_rows, w)  # at least FIRST_ROWS rows a bmm (formed rows again once fewer are left)
         unsettled = []
-        for piece in pending.split(max(1, max_bytes // (n_rows * (3 * w + head_dim) * FLOAT_BYTES))):
-            order = torch.argsort(bound[piece], dim=1, descending=True, stable=True)  # [b, w]
-            chosen = order[:, :n_rows]  # [b, r]
+        for piece in pending.split(max(1, max_bytes // (n * (3 * w + head_dim) * FLOAT_BYTES))):
+            piece_bound = bound[piece]
+            chosen = torch.argsort(piece_bound, dim=1, descending=True, stable=True)[:, :n]  # [b, n]
             cells = _grid_rows(z, value_rows[piece], patterns, head[piece], target_row[piece], offset[piece],
-                               chosen)  # [b, r, w]
-            row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, r]
-            largest = row_size.amax(1)  # [b]
-            settled = bound[piece].gather(1, order[:, n_rows:n_rows + 1])[:, 0] < largest  # no row left can reach it
-            first = torch.where(row_size == largest[:, None], chosen, w).argmin(1)[settled]  # [d] index into r
-            found = cells[settled.nonzero().flatten(), first]  # [d, w]
-            done = piece[settled]
-            row[done] = chosen[settled, first]
-            column[done] = found.abs().argmax(1)
-            value[done] = found.gather(1, column[done, None])[:, 0]
-            unsettled.append(piece[~settled])
+                               chosen)  # [b, n, w]
+            row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, n]
+            size = row_size.amax(1)  # [b]
+            first = torch.where(row_size == size[:, None], chosen, w).argmin(1)  # [b] index into n
+            first_row = chosen.gather(1, first[:, None])[:, 0]  # [b]
+            better = (size > largest[piece]) | ((size == largest[piece]) & (first_row < row[piece]))
+            taken = piece[better]
+            found = cells[better.nonzero().flatten(), first[better]]  # [d, w]
+            largest[taken], row[taken] = size[better], first_row[better]
+            column[taken] = found.abs().argmax(1)
+            value[taken] = found.gather(1, column[taken, None])[:, 0]
+            bound[piece] = piece_bound.scatter_(1, chosen, -1.0)
+            unsettled.append(piece[bound[piece].amax(1) >= largest[piece]])  # a row left might reach it
         pending = torch.cat(unsettled)
         if blocked:
             n_rows *= 4
-        else:
-            n_blocks = bounds.block_peak.shape[-1]
-            for piece in pending.split(max(1, max_bytes // (w * n_blocks * 5 * FLOAT_BYTES))):  # float64 products
-                bound[piece] = torch.minimum(bound[piece], bounds.blocked(head[piece], kv_head[piece],
-                                                                          target_row[piece], source_row[piece],
-                                                                          offset[piece], w))
-            blocked = True
+            continue
+        n_blocks = bounds.block_peak.shape[-1]
+        for piece in pending.split(max(1, max_bytes // (w * n_blocks * 5 * FLOAT_BYTES))):  # float64 products
+            bound[piece] = torch.minimum(bound[piece], bounds.blocked(head[piece], kv_head[piece], target_row[piece],
+                                                                      source_row[piece], offset[piece], w))
+        pending = pending[bound[pending].amax(1) >= largest[pending]]
+        blocked = True
     return row, column, value
 
 
