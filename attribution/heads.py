@@ -18,8 +18,9 @@ of targets holds its z for every layer it needs; the sources of its edges are sw
 time, on positions from the chunk's first source to the targets' last (causal attention: nothing else
 reaches the targets); per layer the parts of all (target, source) pairs of the two chunks are one
 matmul per head, or per-edge dot products when few pairs are edges; the (query, key) grid of a stored
-head is formed only between its edge's source and target positions, a bounded number of bytes at a time.
-The numbers do not depend on the chunking.
+head is searched only between its edge's source and target positions, a bounded number of bytes at a time,
+and when wide row by row under Cauchy-Schwarz bounds (`_bounded_pairs`: the same pair and share as forming
+every cell). The numbers do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def chunk_bytes(chunks: HeadChunks, shape: LoadingShape) -> int:
     contraction = (2 * (chunks.targets + chunks.sources) * row  # per-head layouts of both sides, or edge slices
                    + chunks.targets * chunks.sources * shape.n_heads * FLOAT_BYTES)  # every (target, source) part
     pairs = chunks.pairs * (3 * shape.n_pos + 2 * shape.d_model) * shape.n_pos * FLOAT_BYTES  # grids, z and values
-    return targets + sources + contraction + pairs
+    peaks = (shape.n_heads + 3) * shape.n_pos**2 * FLOAT_BYTES  # a layer's pattern peaks (GridBounds), cummax's temporaries
+    return targets + sources + contraction + pairs + peaks
 
 
 def plan_head_chunks(shape: LoadingShape, n_targets: int, n_sources: int, budget_bytes: int) -> HeadChunks:
@@ -443,7 +445,8 @@ def _grid_rows(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor
     """Rows `rows` of each entry's (query, key) grid on its window [offset, offset + w):
     pair[b, i, k] = pattern[head, offset + rows[b, i], offset + k] * z[head, target, offset + rows[b, i]] .
     value_rows[b, :, k] (one bmm: a row's cells are the same bit for bit whichever rows are formed with it,
-    with this MKL, for at least FULL_WIDTH rows or the whole grid).
+    for at least 12 rows of at least 12 keys or the whole grid: checked with this MKL, and bit for bit
+    against forming every cell in tests/test_attribution_pairs.py).
     z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], rows [B, r] -> [B, r, w]"""
     w = value_rows.shape[2]
     query = offset[:, None] + rows  # [B, r]
