@@ -85,11 +85,14 @@ def synthetic(seed: int, n_pos: int = 150, start: int = 5, head_dim: int = 16, n
     return lrm, (z, values, rows, rows, head, part, source_pos, target_pos, start)
 
 
-@pytest.mark.parametrize("gated, integers, first_rows", [(False, False, 16), (True, False, 16), (False, True, 16),
-                                                       (True, True, 16), (False, False, 10**6)])
-def test_bounded_search_equals_whole_grid(gated, integers, first_rows, monkeypatch):
+@pytest.mark.parametrize("gated, integers, first_rows, head_dim", [
+    (False, False, 16, 16), (True, False, 16, 16), (False, True, 16, 16), (True, True, 16, 16),
+    (False, False, 10**6, 16), (False, False, 16, 64)])
+def test_bounded_search_equals_whole_grid(gated, integers, first_rows, head_dim, monkeypatch):
     monkeypatch.setattr(heads, "FIRST_ROWS", first_rows)  # 10**6: every wide grid formed whole at once
-    lrm, arguments = synthetic(seed=int(gated) + 2 * int(integers), gated=gated, integers=integers)
+    monkeypatch.setattr(heads, "BOUNDED_MAX_HEAD_DIM", 64)  # the search also for SmolLM2-wide heads
+    lrm, arguments = synthetic(seed=int(gated) + 2 * int(integers), gated=gated, integers=integers,
+                               head_dim=head_dim)
     source_pos, target_pos = arguments[6], arguments[7]
     assert int((target_pos - source_pos + 1).max()) > 4 * heads.FULL_WIDTH  # wide windows take the bound path
     for max_pairs in (1, 7, 1000):
