@@ -55,7 +55,7 @@ LOADING_DTYPES = {"target": "int32", "source": "int32", "layer": "int32", "head"
 MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (each block from its first position)
 MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
 FULL_WIDTH = 32  # (query, key) windows up to this width are formed whole; wider ones searched under a bound
-BOUNDED_MAX_HEAD_DIM = 16  # the bounded search only for heads this narrow (measured: head_dim 8 4.8x faster at
+BOUNDED_MAX_HEAD_DIM = 16  # the bounded search only for heads this narrow (measured: head_dim 8 4.0x faster at
 # 769 tokens; SmolLM2's 64: 0.73x at 64 tokens, 0.82x at 256, its Cauchy-Schwarz bounds rarely settle a grid)
 FIRST_ROWS = 16  # rows of a wide window formed first (per bound; then four times as many, until the bound settles it)
 KEY_BLOCK = 16  # keys per block of the blocked bound
