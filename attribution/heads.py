@@ -18,8 +18,9 @@ of targets holds its z for every layer it needs; the sources of its edges are sw
 time, on positions from the chunk's first source to the targets' last (causal attention: nothing else
 reaches the targets); per layer the parts of all (target, source) pairs of the two chunks are one
 matmul per head, or per-edge dot products when few pairs are edges; the (query, key) grid of a stored
-head is formed only between its edge's source and target positions, a bounded number of bytes at a time.
-The numbers do not depend on the chunking.
+head is searched only between its edge's source and target positions, a bounded number of bytes at a time,
+and when wide row by row under Cauchy-Schwarz bounds (`_bounded_pairs`: the same pair and share as forming
+every cell). The numbers do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ LOADING_DTYPES = {"target": "int32", "source": "int32", "layer": "int32", "head"
 
 MIN_SOURCE_ROWS = 32  # sources of nearby positions swept together at least (each block from its first position)
 MAX_PAIR_CHUNK = 4096  # (edge, head) entries whose (query, key) grids are formed together at most
+FULL_WIDTH = 32  # (query, key) windows up to this width are formed whole; wider ones searched under a bound
+BOUNDED_MAX_HEAD_DIM = 16  # the bounded search only for heads this narrow (measured: head_dim 8 4.0x faster at
+# 769 tokens; SmolLM2's 64: 0.73x at 64 tokens, 0.82x at 256, its Cauchy-Schwarz bounds rarely settle a grid)
+FIRST_ROWS = 16  # rows of a wide window formed first (per bound; then four times as many, until the bound settles it)
+KEY_BLOCK = 16  # keys per block of the blocked bound
+BOUND_MARGIN = 1e-3  # relative: float32 rounding of a dh-term dot product is below dh * 2^-24 of the bound
+BOUND_SLACK = 2.0**-100  # absolute: float32 underflow in the products
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ def chunk_bytes(chunks: HeadChunks, shape: LoadingShape) -> int:
     contraction = (2 * (chunks.targets + chunks.sources) * row  # per-head layouts of both sides, or edge slices
                    + chunks.targets * chunks.sources * shape.n_heads * FLOAT_BYTES)  # every (target, source) part
     pairs = chunks.pairs * (3 * shape.n_pos + 2 * shape.d_model) * shape.n_pos * FLOAT_BYTES  # grids, z and values
-    return targets + sources + contraction + pairs
+    peaks = (shape.n_heads + 3) * shape.n_pos**2 * FLOAT_BYTES  # a layer's pattern peaks (GridBounds), cummax's temporaries
+    return targets + sources + contraction + pairs + peaks
 
 
 def plan_head_chunks(shape: LoadingShape, n_targets: int, n_sources: int, budget_bytes: int) -> HeadChunks:
@@ -379,11 +388,13 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     """For each (edge, head) entry, the (query, key) pair carrying most of the head's part, and its share:
     pair[q, k] = pattern[h, q, k] * z[h, t, q] . values[h // group, s, k].
 
-    Only the positions the edge connects are formed: z is zero after the target's position, the source's
+    Only the positions the edge connects are searched: z is zero after the target's position, the source's
     values before its own, so the grid is zero outside [source_pos, target_pos]^2 and its first largest
-    |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are formed
-    together, padded to the widest, in batches of at most the bytes of `max_pairs` whole grids. An all-zero
-    grid (a head with no path between the two) names the window's first position, `start`.
+    |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are taken
+    together, padded to the widest; windows up to FULL_WIDTH are formed whole, in batches of at most the
+    bytes of `max_pairs` whole grids; wider ones, for heads up to BOUNDED_MAX_HEAD_DIM wide, are searched
+    row by row under a bound (`_bounded_pairs`), within the same bytes. An all-zero grid (a head with no path between the two) names the window's first
+    position, `start`.
     z [H, T, P', dh], values [Kv, S, P', dh] on positions [start, start + P'); positions absolute
     -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads
@@ -391,30 +402,154 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     patterns = lrm.prompt.patterns[layer, :, start:start + n_pos, start:start + n_pos]  # [H, P', P']
     kv_head = torch.div(head, group, rounding_mode="floor")
     low, width = source_pos - start, target_pos - source_pos + 1  # [B] each entry's window, from low
-
-    def grid_bytes(n: int, w: int) -> int:
-        return n * w * (3 * w + 3 * head_dim) * FLOAT_BYTES  # grids, pattern slices; z, values slices, a copy
-
-    max_bytes = max_pairs * grid_bytes(1, n_pos)
+    max_bytes = max_pairs * _grid_bytes(n_pos, head_dim)
     query, key = torch.empty(len(head), dtype=torch.long), torch.empty(len(head), dtype=torch.long)
     share = torch.empty(len(head))
     bucket = torch.ceil(2 * torch.log2(width.double())).long()  # widths within a factor sqrt(2) together
+    bounds = None
     for level in bucket.unique().tolist():
         entries = (bucket == level).nonzero().flatten()
         w = int(width[entries].max())
-        for rows in entries.split(max(1, max_bytes // grid_bytes(1, w))):
+        whole = w <= FULL_WIDTH or head_dim > BOUNDED_MAX_HEAD_DIM
+        if not whole and bounds is None:
+            bounds = GridBounds.of(z, values, patterns)
+        per_entry = _grid_bytes(w, head_dim) if whole else _search_bytes(w, head_dim)
+        for rows in entries.split(max(1, max_bytes // per_entry)):
             offset = low[rows].clamp(max=n_pos - w)  # [B] a window of width w holding the entry's own
-            z_rows = z.unfold(2, w, 1)[head[rows], target_row[rows], offset]  # [B, dh, w]
             value_rows = values.unfold(2, w, 1)[kv_head[rows], source_row[rows], offset]  # [B, dh, w]
-            pair = torch.bmm(z_rows.mT, value_rows)  # [B, w, w]
-            pair = pair.mul_(patterns.unfold(1, w, 1).unfold(2, w, 1)[head[rows], offset, offset])
-            q, k, value = _first_largest(pair)
+            if whole:
+                pair = _grid_rows(z, value_rows, patterns, head[rows], target_row[rows], offset,
+                                  torch.arange(w).expand(len(rows), -1))
+                q, k, value = _first_largest(pair)
+            else:
+                q, k, value = _bounded_pairs(z, value_rows, patterns, bounds, head[rows], kv_head[rows],
+                                             target_row[rows], source_row[rows], offset, max_bytes)
             found = value != 0
             offset = torch.where(found, offset, 0)
             query[rows] = torch.where(found, q, 0) + offset + start
             key[rows] = torch.where(found, k, 0) + offset + start
             share[rows] = value / part[rows]
     return query, key, share
+
+
+def _grid_bytes(w: int, head_dim: int) -> int:
+    """Bytes one entry's whole w x w grid takes: grids, pattern slices; z, values slices, a copy."""
+    return w * (3 * w + 3 * head_dim) * FLOAT_BYTES
+
+
+def _search_bytes(w: int, head_dim: int) -> int:
+    """Bytes one entry of a bounded search holds besides its rounds' rows: its values slice, bounds
+    (float64), their order, and the first round's rows (cells, pattern slices)."""
+    return w * (2 * head_dim + 8 + 3 * FIRST_ROWS) * FLOAT_BYTES
+
+
+def _grid_rows(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor, head: torch.Tensor,
+               target_row: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of each entry's (query, key) grid on its window [offset, offset + w):
+    pair[b, i, k] = pattern[head, offset + rows[b, i], offset + k] * z[head, target, offset + rows[b, i]] .
+    value_rows[b, :, k] (one bmm: a row's cells are the same bit for bit whichever rows are formed with it,
+    for at least 12 rows of at least 12 keys or the whole grid: checked with this MKL, and bit for bit
+    against forming every cell in tests/test_attribution_pairs.py).
+    z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], rows [B, r] -> [B, r, w]"""
+    w = value_rows.shape[2]
+    query = offset[:, None] + rows  # [B, r]
+    pair = torch.bmm(z[head[:, None], target_row[:, None], query], value_rows)  # [B, r, w]
+    return pair.mul_(patterns.unfold(2, w, 1)[head[:, None], query, offset[:, None]])
+
+
+@dataclass(frozen=True)
+class GridBounds:
+    """What bounds one layer's (query, key) cells: |pair[q, k]| <= ||z[h, t, q]|| * pattern[h, q, k] *
+    ||values[kv, s, k]|| (Cauchy-Schwarz). Loose per row, O(w) an entry: the pattern's largest weight from
+    the window's first key on (`peak`) times the window's largest value norm; blocked per row, O(w^2 /
+    KEY_BLOCK) an entry: over blocks of KEY_BLOCK keys, the block's largest pattern weight times its largest
+    value norm. Norms and products in float64 (no underflow, rounding far below BOUND_MARGIN)."""
+
+    z_norm: torch.Tensor  # [H, T, P'] float64
+    value_norm: torch.Tensor  # [Kv, S, P'] float64
+    peak: torch.Tensor  # [H, P', P'] max_{k >= j} pattern[h, q, k] at [h, q, j]
+    block_peak: torch.Tensor  # [H, P', nb] max_{k in block b} pattern[h, q, k]
+    block_value_norm: torch.Tensor  # [Kv, S, nb] float64 max_{k in block b} ||values[kv, s, k]||
+
+    @staticmethod
+    def of(z: torch.Tensor, values: torch.Tensor, patterns: torch.Tensor) -> GridBounds:
+        peak = torch.empty_like(patterns)
+        for h in range(len(patterns)):  # one head at a time: cummax's indices are int64
+            peak[h] = patterns[h].flip(-1).cummax(-1).values.flip(-1)
+        value_norm = torch.linalg.vector_norm(values, dim=-1, dtype=torch.float64)
+        pad = -patterns.shape[-1] % KEY_BLOCK  # zeros: no pattern weight, no value
+        block_peak = torch.nn.functional.pad(patterns, (0, pad)).unflatten(-1, (-1, KEY_BLOCK)).amax(-1)
+        block_value_norm = torch.nn.functional.pad(value_norm, (0, pad)).unflatten(-1, (-1, KEY_BLOCK)).amax(-1)
+        return GridBounds(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64), value_norm, peak, block_peak,
+                          block_value_norm)
+
+    def loose(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+              offset: torch.Tensor, w: int) -> torch.Tensor:
+        """Per entry, a bound on every |pair| of each row of its window [offset, offset + w), with
+        BOUND_MARGIN and BOUND_SLACK for float32 rounding and underflow in the cells.  -> [B, w] float64"""
+        query = offset[:, None] + torch.arange(w)  # [B, w]
+        z_norm = self.z_norm[head[:, None], target_row[:, None], query]
+        value_norm = self.value_norm[kv_head[:, None], source_row[:, None], query].amax(1, keepdim=True)
+        bound = z_norm * self.peak[head[:, None], query, offset[:, None]] * value_norm
+        return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
+
+    def blocked(self, head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+                offset: torch.Tensor, w: int) -> torch.Tensor:
+        """As `loose`, per block of keys (every block: keys outside the window have no value or no weight).
+        -> [B, w] float64"""
+        query = offset[:, None] + torch.arange(w)  # [B, w]
+        keys = self.block_peak[head[:, None], query] * self.block_value_norm[kv_head, source_row][:, None]  # [B, w, nb]
+        bound = self.z_norm[head[:, None], target_row[:, None], query] * keys.amax(2)
+        return bound * (1 + BOUND_MARGIN) + BOUND_SLACK
+
+
+def _bounded_pairs(z: torch.Tensor, value_rows: torch.Tensor, patterns: torch.Tensor, bounds: GridBounds,
+                   head: torch.Tensor, kv_head: torch.Tensor, target_row: torch.Tensor, source_row: torch.Tensor,
+                   offset: torch.Tensor, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `_first_largest` gives on each entry's whole grid (`_grid_rows` of every row), without forming
+    every row: rows are formed highest bound first, FIRST_ROWS under the loose bound, then under the blocked
+    one FIRST_ROWS more, then four times as many each round, until no row left unformed has a bound reaching
+    the largest |pair| found. Every row holding the largest is then formed; the first of them (and its first
+    such column) is kept across rounds, so the answer is the grid's, and the cells, formed by the same bmm, are
+    the same values. A round holds at most `max_bytes` of rows at once.
+    z [H, T, P', dh], value_rows [B, dh, w], patterns [H, P', P'], the rest [B] -> (row, column, value) [B]"""
+    n_entries, head_dim, w = value_rows.shape
+    bound = bounds.loose(head, kv_head, target_row, source_row, offset, w)  # [B, w]; -1 once a row is formed
+    largest = torch.full((n_entries,), -1.0)  # the largest |pair| formed so far
+    row, column = torch.full((n_entries,), w), torch.zeros(n_entries, dtype=torch.long)
+    value = torch.zeros(n_entries)
+    pending, n_rows, blocked = torch.arange(n_entries), FIRST_ROWS, False
+    while len(pending):
+        n = min(n_rows, w)  # at least FIRST_ROWS rows a bmm (formed rows again once fewer are left)
+        unsettled = []
+        for piece in pending.split(max(1, max_bytes // (n * (3 * w + head_dim) * FLOAT_BYTES))):
+            piece_bound = bound[piece]
+            chosen = torch.argsort(piece_bound, dim=1, descending=True, stable=True)[:, :n]  # [b, n]
+            cells = _grid_rows(z, value_rows[piece], patterns, head[piece], target_row[piece], offset[piece],
+                               chosen)  # [b, n, w]
+            row_size = torch.maximum(cells.amax(2), cells.amin(2).neg_())  # [b, n]
+            size = row_size.amax(1)  # [b]
+            first = torch.where(row_size == size[:, None], chosen, w).argmin(1)  # [b] index into n
+            first_row = chosen.gather(1, first[:, None])[:, 0]  # [b]
+            better = (size > largest[piece]) | ((size == largest[piece]) & (first_row < row[piece]))
+            taken = piece[better]
+            found = cells[better.nonzero().flatten(), first[better]]  # [d, w]
+            largest[taken], row[taken] = size[better], first_row[better]
+            column[taken] = found.abs().argmax(1)
+            value[taken] = found.gather(1, column[taken, None])[:, 0]
+            bound[piece] = piece_bound.scatter_(1, chosen, -1.0)
+            unsettled.append(piece[bound[piece].amax(1) >= largest[piece]])  # a row left might reach it
+        pending = torch.cat(unsettled)
+        if blocked:
+            n_rows *= 4
+            continue
+        n_blocks = bounds.block_peak.shape[-1]
+        for piece in pending.split(max(1, max_bytes // (w * n_blocks * 5 * FLOAT_BYTES))):  # float64 products
+            bound[piece] = torch.minimum(bound[piece], bounds.blocked(head[piece], kv_head[piece], target_row[piece],
+                                                                      source_row[piece], offset[piece], w))
+        pending = pending[bound[pending].amax(1) >= largest[pending]]
+        blocked = True
+    return row, column, value
 
 
 def _first_largest(grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

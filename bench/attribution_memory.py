@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per length (its process is killed then)")
     parser.add_argument("--no-attention", action="store_true",
                         help="the graph alone (freeze, graph, prune, write): no head loadings or QK attribution")
+    parser.add_argument("--model-dir", type=Path, help="a gated (sparse) checkpoint directory instead of --model's "
+                        "dense weights (sparsify's model/model)")
+    parser.add_argument("--variant", default="dense", help="the variant the graphs are stored under")
+    parser.add_argument("--model-label", default="", help="what the model is, recorded in the settings")
     parser.add_argument("--work", type=Path, default=Path("/tmp/attribution-memory-bench"))
     parser.add_argument("--output", type=Path,
                         default=ROOT / "bench" / "results" / "attribution_memory_smollm2.json")
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     "memory_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
                     "load_average_before": os.getloadavg()},
         "settings": {"model": args.model, "max_feature_nodes": args.max_feature_nodes,
-                     "memory_budget_gb": args.memory_budget_gb, "timeout_s": args.timeout, "variant": "dense",
+                     "memory_budget_gb": args.memory_budget_gb, "timeout_s": args.timeout, "variant": args.variant,
+                     "model_dir": str(args.model_dir) if args.model_dir else None, "model_label": args.model_label,
                      "attention": not args.no_attention},
     }
     if args.clt is None:
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         job = {"model": args.model, "max_feature_nodes": args.max_feature_nodes,
                "memory_budget_gb": args.memory_budget_gb, "clt_dir": str(clt_dir), "code_root": str(ROOT),
                "prompt": prompt, "repeats": 0, "out_dir": str(args.work / f"length_{n_tokens}"),
-               "attention": not args.no_attention}
+               "attention": not args.no_attention, "variant": args.variant,
+               "model_dir": str(args.model_dir) if args.model_dir else None}
         load_before = os.getloadavg()
         result = run_worker(job, args.work, args.timeout)
         entry = {"n_tokens_asked": n_tokens, "n_tokens": len(tokenize_prompt(tokenizer, prompt)),

@@ -58,7 +58,8 @@ def worker(job: dict) -> None:
     from sparse_attention.config import ModelSpec
 
     started = time.perf_counter()
-    attributor = Attributor.load(ModelSpec(name=job["model"]), job["clt_dir"], "dense")
+    variant = job.get("variant", "dense")  # a gated checkpoint directory in job["model_dir"], if given
+    attributor = Attributor.load(job.get("model_dir") or ModelSpec(name=job["model"]), job["clt_dir"], variant)
     load_seconds = time.perf_counter() - started
     rss_after_load_mb = rss_mb()
     spent: dict[str, list[float]] = {}
@@ -112,7 +113,7 @@ def worker(job: dict) -> None:
     outcome = runs[-1]["outcome"]
     if outcome["status"] == "graph":
         graph_id = outcome["graph_id"]
-        result["stored_bytes"] = {table: (Path(job["out_dir"]) / "store" / table / "variant=dense" /
+        result["stored_bytes"] = {table: (Path(job["out_dir"]) / "store" / table / f"variant={variant}" /
                                           f"{graph_id}.parquet").stat().st_size
                                   for table in ("graphs", "nodes", "edges", "head_loadings", "qk_pairs")}
         result["circuit_tracer_pt_bytes"] = circuit_tracer_pt_bytes(graphs[-1])
