@@ -213,15 +213,17 @@ class ResidualComponents:
         head_ids = [f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)]
         id_array = np.array([f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *feature_ids, *error_ids, f"bias_{pos}",
                              *head_ids, f"q_bias_{pos}", f"k_bias_{pos}"], dtype=object)
+        activations = lrm.activations[index, None, None]
+        carried = carried_components(lrm, pos, writes * activations, head_outputs) if lrm.has_skip and pos > 0 else None
         parts = PositionParts(
             feature_ids=feature_ids,
             feature_layer=source,
-            feature_writes=writes.cumsum(1) * lrm.activations[index, None, None],
+            feature_writes=writes.cumsum_(1).mul_(activations),  # in place: a rebuild allocates one [n_f, L + 1, d]
             error_ids=error_ids,
             head_ids=head_ids,
             head_outputs=head_outputs,
             id_array=id_array,
-            carried=carried_components(lrm, pos, writes * lrm.activations[index, None, None], head_outputs) if lrm.has_skip and pos > 0 else None,
+            carried=carried,
         )
         self._parts[pos] = parts
         if len(self._parts) > self.cached_positions:
