@@ -48,6 +48,7 @@ from attribution.replacement import capped
 QK_COLUMNS = ["layer", "head", "query_pos", "key_pos", "kind", "query_component", "key_component", "value",
               "gate_logit"]
 EDGE_KEYS = ["layer", "head", "query_pos", "key_pos"]
+QK_ROW_BYTES = 400  # an output row while the rows are gathered, concatenated and sorted (measured: ~320)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -87,38 +88,60 @@ class QKChunks:
 
 
 def qk_chunk_bytes(chunks: QKChunks, n_components: int, lrm: LocalReplacementModel) -> int:
-    """Peak bytes of QK attribution with `chunks`, `n_components` at most per (layer, position)."""
-    d, L, H = lrm.model.d_model, lrm.n_layers, lrm.model.n_heads
-    positions = chunks.positions * n_components * d * 5  # components, normed, projected, rotated, padded
-    grids = chunks.edges * n_components * (n_components * 4 + 2 * lrm.model.head_dim)  # grid, |grid|, double
-    cache = chunks.cached_positions * (L * H * d if not lrm.has_skip else (L + 1) * n_components * d)
-    return (positions + grids + cache) * FLOAT_BYTES + lrm.n_layers * lrm.n_pos * d * FLOAT_BYTES
+    """Peak bytes of QK attribution with `chunks`, `n_components` at most per (layer, position).
+
+    Each cached position holds its PositionParts: the heads' outputs [L * H, d] and the features' writes
+    [n_f, L + 1, d] (n_f: the most active features at one position, over all layers), with a skip path also
+    the carried components [L + 1, n_components, d]; one more position is held while the least recently
+    used is evicted, and building one holds about two more [n_f, L + 1, d] (the writes and their cumulative
+    sum; three with a skip path). Fixed: the heads' mixes [L, P, H, dh] and W_O [L, H, dh, d]."""
+    d, L, H, dh = lrm.model.d_model, lrm.n_layers, lrm.model.n_heads, lrm.model.head_dim
+    n_f = features_per_position(lrm)
+    slots = max(d, H * dh)  # a projected component: a row per head of dh
+    positions = chunks.positions * n_components * (2 * d + 3 * slots)  # components, normed; projected, rotated, padded
+    grids = chunks.edges * n_components * (n_components * 4 + 2 * dh)  # grid, |grid|, double
+    cached = L * H * d + n_f * (L + 1) * d + ((L + 1) * n_components * d if lrm.has_skip else 0)
+    building = (3 if lrm.has_skip else 2) * n_f * (L + 1) * d
+    cache = (chunks.cached_positions + 1) * cached + building
+    fixed = L * lrm.n_pos * H * dh + L * H * dh * d + L * lrm.n_pos * d
+    return (positions + grids + cache + fixed) * FLOAT_BYTES
 
 
-def plan_qk_chunks(lrm: LocalReplacementModel, n_edges: int, budget_bytes: int) -> QKChunks:
-    """The largest chunks that fit `budget_bytes` (positions and the head-output cache get a third each,
-    grids the rest); MemoryBudgetError if one of each does not fit."""
+def qk_output_bytes(n_edges: int, config: AttentionAttributionConfig) -> int:
+    """Bytes of the QK rows of `n_edges` edges (at most: top pairs, top marginals per side, and four rests)."""
+    return n_edges * (config.qk_top_pairs + 2 * config.qk_top_marginals + 4) * QK_ROW_BYTES
+
+
+def plan_qk_chunks(lrm: LocalReplacementModel, n_edges: int, budget_bytes: int, output_bytes: int = 0) -> QKChunks:
+    """The largest chunks that fit `budget_bytes` beside `output_bytes` (the rows, `qk_output_bytes`):
+    positions and the position cache get a third each, grids the rest; no more positions projected together
+    than are cached, so none is built twice in a group. MemoryBudgetError if one of each does not fit."""
     n_components = max_components(lrm)
-    needed = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm)
+    needed = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm) + output_bytes
     if needed > budget_bytes:
         raise MemoryBudgetError(
             f"QK attribution of a {lrm.n_pos}-position prompt needs at least {needed / 2**30:.2f} GiB, over the "
             f"memory budget of {budget_bytes / 2**30:.2f} GiB; raise memory_budget_gb or shorten the prompt"
         )
     spare = budget_bytes - needed
-    per_position = qk_chunk_bytes(QKChunks(3, 1, 1), n_components, lrm) - needed
-    per_cached = qk_chunk_bytes(QKChunks(2, 1, 2), n_components, lrm) - needed
-    per_edge = qk_chunk_bytes(QKChunks(2, 2, 1), n_components, lrm) - needed
-    positions = min(2 * n_edges, 2 + spare // 3 // per_position)
+    least = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm)
+    per_position = qk_chunk_bytes(QKChunks(3, 1, 1), n_components, lrm) - least
+    per_cached = qk_chunk_bytes(QKChunks(2, 1, 2), n_components, lrm) - least
+    per_edge = qk_chunk_bytes(QKChunks(2, 2, 1), n_components, lrm) - least
     cached = min(lrm.n_pos, 1 + spare // 3 // per_cached)
+    positions = min(2 * n_edges, 2 + spare // 3 // per_position, max(2, cached))
     edges = min(n_edges, 1 + (spare - (positions - 2) * per_position - (cached - 1) * per_cached) // per_edge)
     return QKChunks(int(max(2, positions)), int(max(1, edges)), int(max(1, cached)))
 
 
+def features_per_position(lrm: LocalReplacementModel) -> int:
+    """The most active features at any one position (over all source layers)."""
+    return int(torch.bincount(lrm.features[:, 1], minlength=1).max()) if lrm.n_active else 0
+
+
 def max_components(lrm: LocalReplacementModel) -> int:
     """The most components any (layer, position) has: token, features, errors, constants, heads."""
-    features_per_pos = int(torch.bincount(lrm.features[:, 1], minlength=1).max()) if lrm.n_active else 0
-    return 3 + features_per_pos + lrm.n_layers + lrm.n_layers * lrm.model.n_heads  # + the projection's bias
+    return 3 + features_per_position(lrm) + lrm.n_layers + lrm.n_layers * lrm.model.n_heads  # + the projection's bias
 
 
 @dataclass(frozen=True)
@@ -190,15 +213,17 @@ class ResidualComponents:
         head_ids = [f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)]
         id_array = np.array([f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *feature_ids, *error_ids, f"bias_{pos}",
                              *head_ids, f"q_bias_{pos}", f"k_bias_{pos}"], dtype=object)
+        activations = lrm.activations[index, None, None]
+        carried = carried_components(lrm, pos, writes * activations, head_outputs) if lrm.has_skip and pos > 0 else None
         parts = PositionParts(
             feature_ids=feature_ids,
             feature_layer=source,
-            feature_writes=writes.cumsum(1) * lrm.activations[index, None, None],
+            feature_writes=writes.cumsum_(1).mul_(activations),  # in place: a rebuild allocates one [n_f, L + 1, d]
             error_ids=error_ids,
             head_ids=head_ids,
             head_outputs=head_outputs,
             id_array=id_array,
-            carried=carried_components(lrm, pos, writes * lrm.activations[index, None, None], head_outputs) if lrm.has_skip and pos > 0 else None,
+            carried=carried,
         )
         self._parts[pos] = parts
         if len(self._parts) > self.cached_positions:
@@ -331,7 +356,8 @@ def qk_attribution(lrm: LocalReplacementModel, loadings: pd.DataFrame, config: A
     if not len(edges):
         return pd.DataFrame(columns=QK_COLUMNS)
     if chunks is None:
-        chunks = plan_qk_chunks(lrm, len(edges), default_budget_bytes() if memory_budget is None else memory_budget)
+        chunks = plan_qk_chunks(lrm, len(edges), default_budget_bytes() if memory_budget is None else memory_budget,
+                                qk_output_bytes(len(edges), config))
     components = ResidualComponents(lrm, chunks.cached_positions)
     edges["rank"] = np.arange(len(edges))
     frames = []

@@ -179,3 +179,61 @@ def test_the_estimates_bound_the_memory_the_graph_takes(sources, max_feature_nod
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["added"] <= measured["estimate"], measured
     assert measured["estimate"] <= 6 * max(measured["added"], 2**20 * 50), measured
+
+
+MEASURE_QK_PEAK = """
+import json, sys
+import pandas as pd
+import torch
+torch.set_num_threads(1)
+from attribution.config import AttentionAttributionConfig
+from attribution.nodes import build_replacement, transcoder_weights
+from attribution.qk import QKChunks, max_components, plan_qk_chunks, qk_attribution, qk_chunk_bytes, qk_output_bytes
+from attribution.replacement import extract_weights, freeze_prompt, tokenize_prompt
+from sparse_attention.config import TinyModelConfig
+from sparse_attention.models import tiny_model
+from tests.test_attribution import random_clt
+
+n_layers, d_model = 6, 64
+model, tokenizer = tiny_model(TinyModelConfig(n_layers=n_layers, d_model=d_model, n_heads=2, n_kv_heads=1, d_mlp=64,
+                                              seed=1))
+weights = extract_weights(model)
+clt = transcoder_weights(random_clt(n_layers, d_model, 64, seed=0), weights)
+lrm = build_replacement(weights, clt, freeze_prompt(model, tokenize_prompt(tokenizer, "The cat sat on the mat. " * 20)))
+edges = [(layer, 0, q, q) for layer in range(n_layers) for q in range(1, lrm.n_pos, 2)]  # every other position
+loadings = pd.DataFrame(edges, columns=["layer", "head", "query_pos", "key_pos"]).assign(weight=1.0)
+config = AttentionAttributionConfig(max_attention_edges=len(edges))
+output = qk_output_bytes(len(edges), config)
+chunks = plan_qk_chunks(lrm, len(edges), int(sys.argv[1]), output)
+
+
+def status_bytes(field):  # a memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak), bytes
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+qk_attribution(lrm, loadings.head(4), config, chunks=QKChunks(2, 1, 1))  # warm-up
+open("/proc/self/clear_refs", "w").write("5")  # the peak restarts here
+before = status_bytes("VmRSS")
+qk_attribution(lrm, loadings, config, chunks=chunks)
+peak = status_bytes("VmHWM")
+estimate = qk_chunk_bytes(chunks, max_components(lrm), lrm) + output
+print(json.dumps({"added": peak - before, "estimate": estimate, "n_pos": lrm.n_pos, "n_active": lrm.n_active,
+                  "cached_positions": chunks.cached_positions}))
+"""
+
+
+def test_the_qk_estimate_bounds_the_memory_qk_attribution_takes():
+    """QK attribution in a fresh process on a tiny model with many active features per position (about 150 over
+    6 layers: their cumulative writes [n_f, L + 1, d] are most of what a cached position holds): the resident
+    memory it adds stays within its estimate and budget, and the estimate is not loose by more than 6x."""
+    root = Path(__file__).resolve().parent.parent
+    budget = 60 * 2**20
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEASURE_QK_PEAK, str(budget)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["cached_positions"] < measured["n_pos"] // 2  # the budget binds: not every position is cached
+    assert measured["added"] <= measured["estimate"] <= budget, measured
+    assert measured["estimate"] <= 6 * max(measured["added"], 2**20 * 10), measured
