@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sparse, tokenizer = load_gated_model(args.sparse)
         models["sparse"] = (sparse.set_mode("eval"), tokenizer)
     modes = gate_modes(config, models["sparse"][0]) if "sparse" in models else [config.gates]
-    out: dict = {"models": {"dense": args.dense, "sparse": str(args.sparse) if args.sparse else None},
+    out: dict = {"command": "python -m circuits " + shlex.join(sys.argv[1:] if argv is None else argv),
+                 "models": {"dense": args.dense, "sparse": str(args.sparse) if args.sparse else None},
                  "config": config.model_dump(), "headline_gates": config.gates, "tasks": {},
                  "prompts_sha256": {task: prompts_sha256(p) for task, p in prompts.items()},
                  "dense_reused_from": str(args.reuse_dense) if args.reuse_dense else None}

@@ -828,6 +828,7 @@ def test_command_line_reuses_an_earlier_dense_trace_and_refuses_a_mismatched_one
     both = json.loads((tmp_path / "both.json").read_text())["tasks"]["greater_than"]["frozen"]
     reused = json.loads((tmp_path / "reused.json").read_text())
     assert reused["dense_reused_from"] == str(tmp_path / "dense.json")
+    assert reused["command"].startswith("python -m circuits --tasks greater_than") and "--reuse-dense" in reused["command"]
     assert reused["tasks"]["greater_than"]["frozen"]["dense"]["cpu_seconds"] == json.loads(
         (tmp_path / "dense.json").read_text())["tasks"]["greater_than"]["frozen"]["dense"]["cpu_seconds"]
     for key in ("dense", "sparse", "comparison"):
