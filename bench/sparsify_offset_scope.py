@@ -151,22 +151,37 @@ def record(stage_dirs: list[Path], tag: str) -> int:
     return 0
 
 
+def run_checkpoint(run_dir: Path, checkpoint: Path | None = None, *, mmap: bool = False
+                   ) -> tuple[SparsifyConfig, dict]:
+    """The config saved in `run_dir` (a stage directory) and the state of `checkpoint` (default the run's last),
+    refused unless that config wrote it."""
+    saved = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    own = checkpoint is None
+    checkpoint = run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME if own else checkpoint
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
+    if state["fingerprint"] != stage.training_fingerprint(saved):
+        sys.exit(f"{run_dir}'s checkpoint was not written by the config saved beside it" if own
+                 else f"{checkpoint} was not written by the config saved in {run_dir}")
+    return saved, state
+
+
+def resume_as(state: dict, config: SparsifyConfig, output_dir: Path) -> None:
+    """Write `state` into `output_dir` under `config`'s fingerprint, so the stage there resumes from it."""
+    state["fingerprint"] = stage.training_fingerprint(config)
+    (output_dir / stage.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(state, output_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME)
+
+
 def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> tuple[SparsifyConfig, dict]:
     """The config of `run_dir`'s run cut at its last checkpoint (train.steps = that step), with the checkpoint
     copied into `output_dir` under that config's fingerprint; refuses a run whose saved config differs from
     `config` in anything but eval, or whose checkpoint another config wrote."""
-    saved = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    saved, state = run_checkpoint(run_dir)
     if saved.model_dump(exclude={"eval"}) != config.model_dump(exclude={"eval"}):
         sys.exit(f"{run_dir} was trained with another config than the --set arguments give; pass the run's own")
-    checkpoint = run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != stage.training_fingerprint(saved):
-        sys.exit(f"{checkpoint} was not written by the config saved in {run_dir}")
     steps = int(state["step"])
     truncated = config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
-    state["fingerprint"] = stage.training_fingerprint(truncated)
-    (output_dir / stage.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    torch.save(state, output_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME)
+    resume_as(state, truncated, output_dir)
     return truncated, {"run": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": steps}
 
 
@@ -174,30 +189,21 @@ def branched_copy(run_dir: Path, checkpoint: Path, config: SparsifyConfig, outpu
     """Copy `checkpoint` (written by the run in `run_dir`) into `output_dir` under `config`'s fingerprint, so the
     stage resumes from it; refuses a config that differs from the run's in anything but controller, eval and
     train.steps, a checkpoint another config wrote, and a step at or past `config.train.steps`."""
-    saved = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
+    saved, state = run_checkpoint(run_dir, checkpoint)
     kept = {"controller": True, "eval": True, "train": {"steps"}}
     if saved.model_dump(exclude=kept) != config.model_dump(exclude=kept):
         sys.exit(f"{run_dir} was trained with another config than the --set arguments give in more than "
                  "controller, eval and train.steps")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != stage.training_fingerprint(saved):
-        sys.exit(f"{checkpoint} was not written by the config saved in {run_dir}")
     if int(state["step"]) >= config.train.steps:
         sys.exit(f"{checkpoint} is at step {state['step']}: give train.steps beyond it")
-    state["fingerprint"] = stage.training_fingerprint(config)
-    (output_dir / stage.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    torch.save(state, output_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME)
+    resume_as(state, config, output_dir)
     return {"run": str(run_dir), "checkpoint": str(checkpoint), "checkpoint_step": int(state["step"]),
             "run_controller": saved.controller.model_dump()}
 
 
 def stopped(run_dir: Path, tag: str) -> int:
     """Write the training history of the run in `run_dir` (a stage directory) up to its last checkpoint."""
-    config = SparsifyConfig.model_validate(yaml.safe_load((run_dir / stage.CONFIG_FILE).read_text()))
-    state = torch.load(run_dir / stage.CHECKPOINT_DIR / CHECKPOINT_NAME, map_location="cpu", weights_only=True,
-                       mmap=True)
-    if state["fingerprint"] != stage.training_fingerprint(config):
-        sys.exit(f"{run_dir}'s checkpoint was not written by the config saved beside it")
+    config, state = run_checkpoint(run_dir, mmap=True)
     history = state["history"]
     last = history[-min(len(history), 10):]
     run = {"stopped_from": str(run_dir), "planned_steps": config.train.steps, "checkpoint_step": int(state["step"]),
