@@ -393,8 +393,8 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     |pair| (row-major, as over the whole grid) lies inside. Entries of similar window widths are taken
     together, padded to the widest; windows up to FULL_WIDTH are formed whole, in batches of at most the
     bytes of `max_pairs` whole grids; wider ones, for heads up to BOUNDED_MAX_HEAD_DIM wide, are searched
-    row by row under a bound (`_bounded_pairs`), within the same bytes. An all-zero grid (a head with no path between the two) names the window's first
-    position, `start`.
+    row by row under a bound (`_bounded_pairs`), within the same bytes. An all-zero grid (a head with no path
+    between the two) names the window's first position, `start`.
     z [H, T, P', dh], values [Kv, S, P', dh] on positions [start, start + P'); positions absolute
     -> (query [B], key [B], share [B])"""
     group = lrm.model.n_heads // lrm.model.n_kv_heads

@@ -117,14 +117,14 @@ def plan_qk_chunks(lrm: LocalReplacementModel, n_edges: int, budget_bytes: int, 
     positions and the position cache get a third each, grids the rest; no more positions projected together
     than are cached, so none is built twice in a group. MemoryBudgetError if one of each does not fit."""
     n_components = max_components(lrm)
-    needed = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm) + output_bytes
+    least = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm)
+    needed = least + output_bytes
     if needed > budget_bytes:
         raise MemoryBudgetError(
             f"QK attribution of a {lrm.n_pos}-position prompt needs at least {needed / 2**30:.2f} GiB, over the "
             f"memory budget of {budget_bytes / 2**30:.2f} GiB; raise memory_budget_gb or shorten the prompt"
         )
     spare = budget_bytes - needed
-    least = qk_chunk_bytes(QKChunks(2, 1, 1), n_components, lrm)
     per_position = qk_chunk_bytes(QKChunks(3, 1, 1), n_components, lrm) - least
     per_cached = qk_chunk_bytes(QKChunks(2, 1, 2), n_components, lrm) - least
     per_edge = qk_chunk_bytes(QKChunks(2, 2, 1), n_components, lrm) - least
