@@ -25,16 +25,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path, fingerprint: str, what: str = "training") -> dict | None:
+def load_checkpoint(path: Path, fingerprint: str, what: str = "training", *, mmap: bool = False) -> dict | None:
     """The saved state, None if there is none; CheckpointError if unreadable, holding more than tensors and
     plain containers, or written by another config.
 
-    `what` names the trainer in messages ("training", "CLT", "feature scan").
+    `what` names the trainer in messages ("training", "CLT", "feature scan"); `mmap` maps the tensors
+    instead of reading them (see `require_resumable`).
     """
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
         pickled_object = re.search(r"GLOBAL (\S+)", str(exc))
         if pickled_object is not None:
@@ -54,6 +55,14 @@ def load_checkpoint(path: Path, fingerprint: str, what: str = "training") -> dic
             f"{path} was written by a different {what} config or model; delete it (or use another output) to restart"
         )
     return state
+
+
+def require_resumable(path: Path, fingerprint: str, what: str = "training") -> None:
+    """Raise load_checkpoint's CheckpointError now if the checkpoint at `path` cannot be resumed: a stage
+    calls this before it writes anything into its output directory, so a refused rerun leaves the directory
+    (its config file above all) as the run that wrote the checkpoint left it. Maps rather than reads the
+    tensors: cheap for a checkpoint of any size."""
+    load_checkpoint(path, fingerprint, what, mmap=True)
 
 
 def _last_line(exc: Exception) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from runtime.checkpoint import require_resumable
 from runtime.distributed import is_main_rank
 from runtime.files import write_directory_atomic, write_json_atomic
 from runtime.outputs import open_output_dir
@@ -31,7 +32,7 @@ from sparse_attention.evaluate import (
 )
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import load_model
-from sparse_attention.train import post_train
+from sparse_attention.train import CHECKPOINT_NAME, post_train
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -105,6 +106,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     if config.eval.task_prompts and evaluate_tasks is None:
         raise ValueError("sparsify.eval.task_prompts > 0 needs a task evaluator: run the stage through the pipeline, "
                          "or pass evaluate_tasks (e.g. prompts.metrics.task_evaluator), or set task_prompts 0")
+    require_resumable(Path(output_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME, training_fingerprint(config))
     output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

@@ -231,6 +231,17 @@ def test_foreign_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         _train_run(tmp_path / "c", steps=2)
 
 
+def test_a_refused_resume_leaves_the_output_directory_as_it_was(tmp_path):
+    out = tmp_path / "sparsify"
+    (out / stage.CHECKPOINT_DIR).mkdir(parents=True)
+    torch.save({"fingerprint": "another config", "step": 3}, out / stage.CHECKPOINT_DIR / "train_state.pt")
+    (out / stage.CONFIG_FILE).write_text("the config that wrote the checkpoint\n")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(CheckpointError, match="different training config"):
+        stage.run(load_config(preset="tiny").sparsify, out, progress=False)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
     config = load_config(preset="tiny").sparsify
     metrics = stage.run(config, tmp_path / "sparsify", progress=False)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from runtime.checkpoint import CheckpointError
 from sparse_attention.config import ModelSpec
 from sparse_attention.data import batch_iterator
 from sparse_attention.gated_attention import GatedModel
@@ -206,6 +207,17 @@ def test_stage_killed_after_a_checkpoint_resumes_to_the_same_clt(tmp_path: Path,
     for name in ("W_enc_0", "W_enc_1", "W_dec_0", "W_dec_1"):  # the exported CLT, bit for bit
         file = f"{name}.safetensors"
         assert (tmp_path / "killed" / file).read_bytes() == (tmp_path / "straight" / file).read_bytes(), file
+
+
+def test_a_refused_resume_leaves_the_output_directory_as_it_was(tmp_path: Path):
+    out = tmp_path / "clt"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"fingerprint": "another config", "step": 3}, out / "checkpoints" / "clt_train_state.pt")
+    (out / "clt_config.yaml").write_text("the config that wrote the checkpoint\n")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(CheckpointError, match="different CLT config or model"):
+        run(stage_config(tmp_path), ModelSpec(name="tiny", tiny=TINY), out, progress=False)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
 def test_stage_refuses_a_clt_too_big_for_the_memory_budget(tmp_path: Path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from runtime.checkpoint import require_resumable
 from runtime.distributed import is_main_rank, wait_for_all_ranks
 from runtime.files import write_json_atomic
 from runtime.outputs import open_output_dir
@@ -35,7 +36,7 @@ from transcoders.dashboards import build_dashboards
 from transcoders.evaluate import ce_metrics, plot_per_layer, plot_training, reconstruction_metrics
 from transcoders.harvest import ShuffleBuffer, harvest_stream, model_shape
 from transcoders.memory import GB, check_training_fits
-from transcoders.train import train_clt
+from transcoders.train import CHECKPOINT_NAME, train_clt
 
 __all__ = ["CLTStageConfig", "build_features", "run"]
 
@@ -64,7 +65,6 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
     Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `train_clt`. The CLT
     trains on `device`; harvesting and evaluation run the LM on the CPU. Data-parallel ranks other than 0
     return {} after training."""
-    output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     check_precision(config.precision, "cpu")  # harvesting
     check_precision(config.precision, device)  # training
     if config.train.threads:
@@ -73,6 +73,9 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
 
     lm, tokenizer, identity = load_source(model)
     require(lm, "harvest")
+    fingerprint = training_fingerprint(config, identity)
+    require_resumable(Path(output_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME, fingerprint, "CLT")
+    output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     blocks = load_token_blocks(config.data, tokenizer)
     n_layers, d_model = model_shape(lm)
     clt_config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=config.clt.n_features,
@@ -111,7 +114,7 @@ def run(config: CLTStageConfig, model: ModelSource, output_dir: str | Path, *, p
                              seed=harvest.seed, state=state)
 
     result = train_clt(clt, open_source, config.train, precision=config.precision,
-                       checkpoint_dir=output_dir / CHECKPOINT_DIR, fingerprint=training_fingerprint(config, identity),
+                       checkpoint_dir=output_dir / CHECKPOINT_DIR, fingerprint=fingerprint,
                        progress=progress, on_checkpoint=on_checkpoint)
     if not is_main_rank():  # data-parallel workers: rank 0 exports and evaluates
         return {}
