@@ -18,7 +18,7 @@ pairs + pair_rest = s, and cap * tanh(s / cap) + offset = gate_logit.
 
 With a CLT skip path each MLP output (at positions > 0) also holds W_skip applied to its frozen-scale input,
 a linear map of resid_mid at the same position; so each component's vector is what it puts into resid_pre[j]
-directly and through the skips of the layers between (`carried_components`), and the components still sum
+directly and through the skips of the layers between (`carry_up`), and the components still sum
 to the residual.
 
 Stored per attention edge: the top pairs and the rest (they sum with b to the logit, before any cap), and each side's
@@ -90,19 +90,20 @@ class QKChunks:
 def qk_chunk_bytes(chunks: QKChunks, n_components: int, lrm: LocalReplacementModel) -> int:
     """Peak bytes of QK attribution with `chunks`, `n_components` at most per (layer, position).
 
-    Each cached position holds its PositionParts: the heads' outputs [L * H, d] and the features' writes
-    [n_f, L + 1, d] (n_f: the most active features at one position, over all layers), with a skip path also
-    the carried components [L + 1, n_components, d]; one more position is held while the least recently
-    used is evicted, and building one holds about two more [n_f, L + 1, d] (the writes and their cumulative
-    sum; three with a skip path). Fixed: the heads' mixes [L, P, H, dh] and W_O [L, H, dh, d]."""
+    Each cached position holds its PositionParts at one layer: the heads' outputs [L * H, d] and the features'
+    decoder sums [n_f, d] (n_f: the most active features at one position, over all layers), with a skip path
+    the carried components [n_components, d] instead; one more position is held while the least recently used
+    is evicted, and moving one up a layer holds the features' writes [n_f, d] (with a skip path, the layer's
+    components three times more: a copy, its skip output and their sum). Fixed: the heads' mixes
+    [L, P, H, dh] and W_O [L, H, dh, d]."""
     d, L, H, dh = lrm.model.d_model, lrm.n_layers, lrm.model.n_heads, lrm.model.head_dim
     n_f = features_per_position(lrm)
     slots = max(d, H * dh)  # a projected component: a row per head of dh
     positions = chunks.positions * n_components * (2 * d + 3 * slots)  # components, normed; projected, rotated, padded
     grids = chunks.edges * n_components * (n_components * 4 + 2 * dh)  # grid, |grid|, double
-    cached = L * H * d + n_f * (L + 1) * d + ((L + 1) * n_components * d if lrm.has_skip else 0)
-    building = (3 if lrm.has_skip else 2) * n_f * (L + 1) * d
-    cache = (chunks.cached_positions + 1) * cached + building
+    cached = L * H * d + (n_components if lrm.has_skip else n_f) * d
+    moving = n_f * d + (3 * n_components * d if lrm.has_skip else 0)
+    cache = (chunks.cached_positions + 1) * cached + moving
     fixed = L * lrm.n_pos * H * dh + L * H * dh * d + L * lrm.n_pos * d
     return (positions + grids + cache + fixed) * FLOAT_BYTES
 
@@ -144,47 +145,62 @@ def max_components(lrm: LocalReplacementModel) -> int:
     return 3 + features_per_position(lrm) + lrm.n_layers + lrm.n_layers * lrm.model.n_heads  # + the projection's bias
 
 
-@dataclass(frozen=True)
+@dataclass
 class PositionParts:
-    """What every layer's components at one position are cut from (a layer j takes a prefix of each)."""
+    """What the components of resid_pre[layer][pos] are cut from, at one layer (`layer`): `ResidualComponents`
+    moves it up a layer at a time in place, so a position holds one layer's vectors, not every layer's."""
 
     feature_ids: list[str]  # active features at the position, by source layer
     feature_layer: torch.Tensor  # [n_f] their source layers, ascending
-    feature_writes: torch.Tensor  # [n_f, L + 1, d]: [f, j] = the feature's writes into MLP-outs below j
+    feature_index: torch.Tensor  # [n_f] their indices in their source layer's decoder
+    feature_activations: torch.Tensor  # [n_f]
+    feature_sources: list[tuple[int, int, int]]  # (source layer, first row, end row) in the rows above
     error_ids: list[str]  # per layer k: `{k}_-1_{pos}`
     head_ids: list[str]  # per (layer k, head h), layer-major: `attn_{k}_{h}_{pos}`
     head_outputs: torch.Tensor  # [L * H, d] each head's attention output
     id_array: np.ndarray  # every component id of the position (object): token, features, errors, bias, heads, q and k biases
-    carried: torch.Tensor | None = None  # with a skip path: [L + 1, n, d] (see carried_components)
+    layer: int = 0
+    decoder_sums: torch.Tensor | None = None  # [n_f, d] each feature's decoder rows into MLP-outs below `layer`
+    carried: torch.Tensor | None = None  # with a skip path at a position > 0: [2 + n_f + L + L * H, d] (see carry_up)
 
 
-def carried_components(lrm: LocalReplacementModel, pos: int, writes: torch.Tensor, head_outputs: torch.Tensor
-                       ) -> torch.Tensor:
-    """Every component of position `pos` > 0 carried up the layers through the CLT's skip paths: [j, c] is
-    component c's vector in resid_pre[j]. Rows: token, features (as in `writes` [n_f, L + 1, d], [f, k + 1] the
-    write into MLP-out k), errors (per layer), bias, heads (layer-major; head_outputs [L * H, d]).
-    -> [L + 1, 2 + n_f + L + L * H, d]"""
-    L, H, d = lrm.n_layers, lrm.model.n_heads, lrm.model.d_model
+def mlp_writes(lrm: LocalReplacementModel, parts: PositionParts, layer: int, scaled: bool) -> torch.Tensor:
+    """Each feature's decoder row into MLP-out `layer` (zero for features of later source layers), times its
+    activation where `scaled`.  -> [n_f, d]"""
+    out = torch.zeros(len(parts.feature_ids), lrm.model.d_model)
+    for source, first, end in parts.feature_sources:
+        if source > layer:
+            break
+        out[first:end] = lrm.clt.W_dec[source][parts.feature_index[first:end], layer - source]
+        if scaled:
+            out[first:end] *= parts.feature_activations[first:end, None]
+    return out
+
+
+def carry_up(lrm: LocalReplacementModel, pos: int, layer: int, carried: torch.Tensor, head_outputs: torch.Tensor,
+             writes: torch.Tensor) -> None:
+    """Move position `pos`'s components through layer `layer` in place: carried [c] is component c's vector in
+    resid_pre[layer] on entry and in resid_pre[layer + 1] on return, through the layer's heads and its CLT skip
+    path. Rows: token, features, errors (per layer), bias, heads (layer-major); head_outputs [L * H, d], writes
+    [n_f, d] the features' writes into MLP-out `layer` (mlp_writes, scaled).  carried [2 + n_f + L + L * H, d]"""
+    L, H = lrm.n_layers, lrm.model.n_heads
     n_f = len(writes)
     errors, bias, heads = 1 + n_f, 1 + n_f + L, 2 + n_f + L
-    out = torch.zeros(L + 1, heads + L * H, d)
-    out[0, 0] = lrm.model.embed[lrm.prompt.tokens[pos]]
-    for k in range(L):
-        live = heads + (k + 1) * H  # heads of later layers are still zero
-        mid = out[k, :live].clone()
-        mid[heads + k * H:live] += head_outputs[k * H:(k + 1) * H]
-        scale = lrm.skip_input_scale(k)[pos].expand(live)  # one position: the same frozen scale on every row
-        post = mid + skip_forward(mid, lrm.clt.W_skip[k], lrm.model.mlp_norm[k], scale)
-        post[1:errors] += writes[:, k + 1]
-        post[errors + k] += lrm.errors[k, pos]
-        post[bias] += lrm.constants[k, pos]
-        out[k + 1, :live] = post
-    return out
+    live = heads + (layer + 1) * H  # heads of later layers are still zero
+    mid = carried[:live].clone()
+    mid[heads + layer * H:live] += head_outputs[layer * H:(layer + 1) * H]
+    scale = lrm.skip_input_scale(layer)[pos].expand(live)  # one position: the same frozen scale on every row
+    post = mid + skip_forward(mid, lrm.clt.W_skip[layer], lrm.model.mlp_norm[layer], scale)
+    post[1:errors] += writes
+    post[errors + layer] += lrm.errors[layer, pos]
+    post[bias] += lrm.constants[layer, pos]
+    carried[:live] = post
 
 
 class ResidualComponents:
     """The named parts of resid_pre[layer][pos] (see the module docstring), and their projections.
-    What they are cut from is kept per position, for the `cached_positions` used last."""
+    What they are cut from is kept per position, for the `cached_positions` used last, at the layer asked
+    for last: asked for a later layer, a position moves up in place; for an earlier one, it is rebuilt."""
 
     def __init__(self, lrm: LocalReplacementModel, cached_positions: int | None = None):
         self.lrm = lrm
@@ -194,41 +210,61 @@ class ResidualComponents:
         self.cached_positions = cached_positions or lrm.n_pos
         self._parts: OrderedDict[int, PositionParts] = OrderedDict()  # least recently used first
 
-    def parts(self, pos: int) -> PositionParts:
-        """The position's PositionParts (cached)."""
+    def parts(self, pos: int, layer: int | None = None) -> PositionParts:
+        """The position's PositionParts (cached), moved to `layer` where given."""
         if pos in self._parts:
             self._parts.move_to_end(pos)
-            return self._parts[pos]
+            parts = self._parts[pos]
+            if layer is not None and layer < parts.layer:
+                parts = self._parts[pos] = self._build(pos)
+        else:
+            parts = self._parts[pos] = self._build(pos)
+            if len(self._parts) > self.cached_positions:
+                self._parts.popitem(last=False)
+        while layer is not None and parts.layer < layer:
+            self._advance(pos, parts)
+        return parts
+
+    def _build(self, pos: int) -> PositionParts:
+        """A position's PositionParts at layer 0 (the token alone)."""
         lrm = self.lrm
         L, d, n_heads = lrm.n_layers, lrm.model.d_model, lrm.model.n_heads
         index = (lrm.features[:, 1] == pos).nonzero().flatten()  # (layer, feature) order
         source, feat = lrm.features[index, 0], lrm.features[index, 2]
-        writes = torch.zeros(len(index), L + 1, d)  # [f, k + 1]: the write into MLP-out k
-        for src in source.unique().tolist():
-            mask = source == src
-            writes[mask, src + 1:] = lrm.clt.W_dec[src][feat[mask]]
+        sources, counts = source.unique_consecutive(return_counts=True)
+        ends = counts.cumsum(0).tolist()
         head_outputs = torch.einsum("lhe,lhed->lhd", self.mixes[:, pos], self.W_O).reshape(-1, d)
         feature_ids = [f"{s}_{f}_{pos}" for s, f in zip(source.tolist(), feat.tolist())]
         error_ids = [f"{k}_-1_{pos}" for k in range(L)]
         head_ids = [f"attn_{k}_{h}_{pos}" for k in range(L) for h in range(n_heads)]
         id_array = np.array([f"E_{int(lrm.prompt.tokens[pos])}_{pos}", *feature_ids, *error_ids, f"bias_{pos}",
                              *head_ids, f"q_bias_{pos}", f"k_bias_{pos}"], dtype=object)
-        activations = lrm.activations[index, None, None]
-        carried = carried_components(lrm, pos, writes * activations, head_outputs) if lrm.has_skip and pos > 0 else None
-        parts = PositionParts(
+        carried = None
+        if lrm.has_skip and pos > 0:
+            carried = torch.zeros(2 + len(index) + L + L * n_heads, d)
+            carried[0] = lrm.model.embed[lrm.prompt.tokens[pos]]
+        return PositionParts(
             feature_ids=feature_ids,
             feature_layer=source,
-            feature_writes=writes.cumsum_(1).mul_(activations),  # in place: a rebuild allocates one [n_f, L + 1, d]
+            feature_index=feat,
+            feature_activations=lrm.activations[index],
+            feature_sources=[(int(s), end - int(n), end) for s, n, end in zip(sources, counts, ends)],
             error_ids=error_ids,
             head_ids=head_ids,
             head_outputs=head_outputs,
             id_array=id_array,
+            decoder_sums=None if carried is not None else torch.zeros(len(index), d),
             carried=carried,
         )
-        self._parts[pos] = parts
-        if len(self._parts) > self.cached_positions:
-            self._parts.popitem(last=False)
-        return parts
+
+    def _advance(self, pos: int, parts: PositionParts) -> None:
+        """Move `parts` up one layer, in place."""
+        if parts.carried is not None:
+            carry_up(self.lrm, pos, parts.layer, parts.carried, parts.head_outputs,
+                     mlp_writes(self.lrm, parts, parts.layer, scaled=True))
+        else:
+            parts.decoder_sums += mlp_writes(self.lrm, parts, parts.layer, scaled=False)
+        parts.layer += 1
 
     def ids(self, layer: int, pos: int) -> list[str]:
         """The ids of the components of resid_pre[layer][pos], in their order."""
@@ -270,7 +306,7 @@ class ResidualComponents:
 
     def _fill(self, layer: int, pos: int, out: torch.Tensor) -> None:
         """Write the component vectors of resid_pre[layer][pos] into out[:n] (in place)."""
-        lrm, parts = self.lrm, self.parts(pos)
+        lrm, parts = self.lrm, self.parts(pos, layer)
         n_features, n_errors, n_heads = self._counts(layer, pos)
         if parts.carried is not None:
             errors = 1 + len(parts.feature_ids)
@@ -278,10 +314,11 @@ class ResidualComponents:
             rows = torch.cat([torch.arange(1 + n_features),
                               torch.arange(errors, errors + n_errors), torch.tensor([heads - 1]),
                               torch.arange(heads, heads + n_heads)])
-            out[:len(rows)] = parts.carried[layer, rows]
+            out[:len(rows)] = parts.carried[rows]
             return
         out[0] = lrm.model.embed[lrm.prompt.tokens[pos]]
-        out[1:1 + n_features] = parts.feature_writes[:n_features, layer]
+        torch.mul(parts.decoder_sums[:n_features], parts.feature_activations[:n_features, None],
+                  out=out[1:1 + n_features])
         at = 1 + n_features
         out[at:at + n_errors] = lrm.errors[:n_errors, pos]
         out[at + n_errors] = lrm.constants[:layer, pos].sum(0) + self.position_constant(layer, pos)
