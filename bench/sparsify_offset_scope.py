@@ -31,6 +31,12 @@ the run and the step under "branched_from".
 
 records a run stopped before its end without evaluating it: its checkpoint's history (every step), the last steps'
 means and the per-stream breakdown.
+
+    python bench/sparsify_offset_scope.py --paired runs/x/model runs/y/model --steps 217 272 --tag xy
+
+compares runs that saw the same batches (a run and its branches) over the same steps, from their checkpoints'
+histories: mean open fraction of the training gates at each length, mean deterministic-gate CE excess per stream,
+and the multipliers at the last step. Writes bench/results/sparsify_paired_<tag>.json.
 """
 
 from __future__ import annotations
@@ -221,6 +227,41 @@ def stopped(run_dir: Path, tag: str) -> int:
     return 0
 
 
+def paired(run_dirs: list[Path], first: int, last: int, tag: str) -> int:
+    """Compare runs that trained on the same batches over steps first..last (see the module docstring)."""
+    runs = [(run_dir, *run_checkpoint(run_dir, mmap=True)) for run_dir in run_dirs]
+    data = runs[0][1].data
+    if any(config.data != data or config.train.grad_accumulation != runs[0][1].train.grad_accumulation
+           for _, config, _ in runs):
+        sys.exit("--paired compares runs on the same batches: their data configs differ")
+    draws = runs[0][1].train.grad_accumulation
+    schedule = draw_schedule(data, draws)
+    streams = {step: " + ".join(f"{source}@{length}" for source, length in (next(schedule) for _ in range(draws)))
+               for step in range(1, last + 1)}
+    compared = []
+    for run_dir, config, state in runs:
+        rows = {row["step"]: row for row in state["history"]}
+        if any(step not in rows for step in range(first, last + 1)):
+            sys.exit(f"{run_dir}'s checkpoint (step {state['step']}) does not hold every step {first}-{last}")
+        steps = [rows[step] for step in range(first, last + 1)]
+        by_length: dict[int, list[float]] = {}
+        by_stream_excess: dict[str, list[float]] = {}
+        for row in steps:
+            by_length.setdefault(row["context_length"], []).append(row["open_fraction"])
+            by_stream_excess.setdefault(streams[row["step"]], []).append(row["hard_ce_excess"])
+        compared.append({"run": str(run_dir), "controller": config.controller.model_dump(mode="json"),
+                         "open_fraction_by_length": {length: sum(v) / len(v) for length, v in sorted(by_length.items())},
+                         "hard_ce_excess_by_stream": {name: sum(v) / len(v) for name, v in by_stream_excess.items()},
+                         "mean_offset_at_last": rows[last]["mean_offset"],
+                         "multipliers_at_last": rows[last].get("multipliers", {"all": rows[last]["multiplier"]})})
+    result = {"command": "python " + " ".join(sys.argv), "steps": [first, last],
+              "open_fraction": "training gates (noisy), mean over the steps at each length", "runs": compared}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"sparsify_paired_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scopes", nargs="+", default=["model", "head"], choices=["model", "layer", "head"])
@@ -239,7 +280,14 @@ def main() -> int:
                              "the run's last checkpoint)")
     parser.add_argument("--stopped", type=Path, default=None,
                         help="a stopped run's stage directory: record its checkpoint's history, no evaluation")
+    parser.add_argument("--paired", type=Path, nargs="+", default=None,
+                        help="stage directories of runs on the same batches (a run and its branches) to compare")
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "LAST"), help="with --paired: the steps")
     args = parser.parse_args()
+    if args.paired:
+        if not args.steps:
+            parser.error("--paired needs --steps FIRST LAST")
+        return paired(args.paired, *args.steps, args.tag)
     if args.stopped:
         return stopped(args.stopped, args.tag)
     if args.record:
