@@ -1,5 +1,5 @@
 """What one cached QK position holds on SmolLM2-135M with a CLT, the chunk plans at two budgets, and the CPU
-seconds to rebuild a position's parts (what each LRU miss costs).
+seconds to rebuild a position's parts up to the last layer (what an LRU miss costs at most).
 
     HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python bench/qk_cache_probe.py --clt /tmp/bound/clt512
 
@@ -58,10 +58,11 @@ def main() -> None:
     output = qk_output_bytes(args.edges, AttentionAttributionConfig())
     plans = {gb: str(plan_qk_chunks(lrm, args.edges, int(gb * 2**30), output)) for gb in (1.5, 1.8)}
     components = ResidualComponents(lrm, 1)
-    components.parts(5)
+    last = lrm.n_layers - 1
+    components.parts(5, last)
     started = time.process_time()
     for pos in range(6, 26):
-        components.parts(pos)
+        components.parts(pos, last)
     print(json.dumps({"n_pos": lrm.n_pos, "has_skip": lrm.has_skip, "features_per_position_max": features_per_position(lrm),
                       "n_components": n, "bytes_per_cached_position": per_position, "plans": plans,
                       "parts_build_cpu_s": (time.process_time() - started) / 20, "load_average": os.getloadavg()}))
