@@ -1,6 +1,7 @@
 """What the heads that stay open cost to close: a sparse checkpoint's held-out CE and KL against the original
 when its most open heads (metrics.json's `open_heads`, over 20% open at 512 tokens) are closed one at a time,
-all together, or have their gate offsets lowered by a few logits, with deterministic gates.
+all together, or have their gate offsets lowered by a few logits, and when given sets of heads are closed
+together (--sets), with deterministic gates.
 
     python bench/open_heads_probe.py runs/.../sparsify --shifts 2 4 8
 
@@ -38,12 +39,23 @@ def head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
-def variants(heads: list[tuple[int, int]], shifts: list[float]) -> list[tuple[str, dict[tuple[int, int], float]]]:
+def parse_head(name: str) -> tuple[int, int]:
+    """'L2H4' -> (2, 4)."""
+    layer, _, head = name.upper().removeprefix("L").partition("H")
+    if not (layer.isdigit() and head.isdigit()):
+        raise ValueError(f"head {name!r} is not of the form L<layer>H<head>, e.g. L2H4")
+    return int(layer), int(head)
+
+
+def variants(heads: list[tuple[int, int]], shifts: list[float], sets: list[list[tuple[int, int]]]
+             ) -> list[tuple[str, dict[tuple[int, int], float]]]:
     """(name, {(layer, head): offset change or CLOSED}) for every probe, the unchanged model first."""
     out = [("unchanged", {})]
     out += [(f"close {head_name(*h)}", {h: CLOSED}) for h in heads]
-    out.append(("close all listed", {h: CLOSED for h in heads}))
+    if heads:
+        out.append(("close all listed", {h: CLOSED for h in heads}))
     out += [(f"lower all listed by {s:g}", {h: -s for h in heads}) for s in shifts]
+    out += [("close " + " ".join(head_name(*h) for h in chosen), {h: CLOSED for h in chosen}) for chosen in sets]
     return out
 
 
@@ -53,6 +65,9 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--shifts", type=float, nargs="*", default=[2.0, 4.0, 8.0])
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--sets", nargs="*", default=[],
+                        help="more variants, each a comma-separated set of heads closed together, e.g. L2H3,L2H4")
+    parser.add_argument("--only-sets", action="store_true", help="the unchanged model and --sets only")
     parser.add_argument("--tag", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -69,7 +84,12 @@ def main() -> int:
     gated.offsets = torch.nn.Parameter(base.clone(), requires_grad=False)  # one offset per head for the probe
     started, cpu_started, load_before = time.perf_counter(), time.process_time(), os.getloadavg()
     rows = []
-    for name, changes in variants(heads, args.shifts):
+    try:
+        sets = [[parse_head(name) for name in chosen.split(",")] for chosen in args.sets]
+    except ValueError as exc:
+        parser.error(str(exc))
+    probes = variants([] if args.only_sets else heads, [] if args.only_sets else args.shifts, sets)
+    for name, changes in probes:
         offsets = base.clone()
         for (layer, head), change in changes.items():
             offsets[layer, head] = CLOSED if change == CLOSED else offsets[layer, head] + change
