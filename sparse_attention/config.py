@@ -63,6 +63,11 @@ class TrainConfig(BaseModel):
     gate_noise: bool = Field(True, description="logistic noise on training gates; off for determinism checks")
     checkpoint_every: int = Field(25, gt=0)
     log_every: int = Field(1, gt=0)
+    head_cap: float | None = Field(None, gt=0, lt=1, description="with a value: the penalty also holds "
+                                   "head_cap_weight x the mean over layers and heads of max(0, a head's expected "
+                                   "open fraction - head_cap), pushing the heads above the cap down beside the "
+                                   "mean; None: the regulariser alone")
+    head_cap_weight: float = Field(10.0, gt=0, description="weight of the head_cap term (the regulariser has 1)")
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     device: Literal["auto", "cpu", "cuda"] = "auto"

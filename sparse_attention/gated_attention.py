@@ -63,6 +63,10 @@ class GateRecord:
         """Expected open fraction, heads and layers weighted equally (arXiv 2512.05865 leaves the weighting open)."""
         return torch.stack(self.expected_open).mean()
 
+    def over_cap(self, cap: float) -> torch.Tensor:
+        """Mean over layers and heads of max(0, expected open fraction - cap): zero unless a head is above `cap`."""
+        return (torch.stack(self.expected_open) - cap).clamp(min=0).mean()
+
     def edge_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(open gates [layer, head], causal pairs [layer, head])."""
         return torch.stack(self.open_edges), torch.stack(self.allowed_pairs)

@@ -71,7 +71,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         group["lr"] = base * factor
     optimizer.zero_grad(set_to_none=True)
     totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0,
-              "hard_ce": 0.0, "hard_excess": 0.0}
+              "hard_ce": 0.0, "hard_excess": 0.0, "over_cap": 0.0}
     hard_gates = train.controller_signal == "hard_gates"
     signals: dict[str, list[float]] = {}  # per multiplier: the constraint value of each of its batches
     for _ in range(train.grad_accumulation):
@@ -92,7 +92,12 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         else:
             excess_term = ce - reference_ce
         regulariser = out.gate_record.regulariser()
-        loss = controller.loss(regulariser, excess_term) / train.grad_accumulation
+        penalty = regulariser
+        if train.head_cap is not None:
+            over_cap = out.gate_record.over_cap(train.head_cap)
+            penalty = regulariser + train.head_cap_weight * over_cap
+            totals["over_cap"] += over_cap.item() / train.grad_accumulation
+        loss = controller.loss(penalty, excess_term) / train.grad_accumulation
         loss.backward()
         open_edges, pairs = out.gate_record.edge_counts()
         totals["ce"] += ce.item() / train.grad_accumulation
@@ -135,6 +140,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         "multiplier": controller.multiplier,
         **({"multipliers": multipliers.multipliers()} if multipliers.config.per_stream else {}),
         "regulariser": totals["regulariser"],
+        **({"over_head_cap": totals["over_cap"]} if train.head_cap is not None else {}),
         "open_fraction": totals["open"] / max(1, totals["pairs"]),
         "mean_offset": gated.offsets_per_head.detach().mean().item(),
     }

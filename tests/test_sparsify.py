@@ -500,15 +500,47 @@ def test_one_multiplier_state_seeds_every_stream_and_a_mismatch_is_refused():
                    ControllerConfig(per_stream=True), learn_offset=True, progress=False)
 
 
-def test_per_stream_changes_the_training_fingerprint_and_its_old_behaviour_is_left_out():
-    """controller.per_stream=False trains as before the option existed: the fingerprint is the hash of the config
-    without it, so checkpoints written before it resume; True is another training."""
+def test_later_options_change_the_training_fingerprint_and_their_old_behaviour_is_left_out():
+    """controller.per_stream=False and train.head_cap=None train as before the options existed: the fingerprint is
+    the hash of the config without them, so checkpoints written before them resume; other values train otherwise."""
     import hashlib
 
     config = SparsifyConfig()
     payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
-    del payload["controller"]["per_stream"]
+    del payload["controller"]["per_stream"], payload["train"]["head_cap"], payload["train"]["head_cap_weight"]
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert stage.training_fingerprint(config) == before
     per_stream = config.model_copy(update={"controller": config.controller.model_copy(update={"per_stream": True})})
     assert stage.training_fingerprint(per_stream) != before
+    capped = config.model_copy(update={"train": config.train.model_copy(update={"head_cap": 0.2})})
+    assert stage.training_fingerprint(capped) != before
+
+
+def test_over_cap_is_the_mean_excess_of_the_heads_above_the_cap():
+    record = GateRecord(expected_open=[torch.tensor([0.5, 0.1]), torch.tensor([0.3, 0.05])])
+    assert record.over_cap(0.2).item() == pytest.approx((0.3 + 0.1) / 4, abs=1e-7)
+    assert record.over_cap(0.6).item() == 0.0
+
+
+def _capped_run(head_cap: float | None) -> tuple[np.ndarray, list[dict]]:
+    """8 steps on the tiny model, offset fixed: deterministic-gate open fraction per [layer, head] after them."""
+    torch.manual_seed(0)
+    model, _ = tiny_model(TINY)
+    reference = copy.deepcopy(model)
+    gated = GatedModel(model, offset_init=1.0)
+    blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
+    cfg = TrainConfig(steps=8, batch_size=4, lr=1e-2, offset_lr=0.0, warmup_steps=1, checkpoint_every=100,
+                      head_cap=head_cap, head_cap_weight=50.0)
+    result = post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=False, progress=False)
+    with torch.no_grad():
+        open_edges, pairs = gated.eval().set_mode("eval")(blocks[:8]).gate_record.edge_counts()
+    return (open_edges / pairs).numpy(), result.history
+
+
+def test_a_head_cap_pushes_the_heads_above_it_down():
+    free, free_history = _capped_run(None)
+    capped, capped_history = _capped_run(0.3)
+    assert "over_head_cap" not in free_history[-1] and capped_history[-1]["over_head_cap"] > 0
+    over = free > 0.3  # the heads the cap acts on (layer 0's stay fully open in 8 steps either way)
+    assert over.sum() >= 2
+    assert (capped[over] <= free[over]).all() and capped[over].mean() < free[over].mean() - 0.1, (free, capped)
