@@ -196,7 +196,7 @@ def branched_copy(run_dir: Path, checkpoint: Path, config: SparsifyConfig, outpu
     stage resumes from it; refuses a config that differs from the run's in anything but controller, eval,
     train.steps and the head cap, a checkpoint another config wrote, and a step at or past `config.train.steps`."""
     saved, state = run_checkpoint(run_dir, checkpoint)
-    kept = {"controller": True, "eval": True, "train": {"steps", "head_cap", "head_cap_weight"}}
+    kept = {"controller": True, "eval": True, "train": {"steps", "head_cap", "head_cap_weight", "head_cap_through"}}
     if saved.model_dump(exclude=kept) != config.model_dump(exclude=kept):
         sys.exit(f"{run_dir} was trained with another config than the --set arguments give in more than "
                  "controller, eval, train.steps and train.head_cap(_weight)")

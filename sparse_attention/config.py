@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
                                    "open fraction - head_cap), pushing the heads above the cap down beside the "
                                    "mean; None: the regulariser alone")
     head_cap_weight: float = Field(10.0, gt=0, description="weight of the head_cap term (the regulariser has 1)")
+    head_cap_through: Literal["logits", "scores"] = Field(
+        "logits", description="what the head_cap term's gradient moves: the gate logits (each head's queries and "
+        "keys, and the shared offset with them) or the scores alone (the offset held fixed in that term)")
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -55,6 +55,8 @@ class GateRecord:
     """What one forward pass of a GatedModel observed, layer by layer."""
 
     expected_open: list[torch.Tensor] = field(default_factory=list)  # per layer [head], differentiable
+    # per layer [head]: the same with the offset held fixed (differentiable in the scores only); with record_fixed_offset
+    expected_open_fixed_offset: list[torch.Tensor] = field(default_factory=list)
     open_edges: list[torch.Tensor] = field(default_factory=list)  # per layer [head], hard gates open
     allowed_pairs: list[torch.Tensor] = field(default_factory=list)  # per layer [head], causal unpadded pairs
     gate_masks: list[torch.Tensor] = field(default_factory=list)  # per layer bool [batch, head, q, k]
@@ -63,9 +65,11 @@ class GateRecord:
         """Expected open fraction, heads and layers weighted equally (arXiv 2512.05865 leaves the weighting open)."""
         return torch.stack(self.expected_open).mean()
 
-    def over_cap(self, cap: float) -> torch.Tensor:
-        """Mean over layers and heads of max(0, expected open fraction - cap): zero unless a head is above `cap`."""
-        return (torch.stack(self.expected_open) - cap).clamp(min=0).mean()
+    def over_cap(self, cap: float, fixed_offset: bool = False) -> torch.Tensor:
+        """Mean over layers and heads of max(0, expected open fraction - cap): zero unless a head is above `cap`.
+        `fixed_offset`: from `expected_open_fixed_offset` (its gradient moves the scores, not the offset)."""
+        fractions = self.expected_open_fixed_offset if fixed_offset else self.expected_open
+        return (torch.stack(fractions) - cap).clamp(min=0).mean()
 
     def edge_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(open gates [layer, head], causal pairs [layer, head])."""
@@ -82,6 +86,7 @@ class _GateContext:
     record: GateRecord
     frozen_masks: list[torch.Tensor] | None = None  # per layer bool [batch, head, q, k]: eval gates given, not computed
     generator: torch.Generator | None = None  # of the training noise; None: torch's global generator
+    record_fixed_offset: bool = False  # train mode: also record expected_open_fixed_offset
 
 
 _ACTIVE_GATE: contextvars.ContextVar[_GateContext | None] = contextvars.ContextVar("active_gate", default=None)
@@ -168,6 +173,9 @@ def gated_attention_forward(
                 else torch.zeros_like(logits)
             gate = straight_through_gate(logits, noise)
             ctx.record.expected_open.append(expected_open_fraction(logits, allowed))
+            if ctx.record_fixed_offset:
+                fixed = gate_logits(scores, ctx.offsets[layer].detach().to(scores.dtype))
+                ctx.record.expected_open_fixed_offset.append(expected_open_fraction(fixed, allowed))
         elif ctx.frozen_masks is not None:
             gate = ctx.frozen_masks[layer].to(scores.dtype)
         else:
@@ -264,18 +272,20 @@ class GatedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [batch, pos] 1 = token, 0 = padding
         *,
         record_masks: bool = False,
+        record_fixed_offset: bool = False,
         output_attentions: bool = False,
         use_cache: bool = False,
         **kwargs,
     ) -> GatedCausalLMOutput:
         """The wrapped model's forward with gated attention; other keyword arguments go to the HF model.
-        `record_masks` keeps the hard gate masks in `gate_record.gate_masks`."""
+        `record_masks` keeps the hard gate masks in `gate_record.gate_masks`; `record_fixed_offset` (train mode)
+        also records each head's expected open fraction with the offset held fixed (`over_cap(fixed_offset=True)`)."""
         if use_cache:
             raise GateError("GatedModel keeps no key/value cache; call it with use_cache=False")
         query_valid = None if attention_mask is None else attention_mask.bool()
         offsets = list(self.offsets_per_head.unbind(0))
         ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(),
-                           self.frozen_masks, self.noise_generator)
+                           self.frozen_masks, self.noise_generator, record_fixed_offset)
         token = _ACTIVE_GATE.set(ctx)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

@@ -49,7 +49,7 @@ TaskEvaluator = Callable[[torch.nn.Module, GatedModel, Any], dict]
 # options added after runs were fingerprinted, whose value here trains exactly as before they existed: left out of
 # the fingerprint at that value, so the checkpoints of those runs still resume
 LATER_OPTIONS_AT_OLD_BEHAVIOUR = {("controller", "per_stream"): False, ("train", "head_cap"): None,
-                                  ("train", "head_cap_weight"): 10.0}
+                                  ("train", "head_cap_weight"): 10.0, ("train", "head_cap_through"): "logits"}
 
 
 def training_fingerprint(config: SparsifyConfig) -> str:

@@ -81,7 +81,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         with autocast(train.precision, tokens.device):  # forward passes only; the losses below are fp32
             with torch.no_grad():
                 reference_logits = reference(input_ids=tokens).logits
-            out = gated(tokens)
+            out = gated(tokens, record_fixed_offset=train.head_cap is not None and train.head_cap_through == "scores")
         with torch.no_grad():  # each log-softmax over the vocabulary once: CE and KL share it
             reference_log_probs = next_token_log_probs(reference_logits)
             reference_ce = ce_from_log_probs(reference_log_probs, tokens)
@@ -94,7 +94,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         regulariser = out.gate_record.regulariser()
         penalty = regulariser
         if train.head_cap is not None:
-            over_cap = out.gate_record.over_cap(train.head_cap)
+            over_cap = out.gate_record.over_cap(train.head_cap, fixed_offset=train.head_cap_through == "scores")
             penalty = regulariser + train.head_cap_weight * over_cap
             totals["over_cap"] += over_cap.item() / train.grad_accumulation
         loss = controller.loss(penalty, excess_term) / train.grad_accumulation

@@ -508,6 +508,7 @@ def test_later_options_change_the_training_fingerprint_and_their_old_behaviour_i
     config = SparsifyConfig()
     payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
     del payload["controller"]["per_stream"], payload["train"]["head_cap"], payload["train"]["head_cap_weight"]
+    del payload["train"]["head_cap_through"]
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert stage.training_fingerprint(config) == before
     per_stream = config.model_copy(update={"controller": config.controller.model_copy(update={"per_stream": True})})
@@ -520,6 +521,26 @@ def test_over_cap_is_the_mean_excess_of_the_heads_above_the_cap():
     record = GateRecord(expected_open=[torch.tensor([0.5, 0.1]), torch.tensor([0.3, 0.05])])
     assert record.over_cap(0.2).item() == pytest.approx((0.3 + 0.1) / 4, abs=1e-7)
     assert record.over_cap(0.6).item() == 0.0
+
+
+def test_the_fixed_offset_record_equals_the_expected_open_fraction_and_its_cap_leaves_the_offsets_alone():
+    """The cap through the scores: no gradient on a layer's own offset (the last layer's offset gets none at all;
+    an earlier layer's offset still reaches later layers' scores through the residual), the same on the queries."""
+    model, _ = tiny_model(TINY)
+    gated = GatedModel(model, offset_init=1.0, offset_scope="layer").set_mode("train", noise=False)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    record = gated(tokens, record_fixed_offset=True).gate_record
+    assert len(record.expected_open_fixed_offset) == len(record.expected_open) == TINY.n_layers
+    for free, fixed in zip(record.expected_open, record.expected_open_fixed_offset):
+        assert torch.equal(free, fixed)
+    cap = float(torch.stack(record.expected_open).detach().median())  # some heads above it
+    q_weight = next(p for name, p in gated.named_parameters() if "q_proj.weight" in name)
+    through_scores = torch.autograd.grad(record.over_cap(cap, fixed_offset=True), [gated.offsets, q_weight],
+                                         retain_graph=True)
+    through_logits = torch.autograd.grad(record.over_cap(cap), [gated.offsets, q_weight])
+    last = TINY.n_layers - 1
+    assert through_scores[0][last].item() == 0.0 and through_logits[0][last].item() != 0.0
+    assert torch.equal(through_scores[1], through_logits[1])  # the same push on the queries
 
 
 def _capped_run(head_cap: float | None) -> tuple[np.ndarray, list[dict]]:
