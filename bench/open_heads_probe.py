@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparse_attention.config import SparsifyConfig  # noqa: E402
+from sparse_attention.config import SparsifyConfig, parse_head  # noqa: E402
 from sparse_attention.evaluate import compare_on_heldout  # noqa: E402
 from sparse_attention.gated_attention import load_gated_model  # noqa: E402
 from sparse_attention.models import load_model  # noqa: E402
@@ -37,14 +37,6 @@ CLOSED = -1e4  # a gate offset no score reaches: every gate of the head shut
 
 def head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
-
-
-def parse_head(name: str) -> tuple[int, int]:
-    """'L2H4' -> (2, 4)."""
-    layer, _, head = name.upper().removeprefix("L").partition("H")
-    if not (layer.isdigit() and head.isdigit()):
-        raise ValueError(f"head {name!r} is not of the form L<layer>H<head>, e.g. L2H4")
-    return int(layer), int(head)
 
 
 def variants(heads: list[tuple[int, int]], shifts: list[float], sets: list[list[tuple[int, int]]]

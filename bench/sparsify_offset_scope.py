@@ -23,9 +23,10 @@ planned steps under "truncated_from".
         --branch runs/x/model --branch-checkpoint saved/train_state.pt --tag z
 
 continues a run from one of its checkpoints (a copy kept at the step wanted; default its last) under a changed
-controller or head cap: the --set arguments may differ from the run's saved config only in `controller`, `eval`,
-train.steps and train.head_cap(_weight), so the data, learning-rate schedule and gate noise go on exactly as the
-run's own. The JSON records the run and the step under "branched_from".
+controller, head cap or closed heads: the --set arguments may differ from the run's saved config only in
+`controller`, `eval`, train.steps, train.head_cap(_weight, _through) and gate.closed_heads, so the data,
+learning-rate schedule and gate noise go on exactly as the run's own. The JSON records the run and the step under
+"branched_from".
 
     python bench/sparsify_offset_scope.py --stopped runs/x/model --tag y
 
@@ -194,12 +195,13 @@ def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> t
 def branched_copy(run_dir: Path, checkpoint: Path, config: SparsifyConfig, output_dir: Path) -> dict:
     """Copy `checkpoint` (written by the run in `run_dir`) into `output_dir` under `config`'s fingerprint, so the
     stage resumes from it; refuses a config that differs from the run's in anything but controller, eval,
-    train.steps and the head cap, a checkpoint another config wrote, and a step at or past `config.train.steps`."""
+    train.steps, the head cap and the closed heads, a checkpoint another config wrote, and a step at or past `config.train.steps`."""
     saved, state = run_checkpoint(run_dir, checkpoint)
-    kept = {"controller": True, "eval": True, "train": {"steps", "head_cap", "head_cap_weight", "head_cap_through"}}
+    kept = {"controller": True, "eval": True, "train": {"steps", "head_cap", "head_cap_weight", "head_cap_through"},
+            "gate": {"closed_heads"}}
     if saved.model_dump(exclude=kept) != config.model_dump(exclude=kept):
         sys.exit(f"{run_dir} was trained with another config than the --set arguments give in more than "
-                 "controller, eval, train.steps and train.head_cap(_weight)")
+                 "controller, eval, train.steps, train.head_cap(_weight, _through) and gate.closed_heads")
     if int(state["step"]) >= config.train.steps:
         sys.exit(f"{checkpoint} is at step {state['step']}: give train.steps beyond it")
     resume_as(state, config, output_dir)

@@ -39,6 +39,30 @@ class GateConfig(BaseModel):
     offset_scope: Literal["model", "layer", "head"] = Field(
         "head", description="one b for the whole model (the paper's scalar), one per layer, or one per layer and head"
     )
+    closed_heads: list[str] = Field([], description="heads whose gates stay shut in training and evaluation, "
+                                    "e.g. ['L2H4'] (layer 2, head 4): they write nothing and hold no edge. "
+                                    "bench/open_heads_probe.py measures what closing each costs")
+
+    @field_validator("closed_heads")
+    @classmethod
+    def _head_names(cls, names: list[str]) -> list[str]:
+        heads = [parse_head(name) for name in names]
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"closed_heads names a head twice: {names}")
+        return names
+
+    @property
+    def closed_head_indices(self) -> list[tuple[int, int]]:
+        """closed_heads as (layer, head) pairs."""
+        return [parse_head(name) for name in self.closed_heads]
+
+
+def parse_head(name: str) -> tuple[int, int]:
+    """'L2H4' -> (2, 4): layer 2, head 4."""
+    layer, _, head = name.upper().removeprefix("L").partition("H")
+    if not (name.upper().startswith("L") and layer.isdigit() and head.isdigit()):
+        raise ValueError(f"head {name!r} is not of the form L<layer>H<head>, e.g. L2H4")
+    return int(layer), int(head)
 
 
 class TrainConfig(BaseModel):

@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -87,6 +87,7 @@ class _GateContext:
     frozen_masks: list[torch.Tensor] | None = None  # per layer bool [batch, head, q, k]: eval gates given, not computed
     generator: torch.Generator | None = None  # of the training noise; None: torch's global generator
     record_fixed_offset: bool = False  # train mode: also record expected_open_fixed_offset
+    head_open: torch.Tensor | None = None  # bool [layer, head], False at closed heads; None: no head closed
 
 
 _ACTIVE_GATE: contextvars.ContextVar[_GateContext | None] = contextvars.ContextVar("active_gate", default=None)
@@ -168,18 +169,22 @@ def gated_attention_forward(
         gate = allowed.expand_as(scores).to(scores.dtype)
     else:
         logits = gate_logits(scores, ctx.offsets[layer].to(scores.dtype))
+        head_open = None if ctx.head_open is None else ctx.head_open[layer].view(1, -1, 1, 1)  # [1, h, 1, 1]
         if ctx.mode == "train":
             noise = logistic_noise(logits.shape, like=logits, generator=ctx.generator) if ctx.noise \
                 else torch.zeros_like(logits)
             gate = straight_through_gate(logits, noise)
-            ctx.record.expected_open.append(expected_open_fraction(logits, allowed))
+            gateable = allowed if head_open is None else allowed & head_open  # a closed head adds 0 to the regulariser
+            ctx.record.expected_open.append(expected_open_fraction(logits, gateable))
             if ctx.record_fixed_offset:
                 fixed = gate_logits(scores, ctx.offsets[layer].detach().to(scores.dtype))
-                ctx.record.expected_open_fixed_offset.append(expected_open_fraction(fixed, allowed))
+                ctx.record.expected_open_fixed_offset.append(expected_open_fraction(fixed, gateable))
         elif ctx.frozen_masks is not None:
             gate = ctx.frozen_masks[layer].to(scores.dtype)
         else:
             gate = hard_gate(logits)
+        if head_open is not None:
+            gate = gate * head_open
         weights = probs * gate
     open_edges, pairs = count_open_edges(gate.detach() * allowed, allowed)
     ctx.record.open_edges.append(open_edges)
@@ -220,7 +225,7 @@ class GatedModel(nn.Module):
     """
 
     def __init__(self, model: PreTrainedModel, offset_init: float, *, learn_offset: bool = True,
-                 offset_scope: OffsetScope = "head"):
+                 offset_scope: OffsetScope = "head", closed_heads: Sequence[tuple[int, int]] = ()):
         super().__init__()
         register_gated_attention()
         self.model = model
@@ -230,6 +235,14 @@ class GatedModel(nn.Module):
         self.offset_scope = offset_scope
         offsets = torch.full(offset_shape(offset_scope, self.n_layers, self.n_heads), float(offset_init))
         self.offsets = nn.Parameter(offsets, requires_grad=learn_offset)  # broadcasts to [layer, head]
+        self.closed_heads = sorted({(int(layer), int(head)) for layer, head in closed_heads})
+        head_open = torch.ones(self.n_layers, self.n_heads, dtype=torch.bool)
+        for layer, head in self.closed_heads:
+            if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+                raise GateError(f"closed head L{layer}H{head} is not in the model ({self.n_layers} layers, "
+                                f"{self.n_heads} heads)")
+            head_open[layer, head] = False
+        self.register_buffer("head_open", head_open, persistent=False)  # [layer, head]; moves with .to()
         self.mode: GateMode = "eval"
         self.noise = True
         self.frozen_masks: list[torch.Tensor] | None = None  # see frozen_gates
@@ -285,7 +298,8 @@ class GatedModel(nn.Module):
         query_valid = None if attention_mask is None else attention_mask.bool()
         offsets = list(self.offsets_per_head.unbind(0))
         ctx = _GateContext(offsets, self.mode, self.noise, query_valid, record_masks, GateRecord(),
-                           self.frozen_masks, self.noise_generator, record_fixed_offset)
+                           self.frozen_masks, self.noise_generator, record_fixed_offset,
+                           self.head_open if self.closed_heads else None)
         token = _ACTIVE_GATE.set(ctx)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -304,7 +318,8 @@ class GatedModel(nn.Module):
             tokenizer.save_pretrained(directory)
         save_file({"offsets": self.offsets_per_head.detach().float().contiguous()}, str(directory / GATE_FILE))
         meta = {"attention": ATTENTION_NAME, "n_layers": self.n_layers, "n_heads": self.n_heads,
-                "offset_scope": self.offset_scope, **(metadata or {})}
+                "offset_scope": self.offset_scope, "closed_heads": [list(h) for h in self.closed_heads],
+                **(metadata or {})}
         (directory / GATE_META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -317,7 +332,8 @@ def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     """Load a checkpoint written by GatedModel.save: returns (GatedModel in eval mode, tokenizer).
 
     The file holds offsets per head [layer, head]; gate.json's offset_scope (default 'head') sets the
-    learned shape, and offsets that vary within one scope group are refused."""
+    learned shape, and offsets that vary within one scope group are refused; its closed_heads (default none)
+    stay shut."""
     directory = Path(directory)
     gate_path = directory / GATE_FILE
     if not directory.is_dir():
@@ -329,9 +345,15 @@ def load_gated_model(directory: str | Path, dtype: torch.dtype = torch.float32):
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise GateError(f"{gate_path} is unreadable ({exc}); the checkpoint is corrupted, rerun the stage") from exc
     meta_path = directory / GATE_META_FILE
-    scope = json.loads(meta_path.read_text()).get("offset_scope", "head") if meta_path.is_file() else "head"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    scope = meta.get("offset_scope", "head")
+    closed = meta.get("closed_heads", [])
+    if not (isinstance(closed, list) and all(isinstance(h, list) and len(h) == 2 and
+                                             all(isinstance(i, int) and not isinstance(i, bool) for i in h)
+                                             for h in closed)):
+        raise GateError(f"{meta_path} holds closed_heads {closed!r}: not a list of [layer, head] integer pairs")
     model, tokenizer = load_model(str(directory), dtype=dtype)
-    gated = GatedModel(model, offset_init=0.0, offset_scope=scope)
+    gated = GatedModel(model, offset_init=0.0, offset_scope=scope, closed_heads=[tuple(h) for h in closed])
     if offsets.shape != (gated.n_layers, gated.n_heads):
         raise GateError(f"{gate_path} holds offsets {tuple(offsets.shape)}, "
                         f"model needs {(gated.n_layers, gated.n_heads)}")

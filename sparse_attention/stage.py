@@ -49,7 +49,8 @@ TaskEvaluator = Callable[[torch.nn.Module, GatedModel, Any], dict]
 # options added after runs were fingerprinted, whose value here trains exactly as before they existed: left out of
 # the fingerprint at that value, so the checkpoints of those runs still resume
 LATER_OPTIONS_AT_OLD_BEHAVIOUR = {("controller", "per_stream"): False, ("train", "head_cap"): None,
-                                  ("train", "head_cap_weight"): 10.0, ("train", "head_cap_through"): "logits"}
+                                  ("train", "head_cap_weight"): 10.0, ("train", "head_cap_through"): "logits",
+                                  ("gate", "closed_heads"): []}
 
 
 def training_fingerprint(config: SparsifyConfig) -> str:
@@ -135,7 +136,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     dense_ce = mean_ce(lambda t: reference(input_ids=t).logits, heldout, eval_bs, device)
 
     gated = GatedModel(model, offset_init=0.0, learn_offset=config.gate.learn_offset,
-                       offset_scope=config.gate.offset_scope).to(device)
+                       offset_scope=config.gate.offset_scope, closed_heads=config.gate.closed_head_indices).to(device)
     if config.gate.offset_init == "auto":
         offset, trials = calibrate_offset(
             gated, dense_ce, heldout, eval_bs, config.gate.offset_candidates, config.gate.calibration_tolerance
@@ -195,6 +196,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         "offset_init": offset,
         "offset_calibration": trials,
         "offset_scope": config.gate.offset_scope,
+        "closed_heads": config.gate.closed_heads,
         "offset_final_mean": float(gated.offsets_per_head.mean()),
         "offset_final_per_head": gated.offsets_per_head.detach().tolist(),
         "heldout_tokens": int(heldout.numel()),

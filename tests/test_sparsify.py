@@ -98,6 +98,48 @@ def test_save_load_round_trip_is_exact(tmp_path, model_and_tokens):
     assert torch.equal(loaded.offsets, gated.offsets)
 
 
+def test_a_closed_head_opens_no_gate_writes_nothing_and_leaves_the_other_heads_of_its_layer_alone(model_and_tokens):
+    model, tokens = model_and_tokens
+    free = GatedModel(copy.deepcopy(model), offset_init=2.0)
+    closed = GatedModel(model, offset_init=2.0, closed_heads=[(0, 1), (1, 3)])
+    for mode in ("eval", "train"):
+        free.set_mode(mode, noise=False), closed.set_mode(mode, noise=False)
+        a, b = free(tokens, output_attentions=True), closed(tokens, output_attentions=True)
+        open_edges, pairs = b.gate_record.edge_counts()
+        assert open_edges[0, 1] == 0 and open_edges[1, 3] == 0 and pairs[0, 1] > 0  # its pairs still count
+        assert (b.attentions[0][:, 1] == 0).all() and (b.attentions[1][:, 3] == 0).all()
+        assert torch.equal(open_edges[0, [0, 2, 3]], a.gate_record.edge_counts()[0][0, [0, 2, 3]])  # layer 0's input
+        assert torch.equal(b.attentions[0][:, [0, 2, 3]], a.attentions[0][:, [0, 2, 3]])
+        if mode == "train":
+            assert b.gate_record.expected_open[0][1] == 0 and b.gate_record.expected_open[1][3] == 0
+            assert torch.equal(b.gate_record.expected_open[0][[0, 2, 3]], a.gate_record.expected_open[0][[0, 2, 3]])
+    with pytest.raises(GateError, match="closed head L2H0 is not in the model"):
+        GatedModel(copy.deepcopy(model), offset_init=2.0, closed_heads=[(2, 0)])
+
+
+def test_closed_heads_survive_save_and_load_and_a_bad_list_is_refused(tmp_path, model_and_tokens):
+    model, tokens = model_and_tokens
+    _, tokenizer = tiny_model(TINY)
+    gated = GatedModel(model, offset_init=2.0, offset_scope="model", closed_heads=[(1, 2)]).eval()
+    gated.save(tmp_path / "ckpt", tokenizer)
+    meta = json.loads((tmp_path / "ckpt" / "gate.json").read_text())
+    assert meta["closed_heads"] == [[1, 2]]
+    loaded, _ = load_gated_model(tmp_path / "ckpt")
+    assert loaded.closed_heads == [(1, 2)] and torch.equal(loaded(tokens).logits, gated(tokens).logits)
+    (tmp_path / "ckpt" / "gate.json").write_text(json.dumps({**meta, "closed_heads": [[1, "2"]]}))
+    with pytest.raises(GateError, match="not a list of \\[layer, head\\] integer pairs"):
+        load_gated_model(tmp_path / "ckpt")
+
+
+def test_closed_heads_config_names_heads_once():
+    from sparse_attention.config import GateConfig
+
+    assert GateConfig(closed_heads=["L2H4", "l0h8"]).closed_head_indices == [(2, 4), (0, 8)]
+    for bad in (["2H4"], ["L2"], ["L2H4", "L2H4"]):
+        with pytest.raises(ValueError):
+            GateConfig(closed_heads=bad)
+
+
 def test_load_errors(tmp_path, model_and_tokens):
     with pytest.raises(GateError, match="does not exist"):
         load_gated_model(tmp_path / "missing")
@@ -240,6 +282,15 @@ def test_a_refused_resume_leaves_the_output_directory_as_it_was(tmp_path):
     with pytest.raises(CheckpointError, match="different training config"):
         stage.run(load_config(preset="tiny").sparsify, out, progress=False)
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_the_stage_keeps_closed_heads_shut_through_training_saving_and_evaluation(tmp_path):
+    config = load_config(preset="tiny", overrides=["sparsify.train.steps=3", "sparsify.gate.closed_heads=[L1H2]"]).sparsify
+    metrics = stage.run(config, tmp_path / "sparsify", progress=False)
+    assert metrics["closed_heads"] == ["L1H2"]
+    assert load_gated_model(tmp_path / "sparsify" / stage.MODEL_DIR)[0].closed_heads == [(1, 2)]
+    for section in metrics["heldout_by_length"]:
+        assert section["edge_fraction_per_head"][1][2] == 0.0
 
 
 def test_tiny_stage_sparsifies_within_tolerance(tmp_path):
@@ -508,7 +559,7 @@ def test_later_options_change_the_training_fingerprint_and_their_old_behaviour_i
     config = SparsifyConfig()
     payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
     del payload["controller"]["per_stream"], payload["train"]["head_cap"], payload["train"]["head_cap_weight"]
-    del payload["train"]["head_cap_through"]
+    del payload["train"]["head_cap_through"], payload["gate"]["closed_heads"]
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert stage.training_fingerprint(config) == before
     per_stream = config.model_copy(update={"controller": config.controller.model_copy(update={"per_stream": True})})
