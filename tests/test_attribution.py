@@ -60,11 +60,12 @@ def random_clt(n_layers: int, d_model: int, n_features: int, seed: int = 0, skip
 
 
 def make_model(kind: str, config: TinyModelConfig = TINY):
-    """'hf': the plain HF model; 'dense': a GatedModel with gates off; 'gated': hard gates, about half shut."""
+    """'hf': the plain HF model; 'dense': a GatedModel with gates off; 'gated': hard gates, about half shut;
+    'closed': 'gated' with heads L1H1 and L2H0 closed."""
     model, tokenizer = tiny_model(config)
     if kind == "hf":
         return model, tokenizer
-    gated = GatedModel(model, offset_init=0.0).eval()
+    gated = GatedModel(model, offset_init=0.0, closed_heads=[(1, 1), (2, 0)] if kind == "closed" else ()).eval()
     with torch.no_grad():
         gated.offsets.copy_(torch.linspace(-0.3, 0.3, gated.offsets.numel()).view_as(gated.offsets))
     return gated.set_mode("dense" if kind == "dense" else "eval"), tokenizer
@@ -166,9 +167,14 @@ def closeness_scale(graph) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind, skip", [("hf", False), ("dense", False), ("gated", False), ("dense", True),
-                                        ("gated", True)])
+                                        ("gated", True), ("closed", False)])
 def test_perturbing_a_source_moves_targets_by_edge_weight(kind, skip):
     model, lrm = replacement(kind, skip=skip)
+    if kind == "closed":  # the closed heads' frozen patterns hold nothing; open, the same heads attend
+        assert not lrm.prompt.patterns[1, 1].any() and not lrm.prompt.patterns[2, 0].any()
+        open_patterns = replacement("gated", skip=skip)[1].prompt.patterns
+        assert open_patterns[1, 1].any() and open_patterns[2, 0].any()
+        assert torch.equal(lrm.prompt.patterns[1, 2:], open_patterns[1, 2:])  # layer 1's other heads: the same input
     assert lrm.has_skip == skip
     graph = attribute(lrm, GraphConfig())
     assert graph.n_selected > 20 and len(graph.logit_tokens) >= 1

@@ -42,7 +42,8 @@ def test_components_sum_to_the_residual(kind, skip):
             torch.testing.assert_close(vectors.sum(0), lrm.prompt.resid_pre[layer, pos], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind, skip", [("dense", False), ("gated", False), ("dense", True), ("gated", True)])
+@pytest.mark.parametrize("kind, skip", [("dense", False), ("gated", False), ("dense", True), ("gated", True),
+                                        ("closed", False)])
 def test_pairs_sum_to_the_models_gate_logit(kind, skip):
     model, lrm = replacement(kind, skip=skip)
     components = ResidualComponents(lrm)
@@ -54,9 +55,10 @@ def test_pairs_sum_to_the_models_gate_logit(kind, skip):
                 expected = scores[head, query, key]
                 scale = max(float(pairs.abs().sum()), float(scores.abs().max()))  # tiny scores at layer 0
                 assert abs(pairs.sum() - expected) <= 1e-5 * scale
-                if kind == "gated":  # the gate is open exactly when score + b > 0
+                if kind != "dense":  # the gate is open exactly when score + b > 0 and the head is not closed
                     logit = pairs.sum() + lrm.model.gate_offsets[layer, head]
-                    assert bool(lrm.prompt.patterns[layer, head, query, key] != 0) == bool(logit > 0)
+                    head_open = (layer, head) not in model.closed_heads
+                    assert bool(lrm.prompt.patterns[layer, head, query, key] != 0) == (bool(logit > 0) and head_open)
 
 
 def residual_with_frozen_attention(lrm, pos: int, removed: str) -> torch.Tensor:
