@@ -61,22 +61,26 @@ from pipeline.config import load_config  # noqa: E402
 from prompts.metrics import task_evaluator  # noqa: E402
 from sparse_attention import stage  # noqa: E402
 from sparse_attention.config import SparsifyConfig  # noqa: E402
-from sparse_attention.data import draw_schedule  # noqa: E402
+from sparse_attention.data import draw_schedule, stream_name  # noqa: E402
 from sparse_attention.train import CHECKPOINT_NAME  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
 
+def step_streams(config: SparsifyConfig, steps: int) -> list[str]:
+    """The streams of the batches of steps 1..`steps` (joined with ' + ' when a step draws several)."""
+    draws = config.train.grad_accumulation
+    schedule = draw_schedule(config.data, draws)
+    return [" + ".join(stream_name(next(schedule)) for _ in range(draws)) for _ in range(steps)]
+
+
 def by_stream(history: list[dict], config: SparsifyConfig) -> list[dict]:
     """Mean CE excess over the original (deterministic and noisy gates) and lambda per (source, length) of the
     step's batches, over the second half of training: which corpus and length the constraint binds on."""
-    draws = config.train.grad_accumulation
-    schedule = draw_schedule(config.data, draws)
-    steps = [tuple(next(schedule) for _ in range(draws)) for _ in history]
     groups: dict[str, list[dict]] = {}
-    for row, stream in zip(history, steps):
+    for row, name in zip(history, step_streams(config, len(history))):
         if row["step"] > len(history) // 2:
-            groups.setdefault(" + ".join(f"{source}@{length}" for source, length in stream), []).append(row)
+            groups.setdefault(name, []).append(row)
     return [{"stream": name, "steps": len(rows)} | {key: sum(r[key] for r in rows) / len(rows)
                                                     for key in ("hard_ce_excess", "ce_excess", "multiplier")
                                                     if key in rows[0]}
@@ -236,10 +240,7 @@ def paired(run_dirs: list[Path], first: int, last: int, tag: str) -> int:
     if any(config.data != data or config.train.grad_accumulation != runs[0][1].train.grad_accumulation
            for _, config, _ in runs):
         sys.exit("--paired compares runs on the same batches: their data configs differ")
-    draws = runs[0][1].train.grad_accumulation
-    schedule = draw_schedule(data, draws)
-    streams = {step: " + ".join(f"{source}@{length}" for source, length in (next(schedule) for _ in range(draws)))
-               for step in range(1, last + 1)}
+    streams = dict(enumerate(step_streams(runs[0][1], last), start=1))
     compared = []
     for run_dir, config, state in runs:
         rows = {row["step"]: row for row in state["history"]}

@@ -24,6 +24,8 @@ import math
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sparse_attention.data import stream_name
+
 
 class ControllerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -97,7 +99,7 @@ class StreamMultipliers:
         self._seed: dict | None = None  # a single controller's state that new streams start from (load_state_dict)
 
     def key(self, stream: tuple[str, int]) -> str:
-        return f"{stream[0]}@{stream[1]}" if self.config.per_stream else "all"
+        return stream_name(stream) if self.config.per_stream else "all"
 
     def __getitem__(self, stream: tuple[str, int]) -> LagrangeController:
         key = self.key(stream)

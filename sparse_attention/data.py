@@ -413,6 +413,11 @@ def _weighted_round_robin(weights: dict[str, float], counts: dict[str, int]) -> 
     return max(weights, key=lambda name: weights[name] * total - counts[name])
 
 
+def stream_name(stream: tuple[str, int]) -> str:
+    """('brown', 512) -> 'brown@512': how histories, multipliers and benches name a training stream."""
+    return f"{stream[0]}@{stream[1]}"
+
+
 def draw_schedule(config: TrainDataConfig, draws_per_step: int = 1) -> Iterator[tuple[str, int]]:
     """Endless (source, length) of each training draw: draw d belongs to step d // draws_per_step, whose length is
     `config.step_length(step)`; among the draws of one length the sources take turns by weighted round robin."""

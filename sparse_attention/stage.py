@@ -108,7 +108,8 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     if config.eval.task_prompts and evaluate_tasks is None:
         raise ValueError("sparsify.eval.task_prompts > 0 needs a task evaluator: run the stage through the pipeline, "
                          "or pass evaluate_tasks (e.g. prompts.metrics.task_evaluator), or set task_prompts 0")
-    require_resumable(Path(output_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME, training_fingerprint(config))
+    fingerprint = training_fingerprint(config)
+    require_resumable(Path(output_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME, fingerprint)
     output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -154,7 +155,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         learn_offset=config.gate.learn_offset,
         streams=lambda start: itertools.islice(draw_schedule(config.data, config.train.grad_accumulation), start, None),
         checkpoint_dir=output_dir / CHECKPOINT_DIR,
-        config_fingerprint=training_fingerprint(config),
+        config_fingerprint=fingerprint,
         progress=progress,
         on_checkpoint=on_checkpoint,
     )

@@ -16,7 +16,7 @@ from runtime.training import LoopOptions, TrainingLoop, TrainResult, lr_factor
 from sparse_attention.architectures import trainable_pattern
 from sparse_attention.config import TrainConfig
 from sparse_attention.constraint import ControllerConfig, StreamMultipliers
-from sparse_attention.data import batch_iterator
+from sparse_attention.data import batch_iterator, stream_name
 from sparse_attention.evaluate import ce_from_log_probs, kl_from_log_probs, next_token_log_probs
 from sparse_attention.gated_attention import GatedModel
 
@@ -73,6 +73,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
     totals = {"ce": 0.0, "reference_ce": 0.0, "excess": 0.0, "regulariser": 0.0, "open": 0, "pairs": 0,
               "hard_ce": 0.0, "hard_excess": 0.0, "over_cap": 0.0}
     hard_gates = train.controller_signal == "hard_gates"
+    cap_fixed_offset = train.head_cap is not None and train.head_cap_through == "scores"
     signals: dict[str, list[float]] = {}  # per multiplier: the constraint value of each of its batches
     for _ in range(train.grad_accumulation):
         stream = next(streams)
@@ -81,7 +82,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         with autocast(train.precision, tokens.device):  # forward passes only; the losses below are fp32
             with torch.no_grad():
                 reference_logits = reference(input_ids=tokens).logits
-            out = gated(tokens, record_fixed_offset=train.head_cap is not None and train.head_cap_through == "scores")
+            out = gated(tokens, record_fixed_offset=cap_fixed_offset)
         with torch.no_grad():  # each log-softmax over the vocabulary once: CE and KL share it
             reference_log_probs = next_token_log_probs(reference_logits)
             reference_ce = ce_from_log_probs(reference_log_probs, tokens)
@@ -94,7 +95,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         regulariser = out.gate_record.regulariser()
         penalty = regulariser
         if train.head_cap is not None:
-            over_cap = out.gate_record.over_cap(train.head_cap, fixed_offset=train.head_cap_through == "scores")
+            over_cap = out.gate_record.over_cap(train.head_cap, fixed_offset=cap_fixed_offset)
             penalty = regulariser + train.head_cap_weight * over_cap
             totals["over_cap"] += over_cap.item() / train.grad_accumulation
         loss = controller.loss(penalty, excess_term) / train.grad_accumulation
@@ -130,7 +131,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         "step": step + 1,
         "tokens": tokens_seen,
         "context_length": int(tokens.shape[1]),  # of this step's (last) batch: mixed-length training varies it
-        "stream": f"{stream[0]}@{stream[1]}",  # (source, length) of this step's last batch
+        "stream": stream_name(stream),  # (source, length) of this step's last batch
         "ce": totals["ce"],
         "reference_ce": totals["reference_ce"],
         "ce_excess": totals["ce"] - totals["reference_ce"],
