@@ -40,8 +40,6 @@ class ComponentCircuitConfig(BaseModel):
     # non-monotone edge curve (tests/test_precision.py: 9 -> 11 edges on a tiny model; heads stay equal)
     precision: Precision = Field("fp32", description="every forward and gradient pass (recording, ranking, "
                                  "patching): " + PRECISION_DESCRIPTION)
-
-
     head_ranking: Literal["exact", "eap"] = Field(
         "exact", description="heads ranked by exact single-head patching (one pass per head) or by EAP node scores")
     edge_ranking: Literal["eap_ig", "eap"] = Field(

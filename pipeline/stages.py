@@ -89,8 +89,6 @@ def _sparsify_worker(loop_config: dict) -> None:
 
     Training checkpoints go through Ray Train (reported by every rank, rank 0's directory uploaded into
     the run's storage); a rerun restores the latest one into the stage's checkpoint directory first."""
-
-
     torch.set_num_threads(loop_config["threads"])
     work_dir = Path(loop_config["work_dir"])
     _resume_from_ray_train(work_dir / sparsify.CHECKPOINT_DIR)
@@ -104,7 +102,6 @@ def _clt_worker(loop_config: dict) -> None:
     it (its GPU with use_gpu, else the CPU); rank 0 saves, exports and evaluates. Checkpoints go through Ray
     Train as in `_sparsify_worker`."""
     from ray.train.torch import get_device
-
 
     torch.set_num_threads(loop_config["threads"])
     work_dir = Path(loop_config["work_dir"])
@@ -173,8 +170,6 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
 
 def _run_clt(variant: str):
     def run(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path], progress: bool, force: bool) -> dict:
-
-
         source = config.sparsify.model if variant == "dense" else inputs["sparsify"] / "model"
         resources = config.resources.for_stage("clt")
         if resources.num_workers > 1:
