@@ -8,7 +8,10 @@ together (--sets), with deterministic gates.
 The stage directory holds metrics.json, sparsify_config.yaml and model/ (the gated checkpoint). Held-out blocks
 are the stage's own (every source it trained on or evaluated, `eval.long_blocks` at the length). A closed head
 has every gate shut (its offset -1e4): its queries attend to nothing and it writes zero. Lowering an offset
-by s closes every edge whose gate logit is below s. Writes bench/results/open_heads_probe_<tag>.json.
+by s closes every edge whose gate logit is below s. With --tasks N, each variant is also scored on N prompts
+of every task (clean logit difference and accuracy against the original, the stage's own task evaluation with
+its seed), since a head that is free to close by held-out CE may still carry a task.
+Writes bench/results/open_heads_probe_<tag>.json.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prompts.metrics import task_evaluator  # noqa: E402
 from sparse_attention.config import SparsifyConfig, parse_head  # noqa: E402
 from sparse_attention.evaluate import compare_on_heldout  # noqa: E402
 from sparse_attention.gated_attention import load_gated_model  # noqa: E402
@@ -60,6 +64,8 @@ def main() -> int:
     parser.add_argument("--sets", nargs="*", default=[],
                         help="more variants, each a comma-separated set of heads closed together, e.g. L2H3,L2H4")
     parser.add_argument("--only-sets", action="store_true", help="the unchanged model and --sets only")
+    parser.add_argument("--tasks", type=int, default=0, metavar="N",
+                        help="also score every task on N prompts per variant (0: held-out CE and KL only)")
     parser.add_argument("--tag", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -81,6 +87,7 @@ def main() -> int:
     except ValueError as exc:
         parser.error(str(exc))
     probes = variants([] if args.only_sets else heads, [] if args.only_sets else args.shifts, sets)
+    evaluate_tasks = task_evaluator(args.tasks, config.eval.task_seed) if args.tasks else None
     for name, changes in probes:
         offsets = base.clone()
         for (layer, head), change in changes.items():
@@ -94,6 +101,14 @@ def main() -> int:
                          "kl_per_token": compared.kl_per_token, "edge_fraction": compared.edges.edge_fraction,
                          "listed_heads_edge_fraction": {head_name(*h): float(per_head[h]) for h in heads},
                          "scored_tokens": compared.tokens})
+            print(json.dumps(rows[-1]), flush=True)
+        if evaluate_tasks is not None:
+            with torch.no_grad():
+                scores = evaluate_tasks(reference, gated.eval().set_mode("eval"), tokenizer)
+            rows.append({"variant": name, "tasks": {task: {"logit_diff_ratio": row["logit_diff_ratio"],
+                                                           "accuracy_ratio": row["accuracy_ratio"],
+                                                           "sparse": row["sparse"], "dense": row["dense"]}
+                                                    for task, row in scores.items() if task != "seed"}})
             print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python " + " ".join(sys.argv), "stage_dir": str(args.stage_dir), "length": args.length,
               "heads": [head_name(*h) for h in heads], "closed_offset": CLOSED, "rows": rows,
