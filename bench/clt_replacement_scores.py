@@ -26,7 +26,6 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, not the
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
-SCORES = ["replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"]
 CLT_METRICS = ["nmse", "l0", "dead_fraction", "ce_recovered_fraction", "train_steps", "train_tokens_seen",
                "train_cpu_seconds", "stage_wall_seconds"]
 
@@ -41,17 +40,18 @@ def attribute_command(args: argparse.Namespace, variant: str) -> list[str]:
 
 def summarise(store: Path, variant: str) -> dict:
     from attribution.store import open_store
+    from comparison.graph_metrics import GRAPH_SCORES
 
     graphs = open_store(store).list_graphs(variant)
     if graphs.empty:
         sys.exit(f"no {variant} graphs in {store}")
-    scores = graphs[SCORES].astype(float)
+    scores = graphs[list(GRAPH_SCORES)].astype(float)
     return {
         "n_graphs": len(graphs),
         **{score: {"mean": scores[score].mean(), "median": scores[score].median(), "min": scores[score].min(),
-                   "max": scores[score].max()} for score in SCORES},
-        "by_task": {str(task): {"n": len(rows), **{score: rows[score].astype(float).mean() for score in SCORES}}
-                    for task, rows in graphs.groupby(graphs["task"].fillna("free"))},
+                   "max": scores[score].max()} for score in GRAPH_SCORES},
+        "by_task": {str(task): {"n": len(rows), **{score: rows[score].astype(float).mean() for score in GRAPH_SCORES}}
+                    for task, rows in graphs.groupby("task")},
     }
 
 

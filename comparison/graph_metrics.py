@@ -129,6 +129,8 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 
 
 QK_KEYS = ["layer", "head", "query_pos", "key_pos"]
+# the scores the attribution stage stores per graph (attribution/schema.py), carried into each metrics row
+GRAPH_SCORES = ("replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score")
 
 
 def qk_edge_scores(qk_pairs: pd.DataFrame) -> pd.DataFrame:
@@ -200,7 +202,7 @@ def graph_metrics(info: Mapping, nodes: pd.DataFrame, edges: pd.DataFrame, head_
     for k in config.qk_top_k:
         shares = explained[f"top{k}_share"].to_numpy(np.float64) if len(explained) else np.zeros(0)
         row[f"qk_top{k}_share"] = weighted_median(shares, edge_weight) if attention else np.nan
-    for key in ("replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"):
+    for key in GRAPH_SCORES:
         row[key] = float(info[key])
     return row
 
@@ -212,7 +214,7 @@ def metric_columns(config: CompareConfig) -> list[str]:
             "n_heads_any", "n_heads_carrying", "n_heads_cover", "n_attention_edges", "n_attention_edges_cover",
             "n_sink_attention_edges", "sink_share", "n_qk_attributed_edges",
             *[f"qk_top{k}_share" for k in config.qk_top_k],
-            "replacement_score", "completeness_score", "pruned_replacement_score", "pruned_completeness_score"]
+            *GRAPH_SCORES]
 
 
 def store_metrics(store, config: CompareConfig, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
