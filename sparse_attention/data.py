@@ -307,13 +307,14 @@ class TrainDataConfig(DataConfig, extra="forbid"):
 
     `source` stays the corpus the stage calibrates and reports at `context_length`; with `mix`, training
     batches come from each named source in proportion to its weight (each source's train split only).
-    With `long_context_length`, every `long_every`-th optimiser step trains on blocks of that length, in
-    batches of `max(1, batch_size * context_length // long_context_length)` (about as many tokens as a
-    short step); the other steps use `context_length`.
+    With `long_context_length`, every `long_every`-th optimiser step trains on blocks of that length (a list:
+    the long steps take its lengths in turn), in batches of `max(1, batch_size * context_length // length)`
+    (about as many tokens as a short step); the other steps use `context_length`.
     """
 
     mix: dict[str, float] | None = None  # source -> relative weight of its training batches; None = `source` only
-    long_context_length: int | None = None  # tokens per block of the long steps (None: every step at context_length)
+    # tokens per block of the long steps, or several lengths taken in turn (None: every step at context_length)
+    long_context_length: int | list[int] | None = None
     long_every: int = 1  # every long_every-th step is long (1 = every step)
 
     @pydantic.field_validator("mix")
@@ -350,10 +351,22 @@ class TrainDataConfig(DataConfig, extra="forbid"):
             if self.long_every != 1:
                 raise ValueError(f"data.long_every is {self.long_every} but data.long_context_length is unset; "
                                  "give the long steps' length or drop long_every")
-        elif self.long_context_length < 2 or self.long_context_length == self.context_length:
-            raise ValueError(f"data.long_context_length must be >= 2 and differ from data.context_length "
-                             f"{self.context_length}, got {self.long_context_length}; leave it unset for one length")
+        else:
+            lengths = self.long_lengths()
+            if not lengths:
+                raise ValueError("data.long_context_length is an empty list: give one length or more, or leave it unset")
+            if any(length < 2 or length == self.context_length for length in lengths):
+                raise ValueError(f"data.long_context_length must be >= 2 and differ from data.context_length "
+                                 f"{self.context_length}, got {self.long_context_length}; leave it unset for one length")
+            if len(set(lengths)) != len(lengths):
+                raise ValueError(f"data.long_context_length lists a length twice: {self.long_context_length}")
         return self
+
+    def long_lengths(self) -> list[int]:
+        """The long steps' lengths in the order they take turns ([] without long steps)."""
+        if self.long_context_length is None:
+            return []
+        return [self.long_context_length] if isinstance(self.long_context_length, int) else list(self.long_context_length)
 
     def weights(self) -> dict[str, float]:
         """Each training source's share of the batches, summing to 1 (in `mix` order; `source` alone without mix)."""
@@ -363,8 +376,9 @@ class TrainDataConfig(DataConfig, extra="forbid"):
 
     def step_length(self, step: int) -> int:
         """The block length optimiser step `step` (from 0) trains on."""
-        if self.long_context_length is not None and (step + 1) % self.long_every == 0:
-            return self.long_context_length
+        lengths = self.long_lengths()
+        if lengths and (step + 1) % self.long_every == 0:
+            return lengths[((step + 1) // self.long_every - 1) % len(lengths)]
         return self.context_length
 
     def batch_size_at(self, length: int, batch_size: int) -> int:
@@ -393,7 +407,7 @@ class TrainingData:
 def load_training_data(config: TrainDataConfig, tokenizer: PreTrainedTokenizerBase, batch_size: int,
                        seed: int) -> TrainingData:
     """The train split of each mixed source at each training length; too few blocks for one batch is an error here."""
-    lengths = [config.context_length] + ([config.long_context_length] if config.long_context_length else [])
+    lengths = [config.context_length] + config.long_lengths()
     blocks = {}
     for source in config.weights():
         for length in lengths:

@@ -124,10 +124,11 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
     for param in reference.parameters():
         param.requires_grad_(False)
     model_context = getattr(model.config, "max_position_embeddings", None)
-    for field in ("context_length", "long_context_length"):
-        length = getattr(config.data, field)
-        if model_context and length is not None and length > model_context:
-            raise ValueError(f"data.{field} {length} exceeds the model's context {model_context}; lower it")
+    for field, lengths in (("context_length", [config.data.context_length]),
+                           ("long_context_length", config.data.long_lengths())):
+        for length in lengths:
+            if model_context and length > model_context:
+                raise ValueError(f"data.{field} {length} exceeds the model's context {model_context}; lower it")
     blocks = load_token_blocks(config.data, tokenizer)
     training = load_training_data(config.data, tokenizer, config.train.batch_size, config.train.seed)
     heldout = blocks.heldout[: config.eval.heldout_blocks]

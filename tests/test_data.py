@@ -459,6 +459,21 @@ def test_mixed_batches_resume_exactly_across_epochs(two_corpora, tokenizer) -> N
         assert all(torch.equal(x, y) for x, y in zip(resumed, fresh[start:], strict=True))
 
 
+def test_long_steps_take_a_list_of_lengths_in_turn(two_corpora, tokenizer) -> None:
+    a, b = (str(root) for root in two_corpora)
+    config = data.TrainDataConfig(source=a, context_length=8, heldout_fraction=0.25, mix={a: 1.0, b: 1.0},
+                                  long_context_length=[16, 32], long_every=2)
+    assert [config.step_length(step) for step in range(10)] == [8, 16, 8, 32, 8, 16, 8, 32, 8, 16]
+    assert data.TrainDataConfig(long_context_length=512, long_every=2).step_length(3) == 512  # one length: every long step
+    training = data.load_training_data(config, tokenizer, batch_size=4, seed=0)
+    assert sorted(training.blocks) == sorted((source, n) for source in (a, b) for n in (8, 16, 32))
+    shapes = [tuple(batch.shape) for batch, _ in zip(data.mixed_batches(training), range(8))]
+    assert shapes == [(4, 8), (2, 16), (4, 8), (1, 32)] * 2
+    fresh = [batch for batch, _ in zip(data.mixed_batches(training), range(40))]
+    resumed = [batch for batch, _ in zip(data.mixed_batches(training, 1, 13), range(27))]
+    assert all(torch.equal(x, y) for x, y in zip(resumed, fresh[13:], strict=True))
+
+
 def test_one_source_one_length_draws_what_batch_iterator_draws(corpus: Path, tokenizer) -> None:
     config = data.TrainDataConfig(source=str(corpus), context_length=8, heldout_fraction=0.25)
     training = data.load_training_data(config, tokenizer, batch_size=3, seed=11)
@@ -480,6 +495,9 @@ def test_one_source_one_length_draws_what_batch_iterator_draws(corpus: Path, tok
         ({"long_every": 0, "long_context_length": 512}, "long_every must be >= 1"),
         ({"long_context_length": 128}, "differ from data.context_length 128"),
         ({"long_context_length": 1}, "must be >= 2"),
+        ({"long_context_length": [512, 128]}, "differ from data.context_length 128"),
+        ({"long_context_length": [512, 1024, 512]}, "lists a length twice"),
+        ({"long_context_length": []}, "empty list"),
         ({"mixture": {"brown": 1.0}}, "mixture"),
     ],
 )

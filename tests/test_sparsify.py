@@ -435,6 +435,14 @@ def test_task_prompts_without_an_evaluator_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "sparsify").exists()
 
 
+def test_a_long_length_beyond_the_model_context_is_refused(tmp_path):
+    config = load_config(preset="tiny").sparsify
+    context = load_model(config.model.name, tiny=config.model.tiny)[0].config.max_position_embeddings
+    config = load_config(preset="tiny", overrides=[f"sparsify.data.long_context_length=[128, {context + 1}]"]).sparsify
+    with pytest.raises(ValueError, match=f"data.long_context_length {context + 1} exceeds the model's context {context}"):
+        stage.run(config, tmp_path / "sparsify", progress=False)
+
+
 def test_mixed_sources_and_lengths_train_resume_exactly_and_are_evaluated(tmp_path):
     """Training that mixes python-docs with a second corpus and puts every 2nd step at 128 tokens: the steps
     alternate lengths, a run killed after its step-4 checkpoint resumes to the uninterrupted history, the
