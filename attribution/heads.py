@@ -61,6 +61,8 @@ FIRST_ROWS = 16  # rows of a wide window formed first (per bound; then four time
 KEY_BLOCK = 16  # keys per block of the blocked bound
 BOUND_MARGIN = 1e-3  # relative: float32 rounding of a dh-term dot product is below dh * 2^-24 of the bound
 BOUND_SLACK = 2.0**-100  # absolute: float32 underflow in the products
+OPEN_CELL_COST = 8  # a cell formed alone (gathers, a dh-term dot product) costs about this many cells of a bmm
+OPEN_CELL_BYTES = 96  # per open cell besides its z and value rows: indices (int64) and products
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,15 @@ def chunk_bytes(chunks: HeadChunks, shape: LoadingShape) -> int:
     row = shape.n_pos * shape.d_model * FLOAT_BYTES  # one residual-sized [P, d] tensor
     targets = chunks.targets * row * (shape.n_layers + 4)  # z per layer, the gradient, attention_vjp's temporaries
     sources = chunks.sources * row * 7  # residual effect, normed input, values, heads' outputs, W_O product
-    contraction = (2 * (chunks.targets + chunks.sources) * row  # per-head layouts of both sides, or edge slices
+    # per-head layouts of both sides, or edge slices (later: row-major copies of z and values for open cells)
+    contraction = (2 * (chunks.targets + chunks.sources) * row
                    + chunks.targets * chunks.sources * shape.n_heads * FLOAT_BYTES)  # every (target, source) part
     pairs = chunks.pairs * (3 * shape.n_pos + 2 * shape.d_model) * shape.n_pos * FLOAT_BYTES  # grids, z and values
     peaks = (shape.n_heads + 3) * shape.n_pos**2 * FLOAT_BYTES  # a layer's pattern peaks (GridBounds), cummax's temporaries
-    return targets + sources + contraction + pairs + peaks
+    # a layer's open cells (OpenCells, at most 1/OPEN_CELL_COST of the causal cells): nonzero()'s int64 triples,
+    # weights and row keys, 36 bytes a cell
+    cells = 36 * shape.n_heads * shape.n_pos * (shape.n_pos + 1) // (2 * OPEN_CELL_COST)
+    return targets + sources + contraction + pairs + peaks + cells
 
 
 def plan_head_chunks(shape: LoadingShape, n_targets: int, n_sources: int, budget_bytes: int) -> HeadChunks:
@@ -407,9 +413,16 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
     share = torch.empty(len(head))
     bucket = torch.ceil(2 * torch.log2(width.double())).long()  # widths within a factor sqrt(2) together
     bounds = None
+    cells = OpenCells.of(patterns) if OpenCells.sparse_enough(patterns) else None
+    by_cells = []  # the entries of buckets whose open cells are few enough to form alone
     for level in bucket.unique().tolist():
         entries = (bucket == level).nonzero().flatten()
         w = int(width[entries].max())
+        if cells is not None:
+            n_cells = cells.rows(head[entries], low[entries], low[entries] + width[entries])[1]
+            if int(n_cells.sum()) * OPEN_CELL_COST < len(entries) * w * w:
+                by_cells.append(entries)
+                continue
         whole = w <= FULL_WIDTH or head_dim > BOUNDED_MAX_HEAD_DIM
         if not whole and bounds is None:
             bounds = GridBounds.of(z, values, patterns)
@@ -429,7 +442,93 @@ def _main_pairs(lrm: LocalReplacementModel, layer: int, z: torch.Tensor, values:
             query[rows] = torch.where(found, q, 0) + offset + start
             key[rows] = torch.where(found, k, 0) + offset + start
             share[rows] = value / part[rows]
+    if by_cells:
+        entries = torch.cat(by_cells)
+        q, k, value = cells.first_largest(z, values, head[entries], kv_head[entries], target_row[entries],
+                                          source_row[entries], low[entries], low[entries] + width[entries], max_bytes)
+        found = value != 0
+        query[entries] = torch.where(found, q, 0) + start
+        key[entries] = torch.where(found, k, 0) + start
+        share[entries] = value / part[entries]
     return query, key, share
+
+
+@dataclass(frozen=True)
+class OpenCells:
+    """The nonzero (query, key) cells of one layer's patterns (a gated model's open edges) in row-major order
+    per head, for windows whose grid is mostly closed: their cells are formed one by one, the closed ones
+    (exact zeros in the grid) not at all. A cell is then a dh-term dot product of its own, which can round
+    differently in the last bit from the bmm of a whole grid: the pair found is the grid's first largest up to
+    that rounding (the same pair unless two cells are that close)."""
+
+    n_pos: int  # P', the patterns' window
+    query: torch.Tensor  # [N] window-relative positions of the open cells, sorted by (head, query, key)
+    key: torch.Tensor  # [N]
+    weight: torch.Tensor  # [N] their pattern weights
+    row_start: torch.Tensor  # [H * P' + 1] the first cell of query row q of head h at h * P' + q
+
+    @staticmethod
+    def sparse_enough(patterns: torch.Tensor) -> bool:
+        """Whether at most 1 / OPEN_CELL_COST of the causal cells are open, so that some windows may pay
+        for forming their open cells alone (each bucket of windows is checked again).  patterns [H, P', P']"""
+        n_heads, n_pos = patterns.shape[0], patterns.shape[1]
+        return int(torch.count_nonzero(patterns)) * OPEN_CELL_COST <= n_heads * n_pos * (n_pos + 1) // 2
+
+    @staticmethod
+    def of(patterns: torch.Tensor) -> OpenCells:
+        """patterns [H, P', P'] -> their open cells"""
+        n_heads, n_pos = patterns.shape[0], patterns.shape[1]
+        head, query, key = patterns.nonzero().unbind(1)  # row-major: by head, then query, then key
+        per_row = torch.bincount(head * n_pos + query, minlength=n_heads * n_pos)
+        row_start = torch.cat([torch.zeros(1, dtype=torch.long), per_row.cumsum(0)])
+        return OpenCells(n_pos, query, key, patterns[head, query, key], row_start)
+
+    def rows(self, head: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per entry, the open cells of its head's query rows [low, high) (keys below low among them):
+        (first cell [B], count [B])"""
+        first = self.row_start[head * self.n_pos + low]
+        return first, self.row_start[head * self.n_pos + high] - first
+
+    def first_largest(self, z: torch.Tensor, values: torch.Tensor, head: torch.Tensor, kv_head: torch.Tensor,
+                      target_row: torch.Tensor, source_row: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                      max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per entry, the first (row-major) cell of largest |pair| among the open cells of its window
+        [low, high)^2, pair = weight * z[head, target, query] . values[kv_head, source, key]; (low, low, 0) when
+        every such pair is zero. Entries are taken a piece at a time, each piece's cells within `max_bytes`.
+        z [H, T, P', dh], values [Kv, S, P', dh], the rest [B]  -> (query [B], key [B], value [B]) window-relative"""
+        n_entries, head_dim = len(head), z.shape[3]
+        query, key, value = low.clone(), low.clone(), torch.zeros(n_entries)
+        first, n_cells = self.rows(head, low, high)
+        z_rows, value_rows = z.flatten(0, 2), values.flatten(0, 2)  # [H * T * P', dh], [Kv * S * P', dh] (copies)
+        z_base = (head * z.shape[1] + target_row) * self.n_pos  # [B] each entry's first row in z_rows
+        value_base = (kv_head * values.shape[1] + source_row) * self.n_pos
+        per_piece = max(1, max_bytes // (2 * head_dim * FLOAT_BYTES + OPEN_CELL_BYTES))  # cells at most
+        ends = n_cells.cumsum(0)
+        begin = 0
+        while begin < n_entries:  # pieces of whole entries, at least one
+            before = int(ends[begin] - n_cells[begin])  # the cells of the entries before the piece
+            stop = max(begin + 1, int(torch.searchsorted(ends, before + per_piece, right=True)))
+            piece = torch.arange(begin, stop)
+            entry = torch.repeat_interleave(torch.arange(len(piece)), n_cells[piece])  # [C] piece-relative
+            own_start = ends[piece] - n_cells[piece] - before  # [b] where each entry's cells begin in the piece
+            cell = first[piece][entry] + torch.arange(len(entry)) - own_start[entry]
+            keep = self.key[cell] >= low[piece][entry]  # the window's keys only: earlier keys carry no value
+            entry, cell = entry[keep], cell[keep]
+            at = piece[entry]
+            pair = z_rows.index_select(0, z_base[at] + self.query[cell])  # [C, dh]
+            pair = pair.mul_(value_rows.index_select(0, value_base[at] + self.key[cell])).sum(1).mul_(self.weight[cell])
+            size = pair.abs()
+            largest = torch.zeros(len(piece)).scatter_reduce_(0, entry, size, "amax")  # [b]
+            order = torch.arange(len(entry))
+            winner = torch.full((len(piece),), len(entry)).scatter_reduce_(
+                0, entry[size == largest[entry]], order[size == largest[entry]], "amin")  # [b] the first such cell
+            found = largest > 0
+            chosen = winner[found]
+            query[piece[found]] = self.query[cell[chosen]]
+            key[piece[found]] = self.key[cell[chosen]]
+            value[piece[found]] = pair[chosen]
+            begin = stop
+        return query, key, value
 
 
 def _grid_bytes(w: int, head_dim: int) -> int:

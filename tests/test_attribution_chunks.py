@@ -62,7 +62,7 @@ def test_chunk_plan_fits_the_budget_or_refuses():
     shape = LoadingShape(n_pos=256, d_model=64, n_layers=4, n_heads=4)
     roomy = plan_head_chunks(shape, n_targets=500, n_sources=2000, budget_bytes=2**34)
     assert (roomy.targets, roomy.sources) == (500, 2000)
-    for budget in (2**22, 2**25, 2**28):
+    for budget in (2**23, 2**25, 2**28):
         chunks = plan_head_chunks(shape, n_targets=500, n_sources=2000, budget_bytes=budget)
         assert chunk_bytes(chunks, shape) <= budget
         assert chunk_bytes(HeadChunks(chunks.targets, chunks.sources, chunks.pairs + 1), shape) > budget or \
