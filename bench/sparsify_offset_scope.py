@@ -23,11 +23,11 @@ planned steps under "truncated_from".
         --branch runs/x/model --branch-checkpoint saved/train_state.pt --tag z
 
 continues a run from one of its checkpoints (a copy kept at the step wanted; default its last) under a changed
-controller, head cap, closed heads or long-step lengths: the --set arguments may differ from the run's saved config
-only in `controller`, `eval`, train.steps, train.head_cap(_weight, _through), gate.closed_heads and
-data.long_context_length / data.long_every, so the learning-rate schedule and gate noise go on as the run's own, and
-so do the batches unless the long steps changed (then every stream resumes where the new schedule's first steps
-would have left it). The JSON records the run and the step under "branched_from".
+controller, constraint, head cap, closed heads or long-step lengths: the --set arguments may differ from the run's
+saved config only in `controller`, `eval`, train.steps, train.constraint, train.head_cap(_weight, _through),
+gate.closed_heads and data.long_context_length / data.long_every, so the learning-rate schedule and gate noise go
+on as the run's own, and so do the batches unless the long steps changed (then every stream resumes where the new
+schedule's first steps would have left it). The JSON records the run and the step under "branched_from".
 
     python bench/sparsify_offset_scope.py --stopped runs/x/model --tag y
 
@@ -200,15 +200,16 @@ def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> t
 def branched_copy(run_dir: Path, checkpoint: Path, config: SparsifyConfig, output_dir: Path) -> dict:
     """Copy `checkpoint` (written by the run in `run_dir`) into `output_dir` under `config`'s fingerprint, so the
     stage resumes from it; refuses a config that differs from the run's in anything but controller, eval,
-    train.steps, the head cap, the closed heads and the long steps' lengths, a checkpoint another config wrote, and a
-    step at or past `config.train.steps`."""
+    train.steps, the constraint, the head cap, the closed heads and the long steps' lengths, a checkpoint another
+    config wrote, and a step at or past `config.train.steps`."""
     saved, state = run_checkpoint(run_dir, checkpoint)
-    kept = {"controller": True, "eval": True, "train": {"steps", "head_cap", "head_cap_weight", "head_cap_through"},
+    kept = {"controller": True, "eval": True,
+            "train": {"steps", "constraint", "head_cap", "head_cap_weight", "head_cap_through"},
             "gate": {"closed_heads"}, "data": {"long_context_length", "long_every"}}
     if saved.model_dump(exclude=kept) != config.model_dump(exclude=kept):
         sys.exit(f"{run_dir} was trained with another config than the --set arguments give in more than "
-                 "controller, eval, train.steps, train.head_cap(_weight, _through), gate.closed_heads and "
-                 "data.long_context_length / long_every")
+                 "controller, eval, train.steps, train.constraint, train.head_cap(_weight, _through), "
+                 "gate.closed_heads and data.long_context_length / long_every")
     if int(state["step"]) >= config.train.steps:
         sys.exit(f"{checkpoint} is at step {state['step']}: give train.steps beyond it")
     resume_as(state, config, output_dir)
