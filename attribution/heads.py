@@ -519,9 +519,9 @@ class OpenCells:
             pair = pair.mul_(value_rows.index_select(0, value_base[at] + self.key[cell])).sum(1).mul_(self.weight[cell])
             size = pair.abs()
             largest = torch.zeros(len(piece)).scatter_reduce_(0, entry, size, "amax")  # [b]
-            order = torch.arange(len(entry))
+            is_largest = size == largest[entry]
             winner = torch.full((len(piece),), len(entry)).scatter_reduce_(
-                0, entry[size == largest[entry]], order[size == largest[entry]], "amin")  # [b] the first such cell
+                0, entry[is_largest], is_largest.nonzero().flatten(), "amin")  # [b] each entry's first such cell
             found = largest > 0
             chosen = winner[found]
             query[piece[found]] = self.query[cell[chosen]]
