@@ -23,9 +23,17 @@ def head_name(component: str) -> str:
     return f"L{layer}H{head}"
 
 
-def circuit_heads(side: dict) -> list[str]:
-    """The heads of one side's circuit, in ranking order."""
+def head_layer(name: str) -> int:
+    """'L23H3' -> 23"""
+    return int(name[1:].split("H")[0])
+
+
+def circuit_heads(side: dict, where: str) -> list[str]:
+    """The heads of one side's circuit, in ranking order; refused when the stored ranking is shorter than the circuit."""
     heads = side["heads"]
+    if heads["count_at_target"] > len(heads["top"]):
+        sys.exit(f"{where}: the stored ranking ({len(heads['top'])} heads) is shorter than the circuit "
+                 f"({heads['count_at_target']})")
     return [head_name(name) for name, _ in heads["top"][: heads["count_at_target"]]]
 
 
@@ -34,13 +42,12 @@ def overlap(result: dict, n_layers: int, top: int = 8) -> list[dict]:
     rows = []
     for task, modes in result["tasks"].items():
         for mode, sides in modes.items():
-            dense, sparse = circuit_heads(sides["dense"]), circuit_heads(sides["sparse"])
-            if len(dense) > len(sides["dense"]["heads"]["top"]) or len(sparse) > len(sides["sparse"]["heads"]["top"]):
-                sys.exit(f"{task}/{mode}: the stored ranking is shorter than the circuit")
-            if max(int(name[1:].split("H")[0]) for name in dense + sparse) >= n_layers:
+            dense = circuit_heads(sides["dense"], f"{task}/{mode} dense")
+            sparse = circuit_heads(sides["sparse"], f"{task}/{mode} sparse")
+            if max(head_layer(name) for name in dense + sparse) >= n_layers:
                 sys.exit(f"{task}/{mode}: a head beyond --n-layers {n_layers}")
-            thirds = {side: [sum(1 for name in names if int(name[1:].split("H")[0]) * 3 // n_layers == third)
-                             for third in range(3)] for side, names in (("dense", dense), ("sparse", sparse))}
+            thirds = {side: [sum(1 for name in names if head_layer(name) * 3 // n_layers == third) for third in range(3)]
+                      for side, names in (("dense", dense), ("sparse", sparse))}
             rows.append({
                 "task": task, "gates": mode, "dense_heads": len(dense), "sparse_heads": len(sparse),
                 "shared": len(set(dense) & set(sparse)), "dense_only": sorted(set(dense) - set(sparse)),

@@ -75,23 +75,21 @@ def main() -> int:
                     sparse_weight[name].append(role_attention(list(gated.attentions), batch.roles, ROLE[task]))
         dense_weight = torch.cat(dense_weight)  # [n, layer, head]
         n_heads = dense_weight.shape[2]
+        dense_mean = dense_weight.mean(0).flatten()  # [layer * head]
+        top = dense_mean.topk(20).indices  # the heads attending most to the role in the original
         entry = {"role": ROLE[task], "n_prompts": len(prompts), "heads": {}, "all_heads": {}}
         for name in sparse:
             opened, weight = torch.cat(gate_open[name]).float(), torch.cat(sparse_weight[name])
-            kept = (weight.sum() / dense_weight.sum()).item()
-            top = dense_weight.mean(0).flatten().topk(20).indices
             entry["all_heads"][name] = {
-                "attention_on_role_kept": kept,  # summed over prompts, layers, heads: sparse / original
+                "attention_on_role_kept": (weight.sum() / dense_weight.sum()).item(),  # over prompts, layers, heads
                 "top20_dense_heads_gate_open_share": opened.mean(0).flatten()[top].mean().item(),
-                "top20_dense_heads_weight_kept": (weight.mean(0).flatten()[top].sum()
-                                                  / dense_weight.mean(0).flatten()[top].sum()).item()}
+                "top20_dense_heads_weight_kept": (weight.mean(0).flatten()[top].sum() / dense_mean[top].sum()).item()}
             for head_name in DEFAULT_HEADS[task]:
                 layer, head = (int(x) for x in head_name[1:].split("H"))
                 row = entry["heads"].setdefault(head_name, {"original_weight": dense_weight[:, layer, head].mean().item()})
                 row[name] = {"gate_open_share": opened[:, layer, head].mean().item(),
                              "weight": weight[:, layer, head].mean().item()}
-        entry["top20_dense_heads"] = [f"L{int(i) // n_heads}H{int(i) % n_heads}"
-                                      for i in dense_weight.mean(0).flatten().topk(20).indices]
+        entry["top20_dense_heads"] = [f"L{int(i) // n_heads}H{int(i) % n_heads}" for i in top]
         result["tasks"][task] = entry
         print(task, json.dumps(entry["all_heads"]))
         for head_name, row in entry["heads"].items():
