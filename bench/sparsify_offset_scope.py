@@ -60,6 +60,7 @@ import yaml  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from prompts.metrics import task_evaluator  # noqa: E402
+from prompts.training import task_distillation  # noqa: E402
 from sparse_attention import stage  # noqa: E402
 from sparse_attention.config import SparsifyConfig  # noqa: E402
 from sparse_attention.data import draw_schedule, stream_name  # noqa: E402
@@ -200,15 +201,15 @@ def truncated_copy(run_dir: Path, config: SparsifyConfig, output_dir: Path) -> t
 def branched_copy(run_dir: Path, checkpoint: Path, config: SparsifyConfig, output_dir: Path) -> dict:
     """Copy `checkpoint` (written by the run in `run_dir`) into `output_dir` under `config`'s fingerprint, so the
     stage resumes from it; refuses a config that differs from the run's in anything but controller, eval,
-    train.steps, the constraint, the head cap, the closed heads and the long steps' lengths, a checkpoint another
+    train.steps, the constraint, the head cap, the task distillation, the closed heads and the long steps' lengths, a checkpoint another
     config wrote, and a step at or past `config.train.steps`."""
     saved, state = run_checkpoint(run_dir, checkpoint)
     kept = {"controller": True, "eval": True,
-            "train": {"steps", "constraint", "head_cap", "head_cap_weight", "head_cap_through"},
+            "train": {"steps", "constraint", "head_cap", "head_cap_weight", "head_cap_through", "task_distill"},
             "gate": {"closed_heads"}, "data": {"long_context_length", "long_every"}}
     if saved.model_dump(exclude=kept) != config.model_dump(exclude=kept):
         sys.exit(f"{run_dir} was trained with another config than the --set arguments give in more than "
-                 "controller, eval, train.steps, train.constraint, train.head_cap(_weight, _through), "
+                 "controller, eval, train.steps, train.constraint, train.head_cap(_weight, _through), train.task_distill, "
                  "gate.closed_heads and data.long_context_length / long_every")
     if int(state["step"]) >= config.train.steps:
         sys.exit(f"{checkpoint} is at step {state['step']}: give train.steps beyond it")
@@ -320,7 +321,8 @@ def main() -> int:
                 args.branch / stage.CHECKPOINT_DIR / CHECKPOINT_NAME), config, args.output / scope)
         evaluate = task_evaluator(config.eval.task_prompts, config.eval.task_seed) if config.eval.task_prompts else None
         load_before, started, cpu_started = os.getloadavg(), time.perf_counter(), time.process_time()
-        metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate)
+        metrics = stage.run(config, args.output / scope, progress=False, evaluate_tasks=evaluate,
+                            task_batches=task_distillation(config.train.task_distill))
         result["runs"].append({**summary(metrics, config),
                                **({"truncated_from": truncated_from} if truncated_from else {}),
                                **({"branched_from": branched_from} if branched_from else {}),

@@ -25,6 +25,7 @@ from pipeline.artifacts import RAY_TRAIN_DIR
 from pipeline.attribution_pool import run_on_actors
 from pipeline.config import PipelineConfig
 from prompts.metrics import task_evaluator
+from prompts.training import task_distillation
 from runtime.files import write_atomic
 from sparse_attention import stage as sparsify
 from sparse_attention.config import ModelSpec, SparsifyConfig
@@ -94,7 +95,7 @@ def _sparsify_worker(loop_config: dict) -> None:
     _resume_from_ray_train(work_dir / sparsify.CHECKPOINT_DIR)
     config = SparsifyConfig.model_validate(loop_config["config"])
     sparsify.run(config, work_dir, progress=loop_config["progress"], on_checkpoint=_report_to_ray_train("open_fraction"),
-                 evaluate_tasks=_sparsify_tasks(config))
+                 evaluate_tasks=_sparsify_tasks(config), task_batches=task_distillation(config.train.task_distill))
 
 
 def _clt_worker(loop_config: dict) -> None:
@@ -158,7 +159,8 @@ def _run_sparsify(config: PipelineConfig, work_dir: Path, inputs: dict[str, Path
         run_data_parallel(_sparsify_worker, loop_config, resources, work_dir / RAY_TRAIN_DIR, "sparsify")
         metrics = json.loads((work_dir / sparsify.METRICS_FILE).read_text())
     else:
-        metrics = sparsify.run(config.sparsify, work_dir, progress=progress, evaluate_tasks=_sparsify_tasks(config.sparsify))
+        metrics = sparsify.run(config.sparsify, work_dir, progress=progress, evaluate_tasks=_sparsify_tasks(config.sparsify),
+                               task_batches=task_distillation(config.sparsify.train.task_distill))
     return {
         "dense_ce": metrics["dense_ce"],
         "sparse_ce": metrics["sparse_ce"],

@@ -25,7 +25,7 @@ import random
 import re
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -207,6 +207,69 @@ ANTONYM_WORD_ROLES = {'"': "quote", "opposite": "opposite", "antonym": "opposite
 INDUCTION_WORDS = tuple(sorted(set(DOC_WORDS + DOC_DESCRIPTIONS + IOI_PLACES + IOI_OBJECTS + GT_NOUNS)))
 INDUCTION_LENGTH = 10  # tokens in the first copy
 
+# Word lists of the training prompts (`words="training"`): task-format prompts a sparsify run may train on, with
+# no word in common with any evaluation list above (tests/test_prompts.py checks), so behaviour measured on the
+# evaluation prompts is not behaviour on words seen in training. The templates are the same.
+TRAIN_NAMES = _words(
+    "Oscar Felix Hugo Leo Ivan Victor Simon Martin Oliver Lucas Owen Isaac Caleb Eli Ian Luke Mason Miles Nolan "
+    "Seth Tristan Wesley Xavier Jake Chris Dan Fred Greg Jim Ken Neil Phil Rick Tony Wade Zoe Chloe Ella Ivy Lily "
+    "Mia Nora Ruby Stella Violet Clara Eva Fiona Gina Iris Jade Kate Leah Maya Nina Paige Rita Tara Vera Wendy "
+    "Lena Molly Holly Sally Jane Ellen Irene Kim Beth Carla Dana Erin Faith Gail Hazel Joy Kay Lori Mabel Nell "
+    "Pearl Rosa Sue Tina Val Leon Otto Hans Karl Fritz Igor Boris Sergei Dmitri Pablo Carlos Diego Luis Jose "
+    "Manuel Pedro Miguel Rafael Marco Luca Paolo Giovanni Antonio Francesco Pierre Jacques Andre Rene Claude "
+    "Henri Marcel Emile Omar Ali Hassan Ahmed Yusuf Ravi Arjun Raj Vikram Kenji Hiro Yuki Chen Wei Li Ming Jun "
+    "Sven Lars Nils Erik Olaf Ingrid Astrid Freya Greta Heidi Elsa Anya Olga Ivana Sonia Lara Nadia"
+)
+TRAIN_PLACES = _words(
+    "farm zoo mall gym theater bakery factory island harbor village castle temple stadium bridge forest cinema "
+    "pharmacy shop bar kitchen garage"
+)
+TRAIN_OBJECTS = _words(
+    "cup watch toy coin lamp map shirt apple candle jar radio camera wallet pencil blanket bottle guitar puzzle "
+    "sandwich umbrella chair knife spoon plate"
+)
+TRAIN_GT_NOUNS = _words(
+    "season semester course tenure residency lease mandate presidency career regime recession boom crusade "
+    "migration settlement colony empire kingdom republic monarchy council parliament administration scandal "
+    "shortage flood storm blizzard heatwave lockdown craze fashion movement reform"
+)
+TRAIN_GT_CENTURIES = (18, 19)  # the evaluation's start years are 1100-1799
+TRAIN_DOC_WORDS = _words(
+    "alpha beta gamma delta seed verbose debug threshold epsilon margin scale factor ratio depth span batch epoch "
+    "shape dim axis mask bias kernel stride padding channel sample frame pixel vertex edge graph tree dict array "
+    "vector matrix tensor loss grad writer reader logger parser builder loader worker pool queue lock thread "
+    "process signal socket packet header body payload digest cipher salt hash"
+)
+TRAIN_DOC_DESCRIPTIONS = _words(
+    "apple bird cat dog fish tree rock sand cloud rain snow star sun sky ocean desert island bridge road car train "
+    "ship plane bike door window wall roof floor village town castle tower farm forest hill valley stone iron "
+    "gold silver glass cotton silk wool"
+)
+TRAIN_ANTONYMS = (
+    ("asleep", "awake"), ("guilty", "innocent"), ("odd", "even"), ("polite", "rude"), ("tight", "loose"),
+    ("wild", "tame"), ("rough", "smooth"), ("victory", "defeat"), ("sunrise", "sunset"),
+    ("vertical", "horizontal"), ("plus", "minus"), ("add", "subtract"), ("ask", "reply"), ("boy", "girl"),
+    ("man", "woman"), ("mother", "father"), ("brother", "sister"), ("husband", "wife"), ("uncle", "aunt"),
+    ("visible", "invisible"), ("legal", "illegal"), ("possible", "impossible"), ("known", "unknown"),
+    ("wise", "foolish"), ("generous", "selfish"), ("humble", "proud"), ("calm", "angry"), ("sick", "healthy"),
+    ("rise", "fall"), ("attack", "defend"), ("lend", "borrow"), ("teach", "learn"), ("laugh", "cry"),
+    ("sink", "float"), ("freeze", "melt"), ("rural", "urban"), ("solid", "liquid"), ("raw", "cooked"),
+    ("fresh", "stale"), ("silent", "noisy"), ("floor", "ceiling"), ("dawn", "dusk"), ("sunny", "cloudy"),
+    ("arrival", "departure"), ("employer", "employee"), ("teacher", "student"), ("buyer", "seller"),
+    ("winner", "loser"), ("master", "servant"), ("ascend", "descend"), ("inhale", "exhale"), ("vague", "precise"),
+    ("permanent", "temporary"), ("natural", "artificial"), ("gain", "loss"), ("sender", "receiver"),
+    ("upper", "lower"), ("inner", "outer"), ("front", "back"), ("pass", "fail"), ("grow", "shrink"),
+    ("lock", "unlock"), ("forward", "backward"), ("upstairs", "downstairs"), ("noon", "midnight"),
+    ("insert", "remove"), ("son", "daughter"), ("he", "she"), ("this", "that"), ("here", "there"), ("now", "then"),
+    ("go", "come"), ("send", "receive"), ("read", "write"), ("sit", "stand"), ("hit", "miss"), ("get", "set"),
+    ("show", "hide"), ("enable", "disable"), ("sky", "ground"), ("cause", "effect"), ("problem", "solution"),
+    ("fact", "fiction"), ("truth", "lie"), ("bright", "dim"), ("begin", "finish"), ("over", "under"),
+    ("these", "those"),
+)
+TRAIN_INDUCTION_WORDS = tuple(sorted(set(TRAIN_DOC_WORDS + TRAIN_DOC_DESCRIPTIONS + TRAIN_PLACES + TRAIN_OBJECTS
+                                         + TRAIN_GT_NOUNS)))
+WORD_SETS = ("evaluation", "training")
+
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer checks
@@ -286,17 +349,31 @@ class Vocab:
     doc_words: list[str]
     antonyms: list[tuple[str, str]]
     induction_words: list[str]
+    places: tuple[str, ...] = IOI_PLACES  # IOI's places and objects and the docstrings' descriptions: any tokens
+    objects: tuple[str, ...] = IOI_OBJECTS
+    gt_nouns: tuple[str, ...] = GT_NOUNS
+    gt_centuries: tuple[int, int] = (11, 17)  # Greater-Than's start centuries, inclusive
+    descriptions: tuple[str, ...] = DOC_DESCRIPTIONS
 
 
-def vocab_for(tokenizer) -> Vocab:
-    """Filter every word list for `tokenizer`: names/words with a leading space, antonyms without."""
-    plain = set(single_token_words([w for pair in ANTONYMS for w in pair], tokenizer, prefix=""))
-    return Vocab(
-        names=single_token_words(NAMES, tokenizer),
-        doc_words=single_token_words(DOC_WORDS, tokenizer),
-        antonyms=[pair for pair in ANTONYMS if pair[0] in plain and pair[1] in plain],
-        induction_words=single_token_words(INDUCTION_WORDS, tokenizer),
+def vocab_for(tokenizer, words: str = "evaluation") -> Vocab:
+    """Filter the `words` set's lists ("evaluation", or "training": the TRAIN_* lists, no word in common) for
+    `tokenizer`: names/words with a leading space, antonyms without."""
+    if words not in WORD_SETS:
+        raise TaskError(f"unknown word set {words!r}; word sets are {', '.join(WORD_SETS)}")
+    training = words == "training"
+    pairs = TRAIN_ANTONYMS if training else ANTONYMS
+    plain = set(single_token_words([w for pair in pairs for w in pair], tokenizer, prefix=""))
+    vocab = Vocab(
+        names=single_token_words(TRAIN_NAMES if training else NAMES, tokenizer),
+        doc_words=single_token_words(TRAIN_DOC_WORDS if training else DOC_WORDS, tokenizer),
+        antonyms=[pair for pair in pairs if pair[0] in plain and pair[1] in plain],
+        induction_words=single_token_words(TRAIN_INDUCTION_WORDS if training else INDUCTION_WORDS, tokenizer),
     )
+    if not training:
+        return vocab
+    return replace(vocab, places=TRAIN_PLACES, objects=TRAIN_OBJECTS, gt_nouns=TRAIN_GT_NOUNS,
+                   gt_centuries=TRAIN_GT_CENTURIES, descriptions=TRAIN_DOC_DESCRIPTIONS)
 
 
 def template_pieces(template: str, fields: dict[str, str], field_roles: dict[str, str],
@@ -334,7 +411,7 @@ def ioi_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     """
     template_index = rng.randrange(len(IOI_TEMPLATES))
     a, b, c, d, e = rng.sample(vocab.names, 5)
-    place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
+    place, obj = rng.choice(vocab.places), rng.choice(vocab.objects)
     first, second = (a, b) if rng.random() < 0.5 else (b, a)
     template = IOI_TEMPLATES[template_index]
     clean = template.format(X=first, Y=second, S=b, place=place, object=obj)
@@ -357,7 +434,7 @@ def greater_than_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     start_tens, start_units (the start year's digits), end_century (the end year's), end, other.
     """
     template_index = rng.randrange(len(GT_TEMPLATES))
-    noun, century = rng.choice(GT_NOUNS), str(rng.randint(11, 17))
+    noun, century = rng.choice(vocab.gt_nouns), str(rng.randint(*vocab.gt_centuries))
     tens, units = rng.randint(1, 8), rng.randint(0, 9)
     template = GT_TEMPLATES[template_index]
     clean = template.format(noun=noun, century=century, start=f"{tens}{units}")
@@ -384,7 +461,7 @@ def docstring_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
     args = rng.sample(vocab.doc_words, 8)
     clean_args, corrupt_args = args[:4], args[4:]
     func = rng.choice(vocab.doc_words)
-    words = {f"d{i}": rng.choice(DOC_DESCRIPTIONS) for i in range(7)}
+    words = {f"d{i}": rng.choice(vocab.descriptions) for i in range(7)}
     doc_args = {f"a{i}": arg for i, arg in enumerate(clean_args)}
     clean = _with_def_args(DOC_TEMPLATE, func, doc_args, doc_args, words)
     corrupted = _with_def_args(DOC_TEMPLATE, func, dict(zip(doc_args, corrupt_args)), doc_args, words)
@@ -460,11 +537,13 @@ MIN_WORDS = {"ioi": ("names", 5), "docstring": ("doc_words", 8), "antonyms": ("a
              "induction": ("induction_words", INDUCTION_LENGTH + 1)}
 
 
-def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = DEFAULT_SEED) -> list[TaskPrompt]:
-    """`n` distinct valid prompts of task `name` for `tokenizer`; the same (name, n, seed, tokenizer)
-    always gives the same list. Invalid candidates are dropped and drawn again."""
+def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = DEFAULT_SEED,
+                  words: str = "evaluation") -> list[TaskPrompt]:
+    """`n` distinct valid prompts of task `name` for `tokenizer` from the `words` set's lists ("evaluation", or
+    "training": the words a sparsify run may train on, none of them in an evaluation prompt); the same
+    (name, n, seed, words, tokenizer) always gives the same list. Invalid candidates are dropped and drawn again."""
     generator = task_generator(name)
-    vocab = vocab_for(tokenizer)
+    vocab = vocab_for(tokenizer, words)
     if name in MIN_WORDS:
         field_name, needed = MIN_WORDS[name]
         available = len(getattr(vocab, field_name))
@@ -473,7 +552,7 @@ def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = 
                 f"task {name!r} needs at least {needed} single-token {field_name} for this tokenizer, "
                 f"found {available}; use a tokenizer with word-level tokens (e.g. SmolLM2's)"
             )
-    rng = random.Random(f"{name}:{seed}")
+    rng = random.Random(f"{name}:{seed}" if words == "evaluation" else f"{name}:{seed}:{words}")
     prompts, seen = [], set()
     for _ in range(50 * n):
         prompt = generator(rng, vocab)

@@ -65,6 +65,29 @@ def parse_head(name: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+class TaskDistillConfig(BaseModel):
+    """Task-format distillation: KL(original || sparse) at the answer position of generated task prompts, beside
+    the held-out-text constraint. The prompts come from the training word lists (`prompts.tasks.TRAIN_*`: the
+    evaluation's templates, no word of any evaluation prompt); the pipeline builds them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(0.0, ge=0, description="weight of the prompts' mean KL in the loss (the normalised "
+                          "Lagrangian has weight 1 on the regulariser at lambda 0); 0 = off")
+    tasks: list[str] = Field(["ioi", "greater_than", "docstring", "antonyms", "induction"], min_length=1,
+                             description="tasks in turn, one per step")
+    prompts_per_task: int = Field(128, gt=0, description="the pool drawn from, per task")
+    prompts_per_step: int = Field(8, gt=0, description="prompts of one task per optimiser step")
+    seed: int = Field(0, description="seed of the pool and of each step's draw")
+
+    @field_validator("tasks")
+    @classmethod
+    def _each_task_once(cls, tasks: list[str]) -> list[str]:
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task_distill.tasks names a task twice: {tasks}")
+        return tasks
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +118,7 @@ class TrainConfig(BaseModel):
     head_cap_through: Literal["logits", "scores"] = Field(
         "logits", description="what the head_cap term's gradient moves: the gate logits (each head's queries and "
         "keys, and the shared offset with them) or the scores alone (the offset held fixed in that term)")
+    task_distill: TaskDistillConfig = TaskDistillConfig()
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -32,7 +32,7 @@ from sparse_attention.evaluate import (
 )
 from sparse_attention.gated_attention import GatedModel
 from sparse_attention.models import load_model
-from sparse_attention.train import CHECKPOINT_NAME, post_train
+from sparse_attention.train import CHECKPOINT_NAME, TaskBatches, post_train
 
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -44,6 +44,8 @@ OPEN_HEAD_LENGTH = 512  # ... at this length (the longest compared length when 5
 # (original model, gated model in eval mode, tokenizer) -> task-behaviour metrics; the pipeline passes one
 # from prompts.metrics (a package above this one)
 TaskEvaluator = Callable[[torch.nn.Module, GatedModel, Any], dict]
+# tokenizer -> each training step's task prompts for train.task_distill (prompts.training.task_distillation)
+TaskBatchesBuilder = Callable[[Any], TaskBatches]
 
 
 # options added after runs were fingerprinted, whose value here trains exactly as before they existed: left out of
@@ -59,6 +61,8 @@ def training_fingerprint(config: SparsifyConfig) -> str:
     for (section, option), old_behaviour in LATER_OPTIONS_AT_OLD_BEHAVIOUR.items():
         if payload[section][option] == old_behaviour:
             del payload[section][option]
+    if payload["train"]["task_distill"]["weight"] == 0:  # off: its other settings change nothing
+        del payload["train"]["task_distill"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,14 +104,18 @@ def open_heads(comparisons: list[dict], source: str) -> dict:
 
 def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True,
         on_checkpoint: Callable[[dict, Path | None], None] | None = None,
-        evaluate_tasks: TaskEvaluator | None = None) -> dict:
+        evaluate_tasks: TaskEvaluator | None = None, task_batches: TaskBatchesBuilder | None = None) -> dict:
     """Post-train `config.model` into gated sparse attention; writes model/, metrics.json, plots.
 
     Training resumes from `output_dir/checkpoints/`; `on_checkpoint` is passed to `post_train`.
-    `evaluate_tasks` (needed when eval.task_prompts > 0) measures task behaviour, dense vs sparse."""
+    `evaluate_tasks` (needed when eval.task_prompts > 0) measures task behaviour, dense vs sparse; `task_batches`
+    (needed when train.task_distill.weight > 0) builds the task prompts trained on."""
     if config.eval.task_prompts and evaluate_tasks is None:
         raise ValueError("sparsify.eval.task_prompts > 0 needs a task evaluator: run the stage through the pipeline, "
                          "or pass evaluate_tasks (e.g. prompts.metrics.task_evaluator), or set task_prompts 0")
+    if config.train.task_distill.weight > 0 and task_batches is None:
+        raise ValueError("sparsify.train.task_distill.weight > 0 needs the task prompts: run the stage through the "
+                         "pipeline, or pass task_batches (prompts.training.task_distillation), or set the weight 0")
     fingerprint = training_fingerprint(config)
     require_resumable(Path(output_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME, fingerprint)
     output_dir = open_output_dir(output_dir, CONFIG_FILE, config.model_dump(mode="json"))
@@ -129,6 +137,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         for length in lengths:
             if model_context and length > model_context:
                 raise ValueError(f"data.{field} {length} exceeds the model's context {model_context}; lower it")
+    distill_batches = task_batches(tokenizer) if config.train.task_distill.weight > 0 else None
     blocks = load_token_blocks(config.data, tokenizer)
     training = load_training_data(config.data, tokenizer, config.train.batch_size, config.train.seed)
     heldout = blocks.heldout[: config.eval.heldout_blocks]
@@ -157,6 +166,7 @@ def run(config: SparsifyConfig, output_dir: str | Path, *, progress: bool = True
         streams=lambda start: itertools.islice(draw_schedule(config.data, config.train.grad_accumulation), start, None),
         checkpoint_dir=output_dir / CHECKPOINT_DIR,
         config_fingerprint=fingerprint,
+        task_batches=distill_batches,
         progress=progress,
         on_checkpoint=on_checkpoint,
     )

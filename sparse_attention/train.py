@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 CHECKPOINT_NAME = "train_state.pt"
+# optimiser step -> (ids [batch, pos] right-padded, answer position [batch]): that step's task-format prompts for
+# `train.task_distill` (prompts.training.task_distillation_batches builds one)
+TaskBatches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def select_trainable(gated: GatedModel, which: str, learn_offset: bool) -> list[tuple[str, torch.nn.Parameter]]:
@@ -59,13 +62,29 @@ def hard_gate_constraint(gated: GatedModel, tokens: torch.Tensor, reference_log_
     return ce.item(), value.item()
 
 
+def answer_position_kl(gated: GatedModel, reference: torch.nn.Module, ids: torch.Tensor, answer: torch.Tensor,
+                       precision: str) -> torch.Tensor:
+    """Mean KL(reference || gated) over prompts of the next-token distribution at each prompt's answer position,
+    through the gates as they are set (the noisy training gates in training).  ids [batch, pos] right-padded:
+    causal attention keeps the padding out of every earlier position; answer [batch] -> scalar, fp32."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    with autocast(precision, ids.device):
+        with torch.no_grad():
+            reference_logits = reference(input_ids=ids).logits[rows, answer]  # [batch, vocab]
+        logits = gated(ids).logits[rows, answer]
+    reference_log_probs = torch.log_softmax(reference_logits.float(), dim=-1)
+    return kl_from_log_probs(reference_log_probs, torch.log_softmax(logits.float(), dim=-1))
+
+
 def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tuple[str, torch.nn.Parameter]],
                 optimizer: torch.optim.Optimizer, base_lrs: list[float], multipliers: StreamMultipliers,
                 batches: Iterator[torch.Tensor], streams: Iterator[tuple[str, int]], train: TrainConfig, step: int,
-                tokens_seen: int) -> dict:
+                tokens_seen: int, task_batches: TaskBatches | None) -> dict:
     """One optimiser step over `grad_accumulation` global batches (this rank's shard of each when data
-    parallel), each weighted by its stream's multiplier (`streams`: the (source, length) of each batch);
-    returns the history row (statistics averaged over ranks, "tokens" counted over all ranks)."""
+    parallel), each weighted by its stream's multiplier (`streams`: the (source, length) of each batch), plus
+    `train.task_distill.weight` x the answer-position KL of the step's task prompts (`task_batches`, when the
+    weight is above 0); returns the history row (statistics averaged over ranks, "tokens" counted over all
+    ranks)."""
     factor = lr_factor(step, train.warmup_steps, train.steps)
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * factor
@@ -115,6 +134,12 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         totals["open"] += int(open_edges.sum())
         totals["pairs"] += int(pairs.sum())
         tokens_seen += tokens.numel() * world_size()
+    if train.task_distill.weight > 0:
+        ids, answer = task_batches(step)
+        ids, answer = shard_for_rank(ids).to(gated.offsets.device), shard_for_rank(answer).to(gated.offsets.device)
+        task_kl = answer_position_kl(gated, reference, ids, answer, train.precision)
+        (train.task_distill.weight * task_kl).backward()
+        totals["task_kl"] = task_kl.item()
     if is_distributed():
         average_gradients([p for _, p in weights] + [gated.offsets])
         totals = average_scalars(totals)
@@ -141,6 +166,7 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         "multiplier": controller.multiplier,
         **({"multipliers": multipliers.multipliers()} if multipliers.config.per_stream else {}),
         "regulariser": totals["regulariser"],
+        **({"task_kl": totals["task_kl"]} if "task_kl" in totals else {}),
         **({"over_head_cap": totals["over_cap"]} if train.head_cap is not None else {}),
         "open_fraction": totals["open"] / max(1, totals["pairs"]),
         "mean_offset": gated.offsets_per_head.detach().mean().item(),
@@ -157,6 +183,7 @@ def post_train(
     learn_offset: bool,
     streams: Callable[[int], Iterator[tuple[str, int]]] | None = None,
     config_fingerprint: str = "",
+    task_batches: TaskBatches | None = None,
     **options: Unpack[LoopOptions],
 ) -> TrainResult:
     """Run (or resume) post-training in place on `gated`; `reference` is the frozen original model.
@@ -171,10 +198,13 @@ def post_train(
     a batch index (e.g. `data.mixed_batches` over several sources and lengths), so a resumed run continues exactly.
     `streams` gives, from a batch index, the (source, length) of each batch (e.g. `data.draw_schedule`): the
     history names them, and with `controller_config.per_stream` each has its own multiplier. Without it every
-    batch is one stream, ("train", block length).
+    batch is one stream, ("train", block length). `task_batches` gives each step's task prompts; needed when
+    `train.task_distill.weight` > 0.
 
     `options` (checkpoint_dir, progress, on_step, on_checkpoint) go to `runtime.training.TrainingLoop`.
     """
+    if train.task_distill.weight > 0 and task_batches is None:
+        raise ValueError("train.task_distill.weight > 0 needs the task prompts (post_train's `task_batches`)")
     if train.threads:
         torch.set_num_threads(train.threads)
     check_precision(train.precision, gated.offsets.device)
@@ -224,6 +254,8 @@ def post_train(
         shown = {"ce": f"{row['ce']:.3f}", train.constraint: f"{row['constraint_value']:+.4f}"}
         if "hard_constraint_value" in row:
             shown["hard"] = f"{row['hard_constraint_value']:+.4f}"
+        if "task_kl" in row:
+            shown["task_kl"] = f"{row['task_kl']:.4f}"
         return {**shown, "open": f"{row['open_fraction']:.3f}", "lam": f"{row['multiplier']:.3g}",
                 "b": f"{row['mean_offset']:.2f}"}
 
@@ -235,7 +267,8 @@ def post_train(
     batch_streams = streams(start_batch)
     with frozen_linear_weights_in_bf16(gated.model, train.precision):  # the fp32 originals are back after it
         result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, multipliers,
-                                                   batches, batch_streams, train, step, loop.tokens_seen),
+                                                   batches, batch_streams, train, step, loop.tokens_seen,
+                                                   task_batches),
                           trainer_state, postfix)
     gated.eval().set_mode("eval")
     for param in gated.parameters():

@@ -40,8 +40,20 @@ LEFT_OUT_NAMES = tasks.NAMES[::3]  # never in the training text: multi-token for
 @pytest.fixture(scope="module")
 def word_tokenizer() -> PreTrainedTokenizerFast:
     words = [w for w in tasks.NAMES if w not in LEFT_OUT_NAMES] + list(tasks.INDUCTION_WORDS + tasks.DOC_WORDS)
+    return trained_word_tokenizer(words, tasks.ANTONYMS)
+
+
+@pytest.fixture(scope="module")
+def training_word_tokenizer() -> PreTrainedTokenizerFast:
+    """Single tokens for every training word list (prompts.tasks.TRAIN_*)."""
+    words = list(tasks.TRAIN_NAMES + tasks.TRAIN_INDUCTION_WORDS + tasks.TRAIN_DOC_WORDS)
+    return trained_word_tokenizer(words, tasks.TRAIN_ANTONYMS)
+
+
+def trained_word_tokenizer(words: list[str], antonyms) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `words` (after a space) and the antonym words (in quotes), digits split."""
     lines = [" " + " ".join(words)] * 3
-    lines += ['"' + '" "'.join(w for pair in tasks.ANTONYMS for w in pair) + '"'] * 3
+    lines += ['"' + '" "'.join(w for pair in antonyms for w in pair) + '"'] * 3
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -172,7 +184,7 @@ def _check_roles(prompt: TaskPrompt, tokenizer) -> None:
         assert tuple(joined(f"arg{i}") for i in (0, 1, 3)) == prompt.incorrect
         assert joined("param_arg0") == joined("arg0") and joined("param_arg1") == joined("arg1")
         assert "param".endswith(texts[-1]) and joined("param").count("param") == 2
-        assert joined("func").strip() in tasks.DOC_WORDS
+        assert joined("func").strip() in tasks.DOC_WORDS + tasks.TRAIN_DOC_WORDS
     elif prompt.task == "antonyms":
         assert joined("cue") == re.search(r'"(\w+)"', prompt.clean).group(1)
         assert [t.strip() for t, r in zip(texts, roles) if r in ("quote", "end")] == ['"'] * 3
@@ -347,3 +359,44 @@ def test_ratio_is_refused_against_a_non_positive_dense_value(word_tokenizer):
     result = dense_vs_sparse(zeros, zeros, word_tokenizer, {"ioi": prompts})["ioi"]
     assert result["dense"] == {"accuracy": 0.0, "mean_logit_diff": 0.0}
     assert result["logit_diff_ratio"] is None and result["accuracy_ratio"] is None
+
+
+def _words_in(text: str) -> set[str]:
+    return {word.lower() for word in re.findall(r"[A-Za-z]+", text)}
+
+
+EVALUATION_WORDS = {w.lower() for w in tasks.NAMES + tasks.IOI_PLACES + tasks.IOI_OBJECTS + tasks.GT_NOUNS
+                    + tasks.DOC_WORDS + tasks.DOC_DESCRIPTIONS + tasks.INDUCTION_WORDS} | {
+    w for pair in tasks.ANTONYMS for w in pair}
+TEMPLATE_WORDS = set().union(*map(_words_in, tasks.IOI_TEMPLATES + tasks.GT_TEMPLATES + tasks.ANTONYM_TEMPLATES
+                                  + (tasks.DOC_TEMPLATE,)))
+
+
+def test_training_word_lists_share_no_word_with_any_evaluation_list():
+    training = {w.lower() for w in tasks.TRAIN_NAMES + tasks.TRAIN_PLACES + tasks.TRAIN_OBJECTS
+                + tasks.TRAIN_GT_NOUNS + tasks.TRAIN_DOC_WORDS + tasks.TRAIN_DOC_DESCRIPTIONS
+                + tasks.TRAIN_INDUCTION_WORDS}
+    antonym_words = [w for pair in tasks.TRAIN_ANTONYMS for w in pair]
+    assert not (training | set(antonym_words)) & EVALUATION_WORDS
+    assert len(set(antonym_words)) == len(antonym_words)  # each word in one pair: one answer per cue
+    assert not set(range(tasks.TRAIN_GT_CENTURIES[0], tasks.TRAIN_GT_CENTURIES[1] + 1)) & set(range(11, 18))
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_training_prompts_are_valid_and_hold_no_evaluation_word(training_word_tokenizer, word_tokenizer, name):
+    prompts = generate_task(name, training_word_tokenizer, 40, seed=0, words="training")
+    assert prompts == generate_task(name, training_word_tokenizer, 40, seed=0, words="training")
+    for prompt in prompts:
+        assert invalid_reason(prompt, training_word_tokenizer) is None
+        _check_roles(prompt, training_word_tokenizer)
+        text = " ".join((prompt.clean, prompt.corrupted, *prompt.correct, *prompt.incorrect))
+        assert not (_words_in(text) - TEMPLATE_WORDS) & EVALUATION_WORDS, prompt.clean
+        if name == "greater_than":
+            assert re.search(r"year 1[89]|from 1[89]", prompt.clean)
+    evaluation = {p.clean for p in generate_task(name, word_tokenizer, 40, seed=0)}
+    assert not evaluation & {p.clean for p in prompts}
+
+
+def test_an_unknown_word_set_is_refused(word_tokenizer):
+    with pytest.raises(TaskError, match="unknown word set 'train'; word sets are evaluation, training"):
+        generate_task("ioi", word_tokenizer, 5, words="train")

@@ -4,6 +4,7 @@ import copy
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,15 +17,16 @@ import yaml
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pipeline.config import ConfigError, load_config, parse_config
+from prompts.training import padded_clean, task_distillation
 from runtime.checkpoint import CheckpointError
 from sparse_attention import stage
-from sparse_attention.config import SparsifyConfig, TrainConfig
+from sparse_attention.config import SparsifyConfig, TaskDistillConfig, TrainConfig
 from sparse_attention.constraint import ControllerConfig, LagrangeController, StreamMultipliers
 from sparse_attention.data import batch_iterator
 from sparse_attention.evaluate import compare_on_heldout, next_token_ce, next_token_kl, plot_training_curves
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, GateRecord, load_gated_model
-from sparse_attention.models import ModelLoadError, TinyModelConfig, load_model, tiny_model
-from sparse_attention.train import post_train
+from sparse_attention.models import ModelLoadError, TinyModelConfig, byte_tokenizer, load_model, tiny_model
+from sparse_attention.train import answer_position_kl, post_train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=3)
@@ -567,9 +569,15 @@ def test_later_options_change_the_training_fingerprint_and_their_old_behaviour_i
     config = SparsifyConfig()
     payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
     del payload["controller"]["per_stream"], payload["train"]["head_cap"], payload["train"]["head_cap_weight"]
-    del payload["train"]["head_cap_through"], payload["gate"]["closed_heads"]
+    del payload["train"]["head_cap_through"], payload["gate"]["closed_heads"], payload["train"]["task_distill"]
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     assert stage.training_fingerprint(config) == before
+    distill_off = config.model_copy(update={"train": config.train.model_copy(
+        update={"task_distill": TaskDistillConfig(tasks=["ioi"], prompts_per_step=2)})})
+    assert stage.training_fingerprint(distill_off) == before  # weight 0: its other settings change nothing
+    distill_on = config.model_copy(update={"train": config.train.model_copy(
+        update={"task_distill": TaskDistillConfig(weight=0.5)})})
+    assert stage.training_fingerprint(distill_on) != before
     per_stream = config.model_copy(update={"controller": config.controller.model_copy(update={"per_stream": True})})
     assert stage.training_fingerprint(per_stream) != before
     capped = config.model_copy(update={"train": config.train.model_copy(update={"head_cap": 0.2})})
@@ -624,3 +632,99 @@ def test_a_head_cap_pushes_the_heads_above_it_down():
     over = free > 0.3  # the heads the cap acts on (layer 0's stay fully open in 8 steps either way)
     assert over.sum() >= 2
     assert (capped[over] <= free[over]).all() and capped[over].mean() < free[over].mean() - 0.1, (free, capped)
+
+
+TASK_TEXTS = ["The war lasted from", "a b", "When the year 1890 ended, the next"]
+
+
+def test_answer_position_kl_equals_a_hand_computation_on_each_unpadded_prompt():
+    model, _ = tiny_model(TINY)
+    reference, _ = tiny_model(TINY.model_copy(update={"seed": 4}))
+    original = copy.deepcopy(model)
+    gated = GatedModel(model, offset_init=1.0).eval().set_mode("eval")
+    ids, answer = padded_clean(TASK_TEXTS, byte_tokenizer())
+    assert answer.tolist() == [len(text) for text in TASK_TEXTS]  # bytes, bos first
+    kls = []
+    for row in range(len(TASK_TEXTS)):
+        alone = ids[row : row + 1, : answer[row] + 1]  # the prompt without padding
+        with torch.no_grad():
+            p_log = torch.log_softmax(reference(input_ids=alone).logits[0, -1].double(), -1)
+            q_log = torch.log_softmax(gated(alone).logits[0, -1].double(), -1)
+        kls.append((p_log.exp() * (p_log - q_log)).sum())
+    with torch.no_grad():
+        got = answer_position_kl(gated, reference, ids, answer, "fp32")
+    assert got.item() == pytest.approx(torch.stack(kls).mean().item(), rel=1e-5, abs=1e-7)
+    assert got.item() > 0
+    with torch.no_grad():
+        same = answer_position_kl(gated.set_mode("dense"), original, ids, answer, "fp32")
+    assert same.item() == pytest.approx(0.0, abs=1e-6)  # all gates open: the original itself
+
+
+def _distilled_run(checkpoint_dir, steps=4, kill_at=None, weight=0.5, calls=None):
+    model, _ = tiny_model(TINY)
+    reference = copy.deepcopy(model)
+    gated = GatedModel(model, offset_init=1.0)
+    blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=1, checkpoint_every=2,
+                      task_distill=TaskDistillConfig(weight=weight))
+    texts = [TASK_TEXTS[:2], TASK_TEXTS[1:]]
+
+    def task_batches(step):
+        if calls is not None:
+            calls.append(step)
+        return padded_clean(texts[step % 2], byte_tokenizer())
+
+    def maybe_kill(row):
+        if row["step"] == kill_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    result = post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=True,
+                        checkpoint_dir=checkpoint_dir, config_fingerprint="fp", progress=False, on_step=maybe_kill,
+                        task_batches=task_batches)
+    return gated, result
+
+
+def test_task_distillation_trains_on_each_steps_prompts_and_resumes_exactly(tmp_path):
+    calls = []
+    straight, straight_result = _distilled_run(tmp_path / "a", calls=calls)
+    assert calls == [0, 1, 2, 3]
+    assert all(row["task_kl"] >= 0 for row in straight_result.history)
+    plain, _ = _distilled_run(tmp_path / "c", weight=0.0)  # the term moves the weights
+    assert not torch.equal(plain.model.model.layers[0].self_attn.q_proj.weight,
+                           straight.model.model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(KeyboardInterrupt):
+        _distilled_run(tmp_path / "b", kill_at=3)
+    resumed, resumed_result = _distilled_run(tmp_path / "b")
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in straight_result.history]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed_result.history] == drop_time
+
+
+def test_task_distillation_without_its_prompts_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="needs the task prompts"):
+        post_train(GatedModel(tiny_model(TINY)[0], offset_init=1.0), tiny_model(TINY)[0],
+                   torch.zeros(4, 8, dtype=torch.long), TrainConfig(steps=1, task_distill=TaskDistillConfig(weight=1.0)),
+                   ControllerConfig(), learn_offset=True, progress=False)
+    config = load_config(preset="tiny", overrides=["sparsify.train.task_distill.weight=1"]).sparsify
+    with pytest.raises(ValueError, match="task_distill.weight > 0 needs the task prompts"):
+        stage.run(config, tmp_path / "sparsify", progress=False)
+    assert not (tmp_path / "sparsify").exists()
+    with pytest.raises(ConfigError, match="names a task twice"):
+        load_config(preset="tiny", overrides=["sparsify.train.task_distill.tasks=[ioi, ioi]"])
+
+
+def test_the_stage_trains_on_greater_than_prompts_of_the_training_words(tmp_path):
+    config = load_config(preset="tiny", overrides=[
+        "sparsify.train.steps=3", "sparsify.train.task_distill.weight=1",
+        "sparsify.train.task_distill.tasks=[greater_than]", "sparsify.train.task_distill.prompts_per_task=6",
+        "sparsify.train.task_distill.prompts_per_step=3"]).sparsify
+    metrics = stage.run(config, tmp_path / "sparsify", progress=False,
+                        task_batches=task_distillation(config.train.task_distill))
+    assert [row["step"] for row in metrics["history"]] == [1, 2, 3]
+    assert all(row["task_kl"] >= 0 for row in metrics["history"])
+    batches = task_distillation(config.train.task_distill)(byte_tokenizer())
+    ids, answer = batches(1)
+    assert ids.shape[0] == 3 and torch.equal(ids, batches(1)[0]) and torch.equal(answer, batches(1)[1])
+    texts = [byte_tokenizer().decode(row[1 : end + 1]) for row, end in zip(ids.tolist(), answer.tolist())]
+    assert all(re.search(r"(year|from) 1[89]\d\d", text) for text in texts)
