@@ -1,0 +1,119 @@
+"""Does a sparse model's task behaviour hold on templates it never trained on? Task distillation
+(`train.task_distill`) trains on the evaluation's templates filled with other words; this measures dense vs sparse
+clean logit difference and accuracy (`prompts.metrics.dense_vs_sparse`) on IOI and antonyms prompts of templates in
+neither set (HELD_OUT_TEMPLATES, filled from the evaluation word lists), beside the stage's own task prompts
+(`generate_task(task, tokenizer, n, seed)`, the evaluation templates), for each gated model.
+
+    python bench/task_template_transfer.py --sparse F400=runs/F/model/model P464=runs/P/model/model --tag F400_P464
+
+Writes bench/results/task_template_transfer_<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+HELD_OUT_TEMPLATES = {
+    "antonyms": ('The reverse of "{word}" is "', 'What is the opposite of "{word}"? It is "',
+                 'Opposite of "{word}": "'),
+    "ioi": ("Yesterday, {X} and {Y} walked to the {place}. {S} handed a {object} to",
+            "At the {place}, {X} and {Y} found a {object}. {S} passed it to",
+            "{X} and {Y} met at the {place}, and later {S} gave a {object} to"),
+}
+
+
+def held_out_prompts(task: str, tokenizer, n: int, seed: int) -> list:
+    """`n` distinct valid prompts of `task` from HELD_OUT_TEMPLATES (templates in turn) and the evaluation word
+    lists, built as the task's generator builds its own (same corruption, answers and roles)."""
+    from prompts.tasks import (
+        ANTONYM_WORD_ROLES,
+        IOI_OBJECTS,
+        IOI_PLACES,
+        IOI_WORD_ROLES,
+        TaskPrompt,
+        invalid_reason,
+        template_pieces,
+        vocab_for,
+    )
+
+    vocab, rng = vocab_for(tokenizer), random.Random(f"held-out:{task}:{seed}")
+    prompts, seen = [], set()
+    for draw in range(50 * n):
+        index = draw % len(HELD_OUT_TEMPLATES[task])
+        template = HELD_OUT_TEMPLATES[task][index]
+        if task == "antonyms":
+            (cue, answer), (other_cue, other_answer) = (
+                pair if rng.random() < 0.5 else pair[::-1] for pair in rng.sample(vocab.antonyms, 2))
+            prompt = TaskPrompt(task=task, template=index, clean=template.format(word=cue),
+                                corrupted=template.format(word=other_cue), correct=(answer,),
+                                incorrect=(other_answer,), role_pieces=template_pieces(
+                                    template, {"word": cue}, {"word": "cue"}, ANTONYM_WORD_ROLES))
+        else:
+            a, b, c, d, e = rng.sample(vocab.names, 5)
+            place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
+            first, second = (a, b) if rng.random() < 0.5 else (b, a)
+            fields = {"X": first, "Y": second, "S": b, "place": place, "object": obj}
+            roles = {"X": "IO" if first == a else "S1", "Y": "S1" if first == a else "IO", "S": "S2",
+                     "place": "place", "object": "object"}
+            prompt = TaskPrompt(task=task, template=index, clean=template.format(**fields),
+                                corrupted=template.format(**{**fields, "X": c, "Y": d, "S": e}),
+                                correct=(" " + a,), incorrect=(" " + b,),
+                                role_pieces=template_pieces(template, fields, roles, IOI_WORD_ROLES))
+        if prompt.clean in seen or invalid_reason(prompt, tokenizer) is not None:
+            continue
+        seen.add(prompt.clean)
+        prompts.append(prompt)
+        if len(prompts) == n:
+            return prompts
+    sys.exit(f"{task}: only {len(prompts)} valid held-out prompts of {n}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dense", default="smollm2-135m")
+    parser.add_argument("--sparse", nargs="+", required=True, help="NAME=gated checkpoint directory")
+    parser.add_argument("--n", type=int, default=48, help="prompts per task and template set")
+    parser.add_argument("--seed", type=int, default=1, help="the evaluation templates' seed (the stage's eval.task_seed)")
+    parser.add_argument("--tag", required=True)
+    args = parser.parse_args()
+
+    from prompts.metrics import dense_vs_sparse, logits_fn
+    from prompts.tasks import generate_task
+    from sparse_attention.gated_attention import load_gated_model
+    from sparse_attention.models import load_model
+
+    torch.set_num_threads(1)
+    original, tokenizer = load_model(args.dense)
+    sets = {}
+    for task in HELD_OUT_TEMPLATES:
+        sets[f"{task}/evaluation_templates"] = generate_task(task, tokenizer, args.n, args.seed)
+        sets[f"{task}/held_out_templates"] = held_out_prompts(task, tokenizer, args.n, args.seed)
+    result = {"command": "python " + " ".join(sys.argv), "dense": args.dense, "n": args.n,
+              "held_out_templates": HELD_OUT_TEMPLATES, "models": {}}
+    for item in args.sparse:
+        name, _, directory = item.partition("=")
+        sparse = load_gated_model(directory)[0].eval().set_mode("eval")
+        scores = dense_vs_sparse(logits_fn(original), logits_fn(sparse), tokenizer, sets)
+        result["models"][name] = {"directory": directory, "sets": scores}
+        for key, row in scores.items():
+            print(f"{name} {key}: dense {row['dense']['mean_logit_diff']:.3f} ({row['dense']['accuracy']:.2f}) "
+                  f"sparse {row['sparse']['mean_logit_diff']:.3f} ({row['sparse']['accuracy']:.2f}) "
+                  f"ratio {row['logit_diff_ratio']}", flush=True)
+    out = ROOT / "bench" / "results" / f"task_template_transfer_{args.tag}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
