@@ -20,13 +20,14 @@ def is_main_rank() -> bool:
     return not is_distributed() or torch.distributed.get_rank() == 0
 
 
-def shard_for_rank(tokens: torch.Tensor) -> torch.Tensor:
-    """This worker's equal slice of the global batch (data parallel); the whole batch otherwise."""
+def shard_for_rank(tokens: torch.Tensor, what: str = "train.batch_size") -> torch.Tensor:
+    """This worker's equal slice of the global batch (data parallel); the whole batch otherwise. `what` names the
+    setting that sets the batch's size, for the error when it does not split evenly."""
     if not is_distributed():
         return tokens
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if tokens.shape[0] % world:
-        raise ValueError(f"train.batch_size {tokens.shape[0]} is not divisible by {world} data-parallel workers")
+        raise ValueError(f"{what} {tokens.shape[0]} is not divisible by {world} data-parallel workers")
     per = tokens.shape[0] // world
     return tokens[rank * per : (rank + 1) * per]
 

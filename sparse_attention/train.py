@@ -136,7 +136,9 @@ def _train_step(gated: GatedModel, reference: torch.nn.Module, weights: list[tup
         tokens_seen += tokens.numel() * world_size()
     if train.task_distill.weight > 0:
         ids, answer = task_batches(step)
-        ids, answer = shard_for_rank(ids).to(gated.offsets.device), shard_for_rank(answer).to(gated.offsets.device)
+        what = "train.task_distill.prompts_per_step"
+        ids = shard_for_rank(ids, what).to(gated.offsets.device)
+        answer = shard_for_rank(answer, what).to(gated.offsets.device)
         task_kl = answer_position_kl(gated, reference, ids, answer, train.precision)
         (train.task_distill.weight * task_kl).backward()
         totals["task_kl"] = task_kl.item()
