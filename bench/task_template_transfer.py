@@ -33,49 +33,14 @@ HELD_OUT_TEMPLATES = {
 
 
 def held_out_prompts(task: str, tokenizer, n: int, seed: int) -> list:
-    """`n` distinct valid prompts of `task` from HELD_OUT_TEMPLATES (templates in turn) and the evaluation word
-    lists, built as the task's generator builds its own (same corruption, answers and roles)."""
-    from prompts.tasks import (
-        ANTONYM_WORD_ROLES,
-        IOI_OBJECTS,
-        IOI_PLACES,
-        IOI_WORD_ROLES,
-        TaskPrompt,
-        invalid_reason,
-        template_pieces,
-        vocab_for,
-    )
+    """`n` distinct valid prompts of `task` from HELD_OUT_TEMPLATES and the evaluation word lists, by the task's
+    own generator (same corruption, answers and roles)."""
+    from prompts.tasks import antonyms_candidate, distinct_valid_prompts, ioi_candidate, vocab_for
 
+    candidate = {"antonyms": antonyms_candidate, "ioi": ioi_candidate}[task]
     vocab, rng = vocab_for(tokenizer), random.Random(f"held-out:{task}:{seed}")
-    prompts, seen = [], set()
-    for draw in range(50 * n):
-        index = draw % len(HELD_OUT_TEMPLATES[task])
-        template = HELD_OUT_TEMPLATES[task][index]
-        if task == "antonyms":
-            (cue, answer), (other_cue, other_answer) = (
-                pair if rng.random() < 0.5 else pair[::-1] for pair in rng.sample(vocab.antonyms, 2))
-            prompt = TaskPrompt(task=task, template=index, clean=template.format(word=cue),
-                                corrupted=template.format(word=other_cue), correct=(answer,),
-                                incorrect=(other_answer,), role_pieces=template_pieces(
-                                    template, {"word": cue}, {"word": "cue"}, ANTONYM_WORD_ROLES))
-        else:
-            a, b, c, d, e = rng.sample(vocab.names, 5)
-            place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
-            first, second = (a, b) if rng.random() < 0.5 else (b, a)
-            fields = {"X": first, "Y": second, "S": b, "place": place, "object": obj}
-            roles = {"X": "IO" if first == a else "S1", "Y": "S1" if first == a else "IO", "S": "S2",
-                     "place": "place", "object": "object"}
-            prompt = TaskPrompt(task=task, template=index, clean=template.format(**fields),
-                                corrupted=template.format(**{**fields, "X": c, "Y": d, "S": e}),
-                                correct=(" " + a,), incorrect=(" " + b,),
-                                role_pieces=template_pieces(template, fields, roles, IOI_WORD_ROLES))
-        if prompt.clean in seen or invalid_reason(prompt, tokenizer) is not None:
-            continue
-        seen.add(prompt.clean)
-        prompts.append(prompt)
-        if len(prompts) == n:
-            return prompts
-    sys.exit(f"{task}: only {len(prompts)} valid held-out prompts of {n}")
+    return distinct_valid_prompts(lambda: candidate(rng, vocab, HELD_OUT_TEMPLATES[task]), tokenizer, n,
+                                  f"{task} (held-out templates)")
 
 
 def main() -> int:

@@ -401,19 +401,19 @@ def template_pieces(template: str, fields: dict[str, str], field_roles: dict[str
     return joined
 
 
-def ioi_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+def ioi_candidate(rng: random.Random, vocab: Vocab, templates: Sequence[str] = IOI_TEMPLATES) -> TaskPrompt:
     """IOI (Wang et al.): "When A and B went to the store, B gave a drink to" -> " A" over " B".
 
     Both name orders (ABBA, BABA). Corrupted: the same sentence with three unrelated names (the "ABC"
     distribution), where neither answer is in context. Roles: IO (the answer's name) and S1 (the subject's
     first mention), S2 (its second mention), place, object, verb (" gave", " give", " said"), end (the final
-    " to"), other.
+    " to"), other. `templates` (fields X, Y, S, place, object) default to IOI_TEMPLATES.
     """
-    template_index = rng.randrange(len(IOI_TEMPLATES))
+    template_index = rng.randrange(len(templates))
     a, b, c, d, e = rng.sample(vocab.names, 5)
     place, obj = rng.choice(vocab.places), rng.choice(vocab.objects)
     first, second = (a, b) if rng.random() < 0.5 else (b, a)
-    template = IOI_TEMPLATES[template_index]
+    template = templates[template_index]
     clean = template.format(X=first, Y=second, S=b, place=place, object=obj)
     corrupted = template.format(X=c, Y=d, S=e, place=place, object=obj)
     roles = {"X": "IO" if first == a else "S1", "Y": "S1" if first == a else "IO", "S": "S2", "place": "place",
@@ -483,15 +483,16 @@ def _with_def_args(template: str, func: str, def_args: dict, doc_args: dict, wor
     return signature.format(func=func, **def_args) + "\n" + body.format(**doc_args, **words)
 
 
-def antonyms_candidate(rng: random.Random, vocab: Vocab) -> TaskPrompt:
+def antonyms_candidate(rng: random.Random, vocab: Vocab, templates: Sequence[str] = ANTONYM_TEMPLATES) -> TaskPrompt:
     """Antonyms: 'The opposite of "large" is "' -> "small". Corrupted: another word, whose antonym is
     the contrast answer. Either word of a pair can be the cue. Roles: cue (the word), quote (the quote
-    marks), opposite (" opposite" / " antonym"), end (the last quote mark), other."""
-    template_index = rng.randrange(len(ANTONYM_TEMPLATES))
+    marks), opposite (" opposite" / " antonym"), end (the last quote mark), other. `templates` (field word)
+    default to ANTONYM_TEMPLATES."""
+    template_index = rng.randrange(len(templates))
     (cue, answer), (other_cue, other_answer) = (
         pair if rng.random() < 0.5 else pair[::-1] for pair in rng.sample(vocab.antonyms, 2)
     )
-    template = ANTONYM_TEMPLATES[template_index]
+    template = templates[template_index]
     return TaskPrompt(task="antonyms", template=template_index, clean=template.format(word=cue),
                       corrupted=template.format(word=other_cue), correct=(answer,), incorrect=(other_answer,),
                       role_pieces=template_pieces(template, {"word": cue}, {"word": "cue"}, ANTONYM_WORD_ROLES))
@@ -553,9 +554,15 @@ def generate_task(name: str, tokenizer, n: int = DEFAULT_N_PROMPTS, seed: int = 
                 f"found {available}; use a tokenizer with word-level tokens (e.g. SmolLM2's)"
             )
     rng = random.Random(f"{name}:{seed}" if words == "evaluation" else f"{name}:{seed}:{words}")
+    return distinct_valid_prompts(lambda: generator(rng, vocab), tokenizer, n, name)
+
+
+def distinct_valid_prompts(draw: Callable[[], TaskPrompt], tokenizer, n: int, name: str) -> list[TaskPrompt]:
+    """The first `n` distinct (by clean text) prompts from repeated `draw()` that are valid for `tokenizer`;
+    TaskError naming task `name` after 50 * n draws without them."""
     prompts, seen = [], set()
     for _ in range(50 * n):
-        prompt = generator(rng, vocab)
+        prompt = draw()
         if prompt.clean in seen or invalid_reason(prompt, tokenizer) is not None:
             continue
         seen.add(prompt.clean)
