@@ -172,20 +172,22 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(path=tmp_path / "missing.yaml")
 
 
-def _train_run(checkpoint_dir, steps=6, kill_at=None, global_seed=0):
+def _train_run(checkpoint_dir, steps=6, kill_at=None, global_seed=0, task_distill_weight=0.0, task_batches=None):
     torch.manual_seed(global_seed)  # the gate noise must not depend on it
     model, _ = tiny_model(TINY)
     reference = copy.deepcopy(model)
     gated = GatedModel(model, offset_init=1.0)
     blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=1, checkpoint_every=2)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=1, checkpoint_every=2,
+                      task_distill=TaskDistillConfig(weight=task_distill_weight))
 
     def maybe_kill(row):
         if row["step"] == kill_at:
             raise KeyboardInterrupt("simulated kill")
 
     result = post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=True,
-                        checkpoint_dir=checkpoint_dir, config_fingerprint="fp", progress=False, on_step=maybe_kill)
+                        checkpoint_dir=checkpoint_dir, config_fingerprint="fp", progress=False, on_step=maybe_kill,
+                        task_batches=task_batches)
     return gated, result
 
 
@@ -661,12 +663,6 @@ def test_answer_position_kl_equals_a_hand_computation_on_each_unpadded_prompt():
 
 
 def _distilled_run(checkpoint_dir, steps=4, kill_at=None, weight=0.5, calls=None):
-    model, _ = tiny_model(TINY)
-    reference = copy.deepcopy(model)
-    gated = GatedModel(model, offset_init=1.0)
-    blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=1, checkpoint_every=2,
-                      task_distill=TaskDistillConfig(weight=weight))
     texts = [TASK_TEXTS[:2], TASK_TEXTS[1:]]
 
     def task_batches(step):
@@ -674,14 +670,8 @@ def _distilled_run(checkpoint_dir, steps=4, kill_at=None, weight=0.5, calls=None
             calls.append(step)
         return padded_clean(texts[step % 2], byte_tokenizer())
 
-    def maybe_kill(row):
-        if row["step"] == kill_at:
-            raise KeyboardInterrupt("simulated kill")
-
-    result = post_train(gated, reference, blocks, cfg, ControllerConfig(), learn_offset=True,
-                        checkpoint_dir=checkpoint_dir, config_fingerprint="fp", progress=False, on_step=maybe_kill,
-                        task_batches=task_batches)
-    return gated, result
+    return _train_run(checkpoint_dir, steps=steps, kill_at=kill_at, task_distill_weight=weight,
+                      task_batches=task_batches)
 
 
 def test_task_distillation_trains_on_each_steps_prompts_and_resumes_exactly(tmp_path):
