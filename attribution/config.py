@@ -46,6 +46,10 @@ class AttentionAttributionConfig(BaseModel):
         0.05, ge=0, le=1, description="QK-attribute the (layer, head, query, key) of a head part at least "
         "this share of |edge|",
     )
+    edge_influence_share: float = Field(
+        0.9, gt=0, le=1, description="head-load the kept edges that cross attention and hold this share of "
+        "their summed influence on the logits, most influential first (1: every one)",
+    )
     qk_top_pairs: int = Field(20, ge=0, description="top (query component, key component) pairs stored")
     qk_top_marginals: int = Field(10, ge=0, description="top components per side stored with their marginals")
     max_attention_edges: int = Field(2000, gt=0, description="QK-attribute at most this many attention edges")

@@ -44,6 +44,7 @@ from attribution.propagate import (
     skip_forward,
     skip_vjp,
 )
+from attribution.prune import find_threshold
 
 SKIP_HEAD = -1  # the part of an edge that skips the layer's attention
 OTHER_HEADS = -2  # the parts of the heads below head_min_share, summed
@@ -240,13 +241,14 @@ def head_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, targets: 
                   memory_budget: int | None = None) -> pd.DataFrame:
     """Head loadings of the edges (targets[i] <- sources[i]) (graph node indices), one row per stored
     part: per carrying layer, the heads holding >= head_min_share of |edge| (with their main (query,
-    key) pair), the rest of the heads (head -2) and the skip part (head -1).
+    key) pair), the rest of the heads (head -2) and the skip part (head -1). Edges that cross no
+    attention layer have no rows (`edges_to_load` picks the edges the stage loads).
 
     `chunks` fixes how much is held at once; else they are planned to fit `memory_budget` bytes (None:
     the machine's default budget), and MemoryBudgetError is raised if nothing fits."""
     write, read = node_layers(graph)
     weight = graph.edge_weights(targets, sources)
-    keep = (write[sources] < read[targets].clamp(max=graph.n_layers)) & (weight != 0)
+    keep = crossing_attention(graph, targets, sources) & (weight != 0)
     targets, sources, weight = targets[keep], sources[keep], weight[keep]
     if not len(targets):
         return _loadings_frame([])
@@ -262,6 +264,27 @@ def head_loadings(lrm: LocalReplacementModel, graph: AttributionGraph, targets: 
     for chunk_targets in unique_targets.split(chunks.targets):
         records += _target_chunk_loadings(lrm, graph, edges, chunk_targets.sort().values, position, config, chunks)
     return _loadings_frame(records)
+
+
+def crossing_attention(graph: AttributionGraph, targets: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Whether an attention layer lies between each edge's source and target (layers write + 1 .. read,
+    a logit reading after the last layer).  [E], [E] -> [E] bool"""
+    write, read = node_layers(graph)
+    return write[sources] < read[targets].clamp(max=graph.n_layers - 1)
+
+
+def edges_to_load(graph: AttributionGraph, targets: torch.Tensor, sources: torch.Tensor, influence: torch.Tensor,
+                  share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edges whose head loadings the stage computes: of those crossing attention, the most
+    influential holding `share` of their summed `influence` (each edge's influence on the logits, as
+    pruning scores it), by pruning's threshold rule (every edge at least as influential as the last one
+    needed; share 1: every crossing edge).  [E] x 3 -> (targets, sources) [E']"""
+    if not 0 < share <= 1:
+        raise ValueError(f"the influence share must be in (0, 1], got {share}")
+    keep = crossing_attention(graph, targets, sources)
+    if share < 1 and bool((influence[keep] > 0).any()):
+        keep &= influence >= find_threshold(influence[keep], share)
+    return targets[keep], sources[keep]
 
 
 @dataclass(frozen=True)

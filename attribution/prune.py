@@ -5,6 +5,10 @@ Pruning keeps the nodes holding `node_threshold` (0.8) of the influence, then th
 `edge_threshold` (0.98) of the edge influence, then drops nodes left without edges (tokens and
 logits always stay). Scores: replacement (token vs error influence) and completeness.
 
+An edge's influence (its score in pruning) is its share of its target's inputs in the node-pruned graph,
+|A[t, s]| / sum_s' |A[t, s']|, times the target's influence plus its logit weight: the part of the
+logits' influence that flows through the edge. Pruning returns it for every edge it keeps.
+
 Each function works on a row-form matrix too: `rows` [R, N] holding the rows of the nodes `row_nodes`,
 every other row zero (a graph's features and logits: error and token nodes have no incoming edges), so
 memory and time grow with R x N, not N x N. The dense forms (`prune`, `graph_scores`) pass every row.
@@ -61,6 +65,7 @@ class PruneResult:
     node_influence: torch.Tensor  # [N] influence on the logits
     cumulative_influence: torch.Tensor  # [N] fraction of influence held by nodes at least this influential
     row_nodes: torch.Tensor  # [R] long, the node of each row of edge_mask
+    kept_edge_influence: torch.Tensor  # [K] each kept edge's influence (edge score), edge_mask.nonzero() order
 
     def kept(self, targets: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """Whether pruning keeps each edge (targets[i] <- sources[i]).  -> [E] bool"""
@@ -110,6 +115,8 @@ def prune(adjacency: torch.Tensor, logit_probs: torch.Tensor, n_features: int, n
     del pruned
     edge_scores = normalized.mul_((influence(normalized, weights, row_nodes=row_nodes) + weights)[row_nodes, None])
     edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
+    candidates = edge_mask.nonzero()  # [K0, 2] (row, node)
+    candidate_influence = edge_scores[edge_mask]  # [K0], row-major like nonzero()
     del edge_scores, normalized
 
     old_mask = node_mask.clone()
@@ -123,7 +130,8 @@ def prune(adjacency: torch.Tensor, logit_probs: torch.Tensor, n_features: int, n
     ordered, order = torch.sort(node_influence, descending=True)
     cumulative = torch.zeros_like(node_influence)
     cumulative[order] = torch.cumsum(ordered, dim=0) / torch.sum(ordered)
-    return PruneResult(node_mask, edge_mask, node_influence, cumulative, row_nodes)
+    still_kept = edge_mask[candidates[:, 0], candidates[:, 1]]
+    return PruneResult(node_mask, edge_mask, node_influence, cumulative, row_nodes, candidate_influence[still_kept])
 
 
 def _drop_dangling(node_mask: torch.Tensor, edge_mask: torch.Tensor, row_nodes: torch.Tensor, n_features: int,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from attribution.budget import budget_bytes, check_fits, frozen_prompt_bytes, graph_bytes, tensor_bytes
 from attribution.config import AttributionStageConfig
 from attribution.graph import AttributionGraph, attribute
-from attribution.heads import head_loadings
+from attribution.heads import edges_to_load, head_loadings
 from attribution.nodes import TranscoderWeights, build_replacement, transcoder_weights
 from attribution.prune import PruneResult, prune
 from attribution.qk import qk_attribution
@@ -140,7 +140,7 @@ class Attributor:
                        config.graph.node_threshold, config.graph.edge_threshold, row_nodes=graph.row_nodes)
         loadings = qk = None
         if config.attention.enabled:
-            targets, sources = kept_edges(graph, pruned)
+            targets, sources = edges_to_load(graph, *kept_edges(graph, pruned), config.attention.edge_influence_share)
             spare = budget - tensor_bytes(frozen, lrm, graph, pruned)  # what the graph leaves
             loadings = head_loadings(lrm, graph, targets, sources, config.attention, memory_budget=spare)
             qk = qk_attribution(lrm, loadings, config.attention, memory_budget=spare)
@@ -184,16 +184,28 @@ class Attributor:
         return {**outcome, "status": "graph", **{key: info[key] for key in SUMMARY_KEYS}}
 
 
+# settings added after graphs were stored, whose value here computes them exactly as before they existed: left out
+# of the settings (and so of graph ids) at that value, so those graphs are still found
+LATER_SETTINGS_AT_OLD_BEHAVIOUR = {("attention", "edge_influence_share"): 1.0}
+
+
 def settings_json(config: AttributionStageConfig) -> str:
     """The settings that change a graph (not the prompt list or threads), as canonical JSON."""
-    return json.dumps(config.model_dump(mode="json", exclude={"prompts", "prompt_sets", "threads", "memory_budget_gb"}),
-                      sort_keys=True)
+    settings = config.model_dump(mode="json", exclude={"prompts", "prompt_sets", "threads", "memory_budget_gb"})
+    for (section, option), old_behaviour in LATER_SETTINGS_AT_OLD_BEHAVIOUR.items():
+        if settings[section][option] == old_behaviour:
+            del settings[section][option]
+    return json.dumps(settings, sort_keys=True)
 
 
-def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets, sources) of the nonzero edges pruning keeps."""
-    row, source = (pruned.edge_rows(graph.row_nodes) & (graph.rows != 0)).nonzero().unbind(1)
-    return graph.row_nodes[row], source
+def kept_edges(graph: AttributionGraph, pruned: PruneResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets, sources, influence) of the nonzero edges pruning keeps, each edge's influence on the
+    logits as pruning scored it.  -> three [E] tensors"""
+    if not torch.equal(pruned.row_nodes, graph.row_nodes):
+        raise ValueError("the pruning result is not of this graph's rows")
+    row, source = pruned.edge_mask.nonzero().unbind(1)
+    nonzero = graph.rows[row, source] != 0
+    return graph.row_nodes[row[nonzero]], source[nonzero], pruned.kept_edge_influence[nonzero]
 
 
 def write_config(store: GraphStore, config: AttributionStageConfig, variant: str) -> None:

@@ -76,7 +76,7 @@ started = time.process_time()
 graph = attribute(lrm, GraphConfig(max_feature_nodes=job["max_feature_nodes"]))
 graph_cpu = time.process_time() - started
 pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
-targets, sources = kept_edges(graph, pruned)
+targets, sources, _ = kept_edges(graph, pruned)
 shape = LoadingShape(graph.n_pos, weights.d_model, lrm.n_layers, weights.n_heads)
 chunks = plan_head_chunks(shape, len(targets.unique()), len(sources.unique()), budget)
 config = AttentionAttributionConfig()

@@ -230,7 +230,7 @@ def worker_ours(job: dict) -> None:
     """Our side of one variant, in a fresh process: timings, graph arrays, store bytes, peak RSS."""
     from attribution.config import AttributionStageConfig, GraphConfig
     from attribution.graph import attribute
-    from attribution.heads import head_loadings
+    from attribution.heads import edges_to_load, head_loadings
     from attribution.nodes import build_replacement, transcoder_weights
     from attribution.prune import prune
     from attribution.qk import qk_attribution
@@ -280,7 +280,8 @@ def worker_ours(job: dict) -> None:
         pruned = prune(graph.adjacency, graph.logit_probs, graph.n_selected, graph.n_pos)
         extras["prune"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        loadings = head_loadings(lrm, graph, *kept_edges(graph, pruned), stage.attention)
+        targets, sources = edges_to_load(graph, *kept_edges(graph, pruned), stage.attention.edge_influence_share)
+        loadings = head_loadings(lrm, graph, targets, sources, stage.attention)
         extras["head_loadings"] = time.perf_counter() - clock
         clock = time.perf_counter()
         qk = qk_attribution(lrm, loadings, stage.attention)

@@ -61,7 +61,7 @@ def main() -> int:
         pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, config.graph.node_threshold,
                        config.graph.edge_threshold, row_nodes=graph.row_nodes)
         graph_seconds = time.process_time() - started
-        targets, sources = kept_edges(graph, pruned)
+        targets, sources, _ = kept_edges(graph, pruned)
         n_pos = graph.n_pos
         frames, seconds = {}, {}
         for side, cost in (("whole grids", 10**9), ("open cells", default_cost)):

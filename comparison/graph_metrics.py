@@ -6,7 +6,9 @@ Per graph (variant, task, prompt_index), from the store's tables only:
   (`edge_influence`: circuit-tracer's edge score recomputed on the pruned graph);
 - heads and attention edges carrying the graph's edges (head_loadings, head >= 0; `head_metrics`), each head
   part weighted by the logit influence of the edge it carries (`head_part_influence`), attention into the BOS
-  sink (key position 0) counted apart (`n_sink_attention_edges`, `sink_share`);
+  sink (key position 0) counted apart (`n_sink_attention_edges`, `sink_share`); over the edges that have head
+  loadings: the most influential holding the graph's `attention.edge_influence_share` of the influence of the
+  edges crossing attention (in its settings; 1: every kept edge);
 - `qk_top{k}_share`: influence-weighted median over the graph's QK-attributed attention edges that carry
   influence, neither into the BOS sink nor from a BOS query (one embedding pair explains those trivially), of
   the share of the edge's score explained by its top-k (query, key) component pairs (`qk_edge_shares`);

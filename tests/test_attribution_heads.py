@@ -4,12 +4,17 @@ HF model's frozen forward pass; parts plus the skip part sum to the edge. With a
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
 import torch
 
-from attribution.config import AttentionAttributionConfig, GraphConfig
+from attribution.config import AttentionAttributionConfig, AttributionStageConfig, GraphConfig
 from attribution.graph import attribute
-from attribution.heads import OTHER_HEADS, SKIP_HEAD, head_loadings
+from attribution.heads import OTHER_HEADS, SKIP_HEAD, edges_to_load, head_loadings, node_layers
+from attribution.prune import prune
+from attribution.stage import kept_edges, settings_json
 from tests.test_attribution import closeness_scale, frozen_forward, replacement, source_removal, target_values
 
 
@@ -82,3 +87,36 @@ def test_thresholds_fold_small_heads_into_one_row():
             closeness_scale(graph)[target])
         big = rows[rows["head"] >= 0]
         assert (big["weight"].abs() >= 0.3 * abs(float(graph.adjacency[target, source])) - 1e-6).all()
+
+
+def test_influence_share_loads_the_most_influential_crossing_edges():
+    _, lrm = replacement("gated")
+    graph = attribute(lrm, GraphConfig())
+    pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
+    targets, sources, influence = kept_edges(graph, pruned)
+    write, read = node_layers(graph)
+    crossing = write[sources] < read[targets].clamp(max=graph.n_layers - 1)  # an attention layer between them
+    assert 0 < int(crossing.sum()) < len(targets)
+    every = edges_to_load(graph, targets, sources, influence, 1.0)
+    assert torch.equal(torch.stack(every), torch.stack([targets[crossing], sources[crossing]]))
+    ordered = influence[crossing].sort(descending=True).values
+    n_needed = int((ordered.cumsum(0) < 0.5 * ordered.sum()).sum()) + 1  # fewest edges holding half
+    chosen = crossing & (influence >= ordered[n_needed - 1])
+    assert 0 < int(chosen.sum()) < int(crossing.sum())
+    half = edges_to_load(graph, targets, sources, influence, 0.5)
+    assert torch.equal(torch.stack(half), torch.stack([targets[chosen], sources[chosen]]))
+    with pytest.raises(ValueError, match="influence share"):
+        edges_to_load(graph, targets, sources, influence, 0.0)
+    # the loadings of the chosen edges are those rows of every crossing edge's loadings
+    config = AttentionAttributionConfig(layer_min_share=0.0, head_min_share=0.05)
+    whole = head_loadings(lrm, graph, *every, config)
+    loaded = head_loadings(lrm, graph, *half, config)
+    expected = whole.merge(pd.DataFrame({"target": half[0].numpy(), "source": half[1].numpy()}))
+    pd.testing.assert_frame_equal(loaded.reset_index(drop=True), expected.reset_index(drop=True))
+
+
+def test_influence_share_at_one_leaves_graph_ids_as_they_were():
+    config = AttributionStageConfig()
+    assert json.loads(settings_json(config))["attention"]["edge_influence_share"] == 0.9
+    every = config.model_copy(update={"attention": config.attention.model_copy(update={"edge_influence_share": 1.0})})
+    assert "edge_influence_share" not in settings_json(every)  # the ids graphs had before the setting existed

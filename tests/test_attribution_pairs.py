@@ -170,7 +170,7 @@ def test_head_loadings_equal_whole_grid_search(kind, skip, open_cells, monkeypat
     _, lrm = replacement(kind, prompt="The cat sat on the mat. " * 4, skip=skip)
     graph = attribute(lrm, GraphConfig(max_feature_nodes=64))
     pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, row_nodes=graph.row_nodes)
-    targets, sources = kept_edges(graph, pruned)
+    targets, sources, _ = kept_edges(graph, pruned)
     config = AttentionAttributionConfig(layer_min_share=0.0, head_min_share=0.05)
     found = heads.head_loadings(lrm, graph, targets, sources, config, chunks=heads.HeadChunks(8, 16, 5))
     pairs = found[found["head"] >= 0]

@@ -60,3 +60,12 @@ def test_scores_of_hand_graph():
     replacement, completeness = graph_scores(adjacency, torch.tensor([1.0]), n_features=1, n_layers=1, n_pos=1)
     assert replacement == pytest.approx(0.75)
     assert completeness == pytest.approx((0.75 + 0.25 + 0.75 + 0.75) / 2.75)
+
+
+def test_kept_edges_carry_their_influence():
+    result = prune(hand_graph(), torch.tensor([1.0]), n_features=3, n_pos=2, node_threshold=0.999,
+                   edge_threshold=0.9)
+    # in nonzero() order (0,6) (1,0) (1,5) (7,0) (7,1): f0 reads only t1 with f0's influence 0.784 + 0.196 / 2;
+    # f1 splits its 0.196 over f0 and t0; the logit's row (weight 1) 8, -2 of 10.2 (f2's 0.2 stays in the sum)
+    expected = torch.tensor([8 / 10.2 + 1 / 10.2, 1 / 10.2, 1 / 10.2, 8 / 10.2, 2 / 10.2])
+    torch.testing.assert_close(result.kept_edge_influence, expected)

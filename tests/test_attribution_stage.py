@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -150,3 +151,24 @@ def test_a_replacing_run_after_a_clt_change_leaves_no_stale_or_duplicate_graphs(
     assert set(store.failures("dense")["failure_id"]) == {f["graph_id"] for f in new["failures"]}
     assert list(store.list_graphs("other")["graph_id"]) == [other["graphs"][0]["graph_id"]]
     assert all(json.loads(c)["sha256"] == clt_content_id(retrained) for c in graphs["clt"])
+
+
+def test_an_influence_share_stores_the_loadings_of_the_most_influential_edges_only(sources, tmp_path):
+    _, _, sparse, clt = sources
+    every = AttributionStageConfig(graph=GraphConfig(), attention=AttentionAttributionConfig(
+        max_attention_edges=20, edge_influence_share=1.0))
+    half = every.model_copy(update={"attention": every.attention.model_copy(update={"edge_influence_share": 0.5})})
+    stored = {}
+    for name, config in (("every", every), ("half", half)):
+        run(config, sparse, clt, PROMPTS[:1], tmp_path / name, "sparse", progress=False)
+        store = open_store(tmp_path / name)
+        stored[name] = store.load_graph(store.list_graphs()["graph_id"].iloc[0])
+    assert stored["every"].info["graph_id"] != stored["half"].info["graph_id"]
+    assert json.loads(stored["half"].info["settings"])["attention"]["edge_influence_share"] == 0.5
+    pd.testing.assert_frame_equal(stored["half"].edges, stored["every"].edges.assign(graph_id=stored["half"].info["graph_id"]))
+    keys = ["target", "source", "layer", "head"]
+    loaded = stored["half"].head_loadings.drop(columns="graph_id").sort_values(keys).reset_index(drop=True)
+    whole = stored["every"].head_loadings.drop(columns="graph_id")
+    expected = whole.merge(loaded[["target", "source"]].drop_duplicates()).sort_values(keys).reset_index(drop=True)
+    assert 0 < loaded[["target", "source"]].drop_duplicates().shape[0] < whole[["target", "source"]].drop_duplicates().shape[0]
+    pd.testing.assert_frame_equal(loaded, expected, rtol=1e-5, atol=1e-6)

@@ -62,7 +62,8 @@ def store_dir(tmp_path_factory) -> Path:
     model, tokenizer = tiny_model(SMALL)  # the same dense weights as the gated model's
     build_dashboards(model, load_clt(clt_dir), tokenizer, scan_blocks(tokenizer, 24),
                      FeaturesConfig(top_k=3, n_random=2, window=8, batch_size=4), clt_dir, progress=False)
-    config = AttributionStageConfig(graph=GraphConfig(), attention=AttentionAttributionConfig(max_attention_edges=200))
+    config = AttributionStageConfig(graph=GraphConfig(), attention=AttentionAttributionConfig(
+        max_attention_edges=200, edge_influence_share=1.0))  # every kept edge loaded: many edges to click
     for variant, source in (("dense", ModelSpec(name="tiny", tiny=SMALL)), ("sparse", root / "sparse")):
         run(config, source, clt_dir, [PROMPT], root / "graphs", variant, progress=False)
     return root / "graphs"
@@ -150,6 +151,28 @@ def test_head_loadings_of_an_edge_sum_to_it_and_mark_their_qk(data, ids):
         elif head["head"] >= 0:
             with pytest.raises(NotFound, match="no QK attribution"):
                 data.attention_edge(graph_id, head["layer"], head["head"], head["query_pos"], head["key_pos"])
+
+
+def test_an_edge_without_head_loadings_says_why(data, ids, monkeypatch):
+    graph_id = ids["dense"]
+    layers = {n["node_id"]: n["layer"] for n in data.graph(graph_id)["nodes"]}
+    n_layers = int(data.store.graph_info(graph_id)["n_layers"])
+    unloaded = [e for e in data.graph(graph_id)["edges"] if not e["heads"]]
+    crosses = [layers[e["source"]] < min(layers[e["target"]], n_layers - 1) for e in unloaded]
+    after_last = unloaded[crosses.index(False)]  # e.g. a last-layer feature into a logit
+    assert data.edge_heads(graph_id, after_last["source"], after_last["target"])["no_heads_because"] == \
+        "the edge crosses no attention layer (source and target at the same layer)"
+    loaded = next(e for e in data.graph(graph_id)["edges"] if e["heads"])
+    assert data.edge_heads(graph_id, loaded["source"], loaded["target"])["no_heads_because"] is None
+    # a store whose graphs loaded only the most influential edges says so for an edge that crosses attention
+    info = data.store.graph_info(graph_id).copy()
+    settings = json.loads(info["settings"])
+    settings["attention"]["edge_influence_share"] = 0.5
+    info["settings"] = json.dumps(settings)
+    monkeypatch.setattr(data.store, "graph_info", lambda _: info)
+    crossing = loaded  # its rows are absent only in the pretend store, so ask the reason directly
+    assert "edge_influence_share" in data._no_heads_reason(graph_id, crossing["source"], crossing["target"], True)
+    assert "pruning dropped" in data._no_heads_reason(graph_id, crossing["source"], crossing["target"], False)
 
 
 def test_qk_pairs_of_an_attention_edge_sum_to_its_gate_logit(data, ids):

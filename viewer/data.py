@@ -180,8 +180,27 @@ class ViewerData:
         for row in out:
             row["name"] = head_name(row["layer"], row["head"])
             row["qk"] = (row["layer"], row["head"], row["query_pos"], row["key_pos"]) in with_qk
+        kept = bool(edge["kept"].iloc[0])
         return {"graph_id": graph_id, "source": source, "target": target, "weight": plain(edge["weight"].iloc[0]),
-                "kept": bool(edge["kept"].iloc[0]), "heads": out}
+                "kept": kept, "heads": out, "no_heads_because": None if out else self._no_heads_reason(
+                    graph_id, source, target, kept)}
+
+    def _no_heads_reason(self, graph_id: str, source: str, target: str, kept: bool) -> str:
+        """Why an edge has no head loadings: pruning dropped it, it crosses no attention layer, or it is
+        outside the most influential edges the stage loads (attention.edge_influence_share)."""
+        if not kept:
+            return "pruning dropped this edge; head loadings are computed for kept edges only"
+        info = self.store.graph_info(graph_id)
+        nodes = self.store.read_table("nodes", graph_id, columns=["node_id", "layer"]).set_index("node_id")["layer"]
+        n_layers = int(info["n_layers"])
+        # attention layers source + 1 .. target (tokens write at -1; logits read after the last layer, n_layers - 1)
+        if int(nodes[source]) >= min(int(nodes[target]), n_layers - 1):
+            return "the edge crosses no attention layer (source and target at the same layer)"
+        share = json.loads(info["settings"]).get("attention", {}).get("edge_influence_share", 1.0)
+        if share < 1:
+            return (f"head loadings were computed for the most influential kept edges holding {share:g} of their "
+                    "influence on the logits (attention.edge_influence_share); this edge is not among them")
+        return "every head part and the skip part of this edge are zero"
 
     def attention_edge(self, graph_id: str, layer: int, head: int, query_pos: int, key_pos: int) -> dict:
         """The QK attribution of one attention edge: its gate logit split into the top (query component,

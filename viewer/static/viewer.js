@@ -376,7 +376,7 @@ async function edgeDetails(graph, state) {
   });
   parts.push(el("div", { id: "heads" }, el("h3", {}, "Heads carrying the edge"),
     rows.length ? table([["head"], ["part", "num"], ["share", "num"], ["query→key"], ["pair share", "num"], [""]], rows)
-      : el("p", { className: "note" }, "No head loadings are stored for this edge."),
+      : el("p", { className: "note" }, `No head loadings are stored for this edge: ${loadings.no_heads_because}.`),
     el("p", { className: "note" }, "Per layer, heads' parts + other heads + skip = the edge weight; "
       + "rows marked QK open their attention edge's QK attribution.")));
   if (attn) {
