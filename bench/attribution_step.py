@@ -183,6 +183,28 @@ def prompt_of_length(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
+def pruned_graph_of_length(attributor, n_tokens: int, max_feature_nodes: int = 1024):
+    """One graph of an IOI prompt of `n_tokens` tokens with the stage's settings (but `max_feature_nodes`),
+    pruned as the stage prunes it: (config, frozen prompt, replacement model, graph, pruning, CPU s of attributing
+    and pruning)."""
+    from attribution.config import AttributionStageConfig, GraphConfig
+    from attribution.graph import attribute
+    from attribution.nodes import build_replacement
+    from attribution.prune import prune
+    from attribution.replacement import freeze_prompt, tokenize_prompt
+
+    prompt = prompt_of_length(attributor.tokenizer, n_tokens)
+    config = AttributionStageConfig(prompts=[prompt], graph=GraphConfig(max_feature_nodes=max_feature_nodes))
+    frozen = freeze_prompt(attributor.model, tokenize_prompt(attributor.tokenizer, prompt))
+    lrm = build_replacement(attributor.weights, attributor.clt, frozen, config.graph.max_n_logits,
+                            config.graph.desired_logit_prob)
+    started = time.process_time()
+    graph = attribute(lrm, config.graph, prompt=prompt)
+    pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, config.graph.node_threshold,
+                   config.graph.edge_threshold, row_nodes=graph.row_nodes)
+    return config, frozen, lrm, graph, pruned, time.process_time() - started
+
+
 def git_head() -> str:
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],

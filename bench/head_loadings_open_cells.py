@@ -36,14 +36,9 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from attribution_step import git_head, prompt_of_length
+    from attribution_step import git_head, pruned_graph_of_length
 
     from attribution import heads
-    from attribution.config import AttributionStageConfig, GraphConfig
-    from attribution.graph import attribute
-    from attribution.nodes import build_replacement
-    from attribution.prune import prune
-    from attribution.replacement import freeze_prompt, tokenize_prompt
     from attribution.stage import Attributor, kept_edges
 
     torch.set_num_threads(1)
@@ -51,16 +46,7 @@ def main() -> int:
     default_cost = heads.OPEN_CELL_COST
     results = []
     for n_tokens in (int(n) for n in args.lengths.split(",")):
-        prompt = prompt_of_length(attributor.tokenizer, n_tokens)
-        config = AttributionStageConfig(prompts=[prompt], graph=GraphConfig(max_feature_nodes=1024))
-        frozen = freeze_prompt(attributor.model, tokenize_prompt(attributor.tokenizer, prompt))
-        lrm = build_replacement(attributor.weights, attributor.clt, frozen, config.graph.max_n_logits,
-                                config.graph.desired_logit_prob)
-        started = time.process_time()
-        graph = attribute(lrm, config.graph, prompt=prompt)
-        pruned = prune(graph.rows, graph.logit_probs, graph.n_selected, graph.n_pos, config.graph.node_threshold,
-                       config.graph.edge_threshold, row_nodes=graph.row_nodes)
-        graph_seconds = time.process_time() - started
+        config, frozen, lrm, graph, pruned, graph_seconds = pruned_graph_of_length(attributor, n_tokens)
         targets, sources, _ = kept_edges(graph, pruned)
         n_pos = graph.n_pos
         frames, seconds = {}, {}
