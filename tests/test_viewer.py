@@ -164,6 +164,10 @@ def test_an_edge_without_head_loadings_says_why(data, ids, monkeypatch):
         "the edge crosses no attention layer (source and target at the same layer)"
     loaded = next(e for e in data.graph(graph_id)["edges"] if e["heads"])
     assert data.edge_heads(graph_id, loaded["source"], loaded["target"])["no_heads_because"] is None
+    # a crossing edge of a store that loads every kept edge lacks rows only when no layer's heads carry it
+    assert data._no_heads_reason(graph_id, loaded["source"], loaded["target"], True) == \
+        "in every layer it crosses, its heads carry less than attention.layer_min_share (0.05) of it: it runs " \
+        "through the residual"
     # a store whose graphs loaded only the most influential edges says so for an edge that crosses attention
     info = data.store.graph_info(graph_id).copy()
     settings = json.loads(info["settings"])
@@ -171,7 +175,8 @@ def test_an_edge_without_head_loadings_says_why(data, ids, monkeypatch):
     info["settings"] = json.dumps(settings)
     monkeypatch.setattr(data.store, "graph_info", lambda _: info)
     crossing = loaded  # its rows are absent only in the pretend store, so ask the reason directly
-    assert "edge_influence_share" in data._no_heads_reason(graph_id, crossing["source"], crossing["target"], True)
+    reason = data._no_heads_reason(graph_id, crossing["source"], crossing["target"], True)
+    assert "edge_influence_share" in reason and "layer_min_share (0.05)" in reason
     assert "pruning dropped" in data._no_heads_reason(graph_id, crossing["source"], crossing["target"], False)
 
 

@@ -186,8 +186,9 @@ class ViewerData:
                     graph_id, source, target, kept)}
 
     def _no_heads_reason(self, graph_id: str, source: str, target: str, kept: bool) -> str:
-        """Why an edge has no head loadings: pruning dropped it, it crosses no attention layer, or it is
-        outside the most influential edges the stage loads (attention.edge_influence_share)."""
+        """Why an edge has no head loadings: pruning dropped it, it crosses no attention layer, its heads carry
+        less than attention.layer_min_share of it in every layer it crosses, or it is outside the most
+        influential edges the stage loads (attention.edge_influence_share; the store does not say which)."""
         if not kept:
             return "pruning dropped this edge; head loadings are computed for kept edges only"
         info = self.store.graph_info(graph_id)
@@ -196,11 +197,14 @@ class ViewerData:
         # attention layers source + 1 .. target (tokens write at -1; logits read after the last layer, n_layers - 1)
         if int(nodes[source]) >= min(int(nodes[target]), n_layers - 1):
             return "the edge crosses no attention layer (source and target at the same layer)"
-        share = json.loads(info["settings"]).get("attention", {}).get("edge_influence_share", 1.0)
+        attention = json.loads(info["settings"]).get("attention", {})
+        residual = (f"in every layer it crosses, its heads carry less than attention.layer_min_share "
+                    f"({attention.get('layer_min_share'):g}) of it: it runs through the residual")
+        share = attention.get("edge_influence_share", 1.0)
         if share < 1:
-            return (f"head loadings were computed for the most influential kept edges holding {share:g} of their "
-                    "influence on the logits (attention.edge_influence_share); this edge is not among them")
-        return "every head part and the skip part of this edge are zero"
+            return (f"either it is not among the most influential kept edges holding {share:g} of their influence "
+                    f"on the logits (attention.edge_influence_share, the edges head-loaded), or {residual}")
+        return residual
 
     def attention_edge(self, graph_id: str, layer: int, head: int, query_pos: int, key_pos: int) -> dict:
         """The QK attribution of one attention edge: its gate logit split into the top (query component,
