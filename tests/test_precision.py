@@ -133,8 +133,10 @@ def test_autocast_computes_matmuls_in_bf16_and_fp32_turns_an_outer_autocast_off(
 
 @needs_bf16
 def test_sparsify_stage_in_bf16_matches_fp32(tmp_path: Path):
-    """Tolerance: held-out CE within 0.02 nats and open-edge fraction within 0.05 after the tiny preset's
-    40 steps (the two runs see the same batches and gate noise)."""
+    """Tolerance: held-out CE within 0.04 nats and open-edge fraction within 0.05 after the tiny preset's
+    40 steps (the two runs see the same batches and gate noise). Gate-noise seeds alone spread fp32's CE
+    over 0.032 nats (seeds 0-3: 5.487-5.519) and bf16's over 0.042 with the same mean (5.4965 vs 5.4981);
+    seed 0's bf16 - fp32 was 0.022 on an AVX512-BF16 CPU (AMD EPYC, 2026-12-07), less on an AMX one."""
     metrics = {}
     for value in ("fp32", "bf16"):
         config = load_config(preset="tiny").sparsify
@@ -145,7 +147,7 @@ def test_sparsify_stage_in_bf16_matches_fp32(tmp_path: Path):
         assert on_disk["precision"] == saved["train"]["precision"] == value
     fp32, bf16 = metrics["fp32"], metrics["bf16"]
     assert bf16["dense_ce"] == fp32["dense_ce"]  # evaluation runs in fp32
-    assert abs(bf16["sparse_ce"] - fp32["sparse_ce"]) < 0.02
+    assert abs(bf16["sparse_ce"] - fp32["sparse_ce"]) < 0.04
     assert abs(bf16["edge_fraction"] - fp32["edge_fraction"]) < 0.05
     assert bf16["history"][0]["ce"] == pytest.approx(fp32["history"][0]["ce"], abs=0.01)  # the same first batch
 
