@@ -119,6 +119,11 @@ class TrainConfig(BaseModel):
         "logits", description="what the head_cap term's gradient moves: the gate logits (each head's queries and "
         "keys, and the shared offset with them) or the scores alone (the offset held fixed in that term)")
     task_distill: TaskDistillConfig = TaskDistillConfig()
+    divergence_limit: float | None = Field(
+        0.5, gt=0, description="nats: stop the run with TrainingDiverged when the constraint (CE excess or KL, "
+        "measured where the controller measures it) stays above this for divergence_steps consecutive steps; the "
+        "last checkpoint is kept. None: never stop")
+    divergence_steps: int = Field(4, gt=0, description="consecutive steps above divergence_limit that stop the run")
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads; None = leave as is")
     device: Literal["auto", "cpu", "cuda"] = "auto"

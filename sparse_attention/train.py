@@ -29,6 +29,35 @@ CHECKPOINT_NAME = "train_state.pt"
 TaskBatches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
+class TrainingDiverged(RuntimeError):
+    """The constraint stayed above `train.divergence_limit` for `train.divergence_steps` steps in a row."""
+
+
+def divergence(history: list[dict], limit: float | None, steps: int) -> list[dict] | None:
+    """The last `steps` history rows when the constraint where the controller measures it (each row's
+    "hard_constraint_value" under the deterministic-gate signal, else "constraint_value") is above `limit` in
+    every one of them; None when it is not, when there are fewer rows, or when `limit` is None."""
+    if limit is None or len(history) < steps:
+        return None
+    last = history[-steps:]
+    value = "hard_constraint_value" if "hard_constraint_value" in last[-1] else "constraint_value"
+    return last if all(row[value] > limit for row in last) else None
+
+
+def check_divergence(history: list[dict], train: TrainConfig) -> None:
+    """TrainingDiverged, naming the steps and what to change, where `divergence` finds a run of rows."""
+    rows = divergence(history, train.divergence_limit, train.divergence_steps)
+    if rows is None:
+        return
+    value = "hard_constraint_value" if "hard_constraint_value" in rows[-1] else "constraint_value"
+    values = ", ".join(f"{row[value]:+.3f}" for row in rows)
+    raise TrainingDiverged(
+        f"sparsify diverged: the {train.constraint} on the controller's gates stayed above train.divergence_limit "
+        f"({train.divergence_limit} nats) for {len(rows)} steps (steps {rows[0]['step']}-{rows[-1]['step']}: "
+        f"{values}; multiplier {rows[-1]['multiplier']:.3g}); the last checkpoint is kept. Lower train.lr or "
+        "raise train.warmup_steps, or set train.divergence_limit: null to train on from that checkpoint")
+
+
 def select_trainable(gated: GatedModel, which: str, learn_offset: bool) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze everything, then unfreeze the weights matching `which`; returns the trainable weights."""
     pattern = trainable_pattern(gated.model, which)  # the family's weight names
@@ -268,10 +297,13 @@ def post_train(
                else batch_iterator(train_blocks, train.batch_size, train.seed, start_batch=start_batch))
     batch_streams = streams(start_batch)
     with frozen_linear_weights_in_bf16(gated.model, train.precision):  # the fp32 originals are back after it
-        result = loop.run(lambda step: _train_step(gated, reference, weights, optimizer, base_lrs, multipliers,
-                                                   batches, batch_streams, train, step, loop.tokens_seen,
-                                                   task_batches),
-                          trainer_state, postfix)
+        def take_step(step: int) -> dict:
+            row = _train_step(gated, reference, weights, optimizer, base_lrs, multipliers, batches, batch_streams,
+                              train, step, loop.tokens_seen, task_batches)
+            check_divergence([*loop.history, row], train)  # the history survives a resume, so does the count
+            return row
+
+        result = loop.run(take_step, trainer_state, postfix)
     gated.eval().set_mode("eval")
     for param in gated.parameters():
         param.requires_grad_(False)

@@ -26,7 +26,7 @@ from sparse_attention.data import batch_iterator
 from sparse_attention.evaluate import compare_on_heldout, next_token_ce, next_token_kl, plot_training_curves
 from sparse_attention.gated_attention import GATE_FILE, GatedModel, GateError, GateRecord, load_gated_model
 from sparse_attention.models import ModelLoadError, TinyModelConfig, byte_tokenizer, load_model, tiny_model
-from sparse_attention.train import answer_position_kl, post_train
+from sparse_attention.train import TrainingDiverged, answer_position_kl, divergence, post_train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = TinyModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, seed=3)
@@ -172,14 +172,16 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(path=tmp_path / "missing.yaml")
 
 
-def _train_run(checkpoint_dir, steps=6, kill_at=None, global_seed=0, task_distill_weight=0.0, task_batches=None):
+def _train_run(checkpoint_dir, steps=6, kill_at=None, global_seed=0, task_distill_weight=0.0, task_batches=None,
+               divergence_limit=0.5, divergence_steps=4):
     torch.manual_seed(global_seed)  # the gate noise must not depend on it
     model, _ = tiny_model(TINY)
     reference = copy.deepcopy(model)
     gated = GatedModel(model, offset_init=1.0)
     blocks = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(5))
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, offset_lr=0.1, warmup_steps=1, checkpoint_every=2,
-                      task_distill=TaskDistillConfig(weight=task_distill_weight))
+                      task_distill=TaskDistillConfig(weight=task_distill_weight), divergence_limit=divergence_limit,
+                      divergence_steps=divergence_steps)
 
     def maybe_kill(row):
         if row["step"] == kill_at:
@@ -201,6 +203,35 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
     drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in straight_result.history]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed_result.history] == drop_time
+
+
+def test_divergence_is_the_last_rows_all_above_the_limit_on_the_controllers_gates():
+    hard = [{"step": i + 1, "hard_constraint_value": v, "constraint_value": 0.0} for i, v in enumerate([0.9, 0.2, 0.7, 0.8])]
+    assert divergence(hard, 0.5, 2) == hard[2:]
+    assert divergence(hard, 0.5, 3) is None  # step 2 is under the limit
+    assert divergence(hard, 0.75, 2) is None
+    assert divergence(hard, None, 1) is None
+    assert divergence(hard[:1], 0.5, 2) is None  # fewer rows than steps
+    noisy = [{"step": i + 1, "constraint_value": v} for i, v in enumerate([0.6, 0.7])]  # train_gates signal
+    assert divergence(noisy, 0.5, 2) == noisy
+
+
+def test_a_diverging_run_stops_at_the_first_rows_above_the_limit_keeps_its_checkpoint_and_resumes_exactly(tmp_path):
+    straight, straight_result = _train_run(tmp_path / "a", divergence_limit=None)
+    values = [row["hard_constraint_value"] for row in straight_result.history]  # KL on the deterministic gates
+    pair = max(range(len(values) - 1), key=lambda i: min(values[i], values[i + 1]))
+    limit = min(values[pair], values[pair + 1]) * (1 - 1e-6)  # two steps in a row are above it
+    stop = next(i for i in range(1, len(values)) if values[i - 1] > limit and values[i] > limit)  # 0-based
+    with pytest.raises(TrainingDiverged, match=rf"for 2 steps \(steps {stop}-{stop + 1}:"):
+        _train_run(tmp_path / "b", divergence_limit=limit, divergence_steps=2)
+    kept = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    assert kept["step"] == stop // 2 * 2  # the last checkpoint (every 2 steps) before the stopping step
+    resumed, resumed_result = _train_run(tmp_path / "b", divergence_limit=None)  # train on from it
+    assert without_time(resumed_result.history) == without_time(straight_result.history)
+    assert torch.equal(resumed.offsets, straight.offsets)
+    config = load_config(preset="tiny").sparsify
+    off = config.model_copy(update={"train": config.train.model_copy(update={"divergence_limit": None})})
+    assert stage.training_fingerprint(off) == stage.training_fingerprint(config)
 
 
 def test_gate_noise_comes_from_its_own_checkpointed_generator(tmp_path):
@@ -569,7 +600,8 @@ def test_later_options_change_the_training_fingerprint_and_their_old_behaviour_i
     import hashlib
 
     config = SparsifyConfig()
-    payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device"}})
+    payload = config.model_dump(mode="json", exclude={"eval": True, "train": {
+        "threads", "log_every", "device", "divergence_limit", "divergence_steps"}})  # those change no step
     del payload["controller"]["per_stream"], payload["train"]["head_cap"], payload["train"]["head_cap_weight"]
     del payload["train"]["head_cap_through"], payload["gate"]["closed_heads"], payload["train"]["task_distill"]
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
