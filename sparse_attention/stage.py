@@ -58,8 +58,8 @@ LATER_OPTIONS_AT_OLD_BEHAVIOUR = {("controller", "per_stream"): False, ("train",
 def training_fingerprint(config: SparsifyConfig) -> str:
     """Hash of everything that changes the trained weights (not evaluation, thread settings or the divergence
     stop, which ends a run but changes none of its steps)."""
-    payload = config.model_dump(mode="json", exclude={"eval": True, "train": {"threads", "log_every", "device", "divergence_limit",
-                                                                      "divergence_steps"}})
+    changes_no_step = {"threads", "log_every", "device", "divergence_limit", "divergence_steps"}
+    payload = config.model_dump(mode="json", exclude={"eval": True, "train": changes_no_step})
     for (section, option), old_behaviour in LATER_OPTIONS_AT_OLD_BEHAVIOUR.items():
         if payload[section][option] == old_behaviour:
             del payload[section][option]
