@@ -22,6 +22,7 @@ import torch
 from circuits.config import CURVE_KINDS, GATE_MODES, ComponentCircuitConfig
 from circuits.curves import CircuitResult, compare, compare_per_prompt, gate_modes, run, run_per_prompt
 from prompts.tasks import TASKS, TaskPrompt, load_task
+from runtime.precision import PrecisionError, check_precision
 from sparse_attention.gated_attention import load_gated_model
 from sparse_attention.models import load_model
 
@@ -33,7 +34,8 @@ def _config(args: argparse.Namespace) -> ComponentCircuitConfig:
         head_ranking=args.head_ranking, edge_ranking=args.edge_ranking, ig_steps=args.ig_steps,
         faithfulness_edges=args.faithfulness_edges, min_prompt_gap=args.min_prompt_gap,
         min_clean_logit_diff=args.min_logit_diff, min_clean_accuracy=args.min_accuracy,
-        role_edges=not args.no_role_edges, batch_size=args.batch_size, bootstrap_samples=args.bootstrap)
+        role_edges=not args.no_role_edges, batch_size=args.batch_size, bootstrap_samples=args.bootstrap,
+        precision=args.precision)
 
 
 # fields that cannot change a model without gates: its circuits are the same under every value
@@ -108,12 +110,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reuse-dense", type=Path, metavar="FILE",
                         help="an earlier --out of this command: its dense circuits instead of tracing them again")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="every forward and gradient pass (bf16 needs bfloat16 hardware; see circuits/config.py)")
     parser.add_argument("--per-prompt", action="store_true",
                         help="one circuit per prompt instead of one over all: per-prompt sizes, ratio with a bootstrap CI")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     config = _config(args)
+    try:
+        check_precision(config.precision)
+    except PrecisionError as err:
+        parser.error(str(err))
     prompts = {task: load_task(task)[: args.n] for task in args.tasks}
     reused: dict[str, dict] = {}
     if args.reuse_dense is not None:

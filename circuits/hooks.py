@@ -47,7 +47,7 @@ from circuits.config import CircuitError
 from circuits.layout import ComponentLayout, head_writes, patch_heads, removed_input
 from prompts.batches import PromptBatch
 from prompts.metrics import logit_diff, logits_fn
-from runtime.precision import Precision, store_linear_weights_in_bf16_
+from runtime.precision import Precision, check_precision, store_linear_weights_in_bf16_
 from sparse_attention import hook_points
 from sparse_attention.architectures import architecture, require
 from sparse_attention.gated_attention import gate_mode
@@ -423,6 +423,7 @@ def prepare(model: nn.Module, split_qkv: bool = True, gate_gradient: str = "none
         raise CircuitError("the gated model is in 'train' mode (random gates); set_mode('eval') or 'dense' first")
     if gates not in ("frozen", "recomputed"):
         raise CircuitError(f"gates must be 'frozen' or 'recomputed', not {gates!r}")
+    check_precision(precision, next(model.parameters()).device)  # bf16 without bfloat16 units is refused
     copied = multi_head_copy(model).eval()
     hf = hook_points.hf_model(copied)
     if precision == "bf16":

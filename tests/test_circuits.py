@@ -839,7 +839,8 @@ def test_command_line_reuses_an_earlier_dense_trace_and_refuses_a_mismatched_one
     capsys.readouterr()
     for changed, message in ((["--n", "2"], "other greater_than prompts"),
                              (["--n", "3", "--ig-steps", "3"], "ig_steps 5 there, 3 here"),
-                             (["--n", "3", "--per-prompt"], "no per-prompt dense circuit")):
+                             (["--n", "3", "--per-prompt"], "no per-prompt dense circuit"),
+                             (["--n", "3", "--precision", "bf16"], "precision 'fp32' there, 'bf16' here")):
         with pytest.raises(SystemExit) as exit_info:
             main([*common, *changed, "--sparse", str(tmp_path / "sparse"), "--reuse-dense",
                   str(tmp_path / "dense.json"), "--out", str(tmp_path / "refused.json")])

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from attribution.config import AttributionStageConfig
 from attribution.stage import Attributor
+from circuits.__main__ import main as circuits_main
 from circuits.config import CircuitError, ComponentCircuitConfig
 from circuits.curves import run as run_circuits
 from circuits.curves import run_prepared
@@ -120,6 +121,12 @@ def test_hardware_without_bf16_is_refused_with_one_clear_error(monkeypatch, tmp_
     with pytest.raises(PrecisionError):
         clt_stage.run(stage_config(tmp_path).model_copy(update={"precision": "bf16"}),
                       ModelSpec(name="tiny", tiny=SMALL), tmp_path / "clt", progress=False)
+    with pytest.raises(PrecisionError):  # component circuits: the model is never prepared
+        prepare(model, precision="bf16")
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one error line, exit 2
+        circuits_main(["--tasks", "greater_than", "--dense", "tiny", "--precision", "bf16",
+                       "--out", str(tmp_path / "circuits.json")])
+    assert exit_info.value.code == 2 and not (tmp_path / "circuits.json").exists()
 
 
 @needs_bf16
