@@ -178,6 +178,9 @@ def test_an_edge_without_head_loadings_says_why(data, ids, monkeypatch):
     reason = data._no_heads_reason(graph_id, crossing["source"], crossing["target"], True)
     assert "edge_influence_share" in reason and "layer_min_share (0.05)" in reason
     assert "pruning dropped" in data._no_heads_reason(graph_id, crossing["source"], crossing["target"], False)
+    settings["attention"]["enabled"] = False  # a store written with attention attribution off
+    info["settings"] = json.dumps(settings)
+    assert "attention.enabled: false" in data._no_heads_reason(graph_id, crossing["source"], crossing["target"], True)
 
 
 def test_qk_pairs_of_an_attention_edge_sum_to_its_gate_logit(data, ids):

@@ -186,9 +186,10 @@ class ViewerData:
                     graph_id, source, target, kept)}
 
     def _no_heads_reason(self, graph_id: str, source: str, target: str, kept: bool) -> str:
-        """Why an edge has no head loadings: pruning dropped it, it crosses no attention layer, its heads carry
-        less than attention.layer_min_share of it in every layer it crosses, or it is outside the most
-        influential edges the stage loads (attention.edge_influence_share; the store does not say which)."""
+        """Why an edge has no head loadings: pruning dropped it, it crosses no attention layer, attention
+        attribution was off, its heads carry less than attention.layer_min_share of it in every layer it crosses,
+        or it is outside the most influential edges the stage loads (attention.edge_influence_share; the store does
+        not say which of the last two)."""
         if not kept:
             return "pruning dropped this edge; head loadings are computed for kept edges only"
         info = self.store.graph_info(graph_id)
@@ -198,6 +199,8 @@ class ViewerData:
         if int(nodes[source]) >= min(int(nodes[target]), n_layers - 1):
             return "the edge crosses no attention layer (source and target at the same layer)"
         attention = json.loads(info["settings"]).get("attention", {})
+        if not attention.get("enabled", True):
+            return "attention attribution was off for this graph (attention.enabled: false): no edge has head loadings"
         residual = (f"in every layer it crosses, its heads carry less than attention.layer_min_share "
                     f"({attention.get('layer_min_share'):g}) of it: it runs through the residual")
         share = attention.get("edge_influence_share", 1.0)
