@@ -33,15 +33,19 @@ class TrainingDiverged(RuntimeError):
     """The constraint stayed above `train.divergence_limit` for `train.divergence_steps` steps in a row."""
 
 
+def controller_constraint(row: dict) -> float:
+    """A history row's constraint where the controller measures it: "hard_constraint_value" under the
+    deterministic-gate signal, else "constraint_value" (the training gates)."""
+    return row["hard_constraint_value"] if "hard_constraint_value" in row else row["constraint_value"]
+
+
 def divergence(history: list[dict], limit: float | None, steps: int) -> list[dict] | None:
-    """The last `steps` history rows when the constraint where the controller measures it (each row's
-    "hard_constraint_value" under the deterministic-gate signal, else "constraint_value") is above `limit` in
-    every one of them; None when it is not, when there are fewer rows, or when `limit` is None."""
+    """The last `steps` history rows when `controller_constraint` is above `limit` in every one of them; None
+    when it is not, when there are fewer rows, or when `limit` is None."""
     if limit is None or len(history) < steps:
         return None
     last = history[-steps:]
-    value = "hard_constraint_value" if "hard_constraint_value" in last[-1] else "constraint_value"
-    return last if all(row[value] > limit for row in last) else None
+    return last if all(controller_constraint(row) > limit for row in last) else None
 
 
 def check_divergence(history: list[dict], train: TrainConfig) -> None:
@@ -49,8 +53,7 @@ def check_divergence(history: list[dict], train: TrainConfig) -> None:
     rows = divergence(history, train.divergence_limit, train.divergence_steps)
     if rows is None:
         return
-    value = "hard_constraint_value" if "hard_constraint_value" in rows[-1] else "constraint_value"
-    values = ", ".join(f"{row[value]:+.3f}" for row in rows)
+    values = ", ".join(f"{controller_constraint(row):+.3f}" for row in rows)
     raise TrainingDiverged(
         f"sparsify diverged: the {train.constraint} on the controller's gates stayed above train.divergence_limit "
         f"({train.divergence_limit} nats) for {len(rows)} steps (steps {rows[0]['step']}-{rows[-1]['step']}: "
